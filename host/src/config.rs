@@ -1,0 +1,308 @@
+//! Hub settings: the TOML file format, its defaults, and validation.
+//!
+//! Owns turning text into a checked [`Config`]. It does not read flags or the
+//! environment (the binary layers those over the file) and it does not open
+//! anything the settings name.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default time-to-live of a stored message, as edgeHub's `timeToLiveSecs`.
+pub const DEFAULT_TTL_SECS: u64 = 7200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(String),
+    #[error("line {line}: {message}")]
+    Invalid { line: usize, message: String },
+    #[error("{0}")]
+    Value(String),
+}
+
+/// Everything the hub needs to run. Field comments name the TOML keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `edge_id`: this hub's device id upstream (its client id and topic prefix).
+    pub edge_id: String,
+    /// `listen`: downstream MQTT listener addresses.
+    pub listen: Vec<SocketAddr>,
+    /// `storage`: the one folder holding everything durable.
+    pub storage: PathBuf,
+    /// `metrics`: address of the Prometheus text endpoint, off when absent.
+    pub metrics: Option<SocketAddr>,
+    pub upstream: UpstreamConfig,
+    pub store: StoreConfig,
+    pub mqtt: MqttConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `addresses`: `mqtt://host:port` or `mqtts://host:port`, tried in turn
+    /// (the nodes of one cluster). Empty means no upstream: store only.
+    pub addresses: Vec<Spanned<String>>,
+    /// `protocol`: only `MQTT` is implemented.
+    pub protocol: String,
+    /// `ca_file`: PEM CA bundle that verifies an `mqtts://` upstream.
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `max_inflight`: QoS 1 publishes sent upstream but not yet acknowledged.
+    pub max_inflight: usize,
+    /// `keep_alive_secs` of the upstream connection.
+    pub keep_alive_secs: u16,
+    /// `max_backoff_ms`: ceiling of the reconnect back-off.
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `ttl_secs`: messages older than this are not sent and are counted.
+    pub ttl_secs: u64,
+    /// `max_queue_bytes`: quota on queued message bytes; new upstream-bound
+    /// messages are refused while it is reached.
+    pub max_queue_bytes: u64,
+    /// `max_batch`: most messages written by one group commit.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `max_message_bytes`: largest accepted MQTT packet.
+    pub max_message_bytes: usize,
+    /// `forward_topics`: topic filters of plain (non IoT Hub) topics that go
+    /// upstream too. IoT Hub telemetry topics always do.
+    pub forward_topics: Vec<String>,
+    /// `max_connections`: downstream connections served at once.
+    pub max_connections: usize,
+    /// `offline_queue`: messages kept for a disconnected persistent session.
+    pub offline_queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            edge_id: "edgehub".into(),
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            storage: PathBuf::from("edgehub-data"),
+            metrics: None,
+            upstream: UpstreamConfig::default(),
+            store: StoreConfig::default(),
+            mqtt: MqttConfig::default(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            addresses: Vec::new(),
+            protocol: "MQTT".into(),
+            ca_file: None,
+            username: None,
+            password: None,
+            max_inflight: 1000,
+            keep_alive_secs: 30,
+            max_backoff_ms: 2000,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: DEFAULT_TTL_SECS,
+            max_queue_bytes: 1 << 30,
+            max_batch: 4096,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 256 * 1024,
+            forward_topics: Vec::new(),
+            max_connections: 10_000,
+            offline_queue: 1000,
+        }
+    }
+}
+
+/// An upstream broker address, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddr {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl std::fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+impl UpstreamAddr {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let url = url::Url::parse(text).map_err(|e| format!("bad upstream address {text:?}: {e}"))?;
+        let tls = match url.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            other => {
+                return Err(format!(
+                    "bad upstream address {text:?}: scheme {other:?} is not mqtt:// or mqtts://"
+                ))
+            }
+        };
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("bad upstream address {text:?}: no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+        Ok(Self { host, port, tls })
+    }
+}
+
+impl Config {
+    /// Parses and validates TOML text. Errors carry the line they concern.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            match line {
+                Some(line) => ConfigError::Invalid {
+                    line,
+                    message: e.message().to_string(),
+                },
+                None => ConfigError::Syntax(e.to_string()),
+            }
+        })?;
+        for addr in &config.upstream.addresses {
+            UpstreamAddr::parse(addr.get_ref()).map_err(|message| ConfigError::Invalid {
+                line: line_of(text, addr.span().start),
+                message,
+            })?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks what the type system cannot; run again after flags are layered on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Value(m));
+        if !self.upstream.protocol.eq_ignore_ascii_case("MQTT") {
+            return bad(format!(
+                "UpstreamProtocol {:?} is not supported: only MQTT is",
+                self.upstream.protocol
+            ));
+        }
+        if self.edge_id.is_empty() || self.edge_id.contains(['/', '+', '#']) {
+            return bad(format!("edge_id {:?} must be non-empty without / + #", self.edge_id));
+        }
+        if self.listen.is_empty() {
+            return bad("listen: at least one address is needed".into());
+        }
+        for addr in self.upstream_addresses()? {
+            if addr.tls && self.upstream.ca_file.is_none() {
+                return bad(format!("upstream {addr} uses TLS: set upstream.ca_file"));
+            }
+        }
+        if self.upstream.max_inflight == 0 || self.upstream.max_inflight > 32_768 {
+            return bad("upstream.max_inflight must be within 1..=32768".into());
+        }
+        if self.store.max_batch == 0 {
+            return bad("store.max_batch must be at least 1".into());
+        }
+        if self.mqtt.max_message_bytes < 64 {
+            return bad("mqtt.max_message_bytes must be at least 64".into());
+        }
+        for filter in &self.mqtt.forward_topics {
+            if !crate::mqtt::topic::valid_filter(filter) {
+                return bad(format!("mqtt.forward_topics: {filter:?} is not a valid topic filter"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn upstream_addresses(&self) -> Result<Vec<UpstreamAddr>, ConfigError> {
+        self.upstream
+            .addresses
+            .iter()
+            .map(|a| UpstreamAddr::parse(a.get_ref()).map_err(ConfigError::Value))
+            .collect()
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_embedded_default() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.store.ttl_secs, DEFAULT_TTL_SECS);
+        assert!(c.upstream.addresses.is_empty());
+        assert_eq!(c.listen[0].port(), 1883);
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_line() {
+        let err = Config::from_toml("edge_id = \"a\"\n\nstorage = [\n").unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_names_its_line() {
+        let err = Config::from_toml("edge_id = \"a\"\n[store]\nttl = 5\n").unwrap_err();
+        assert!(err.to_string().starts_with("line 3"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_upstream_address_names_its_line() {
+        let text = "[upstream]\naddresses = [\n  \"mqtt://a:1\",\n  \"http://b\",\n]\n";
+        let err = Config::from_toml(text).unwrap_err();
+        assert!(err.to_string().starts_with("line 4"), "{err}");
+    }
+
+    #[test]
+    fn only_mqtt_is_an_upstream_protocol() {
+        let err = Config::from_toml("[upstream]\nprotocol = \"AMQP\"\n").unwrap_err();
+        assert!(err.to_string().contains("UpstreamProtocol"), "{err}");
+    }
+
+    #[test]
+    fn upstream_addresses_parse_with_default_ports() {
+        assert_eq!(
+            UpstreamAddr::parse("mqtts://hub.example").unwrap(),
+            UpstreamAddr { host: "hub.example".into(), port: 8883, tls: true }
+        );
+        assert_eq!(UpstreamAddr::parse("mqtt://[::1]:1999").unwrap().host, "::1");
+    }
+}

@@ -1,0 +1,124 @@
+//! Start-up and shutdown: builds every part from a [`Config`], runs them
+//! under one cancellation token, and waits for all of them on the way out.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::mqtt::{broker, listener, session::SessionContext};
+use crate::routing::Router;
+use crate::store::{self, Store};
+use crate::upstream::{self, Forwarder, Login};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("cannot create storage folder {path}: {source}")]
+    Storage { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+}
+
+/// Runs the hub until `shutdown` is cancelled, then stops every task.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.storage).map_err(|source| HubError::Storage {
+        path: config.storage.display().to_string(),
+        source,
+    })?;
+    let store = Store::open(&config.storage)?;
+    let addresses = config.upstream_addresses()?;
+    let tls = match &config.upstream.ca_file {
+        Some(ca) => Some(upstream::tls_config(ca)?),
+        None => None,
+    };
+    let stats = store.stats()?;
+    tracing::info!(storage = %config.storage.display(), depth = stats.depth, bytes = stats.bytes, "store opened");
+
+    let metrics = Arc::new(Metrics::default());
+    let tasks = TaskTracker::new();
+    let (appender, writer) = store::writer::spawn(store.clone(), config.store.max_queue_bytes, config.store.max_batch);
+    let (broker, broker_task) = broker::spawn(config.mqtt.offline_queue, metrics.clone());
+    let router = Router::new(config.mqtt.forward_topics.clone(), appender, broker.clone(), metrics.clone());
+    let ctx = Arc::new(SessionContext {
+        router,
+        broker,
+        metrics: metrics.clone(),
+        max_message_bytes: config.mqtt.max_message_bytes,
+        next_conn_id: AtomicU64::new(1),
+    });
+
+    for addr in &config.listen {
+        let l = TcpListener::bind(addr).await.map_err(|source| HubError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        tracing::info!(addr = %l.local_addr().unwrap_or(*addr), "MQTT listener ready");
+        tasks.spawn(listener::run(l, ctx.clone(), config.mqtt.max_connections, shutdown.clone()));
+    }
+    if let Some(addr) = config.metrics {
+        let l = metrics::bind(addr).await.map_err(|source| HubError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        tracing::info!(%addr, "metrics endpoint ready");
+        tasks.spawn(metrics::serve(l, metrics.clone(), store.clone(), shutdown.clone()));
+    }
+    let forwarder = Forwarder {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        addresses,
+        login: Login {
+            client_id: config.edge_id.clone(),
+            username: config.upstream.username.clone(),
+            password: config.upstream.password.clone(),
+            keep_alive: config.upstream.keep_alive_secs,
+            tls,
+        },
+        max_inflight: config.upstream.max_inflight,
+        ttl_ms: config.store.ttl_secs.saturating_mul(1000),
+        max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
+    };
+    tasks.spawn(forwarder.run(shutdown.clone()));
+    tasks.spawn(write_status(config.storage.clone(), store.clone(), shutdown.clone()));
+    drop(ctx);
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    tasks.close();
+    tasks.wait().await;
+    // Sessions are gone: the last router/broker handles drop, so the
+    // broker and the store writer finish what they hold and end.
+    let _ = broker_task.await;
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    store.sync()?;
+    let _ = store::status::write(&config.storage, store.stats()?);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`.
+async fn write_status(storage: std::path::PathBuf, store: Store, shutdown: CancellationToken) {
+    loop {
+        if let Ok(stats) = store.stats() {
+            if let Err(e) = store::status::write(&storage, stats) {
+                tracing::warn!(error = %e, "cannot write the queue status file");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

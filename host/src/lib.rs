@@ -1,0 +1,14 @@
+//! edgehub: an offline-first edge hub for IoT gateways.
+//!
+//! Data flows one way: `mqtt` (listener, sessions) -> `routing` -> `store`
+//! (durable queue) -> `upstream` (forwarder to the cloud broker), with
+//! `mqtt::broker` for local publish/subscribe. `hub` wires them together and
+//! owns start-up and shutdown; `config` and `metrics` serve them all.
+
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod mqtt;
+pub mod routing;
+pub mod store;
+pub mod upstream;

@@ -1,0 +1,210 @@
+//! The `edgehub` command: run the hub, check a config, inspect a queue.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use edgehub::config::Config;
+use edgehub::store::{self, Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "edgehub", version, about = "Offline-first edge hub for IoT gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub (with no options: MQTT on 127.0.0.1:1883, storage in ./edgehub-data, no upstream).
+    Run(RunArgs),
+    /// Validate a TOML config file and say what is wrong, with the line.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Inspect the upstream queue in a storage folder.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Depth, oldest age and size of the queue (hub stopped or running).
+    Stats {
+        /// Storage folder (default: the config's, or ./edgehub-data).
+        #[arg(long, env = "storageFolder")]
+        storage: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Settings layered over the config file: flags win over environment
+/// variables, which win over the file, which wins over the defaults.
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long, env = "EDGEHUB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Downstream MQTT listener address (repeatable).
+    #[arg(long, env = "EDGEHUB_LISTEN", value_delimiter = ',')]
+    listen: Vec<SocketAddr>,
+    /// Upstream broker, mqtt://host:port or mqtts://host:port (repeatable: a cluster's nodes).
+    #[arg(long, env = "EDGEHUB_UPSTREAM", value_delimiter = ',')]
+    upstream: Vec<String>,
+    /// PEM CA file that verifies an mqtts:// upstream.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_CA")]
+    upstream_ca: Option<PathBuf>,
+    /// Upstream username.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_USERNAME")]
+    upstream_username: Option<String>,
+    /// Upstream password.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_PASSWORD", hide_env_values = true)]
+    upstream_password: Option<String>,
+    /// Upstream protocol; only MQTT is supported.
+    #[arg(long, env = "UpstreamProtocol")]
+    upstream_protocol: Option<String>,
+    /// This hub's device id upstream.
+    #[arg(long, env = "EDGEHUB_EDGE_ID")]
+    edge_id: Option<String>,
+    /// Storage folder for everything durable.
+    #[arg(long, env = "storageFolder")]
+    storage: Option<PathBuf>,
+    /// Time-to-live of stored messages, seconds (default 7200).
+    #[arg(long, env = "timeToLiveSecs")]
+    ttl_secs: Option<u64>,
+    /// Prometheus text endpoint address, e.g. 127.0.0.1:9600.
+    #[arg(long, env = "EDGEHUB_METRICS")]
+    metrics: Option<SocketAddr>,
+    /// Quota on queued message bytes.
+    #[arg(long, env = "EDGEHUB_MAX_QUEUE_BYTES")]
+    max_queue_bytes: Option<u64>,
+    /// Largest accepted MQTT packet, bytes.
+    #[arg(long, env = "EDGEHUB_MAX_MESSAGE_BYTES")]
+    max_message_bytes: Option<usize>,
+    /// A topic filter whose plain topics also go upstream (repeatable).
+    #[arg(long = "forward-topic")]
+    forward_topics: Vec<String>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path).with_context(|| format!("config file {}", path.display()))?,
+            None => Config::default(),
+        };
+        if !self.listen.is_empty() {
+            c.listen = self.listen;
+        }
+        if !self.upstream.is_empty() {
+            c.upstream.addresses = self.upstream.into_iter().map(|a| toml::Spanned::new(0..0, a)).collect();
+        }
+        set(&mut c.upstream.ca_file, self.upstream_ca.map(Some));
+        set(&mut c.upstream.username, self.upstream_username.map(Some));
+        set(&mut c.upstream.password, self.upstream_password.map(Some));
+        set(&mut c.upstream.protocol, self.upstream_protocol);
+        set(&mut c.edge_id, self.edge_id);
+        set(&mut c.storage, self.storage);
+        set(&mut c.store.ttl_secs, self.ttl_secs);
+        set(&mut c.metrics, self.metrics.map(Some));
+        set(&mut c.store.max_queue_bytes, self.max_queue_bytes);
+        set(&mut c.mqtt.max_message_bytes, self.max_message_bytes);
+        c.mqtt.forward_topics.extend(self.forward_topics);
+        c.validate().context("invalid settings")?;
+        Ok(c)
+    }
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => run(args.into_config()?),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Queue {
+            command: QueueCommand::Stats { storage, json },
+        } => queue_stats(storage.unwrap_or_else(|| Config::default().storage), json),
+    }
+}
+
+fn run(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        edgehub::hub::run(config, shutdown).await.context("hub failed")
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn check_config(file: &Path) -> Result<()> {
+    let config = Config::from_file(file).with_context(|| format!("{} is not valid", file.display()))?;
+    println!(
+        "{}: ok (edge_id {}, {} listener(s), {} upstream address(es), storage {})",
+        file.display(),
+        config.edge_id,
+        config.listen.len(),
+        config.upstream.addresses.len(),
+        config.storage.display()
+    );
+    Ok(())
+}
+
+fn queue_stats(storage: PathBuf, json: bool) -> Result<()> {
+    if !storage.exists() {
+        bail!("storage folder {} does not exist", storage.display());
+    }
+    let (depth, bytes, oldest_ms, source) = match Store::open(&storage) {
+        Ok(store) => {
+            let s = store.stats()?;
+            (s.depth, s.bytes, s.oldest_ms, "store")
+        }
+        Err(StoreError::Locked { .. }) => {
+            let s = store::status::read(&storage)
+                .with_context(|| format!("hub is running but {} is unreadable", store::status::path(&storage).display()))?;
+            (s.depth, s.bytes, s.oldest_ms, "running hub")
+        }
+        Err(e) => return Err(e).context("open the queue"),
+    };
+    let age = oldest_ms.map_or(0.0, |ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"depth": depth, "oldest_age_secs": age, "bytes": bytes, "source": source})
+        );
+    } else {
+        println!("depth: {depth}\noldest_age_secs: {age:.3}\nbytes: {bytes}\nsource: {source}");
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Counters and gauges, and the Prometheus text endpoint that serves them.
+//!
+//! Owns the numbers only; each module bumps its own. Queue depth, bytes and
+//! age are read from the store at scrape time. The endpoint is a minimal
+//! HTTP/1.1 responder (any request gets the metrics page), enough for
+//! Prometheus and curl without pulling in an HTTP stack.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, Store};
+
+#[derive(Default)]
+pub struct Metrics {
+    clients_connected: AtomicI64,
+    received: AtomicU64,
+    forwarded: AtomicU64,
+    expired: AtomicU64,
+    dropped: AtomicU64,
+    refused: AtomicU64,
+    upstream_connected: AtomicI64,
+}
+
+impl Metrics {
+    pub fn client_connected(&self, delta: i64) {
+        self.clients_connected.fetch_add(delta, Ordering::Relaxed);
+    }
+    pub fn received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn forwarded(&self, n: u64) {
+        self.forwarded.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn expired(&self, n: u64) {
+        self.expired.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn dropped(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn refused(&self, n: u64) {
+        self.refused.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn set_upstream_connected(&self, up: bool) {
+        self.upstream_connected.store(up as i64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self, store: &Store) -> String {
+        let stats = store.stats().ok();
+        let age = stats
+            .and_then(|s| s.oldest_ms)
+            .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, String); 10] = [
+            ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
+            ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
+            ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
+            ("edgehub_queue_bytes", "gauge", "Bytes of queued messages (the quota counts these).", stats.map_or(0, |s| s.bytes).to_string()),
+            ("edgehub_queue_oldest_age_seconds", "gauge", "Age of the oldest queued message.", format!("{age:.3}")),
+            ("edgehub_messages_forwarded_total", "counter", "Messages acknowledged by the upstream broker.", load(&self.forwarded).to_string()),
+            ("edgehub_messages_expired_total", "counter", "Messages dropped because they outlived their time-to-live.", load(&self.expired).to_string()),
+            ("edgehub_messages_dropped_total", "counter", "Messages dropped: QoS 0 refused by a full store, slow local subscribers, full offline queues.", load(&self.dropped).to_string()),
+            ("edgehub_messages_refused_total", "counter", "Publishes refused because the storage quota was full.", load(&self.refused).to_string()),
+            ("edgehub_upstream_connected", "gauge", "1 while connected to the upstream broker.", self.upstream_connected.load(Ordering::Relaxed).to_string()),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in rows {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
+        out
+    }
+}
+
+/// Serves the metrics page on `addr` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    store: Store,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (mut sock, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => { tracing::warn!(error = %e, "metrics accept failed"); continue; }
+            },
+        };
+        let body = metrics.render(&store);
+        tokio::spawn(async move {
+            let mut req = [0u8; 2048];
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+/// Binds the metrics address (so a bad address fails start-up, not later).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,289 @@
+//! Local publish/subscribe between downstream clients.
+//!
+//! Owns subscriptions, retained messages and the state of persistent
+//! sessions (in memory), as one actor fed by a bounded channel; sessions hold
+//! a [`BrokerHandle`]. Delivery to a session is a `try_send` into its bounded
+//! outbox: a subscriber that does not keep up loses messages (counted as
+//! dropped) rather than stalling everyone. What is bound upstream is not
+//! decided here (see `routing`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::codec::Publish;
+use super::topic;
+use crate::metrics::Metrics;
+
+/// Capacity of each session's outbox.
+pub const OUTBOX: usize = 1024;
+
+/// What the broker tells a connected session.
+pub struct Attached {
+    pub session_present: bool,
+    /// Messages kept while the persistent session was away, oldest first.
+    pub queued: Vec<Publish>,
+}
+
+enum Command {
+    Connect {
+        client_id: String,
+        conn_id: u64,
+        persistent: bool,
+        resume: bool,
+        outbox: mpsc::Sender<Publish>,
+        kick: CancellationToken,
+        reply: oneshot::Sender<Attached>,
+    },
+    Disconnect {
+        client_id: String,
+        conn_id: u64,
+        unacked: Vec<Publish>,
+    },
+    Subscribe {
+        client_id: String,
+        filters: Vec<(String, u8)>,
+        reply: oneshot::Sender<Vec<Publish>>,
+    },
+    Unsubscribe {
+        client_id: String,
+        filters: Vec<String>,
+    },
+    Publish(Vec<Publish>),
+}
+
+#[derive(Clone)]
+pub struct BrokerHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl BrokerHandle {
+    /// Attaches a session; an older connection with the same client id is kicked.
+    pub async fn connect(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        persistent: bool,
+        resume: bool,
+        outbox: mpsc::Sender<Publish>,
+        kick: CancellationToken,
+    ) -> Option<Attached> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Connect {
+            client_id: client_id.to_string(),
+            conn_id,
+            persistent,
+            resume,
+            outbox,
+            kick,
+            reply,
+        };
+        self.tx.send(cmd).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn disconnect(&self, client_id: &str, conn_id: u64, unacked: Vec<Publish>) {
+        let cmd = Command::Disconnect {
+            client_id: client_id.to_string(),
+            conn_id,
+            unacked,
+        };
+        let _ = self.tx.send(cmd).await;
+    }
+
+    /// Adds subscriptions and returns the retained messages they match.
+    pub async fn subscribe(&self, client_id: &str, filters: Vec<(String, u8)>) -> Vec<Publish> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Subscribe {
+            client_id: client_id.to_string(),
+            filters,
+            reply,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    pub async fn unsubscribe(&self, client_id: &str, filters: Vec<String>) {
+        let cmd = Command::Unsubscribe {
+            client_id: client_id.to_string(),
+            filters,
+        };
+        let _ = self.tx.send(cmd).await;
+    }
+
+    pub async fn publish(&self, messages: Vec<Publish>) {
+        let _ = self.tx.send(Command::Publish(messages)).await;
+    }
+}
+
+struct Client {
+    conn_id: u64,
+    persistent: bool,
+    outbox: Option<mpsc::Sender<Publish>>,
+    kick: Option<CancellationToken>,
+    subscriptions: HashMap<String, u8>,
+    offline: VecDeque<Publish>,
+}
+
+struct Broker {
+    clients: HashMap<String, Client>,
+    retained: HashMap<String, Publish>,
+    offline_cap: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// Starts the broker actor; it ends when every handle is dropped.
+pub fn spawn(offline_cap: usize, metrics: Arc<Metrics>) -> (BrokerHandle, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel(4096);
+    let mut broker = Broker {
+        clients: HashMap::new(),
+        retained: HashMap::new(),
+        offline_cap,
+        metrics,
+    };
+    let join = tokio::spawn(async move {
+        while let Some(cmd) = rx.recv().await {
+            broker.handle(cmd);
+        }
+    });
+    (BrokerHandle { tx }, join)
+}
+
+impl Broker {
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect {
+                client_id,
+                conn_id,
+                persistent,
+                resume,
+                outbox,
+                kick,
+                reply,
+            } => {
+                let previous = self.clients.remove(&client_id);
+                if let Some(old) = previous.as_ref().and_then(|c| c.kick.as_ref()) {
+                    old.cancel();
+                }
+                let (session_present, subscriptions, offline) = match previous {
+                    Some(old) if resume && old.persistent => (true, old.subscriptions, old.offline),
+                    _ => (false, HashMap::new(), VecDeque::new()),
+                };
+                self.clients.insert(
+                    client_id,
+                    Client {
+                        conn_id,
+                        persistent,
+                        outbox: Some(outbox),
+                        kick: Some(kick),
+                        subscriptions,
+                        offline: VecDeque::new(),
+                    },
+                );
+                let _ = reply.send(Attached {
+                    session_present,
+                    queued: offline.into(),
+                });
+            }
+            Command::Disconnect {
+                client_id,
+                conn_id,
+                unacked,
+            } => {
+                let Some(client) = self.clients.get_mut(&client_id) else {
+                    return;
+                };
+                if client.conn_id != conn_id {
+                    return; // already taken over by a newer connection
+                }
+                if client.persistent {
+                    client.outbox = None;
+                    client.kick = None;
+                    for p in unacked.into_iter().rev() {
+                        client.offline.push_front(Publish { dup: true, ..p });
+                    }
+                } else {
+                    self.clients.remove(&client_id);
+                }
+            }
+            Command::Subscribe {
+                client_id,
+                filters,
+                reply,
+            } => {
+                let mut retained = Vec::new();
+                if let Some(client) = self.clients.get_mut(&client_id) {
+                    for (filter, qos) in filters {
+                        for (topic, msg) in &self.retained {
+                            if topic::matches(&filter, topic) {
+                                retained.push(Publish {
+                                    qos: msg.qos.min(qos),
+                                    ..msg.clone()
+                                });
+                            }
+                        }
+                        client.subscriptions.insert(filter, qos);
+                    }
+                }
+                let _ = reply.send(retained);
+            }
+            Command::Unsubscribe { client_id, filters } => {
+                if let Some(client) = self.clients.get_mut(&client_id) {
+                    for f in filters {
+                        client.subscriptions.remove(&f);
+                    }
+                }
+            }
+            Command::Publish(messages) => {
+                for msg in messages {
+                    self.publish(msg);
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, msg: Publish) {
+        if msg.retain {
+            if msg.payload.is_empty() {
+                self.retained.remove(&msg.topic);
+            } else {
+                self.retained.insert(msg.topic.clone(), msg.clone());
+            }
+        }
+        for client in self.clients.values_mut() {
+            let granted = client
+                .subscriptions
+                .iter()
+                .filter(|(f, _)| topic::matches(f, &msg.topic))
+                .map(|(_, q)| *q)
+                .max();
+            let Some(granted) = granted else { continue };
+            let out = Publish {
+                qos: msg.qos.min(granted),
+                retain: false,
+                dup: false,
+                pkid: 0,
+                ..msg.clone()
+            };
+            match &client.outbox {
+                Some(outbox) => {
+                    if outbox.try_send(out).is_err() {
+                        self.metrics.dropped(1);
+                    }
+                }
+                None if out.qos > 0 => {
+                    if client.offline.len() >= self.offline_cap {
+                        client.offline.pop_front();
+                        self.metrics.dropped(1);
+                    }
+                    client.offline.push_back(out);
+                }
+                None => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! The downstream MQTT server: what local modules and devices connect to.
+//!
+//! Layout: `codec` (wire format, v3.1.1 and v5), `topic` (names, filters,
+//! matching), `dialect` (IoT Hub topic forms), `listener` (accept loop),
+//! `session` (one connection), `broker` (local pub/sub state).
+
+pub mod broker;
+pub mod codec;
+pub mod dialect;
+pub mod listener;
+pub mod session;
+pub mod topic;

@@ -1,0 +1,532 @@
+//! One downstream connection, from CONNECT to close.
+//!
+//! Owns the connection's protocol state: packet ids in flight each way, the
+//! QoS 2 receive set, keepalive, the will, and the order of acknowledgements.
+//! Publishes read in one go are routed as one batch; their PUBACK/PUBREC go
+//! out, in the order received, only once the router says they are durable
+//! (or immediately for local-only topics, still in order). It does not decide
+//! where messages go (the router does) nor store anything.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{BrokerHandle, OUTBOX};
+use super::codec::{
+    self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol, PubReason, Publish,
+};
+use super::topic;
+use crate::metrics::Metrics;
+use crate::routing::{Durable, Router};
+use crate::store::AppendError;
+
+/// How long a new connection may take to send its CONNECT.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// QoS 1 deliveries to this client awaiting its PUBACK.
+const MAX_OUTGOING_INFLIGHT: usize = 256;
+
+/// What every session shares.
+pub struct SessionContext {
+    pub router: Router,
+    pub broker: BrokerHandle,
+    pub metrics: Arc<Metrics>,
+    pub max_message_bytes: usize,
+    pub next_conn_id: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("client disconnected")]
+    Disconnect,
+    #[error("connection closed by the client")]
+    Closed,
+    #[error("keepalive expired")]
+    KeepAlive,
+    #[error("taken over by a new connection with the same client id")]
+    TakenOver,
+    #[error("hub shutting down")]
+    Shutdown,
+    #[error("storage quota full: {0}")]
+    Quota(AppendError),
+    #[error("storage failed: {0}")]
+    Storage(AppendError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Acknowledgement owed for one received publish.
+#[derive(Clone, Copy)]
+struct Ack {
+    pkid: u16,
+    qos: u8,
+    stored: bool,
+}
+
+/// Acks of one routed batch, released together once `durable` resolves.
+struct Pending {
+    durable: Option<Durable>,
+    outcome: Option<Result<(), AppendError>>,
+    acks: Vec<Ack>,
+}
+
+/// Serves one connection until it ends; never panics on client input.
+pub async fn serve<S>(mut stream: S, peer: String, ctx: Arc<SessionContext>, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let connect = match read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "connection refused");
+            if let SessionEnd::Codec(CodecError::UnsupportedProtocol { .. }) = e {
+                let mut out = BytesMut::new();
+                let v4 = codec::Codec { protocol: Protocol::V4, max_size: usize::MAX };
+                v4.write(
+                    Outbound::ConnAck { code: ConnAckCode::UnsupportedProtocol, session_present: false, assigned_client_id: None },
+                    &mut out,
+                );
+                let _ = stream.write_all(&out).await;
+            }
+            return;
+        }
+    };
+    let mut session = match Session::accept(connect, &peer, &ctx, &mut stream).await {
+        Some(s) => s,
+        None => return,
+    };
+    ctx.metrics.client_connected(1);
+    let end = session.run(&mut stream, &mut buf, &shutdown).await;
+    ctx.metrics.client_connected(-1);
+    match &end {
+        SessionEnd::Disconnect | SessionEnd::Closed | SessionEnd::Shutdown => {
+            tracing::debug!(client = %session.client_id, %peer, reason = %end, "session ended")
+        }
+        _ => tracing::warn!(client = %session.client_id, %peer, reason = %end, "session closed"),
+    }
+    if let Some(reason) = disconnect_reason(&end) {
+        let mut out = BytesMut::new();
+        session.codec.write(Outbound::Disconnect(reason), &mut out);
+        let _ = stream.write_all(&out).await;
+    }
+    let _ = stream.shutdown().await;
+    session.finish(&end).await;
+}
+
+fn disconnect_reason(end: &SessionEnd) -> Option<DisconnectReason> {
+    Some(match end {
+        SessionEnd::KeepAlive => DisconnectReason::KeepAliveTimeout,
+        SessionEnd::TakenOver => DisconnectReason::SessionTakenOver,
+        SessionEnd::Shutdown => DisconnectReason::ServerShuttingDown,
+        SessionEnd::Quota(_) => DisconnectReason::QuotaExceeded,
+        SessionEnd::Codec(CodecError::TooLarge { .. }) => DisconnectReason::PacketTooLarge,
+        SessionEnd::Codec(CodecError::Malformed(_)) => DisconnectReason::MalformedPacket,
+        SessionEnd::Codec(_) | SessionEnd::Protocol(_) => DisconnectReason::ProtocolError,
+        _ => return None,
+    })
+}
+
+async fn read_connect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Connect, SessionEnd> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        if let Some(c) = codec::read_connect(buf, max)? {
+            return Ok(c);
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(buf))
+            .await
+            .map_err(|_| SessionEnd::Protocol("no CONNECT within 10 s".into()))??;
+        if n == 0 {
+            return Err(SessionEnd::Closed);
+        }
+    }
+}
+
+struct Session {
+    client_id: String,
+    conn_id: u64,
+    codec: codec::Codec,
+    keep_alive: Option<Duration>,
+    will: Option<Publish>,
+    ctx: Arc<SessionContext>,
+    outbox: mpsc::Receiver<Publish>,
+    kick: CancellationToken,
+    /// Acks owed, in the order the publishes arrived.
+    pending: VecDeque<Pending>,
+    /// QoS 2 packet ids received and not yet released by PUBREL.
+    qos2_received: HashSet<u16>,
+    /// QoS 1 deliveries sent to the client, by packet id.
+    outgoing: HashMap<u16, Publish>,
+    next_pkid: u16,
+    out: BytesMut,
+}
+
+impl Session {
+    async fn accept<S: AsyncWrite + Unpin>(
+        connect: Connect,
+        peer: &str,
+        ctx: &Arc<SessionContext>,
+        stream: &mut S,
+    ) -> Option<Self> {
+        let codec = codec::Codec { protocol: connect.protocol, max_size: ctx.max_message_bytes };
+        let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let mut out = BytesMut::new();
+        let refuse = |code: ConnAckCode, why: &str, out: &mut BytesMut| {
+            tracing::warn!(%peer, client = %connect.client_id, reason = why, "CONNECT refused");
+            codec.write(Outbound::ConnAck { code, session_present: false, assigned_client_id: None }, out);
+        };
+        let mut assigned = None;
+        let client_id = if connect.client_id.is_empty() {
+            if !connect.clean_start && connect.protocol == Protocol::V4 {
+                refuse(ConnAckCode::BadClientId, "empty client id needs a clean session", &mut out);
+                let _ = stream.write_all(&out).await;
+                return None;
+            }
+            let id = format!("edgehub-{conn_id}");
+            assigned = Some(id.clone());
+            id
+        } else {
+            connect.client_id.clone()
+        };
+        if let Some(w) = &connect.will {
+            if !topic::valid_name(&w.topic) {
+                refuse(ConnAckCode::NotAuthorized, "invalid will topic", &mut out);
+                let _ = stream.write_all(&out).await;
+                return None;
+            }
+        }
+        let persistent = match connect.protocol {
+            Protocol::V4 => !connect.clean_start,
+            Protocol::V5 => connect.session_expiry.unwrap_or(0) > 0,
+        };
+        let (tx, rx) = mpsc::channel(OUTBOX);
+        let kick = CancellationToken::new();
+        let attached = ctx
+            .broker
+            .connect(&client_id, conn_id, persistent, !connect.clean_start, tx, kick.clone())
+            .await?;
+        let mut session = Session {
+            client_id,
+            conn_id,
+            codec,
+            keep_alive: (connect.keep_alive > 0).then(|| Duration::from_millis(connect.keep_alive as u64 * 1500)),
+            will: connect.will.map(|w| Publish {
+                topic: w.topic,
+                payload: w.payload,
+                qos: w.qos.min(2),
+                retain: w.retain,
+                dup: false,
+                pkid: 0,
+            }),
+            ctx: ctx.clone(),
+            outbox: rx,
+            kick,
+            pending: VecDeque::new(),
+            qos2_received: HashSet::new(),
+            outgoing: HashMap::new(),
+            next_pkid: 1,
+            out,
+        };
+        session.codec.write(
+            Outbound::ConnAck {
+                code: ConnAckCode::Success,
+                session_present: attached.session_present,
+                assigned_client_id: assigned,
+            },
+            &mut session.out,
+        );
+        for p in attached.queued {
+            session.deliver(p);
+        }
+        if stream.write_all(&session.out).await.is_err() {
+            return None;
+        }
+        session.out.clear();
+        tracing::debug!(client = %session.client_id, %peer, protocol = ?session.codec.protocol, "client connected");
+        Some(session)
+    }
+
+    async fn run<S>(&mut self, stream: &mut S, buf: &mut BytesMut, shutdown: &CancellationToken) -> SessionEnd
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let far = Duration::from_secs(86400 * 365);
+        let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
+        loop {
+            let awaiting_store = self.pending.front().is_some_and(|p| p.durable.is_some());
+            let can_deliver = self.outgoing.len() < MAX_OUTGOING_INFLIGHT;
+            let step: Result<(), SessionEnd> = tokio::select! {
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = self.kick.cancelled() => return SessionEnd::TakenOver,
+                _ = tokio::time::sleep_until(deadline) => return SessionEnd::KeepAlive,
+                outcome = async { self.pending.front_mut().unwrap().durable.as_mut().unwrap().await }, if awaiting_store => {
+                    let front = self.pending.front_mut().unwrap();
+                    front.durable = None;
+                    front.outcome = Some(outcome.unwrap_or(Err(AppendError::Closed)));
+                    self.release_acks()
+                }
+                Some(p) = self.outbox.recv(), if can_deliver => {
+                    self.deliver(p);
+                    while self.outgoing.len() < MAX_OUTGOING_INFLIGHT {
+                        match self.outbox.try_recv() {
+                            Ok(p) => self.deliver(p),
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(())
+                }
+                read = stream.read_buf(buf) => match read {
+                    Ok(0) => return SessionEnd::Closed,
+                    Ok(_) => {
+                        deadline = Instant::now() + self.keep_alive.unwrap_or(far);
+                        self.on_bytes(buf).await
+                    }
+                    Err(e) => return SessionEnd::Io(e),
+                },
+            };
+            // Write what is owed even when the step failed (acks before a close).
+            if !self.out.is_empty() {
+                if let Err(e) = stream.write_all(&self.out).await {
+                    return SessionEnd::Io(e);
+                }
+                self.out.clear();
+            }
+            if let Err(end) = step {
+                return end;
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(64 * 1024);
+            }
+        }
+    }
+
+    /// Handles every whole packet in `buf`.
+    async fn on_bytes(&mut self, buf: &mut BytesMut) -> Result<(), SessionEnd> {
+        let mut local = Vec::new();
+        let mut upstream = Vec::new();
+        let mut acks = Vec::new();
+        let result = loop {
+            let packet = match self.codec.read(buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(SessionEnd::Codec(e)),
+            };
+            match packet {
+                Inbound::Publish(p) => {
+                    self.ctx.metrics.received(1);
+                    if let Err(e) = self.accept_publish(p, &mut local, &mut upstream, &mut acks) {
+                        break Err(e);
+                    }
+                }
+                other => {
+                    self.route(&mut local, &mut upstream, &mut acks).await;
+                    if let Err(e) = self.on_control(other).await {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        self.route(&mut local, &mut upstream, &mut acks).await;
+        self.release_acks()?;
+        result
+    }
+
+    fn accept_publish(
+        &mut self,
+        p: Publish,
+        local: &mut Vec<Publish>,
+        upstream: &mut Vec<Publish>,
+        acks: &mut Vec<Ack>,
+    ) -> Result<(), SessionEnd> {
+        if !topic::valid_name(&p.topic) {
+            return Err(SessionEnd::Protocol(format!("invalid topic name {:?}", p.topic)));
+        }
+        if p.qos > 2 {
+            return Err(SessionEnd::Protocol("QoS 3".into()));
+        }
+        if p.qos == 2 && !self.qos2_received.insert(p.pkid) {
+            // A resend of a QoS 2 publish we already have: acknowledge only.
+            acks.push(Ack { pkid: p.pkid, qos: 2, stored: false });
+            return Ok(());
+        }
+        let stored = self.ctx.router.upstream_bound(&p.topic);
+        if p.qos > 0 {
+            acks.push(Ack { pkid: p.pkid, qos: p.qos, stored });
+        }
+        if stored {
+            upstream.push(p);
+        } else {
+            local.push(p);
+        }
+        Ok(())
+    }
+
+    /// Routes what `on_bytes` gathered and queues its acks behind earlier ones.
+    async fn route(&mut self, local: &mut Vec<Publish>, upstream: &mut Vec<Publish>, acks: &mut Vec<Ack>) {
+        if local.is_empty() && upstream.is_empty() && acks.is_empty() {
+            return;
+        }
+        let durable = self
+            .ctx
+            .router
+            .dispatch(std::mem::take(local), std::mem::take(upstream))
+            .await;
+        self.pending.push_back(Pending {
+            durable,
+            outcome: None,
+            acks: std::mem::take(acks),
+        });
+    }
+
+    /// Writes the acks of every batch at the front whose outcome is known.
+    fn release_acks(&mut self) -> Result<(), SessionEnd> {
+        while let Some(front) = self.pending.front_mut() {
+            if let Some(rx) = front.durable.as_mut() {
+                match rx.try_recv() {
+                    Ok(r) => front.outcome = Some(r),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(()),
+                    Err(_) => front.outcome = Some(Err(AppendError::Closed)),
+                }
+                front.durable = None;
+            }
+            let front = self.pending.pop_front().expect("front exists");
+            let outcome = front.outcome.unwrap_or(Ok(()));
+            let refused = match &outcome {
+                Ok(()) => None,
+                Err(e) => {
+                    let n = front.acks.iter().filter(|a| a.stored).count() as u64;
+                    self.ctx.metrics.refused(n);
+                    Some(e.clone())
+                }
+            };
+            for ack in front.acks {
+                let reason = match (&refused, ack.stored) {
+                    (Some(AppendError::QuotaExceeded { .. }), true) => PubReason::QuotaExceeded,
+                    (Some(_), true) => PubReason::UnspecifiedError,
+                    _ => PubReason::Success,
+                };
+                if reason != PubReason::Success {
+                    self.qos2_received.remove(&ack.pkid);
+                }
+                let packet = match ack.qos {
+                    1 => Outbound::PubAck { pkid: ack.pkid, reason },
+                    _ => Outbound::PubRec { pkid: ack.pkid, reason },
+                };
+                self.codec.write(packet, &mut self.out);
+            }
+            if let Some(e) = refused {
+                // MQTT 3.1.1 cannot say "refused" in a PUBACK: close instead.
+                if self.codec.protocol == Protocol::V4 {
+                    return Err(match e {
+                        AppendError::QuotaExceeded { .. } => SessionEnd::Quota(e),
+                        e => SessionEnd::Storage(e),
+                    });
+                }
+                tracing::warn!(client = %self.client_id, error = %e, "publish refused");
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_control(&mut self, packet: Inbound) -> Result<(), SessionEnd> {
+        match packet {
+            Inbound::Publish(_) => unreachable!("publishes are batched by on_bytes"),
+            Inbound::PubAck(pkid) => {
+                self.outgoing.remove(&pkid);
+            }
+            Inbound::PubRec(pkid) => {
+                // We never send QoS 2, but answer per the spec.
+                self.codec.write(Outbound::PubRel(pkid), &mut self.out);
+            }
+            Inbound::PubComp(_) => {}
+            Inbound::PubRel(pkid) => {
+                self.qos2_received.remove(&pkid);
+                self.codec.write(Outbound::PubComp(pkid), &mut self.out);
+            }
+            Inbound::Subscribe { pkid, filters } => {
+                let mut granted = Vec::with_capacity(filters.len());
+                let mut accepted = Vec::new();
+                for (filter, qos) in filters {
+                    if topic::valid_filter(&filter) && !filter.starts_with("$share/") {
+                        // Deliveries are at most QoS 1: granting less is allowed.
+                        let q = qos.min(1);
+                        granted.push(Some(q));
+                        accepted.push((filter, q));
+                    } else {
+                        tracing::warn!(client = %self.client_id, %filter, "subscription refused: invalid filter");
+                        granted.push(None);
+                    }
+                }
+                self.codec.write(Outbound::SubAck { pkid, granted }, &mut self.out);
+                let retained = self.ctx.broker.subscribe(&self.client_id, accepted).await;
+                for p in retained {
+                    self.deliver(Publish { retain: true, ..p });
+                }
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                let count = filters.len();
+                self.ctx.broker.unsubscribe(&self.client_id, filters).await;
+                self.codec.write(Outbound::UnsubAck { pkid, count }, &mut self.out);
+            }
+            Inbound::PingReq => self.codec.write(Outbound::PingResp, &mut self.out),
+            Inbound::Disconnect => {
+                self.will = None;
+                return Err(SessionEnd::Disconnect);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a message to this client (QoS 1 tracked until its PUBACK).
+    fn deliver(&mut self, mut p: Publish) {
+        if p.qos > 0 {
+            p.qos = 1;
+            p.pkid = self.alloc_pkid();
+            self.outgoing.insert(p.pkid, p.clone());
+        }
+        self.codec.write(Outbound::Publish(p), &mut self.out);
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.outgoing.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Publishes the will when the client did not say goodbye, and detaches.
+    async fn finish(mut self, end: &SessionEnd) {
+        if let (Some(will), false) = (self.will.take(), matches!(end, SessionEnd::Shutdown)) {
+            let router = &self.ctx.router;
+            let (local, upstream) = if router.upstream_bound(&will.topic) {
+                (Vec::new(), vec![will])
+            } else {
+                (vec![will], Vec::new())
+            };
+            router.dispatch(local, upstream).await;
+        }
+        let mut unacked: Vec<Publish> = self.outgoing.drain().map(|(_, p)| p).collect();
+        unacked.sort_by_key(|p| p.pkid);
+        while let Ok(p) = self.outbox.try_recv() {
+            unacked.push(p);
+        }
+        self.ctx.broker.disconnect(&self.client_id, self.conn_id, unacked).await;
+    }
+}

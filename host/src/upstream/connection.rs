@@ -1,0 +1,167 @@
+//! One connection to an upstream broker: TCP or TLS, then the MQTT 3.1.1
+//! CONNECT/CONNACK handshake, using rumqttc's packet codec.
+//!
+//! Owns the socket and framing. It does not decide what to send (the
+//! forwarder does) and does not retry (the forwarder's loop does).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::{self as m, v4};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::UpstreamAddr;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_INCOMING: usize = 16 * 1024 * 1024;
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("upstream refused CONNECT: {0:?}")]
+    Refused(v4::ConnectReturnCode),
+    #[error("upstream handshake timed out")]
+    Timeout,
+    #[error("upstream closed the connection")]
+    Closed,
+    #[error("upstream sent a bad packet: {0}")]
+    Protocol(String),
+    #[error("upstream keepalive expired")]
+    KeepAlive,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// How to log in upstream.
+#[derive(Clone)]
+pub struct Login {
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive: u16,
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+}
+
+pub struct Connection {
+    io: Box<dyn Io>,
+    read_buf: BytesMut,
+    pub write_buf: BytesMut,
+}
+
+impl Connection {
+    pub async fn open(addr: &UpstreamAddr, login: &Login) -> Result<Self, UpstreamError> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::open_inner(addr, login))
+            .await
+            .map_err(|_| UpstreamError::Timeout)?
+    }
+
+    async fn open_inner(addr: &UpstreamAddr, login: &Login) -> Result<Self, UpstreamError> {
+        let tcp = TcpStream::connect((addr.host.as_str(), addr.port))
+            .await
+            .map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
+        tcp.set_nodelay(true)?;
+        let io: Box<dyn Io> = match (addr.tls, &login.tls) {
+            (true, Some(config)) => {
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(addr.host.clone())
+                    .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+                Box::new(tls)
+            }
+            (true, None) => return Err(UpstreamError::Tls("no CA configured".into())),
+            (false, _) => Box::new(tcp),
+        };
+        let mut conn = Connection {
+            io,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(64 * 1024),
+        };
+        let mut connect = v4::Connect::new(login.client_id.clone());
+        connect.keep_alive = login.keep_alive;
+        connect.clean_session = true;
+        if let Some(user) = &login.username {
+            connect.set_login(user.clone(), login.password.clone().unwrap_or_default());
+        }
+        conn.send(v4::Packet::Connect(connect));
+        conn.flush().await?;
+        match conn.next().await? {
+            v4::Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => Ok(conn),
+            v4::Packet::ConnAck(ack) => Err(UpstreamError::Refused(ack.code)),
+            other => Err(UpstreamError::Protocol(format!("expected CONNACK, got {other:?}"))),
+        }
+    }
+
+    /// Queues a packet in the write buffer (sent by [`Connection::flush`]).
+    pub fn send(&mut self, packet: v4::Packet) {
+        if let Err(e) = packet.write(&mut self.write_buf, usize::MAX) {
+            tracing::error!(error = ?e, "could not encode an upstream packet");
+        }
+    }
+
+    pub async fn flush(&mut self) -> Result<(), UpstreamError> {
+        if !self.write_buf.is_empty() {
+            self.io.write_all(&self.write_buf).await?;
+            self.write_buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Next packet from upstream. Cancel-safe: bytes read stay buffered.
+    pub async fn next(&mut self) -> Result<v4::Packet, UpstreamError> {
+        loop {
+            if let Some(p) = self.try_next()? {
+                return Ok(p);
+            }
+            if self.io.read_buf(&mut self.read_buf).await? == 0 {
+                return Err(UpstreamError::Closed);
+            }
+        }
+    }
+
+    /// A packet already buffered, if any.
+    pub fn try_next(&mut self) -> Result<Option<v4::Packet>, UpstreamError> {
+        match v4::Packet::read(&mut self.read_buf, MAX_INCOMING) {
+            Ok(p) => Ok(Some(p)),
+            Err(m::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(UpstreamError::Protocol(format!("{e:?}"))),
+        }
+    }
+}
+
+/// Builds the rustls client config that trusts the PEM CAs in `ca_file`.
+pub fn tls_config(ca_file: &std::path::Path) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, UpstreamError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca_file.display())))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca_file.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca_file.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(UpstreamError::Tls(format!("{}: no certificates", ca_file.display())));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
