@@ -158,7 +158,8 @@ impl std::fmt::Display for UpstreamAddr {
 
 impl UpstreamAddr {
     pub fn parse(text: &str) -> Result<Self, String> {
-        let url = url::Url::parse(text).map_err(|e| format!("bad upstream address {text:?}: {e}"))?;
+        let url =
+            url::Url::parse(text).map_err(|e| format!("bad upstream address {text:?}: {e}"))?;
         let tls = match url.scheme() {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
@@ -220,7 +221,10 @@ impl Config {
             ));
         }
         if self.edge_id.is_empty() || self.edge_id.contains(['/', '+', '#']) {
-            return bad(format!("edge_id {:?} must be non-empty without / + #", self.edge_id));
+            return bad(format!(
+                "edge_id {:?} must be non-empty without / + #",
+                self.edge_id
+            ));
         }
         if self.listen.is_empty() {
             return bad("listen: at least one address is needed".into());
@@ -241,7 +245,9 @@ impl Config {
         }
         for filter in &self.mqtt.forward_topics {
             if !crate::mqtt::topic::valid_filter(filter) {
-                return bad(format!("mqtt.forward_topics: {filter:?} is not a valid topic filter"));
+                return bad(format!(
+                    "mqtt.forward_topics: {filter:?} is not a valid topic filter"
+                ));
             }
         }
         Ok(())
@@ -301,8 +307,15 @@ mod tests {
     fn upstream_addresses_parse_with_default_ports() {
         assert_eq!(
             UpstreamAddr::parse("mqtts://hub.example").unwrap(),
-            UpstreamAddr { host: "hub.example".into(), port: 8883, tls: true }
+            UpstreamAddr {
+                host: "hub.example".into(),
+                port: 8883,
+                tls: true
+            }
         );
-        assert_eq!(UpstreamAddr::parse("mqtt://[::1]:1999").unwrap().host, "::1");
+        assert_eq!(
+            UpstreamAddr::parse("mqtt://[::1]:1999").unwrap().host,
+            "::1"
+        );
     }
 }

@@ -19,11 +19,17 @@ use crate::upstream::{self, Forwarder, Login};
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error("cannot create storage folder {path}: {source}")]
-    Storage { path: String, source: std::io::Error },
+    Storage {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
@@ -48,9 +54,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
 
     let metrics = Arc::new(Metrics::default());
     let tasks = TaskTracker::new();
-    let (appender, writer) = store::writer::spawn(store.clone(), config.store.max_queue_bytes, config.store.max_batch);
+    let (appender, writer) = store::writer::spawn(
+        store.clone(),
+        config.store.max_queue_bytes,
+        config.store.max_batch,
+    );
     let (broker, broker_task) = broker::spawn(config.mqtt.offline_queue, metrics.clone());
-    let router = Router::new(config.mqtt.forward_topics.clone(), appender, broker.clone(), metrics.clone());
+    let router = Router::new(config.mqtt.forward_topics.clone(), appender, broker.clone());
     let ctx = Arc::new(SessionContext {
         router,
         broker,
@@ -60,12 +70,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     });
 
     for addr in &config.listen {
-        let l = TcpListener::bind(addr).await.map_err(|source| HubError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| HubError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
         tracing::info!(addr = %l.local_addr().unwrap_or(*addr), "MQTT listener ready");
-        tasks.spawn(listener::run(l, ctx.clone(), config.mqtt.max_connections, shutdown.clone()));
+        tasks.spawn(listener::run(
+            l,
+            ctx.clone(),
+            config.mqtt.max_connections,
+            shutdown.clone(),
+        ));
     }
     if let Some(addr) = config.metrics {
         let l = metrics::bind(addr).await.map_err(|source| HubError::Bind {
@@ -73,7 +90,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             source,
         })?;
         tracing::info!(%addr, "metrics endpoint ready");
-        tasks.spawn(metrics::serve(l, metrics.clone(), store.clone(), shutdown.clone()));
+        tasks.spawn(metrics::serve(
+            l,
+            metrics.clone(),
+            store.clone(),
+            shutdown.clone(),
+        ));
     }
     let forwarder = Forwarder {
         store: store.clone(),
@@ -91,7 +113,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
     };
     tasks.spawn(forwarder.run(shutdown.clone()));
-    tasks.spawn(write_status(config.storage.clone(), store.clone(), shutdown.clone()));
+    tasks.spawn(write_status(
+        config.storage.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
     drop(ctx);
 
     shutdown.cancelled().await;

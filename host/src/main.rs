@@ -10,7 +10,11 @@ use edgehub::store::{self, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "edgehub", version, about = "Offline-first edge hub for IoT gateways")]
+#[command(
+    name = "edgehub",
+    version,
+    about = "Offline-first edge hub for IoT gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,14 +100,19 @@ struct RunArgs {
 impl RunArgs {
     fn into_config(self) -> Result<Config> {
         let mut c = match &self.config {
-            Some(path) => Config::from_file(path).with_context(|| format!("config file {}", path.display()))?,
+            Some(path) => Config::from_file(path)
+                .with_context(|| format!("config file {}", path.display()))?,
             None => Config::default(),
         };
         if !self.listen.is_empty() {
             c.listen = self.listen;
         }
         if !self.upstream.is_empty() {
-            c.upstream.addresses = self.upstream.into_iter().map(|a| toml::Spanned::new(0..0, a)).collect();
+            c.upstream.addresses = self
+                .upstream
+                .into_iter()
+                .map(|a| toml::Spanned::new(0..0, a))
+                .collect();
         }
         set(&mut c.upstream.ca_file, self.upstream_ca.map(Some));
         set(&mut c.upstream.username, self.upstream_username.map(Some));
@@ -127,7 +136,17 @@ fn set<T>(field: &mut T, value: Option<T>) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -155,7 +174,9 @@ fn run(config: Config) -> Result<()> {
             wait_for_signal().await;
             signals.cancel();
         });
-        edgehub::hub::run(config, shutdown).await.context("hub failed")
+        edgehub::hub::run(config, shutdown)
+            .await
+            .context("hub failed")
     })
 }
 
@@ -169,7 +190,8 @@ async fn wait_for_signal() {
 }
 
 fn check_config(file: &Path) -> Result<()> {
-    let config = Config::from_file(file).with_context(|| format!("{} is not valid", file.display()))?;
+    let config =
+        Config::from_file(file).with_context(|| format!("{} is not valid", file.display()))?;
     println!(
         "{}: ok (edge_id {}, {} listener(s), {} upstream address(es), storage {})",
         file.display(),
@@ -191,8 +213,12 @@ fn queue_stats(storage: PathBuf, json: bool) -> Result<()> {
             (s.depth, s.bytes, s.oldest_ms, "store")
         }
         Err(StoreError::Locked { .. }) => {
-            let s = store::status::read(&storage)
-                .with_context(|| format!("hub is running but {} is unreadable", store::status::path(&storage).display()))?;
+            let s = store::status::read(&storage).with_context(|| {
+                format!(
+                    "hub is running but {} is unreadable",
+                    store::status::path(&storage).display()
+                )
+            })?;
             (s.depth, s.bytes, s.oldest_ms, "running hub")
         }
         Err(e) => return Err(e).context("open the queue"),

@@ -71,7 +71,9 @@ impl Metrics {
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
         }
         out
     }
@@ -95,7 +97,8 @@ pub async fn serve(
         let body = metrics.render(&store);
         tokio::spawn(async move {
             let mut req = [0u8; 2048];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()

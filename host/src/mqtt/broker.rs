@@ -137,7 +137,10 @@ struct Broker {
 }
 
 /// Starts the broker actor; it ends when every handle is dropped.
-pub fn spawn(offline_cap: usize, metrics: Arc<Metrics>) -> (BrokerHandle, tokio::task::JoinHandle<()>) {
+pub fn spawn(
+    offline_cap: usize,
+    metrics: Arc<Metrics>,
+) -> (BrokerHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel(4096);
     let mut broker = Broker {
         clients: HashMap::new(),

@@ -67,8 +67,14 @@ pub enum Inbound {
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
-    Subscribe { pkid: u16, filters: Vec<(String, u8)> },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
     Disconnect,
 }
@@ -113,31 +119,52 @@ pub enum Outbound {
         assigned_client_id: Option<String>,
     },
     Publish(Publish),
-    PubAck { pkid: u16, reason: PubReason },
-    PubRec { pkid: u16, reason: PubReason },
+    PubAck {
+        pkid: u16,
+        reason: PubReason,
+    },
+    PubRec {
+        pkid: u16,
+        reason: PubReason,
+    },
     PubRel(u16),
     PubComp(u16),
     /// Granted QoS per filter, `None` for a refused filter.
-    SubAck { pkid: u16, granted: Vec<Option<u8>> },
-    UnsubAck { pkid: u16, count: usize },
+    SubAck {
+        pkid: u16,
+        granted: Vec<Option<u8>>,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
     PingResp,
     Disconnect(DisconnectReason),
 }
 
 /// Reads the CONNECT that must open a connection. `Ok(None)`: more bytes needed.
 pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, CodecError> {
+    // Refuse on the first byte rather than waiting for a whole bogus packet.
+    if buf.first().is_some_and(|b| b >> 4 != 1) {
+        return Err(CodecError::NotConnect);
+    }
     let header = match m::check(buf.iter(), max) {
         Ok(h) => h,
         Err(m::Error::InsufficientBytes(_)) => return Ok(None),
-        Err(m::Error::PayloadSizeLimitExceeded(size)) => return Err(CodecError::TooLarge { size, max }),
+        Err(m::Error::PayloadSizeLimitExceeded(size)) => {
+            return Err(CodecError::TooLarge { size, max })
+        }
         Err(e) => return Err(CodecError::Malformed(format!("{e:?}"))),
     };
-    if buf[0] >> 4 != 1 {
-        return Err(CodecError::NotConnect);
-    }
     // Variable header: protocol name (u16-prefixed) then the level byte.
     // Fixed header: the type byte, then 1..4 bytes of remaining length.
-    let fixed_len = 1 + buf[1..].iter().take(4).position(|b| b & 0x80 == 0).unwrap_or(3) + 1;
+    let fixed_len = 1
+        + buf[1..]
+            .iter()
+            .take(4)
+            .position(|b| b & 0x80 == 0)
+            .unwrap_or(3)
+        + 1;
     let mut vh = &buf[fixed_len..header.frame_length()];
     if vh.len() < 3 {
         return Err(CodecError::Malformed("CONNECT too short".into()));
@@ -165,7 +192,11 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, C
                     qos: w.qos as u8,
                     retain: w.retain,
                 }),
-                username: c.login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
+                username: c
+                    .login
+                    .as_ref()
+                    .map(|l| l.username.clone())
+                    .filter(|u| !u.is_empty()),
                 password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
                 session_expiry: None,
             })),
@@ -190,7 +221,10 @@ pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, C
                     clean_start: c.clean_start,
                     keep_alive: c.keep_alive,
                     will,
-                    username: login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
+                    username: login
+                        .as_ref()
+                        .map(|l| l.username.clone())
+                        .filter(|u| !u.is_empty()),
                     password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                     session_expiry: c.properties.and_then(|p| p.session_expiry_interval),
                 }))
@@ -252,7 +286,10 @@ impl Codec {
     pub fn write(&self, packet: Outbound, out: &mut BytesMut) {
         let result = match self.protocol {
             Protocol::V4 => match to_v4(packet) {
-                Some(p) => p.write(out, usize::MAX).map(|_| ()).map_err(|e| format!("{e:?}")),
+                Some(p) => p
+                    .write(out, usize::MAX)
+                    .map(|_| ())
+                    .map_err(|e| format!("{e:?}")),
                 None => Ok(()),
             },
             Protocol::V5 => to_v5(packet)
@@ -298,7 +335,11 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
         v4::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
         v4::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
         },
         v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
@@ -328,7 +369,11 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
         v5::Packet::PubComp(a) => Inbound::PubComp(a.pkid),
         v5::Packet::Subscribe(s) => Inbound::Subscribe {
             pkid: s.pkid,
-            filters: s.filters.into_iter().map(|f| (f.path, f.qos as u8)).collect(),
+            filters: s
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
         },
         v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
             pkid: u.pkid,
@@ -337,14 +382,22 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
         v5::Packet::PingReq(_) => Inbound::PingReq,
         v5::Packet::Disconnect(_) => Inbound::Disconnect,
         v5::Packet::Connect(..) => return Err(CodecError::Unexpected("a second CONNECT")),
-        v5::Packet::Auth(_) => return Err(CodecError::Unexpected("AUTH (enhanced auth is not supported)")),
+        v5::Packet::Auth(_) => {
+            return Err(CodecError::Unexpected(
+                "AUTH (enhanced auth is not supported)",
+            ))
+        }
         _ => return Err(CodecError::Unexpected("a server-to-client packet")),
     })
 }
 
 fn to_v4(p: Outbound) -> Option<v4::Packet> {
     Some(match p {
-        Outbound::ConnAck { code, session_present, .. } => v4::Packet::ConnAck(v4::ConnAck::new(
+        Outbound::ConnAck {
+            code,
+            session_present,
+            ..
+        } => v4::Packet::ConnAck(v4::ConnAck::new(
             match code {
                 ConnAckCode::Success => v4::ConnectReturnCode::Success,
                 ConnAckCode::UnsupportedProtocol => v4::ConnectReturnCode::RefusedProtocolVersion,
@@ -364,8 +417,14 @@ fn to_v4(p: Outbound) -> Option<v4::Packet> {
             payload: p.payload,
         }),
         // 3.1.1 has no negative acknowledgements: the session closes instead.
-        Outbound::PubAck { pkid, reason: PubReason::Success } => v4::Packet::PubAck(v4::PubAck::new(pkid)),
-        Outbound::PubRec { pkid, reason: PubReason::Success } => v4::Packet::PubRec(v4::PubRec::new(pkid)),
+        Outbound::PubAck {
+            pkid,
+            reason: PubReason::Success,
+        } => v4::Packet::PubAck(v4::PubAck::new(pkid)),
+        Outbound::PubRec {
+            pkid,
+            reason: PubReason::Success,
+        } => v4::Packet::PubRec(v4::PubRec::new(pkid)),
         Outbound::PubAck { .. } | Outbound::PubRec { .. } => return None,
         Outbound::PubRel(pkid) => v4::Packet::PubRel(v4::PubRel::new(pkid)),
         Outbound::PubComp(pkid) => v4::Packet::PubComp(v4::PubComp::new(pkid)),
@@ -387,38 +446,42 @@ fn to_v4(p: Outbound) -> Option<v4::Packet> {
 
 fn to_v5(p: Outbound) -> v5::Packet {
     match p {
-        Outbound::ConnAck { code, session_present, assigned_client_id } => {
-            v5::Packet::ConnAck(v5::ConnAck {
-                session_present,
-                code: match code {
-                    ConnAckCode::Success => v5::ConnectReturnCode::Success,
-                    ConnAckCode::UnsupportedProtocol => v5::ConnectReturnCode::UnsupportedProtocolVersion,
-                    ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
-                    ConnAckCode::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
-                    ConnAckCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
-                    ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
-                },
-                properties: assigned_client_id.map(|id| v5::ConnAckProperties {
-                    session_expiry_interval: None,
-                    receive_max: None,
-                    max_qos: None,
-                    retain_available: None,
-                    max_packet_size: None,
-                    assigned_client_identifier: Some(id),
-                    topic_alias_max: None,
-                    reason_string: None,
-                    user_properties: Vec::new(),
-                    wildcard_subscription_available: None,
-                    subscription_identifiers_available: None,
-                    shared_subscription_available: None,
-                    server_keep_alive: None,
-                    response_information: None,
-                    server_reference: None,
-                    authentication_method: None,
-                    authentication_data: None,
-                }),
-            })
-        }
+        Outbound::ConnAck {
+            code,
+            session_present,
+            assigned_client_id,
+        } => v5::Packet::ConnAck(v5::ConnAck {
+            session_present,
+            code: match code {
+                ConnAckCode::Success => v5::ConnectReturnCode::Success,
+                ConnAckCode::UnsupportedProtocol => {
+                    v5::ConnectReturnCode::UnsupportedProtocolVersion
+                }
+                ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                ConnAckCode::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                ConnAckCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+            },
+            properties: assigned_client_id.map(|id| v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: None,
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: None,
+                assigned_client_identifier: Some(id),
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            }),
+        }),
         Outbound::Publish(p) => v5::Packet::Publish(v5::Publish {
             dup: p.dup,
             qos: qos_v5(p.qos),
@@ -483,7 +546,9 @@ fn to_v5(p: Outbound) -> v5::Packet {
                 DisconnectReason::QuotaExceeded => v5::DisconnectReasonCode::QuotaExceeded,
                 DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
                 DisconnectReason::SessionTakenOver => v5::DisconnectReasonCode::SessionTakenOver,
-                DisconnectReason::ServerShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
+                DisconnectReason::ServerShuttingDown => {
+                    v5::DisconnectReasonCode::ServerShuttingDown
+                }
             },
             properties: None,
         }),
@@ -512,7 +577,10 @@ mod tests {
         for (level, proto) in [(4, Protocol::V4), (5, Protocol::V5)] {
             let mut b = connect_bytes(level);
             let c = read_connect(&mut b, 1024).unwrap().unwrap();
-            assert_eq!((c.protocol, c.client_id.as_str(), c.keep_alive), (proto, "c1", 60));
+            assert_eq!(
+                (c.protocol, c.client_id.as_str(), c.keep_alive),
+                (proto, "c1", 60)
+            );
             assert!(b.is_empty());
         }
     }
@@ -536,14 +604,23 @@ mod tests {
     #[test]
     fn a_first_packet_that_is_not_connect_is_refused() {
         let mut b = BytesMut::from(&[0x30u8, 3, 0, 1, b'a'][..]);
-        assert!(matches!(read_connect(&mut b, 1024), Err(CodecError::NotConnect)));
+        assert!(matches!(
+            read_connect(&mut b, 1024),
+            Err(CodecError::NotConnect)
+        ));
     }
 
     #[test]
     fn an_oversized_publish_is_refused_before_it_is_buffered() {
-        let codec = Codec { protocol: Protocol::V4, max_size: 100 };
+        let codec = Codec {
+            protocol: Protocol::V4,
+            max_size: 100,
+        };
         // PUBLISH with a remaining length of 1000 but only the header present.
         let mut b = BytesMut::from(&[0x30u8, 0xE8, 0x07][..]);
-        assert!(matches!(codec.read(&mut b), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(
+            codec.read(&mut b),
+            Err(CodecError::TooLarge { .. })
+        ));
     }
 }

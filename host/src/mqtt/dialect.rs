@@ -68,7 +68,10 @@ mod tests {
 
     #[test]
     fn module_telemetry_without_properties_is_parsed() {
-        for topic in ["devices/d1/modules/m1/messages/events/", "devices/d1/modules/m1/messages/events"] {
+        for topic in [
+            "devices/d1/modules/m1/messages/events/",
+            "devices/d1/modules/m1/messages/events",
+        ] {
             let t = Telemetry::parse(topic).unwrap();
             assert_eq!((t.device, t.module), ("d1", Some("m1")));
             assert!(t.properties().is_empty());
@@ -77,7 +80,12 @@ mod tests {
 
     #[test]
     fn other_topics_are_not_telemetry() {
-        for topic in ["devices/d1/messages/devicebound/", "sensors/t", "devices//messages/events/", "devices/d1/messages/eventsx"] {
+        for topic in [
+            "devices/d1/messages/devicebound/",
+            "sensors/t",
+            "devices//messages/events/",
+            "devices/d1/messages/eventsx",
+        ] {
             assert_eq!(Telemetry::parse(topic), None, "{topic}");
         }
     }

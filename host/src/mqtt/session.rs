@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{BrokerHandle, OUTBOX};
 use super::codec::{
-    self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol, PubReason, Publish,
+    self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol,
+    PubReason, Publish,
 };
 use super::topic;
 use crate::metrics::Metrics;
@@ -78,11 +79,17 @@ struct Pending {
     durable: Option<Durable>,
     outcome: Option<Result<(), AppendError>>,
     acks: Vec<Ack>,
+    /// QoS 0 messages of the batch sent to the store (no ack to carry them).
+    stored_qos0: u64,
 }
 
 /// Serves one connection until it ends; never panics on client input.
-pub async fn serve<S>(mut stream: S, peer: String, ctx: Arc<SessionContext>, shutdown: CancellationToken)
-where
+pub async fn serve<S>(
+    mut stream: S,
+    peer: String,
+    ctx: Arc<SessionContext>,
+    shutdown: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -92,9 +99,16 @@ where
             tracing::warn!(%peer, error = %e, "connection refused");
             if let SessionEnd::Codec(CodecError::UnsupportedProtocol { .. }) = e {
                 let mut out = BytesMut::new();
-                let v4 = codec::Codec { protocol: Protocol::V4, max_size: usize::MAX };
+                let v4 = codec::Codec {
+                    protocol: Protocol::V4,
+                    max_size: usize::MAX,
+                };
                 v4.write(
-                    Outbound::ConnAck { code: ConnAckCode::UnsupportedProtocol, session_present: false, assigned_client_id: None },
+                    Outbound::ConnAck {
+                        code: ConnAckCode::UnsupportedProtocol,
+                        session_present: false,
+                        assigned_client_id: None,
+                    },
                     &mut out,
                 );
                 let _ = stream.write_all(&out).await;
@@ -182,17 +196,31 @@ impl Session {
         ctx: &Arc<SessionContext>,
         stream: &mut S,
     ) -> Option<Self> {
-        let codec = codec::Codec { protocol: connect.protocol, max_size: ctx.max_message_bytes };
+        let codec = codec::Codec {
+            protocol: connect.protocol,
+            max_size: ctx.max_message_bytes,
+        };
         let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let mut out = BytesMut::new();
         let refuse = |code: ConnAckCode, why: &str, out: &mut BytesMut| {
             tracing::warn!(%peer, client = %connect.client_id, reason = why, "CONNECT refused");
-            codec.write(Outbound::ConnAck { code, session_present: false, assigned_client_id: None }, out);
+            codec.write(
+                Outbound::ConnAck {
+                    code,
+                    session_present: false,
+                    assigned_client_id: None,
+                },
+                out,
+            );
         };
         let mut assigned = None;
         let client_id = if connect.client_id.is_empty() {
             if !connect.clean_start && connect.protocol == Protocol::V4 {
-                refuse(ConnAckCode::BadClientId, "empty client id needs a clean session", &mut out);
+                refuse(
+                    ConnAckCode::BadClientId,
+                    "empty client id needs a clean session",
+                    &mut out,
+                );
                 let _ = stream.write_all(&out).await;
                 return None;
             }
@@ -217,13 +245,21 @@ impl Session {
         let kick = CancellationToken::new();
         let attached = ctx
             .broker
-            .connect(&client_id, conn_id, persistent, !connect.clean_start, tx, kick.clone())
+            .connect(
+                &client_id,
+                conn_id,
+                persistent,
+                !connect.clean_start,
+                tx,
+                kick.clone(),
+            )
             .await?;
         let mut session = Session {
             client_id,
             conn_id,
             codec,
-            keep_alive: (connect.keep_alive > 0).then(|| Duration::from_millis(connect.keep_alive as u64 * 1500)),
+            keep_alive: (connect.keep_alive > 0)
+                .then(|| Duration::from_millis(connect.keep_alive as u64 * 1500)),
             will: connect.will.map(|w| Publish {
                 topic: w.topic,
                 payload: w.payload,
@@ -260,7 +296,12 @@ impl Session {
         Some(session)
     }
 
-    async fn run<S>(&mut self, stream: &mut S, buf: &mut BytesMut, shutdown: &CancellationToken) -> SessionEnd
+    async fn run<S>(
+        &mut self,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -353,19 +394,30 @@ impl Session {
         acks: &mut Vec<Ack>,
     ) -> Result<(), SessionEnd> {
         if !topic::valid_name(&p.topic) {
-            return Err(SessionEnd::Protocol(format!("invalid topic name {:?}", p.topic)));
+            return Err(SessionEnd::Protocol(format!(
+                "invalid topic name {:?}",
+                p.topic
+            )));
         }
         if p.qos > 2 {
             return Err(SessionEnd::Protocol("QoS 3".into()));
         }
         if p.qos == 2 && !self.qos2_received.insert(p.pkid) {
             // A resend of a QoS 2 publish we already have: acknowledge only.
-            acks.push(Ack { pkid: p.pkid, qos: 2, stored: false });
+            acks.push(Ack {
+                pkid: p.pkid,
+                qos: 2,
+                stored: false,
+            });
             return Ok(());
         }
         let stored = self.ctx.router.upstream_bound(&p.topic);
         if p.qos > 0 {
-            acks.push(Ack { pkid: p.pkid, qos: p.qos, stored });
+            acks.push(Ack {
+                pkid: p.pkid,
+                qos: p.qos,
+                stored,
+            });
         }
         if stored {
             upstream.push(p);
@@ -376,10 +428,16 @@ impl Session {
     }
 
     /// Routes what `on_bytes` gathered and queues its acks behind earlier ones.
-    async fn route(&mut self, local: &mut Vec<Publish>, upstream: &mut Vec<Publish>, acks: &mut Vec<Ack>) {
+    async fn route(
+        &mut self,
+        local: &mut Vec<Publish>,
+        upstream: &mut Vec<Publish>,
+        acks: &mut Vec<Ack>,
+    ) {
         if local.is_empty() && upstream.is_empty() && acks.is_empty() {
             return;
         }
+        let stored_qos0 = upstream.iter().filter(|p| p.qos == 0).count() as u64;
         let durable = self
             .ctx
             .router
@@ -389,6 +447,7 @@ impl Session {
             durable,
             outcome: None,
             acks: std::mem::take(acks),
+            stored_qos0,
         });
     }
 
@@ -410,6 +469,7 @@ impl Session {
                 Err(e) => {
                     let n = front.acks.iter().filter(|a| a.stored).count() as u64;
                     self.ctx.metrics.refused(n);
+                    self.ctx.metrics.dropped(front.stored_qos0);
                     Some(e.clone())
                 }
             };
@@ -423,8 +483,14 @@ impl Session {
                     self.qos2_received.remove(&ack.pkid);
                 }
                 let packet = match ack.qos {
-                    1 => Outbound::PubAck { pkid: ack.pkid, reason },
-                    _ => Outbound::PubRec { pkid: ack.pkid, reason },
+                    1 => Outbound::PubAck {
+                        pkid: ack.pkid,
+                        reason,
+                    },
+                    _ => Outbound::PubRec {
+                        pkid: ack.pkid,
+                        reason,
+                    },
                 };
                 self.codec.write(packet, &mut self.out);
             }
@@ -471,7 +537,8 @@ impl Session {
                         granted.push(None);
                     }
                 }
-                self.codec.write(Outbound::SubAck { pkid, granted }, &mut self.out);
+                self.codec
+                    .write(Outbound::SubAck { pkid, granted }, &mut self.out);
                 let retained = self.ctx.broker.subscribe(&self.client_id, accepted).await;
                 for p in retained {
                     self.deliver(Publish { retain: true, ..p });
@@ -480,7 +547,8 @@ impl Session {
             Inbound::Unsubscribe { pkid, filters } => {
                 let count = filters.len();
                 self.ctx.broker.unsubscribe(&self.client_id, filters).await;
-                self.codec.write(Outbound::UnsubAck { pkid, count }, &mut self.out);
+                self.codec
+                    .write(Outbound::UnsubAck { pkid, count }, &mut self.out);
             }
             Inbound::PingReq => self.codec.write(Outbound::PingResp, &mut self.out),
             Inbound::Disconnect => {
@@ -527,6 +595,9 @@ impl Session {
         while let Ok(p) = self.outbox.try_recv() {
             unacked.push(p);
         }
-        self.ctx.broker.disconnect(&self.client_id, self.conn_id, unacked).await;
+        self.ctx
+            .broker
+            .disconnect(&self.client_id, self.conn_id, unacked)
+            .await;
     }
 }

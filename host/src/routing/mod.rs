@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::metrics::Metrics;
 use crate::mqtt::broker::BrokerHandle;
 use crate::mqtt::codec::Publish;
 use crate::mqtt::dialect::Telemetry;
@@ -25,22 +24,21 @@ pub struct Router {
     forward_topics: Arc<Vec<String>>,
     appender: Appender,
     broker: BrokerHandle,
-    metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(forward_topics: Vec<String>, appender: Appender, broker: BrokerHandle, metrics: Arc<Metrics>) -> Self {
+    pub fn new(forward_topics: Vec<String>, appender: Appender, broker: BrokerHandle) -> Self {
         Self {
             forward_topics: Arc::new(forward_topics),
             appender,
             broker,
-            metrics,
         }
     }
 
     /// Whether a message on `topic` is bound upstream.
     pub fn upstream_bound(&self, topic: &str) -> bool {
-        Telemetry::parse(topic).is_some() || self.forward_topics.iter().any(|f| topic::matches(f, topic))
+        Telemetry::parse(topic).is_some()
+            || self.forward_topics.iter().any(|f| topic::matches(f, topic))
     }
 
     /// Sends `local` to local subscribers and `upstream` to the store.
@@ -63,11 +61,10 @@ impl Router {
         if records.is_empty() {
             return None;
         }
-        let n = records.len() as u64;
         match self.appender.append_later(records).await {
             Ok(rx) => Some(rx),
             Err(e) => {
-                self.metrics.dropped(n);
+                // The caller accounts for the refusal, as for a late one.
                 let (tx, rx) = oneshot::channel();
                 let _ = tx.send(Err(e));
                 Some(rx)

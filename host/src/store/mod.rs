@@ -78,12 +78,14 @@ impl Store {
     /// Opens (creating if needed) the queue under `path` and recovers its
     /// head, tail and byte count by one scan.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::builder(path.join("queue")).open().map_err(|e| match e {
-            fjall::Error::Locked => StoreError::Locked {
-                path: path.display().to_string(),
-            },
-            e => StoreError::Fjall(e),
-        })?;
+        let db = Database::builder(path.join("queue"))
+            .open()
+            .map_err(|e| match e {
+                fjall::Error::Locked => StoreError::Locked {
+                    path: path.display().to_string(),
+                },
+                e => StoreError::Fjall(e),
+            })?;
         let queue = db.keyspace("queue", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let mut head = None;
@@ -96,10 +98,7 @@ impl Store {
             last = key;
             bytes += v.len() as u64;
         }
-        let saved_tail = meta
-            .get(TAIL_KEY)?
-            .map(|v| key_of(&v))
-            .unwrap_or(1);
+        let saved_tail = meta.get(TAIL_KEY)?.map(|v| key_of(&v)).unwrap_or(1);
         let tail = saved_tail.max(last + 1);
         let head = head.unwrap_or(tail);
         let (tail_tx, _) = watch::channel(tail);
@@ -170,7 +169,9 @@ impl Store {
         }
         batch.commit()?;
         self.inner.head.store(end, Ordering::Release);
-        self.inner.bytes.fetch_sub(bytes.min(self.bytes()), Ordering::AcqRel);
+        self.inner
+            .bytes
+            .fetch_sub(bytes.min(self.bytes()), Ordering::AcqRel);
         Ok(())
     }
 
@@ -229,7 +230,10 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
             for chunk in (0..100).collect::<Vec<u64>>().chunks(7) {
-                appender.append(chunk.iter().map(|&i| rec(i)).collect()).await.unwrap();
+                appender
+                    .append(chunk.iter().map(|&i| rec(i)).collect())
+                    .await
+                    .unwrap();
             }
             drop(appender);
             join.join().unwrap();

@@ -58,7 +58,9 @@ impl Record {
 
     /// Reads only the timestamp (for TTL sweeps and queue age).
     pub fn enqueued_ms_of(bytes: &[u8]) -> Result<u64, CorruptRecord> {
-        let ts = bytes.get(1..9).ok_or(CorruptRecord("shorter than its header"))?;
+        let ts = bytes
+            .get(1..9)
+            .ok_or(CorruptRecord("shorter than its header"))?;
         Ok(u64::from_be_bytes(ts.try_into().expect("8 bytes")))
     }
 }
@@ -81,7 +83,11 @@ mod tests {
 
     #[test]
     fn truncated_records_are_refused_not_panicked_on() {
-        let r = Record { enqueued_ms: 1, topic: "t/opic".into(), payload: Bytes::new() };
+        let r = Record {
+            enqueued_ms: 1,
+            topic: "t/opic".into(),
+            payload: Bytes::new(),
+        };
         let bytes = r.encode();
         for cut in 0..bytes.len() - 1 {
             assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");

@@ -32,11 +32,15 @@ pub fn write(storage: &Path, stats: QueueStats) -> std::io::Result<()> {
         written_ms: super::now_ms(),
     };
     let tmp = storage.join("queue-stats.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&status).expect("status serializes"))?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&status).expect("status serializes"),
+    )?;
     std::fs::rename(tmp, path(storage))
 }
 
 pub fn read(storage: &Path) -> std::io::Result<Status> {
     let text = std::fs::read(path(storage))?;
-    serde_json::from_slice(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    serde_json::from_slice(&text)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }

@@ -27,7 +27,7 @@ pub enum AppendError {
 
 struct Request {
     records: Vec<Record>,
-    done: Option<oneshot::Sender<Result<(), AppendError>>>,
+    done: oneshot::Sender<Result<(), AppendError>>,
 }
 
 /// Cloneable handle to hand records to the writer.
@@ -39,9 +39,10 @@ pub struct Appender {
 impl Appender {
     /// Appends `records` atomically and returns once they are durable.
     pub async fn append(&self, records: Vec<Record>) -> Result<(), AppendError> {
-        let (done, rx) = oneshot::channel();
-        self.submit(records, Some(done)).await?;
-        rx.await.map_err(|_| AppendError::Closed)?
+        self.append_later(records)
+            .await?
+            .await
+            .map_err(|_| AppendError::Closed)?
     }
 
     /// Queues `records` and returns a receiver for the outcome, so a session
@@ -51,19 +52,11 @@ impl Appender {
         records: Vec<Record>,
     ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
         let (done, rx) = oneshot::channel();
-        self.submit(records, Some(done)).await?;
-        Ok(rx)
-    }
-
-    async fn submit(
-        &self,
-        records: Vec<Record>,
-        done: Option<oneshot::Sender<Result<(), AppendError>>>,
-    ) -> Result<(), AppendError> {
         self.tx
             .send(Request { records, done })
             .await
-            .map_err(|_| AppendError::Closed)
+            .map_err(|_| AppendError::Closed)?;
+        Ok(rx)
     }
 }
 
@@ -144,8 +137,7 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, quota: u64, max_batch: usi
     }
 }
 
-fn answer(done: Option<oneshot::Sender<Result<(), AppendError>>>, result: Result<(), AppendError>) {
-    if let Some(done) = done {
-        let _ = done.send(result);
-    }
+fn answer(done: oneshot::Sender<Result<(), AppendError>>, result: Result<(), AppendError>) {
+    // A requester that stopped waiting (QoS 0, a closed session) is fine.
+    let _ = done.send(result);
 }

@@ -23,7 +23,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("upstream refused CONNECT: {0:?}")]
@@ -68,7 +71,10 @@ impl Connection {
     async fn open_inner(addr: &UpstreamAddr, login: &Login) -> Result<Self, UpstreamError> {
         let tcp = TcpStream::connect((addr.host.as_str(), addr.port))
             .await
-            .map_err(|source| UpstreamError::Connect { addr: addr.to_string(), source })?;
+            .map_err(|source| UpstreamError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
         tcp.set_nodelay(true)?;
         let io: Box<dyn Io> = match (addr.tls, &login.tls) {
             (true, Some(config)) => {
@@ -99,7 +105,9 @@ impl Connection {
         match conn.next().await? {
             v4::Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => Ok(conn),
             v4::Packet::ConnAck(ack) => Err(UpstreamError::Refused(ack.code)),
-            other => Err(UpstreamError::Protocol(format!("expected CONNACK, got {other:?}"))),
+            other => Err(UpstreamError::Protocol(format!(
+                "expected CONNACK, got {other:?}"
+            ))),
         }
     }
 
@@ -141,7 +149,9 @@ impl Connection {
 }
 
 /// Builds the rustls client config that trusts the PEM CAs in `ca_file`.
-pub fn tls_config(ca_file: &std::path::Path) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, UpstreamError> {
+pub fn tls_config(
+    ca_file: &std::path::Path,
+) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, UpstreamError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     use tokio_rustls::rustls;
@@ -155,7 +165,10 @@ pub fn tls_config(ca_file: &std::path::Path) -> Result<Arc<tokio_rustls::rustls:
             .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca_file.display())))?;
     }
     if roots.is_empty() {
-        return Err(UpstreamError::Tls(format!("{}: no certificates", ca_file.display())));
+        return Err(UpstreamError::Tls(format!(
+            "{}: no certificates",
+            ca_file.display()
+        )));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

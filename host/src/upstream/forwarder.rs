@@ -47,7 +47,9 @@ struct Slot {
 impl Forwarder {
     pub async fn run(self, shutdown: CancellationToken) {
         if self.addresses.is_empty() {
-            tracing::info!("no upstream configured: storing upstream-bound messages until one is set");
+            tracing::info!(
+                "no upstream configured: storing upstream-bound messages until one is set"
+            );
         }
         let mut attempt = 0usize;
         let mut backoff = MIN_BACKOFF;
@@ -70,7 +72,9 @@ impl Forwarder {
                         self.metrics.set_upstream_connected(false);
                         match result {
                             Ok(()) => return,
-                            Err(e) => tracing::warn!(upstream = %addr, error = %e, "upstream connection lost"),
+                            Err(e) => {
+                                tracing::warn!(upstream = %addr, error = %e, "upstream connection lost")
+                            }
                         }
                     }
                     Err(e) => {
@@ -79,7 +83,11 @@ impl Forwarder {
                     }
                 }
             }
-            let wait = if self.addresses.is_empty() { SWEEP_EVERY } else { backoff };
+            let wait = if self.addresses.is_empty() {
+                SWEEP_EVERY
+            } else {
+                backoff
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -89,7 +97,11 @@ impl Forwarder {
     }
 
     /// Streams the queue over one connection until it fails or `shutdown`.
-    async fn pump(&self, mut conn: Connection, shutdown: &CancellationToken) -> Result<(), UpstreamError> {
+    async fn pump(
+        &self,
+        mut conn: Connection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), UpstreamError> {
         let mut window: VecDeque<Slot> = VecDeque::new();
         let mut base = self.store.head();
         let mut next = base;
@@ -103,19 +115,27 @@ impl Forwarder {
             tail.borrow_and_update();
             // Fill the window from the store.
             while window.len() < self.max_inflight && next < self.store.tail() {
-                let batch = self.store.read_from(next, self.max_inflight - window.len())?;
+                let batch = self
+                    .store
+                    .read_from(next, self.max_inflight - window.len())?;
                 if batch.is_empty() {
                     break;
                 }
                 let now = store::now_ms();
                 for stored in batch {
                     while next < stored.key {
-                        window.push_back(Slot { size: 0, done: true }); // a hole: nothing to send
+                        window.push_back(Slot {
+                            size: 0,
+                            done: true,
+                        }); // a hole: nothing to send
                         next += 1;
                     }
                     if now.saturating_sub(stored.record.enqueued_ms) > self.ttl_ms {
                         self.metrics.expired(1);
-                        window.push_back(Slot { size: stored.size, done: true });
+                        window.push_back(Slot {
+                            size: stored.size,
+                            done: true,
+                        });
                     } else {
                         let pkid = loop {
                             let id = next_pkid;
@@ -125,11 +145,15 @@ impl Forwarder {
                             }
                         };
                         by_pkid.insert(pkid, stored.key);
-                        let mut publish = v4::Publish::new(stored.record.topic, QoS::AtLeastOnce, Vec::new());
+                        let mut publish =
+                            v4::Publish::new(stored.record.topic, QoS::AtLeastOnce, Vec::new());
                         publish.payload = stored.record.payload;
                         publish.pkid = pkid;
                         conn.send(v4::Packet::Publish(publish));
-                        window.push_back(Slot { size: stored.size, done: false });
+                        window.push_back(Slot {
+                            size: stored.size,
+                            done: false,
+                        });
                     }
                     next = stored.key + 1;
                 }

@@ -1,0 +1,58 @@
+"""The Prometheus endpoint reports what the hub did."""
+
+from helpers import Publisher, parse_prometheus
+
+ALL_METRICS = [
+    "edgehub_clients_connected",
+    "edgehub_messages_received_total",
+    "edgehub_queue_depth",
+    "edgehub_queue_oldest_age_seconds",
+    "edgehub_queue_bytes",
+    "edgehub_messages_forwarded_total",
+    "edgehub_messages_expired_total",
+    "edgehub_messages_dropped_total",
+    "edgehub_messages_refused_total",
+    "edgehub_upstream_connected",
+]
+
+
+def test_metrics_endpoint_serves_every_documented_metric(hub_factory):
+    hub = hub_factory(None)
+    text = hub.metrics_text()
+    m = parse_prometheus(text)
+    missing = [name for name in ALL_METRICS if name not in m]
+    assert not missing, f"missing metrics {missing} in:\n{text}"
+    assert m["edgehub_upstream_connected"] == 0, "no upstream configured, yet upstream_connected != 0"
+
+
+def test_metrics_count_received_and_forwarded_messages_and_upstream_connection(
+    upstream, collector_factory, hub_factory, clients
+):
+    collector = collector_factory(upstream)
+    hub = hub_factory(upstream, edge_id="edge-metrics")
+    hub.wait_metric("edgehub_upstream_connected", lambda v: v == 1, 30, "== 1")
+
+    n = 300
+    p = Publisher(hub.port, inflight=50)
+    clients.append(p.connect())
+    assert hub.wait_metric("edgehub_clients_connected", lambda v: v >= 1, 10, ">= 1") >= 1
+    for i in range(n):
+        p.publish("devices/m1/messages/events/k=v", str(i).encode(), qos=1, key=i)
+    p.wait_results(n, 30)
+    assert len(p.acked) == n
+    collector.wait_count(n, 60)
+
+    hub.wait_metric("edgehub_messages_forwarded_total", lambda v: v >= n, 20, f">= {n}")
+    hub.wait_metric("edgehub_queue_depth", lambda v: v == 0, 20, "== 0 after forwarding")
+    m = hub.metrics()
+    assert m["edgehub_messages_received_total"] >= n, m
+    assert m["edgehub_messages_forwarded_total"] >= n, m
+    assert m["edgehub_upstream_connected"] == 1, m
+    assert m["edgehub_messages_expired_total"] == 0, m
+    assert m["edgehub_queue_bytes"] == 0, m
+
+    p.close()
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 0, 10, "== 0 after the client left")
+
+    upstream.stop()
+    hub.wait_metric("edgehub_upstream_connected", lambda v: v == 0, 30, "== 0 after the upstream stopped")
