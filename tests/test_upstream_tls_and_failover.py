@@ -1,9 +1,10 @@
 """The upstream connection: TLS with a CA file, and fail-over between a
 cluster's addresses."""
 
-import os
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from helpers import Collector, Publisher, Upstream, free_port, wait_until
 
@@ -45,16 +46,20 @@ class TlsUpstream(Upstream):
         wait_until(lambda: port_accepts(self.tls_port), timeout, "TLS listener")
 
 
-def test_telemetry_reaches_an_upstream_over_tls_verified_with_the_ca_file(
-    tmp_path, hub_factory, clients, request
-):
+@pytest.fixture
+def tls_upstream(tmp_path, request):
+    """(upstream with a TLS listener, its collector, the certificates)."""
     certs = make_ca_and_server_cert(tmp_path)
     up = TlsUpstream(tmp_path, certs)
     request.addfinalizer(up.close)
     up.start()
     collector = Collector(up).connect()
     request.addfinalizer(collector.close)
+    return up, collector, certs
 
+
+def test_telemetry_reaches_an_upstream_over_tls_verified_with_the_ca_file(tls_upstream, hub_factory, clients):
+    up, collector, certs = tls_upstream
     hub = hub_factory(f"mqtts://127.0.0.1:{up.tls_port}", extra_args=["--upstream-ca", str(certs["ca"])])
     pub = Publisher(hub.port)
     clients.append(pub.connect())
@@ -66,15 +71,9 @@ def test_telemetry_reaches_an_upstream_over_tls_verified_with_the_ca_file(
 
 
 def test_an_upstream_whose_certificate_does_not_chain_to_the_ca_is_not_used_and_messages_stay_queued(
-    tmp_path, hub_factory, clients, request
+    tls_upstream, hub_factory, clients
 ):
-    certs = make_ca_and_server_cert(tmp_path)
-    up = TlsUpstream(tmp_path, certs)
-    request.addfinalizer(up.close)
-    up.start()
-    collector = Collector(up).connect()
-    request.addfinalizer(collector.close)
-
+    up, collector, certs = tls_upstream
     hub = hub_factory(f"mqtts://127.0.0.1:{up.tls_port}", extra_args=["--upstream-ca", str(certs["other_ca"])])
     pub = Publisher(hub.port)
     clients.append(pub.connect())

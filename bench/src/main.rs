@@ -1,0 +1,208 @@
+//! edgehub store-and-forward benchmark.
+//!
+//! Compares, in one run:
+//! (a) edgehub, (b) Mosquitto configured as a persistent bridge, both
+//! ingesting with the upstream down and then draining to it, and
+//! (c) the upstream Mosquitto's own ceiling (publishers straight into it).
+//!
+//! `cargo run --release -p edgehub-bench -- --help`
+
+mod load;
+mod report;
+mod rss;
+mod scenario;
+mod systems;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Parser, ValueEnum};
+
+use scenario::{Settings, Sut};
+use systems::BridgeSettings;
+
+#[derive(Parser, Debug)]
+#[command(about = "Store-and-forward benchmark: edgehub vs. a Mosquitto bridge vs. the upstream")]
+struct Args {
+    /// Total messages per system [default: 200000, or 20000 with --quick].
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Publisher connections.
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Payload bytes per message (at least 20: the sequence number is 20 ASCII digits).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Small run (20,000 messages) to check the set-up.
+    #[arg(long)]
+    quick: bool,
+    /// Unacknowledged QoS 1 publishes per publisher connection.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Systems to measure, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Edgehub, System::Bridge, System::Upstream])]
+    systems: Vec<System>,
+    /// Global deadline per phase in seconds [default: 120, or 600 with --rss-messages].
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The subscriber stops after this many seconds without a new message.
+    #[arg(long, default_value_t = 15)]
+    idle_timeout: u64,
+    /// Instead of the comparison: queue this many messages in edgehub, drain
+    /// them, and report RSS during build and drain (e.g. 1000000).
+    #[arg(long)]
+    rss_messages: Option<u64>,
+    /// The edgehub binary [default: <workspace>/target/release/edgehub].
+    #[arg(long, env = "EDGEHUB_BIN")]
+    edgehub_bin: Option<PathBuf>,
+    /// The Mosquitto binary.
+    #[arg(long, env = "MOSQUITTO_BIN", default_value = "/usr/sbin/mosquitto")]
+    mosquitto_bin: PathBuf,
+    /// Bridge `autosave_interval` in seconds (how often Mosquitto snapshots
+    /// its whole in-memory store to disk; its default is 1800).
+    #[arg(long, default_value_t = 1)]
+    bridge_autosave: u32,
+    /// Bridge `max_inflight_messages` (0 = unlimited); 1000 matches edgehub's
+    /// default `upstream.max_inflight`.
+    #[arg(long, default_value_t = 1000)]
+    bridge_inflight: u32,
+    /// Run every system this many times (interleaved) and report medians.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Keep the working directory (configs, logs, stores) afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum System {
+    Edgehub,
+    Bridge,
+    Upstream,
+}
+
+fn default_edgehub_bin() -> PathBuf {
+    let bench_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    bench_dir
+        .parent()
+        .unwrap_or(bench_dir)
+        .join("target/release/edgehub")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.payload < load::SEQ_DIGITS {
+        bail!("--payload must be at least {} bytes", load::SEQ_DIGITS);
+    }
+    if args.publishers == 0 || args.window == 0 {
+        bail!("--publishers and --window must be positive");
+    }
+    if args.window > 60_000 {
+        bail!("--window must leave packet identifiers free (at most 60000)");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let edgehub_bin = args.edgehub_bin.clone().unwrap_or_else(default_edgehub_bin);
+    let edgehub = edgehub_bin.is_file().then(|| edgehub_bin.clone());
+    let work = std::env::temp_dir().join(format!("edgehub-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+
+    let rss_mode = args.rss_messages.is_some();
+    let messages = args
+        .rss_messages
+        .or(args.messages)
+        .unwrap_or(if args.quick { 20_000 } else { 200_000 });
+    let timeout = args.timeout.unwrap_or(if rss_mode { 600 } else { 120 });
+    // Removes the working directory on every exit path unless --keep.
+    let _cleanup = CleanUp {
+        dir: work.clone(),
+        keep: args.keep,
+    };
+    let settings = Settings {
+        messages,
+        publishers: args.publishers,
+        payload: args.payload,
+        window: args.window,
+        phase_timeout: Duration::from_secs(timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        settle: Duration::from_secs(2),
+        linger: Duration::from_secs(if rss_mode { 10 } else { 0 }),
+        mosquitto: args.mosquitto_bin.clone(),
+        edgehub,
+        bridge: BridgeSettings {
+            autosave_interval: args.bridge_autosave,
+            max_inflight: args.bridge_inflight,
+        },
+        as_root: systems::running_as_root(),
+        work: work.clone(),
+        rss_interval: Duration::from_millis(100),
+    };
+    report::print_header(&settings, &edgehub_bin);
+
+    if rss_mode {
+        if settings.edgehub.is_none() {
+            bail!("--rss-messages needs edgehub at {}", edgehub_bin.display());
+        }
+        let profile = scenario::rss_profile(&settings).await;
+        report::print_load("at end");
+        report::print_rss_profile(&settings, &profile);
+    } else {
+        let mut systems: Vec<System> = Vec::new();
+        for s in &args.systems {
+            if !systems.contains(s) {
+                systems.push(*s);
+            }
+        }
+        if settings.edgehub.is_none() && systems.contains(&System::Edgehub) {
+            println!(
+                "skipping edgehub: {} does not exist (build it or set EDGEHUB_BIN)\n",
+                edgehub_bin.display()
+            );
+            systems.retain(|&s| s != System::Edgehub);
+        }
+        // One group of runs per system; repetitions are interleaved so
+        // background load affects every system alike.
+        let mut groups: Vec<Vec<scenario::SystemResult>> = vec![Vec::new(); systems.len()];
+        for run in 0..args.repeat.max(1) {
+            for (system, group) in systems.iter().zip(groups.iter_mut()) {
+                let settings = Settings {
+                    work: work.join(format!("run{run}")),
+                    ..settings.clone()
+                };
+                let result = match system {
+                    System::Edgehub => scenario::store_and_forward(&settings, Sut::Edgehub).await,
+                    System::Bridge => scenario::store_and_forward(&settings, Sut::Bridge).await,
+                    System::Upstream => scenario::ceiling(&settings).await,
+                };
+                report::print_progress(&result);
+                group.push(result);
+            }
+        }
+        report::print_load("at end");
+        report::print_table(&settings, &groups);
+    }
+
+    Ok(())
+}
+
+/// Deletes the working directory when dropped, or says where it is.
+struct CleanUp {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for CleanUp {
+    fn drop(&mut self) {
+        if self.keep {
+            println!("\nworking directory kept: {}", self.dir.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}

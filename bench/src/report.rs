@@ -1,0 +1,452 @@
+//! Printing: run header, per-system progress, the comparison table with
+//! ratios, and the RSS profile.
+
+use std::path::Path;
+
+use crate::load::SubscriberEnd;
+use crate::rss::mib;
+use crate::scenario::{RssProfile, Settings, SystemResult};
+
+/// `12345.6` -> `"12,346"`.
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn print_header(s: &Settings, edgehub_bin: &Path) {
+    println!("edgehub store-and-forward benchmark");
+    println!(
+        "  workload: {} messages, {} publishers (MQTT 3.1.1, QoS 1, window {} per connection), \
+         payload {} B, topic devices/bench{{i}}/messages/events/",
+        thousands(s.messages as f64),
+        s.publishers,
+        s.window,
+        s.payload
+    );
+    println!(
+        "  edgehub: {} ({})",
+        edgehub_bin.display(),
+        if s.edgehub.is_some() {
+            "found"
+        } else {
+            "missing"
+        }
+    );
+    println!(
+        "  bridge: mosquitto persistence on, autosave_interval {} s, max_inflight_messages {}, \
+         max_queued_messages 0",
+        s.bridge.autosave_interval, s.bridge.max_inflight
+    );
+    println!(
+        "  phase deadline {} s, subscriber idle timeout {} s, cores {}",
+        s.phase_timeout.as_secs(),
+        s.idle_timeout.as_secs(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    print_load("at start");
+    println!();
+}
+
+/// The machine's load average: other work on the cores skews every number.
+pub fn print_load(when: &str) {
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        let fields: Vec<&str> = load.split_whitespace().take(3).collect();
+        println!("  load average {when}: {}", fields.join(" "));
+    }
+}
+
+/// Median of some values; `None` if empty.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// The runs of one system (one table row; several with `--repeat`).
+pub struct Runs<'a>(pub &'a [SystemResult]);
+
+impl Runs<'_> {
+    fn label(&self) -> &str {
+        &self.0[0].label
+    }
+
+    /// Ingest rates, `None` unless every run ingested everything.
+    fn ingest_rates(&self) -> Option<Vec<f64>> {
+        self.0.iter().map(|r| r.ingest.as_ref()?.rate()).collect()
+    }
+
+    /// Drain (or receive) rates, `None` unless every run delivered everything.
+    fn delivery_rates(&self) -> Option<Vec<f64>> {
+        self.0
+            .iter()
+            .map(|r| {
+                let d = r.delivery.as_ref()?;
+                (d.end == SubscriberEnd::Complete && d.error.is_none())
+                    .then(|| d.rate())
+                    .flatten()
+            })
+            .collect()
+    }
+
+    fn ingest_rate(&self) -> Option<f64> {
+        median(self.ingest_rates()?)
+    }
+
+    fn delivery_rate(&self) -> Option<f64> {
+        median(self.delivery_rates()?)
+    }
+
+    fn ingest_cell(&self) -> String {
+        if let Some(rates) = self.ingest_rates() {
+            return spread(rates);
+        }
+        // Describe the first run that failed.
+        for r in self.0 {
+            match &r.ingest {
+                None => return "-".into(),
+                Some(i) if i.rate().is_none() => {
+                    let what = if i.errors.iter().any(|e| e.contains("timeout")) {
+                        "timeout"
+                    } else {
+                        "failed"
+                    };
+                    return format!("{what} ({}/{} acked)", i.acked, i.expected);
+                }
+                Some(_) => {}
+            }
+        }
+        "-".into()
+    }
+
+    fn delivery_cell(&self) -> String {
+        if let Some(rates) = self.delivery_rates() {
+            return spread(rates);
+        }
+        for r in self.0 {
+            let Some(d) = &r.delivery else {
+                return "-".into();
+            };
+            let rate = d.rate().map_or("-".into(), thousands);
+            match (d.end, &d.error) {
+                (_, Some(_)) => return format!("{rate} (error)"),
+                (SubscriberEnd::Idle, None) => return format!("{rate} (stalled)"),
+                (SubscriberEnd::Timeout, None) => return format!("{rate} (timeout)"),
+                (SubscriberEnd::Complete, None) => {}
+            }
+        }
+        "-".into()
+    }
+
+    /// Worst case over the runs of a subscriber count.
+    fn worst(&self, f: impl Fn(&crate::load::SubscriberStats) -> u64) -> String {
+        self.0
+            .iter()
+            .filter_map(|r| r.delivery.as_ref().map(&f))
+            .max()
+            .map_or("-".into(), |v| v.to_string())
+    }
+
+    fn cells(&self) -> Vec<String> {
+        let delivered = self
+            .0
+            .iter()
+            .filter_map(|r| r.delivery.as_ref())
+            .min_by_key(|d| d.distinct)
+            .map_or("-".into(), |d| format!("{}/{}", d.distinct, d.expected));
+        let per_msg = |cpu: fn(&SystemResult) -> Option<std::time::Duration>| {
+            median(
+                self.0
+                    .iter()
+                    .filter_map(|r| {
+                        let n = r.delivery.as_ref()?.expected.max(1) as f64;
+                        Some(cpu(r)?.as_secs_f64() * 1e6 / n)
+                    })
+                    .collect(),
+            )
+        };
+        let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+        let sut_cpu = format!(
+            "{} / {}",
+            us(per_msg(|r| r.ingest_cpu)),
+            us(per_msg(|r| r.drain_cpu))
+        );
+        let first = median(
+            self.0
+                .iter()
+                .filter_map(|r| r.first_delivery_after.map(|t| t.as_secs_f64()))
+                .collect(),
+        );
+        vec![
+            self.label().to_string(),
+            self.ingest_cell(),
+            self.delivery_cell(),
+            delivered,
+            self.worst(|d| d.lost()),
+            self.worst(|d| d.duplicates),
+            first.map_or("-".into(), |t| format!("{t:.2} s")),
+            sut_cpu,
+            us(per_msg(|r| r.upstream_cpu)),
+            self.0
+                .iter()
+                .filter_map(|r| r.peak_rss_kib)
+                .max()
+                .map_or("-".into(), mib),
+            format!(
+                "{} / {}",
+                store(self.0.iter().filter_map(|r| r.store_bytes).max()),
+                store(self.0.iter().filter_map(|r| r.store_bytes_drained).max())
+            ),
+        ]
+    }
+}
+
+/// Bytes as MiB with one decimal, or "-".
+fn store(bytes: Option<u64>) -> String {
+    bytes.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1048576.0))
+}
+
+/// One value, or the median with the range over repeated runs.
+fn spread(rates: Vec<f64>) -> String {
+    let med = median(rates.clone()).unwrap_or(0.0);
+    if rates.len() < 2 {
+        return thousands(med);
+    }
+    let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = rates.iter().copied().fold(0.0, f64::max);
+    format!("{} ({}-{})", thousands(med), thousands(min), thousands(max))
+}
+
+/// One line per finished run, as the benchmark goes.
+pub fn print_progress(r: &SystemResult) {
+    let runs = Runs(std::slice::from_ref(r));
+    let per_msg = |cpu: Option<std::time::Duration>| {
+        cpu.map_or("-".into(), |c| {
+            format!(
+                "{:.1}",
+                c.as_secs_f64() * 1e6 / r.ingest.as_ref().map_or(1, |i| i.expected.max(1)) as f64
+            )
+        })
+    };
+    println!(
+        "{}: ingest {} msg/s, drain/receive {} msg/s, lost {}, dups {} \
+         (load generator CPU us/msg: ingest {}, drain {}){}",
+        r.label,
+        runs.ingest_cell(),
+        runs.delivery_cell(),
+        runs.worst(|d| d.lost()),
+        runs.worst(|d| d.duplicates),
+        per_msg(r.loadgen_cpu.0),
+        per_msg(r.loadgen_cpu.1),
+        r.error
+            .as_ref()
+            .map(|e| format!(" -- stopped: {e}"))
+            .unwrap_or_default()
+    );
+}
+
+/// The comparison table (markdown) and the ratios. `groups` holds the runs
+/// of each system.
+pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
+    let header = [
+        "system",
+        "ingest msg/s",
+        "drain (c: receive) msg/s",
+        "delivered",
+        "lost",
+        "dups",
+        "1st delivery after upstream start",
+        "CPU us/msg ingest / drain",
+        "upstream CPU us/msg",
+        "peak RSS MiB",
+        "store on disk MiB full / drained",
+    ];
+    let groups: Vec<Runs> = groups
+        .iter()
+        .filter(|g| !g.is_empty())
+        .map(|g| Runs(g))
+        .collect();
+    let rows: Vec<Vec<String>> = groups.iter().map(Runs::cells).collect();
+
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            rows.iter()
+                .map(|row| row[c].len())
+                .chain([header[c].len()])
+                .max()
+                .unwrap()
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (cell, &w))| {
+                if i == 0 {
+                    format!(" {cell:<w$} ")
+                } else {
+                    format!(" {cell:>w$} ")
+                }
+            })
+            .collect();
+        println!("|{}|", padded.join("|"));
+    };
+    let repeats = groups.iter().map(|g| g.0.len()).max().unwrap_or(1);
+    println!();
+    println!(
+        "Results ({} messages x {} B, {} publishers{}):",
+        thousands(s.messages as f64),
+        s.payload,
+        s.publishers,
+        if repeats > 1 {
+            format!("; median (min-max) of {repeats} runs")
+        } else {
+            String::new()
+        }
+    );
+    println!();
+    line(&header.map(String::from));
+    let rule: Vec<String> = widths
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            if i == 0 {
+                "-".repeat(w + 2)
+            } else {
+                format!("{}:", "-".repeat(w + 1))
+            }
+        })
+        .collect();
+    println!("|{}|", rule.join("|"));
+    for row in &rows {
+        line(row);
+    }
+
+    let find = |label: &str| groups.iter().find(|g| g.label() == label);
+    let (edgehub, bridge, ceiling) = (
+        find("edgehub"),
+        find("mosquitto bridge"),
+        find("upstream ceiling (direct)"),
+    );
+    let ingest = |g: Option<&Runs>| g.and_then(Runs::ingest_rate);
+    let drain = |g: Option<&Runs>| g.and_then(Runs::delivery_rate);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "n/a".into(),
+    };
+    println!();
+    println!("Ratios{}:", if repeats > 1 { " (of medians)" } else { "" });
+    println!(
+        "  edgehub / bridge ingest:            {}",
+        ratio(ingest(edgehub), ingest(bridge))
+    );
+    println!(
+        "  edgehub / bridge drain:             {}",
+        ratio(drain(edgehub), drain(bridge))
+    );
+    println!(
+        "  edgehub drain / upstream ceiling:   {}  (ceiling = subscriber receive rate in (c))",
+        ratio(drain(edgehub), drain(ceiling))
+    );
+    println!(
+        "  bridge drain / upstream ceiling:    {}",
+        ratio(drain(bridge), drain(ceiling))
+    );
+    println!(
+        "  edgehub ingest / upstream ingest:   {}  (upstream ingest is with its subscriber attached)",
+        ratio(ingest(edgehub), ingest(ceiling))
+    );
+
+    let all: Vec<SystemResult> = groups.iter().flat_map(|g| g.0.iter().cloned()).collect();
+    print_notes(&all);
+}
+
+fn print_notes(results: &[SystemResult]) {
+    let mut notes = Vec::new();
+    for r in results {
+        if let Some(e) = &r.error {
+            notes.push(format!("{}: stopped early: {e}", r.label));
+        }
+        if let Some(i) = &r.ingest {
+            for e in &i.errors {
+                notes.push(format!("{}: {e}", r.label));
+            }
+        }
+        if let Some(d) = &r.delivery {
+            if let Some(e) = &d.error {
+                notes.push(format!("{}: subscriber: {e}", r.label));
+            }
+            if d.unparsed > 0 {
+                notes.push(format!(
+                    "{}: {} deliveries without a valid sequence number (payload changed?)",
+                    r.label, d.unparsed
+                ));
+            }
+        }
+        for w in &r.warnings {
+            notes.push(format!("{}: WARNING: {w}", r.label));
+        }
+    }
+    if !notes.is_empty() {
+        println!();
+        println!("Notes:");
+        for n in notes {
+            println!("  - {n}");
+        }
+    }
+}
+
+pub fn print_rss_profile(s: &Settings, p: &RssProfile) {
+    println!();
+    println!(
+        "edgehub RSS with a {}-message queue (sampled every {} ms):",
+        thousands(s.messages as f64),
+        s.rss_interval.as_millis()
+    );
+    print_progress(&p.system);
+    if let Some(d) = &p.system.delivery {
+        println!(
+            "  delivered {}/{}, lost {}, duplicates {}",
+            d.distinct,
+            d.expected,
+            d.lost(),
+            d.duplicates
+        );
+    }
+    println!(
+        "  store on disk: {} MiB with the full queue, {} MiB {} s after the drain",
+        store(p.system.store_bytes),
+        store(p.system.store_bytes_drained),
+        s.linger.as_secs()
+    );
+    for ph in &p.phases {
+        println!(
+            "  {:<22} RSS min {} MiB, max {} MiB (anon max {} MiB; {} samples); at 0%,10%..100%: {}",
+            ph.phase,
+            mib(ph.window.min_kib),
+            mib(ph.window.max_kib),
+            mib(ph.window.max_anon_kib),
+            ph.window.samples,
+            ph.profile_kib
+                .iter()
+                .map(|&k| mib(k))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    if let Some(peak) = p.system.peak_rss_kib {
+        println!("  peak RSS (VmHWM) over the whole run: {} MiB", mib(peak));
+    }
+    print_notes(std::slice::from_ref(&p.system));
+}
