@@ -113,7 +113,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             username: None,
             password: None,
-            max_inflight: 1000,
+            max_inflight: 256,
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
         }

@@ -9,6 +9,11 @@ use edgehub::config::Config;
 use edgehub::store::{self, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: the hot paths allocate many small, short-lived buffers across
+/// threads, which glibc's allocator handles with far more CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "edgehub",

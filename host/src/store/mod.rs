@@ -70,15 +70,30 @@ pub struct QueueStats {
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub key: u64,
-    pub size: u64,
-    pub record: Record,
+    /// The encoded record, as fjall holds it (not copied).
+    pub value: fjall::Slice,
+}
+
+impl Stored {
+    pub fn size(&self) -> u64 {
+        self.value.len() as u64
+    }
+
+    pub fn record(&self) -> Result<record::RecordRef<'_>, record::CorruptRecord> {
+        record::RecordRef::parse(&self.value)
+    }
 }
 
 impl Store {
     /// Opens (creating if needed) the queue under `path` and recovers its
     /// head, tail and byte count by one scan.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // Memory is bounded whatever the queue length: small memtables
+        // (flushed to tables when full), a small block cache, and a journal
+        // cap that forces flushes so old journals are deleted.
         let db = Database::builder(path.join("queue"))
+            .cache_size(16 << 20)
+            .max_journaling_size(64 << 20)
             .open()
             .map_err(|e| match e {
                 fjall::Error::Locked => StoreError::Locked {
@@ -86,7 +101,9 @@ impl Store {
                 },
                 e => StoreError::Fjall(e),
             })?;
-        let queue = db.keyspace("queue", KeyspaceCreateOptions::default)?;
+        let queue = db.keyspace("queue", || {
+            KeyspaceCreateOptions::default().max_memtable_size(8 << 20)
+        })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let mut head = None;
         let mut last = 0;
@@ -148,8 +165,7 @@ impl Store {
             let (k, v) = guard.into_inner()?;
             out.push(Stored {
                 key: key_of(&k),
-                size: v.len() as u64,
-                record: Record::decode(&v)?,
+                value: v,
             });
         }
         Ok(out)
@@ -242,7 +258,7 @@ mod tests {
         let all = store.read_from(store.head(), 1000).unwrap();
         assert_eq!(all.len(), 100);
         for (i, s) in all.iter().enumerate() {
-            assert_eq!(s.record, rec(i as u64));
+            assert_eq!(Record::decode(&s.value).unwrap(), rec(i as u64));
         }
         assert_eq!(store.stats().unwrap().depth, 100);
         assert_eq!(store.stats().unwrap().oldest_ms, Some(1000));
@@ -256,7 +272,7 @@ mod tests {
             let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
             appender.append((0..10).map(rec).collect()).await.unwrap();
             let all = store.read_from(store.head(), 100).unwrap();
-            let bytes = all.iter().map(|s| s.size).sum();
+            let bytes = all.iter().map(|s| s.size()).sum();
             store.remove_before(store.tail(), bytes).unwrap();
             assert_eq!(store.stats().unwrap().depth, 0);
             assert_eq!(store.bytes(), 0);

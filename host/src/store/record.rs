@@ -37,22 +37,11 @@ impl Record {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, CorruptRecord> {
-        if bytes.len() < HEADER {
-            return Err(CorruptRecord("shorter than its header"));
-        }
-        if bytes[0] != VERSION {
-            return Err(CorruptRecord("unknown version"));
-        }
-        let enqueued_ms = Self::enqueued_ms_of(bytes)?;
-        let topic_len = u16::from_be_bytes([bytes[9], bytes[10]]) as usize;
-        let topic = bytes
-            .get(HEADER..HEADER + topic_len)
-            .ok_or(CorruptRecord("topic runs past the end"))?;
-        let topic = std::str::from_utf8(topic).map_err(|_| CorruptRecord("topic is not UTF-8"))?;
+        let view = RecordRef::parse(bytes)?;
         Ok(Self {
-            enqueued_ms,
-            topic: topic.to_string(),
-            payload: Bytes::copy_from_slice(&bytes[HEADER + topic_len..]),
+            enqueued_ms: view.enqueued_ms,
+            topic: view.topic.to_string(),
+            payload: Bytes::copy_from_slice(view.payload),
         })
     }
 
@@ -62,6 +51,36 @@ impl Record {
             .get(1..9)
             .ok_or(CorruptRecord("shorter than its header"))?;
         Ok(u64::from_be_bytes(ts.try_into().expect("8 bytes")))
+    }
+}
+
+/// A record read in place, without copying (the forwarder's hot path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub enqueued_ms: u64,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
+impl<'a> RecordRef<'a> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, CorruptRecord> {
+        if bytes.len() < HEADER {
+            return Err(CorruptRecord("shorter than its header"));
+        }
+        if bytes[0] != VERSION {
+            return Err(CorruptRecord("unknown version"));
+        }
+        let enqueued_ms = Record::enqueued_ms_of(bytes)?;
+        let topic_len = u16::from_be_bytes([bytes[9], bytes[10]]) as usize;
+        let topic = bytes
+            .get(HEADER..HEADER + topic_len)
+            .ok_or(CorruptRecord("topic runs past the end"))?;
+        let topic = std::str::from_utf8(topic).map_err(|_| CorruptRecord("topic is not UTF-8"))?;
+        Ok(Self {
+            enqueued_ms,
+            topic,
+            payload: &bytes[HEADER + topic_len..],
+        })
     }
 }
 

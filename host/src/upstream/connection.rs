@@ -118,6 +118,12 @@ impl Connection {
         }
     }
 
+    /// Queues a QoS 1 PUBLISH, encoded straight from borrowed bytes (the
+    /// forwarder's hot path: no topic or payload copies).
+    pub fn send_publish(&mut self, topic: &str, payload: &[u8], pkid: u16) {
+        encode_publish_qos1(&mut self.write_buf, topic, payload, pkid);
+    }
+
     pub async fn flush(&mut self) -> Result<(), UpstreamError> {
         if !self.write_buf.is_empty() {
             self.io.write_all(&self.write_buf).await?;
@@ -146,6 +152,29 @@ impl Connection {
             Err(e) => Err(UpstreamError::Protocol(format!("{e:?}"))),
         }
     }
+}
+
+/// MQTT 3.1.1 PUBLISH, QoS 1, no DUP, no RETAIN.
+fn encode_publish_qos1(out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u16) {
+    use bytes::BufMut;
+    let mut remaining = 2 + topic.len() + 2 + payload.len();
+    out.reserve(5 + remaining);
+    out.put_u8(0x32);
+    loop {
+        let mut byte = (remaining % 128) as u8;
+        remaining /= 128;
+        if remaining > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if remaining == 0 {
+            break;
+        }
+    }
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic.as_bytes());
+    out.put_u16(pkid);
+    out.put_slice(payload);
 }
 
 /// Builds the rustls client config that trusts the PEM CAs in `ca_file`.
@@ -177,4 +206,29 @@ pub fn tls_config(
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hand_encoded_publish_reads_back_with_the_codec() {
+        for payload_len in [0usize, 5, 200, 20_000, 3_000_000] {
+            let payload = vec![7u8; payload_len];
+            let mut buf = BytesMut::new();
+            encode_publish_qos1(&mut buf, "devices/d1/messages/events/a=b", &payload, 4242);
+            match v4::Packet::read(&mut buf, usize::MAX).unwrap() {
+                v4::Packet::Publish(p) => {
+                    assert_eq!(p.topic, "devices/d1/messages/events/a=b");
+                    assert_eq!(p.pkid, 4242);
+                    assert_eq!(p.qos, m::QoS::AtLeastOnce);
+                    assert!(!p.dup && !p.retain);
+                    assert_eq!(&p.payload[..], &payload[..]);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(buf.is_empty());
+        }
+    }
 }

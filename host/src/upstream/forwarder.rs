@@ -10,7 +10,7 @@
 //! deliveries. While no upstream is reachable it sweeps expired messages off
 //! the head of the queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,10 @@ use crate::store::{self, Store};
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// How often expired messages are swept while offline.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Free window slots worth a store read.
+const REFILL_CHUNK: usize = 64;
+/// Acknowledged messages removed from the store in one batch.
+const REMOVE_CHUNK: u64 = 256;
 
 pub struct Forwarder {
     pub store: Store,
@@ -42,6 +46,111 @@ struct Slot {
     size: u64,
     /// Acknowledged upstream, or expired and never sent.
     done: bool,
+}
+
+/// The messages between the store's head and the next one to read: sent and
+/// awaiting acknowledgement, or done and awaiting removal from the store.
+struct Window {
+    /// Store key of `slots[0]`.
+    base: u64,
+    /// Next store key to read.
+    next: u64,
+    slots: VecDeque<Slot>,
+    /// Store key sent under each packet id (0: free); indexed by packet id.
+    by_pkid: Vec<u64>,
+    next_pkid: u16,
+    /// Done slots popped from the front but not yet removed from the store.
+    removable: u64,
+    removable_bytes: u64,
+}
+
+impl Window {
+    fn new(head: u64) -> Self {
+        Self {
+            base: head,
+            next: head,
+            slots: VecDeque::new(),
+            by_pkid: vec![0; 1 << 16],
+            next_pkid: 1,
+            removable: 0,
+            removable_bytes: 0,
+        }
+    }
+
+    /// Appends the message stored under `key`; `pkid` is `None` when it
+    /// is not sent (expired).
+    fn push(&mut self, key: u64, size: u64, pkid: Option<u16>) {
+        while self.next < key {
+            // A hole in the keys: nothing stored there to send.
+            self.slots.push_back(Slot {
+                size: 0,
+                done: true,
+            });
+            self.next += 1;
+        }
+        if let Some(pkid) = pkid {
+            self.by_pkid[pkid as usize] = key;
+        }
+        self.slots.push_back(Slot {
+            size,
+            done: pkid.is_none(),
+        });
+        self.next = key + 1;
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if self.by_pkid[id as usize] == 0 {
+                return id;
+            }
+        }
+    }
+
+    /// Marks the message sent under `pkid` as acknowledged.
+    fn ack(&mut self, pkid: u16) -> bool {
+        let key = std::mem::take(&mut self.by_pkid[pkid as usize]);
+        if key == 0 {
+            return false;
+        }
+        match self.slots.get_mut((key - self.base) as usize) {
+            Some(slot) => {
+                slot.done = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether enough of the window is free to be worth a store read. Pops
+    /// the done prefix first, so room freed by the last acks counts.
+    fn should_refill(&mut self, max_inflight: usize) -> bool {
+        self.pop_done();
+        let free = max_inflight.saturating_sub(self.slots.len());
+        self.slots.is_empty() || free >= REFILL_CHUNK.min(max_inflight)
+    }
+
+    /// Pops the done prefix of the window (to be removed from the store).
+    fn pop_done(&mut self) {
+        while self.slots.front().is_some_and(|s| s.done) {
+            self.removable_bytes += self.slots.pop_front().expect("front").size;
+            self.removable += 1;
+            self.base += 1;
+        }
+    }
+
+    /// Removes the popped prefix from the store: in chunks, as removal is a
+    /// batch of tombstones, or all of it when `all` or idle.
+    fn remove_popped(&mut self, store: &Store, all: bool) -> Result<(), store::StoreError> {
+        let idle = self.slots.is_empty();
+        if self.removable >= REMOVE_CHUNK || (self.removable > 0 && (all || idle)) {
+            store.remove_before(self.base, self.removable_bytes)?;
+            self.removable = 0;
+            self.removable_bytes = 0;
+        }
+        Ok(())
+    }
 }
 
 impl Forwarder {
@@ -102,77 +211,32 @@ impl Forwarder {
         mut conn: Connection,
         shutdown: &CancellationToken,
     ) -> Result<(), UpstreamError> {
-        let mut window: VecDeque<Slot> = VecDeque::new();
-        let mut base = self.store.head();
-        let mut next = base;
-        let mut by_pkid: HashMap<u16, u64> = HashMap::new();
-        let mut next_pkid: u16 = 1;
+        let mut window = Window::new(self.store.head());
+        let result = self.pump_window(&mut conn, &mut window, shutdown).await;
+        // What was acknowledged leaves the store even when the link failed,
+        // so a reconnect resends only what was not.
+        window.pop_done();
+        window.remove_popped(&self.store, true)?;
+        result
+    }
+
+    async fn pump_window(
+        &self,
+        conn: &mut Connection,
+        window: &mut Window,
+        shutdown: &CancellationToken,
+    ) -> Result<(), UpstreamError> {
         let mut tail = self.store.watch_tail();
         let keep_alive = Duration::from_secs(self.login.keep_alive.max(1) as u64);
         let mut ping_due = Instant::now() + keep_alive;
         let mut ping_outstanding = false;
         loop {
             tail.borrow_and_update();
-            // Fill the window from the store.
-            while window.len() < self.max_inflight && next < self.store.tail() {
-                let batch = self
-                    .store
-                    .read_from(next, self.max_inflight - window.len())?;
-                if batch.is_empty() {
-                    break;
-                }
-                let now = store::now_ms();
-                for stored in batch {
-                    while next < stored.key {
-                        window.push_back(Slot {
-                            size: 0,
-                            done: true,
-                        }); // a hole: nothing to send
-                        next += 1;
-                    }
-                    if now.saturating_sub(stored.record.enqueued_ms) > self.ttl_ms {
-                        self.metrics.expired(1);
-                        window.push_back(Slot {
-                            size: stored.size,
-                            done: true,
-                        });
-                    } else {
-                        let pkid = loop {
-                            let id = next_pkid;
-                            next_pkid = next_pkid.checked_add(1).unwrap_or(1);
-                            if !by_pkid.contains_key(&id) {
-                                break id;
-                            }
-                        };
-                        by_pkid.insert(pkid, stored.key);
-                        let mut publish =
-                            v4::Publish::new(stored.record.topic, QoS::AtLeastOnce, Vec::new());
-                        publish.payload = stored.record.payload;
-                        publish.pkid = pkid;
-                        conn.send(v4::Packet::Publish(publish));
-                        window.push_back(Slot {
-                            size: stored.size,
-                            done: false,
-                        });
-                    }
-                    next = stored.key + 1;
-                }
-            }
+            self.fill(conn, window)?;
             conn.flush().await?;
+            window.remove_popped(&self.store, false)?;
 
-            // Drop the acknowledged prefix from the store.
-            let mut removed = 0u64;
-            let mut bytes = 0u64;
-            while window.front().is_some_and(|s| s.done) {
-                bytes += window.pop_front().expect("front").size;
-                removed += 1;
-            }
-            if removed > 0 {
-                base += removed;
-                self.store.remove_before(base, bytes)?;
-            }
-
-            let room = window.len() < self.max_inflight;
+            let room = window.slots.len() < self.max_inflight;
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     conn.send(v4::Packet::Disconnect);
@@ -184,11 +248,8 @@ impl Forwarder {
                     while let Some(p) = packet {
                         match p {
                             v4::Packet::PubAck(ack) => {
-                                if let Some(key) = by_pkid.remove(&ack.pkid) {
-                                    if let Some(slot) = window.get_mut((key - base) as usize) {
-                                        slot.done = true;
-                                        self.metrics.forwarded(1);
-                                    }
+                                if window.ack(ack.pkid) {
+                                    self.metrics.forwarded(1);
                                 }
                             }
                             v4::Packet::PingResp => ping_outstanding = false,
@@ -213,6 +274,45 @@ impl Forwarder {
         }
     }
 
+    /// Reads stored messages into the window and queues their PUBLISHes, in
+    /// chunks: a range read has a fixed cost, so it waits until
+    /// `REFILL_CHUNK` slots are free (or the window is empty).
+    fn fill(&self, conn: &mut Connection, window: &mut Window) -> Result<(), UpstreamError> {
+        if !window.should_refill(self.max_inflight) {
+            return Ok(());
+        }
+        while window.slots.len() < self.max_inflight && window.next < self.store.tail() {
+            let batch = self
+                .store
+                .read_from(window.next, self.max_inflight - window.slots.len())?;
+            if batch.is_empty() {
+                break;
+            }
+            let now = store::now_ms();
+            for stored in batch {
+                let record = match stored.record() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Not sendable; skipping it keeps the rest flowing.
+                        tracing::error!(key = stored.key, error = %e, "dropping a corrupt queued message");
+                        self.metrics.dropped(1);
+                        window.push(stored.key, stored.size(), None);
+                        continue;
+                    }
+                };
+                if now.saturating_sub(record.enqueued_ms) > self.ttl_ms {
+                    self.metrics.expired(1);
+                    window.push(stored.key, stored.size(), None);
+                } else {
+                    let pkid = window.alloc_pkid();
+                    conn.send_publish(record.topic, record.payload, pkid);
+                    window.push(stored.key, stored.size(), Some(pkid));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the expired prefix of the queue; returns how many expired.
     fn sweep(&self) -> Result<u64, store::StoreError> {
         let mut total = 0;
@@ -223,11 +323,13 @@ impl Forwarder {
             let mut end = head;
             let mut bytes = 0;
             for s in &batch {
-                if now.saturating_sub(s.record.enqueued_ms) <= self.ttl_ms {
-                    break;
+                // A corrupt record stops the sweep; the forwarder reports it.
+                match s.record() {
+                    Ok(r) if now.saturating_sub(r.enqueued_ms) > self.ttl_ms => {}
+                    _ => break,
                 }
                 end = s.key + 1;
-                bytes += s.size;
+                bytes += s.size();
             }
             let n = end - head;
             if n == 0 {
@@ -239,6 +341,75 @@ impl Forwarder {
             if (n as usize) < batch.len() {
                 return Ok(total);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_out_of_order_release_only_the_contiguous_prefix() {
+        let mut w = Window::new(10);
+        let pkids: Vec<u16> = (10..15)
+            .map(|key| {
+                let id = w.alloc_pkid();
+                w.push(key, 100, Some(id));
+                id
+            })
+            .collect();
+        assert!(w.ack(pkids[1]) && w.ack(pkids[2]));
+        w.pop_done();
+        assert_eq!(
+            (w.base, w.slots.len()),
+            (10, 5),
+            "key 10 is still unacknowledged"
+        );
+        assert!(w.ack(pkids[0]));
+        w.pop_done();
+        assert_eq!(
+            (w.base, w.slots.len(), w.removable, w.removable_bytes),
+            (13, 2, 3, 300)
+        );
+        assert!(!w.ack(pkids[0]), "a repeated ack is ignored");
+    }
+
+    #[test]
+    fn a_window_whose_every_message_is_acknowledged_asks_for_more() {
+        // Regression: room freed by the last acknowledgements must count,
+        // or the forwarder waits for acks that will never come.
+        let mut w = Window::new(1);
+        let ids: Vec<u16> = (1..=256)
+            .map(|k| {
+                let id = w.alloc_pkid();
+                w.push(k, 1, Some(id));
+                id
+            })
+            .collect();
+        assert!(
+            !w.should_refill(256 + 10),
+            "10 free slots are not worth a read"
+        );
+        for id in ids {
+            w.ack(id);
+        }
+        assert!(w.should_refill(256 + 10));
+        assert!(w.slots.is_empty());
+        assert_eq!(w.next, 257);
+    }
+
+    #[test]
+    fn packet_ids_in_flight_are_not_reused() {
+        let mut w = Window::new(1);
+        let first = w.alloc_pkid();
+        w.push(1, 1, Some(first));
+        for k in 2..70_000u64 {
+            let id = w.alloc_pkid();
+            assert_ne!(id, first);
+            assert_ne!(id, 0);
+            w.push(k, 1, Some(id));
+            w.ack(id);
         }
     }
 }
