@@ -63,9 +63,9 @@ struct Args {
     /// its whole in-memory store to disk; its default is 1800).
     #[arg(long, default_value_t = 1)]
     bridge_autosave: u32,
-    /// Bridge `max_inflight_messages` (0 = unlimited); 256 matches edgehub's
+    /// Bridge `max_inflight_messages` (0 = unlimited); 1000 matches edgehub's
     /// default `upstream.max_inflight`.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1000)]
     bridge_inflight: u32,
     /// Run every system this many times (interleaved) and report medians.
     #[arg(long, default_value_t = 1)]

@@ -43,6 +43,20 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub store: StoreConfig,
     pub mqtt: MqttConfig,
+    pub tls: TlsConfig,
+    pub auth: crate::auth::AuthConfig,
+}
+
+/// The MQTT-over-TLS listener (section `[tls]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// `listen`: TLS listener addresses (the IoT Hub device SDKs use 8883).
+    pub listen: Vec<SocketAddr>,
+    /// `cert_file`: PEM server certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// `key_file`: PEM private key of the server certificate.
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +115,8 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             store: StoreConfig::default(),
             mqtt: MqttConfig::default(),
+            tls: TlsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -113,7 +129,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             username: None,
             password: None,
-            max_inflight: 256,
+            max_inflight: 1000,
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
         }
@@ -236,6 +252,14 @@ impl Config {
         }
         if self.upstream.max_inflight == 0 || self.upstream.max_inflight > 32_768 {
             return bad("upstream.max_inflight must be within 1..=32768".into());
+        }
+        if !self.tls.listen.is_empty()
+            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
+        {
+            return bad("tls.listen needs tls.cert_file and tls.key_file".into());
+        }
+        if self.store.ttl_secs == 0 {
+            return bad("store.ttl_secs must be at least 1".into());
         }
         if self.store.max_batch == 0 {
             return bad("store.max_batch must be at least 1".into());

@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Auth, CacheError};
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
-use crate::mqtt::{broker, listener, session::SessionContext};
+use crate::mqtt::{broker, listener, session::SessionContext, tls};
 use crate::routing::Router;
 use crate::store::{self, Store};
 use crate::upstream::{self, Forwarder, Login};
@@ -34,6 +37,10 @@ pub enum HubError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Upstream(#[from] upstream::UpstreamError),
+    #[error(transparent)]
+    Auth(#[from] CacheError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Runs the hub until `shutdown` is cancelled, then stops every task.
@@ -53,6 +60,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     tracing::info!(storage = %config.storage.display(), depth = stats.depth, bytes = stats.bytes, "store opened");
 
     let metrics = Arc::new(Metrics::default());
+    let auth = Arc::new(Auth::open(
+        &config.edge_id,
+        &config.storage,
+        config.auth.clone(),
+        metrics.clone(),
+    )?);
+    let tls_acceptor = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert), Some(key)) if !config.tls.listen.is_empty() => {
+            Some(TlsAcceptor::from(tls::server_config(cert, key)?))
+        }
+        _ => None,
+    };
     let tasks = TaskTracker::new();
     let (appender, writer) = store::writer::spawn(
         store.clone(),
@@ -62,6 +81,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     let (broker, broker_task) = broker::spawn(config.mqtt.offline_queue, metrics.clone());
     let router = Router::new(config.mqtt.forward_topics.clone(), appender, broker.clone());
     let ctx = Arc::new(SessionContext {
+        auth: auth.clone(),
         router,
         broker,
         metrics: metrics.clone(),
@@ -69,18 +89,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         next_conn_id: AtomicU64::new(1),
     });
 
-    for addr in &config.listen {
+    let limit = Arc::new(Semaphore::new(config.mqtt.max_connections));
+    let plain = config.listen.iter().map(|a| (a, None));
+    let secure = config.tls.listen.iter().map(|a| (a, tls_acceptor.clone()));
+    for (addr, tls) in plain.chain(secure) {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| HubError::Bind {
                 addr: addr.to_string(),
                 source,
             })?;
-        tracing::info!(addr = %l.local_addr().unwrap_or(*addr), "MQTT listener ready");
+        let kind = if tls.is_some() {
+            "MQTT over TLS"
+        } else {
+            "MQTT"
+        };
+        tracing::info!(addr = %l.local_addr().unwrap_or(*addr), kind, "listener ready");
         tasks.spawn(listener::run(
             l,
+            tls,
             ctx.clone(),
-            config.mqtt.max_connections,
+            limit.clone(),
             shutdown.clone(),
         ));
     }
@@ -97,6 +126,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             shutdown.clone(),
         ));
     }
+    let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(64);
+    tasks.spawn(upstream::sync::run(
+        inbound_rx,
+        auth.clone(),
+        shutdown.clone(),
+    ));
     let forwarder = Forwarder {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -111,6 +146,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         max_inflight: config.upstream.max_inflight,
         ttl_ms: config.store.ttl_secs.saturating_mul(1000),
         max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
+        subscriptions: upstream::sync::subscriptions(&config.edge_id),
+        inbound: inbound_tx,
     };
     tasks.spawn(forwarder.run(shutdown.clone()));
     tasks.spawn(write_status(

@@ -2,9 +2,12 @@
 //!
 //! Data flows one way: `mqtt` (listener, sessions) -> `routing` -> `store`
 //! (durable queue) -> `upstream` (forwarder to the cloud broker), with
-//! `mqtt::broker` for local publish/subscribe. `hub` wires them together and
-//! owns start-up and shutdown; `config` and `metrics` serve them all.
+//! `mqtt::broker` for local publish/subscribe. `auth` decides who sessions
+//! are and what they may do, from the device scope that `upstream::sync`
+//! receives. `hub` wires them together and owns start-up and shutdown;
+//! `config` and `metrics` serve them all.
 
+pub mod auth;
 pub mod config;
 pub mod hub;
 pub mod metrics;

@@ -100,6 +100,24 @@ struct RunArgs {
     /// A topic filter whose plain topics also go upstream (repeatable).
     #[arg(long = "forward-topic")]
     forward_topics: Vec<String>,
+    /// MQTT-over-TLS listener address (repeatable), e.g. 0.0.0.0:8883.
+    #[arg(long, env = "EDGEHUB_TLS_LISTEN", value_delimiter = ',')]
+    tls_listen: Vec<SocketAddr>,
+    /// PEM server certificate chain of the TLS listener.
+    #[arg(long, env = "EDGEHUB_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener.
+    #[arg(long, env = "EDGEHUB_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// A cloud hub host name accepted in usernames and SAS tokens (repeatable; default: any).
+    #[arg(long = "hub-name", env = "EDGEHUB_HUB_NAMES", value_delimiter = ',')]
+    hub_names: Vec<String>,
+    /// Let clients without credentials connect once a device scope exists (plain topics only).
+    #[arg(long)]
+    allow_anonymous: bool,
+    /// File with the key that encrypts the scope cache (default: <storage>.key, created on first start).
+    #[arg(long, env = "EDGEHUB_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -130,6 +148,16 @@ impl RunArgs {
         set(&mut c.store.max_queue_bytes, self.max_queue_bytes);
         set(&mut c.mqtt.max_message_bytes, self.max_message_bytes);
         c.mqtt.forward_topics.extend(self.forward_topics);
+        if !self.tls_listen.is_empty() {
+            c.tls.listen = self.tls_listen;
+        }
+        set(&mut c.tls.cert_file, self.tls_cert.map(Some));
+        set(&mut c.tls.key_file, self.tls_key.map(Some));
+        if !self.hub_names.is_empty() {
+            c.auth.hub_names = self.hub_names;
+        }
+        c.auth.allow_anonymous |= self.allow_anonymous;
+        set(&mut c.auth.master_key_file, self.master_key_file.map(Some));
         c.validate().context("invalid settings")?;
         Ok(c)
     }
@@ -153,20 +181,30 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     match cli.command {
         Command::Run(args) => run(args.into_config()?),
         Command::CheckConfig { file } => check_config(&file),
         Command::Queue {
             command: QueueCommand::Stats { storage, json },
         } => queue_stats(storage.unwrap_or_else(|| Config::default().storage), json),
+    }
+}
+
+/// Logs go to stderr: human-readable by default, one JSON object per line
+/// with `EDGEHUB_LOG_FORMAT=json`; levels from `RUST_LOG`.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("EDGEHUB_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
 }
 

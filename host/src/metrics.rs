@@ -24,6 +24,8 @@ pub struct Metrics {
     dropped: AtomicU64,
     refused: AtomicU64,
     upstream_connected: AtomicI64,
+    scope_identities: AtomicI64,
+    auth_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -45,6 +47,12 @@ impl Metrics {
     pub fn refused(&self, n: u64) {
         self.refused.fetch_add(n, Ordering::Relaxed);
     }
+    pub fn set_scope_identities(&self, n: usize) {
+        self.scope_identities.store(n as i64, Ordering::Relaxed);
+    }
+    pub fn auth_refused(&self, n: u64) {
+        self.auth_refused.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn set_upstream_connected(&self, up: bool) {
         self.upstream_connected.store(up as i64, Ordering::Relaxed);
     }
@@ -57,7 +65,7 @@ impl Metrics {
             .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
             .unwrap_or(0.0);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 10] = [
+        let rows: [(&str, &str, &str, String); 12] = [
             ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
             ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
             ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
@@ -68,6 +76,8 @@ impl Metrics {
             ("edgehub_messages_dropped_total", "counter", "Messages dropped: QoS 0 refused by a full store, slow local subscribers, full offline queues.", load(&self.dropped).to_string()),
             ("edgehub_messages_refused_total", "counter", "Publishes refused because the storage quota was full.", load(&self.refused).to_string()),
             ("edgehub_upstream_connected", "gauge", "1 while connected to the upstream broker.", self.upstream_connected.load(Ordering::Relaxed).to_string()),
+            ("edgehub_scope_identities", "gauge", "Identities in the device scope (0: no scope yet).", self.scope_identities.load(Ordering::Relaxed).to_string()),
+            ("edgehub_auth_refused_total", "counter", "Connections refused by authentication.", load(&self.auth_refused).to_string()),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {

@@ -94,9 +94,17 @@ pub enum ConnAckCode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PubReason {
     Success,
+    NotAuthorized,
     QuotaExceeded,
     TopicNameInvalid,
     UnspecifiedError,
+}
+
+/// Why a subscription filter is refused (v5 says which; 3.1.1 says 0x80).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubRefusal {
+    InvalidFilter,
+    NotAuthorized,
 }
 
 /// Reason for a server-sent DISCONNECT (v5 only; 3.1.1 just closes).
@@ -104,6 +112,7 @@ pub enum PubReason {
 pub enum DisconnectReason {
     MalformedPacket,
     ProtocolError,
+    NotAuthorized,
     PacketTooLarge,
     QuotaExceeded,
     KeepAliveTimeout,
@@ -132,7 +141,8 @@ pub enum Outbound {
     /// Granted QoS per filter, `None` for a refused filter.
     SubAck {
         pkid: u16,
-        granted: Vec<Option<u8>>,
+        /// Granted QoS per filter, or why it was refused.
+        granted: Vec<Result<u8, SubRefusal>>,
     },
     UnsubAck {
         pkid: u16,
@@ -433,8 +443,8 @@ fn to_v4(p: Outbound) -> Option<v4::Packet> {
             granted
                 .into_iter()
                 .map(|g| match g {
-                    Some(q) => v4::SubscribeReasonCode::Success(qos_v4(q)),
-                    None => v4::SubscribeReasonCode::Failure,
+                    Ok(q) => v4::SubscribeReasonCode::Success(qos_v4(q)),
+                    Err(_) => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
         )),
@@ -495,6 +505,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             pkid,
             reason: match reason {
                 PubReason::Success => v5::PubAckReason::Success,
+                PubReason::NotAuthorized => v5::PubAckReason::NotAuthorized,
                 PubReason::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
                 PubReason::TopicNameInvalid => v5::PubAckReason::TopicNameInvalid,
                 PubReason::UnspecifiedError => v5::PubAckReason::UnspecifiedError,
@@ -505,6 +516,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             pkid,
             reason: match reason {
                 PubReason::Success => v5::PubRecReason::Success,
+                PubReason::NotAuthorized => v5::PubRecReason::NotAuthorized,
                 PubReason::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
                 PubReason::TopicNameInvalid => v5::PubRecReason::TopicNameInvalid,
                 PubReason::UnspecifiedError => v5::PubRecReason::UnspecifiedError,
@@ -526,8 +538,9 @@ fn to_v5(p: Outbound) -> v5::Packet {
             return_codes: granted
                 .into_iter()
                 .map(|g| match g {
-                    Some(q) => v5::SubscribeReasonCode::Success(qos_v5(q)),
-                    None => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    Ok(q) => v5::SubscribeReasonCode::Success(qos_v5(q)),
+                    Err(SubRefusal::InvalidFilter) => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    Err(SubRefusal::NotAuthorized) => v5::SubscribeReasonCode::NotAuthorized,
                 })
                 .collect(),
             properties: None,
@@ -542,6 +555,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
             reason_code: match reason {
                 DisconnectReason::MalformedPacket => v5::DisconnectReasonCode::MalformedPacket,
                 DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                DisconnectReason::NotAuthorized => v5::DisconnectReasonCode::NotAuthorized,
                 DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
                 DisconnectReason::QuotaExceeded => v5::DisconnectReasonCode::QuotaExceeded,
                 DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,

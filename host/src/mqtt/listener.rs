@@ -1,22 +1,28 @@
-//! The accept loop: one task per connection, capped, stopped by the shutdown
-//! token and awaited before the hub exits.
+//! The accept loop: one task per connection (after the TLS handshake on a
+//! TLS listener), capped, stopped by the shutdown token and awaited before
+//! the hub exits.
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::session::{self, SessionContext};
 
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Accepts connections on `listener` (TLS ones when `tls` is set), at
+/// most as many at once as `limit` has permits (shared by all listeners).
 pub async fn run(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     ctx: Arc<SessionContext>,
-    max_connections: usize,
+    limit: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(max_connections));
     let sessions = TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -37,8 +43,19 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         sessions.spawn(async move {
-            session::serve(socket, peer.to_string(), ctx, shutdown).await;
+            let peer = peer.to_string();
+            match tls {
+                None => session::serve(socket, peer, ctx, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                        Ok(Ok(stream)) => session::serve(stream, peer, ctx, shutdown).await,
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }

@@ -2,11 +2,13 @@
 //!
 //! Layout: `codec` (wire format, v3.1.1 and v5), `topic` (names, filters,
 //! matching), `dialect` (IoT Hub topic forms), `listener` (accept loop),
-//! `session` (one connection), `broker` (local pub/sub state).
+//! `session` (one connection), `broker` (local pub/sub state), `tls` (server
+//! certificates).
 
 pub mod broker;
 pub mod codec;
 pub mod dialect;
 pub mod listener;
 pub mod session;
+pub mod tls;
 pub mod topic;

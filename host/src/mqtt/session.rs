@@ -21,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 use super::broker::{BrokerHandle, OUTBOX};
 use super::codec::{
     self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol,
-    PubReason, Publish,
+    PubReason, Publish, SubRefusal,
 };
 use super::topic;
+use crate::auth::{authz, Auth, Principal, Refusal, Scope};
 use crate::metrics::Metrics;
 use crate::routing::{Durable, Router};
 use crate::store::AppendError;
@@ -35,6 +36,7 @@ const MAX_OUTGOING_INFLIGHT: usize = 256;
 
 /// What every session shares.
 pub struct SessionContext {
+    pub auth: Arc<Auth>,
     pub router: Router,
     pub broker: BrokerHandle,
     pub metrics: Arc<Metrics>,
@@ -46,6 +48,8 @@ pub struct SessionContext {
 enum SessionEnd {
     #[error("client disconnected")]
     Disconnect,
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
     #[error("connection closed by the client")]
     Closed,
     #[error("keepalive expired")]
@@ -72,6 +76,8 @@ struct Ack {
     pkid: u16,
     qos: u8,
     stored: bool,
+    /// Refused by authorization (MQTT 5: reason 0x87).
+    denied: bool,
 }
 
 /// Acks of one routed batch, released together once `durable` resolves.
@@ -141,6 +147,7 @@ pub async fn serve<S>(
 fn disconnect_reason(end: &SessionEnd) -> Option<DisconnectReason> {
     Some(match end {
         SessionEnd::KeepAlive => DisconnectReason::KeepAliveTimeout,
+        SessionEnd::NotAuthorized(_) => DisconnectReason::NotAuthorized,
         SessionEnd::TakenOver => DisconnectReason::SessionTakenOver,
         SessionEnd::Shutdown => DisconnectReason::ServerShuttingDown,
         SessionEnd::Quota(_) => DisconnectReason::QuotaExceeded,
@@ -172,6 +179,9 @@ async fn read_connect<S: AsyncRead + Unpin>(
 
 struct Session {
     client_id: String,
+    /// Who this session acts for; checked again whenever the scope changes.
+    principal: Principal,
+    scope: tokio::sync::watch::Receiver<Option<Arc<Scope>>>,
     conn_id: u64,
     codec: codec::Codec,
     keep_alive: Option<Duration>,
@@ -230,9 +240,32 @@ impl Session {
         } else {
             connect.client_id.clone()
         };
+        let principal = match ctx.auth.authenticate(
+            &client_id,
+            connect.username.as_deref(),
+            connect.password.as_deref(),
+        ) {
+            Ok(p) => p,
+            Err(refusal) => {
+                let (code, why) = match &refusal {
+                    Refusal::BadCredentials(why) => (ConnAckCode::BadCredentials, why),
+                    Refusal::NotAuthorized(why) => (ConnAckCode::NotAuthorized, why),
+                };
+                refuse(code, why, &mut out);
+                let _ = stream.write_all(&out).await;
+                return None;
+            }
+        };
         if let Some(w) = &connect.will {
-            if !topic::valid_name(&w.topic) {
-                refuse(ConnAckCode::NotAuthorized, "invalid will topic", &mut out);
+            let why = if !topic::valid_name(&w.topic) {
+                Some("invalid will topic")
+            } else if !authz::may_publish(&principal, ctx.auth.edge_id(), &w.topic) {
+                Some("will topic not allowed for this client")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                refuse(ConnAckCode::NotAuthorized, why, &mut out);
                 let _ = stream.write_all(&out).await;
                 return None;
             }
@@ -256,6 +289,8 @@ impl Session {
             .await?;
         let mut session = Session {
             client_id,
+            principal,
+            scope: ctx.auth.watch(),
             conn_id,
             codec,
             keep_alive: (connect.keep_alive > 0)
@@ -313,6 +348,13 @@ impl Session {
             let step: Result<(), SessionEnd> = tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 _ = self.kick.cancelled() => return SessionEnd::TakenOver,
+                Ok(()) = self.scope.changed() => {
+                    let scope = self.scope.borrow_and_update().clone();
+                    match self.ctx.auth.still_allowed(&self.principal, scope.as_deref()) {
+                        Ok(()) => Ok(()),
+                        Err(why) => Err(SessionEnd::NotAuthorized(why)),
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => return SessionEnd::KeepAlive,
                 outcome = async { self.pending.front_mut().unwrap().durable.as_mut().unwrap().await }, if awaiting_store => {
                     let front = self.pending.front_mut().unwrap();
@@ -408,7 +450,25 @@ impl Session {
                 pkid: p.pkid,
                 qos: 2,
                 stored: false,
+                denied: false,
             });
+            return Ok(());
+        }
+        if !authz::may_publish(&self.principal, self.ctx.auth.edge_id(), &p.topic) {
+            tracing::warn!(client = %self.client_id, topic = %p.topic, "publish refused: not authorized");
+            if self.codec.protocol == Protocol::V4 {
+                // 3.1.1 has no negative PUBACK: close, as the spec allows.
+                return Err(SessionEnd::NotAuthorized(format!("publish to {}", p.topic)));
+            }
+            if p.qos > 0 {
+                self.qos2_received.remove(&p.pkid);
+                acks.push(Ack {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    stored: false,
+                    denied: true,
+                });
+            }
             return Ok(());
         }
         let stored = self.ctx.router.upstream_bound(&p.topic);
@@ -417,6 +477,7 @@ impl Session {
                 pkid: p.pkid,
                 qos: p.qos,
                 stored,
+                denied: false,
             });
         }
         if stored {
@@ -475,6 +536,7 @@ impl Session {
             };
             for ack in front.acks {
                 let reason = match (&refused, ack.stored) {
+                    _ if ack.denied => PubReason::NotAuthorized,
                     (Some(AppendError::QuotaExceeded { .. }), true) => PubReason::QuotaExceeded,
                     (Some(_), true) => PubReason::UnspecifiedError,
                     _ => PubReason::Success,
@@ -527,14 +589,21 @@ impl Session {
                 let mut granted = Vec::with_capacity(filters.len());
                 let mut accepted = Vec::new();
                 for (filter, qos) in filters {
-                    if topic::valid_filter(&filter) && !filter.starts_with("$share/") {
+                    if !topic::valid_filter(&filter) || filter.starts_with("$share/") {
+                        tracing::warn!(client = %self.client_id, %filter, "subscription refused: invalid filter");
+                        granted.push(Err(SubRefusal::InvalidFilter));
+                    } else if !authz::may_subscribe(
+                        &self.principal,
+                        self.ctx.auth.edge_id(),
+                        &filter,
+                    ) {
+                        tracing::warn!(client = %self.client_id, %filter, "subscription refused: not authorized");
+                        granted.push(Err(SubRefusal::NotAuthorized));
+                    } else {
                         // Deliveries are at most QoS 1: granting less is allowed.
                         let q = qos.min(1);
-                        granted.push(Some(q));
+                        granted.push(Ok(q));
                         accepted.push((filter, q));
-                    } else {
-                        tracing::warn!(client = %self.client_id, %filter, "subscription refused: invalid filter");
-                        granted.push(None);
                     }
                 }
                 self.codec

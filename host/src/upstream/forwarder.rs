@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::mqttbytes::{v4, QoS};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +28,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// How often expired messages are swept while offline.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Free window slots worth a store read.
-const REFILL_CHUNK: usize = 64;
+const REFILL_CHUNK: usize = 4;
 /// Acknowledged messages removed from the store in one batch.
 const REMOVE_CHUNK: u64 = 256;
 
@@ -39,6 +40,17 @@ pub struct Forwarder {
     pub max_inflight: usize,
     pub ttl_ms: u64,
     pub max_backoff: Duration,
+    /// Cloud topics subscribed to on every connection (the device scope).
+    pub subscriptions: Vec<String>,
+    /// Where publishes from the cloud go (see `sync`).
+    pub inbound: mpsc::Sender<CloudMessage>,
+}
+
+/// A publish received from the upstream broker.
+#[derive(Debug, Clone)]
+pub struct CloudMessage {
+    pub topic: String,
+    pub payload: bytes::Bytes,
 }
 
 /// One stored message in the send window.
@@ -96,6 +108,14 @@ impl Window {
             done: pkid.is_none(),
         });
         self.next = key + 1;
+    }
+
+    /// A packet id for something other than a stored message (never freed
+    /// on this connection).
+    fn reserve_pkid(&mut self) -> u16 {
+        let id = self.alloc_pkid();
+        self.by_pkid[id as usize] = u64::MAX;
+        id
     }
 
     fn alloc_pkid(&mut self) -> u16 {
@@ -230,6 +250,16 @@ impl Forwarder {
         let keep_alive = Duration::from_secs(self.login.keep_alive.max(1) as u64);
         let mut ping_due = Instant::now() + keep_alive;
         let mut ping_outstanding = false;
+        if !self.subscriptions.is_empty() {
+            let filters: Vec<v4::SubscribeFilter> = self
+                .subscriptions
+                .iter()
+                .map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
+                .collect();
+            let mut subscribe = v4::Subscribe::new_many(filters);
+            subscribe.pkid = window.reserve_pkid();
+            conn.send(v4::Packet::Subscribe(subscribe));
+        }
         loop {
             tail.borrow_and_update();
             self.fill(conn, window)?;
@@ -253,8 +283,21 @@ impl Forwarder {
                                 }
                             }
                             v4::Packet::PingResp => ping_outstanding = false,
-                            v4::Packet::Publish(p) if p.qos == QoS::AtLeastOnce => {
-                                conn.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
+                            v4::Packet::Publish(p) => {
+                                if p.qos == QoS::AtLeastOnce {
+                                    conn.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
+                                }
+                                let msg = CloudMessage { topic: p.topic, payload: p.payload };
+                                if let Err(e) = self.inbound.try_send(msg) {
+                                    tracing::warn!(topic = %e.into_inner().topic, "cloud message dropped: the sync task is behind");
+                                }
+                            }
+                            v4::Packet::SubAck(ack) => {
+                                for (filter, code) in self.subscriptions.iter().zip(&ack.return_codes) {
+                                    if matches!(code, v4::SubscribeReasonCode::Failure) {
+                                        tracing::error!(%filter, "upstream refused the subscription");
+                                    }
+                                }
                             }
                             other => tracing::debug!(packet = ?other, "ignored upstream packet"),
                         }
@@ -388,13 +431,13 @@ mod tests {
             })
             .collect();
         assert!(
-            !w.should_refill(256 + 10),
-            "10 free slots are not worth a read"
+            !w.should_refill(256 + REFILL_CHUNK - 1),
+            "fewer free slots than a chunk are not worth a read"
         );
         for id in ids {
             w.ack(id);
         }
-        assert!(w.should_refill(256 + 10));
+        assert!(w.should_refill(256 + REFILL_CHUNK - 1));
         assert!(w.slots.is_empty());
         assert_eq!(w.next, 257);
     }

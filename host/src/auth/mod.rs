@@ -1,0 +1,435 @@
+//! Offline authentication and authorization of downstream clients.
+//!
+//! Owns the device scope (the identities this hub may authenticate, synced
+//! from the cloud and cached encrypted under the storage folder) and the
+//! decisions made with it: who a connecting client is ([`Auth::authenticate`]),
+//! whether a session is still allowed after a re-sync, and what a client may
+//! publish and subscribe to ([`authz`]). It does not talk to the cloud (the
+//! upstream sync hands it documents) nor to sockets.
+//!
+//! Layout: `sas` (usernames, SAS tokens), `scope` (the document and its
+//! rules), `cache` (encrypted persistence, master key), `authz` (topic rules).
+
+pub mod authz;
+pub mod cache;
+pub mod sas;
+pub mod scope;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+pub use cache::{CacheError, ScopeCache};
+pub use scope::{Credentials, Scope, ScopeError};
+
+/// A device, or a module of this edge device.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub device_id: String,
+    pub module_id: Option<String>,
+}
+
+impl Identity {
+    /// `{deviceId}` or `{deviceId}/{moduleId}`: the MQTT client id it uses.
+    pub fn client_id(&self) -> String {
+        match &self.module_id {
+            Some(m) => format!("{}/{m}", self.device_id),
+            None => self.device_id.clone(),
+        }
+    }
+}
+
+/// Plain topics an identity may use besides its own (config `auth.grants`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grant {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// Who a session acts for.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// No scope has been synced yet: everything is open, as a plain broker.
+    Open,
+    /// No credentials, allowed by config: plain topics only.
+    Anonymous,
+    /// An identity from the scope, with its grants.
+    Identity(Identity, Grant),
+}
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Credentials present but wrong: CONNACK "bad user name or password".
+    BadCredentials(String),
+    /// Not allowed at all: CONNACK "not authorized".
+    NotAuthorized(String),
+}
+
+/// Settings of this module (config section `[auth]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `hub_names`: cloud hub host names accepted in usernames and tokens;
+    /// empty accepts any.
+    pub hub_names: Vec<String>,
+    /// `allow_anonymous`: credential-less clients once a scope exists.
+    pub allow_anonymous: bool,
+    /// `master_key_file`: key encrypting the scope cache (default `<storage>.key`).
+    pub master_key_file: Option<PathBuf>,
+    /// `grants`: plain topics per client id (`device` or `device/module`).
+    pub grants: HashMap<String, Grant>,
+}
+
+pub struct Auth {
+    edge_id: String,
+    config: AuthConfig,
+    cache: ScopeCache,
+    scope: watch::Sender<Option<Arc<Scope>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Auth {
+    /// Opens the scope cache (see [`cache`]) and loads the last scope.
+    pub fn open(
+        edge_id: &str,
+        storage: &std::path::Path,
+        config: AuthConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, CacheError> {
+        let cache = ScopeCache::open(storage, config.master_key_file.as_deref())?;
+        let scope = match cache.load()? {
+            Some(doc) => match Scope::parse(edge_id, &doc) {
+                Ok((scope, _)) => {
+                    tracing::info!(
+                        identities = scope.identities.len(),
+                        version = scope.version,
+                        "device scope loaded from the cache"
+                    );
+                    Some(Arc::new(scope))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cached device scope is unreadable; waiting for a new one from the cloud");
+                    None
+                }
+            },
+            None => None,
+        };
+        metrics.set_scope_identities(scope.as_ref().map_or(0, |s| s.identities.len()));
+        let (scope, _) = watch::channel(scope);
+        Ok(Self {
+            edge_id: edge_id.to_string(),
+            config,
+            cache,
+            scope,
+            metrics,
+        })
+    }
+
+    pub fn edge_id(&self) -> &str {
+        &self.edge_id
+    }
+
+    /// Changes whenever a new scope is applied.
+    pub fn watch(&self) -> watch::Receiver<Option<Arc<Scope>>> {
+        self.scope.subscribe()
+    }
+
+    /// Validates, caches and applies a scope document from the cloud. A
+    /// document that does not parse leaves the current scope in place.
+    pub fn apply(&self, doc: &[u8]) -> Result<usize, ScopeError> {
+        let (scope, rejected) = Scope::parse(&self.edge_id, doc)?;
+        for why in &rejected {
+            tracing::warn!(reason = %why, "identity left out of the device scope");
+        }
+        if let Err(e) = self.cache.save(doc) {
+            tracing::error!(error = %e, "cannot cache the device scope; it applies until a restart");
+        }
+        let n = scope.identities.len();
+        tracing::info!(
+            identities = n,
+            rejected = rejected.len(),
+            version = scope.version,
+            "device scope applied"
+        );
+        self.metrics.set_scope_identities(n);
+        self.scope.send_replace(Some(Arc::new(scope)));
+        Ok(n)
+    }
+
+    /// Decides who a connecting client is.
+    pub fn authenticate(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Principal, Refusal> {
+        let result = self.check(client_id, username, password);
+        if result.is_err() {
+            self.metrics.auth_refused(1);
+        }
+        result
+    }
+
+    fn check(
+        &self,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Principal, Refusal> {
+        let scope = self.scope.borrow().clone();
+        let Some(scope) = scope else {
+            return Ok(Principal::Open);
+        };
+        let Some(username) = username else {
+            return if self.config.allow_anonymous {
+                Ok(Principal::Anonymous)
+            } else {
+                Err(Refusal::NotAuthorized(
+                    "no credentials, and anonymous clients are not allowed once a device scope exists".into(),
+                ))
+            };
+        };
+        let bad = |m: String| Err(Refusal::BadCredentials(m));
+        let Some(user) = sas::parse_username(username) else {
+            return bad("username is not {hub}/{deviceId}[/{moduleId}]/?api-version=…".into());
+        };
+        if !self.config.hub_names.is_empty()
+            && !self
+                .config
+                .hub_names
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(&user.hub))
+        {
+            return Err(Refusal::NotAuthorized(format!(
+                "hub name {} is not one this edge serves",
+                user.hub
+            )));
+        }
+        let identity = Identity {
+            device_id: user.device_id.clone(),
+            module_id: user.module_id.clone(),
+        };
+        let name = identity.client_id();
+        if client_id != name {
+            return Err(Refusal::NotAuthorized(format!(
+                "client id {client_id:?} is not the username's identity {name:?}"
+            )));
+        }
+        let Some((_, credentials)) = scope.get(&name) else {
+            return Err(Refusal::NotAuthorized(format!(
+                "{name} is not in the device scope"
+            )));
+        };
+        match credentials {
+            Credentials::Sas(keys) => {
+                let Some(password) = password else {
+                    return bad("no SAS token".into());
+                };
+                let token = match sas::parse_token(password) {
+                    Ok(t) => t,
+                    Err(e) => return bad(e.to_string()),
+                };
+                let resource = match &identity.module_id {
+                    Some(m) => format!("{}/devices/{}/modules/{m}", user.hub, identity.device_id),
+                    None => format!("{}/devices/{}", user.hub, identity.device_id),
+                };
+                if !token.resource.eq_ignore_ascii_case(&resource) {
+                    return bad(format!("token is for {}, not {resource}", token.resource));
+                }
+                let now = crate::store::now_ms() / 1000;
+                if token.expiry < now {
+                    return bad(format!("token expired {} s ago", now - token.expiry));
+                }
+                if !keys.iter().any(|k| sas::verify(&token, k)) {
+                    return bad("signature does not match the identity's keys".into());
+                }
+            }
+            Credentials::Thumbprints(_) | Credentials::Ca => {
+                return bad("X.509 identities authenticate with a TLS client certificate, which this listener did not get".into());
+            }
+        }
+        let grant = self.config.grants.get(&name).cloned().unwrap_or_default();
+        Ok(Principal::Identity(identity, grant))
+    }
+
+    /// Whether a session may go on under `scope` (after a re-sync): removed
+    /// identities, and open sessions once a scope exists, may not.
+    pub fn still_allowed(
+        &self,
+        principal: &Principal,
+        scope: Option<&Scope>,
+    ) -> Result<(), String> {
+        match (principal, scope) {
+            (Principal::Identity(id, _), Some(scope)) if scope.get(&id.client_id()).is_none() => {
+                Err(format!(
+                    "{} was removed from the device scope",
+                    id.client_id()
+                ))
+            }
+            (Principal::Open, Some(_)) if !self.config.allow_anonymous => {
+                Err("a device scope now exists and this client has no credentials".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn auth(dir: &std::path::Path, config: AuthConfig) -> Auth {
+        Auth::open("edge", dir, config, Arc::new(Metrics::default())).unwrap()
+    }
+
+    fn scope_doc(key: &[u8]) -> Vec<u8> {
+        let k = base64::engine::general_purpose::STANDARD.encode(key);
+        format!(r#"{{"version":1,"identities":[
+            {{"deviceId":"d1","parent":"edge","auth":{{"type":"sas","primaryKey":"{k}","secondaryKey":"c2Vjb25k"}}}},
+            {{"deviceId":"edge","moduleId":"m1","auth":{{"type":"sas","primaryKey":"{k}"}}}}]}}"#)
+        .into_bytes()
+    }
+
+    fn token(key: &[u8], resource: &str, expiry: u64) -> String {
+        sas::make_token(key, resource, expiry)
+    }
+
+    const FUTURE: u64 = 4_000_000_000;
+
+    #[test]
+    fn before_any_scope_every_client_is_let_in_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path(), AuthConfig::default());
+        assert!(matches!(
+            a.authenticate("x", None, None),
+            Ok(Principal::Open)
+        ));
+    }
+
+    #[test]
+    fn devices_and_modules_in_scope_authenticate_with_either_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path(), AuthConfig::default());
+        a.apply(&scope_doc(b"primary")).unwrap();
+        let user = "hub.example/d1/?api-version=2019-10-01";
+        for key in [&b"primary"[..], b"second"] {
+            let p = a.authenticate(
+                "d1",
+                Some(user),
+                Some(&token(key, "hub.example/devices/d1", FUTURE)),
+            );
+            assert!(
+                matches!(p, Ok(Principal::Identity(ref id, _)) if id.device_id == "d1"),
+                "{p:?}"
+            );
+        }
+        let m = a.authenticate(
+            "edge/m1",
+            Some("hub.example/edge/m1/?api-version=2021-04-12"),
+            Some(&token(
+                b"primary",
+                "hub.example/devices/edge/modules/m1",
+                FUTURE,
+            )),
+        );
+        assert!(matches!(m, Ok(Principal::Identity(..))), "{m:?}");
+    }
+
+    #[test]
+    fn wrong_keys_expired_tokens_other_resources_and_strangers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(
+            dir.path(),
+            AuthConfig {
+                hub_names: vec!["hub.example".into()],
+                ..Default::default()
+            },
+        );
+        a.apply(&scope_doc(b"primary")).unwrap();
+        let user = Some("hub.example/d1/?api-version=1");
+        let bad = |r: Result<Principal, Refusal>| matches!(r, Err(Refusal::BadCredentials(_)));
+        let denied = |r: Result<Principal, Refusal>| matches!(r, Err(Refusal::NotAuthorized(_)));
+        assert!(bad(a.authenticate(
+            "d1",
+            user,
+            Some(&token(b"wrong", "hub.example/devices/d1", FUTURE))
+        )));
+        assert!(bad(a.authenticate(
+            "d1",
+            user,
+            Some(&token(b"primary", "hub.example/devices/d1", 1000))
+        )));
+        assert!(bad(a.authenticate(
+            "d1",
+            user,
+            Some(&token(b"primary", "hub.example/devices/d2", FUTURE))
+        )));
+        assert!(bad(a.authenticate(
+            "d1",
+            user,
+            Some("SharedAccessSignature sr=x&sig=!!&se=1")
+        )));
+        assert!(bad(a.authenticate("d1", user, None)));
+        assert!(bad(a.authenticate("d1", Some("garbage"), Some("x"))));
+        assert!(denied(a.authenticate(
+            "d2",
+            Some("hub.example/d2/?a=1"),
+            Some(&token(b"primary", "hub.example/devices/d2", FUTURE))
+        )));
+        assert!(denied(a.authenticate(
+            "someone-else",
+            user,
+            Some(&token(b"primary", "hub.example/devices/d1", FUTURE))
+        )));
+        assert!(denied(a.authenticate(
+            "d1",
+            Some("other.hub/d1/?a=1"),
+            Some(&token(b"primary", "other.hub/devices/d1", FUTURE))
+        )));
+        assert!(denied(a.authenticate("anon", None, None)));
+    }
+
+    #[test]
+    fn the_scope_survives_a_restart_and_a_bad_document_keeps_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let a = auth(dir.path(), AuthConfig::default());
+            a.apply(&scope_doc(b"primary")).unwrap();
+            assert!(a.apply(b"{ not json").is_err());
+        }
+        let a = auth(dir.path(), AuthConfig::default());
+        let p = a.authenticate(
+            "d1",
+            Some("h/d1/?a=1"),
+            Some(&token(b"primary", "h/devices/d1", FUTURE)),
+        );
+        assert!(matches!(p, Ok(Principal::Identity(..))), "{p:?}");
+    }
+
+    #[test]
+    fn a_removed_identity_and_open_sessions_are_not_allowed_after_a_resync() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path(), AuthConfig::default());
+        a.apply(br#"{"version":2,"identities":[]}"#).unwrap();
+        let scope = a.watch().borrow().clone();
+        let d1 = Principal::Identity(
+            Identity {
+                device_id: "d1".into(),
+                module_id: None,
+            },
+            Grant::default(),
+        );
+        assert!(a.still_allowed(&d1, scope.as_deref()).is_err());
+        assert!(a.still_allowed(&Principal::Open, scope.as_deref()).is_err());
+        assert!(a
+            .still_allowed(&Principal::Anonymous, scope.as_deref())
+            .is_ok());
+    }
+}
