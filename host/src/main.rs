@@ -39,6 +39,42 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Make credentials: SAS tokens and device scope entries.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCommand {
+    /// Print a SAS token, as the IoT Hub device SDKs make it.
+    Token {
+        /// Cloud hub host name (the `HostName` of the connection string).
+        #[arg(long)]
+        hub: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        module: Option<String>,
+        /// The identity's symmetric key (base64).
+        #[arg(long)]
+        key: String,
+        /// Seconds until the token expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+    /// Print a device scope entry with fresh random keys.
+    NewIdentity {
+        #[arg(long)]
+        device: String,
+        /// A module of the edge device (then --device is the edge id).
+        #[arg(long)]
+        module: Option<String>,
+        /// The edge device that is the child's parent.
+        #[arg(long)]
+        parent: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +224,7 @@ fn real_main() -> Result<()> {
         Command::Queue {
             command: QueueCommand::Stats { storage, json },
         } => queue_stats(storage.unwrap_or_else(|| Config::default().storage), json),
+        Command::Auth { command } => auth_command(command),
     }
 }
 
@@ -243,6 +280,55 @@ fn check_config(file: &Path) -> Result<()> {
         config.upstream.addresses.len(),
         config.storage.display()
     );
+    Ok(())
+}
+
+fn auth_command(command: AuthCommand) -> Result<()> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match command {
+        AuthCommand::Token {
+            hub,
+            device,
+            module,
+            key,
+            ttl_secs,
+        } => {
+            let key = b64.decode(key.trim()).context("--key is not base64")?;
+            let resource = match module {
+                Some(m) => format!("{hub}/devices/{device}/modules/{m}"),
+                None => format!("{hub}/devices/{device}"),
+            };
+            let expiry = store::now_ms() / 1000 + ttl_secs;
+            println!(
+                "{}",
+                edgehub::auth::sas::make_token(&key, &resource, expiry)
+            );
+        }
+        AuthCommand::NewIdentity {
+            device,
+            module,
+            parent,
+        } => {
+            let key = || {
+                use rand::RngCore;
+                let mut k = [0u8; 32];
+                rand::thread_rng().fill_bytes(&mut k);
+                b64.encode(k)
+            };
+            let mut entry = serde_json::json!({
+                "deviceId": device,
+                "auth": {"type": "sas", "primaryKey": key(), "secondaryKey": key()},
+            });
+            if let Some(m) = module {
+                entry["moduleId"] = m.into();
+            }
+            if let Some(p) = parent {
+                entry["parent"] = p.into();
+            }
+            println!("{}", serde_json::to_string_pretty(&entry)?);
+        }
+    }
     Ok(())
 }
 
