@@ -71,6 +71,14 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// `sas_key`: the edge device's own symmetric key (base64); with
+    /// `hub_name`, the hub signs in with a fresh SAS token per connection.
+    pub sas_key: Option<String>,
+    /// `hub_name`: the IoT hub host name used in the SAS username and token.
+    pub hub_name: Option<String>,
+    /// `cert_file` / `key_file`: a client certificate for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// `max_inflight`: QoS 1 publishes sent upstream but not yet acknowledged.
     pub max_inflight: usize,
     /// `keep_alive_secs` of the upstream connection.
@@ -129,6 +137,10 @@ impl Default for UpstreamConfig {
             ca_file: None,
             username: None,
             password: None,
+            sas_key: None,
+            hub_name: None,
+            cert_file: None,
+            key_file: None,
             max_inflight: 1000,
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
@@ -249,6 +261,21 @@ impl Config {
             if addr.tls && self.upstream.ca_file.is_none() {
                 return bad(format!("upstream {addr} uses TLS: set upstream.ca_file"));
             }
+        }
+        if self.upstream.sas_key.is_some() != self.upstream.hub_name.is_some() {
+            return bad("upstream.sas_key and upstream.hub_name go together".into());
+        }
+        if let Some(key) = &self.upstream.sas_key {
+            use base64::Engine;
+            if base64::engine::general_purpose::STANDARD
+                .decode(key)
+                .map_or(true, |k| k.is_empty())
+            {
+                return bad("upstream.sas_key is not base64".into());
+            }
+        }
+        if self.upstream.cert_file.is_some() != self.upstream.key_file.is_some() {
+            return bad("upstream.cert_file and upstream.key_file go together".into());
         }
         if self.upstream.max_inflight == 0 || self.upstream.max_inflight > 32_768 {
             return bad("upstream.max_inflight must be within 1..=32768".into());

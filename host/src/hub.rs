@@ -53,7 +53,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     let store = Store::open(&config.storage)?;
     let addresses = config.upstream_addresses()?;
     let tls = match &config.upstream.ca_file {
-        Some(ca) => Some(upstream::tls_config(ca)?),
+        Some(ca) => {
+            let client_cert = config
+                .upstream
+                .cert_file
+                .as_deref()
+                .zip(config.upstream.key_file.as_deref());
+            Some(upstream::tls_config(ca, client_cert)?)
+        }
         None => None,
     };
     let stats = store.stats()?;
@@ -140,6 +147,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             client_id: config.edge_id.clone(),
             username: config.upstream.username.clone(),
             password: config.upstream.password.clone(),
+            sas: config
+                .upstream
+                .sas_key
+                .as_ref()
+                .zip(config.upstream.hub_name.as_ref())
+                .map(|(key, hub)| {
+                    use base64::Engine;
+                    upstream::EdgeSas {
+                        hub_name: hub.clone(),
+                        key: base64::engine::general_purpose::STANDARD
+                            .decode(key)
+                            .unwrap_or_default(),
+                        ttl_secs: 3600,
+                    }
+                }),
             keep_alive: config.upstream.keep_alive_secs,
             tls,
         },

@@ -112,6 +112,18 @@ struct RunArgs {
     /// Upstream password.
     #[arg(long, env = "EDGEHUB_UPSTREAM_PASSWORD", hide_env_values = true)]
     upstream_password: Option<String>,
+    /// The edge device's own key (base64): sign in upstream with SAS tokens (needs --upstream-hub-name).
+    #[arg(long, env = "EDGEHUB_UPSTREAM_SAS_KEY", hide_env_values = true)]
+    upstream_sas_key: Option<String>,
+    /// IoT hub host name for the upstream SAS username and token.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_HUB_NAME")]
+    upstream_hub_name: Option<String>,
+    /// PEM client certificate (chain) for mutual TLS upstream.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_CERT")]
+    upstream_cert: Option<PathBuf>,
+    /// PEM private key of --upstream-cert.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_KEY")]
+    upstream_key: Option<PathBuf>,
     /// Upstream protocol; only MQTT is supported.
     #[arg(long, env = "UpstreamProtocol")]
     upstream_protocol: Option<String>,
@@ -177,6 +189,10 @@ impl RunArgs {
         set(&mut c.upstream.username, self.upstream_username.map(Some));
         set(&mut c.upstream.password, self.upstream_password.map(Some));
         set(&mut c.upstream.protocol, self.upstream_protocol);
+        set(&mut c.upstream.sas_key, self.upstream_sas_key.map(Some));
+        set(&mut c.upstream.hub_name, self.upstream_hub_name.map(Some));
+        set(&mut c.upstream.cert_file, self.upstream_cert.map(Some));
+        set(&mut c.upstream.key_file, self.upstream_key.map(Some));
         set(&mut c.edge_id, self.edge_id);
         set(&mut c.storage, self.storage);
         set(&mut c.store.ttl_secs, self.ttl_secs);

@@ -62,6 +62,15 @@ pub enum Principal {
     Identity(Identity, Grant),
 }
 
+/// What a connecting client presents.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientCredentials<'a> {
+    pub username: Option<&'a str>,
+    pub password: Option<&'a str>,
+    /// The DER end-entity certificate of a TLS client, if it sent one.
+    pub certificate: Option<&'a [u8]>,
+}
+
 /// Why a CONNECT is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -166,22 +175,21 @@ impl Auth {
     pub fn authenticate(
         &self,
         client_id: &str,
-        username: Option<&str>,
-        password: Option<&str>,
+        creds: ClientCredentials<'_>,
     ) -> Result<Principal, Refusal> {
-        let result = self.check(client_id, username, password);
+        let result = self.check(client_id, creds);
         if result.is_err() {
             self.metrics.auth_refused(1);
         }
         result
     }
 
-    fn check(
-        &self,
-        client_id: &str,
-        username: Option<&str>,
-        password: Option<&str>,
-    ) -> Result<Principal, Refusal> {
+    fn check(&self, client_id: &str, creds: ClientCredentials<'_>) -> Result<Principal, Refusal> {
+        let ClientCredentials {
+            username,
+            password,
+            certificate,
+        } = creds;
         let scope = self.scope.borrow().clone();
         let Some(scope) = scope else {
             return Ok(Principal::Open);
@@ -250,8 +258,21 @@ impl Auth {
                     return bad("signature does not match the identity's keys".into());
                 }
             }
-            Credentials::Thumbprints(_) | Credentials::Ca => {
-                return bad("X.509 identities authenticate with a TLS client certificate, which this listener did not get".into());
+            Credentials::Thumbprints(prints) => {
+                let Some(cert) = certificate else {
+                    return bad("X.509 identity without a TLS client certificate".into());
+                };
+                let (sha256, sha1) = thumbprints(cert);
+                if !prints.iter().any(|p| *p == sha256 || *p == sha1) {
+                    return bad(format!(
+                        "client certificate thumbprint {sha1} (SHA-1) / {sha256} (SHA-256) is not the identity's"
+                    ));
+                }
+            }
+            Credentials::Ca => {
+                return bad(
+                    "CA-signed X.509 identities are not supported yet; use thumbprints".into(),
+                );
             }
         }
         let grant = self.config.grants.get(&name).cloned().unwrap_or_default();
@@ -280,6 +301,16 @@ impl Auth {
     }
 }
 
+/// Lower-case hex SHA-256 and SHA-1 digests of a DER certificate.
+pub fn thumbprints(der: &[u8]) -> (String, String) {
+    use sha1::Digest as _;
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    (
+        hex(&sha2::Sha256::digest(der)),
+        hex(&sha1::Sha1::digest(der)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,14 +334,27 @@ mod tests {
 
     const FUTURE: u64 = 4_000_000_000;
 
+    fn login(
+        a: &Auth,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Principal, Refusal> {
+        a.authenticate(
+            client_id,
+            ClientCredentials {
+                username,
+                password,
+                certificate: None,
+            },
+        )
+    }
+
     #[test]
     fn before_any_scope_every_client_is_let_in_open() {
         let dir = tempfile::tempdir().unwrap();
         let a = auth(dir.path(), AuthConfig::default());
-        assert!(matches!(
-            a.authenticate("x", None, None),
-            Ok(Principal::Open)
-        ));
+        assert!(matches!(login(&a, "x", None, None), Ok(Principal::Open)));
     }
 
     #[test]
@@ -320,7 +364,8 @@ mod tests {
         a.apply(&scope_doc(b"primary")).unwrap();
         let user = "hub.example/d1/?api-version=2019-10-01";
         for key in [&b"primary"[..], b"second"] {
-            let p = a.authenticate(
+            let p = login(
+                &a,
                 "d1",
                 Some(user),
                 Some(&token(key, "hub.example/devices/d1", FUTURE)),
@@ -330,7 +375,8 @@ mod tests {
                 "{p:?}"
             );
         }
-        let m = a.authenticate(
+        let m = login(
+            &a,
             "edge/m1",
             Some("hub.example/edge/m1/?api-version=2021-04-12"),
             Some(&token(
@@ -356,44 +402,79 @@ mod tests {
         let user = Some("hub.example/d1/?api-version=1");
         let bad = |r: Result<Principal, Refusal>| matches!(r, Err(Refusal::BadCredentials(_)));
         let denied = |r: Result<Principal, Refusal>| matches!(r, Err(Refusal::NotAuthorized(_)));
-        assert!(bad(a.authenticate(
+        assert!(bad(login(
+            &a,
             "d1",
             user,
             Some(&token(b"wrong", "hub.example/devices/d1", FUTURE))
         )));
-        assert!(bad(a.authenticate(
+        assert!(bad(login(
+            &a,
             "d1",
             user,
             Some(&token(b"primary", "hub.example/devices/d1", 1000))
         )));
-        assert!(bad(a.authenticate(
+        assert!(bad(login(
+            &a,
             "d1",
             user,
             Some(&token(b"primary", "hub.example/devices/d2", FUTURE))
         )));
-        assert!(bad(a.authenticate(
+        assert!(bad(login(
+            &a,
             "d1",
             user,
             Some("SharedAccessSignature sr=x&sig=!!&se=1")
         )));
-        assert!(bad(a.authenticate("d1", user, None)));
-        assert!(bad(a.authenticate("d1", Some("garbage"), Some("x"))));
-        assert!(denied(a.authenticate(
+        assert!(bad(login(&a, "d1", user, None)));
+        assert!(bad(login(&a, "d1", Some("garbage"), Some("x"))));
+        assert!(denied(login(
+            &a,
             "d2",
             Some("hub.example/d2/?a=1"),
             Some(&token(b"primary", "hub.example/devices/d2", FUTURE))
         )));
-        assert!(denied(a.authenticate(
+        assert!(denied(login(
+            &a,
             "someone-else",
             user,
             Some(&token(b"primary", "hub.example/devices/d1", FUTURE))
         )));
-        assert!(denied(a.authenticate(
+        assert!(denied(login(
+            &a,
             "d1",
             Some("other.hub/d1/?a=1"),
             Some(&token(b"primary", "other.hub/devices/d1", FUTURE))
         )));
-        assert!(denied(a.authenticate("anon", None, None)));
+        assert!(denied(login(&a, "anon", None, None)));
+    }
+
+    #[test]
+    fn an_x509_identity_authenticates_with_the_certificate_whose_thumbprint_is_in_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path(), AuthConfig::default());
+        let cert = b"pretend DER certificate".to_vec();
+        let (sha256, sha1) = thumbprints(&cert);
+        a.apply(format!(r#"{{"version":1,"identities":[
+            {{"deviceId":"cam","parent":"edge","auth":{{"type":"x509Thumbprint","primaryThumbprint":"{}","secondaryThumbprint":"{sha256}"}}}}]}}"#, sha1.to_uppercase()).as_bytes())
+            .unwrap();
+        let creds = |certificate| ClientCredentials {
+            username: Some("h/cam/?api-version=1"),
+            password: None,
+            certificate,
+        };
+        assert!(matches!(
+            a.authenticate("cam", creds(Some(&cert))),
+            Ok(Principal::Identity(..))
+        ));
+        assert!(matches!(
+            a.authenticate("cam", creds(Some(b"another cert"))),
+            Err(Refusal::BadCredentials(_))
+        ));
+        assert!(matches!(
+            a.authenticate("cam", creds(None)),
+            Err(Refusal::BadCredentials(_))
+        ));
     }
 
     #[test]
@@ -405,7 +486,8 @@ mod tests {
             assert!(a.apply(b"{ not json").is_err());
         }
         let a = auth(dir.path(), AuthConfig::default());
-        let p = a.authenticate(
+        let p = login(
+            &a,
             "d1",
             Some("h/d1/?a=1"),
             Some(&token(b"primary", "h/devices/d1", FUTURE)),

@@ -47,10 +47,18 @@ pub async fn run(
         sessions.spawn(async move {
             let peer = peer.to_string();
             match tls {
-                None => session::serve(socket, peer, ctx, shutdown).await,
+                None => session::serve(socket, None, peer, ctx, shutdown).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-                        Ok(Ok(stream)) => session::serve(stream, peer, ctx, shutdown).await,
+                        Ok(Ok(stream)) => {
+                            let cert = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .map(|c| c.to_vec());
+                            session::serve(stream, cert, peer, ctx, shutdown).await
+                        }
                         Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
                     }

@@ -24,7 +24,7 @@ use super::codec::{
     PubReason, Publish, SubRefusal,
 };
 use super::topic;
-use crate::auth::{authz, Auth, Principal, Refusal, Scope};
+use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
 use crate::metrics::Metrics;
 use crate::routing::{Durable, Router};
 use crate::store::AppendError;
@@ -90,8 +90,10 @@ struct Pending {
 }
 
 /// Serves one connection until it ends; never panics on client input.
+/// `client_cert`: the DER certificate a TLS client presented, if any.
 pub async fn serve<S>(
     mut stream: S,
+    client_cert: Option<Vec<u8>>,
     peer: String,
     ctx: Arc<SessionContext>,
     shutdown: CancellationToken,
@@ -122,7 +124,7 @@ pub async fn serve<S>(
             return;
         }
     };
-    let mut session = match Session::accept(connect, &peer, &ctx, &mut stream).await {
+    let mut session = match Session::accept(connect, client_cert, &peer, &ctx, &mut stream).await {
         Some(s) => s,
         None => return,
     };
@@ -202,6 +204,7 @@ struct Session {
 impl Session {
     async fn accept<S: AsyncWrite + Unpin>(
         connect: Connect,
+        client_cert: Option<Vec<u8>>,
         peer: &str,
         ctx: &Arc<SessionContext>,
         stream: &mut S,
@@ -242,8 +245,11 @@ impl Session {
         };
         let principal = match ctx.auth.authenticate(
             &client_id,
-            connect.username.as_deref(),
-            connect.password.as_deref(),
+            ClientCredentials {
+                username: connect.username.as_deref(),
+                password: connect.password.as_deref(),
+                certificate: client_cert.as_deref(),
+            },
         ) {
             Ok(p) => p,
             Err(refusal) => {

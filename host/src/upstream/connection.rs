@@ -51,8 +51,42 @@ pub struct Login {
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The edge device's own IoT Hub identity: a fresh SAS token is made
+    /// for each connection (overrides `username`/`password`).
+    pub sas: Option<EdgeSas>,
     pub keep_alive: u16,
     pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+}
+
+/// How the hub signs in as its own device on an IoT Hub style upstream.
+#[derive(Clone)]
+pub struct EdgeSas {
+    pub hub_name: String,
+    pub key: Vec<u8>,
+    /// Lifetime of each token.
+    pub ttl_secs: u64,
+}
+
+impl Login {
+    /// Username and password for the next CONNECT.
+    pub fn credentials(&self, now_secs: u64) -> Option<(String, String)> {
+        match &self.sas {
+            Some(sas) => {
+                let resource = format!("{}/devices/{}", sas.hub_name, self.client_id);
+                let token =
+                    crate::auth::sas::make_token(&sas.key, &resource, now_secs + sas.ttl_secs);
+                let user = format!(
+                    "{}/{}/?api-version=2021-04-12",
+                    sas.hub_name, self.client_id
+                );
+                Some((user, token))
+            }
+            None => self
+                .username
+                .clone()
+                .map(|u| (u, self.password.clone().unwrap_or_default())),
+        }
+    }
 }
 
 pub struct Connection {
@@ -97,8 +131,8 @@ impl Connection {
         let mut connect = v4::Connect::new(login.client_id.clone());
         connect.keep_alive = login.keep_alive;
         connect.clean_session = true;
-        if let Some(user) = &login.username {
-            connect.set_login(user.clone(), login.password.clone().unwrap_or_default());
+        if let Some((user, password)) = login.credentials(crate::store::now_ms() / 1000) {
+            connect.set_login(user, password);
         }
         conn.send(v4::Packet::Connect(connect));
         conn.flush().await?;
@@ -178,11 +212,13 @@ fn encode_publish_qos1(out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u1
 }
 
 /// Builds the rustls client config that trusts the PEM CAs in `ca_file`.
+/// `client_cert`: PEM certificate chain and key files for mutual TLS.
 pub fn tls_config(
     ca_file: &std::path::Path,
+    client_cert: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, UpstreamError> {
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use tokio_rustls::rustls;
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca_file)
@@ -203,14 +239,50 @@ pub fn tls_config(
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| UpstreamError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client_cert {
+        None => config.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let tls_err = |f: &std::path::Path, e: &dyn std::fmt::Display| {
+                UpstreamError::Tls(format!("{}: {e}", f.display()))
+            };
+            let chain = CertificateDer::pem_file_iter(cert_file)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| tls_err(cert_file, &e))?;
+            let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| tls_err(key_file, &e))?;
+            config
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| tls_err(cert_file, &e))?
+        }
+    };
     Ok(Arc::new(config))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_edge_signs_in_with_a_fresh_sas_token_for_its_own_identity() {
+        let login = Login {
+            client_id: "edge1".into(),
+            username: Some("ignored".into()),
+            password: None,
+            sas: Some(EdgeSas {
+                hub_name: "hub.example".into(),
+                key: b"edge-key".to_vec(),
+                ttl_secs: 3600,
+            }),
+            keep_alive: 30,
+            tls: None,
+        };
+        let (user, password) = login.credentials(1_000).unwrap();
+        assert_eq!(user, "hub.example/edge1/?api-version=2021-04-12");
+        let token = crate::auth::sas::parse_token(&password).unwrap();
+        assert_eq!(token.resource, "hub.example/devices/edge1");
+        assert_eq!(token.expiry, 4_600);
+        assert!(crate::auth::sas::verify(&token, b"edge-key"));
+    }
 
     #[test]
     fn the_hand_encoded_publish_reads_back_with_the_codec() {

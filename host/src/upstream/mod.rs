@@ -5,5 +5,5 @@ pub mod connection;
 pub mod forwarder;
 pub mod sync;
 
-pub use connection::{tls_config, Login, UpstreamError};
+pub use connection::{tls_config, EdgeSas, Login, UpstreamError};
 pub use forwarder::{CloudMessage, Forwarder};
