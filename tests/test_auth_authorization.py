@@ -160,6 +160,7 @@ def test_v5_publishing_outside_its_own_topics_gets_puback_0x87_and_the_connectio
             if got is None:
                 break
     assert not wrong, f"{who}: expected PUBACK 0x87 for each foreign topic, got {wrong}"
+    assert hub.metric("edgehub_authz_refused_total") == len(FOREIGN_PUBLISH[who])
     for j, topic in enumerate(OWN_PUBLISH[who]):
         got = c.publish_result(topic, f"own5-{j}".encode())
         assert got is not None and got < 0x80, f"{who}: publish to its own {topic!r}: {got} (None = connection closed)"

@@ -112,3 +112,42 @@ def test_the_hub_signs_in_upstream_with_its_client_certificate(tmp_path, hub_fac
     assert without.metric("edgehub_upstream_connected") == 0
     assert without.metric("edgehub_queue_depth") == 1
     assert b"no client cert" not in {p for _, p in collector.snapshot()}
+
+
+def test_a_device_with_a_certificate_from_the_configured_ca_and_its_own_name_connects(
+    tmp_path, upstream, collector_factory, hub_factory, clients
+):
+    certs = make_certs(tmp_path / "server")
+    d = tmp_path / "devices"
+    d.mkdir()
+    # the device CA, and certificates it signs for dev1 (right) and dev2 (another device)
+    openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=device CA",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+            "-keyout", "dca.key", "-out", "dca.pem")
+    (d / "client.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    for name in ("dev1", "dev2"):
+        openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")
+        openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "dca.pem", "-CAkey", "dca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", "client.ext", "-out", f"{name}.pem")
+    stranger_cert, stranger_key, _ = self_signed(d, "dev1-selfsigned")
+
+    collector = collector_factory(upstream)
+    tls_port = free_port()
+    hub = hub_factory(upstream, edge_id=EDGE_ID,
+                      extra_args=auth_args(tls=certs, tls_port=tls_port) + ["--device-ca", str(d / "dca.pem")])
+    wait_tls_listener(hub, tls_port)
+    publish_scope(upstream, [{"deviceId": "dev1", "parent": EDGE_ID, "auth": {"type": "x509Ca"}}])
+    wait_scope(hub, 1)
+
+    creds = {"client_id": "dev1", "username": username_for("dev1")}
+    rc, dev1 = try_connect(tls_port, clients, ssl_context=device_tls(certs["ca"], d / "dev1.pem", d / "dev1.key"),
+                           **creds)
+    assert rc == V3_ACCEPTED, f"dev1 with its CA-signed certificate: CONNACK {rc}"
+    assert dev1.publish_result("devices/dev1/messages/events/", b"ca-signed") == 0
+    collector.wait_payload(b"ca-signed", 20)
+
+    for what, cert, key in [("dev2's certificate", d / "dev2.pem", d / "dev2.key"),
+                            ("a self-signed certificate named dev1", stranger_cert, stranger_key)]:
+        rc, _ = try_connect(tls_port, clients, ssl_context=device_tls(certs["ca"], cert, key), **creds)
+        assert rc == V3_BAD_CREDENTIALS, f"dev1 with {what}: CONNACK {rc}"

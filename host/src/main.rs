@@ -163,6 +163,9 @@ struct RunArgs {
     /// Let clients without credentials connect once a device scope exists (plain topics only).
     #[arg(long)]
     allow_anonymous: bool,
+    /// PEM CA certificates that sign device certificates (identities of type x509Ca).
+    #[arg(long, env = "EDGEHUB_DEVICE_CA")]
+    device_ca: Option<PathBuf>,
     /// File with the key that encrypts the scope cache (default: <storage>.key, created on first start).
     #[arg(long, env = "EDGEHUB_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
@@ -210,6 +213,7 @@ impl RunArgs {
         }
         c.auth.allow_anonymous |= self.allow_anonymous;
         set(&mut c.auth.master_key_file, self.master_key_file.map(Some));
+        set(&mut c.auth.ca_file, self.device_ca.map(Some));
         c.validate().context("invalid settings")?;
         Ok(c)
     }

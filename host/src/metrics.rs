@@ -26,6 +26,7 @@ pub struct Metrics {
     upstream_connected: AtomicI64,
     scope_identities: AtomicI64,
     auth_refused: AtomicU64,
+    authz_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -50,6 +51,9 @@ impl Metrics {
     pub fn set_scope_identities(&self, n: usize) {
         self.scope_identities.store(n as i64, Ordering::Relaxed);
     }
+    pub fn authz_refused(&self, n: u64) {
+        self.authz_refused.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn auth_refused(&self, n: u64) {
         self.auth_refused.fetch_add(n, Ordering::Relaxed);
     }
@@ -65,7 +69,7 @@ impl Metrics {
             .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
             .unwrap_or(0.0);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 12] = [
+        let rows: [(&str, &str, &str, String); 13] = [
             ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
             ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
             ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
@@ -78,6 +82,7 @@ impl Metrics {
             ("edgehub_upstream_connected", "gauge", "1 while connected to the upstream broker.", self.upstream_connected.load(Ordering::Relaxed).to_string()),
             ("edgehub_scope_identities", "gauge", "Identities in the device scope (0: no scope yet).", self.scope_identities.load(Ordering::Relaxed).to_string()),
             ("edgehub_auth_refused_total", "counter", "Connections refused by authentication.", load(&self.auth_refused).to_string()),
+            ("edgehub_authz_refused_total", "counter", "Publishes and subscriptions refused by authorization.", load(&self.authz_refused).to_string()),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {

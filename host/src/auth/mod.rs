@@ -11,6 +11,7 @@
 //! rules), `cache` (encrypted persistence, master key), `authz` (topic rules).
 
 pub mod authz;
+pub mod ca;
 pub mod cache;
 pub mod sas;
 pub mod scope;
@@ -67,8 +68,9 @@ pub enum Principal {
 pub struct ClientCredentials<'a> {
     pub username: Option<&'a str>,
     pub password: Option<&'a str>,
-    /// The DER end-entity certificate of a TLS client, if it sent one.
-    pub certificate: Option<&'a [u8]>,
+    /// The DER certificate chain of a TLS client (end-entity first; empty
+    /// when it sent none).
+    pub certificates: &'a [Vec<u8>],
 }
 
 /// Why a CONNECT is refused.
@@ -91,6 +93,9 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     /// `master_key_file`: key encrypting the scope cache (default `<storage>.key`).
     pub master_key_file: Option<PathBuf>,
+    /// `ca_file`: PEM CA certificates that sign devices' certificates
+    /// (identities of type `x509Ca`).
+    pub ca_file: Option<PathBuf>,
     /// `grants`: plain topics per client id (`device` or `device/module`).
     pub grants: HashMap<String, Grant>,
 }
@@ -98,6 +103,8 @@ pub struct AuthConfig {
 pub struct Auth {
     edge_id: String,
     config: AuthConfig,
+    /// Verifies device certificates of CA-signed identities (`auth.ca_file`).
+    ca: Option<ca::CaVerifier>,
     cache: ScopeCache,
     scope: watch::Sender<Option<Arc<Scope>>>,
     metrics: Arc<Metrics>,
@@ -112,6 +119,10 @@ impl Auth {
         metrics: Arc<Metrics>,
     ) -> Result<Self, CacheError> {
         let cache = ScopeCache::open(storage, config.master_key_file.as_deref())?;
+        let ca = match &config.ca_file {
+            Some(f) => Some(ca::CaVerifier::from_pem_file(f)?),
+            None => None,
+        };
         let scope = match cache.load()? {
             Some(doc) => match Scope::parse(edge_id, &doc) {
                 Ok((scope, _)) => {
@@ -133,6 +144,7 @@ impl Auth {
         let (scope, _) = watch::channel(scope);
         Ok(Self {
             edge_id: edge_id.to_string(),
+            ca,
             config,
             cache,
             scope,
@@ -188,8 +200,9 @@ impl Auth {
         let ClientCredentials {
             username,
             password,
-            certificate,
+            certificates,
         } = creds;
+        let certificate = certificates.first().map(Vec::as_slice);
         let scope = self.scope.borrow().clone();
         let Some(scope) = scope else {
             return Ok(Principal::Open);
@@ -270,9 +283,22 @@ impl Auth {
                 }
             }
             Credentials::Ca => {
-                return bad(
-                    "CA-signed X.509 identities are not supported yet; use thumbprints".into(),
-                );
+                let Some(verifier) = &self.ca else {
+                    return bad("CA-signed identity, but no auth.ca_file is configured".into());
+                };
+                let Some((leaf, intermediates)) = certificates.split_first() else {
+                    return bad("X.509 identity without a TLS client certificate".into());
+                };
+                if let Err(e) = verifier.verify(leaf, intermediates) {
+                    return bad(format!(
+                        "client certificate does not chain to the configured CA: {e}"
+                    ));
+                }
+                let cn = common_name(leaf);
+                let expected = [Some(name.as_str()), identity.module_id.as_deref()];
+                if !expected.contains(&cn.as_deref()) {
+                    return bad(format!("client certificate is for CN {cn:?}, not {name}"));
+                }
             }
         }
         let grant = self.config.grants.get(&name).cloned().unwrap_or_default();
@@ -299,6 +325,19 @@ impl Auth {
             _ => Ok(()),
         }
     }
+}
+
+/// The subject common name of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
 }
 
 /// Lower-case hex SHA-256 and SHA-1 digests of a DER certificate.
@@ -345,7 +384,7 @@ mod tests {
             ClientCredentials {
                 username,
                 password,
-                certificate: None,
+                certificates: &[],
             },
         )
     }
@@ -454,25 +493,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = auth(dir.path(), AuthConfig::default());
         let cert = b"pretend DER certificate".to_vec();
+        let other = [b"another cert".to_vec()];
         let (sha256, sha1) = thumbprints(&cert);
         a.apply(format!(r#"{{"version":1,"identities":[
             {{"deviceId":"cam","parent":"edge","auth":{{"type":"x509Thumbprint","primaryThumbprint":"{}","secondaryThumbprint":"{sha256}"}}}}]}}"#, sha1.to_uppercase()).as_bytes())
             .unwrap();
-        let creds = |certificate| ClientCredentials {
+        let creds = |certificates| ClientCredentials {
             username: Some("h/cam/?api-version=1"),
             password: None,
-            certificate,
+            certificates,
         };
         assert!(matches!(
-            a.authenticate("cam", creds(Some(&cert))),
+            a.authenticate("cam", creds(std::slice::from_ref(&cert))),
             Ok(Principal::Identity(..))
         ));
         assert!(matches!(
-            a.authenticate("cam", creds(Some(b"another cert"))),
+            a.authenticate("cam", creds(&other)),
             Err(Refusal::BadCredentials(_))
         ));
         assert!(matches!(
-            a.authenticate("cam", creds(None)),
+            a.authenticate("cam", creds(&[])),
             Err(Refusal::BadCredentials(_))
         ));
     }

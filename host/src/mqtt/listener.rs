@@ -47,7 +47,7 @@ pub async fn run(
         sessions.spawn(async move {
             let peer = peer.to_string();
             match tls {
-                None => session::serve(socket, None, peer, ctx, shutdown).await,
+                None => session::serve(socket, Vec::new(), peer, ctx, shutdown).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
                         Ok(Ok(stream)) => {
@@ -55,8 +55,8 @@ pub async fn run(
                                 .get_ref()
                                 .1
                                 .peer_certificates()
-                                .and_then(|c| c.first())
-                                .map(|c| c.to_vec());
+                                .map(|chain| chain.iter().map(|c| c.to_vec()).collect::<Vec<_>>())
+                                .unwrap_or_default();
                             session::serve(stream, cert, peer, ctx, shutdown).await
                         }
                         Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),

@@ -90,10 +90,11 @@ struct Pending {
 }
 
 /// Serves one connection until it ends; never panics on client input.
-/// `client_cert`: the DER certificate a TLS client presented, if any.
+/// `client_certs`: the DER certificate chain a TLS client presented
+/// (end-entity first; empty when none).
 pub async fn serve<S>(
     mut stream: S,
-    client_cert: Option<Vec<u8>>,
+    client_certs: Vec<Vec<u8>>,
     peer: String,
     ctx: Arc<SessionContext>,
     shutdown: CancellationToken,
@@ -124,7 +125,8 @@ pub async fn serve<S>(
             return;
         }
     };
-    let mut session = match Session::accept(connect, client_cert, &peer, &ctx, &mut stream).await {
+    let mut session = match Session::accept(connect, &client_certs, &peer, &ctx, &mut stream).await
+    {
         Some(s) => s,
         None => return,
     };
@@ -204,7 +206,7 @@ struct Session {
 impl Session {
     async fn accept<S: AsyncWrite + Unpin>(
         connect: Connect,
-        client_cert: Option<Vec<u8>>,
+        client_certs: &[Vec<u8>],
         peer: &str,
         ctx: &Arc<SessionContext>,
         stream: &mut S,
@@ -248,7 +250,7 @@ impl Session {
             ClientCredentials {
                 username: connect.username.as_deref(),
                 password: connect.password.as_deref(),
-                certificate: client_cert.as_deref(),
+                certificates: client_certs,
             },
         ) {
             Ok(p) => p,
@@ -462,6 +464,7 @@ impl Session {
         }
         if !authz::may_publish(&self.principal, self.ctx.auth.edge_id(), &p.topic) {
             tracing::warn!(client = %self.client_id, topic = %p.topic, "publish refused: not authorized");
+            self.ctx.metrics.authz_refused(1);
             if self.codec.protocol == Protocol::V4 {
                 // 3.1.1 has no negative PUBACK: close, as the spec allows.
                 return Err(SessionEnd::NotAuthorized(format!("publish to {}", p.topic)));
@@ -604,6 +607,7 @@ impl Session {
                         &filter,
                     ) {
                         tracing::warn!(client = %self.client_id, %filter, "subscription refused: not authorized");
+                        self.ctx.metrics.authz_refused(1);
                         granted.push(Err(SubRefusal::NotAuthorized));
                     } else {
                         // Deliveries are at most QoS 1: granting less is allowed.
