@@ -19,4 +19,7 @@ fi
 
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked
-EDGEHUB_BIN="$PWD/target/release/edgehub" python3 -m pytest tests -q -ra "$@"
+# The example plugins, from source (installs each language's toolchain).
+bash plugins/build.sh ${EDGEHUB_PLUGIN_LANGS:-rust}
+EDGEHUB_BIN="$PWD/target/release/edgehub" EDGEHUB_PLUGINS="$PWD/plugins/dist" \
+  python3 -m pytest tests -q -ra "$@"

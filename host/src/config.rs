@@ -45,6 +45,103 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub tls: TlsConfig,
     pub auth: crate::auth::AuthConfig,
+    pub plugins: PluginsConfig,
+    /// `[routes]`: `name = "FROM … INTO …"` or `name = { route = "…",
+    /// priority = 0, timeToLiveSecs = 60, onError = "drop" }`. Absent: every
+    /// upstream-bound message goes upstream. The hub twin's `routes` win.
+    pub routes: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+}
+
+/// The Wasm plugin host (section `[plugins]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// `folder`: where `.wasm` plugins are loaded from and watched
+    /// (default: `<storage>/plugins`).
+    pub folder: Option<PathBuf>,
+    /// `workers`: threads that run plugin calls.
+    pub workers: usize,
+    /// `timeout_ms`, `memory_mb`, `max_output_bytes`: limits of every plugin
+    /// unless its own settings say otherwise.
+    pub timeout_ms: u64,
+    pub memory_mb: usize,
+    pub max_output_bytes: usize,
+    /// `[plugins.settings.<name>]`: one plugin's config document, limits
+    /// and grants.
+    pub settings: std::collections::BTreeMap<String, PluginSettings>,
+}
+
+/// One plugin's settings (`[plugins.settings.<name>]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSettings {
+    /// `config`: what the plugin's `host.config()` returns (as JSON).
+    pub config: Option<serde_json::Value>,
+    pub timeout_ms: Option<u64>,
+    pub memory_mb: Option<usize>,
+    pub max_output_bytes: Option<usize>,
+    /// `env`: environment variables the plugin may read.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// `read_dirs`: host folders the plugin may read (same path inside).
+    pub read_dirs: Vec<PathBuf>,
+    /// `stdio`: let the plugin's stdout/stderr reach the hub's stderr.
+    pub stdio: bool,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            folder: None,
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            timeout_ms: 100,
+            memory_mb: 64,
+            max_output_bytes: 1 << 20,
+            settings: Default::default(),
+        }
+    }
+}
+
+impl PluginsConfig {
+    /// The plugins folder for a hub storing in `storage`.
+    pub fn folder(&self, storage: &std::path::Path) -> PathBuf {
+        self.folder
+            .clone()
+            .unwrap_or_else(|| storage.join("plugins"))
+    }
+
+    /// The default limits, and each configured plugin's own settings.
+    pub fn limits_and_settings(
+        &self,
+    ) -> (
+        crate::plugins::Limits,
+        std::collections::HashMap<String, crate::plugins::registry::LocalSettings>,
+    ) {
+        use crate::plugins::{registry::LocalSettings, Grants, Limits};
+        let limits = |t: Option<u64>, m: Option<usize>, o: Option<usize>| Limits {
+            timeout: std::time::Duration::from_millis(t.unwrap_or(self.timeout_ms)),
+            memory_bytes: m.unwrap_or(self.memory_mb) << 20,
+            max_output_bytes: o.unwrap_or(self.max_output_bytes),
+        };
+        let settings = self
+            .settings
+            .iter()
+            .map(|(name, s)| {
+                (
+                    name.clone(),
+                    LocalSettings {
+                        config: s.config.clone(),
+                        limits: limits(s.timeout_ms, s.memory_mb, s.max_output_bytes),
+                        grants: Grants {
+                            env: s.env.clone().into_iter().collect(),
+                            read_dirs: s.read_dirs.clone(),
+                            stdio: s.stdio,
+                        },
+                    },
+                )
+            })
+            .collect();
+        (limits(None, None, None), settings)
+    }
 }
 
 /// The MQTT-over-TLS listener (section `[tls]`).
@@ -125,6 +222,8 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             tls: TlsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            plugins: PluginsConfig::default(),
+            routes: None,
         }
     }
 }
@@ -294,6 +393,11 @@ impl Config {
         if self.mqtt.max_message_bytes < 64 {
             return bad("mqtt.max_message_bytes must be at least 64".into());
         }
+        if self.plugins.workers == 0 || self.plugins.timeout_ms == 0 || self.plugins.memory_mb == 0
+        {
+            return bad("plugins.workers, timeout_ms and memory_mb must be at least 1".into());
+        }
+        self.route_table()?;
         for filter in &self.mqtt.forward_topics {
             if !crate::mqtt::topic::valid_filter(filter) {
                 return bad(format!(
@@ -302,6 +406,35 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The configured route table (`None` when `[routes]` is absent).
+    pub fn route_table(&self) -> Result<Option<crate::routing::rules::RouteTable>, ConfigError> {
+        let Some(routes) = &self.routes else {
+            return Ok(None);
+        };
+        let json = serde_json::Value::Object(routes.clone().into_iter().collect());
+        crate::routing::rules::RouteTable::from_json(&json)
+            .map(Some)
+            .map_err(|errors| {
+                let text = errors
+                    .iter()
+                    .map(|(name, e)| {
+                        let route = routes.get(name).and_then(|r| match r {
+                            serde_json::Value::String(s) => Some(s.as_str()),
+                            r => r.get("route").and_then(|t| t.as_str()),
+                        });
+                        match route {
+                            Some(text) if e.position > 0 => {
+                                format!("routes.{name}: {e}\n{}", e.render(text))
+                            }
+                            _ => format!("routes.{name}: {e}"),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                ConfigError::Value(text)
+            })
     }
 
     pub fn upstream_addresses(&self) -> Result<Vec<UpstreamAddr>, ConfigError> {
@@ -327,6 +460,23 @@ mod tests {
         assert_eq!(c.store.ttl_secs, DEFAULT_TTL_SECS);
         assert!(c.upstream.addresses.is_empty());
         assert_eq!(c.listen[0].port(), 1883);
+    }
+
+    #[test]
+    fn routes_and_plugin_settings_are_read_and_bad_routes_point_at_the_error() {
+        let c = Config::from_toml(
+            "[routes]\nall = \"FROM /messages/* INTO $upstream\"\nhot = { route = \"FROM /messages/* WHERE t > 30 INTO plugin(\\\"f\\\")\", priority = 1, timeToLiveSecs = 60 }\n[plugins.settings.f]\nconfig = { above = 30 }\nmemory_mb = 8\n",
+        )
+        .unwrap();
+        let table = c.route_table().unwrap().unwrap();
+        assert_eq!(table.routes().len(), 2);
+        let (_, settings) = c.plugins.limits_and_settings();
+        assert_eq!(settings["f"].limits.memory_bytes, 8 << 20);
+        assert_eq!(settings["f"].config, Some(serde_json::json!({"above": 30})));
+        let err = Config::from_toml("[routes]\nr = \"FROM /messages/* INTO $upstrem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routes.r: column 23"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::auth::{Auth, CacheError};
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
 use crate::mqtt::{broker, listener, session::SessionContext, tls};
-use crate::routing::Router;
+use crate::plugins::{self, PluginEngine, PluginPool, Registry};
+use crate::routing::{PluginHost, Router, Routes};
 use crate::store::{self, Store};
 use crate::upstream::{self, Forwarder, Login};
 
@@ -41,6 +42,10 @@ pub enum HubError {
     Auth(#[from] CacheError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("plugin host: {0}")]
+    Plugins(#[from] crate::plugins::PluginError),
+    #[error("cannot watch the plugins folder {path}: {source}")]
+    Watch { path: String, source: notify::Error },
 }
 
 /// Runs the hub until `shutdown` is cancelled, then stops every task.
@@ -86,7 +91,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         config.store.max_batch,
     );
     let (broker, broker_task) = broker::spawn(config.mqtt.offline_queue, metrics.clone());
-    let router = Router::new(config.mqtt.forward_topics.clone(), appender, broker.clone());
+    let routes = Routes::new(config.route_table()?);
+    let plugin_folder = config.plugins.folder(&config.storage);
+    std::fs::create_dir_all(&plugin_folder).map_err(|source| HubError::Storage {
+        path: plugin_folder.display().to_string(),
+        source,
+    })?;
+    let (default_limits, plugin_settings) = config.plugins.limits_and_settings();
+    let registry = Arc::new(Registry::new(
+        PluginEngine::new(Some(plugins::engine::cache_dir(&config.storage)))?,
+        plugin_settings,
+        default_limits,
+        metrics.clone(),
+    )?);
+    registry.sync_folder(&plugin_folder);
+    let watcher = plugins::watch::spawn(plugin_folder.clone(), registry.clone(), shutdown.clone())
+        .map_err(|source| HubError::Watch {
+            path: plugin_folder.display().to_string(),
+            source,
+        })?;
+    tracing::info!(folder = %plugin_folder.display(), loaded = ?registry.names(), "plugins folder watched");
+    let (pool, pool_threads) = PluginPool::start(config.plugins.workers, metrics.clone());
+    let router = Router::new(
+        config.mqtt.forward_topics.clone(),
+        appender,
+        broker.clone(),
+        &config.edge_id,
+        routes.clone(),
+        Some(PluginHost {
+            registry: registry.clone(),
+            pool,
+        }),
+        metrics.clone(),
+    );
     let ctx = Arc::new(SessionContext {
         auth: auth.clone(),
         router,
@@ -139,6 +176,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         auth.clone(),
         shutdown.clone(),
     ));
+    let default_ttl_ms = Arc::new(AtomicU64::new(config.store.ttl_secs.saturating_mul(1000)));
     let forwarder = Forwarder {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -166,7 +204,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             tls,
         },
         max_inflight: config.upstream.max_inflight,
-        ttl_ms: config.store.ttl_secs.saturating_mul(1000),
+        ttl_ms: default_ttl_ms.clone(),
         max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
         subscriptions: upstream::sync::subscriptions(&config.edge_id),
         inbound: inbound_tx,
@@ -186,6 +224,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     // Sessions are gone: the last router/broker handles drop, so the
     // broker and the store writer finish what they hold and end.
     let _ = broker_task.await;
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in pool_threads {
+            let _ = t.join();
+        }
+        let _ = watcher.join();
+    })
+    .await;
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     store.sync()?;
     let _ = store::status::write(&config.storage, store.stats()?);

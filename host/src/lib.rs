@@ -12,6 +12,7 @@ pub mod config;
 pub mod hub;
 pub mod metrics;
 pub mod mqtt;
+pub mod plugins;
 pub mod routing;
 pub mod store;
 pub mod upstream;

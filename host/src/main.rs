@@ -44,6 +44,47 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// Work with Wasm plugins without a hub.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a plugin over messages (JSON lines) and print one result line per
+    /// message. Exits with 1 when a call failed or --expect differs.
+    Test(PluginTestArgs),
+}
+
+#[derive(Args)]
+struct PluginTestArgs {
+    /// The plugin component (.wasm).
+    file: PathBuf,
+    /// Messages, one JSON object per line (`-` for stdin).
+    #[arg(long, default_value = "-")]
+    input: PathBuf,
+    /// The plugin's settings: what `host.config()` returns (JSON).
+    #[arg(long, default_value = "{}")]
+    config: String,
+    /// Compare the output with this file and fail on the first difference.
+    #[arg(long)]
+    expect: Option<PathBuf>,
+    /// Call time limit in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    timeout_ms: u64,
+    /// Memory limit of the instance in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mb: usize,
+    /// Also time the plugin: run the messages this many more times and print
+    /// the mean cost of one call (per message) to stderr.
+    #[arg(long, default_value_t = 0)]
+    bench: usize,
+    /// Cache compiled code in this folder (Python and JavaScript plugins
+    /// take seconds to compile).
+    #[arg(long)]
+    cache: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -245,6 +286,9 @@ fn real_main() -> Result<()> {
             command: QueueCommand::Stats { storage, json },
         } => queue_stats(storage.unwrap_or_else(|| Config::default().storage), json),
         Command::Auth { command } => auth_command(command),
+        Command::Plugin {
+            command: PluginCommand::Test(args),
+        } => plugin_test(args),
     }
 }
 
@@ -380,6 +424,98 @@ fn queue_stats(storage: PathBuf, json: bool) -> Result<()> {
         );
     } else {
         println!("depth: {depth}\noldest_age_secs: {age:.3}\nbytes: {bytes}\nsource: {source}");
+    }
+    Ok(())
+}
+
+fn plugin_test(args: PluginTestArgs) -> Result<()> {
+    use edgehub::plugins::{jsonl, Limits, Plugin, PluginEngine, Settings};
+    use std::io::BufRead;
+    let config: serde_json::Value =
+        serde_json::from_str(&args.config).context("--config is not JSON")?;
+    let wasm = std::fs::read(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let engine = PluginEngine::new(args.cache.clone())?;
+    let linker = edgehub::plugins::instance::linker(&engine)?;
+    let settings = Settings {
+        config_json: config.to_string().into(),
+        limits: Limits {
+            timeout: std::time::Duration::from_millis(args.timeout_ms),
+            memory_bytes: args.memory_mb << 20,
+            ..Limits::default()
+        },
+        grants: Default::default(),
+    };
+    let name = args
+        .file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let started = std::time::Instant::now();
+    let (plugin, cached) = Plugin::load(&engine, &linker, &name, &wasm, settings, 1)
+        .with_context(|| format!("{} refused", args.file.display()))?;
+    eprintln!(
+        "{}: {} plugin, version {}, {} in {} ms",
+        args.file.display(),
+        plugin.kind.as_str(),
+        plugin.digest,
+        if cached {
+            "loaded from cache"
+        } else {
+            "compiled"
+        },
+        started.elapsed().as_millis()
+    );
+    let input: Box<dyn BufRead> = if args.input.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(&args.input)
+                .with_context(|| format!("cannot read {}", args.input.display()))?,
+        ))
+    };
+    let messages = jsonl::read_messages(input)
+        .with_context(|| format!("{} is not valid", args.input.display()))?;
+    let mut out = Vec::new();
+    let summary = jsonl::run(&plugin, &messages, &mut out)?;
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &out)?;
+    eprintln!(
+        "{} messages: {} passed, {} dropped, {} routed, {} failed",
+        summary.messages, summary.passed, summary.dropped, summary.routed, summary.failed
+    );
+    if args.bench > 0 && !messages.is_empty() {
+        let per_call = jsonl::bench(&plugin, &messages, args.bench)?;
+        eprintln!(
+            "bench: {:.0} ns per call ({} calls, one warm instance)",
+            per_call.as_nanos(),
+            args.bench * messages.len()
+        );
+    }
+    if let Some(expect) = &args.expect {
+        let want = std::fs::read_to_string(expect)
+            .with_context(|| format!("cannot read {}", expect.display()))?;
+        let got = String::from_utf8_lossy(&out);
+        for (i, (w, g)) in want.lines().zip(got.lines()).enumerate() {
+            if w != g {
+                bail!(
+                    "line {} differs from {}:\n  expected {w}\n  got      {g}",
+                    i + 1,
+                    expect.display()
+                );
+            }
+        }
+        if want.lines().count() != got.lines().count() {
+            bail!(
+                "{} has {} lines, the output {}",
+                expect.display(),
+                want.lines().count(),
+                got.lines().count()
+            );
+        }
+        eprintln!("output matches {}", expect.display());
+    }
+    if summary.failed > 0 {
+        bail!("{} call(s) failed", summary.failed);
     }
     Ok(())
 }

@@ -27,6 +27,12 @@ pub struct Metrics {
     scope_identities: AtomicI64,
     auth_refused: AtomicU64,
     authz_refused: AtomicU64,
+    plugin_calls: AtomicU64,
+    plugin_failures: AtomicU64,
+    plugin_reloads: AtomicU64,
+    plugin_rejected: AtomicU64,
+    filtered_out: AtomicU64,
+    dead_lettered: AtomicU64,
 }
 
 impl Metrics {
@@ -57,6 +63,24 @@ impl Metrics {
     pub fn auth_refused(&self, n: u64) {
         self.auth_refused.fetch_add(n, Ordering::Relaxed);
     }
+    pub fn plugin_calls(&self, n: u64) {
+        self.plugin_calls.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn plugin_failed(&self) {
+        self.plugin_failures.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn plugin_reloaded(&self) {
+        self.plugin_reloads.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn plugin_rejected(&self) {
+        self.plugin_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn filtered_out(&self, n: u64) {
+        self.filtered_out.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn dead_lettered(&self, n: u64) {
+        self.dead_lettered.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn set_upstream_connected(&self, up: bool) {
         self.upstream_connected.store(up as i64, Ordering::Relaxed);
     }
@@ -69,7 +93,7 @@ impl Metrics {
             .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
             .unwrap_or(0.0);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 13] = [
+        let rows: [(&str, &str, &str, String); 19] = [
             ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
             ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
             ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
@@ -83,6 +107,12 @@ impl Metrics {
             ("edgehub_scope_identities", "gauge", "Identities in the device scope (0: no scope yet).", self.scope_identities.load(Ordering::Relaxed).to_string()),
             ("edgehub_auth_refused_total", "counter", "Connections refused by authentication.", load(&self.auth_refused).to_string()),
             ("edgehub_authz_refused_total", "counter", "Publishes and subscriptions refused by authorization.", load(&self.authz_refused).to_string()),
+            ("edgehub_plugin_calls_total", "counter", "Messages handed to Wasm plugins.", load(&self.plugin_calls).to_string()),
+            ("edgehub_plugin_failures_total", "counter", "Plugin calls that failed (timeout, memory, trap, bad result); each instance is replaced.", load(&self.plugin_failures).to_string()),
+            ("edgehub_plugin_reloads_total", "counter", "Plugins loaded or replaced while running.", load(&self.plugin_reloads).to_string()),
+            ("edgehub_plugin_rejected_total", "counter", "Plugin files refused (corrupt, wrong world, cannot start).", load(&self.plugin_rejected).to_string()),
+            ("edgehub_messages_filtered_total", "counter", "Messages dropped by a filter plugin, a router plugin or a route's drop policy.", load(&self.filtered_out).to_string()),
+            ("edgehub_messages_dead_lettered_total", "counter", "Messages sent to the dead-letter topic after a plugin failure.", load(&self.dead_lettered).to_string()),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {

@@ -511,7 +511,11 @@ impl Session {
         let durable = self
             .ctx
             .router
-            .dispatch(std::mem::take(local), std::mem::take(upstream))
+            .dispatch(
+                &self.client_id,
+                std::mem::take(local),
+                std::mem::take(upstream),
+            )
             .await;
         self.pending.push_back(Pending {
             durable,
@@ -667,7 +671,7 @@ impl Session {
             } else {
                 (vec![will], Vec::new())
             };
-            router.dispatch(local, upstream).await;
+            router.dispatch(&self.client_id, local, upstream).await;
         }
         let mut unacked: Vec<Publish> = self.outgoing.drain().map(|(_, p)| p).collect();
         unacked.sort_by_key(|p| p.pkid);

@@ -1,67 +1,130 @@
-//! Where a message goes: upstream (through the durable store), to local
-//! subscribers, or both.
+//! Where a message goes: local subscribers, the durable upstream queue,
+//! module inputs, and plugins on the way.
 //!
 //! Owns the routing decision and hands messages on; it keeps no message
-//! state. Today the rule is fixed: IoT Hub telemetry topics and the
-//! configured `forward_topics` go upstream, and every message is offered to
-//! local subscribers.
+//! state. Every message is offered to local subscribers. Upstream-bound
+//! messages (IoT Hub telemetry topics and the configured `forward_topics`)
+//! then follow the route table: with none configured, they all go upstream;
+//! with one, each matching route sends the message to its sink (`$upstream`,
+//! a module input, or a plugin and what follows it). When a plugin fails,
+//! the route's `onError` policy decides: pass, drop, or dead-letter.
+//!
+//! - `rules/`: the route language and the route table.
+//! - `message.rs`: the routed view of a publish, and topics back from it.
+//! - `table.rs`: the live route table and the hub's default time to live.
+
+pub mod message;
+pub mod rules;
+pub mod table;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use self::message::MessageFields;
+use self::rules::{OnError, Route, Sink};
+use crate::metrics::Metrics;
 use crate::mqtt::broker::BrokerHandle;
 use crate::mqtt::codec::Publish;
 use crate::mqtt::dialect::Telemetry;
 use crate::mqtt::topic;
+use crate::plugins::pool::Work;
+use crate::plugins::{CallFailure, Endpoint, Message, Outcome, PluginPool, Registry};
 use crate::store::{self, AppendError, Appender, Record};
+
+pub use table::Routes;
 
 /// The outcome of making a batch durable.
 pub type Durable = oneshot::Receiver<Result<(), AppendError>>;
+
+/// The plugin side of routing: what is loaded and where calls run.
+#[derive(Clone)]
+pub struct PluginHost {
+    pub registry: Arc<Registry>,
+    pub pool: PluginPool,
+}
 
 #[derive(Clone)]
 pub struct Router {
     forward_topics: Arc<Vec<String>>,
     appender: Appender,
     broker: BrokerHandle,
+    edge_id: Arc<str>,
+    routes: Routes,
+    plugins: Option<PluginHost>,
+    metrics: Arc<Metrics>,
+}
+
+/// What routing one batch produced.
+#[derive(Default)]
+struct Deliveries {
+    records: Vec<Record>,
+    module_inputs: Vec<Publish>,
 }
 
 impl Router {
-    pub fn new(forward_topics: Vec<String>, appender: Appender, broker: BrokerHandle) -> Self {
+    pub fn new(
+        forward_topics: Vec<String>,
+        appender: Appender,
+        broker: BrokerHandle,
+        edge_id: &str,
+        routes: Routes,
+        plugins: Option<PluginHost>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             forward_topics: Arc::new(forward_topics),
             appender,
             broker,
+            edge_id: edge_id.into(),
+            routes,
+            plugins,
+            metrics,
         }
     }
 
-    /// Whether a message on `topic` is bound upstream.
+    /// Whether a message on `topic` is bound upstream (before routes).
     pub fn upstream_bound(&self, topic: &str) -> bool {
         Telemetry::parse(topic).is_some()
             || self.forward_topics.iter().any(|f| topic::matches(f, topic))
     }
 
-    /// Sends `local` to local subscribers and `upstream` to the store.
-    /// Returns the durability outcome when anything went to the store.
-    pub async fn dispatch(&self, local: Vec<Publish>, upstream: Vec<Publish>) -> Option<Durable> {
+    /// Sends `local` and `upstream` to local subscribers and routes
+    /// `upstream` (published by `client_id`). Returns the durability outcome
+    /// when anything went to the store.
+    pub async fn dispatch(
+        &self,
+        client_id: &str,
+        local: Vec<Publish>,
+        upstream: Vec<Publish>,
+    ) -> Option<Durable> {
         let now = store::now_ms();
-        let records: Vec<Record> = upstream
-            .iter()
-            .map(|p| Record {
-                enqueued_ms: now,
-                topic: p.topic.clone(),
-                payload: p.payload.clone(),
-            })
-            .collect();
+        let out = match self.routes.table() {
+            None => Deliveries {
+                records: upstream
+                    .iter()
+                    .map(|p| Record {
+                        enqueued_ms: now,
+                        topic: p.topic.clone(),
+                        payload: p.payload.clone(),
+                        ttl_secs: None,
+                    })
+                    .collect(),
+                module_inputs: Vec::new(),
+            },
+            Some(table) => self.route(&table, client_id, &upstream, now).await,
+        };
         let mut all = local;
         all.extend(upstream);
+        all.extend(out.module_inputs);
         if !all.is_empty() {
             self.broker.publish(all).await;
         }
-        if records.is_empty() {
+        if out.records.is_empty() {
             return None;
         }
-        match self.appender.append_later(records).await {
+        match self.appender.append_later(out.records).await {
             Ok(rx) => Some(rx),
             Err(e) => {
                 // The caller accounts for the refusal, as for a late one.
@@ -69,6 +132,199 @@ impl Router {
                 let _ = tx.send(Err(e));
                 Some(rx)
             }
+        }
+    }
+
+    /// Applies the route table to a batch. Plugin calls of the whole batch
+    /// are submitted first and awaited after, so a worker sees them together
+    /// (and a batch filter gets them in one call).
+    async fn route(
+        &self,
+        table: &rules::RouteTable,
+        client_id: &str,
+        upstream: &[Publish],
+        now: u64,
+    ) -> Deliveries {
+        let mut out = Deliveries::default();
+        let mut calls = Vec::new();
+        for p in upstream {
+            let m = message::from_publish(&p.topic, &p.payload, client_id, now);
+            let fields = MessageFields::new(&m);
+            let mut sent_upstream = false;
+            let mut sent_inputs: Vec<(&str, &str)> = Vec::new();
+            let matching = table.routes().iter();
+            for route in matching.filter(|r| r.matches(&m.source, &fields)) {
+                match &route.sink {
+                    // The same message to the same endpoint once, however
+                    // many routes lead there.
+                    Sink::Upstream if !sent_upstream => {
+                        sent_upstream = true;
+                        out.records.push(Record {
+                            enqueued_ms: now,
+                            topic: p.topic.clone(),
+                            payload: p.payload.clone(),
+                            ttl_secs: route.ttl_secs,
+                        });
+                    }
+                    Sink::ModuleInput { module, input }
+                        if !sent_inputs.contains(&(module.as_str(), input.as_str())) =>
+                    {
+                        sent_inputs.push((module, input));
+                        self.to_module(&mut out, module, input, &m);
+                    }
+                    Sink::Plugin { name, .. } => {
+                        calls.push((route, self.submit(name, &route.sink, m.clone())));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (route, call) in calls {
+            let (sink, input, result) = call.await;
+            self.after_plugin(&mut out, route, sink, input, result)
+                .await;
+        }
+        out
+    }
+
+    /// Hands `m` to plugin `name` (not awaited yet).
+    fn submit<'s>(
+        &self,
+        name: &str,
+        sink: &'s Sink,
+        m: Message,
+    ) -> impl std::future::Future<Output = (&'s Sink, Message, Result<Outcome, CallFailure>)> {
+        let plugin = self
+            .plugins
+            .as_ref()
+            .and_then(|h| h.registry.get(name).map(|p| (h.pool.clone(), p)));
+        let pending = plugin.map(|(pool, plugin)| {
+            let work = if plugin.kind.is_filter() {
+                Work::Filter(m.clone())
+            } else {
+                Work::Route(m.clone())
+            };
+            pool.submit(plugin, work)
+        });
+        async move {
+            let result = match pending {
+                Some(rx) => rx.await.unwrap_or(Err(CallFailure::Closed)),
+                None => Err(CallFailure::NotLoaded),
+            };
+            (sink, m, result)
+        }
+    }
+
+    /// Sends on what a plugin returned, or applies the route's failure policy.
+    async fn after_plugin(
+        &self,
+        out: &mut Deliveries,
+        route: &Route,
+        sink: &Sink,
+        input: Message,
+        result: Result<Outcome, CallFailure>,
+    ) {
+        let Sink::Plugin { name, then } = sink else {
+            return;
+        };
+        let next = then.as_deref().unwrap_or(&Sink::Upstream);
+        match result {
+            Ok(Outcome::Filtered(Some(m))) => Box::pin(self.deliver(out, route, next, m)).await,
+            Ok(Outcome::Filtered(None)) => self.metrics.filtered_out(1),
+            Ok(Outcome::Routed(endpoints)) => {
+                if endpoints.is_empty() {
+                    self.metrics.filtered_out(1);
+                }
+                for e in endpoints {
+                    match e {
+                        Endpoint::Upstream => self.to_upstream(out, route, &input),
+                        Endpoint::ModuleInput((module, inp)) => {
+                            if message::valid_segment(&module) && message::valid_segment(&inp) {
+                                self.to_module(out, &module, &inp, &input);
+                            } else {
+                                tracing::warn!(plugin = %name, module, input = inp, "router plugin named an invalid module input; ignored");
+                            }
+                        }
+                        Endpoint::Drop => self.metrics.filtered_out(1),
+                    }
+                }
+            }
+            Err(failure) => match route.on_error {
+                OnError::Pass => {
+                    let next = if matches!(failure, CallFailure::NotA("filter")) {
+                        &Sink::Upstream
+                    } else {
+                        next
+                    };
+                    Box::pin(self.deliver(out, route, next, input)).await
+                }
+                OnError::Drop => self.metrics.filtered_out(1),
+                OnError::DeadLetter => {
+                    self.metrics.dead_lettered(1);
+                    out.records.push(self.dead_letter(route, &input, &failure));
+                }
+            },
+        }
+    }
+
+    /// Sends `m` to `sink` (after a filter plugin).
+    async fn deliver(&self, out: &mut Deliveries, route: &Route, sink: &Sink, m: Message) {
+        match sink {
+            Sink::Upstream => self.to_upstream(out, route, &m),
+            Sink::ModuleInput { module, input } => self.to_module(out, module, input, &m),
+            Sink::Plugin { name, .. } => {
+                let (sink, input, result) = self.submit(name, sink, m).await;
+                self.after_plugin(out, route, sink, input, result).await;
+            }
+        }
+    }
+
+    fn to_upstream(&self, out: &mut Deliveries, route: &Route, m: &Message) {
+        out.records.push(Record {
+            enqueued_ms: m.enqueued_ms,
+            topic: message::upstream_topic(m),
+            payload: Bytes::copy_from_slice(&m.body),
+            ttl_secs: route.ttl_secs,
+        });
+    }
+
+    fn to_module(&self, out: &mut Deliveries, module: &str, input: &str, m: &Message) {
+        out.module_inputs.push(Publish {
+            topic: message::module_input_topic(&self.edge_id, module, input, m),
+            payload: Bytes::copy_from_slice(&m.body),
+            qos: 1,
+            retain: false,
+            dup: false,
+            pkid: 0,
+        });
+    }
+
+    /// The dead-letter form of `m`: stored and sent upstream as telemetry of
+    /// the hub's own `$edgeHub` module, output `deadletter`, saying which
+    /// route failed, why, and where the message came from.
+    fn dead_letter(&self, route: &Route, m: &Message, failure: &CallFailure) -> Record {
+        let mut dead = Message {
+            source: String::new(),
+            topic: format!("devices/{}/modules/$edgeHub/messages/events/", self.edge_id),
+            properties: m.properties.clone(),
+            system_properties: vec![("$outputName".into(), "deadletter".into())],
+            body: Vec::new(),
+            enqueued_ms: m.enqueued_ms,
+        };
+        dead.properties.extend([
+            ("deadLetterRoute".to_string(), route.name.clone()),
+            (
+                "deadLetterReason".to_string(),
+                format!("plugin {}", failure),
+            ),
+            ("originalSource".to_string(), m.source.clone()),
+            ("originalTopic".to_string(), m.topic.clone()),
+        ]);
+        Record {
+            enqueued_ms: m.enqueued_ms,
+            topic: message::upstream_topic(&dead),
+            payload: Bytes::copy_from_slice(&m.body),
+            ttl_secs: route.ttl_secs,
         }
     }
 }

@@ -236,6 +236,7 @@ mod tests {
             enqueued_ms: 1000 + i,
             topic: format!("devices/d/messages/events/n={i}"),
             payload: Bytes::from(i.to_string()),
+            ttl_secs: None,
         }
     }
 

@@ -1,10 +1,14 @@
 //! The on-disk form of one queued message.
 //!
-//! Layout (version 1): `[1u8][enqueued_ms: u64 BE][topic_len: u16 BE][topic][payload]`.
+//! Layout, version 1 (the hub's default time to live applies):
+//! `[1u8][enqueued_ms: u64 BE][topic_len: u16 BE][topic][payload]`;
+//! version 2 (a route's own time to live):
+//! `[2u8][enqueued_ms: u64 BE][topic_len: u16 BE][ttl_secs: u32 BE][topic][payload]`.
 
 use bytes::Bytes;
 
 const VERSION: u8 = 1;
+const VERSION_TTL: u8 = 2;
 const HEADER: usize = 1 + 8 + 2;
 
 /// One upstream-bound message as stored.
@@ -15,6 +19,8 @@ pub struct Record {
     /// The topic it is published on upstream (property bag included).
     pub topic: String,
     pub payload: Bytes,
+    /// The route's time to live; `None`: the hub's default.
+    pub ttl_secs: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -23,14 +29,21 @@ pub struct CorruptRecord(&'static str);
 
 impl Record {
     pub fn encoded_len(&self) -> usize {
-        HEADER + self.topic.len() + self.payload.len()
+        HEADER + self.ttl_secs.map_or(0, |_| 4) + self.topic.len() + self.payload.len()
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.push(VERSION);
+        out.push(if self.ttl_secs.is_some() {
+            VERSION_TTL
+        } else {
+            VERSION
+        });
         out.extend_from_slice(&self.enqueued_ms.to_be_bytes());
         out.extend_from_slice(&(self.topic.len() as u16).to_be_bytes());
+        if let Some(ttl) = self.ttl_secs {
+            out.extend_from_slice(&ttl.to_be_bytes());
+        }
         out.extend_from_slice(self.topic.as_bytes());
         out.extend_from_slice(&self.payload);
         out
@@ -42,6 +55,7 @@ impl Record {
             enqueued_ms: view.enqueued_ms,
             topic: view.topic.to_string(),
             payload: Bytes::copy_from_slice(view.payload),
+            ttl_secs: view.ttl_secs,
         })
     }
 
@@ -60,6 +74,7 @@ pub struct RecordRef<'a> {
     pub enqueued_ms: u64,
     pub topic: &'a str,
     pub payload: &'a [u8],
+    pub ttl_secs: Option<u32>,
 }
 
 impl<'a> RecordRef<'a> {
@@ -67,20 +82,38 @@ impl<'a> RecordRef<'a> {
         if bytes.len() < HEADER {
             return Err(CorruptRecord("shorter than its header"));
         }
-        if bytes[0] != VERSION {
-            return Err(CorruptRecord("unknown version"));
-        }
+        let (ttl_secs, start) = match bytes[0] {
+            VERSION => (None, HEADER),
+            VERSION_TTL => {
+                let ttl = bytes
+                    .get(HEADER..HEADER + 4)
+                    .ok_or(CorruptRecord("shorter than its header"))?;
+                let ttl = u32::from_be_bytes(ttl.try_into().expect("4 bytes"));
+                (Some(ttl), HEADER + 4)
+            }
+            _ => return Err(CorruptRecord("unknown version")),
+        };
         let enqueued_ms = Record::enqueued_ms_of(bytes)?;
         let topic_len = u16::from_be_bytes([bytes[9], bytes[10]]) as usize;
         let topic = bytes
-            .get(HEADER..HEADER + topic_len)
+            .get(start..start + topic_len)
             .ok_or(CorruptRecord("topic runs past the end"))?;
         let topic = std::str::from_utf8(topic).map_err(|_| CorruptRecord("topic is not UTF-8"))?;
         Ok(Self {
             enqueued_ms,
             topic,
-            payload: &bytes[HEADER + topic_len..],
+            payload: &bytes[start + topic_len..],
+            ttl_secs,
         })
+    }
+
+    /// Whether this record outlived its time to live (its own, or the
+    /// hub's `default_ttl_ms`) at `now_ms`.
+    pub fn expired(&self, now_ms: u64, default_ttl_ms: u64) -> bool {
+        let ttl = self
+            .ttl_secs
+            .map_or(default_ttl_ms, |s| u64::from(s) * 1000);
+        now_ms.saturating_sub(self.enqueued_ms) > ttl
     }
 }
 
@@ -94,10 +127,21 @@ mod tests {
             enqueued_ms: 1_700_000_000_123,
             topic: "devices/d1/messages/events/a=b".into(),
             payload: Bytes::from_static(b"\x00hello\xff"),
+            ttl_secs: None,
         };
         let bytes = r.encode();
         assert_eq!(bytes.len(), r.encoded_len());
         assert_eq!(Record::decode(&bytes).unwrap(), r);
+        let r = Record {
+            ttl_secs: Some(30),
+            ..r
+        };
+        let bytes = r.encode();
+        assert_eq!(bytes.len(), r.encoded_len());
+        assert_eq!(Record::decode(&bytes).unwrap(), r);
+        let view = RecordRef::parse(&bytes).unwrap();
+        assert!(!view.expired(r.enqueued_ms + 30_000, 0));
+        assert!(view.expired(r.enqueued_ms + 30_001, u64::MAX));
     }
 
     #[test]
@@ -106,6 +150,7 @@ mod tests {
             enqueued_ms: 1,
             topic: "t/opic".into(),
             payload: Bytes::new(),
+            ttl_secs: Some(1),
         };
         let bytes = r.encode();
         for cut in 0..bytes.len() - 1 {

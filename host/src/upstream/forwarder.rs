@@ -38,7 +38,8 @@ pub struct Forwarder {
     pub addresses: Vec<UpstreamAddr>,
     pub login: Login,
     pub max_inflight: usize,
-    pub ttl_ms: u64,
+    /// The hub's default time to live in ms (the hub twin may change it live).
+    pub ttl_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub max_backoff: Duration,
     /// Cloud topics subscribed to on every connection (the device scope).
     pub subscriptions: Vec<String>,
@@ -343,7 +344,7 @@ impl Forwarder {
                         continue;
                     }
                 };
-                if now.saturating_sub(record.enqueued_ms) > self.ttl_ms {
+                if record.expired(now, self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed)) {
                     self.metrics.expired(1);
                     window.push(stored.key, stored.size(), None);
                 } else {
@@ -363,12 +364,13 @@ impl Forwarder {
             let head = self.store.head();
             let batch = self.store.read_from(head, 1024)?;
             let now = store::now_ms();
+            let default_ttl = self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed);
             let mut end = head;
             let mut bytes = 0;
             for s in &batch {
                 // A corrupt record stops the sweep; the forwarder reports it.
                 match s.record() {
-                    Ok(r) if now.saturating_sub(r.enqueued_ms) > self.ttl_ms => {}
+                    Ok(r) if r.expired(now, default_ttl) => {}
                     _ => break,
                 }
                 end = s.key + 1;

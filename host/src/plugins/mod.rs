@@ -1,0 +1,97 @@
+//! The Wasm plugin host: filters and routers written in any language that
+//! compiles to a WebAssembly component of the worlds in `wit/plugin.wit`.
+//!
+//! - `bindings`: the WIT worlds as Rust types.
+//! - `engine`: the wasmtime engine, call deadlines, the compiled-code cache.
+//! - `instance`: one plugin's code and settings, its sandbox and its instances.
+//! - `registry`: the plugins loaded now, swapped atomically on reload.
+//! - `pool`: the threads that run plugin calls off the async runtime.
+//! - `watch`: reloads the plugins folder when files change.
+//! - `jsonl`: messages as JSON lines (for `edgehub plugin test`).
+//!
+//! This module does not decide which messages reach a plugin, nor what
+//! happens to a message when a plugin fails (the router does both).
+
+pub mod bindings;
+pub mod engine;
+pub mod instance;
+pub mod jsonl;
+pub mod pool;
+pub mod registry;
+pub mod watch;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use bindings::{Endpoint, Message};
+pub use engine::PluginEngine;
+pub use instance::{Grants, Instance, Kind, Limits, Plugin, Settings};
+pub use pool::{Outcome, PluginPool};
+pub use registry::Registry;
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin engine: {0}")]
+    Engine(String),
+    #[error("not a valid WebAssembly component: {0}")]
+    Compile(String),
+    #[error("cannot link: {0}")]
+    Link(String),
+    #[error("exports none of the worlds filter, batch-filter or router of edgehub:plugin@0.1.0")]
+    WrongWorld,
+    #[error("cannot start: {0}")]
+    Instantiate(String),
+    #[error("grant refused: {0}")]
+    Grant(String),
+    #[error("cannot read {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("compiled-plugin cache {path}: {message}")]
+    Cache { path: PathBuf, message: String },
+}
+
+impl PluginError {
+    fn engine(e: wasmtime::Error) -> Self {
+        Self::Engine(format!("{e:#}"))
+    }
+    fn compile(e: wasmtime::Error) -> Self {
+        Self::Compile(format!("{e:#}"))
+    }
+}
+
+/// Why one call of a plugin failed. The instance is replaced after any of these.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallFailure {
+    #[error("ran longer than its limit of {0:?}")]
+    Timeout(Duration),
+    #[error("needed more than its memory limit of {0} bytes")]
+    Memory(usize),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("bad result: {0}")]
+    BadOutput(String),
+    #[error("is not a {0}")]
+    NotA(&'static str),
+    #[error("could not be started: {0}")]
+    Start(String),
+    #[error("is not loaded")]
+    NotLoaded,
+    #[error("plugin host is shutting down")]
+    Closed,
+}
+
+impl CallFailure {
+    /// A short label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallFailure::Timeout(_) => "timeout",
+            CallFailure::Memory(_) => "memory",
+            CallFailure::Trap(_) => "trap",
+            CallFailure::BadOutput(_) => "bad_output",
+            CallFailure::NotA(_) => "wrong_kind",
+            CallFailure::Start(_) => "start",
+            CallFailure::NotLoaded => "not_loaded",
+            CallFailure::Closed => "closed",
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! The plugins loaded now, by name (a file's stem), swapped atomically.
+//!
+//! Readers take a snapshot (`get`) and keep the `Arc<Plugin>` they got for
+//! the message at hand, so a message that started on one version finishes on
+//! it; the next message sees the new one. A file that fails to load leaves
+//! the running version in place. Owns per-plugin settings: the hub config's
+//! limits and grants, and the `config` document, which the hub twin may
+//! override.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use wasmtime::component::Linker;
+
+use super::instance::{linker, PluginState};
+use super::{Grants, Limits, Plugin, PluginEngine, PluginError, Settings};
+use crate::metrics::Metrics;
+
+/// A plugin's settings from the hub's config file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalSettings {
+    pub config: Option<serde_json::Value>,
+    pub limits: Limits,
+    pub grants: Grants,
+}
+
+/// The state of one plugin file, for logs and reported properties.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FileStatus {
+    /// Short content hash of the version running now (none when none runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Why the newest file was refused (the previous version keeps running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub struct Registry {
+    engine: PluginEngine,
+    linker: Linker<PluginState>,
+    current: ArcSwap<HashMap<String, Arc<Plugin>>>,
+    local: HashMap<String, LocalSettings>,
+    default_limits: Limits,
+    /// `config` documents from the hub twin, by plugin name.
+    twin: Mutex<BTreeMap<String, serde_json::Value>>,
+    status: Mutex<BTreeMap<String, FileStatus>>,
+    /// Digest of the last file tried per name, loaded or refused.
+    tried: Mutex<HashMap<String, String>>,
+    generation: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    pub fn new(
+        engine: PluginEngine,
+        local: HashMap<String, LocalSettings>,
+        default_limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, PluginError> {
+        Ok(Self {
+            linker: linker(&engine)?,
+            engine,
+            current: ArcSwap::default(),
+            local,
+            default_limits,
+            twin: Mutex::default(),
+            status: Mutex::default(),
+            tried: Mutex::default(),
+            generation: AtomicU64::new(1),
+            metrics,
+        })
+    }
+
+    /// The version of `name` running now.
+    pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
+        self.current.load().get(name).cloned()
+    }
+
+    /// Names of the plugins running now.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.current.load().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Brings the loaded set in line with the `.wasm` files of `dir`: new and
+    /// changed files are loaded, removed files unloaded. Unchanged files (by
+    /// content) are left alone. Returns how many plugins changed.
+    pub fn sync_folder(&self, dir: &Path) -> usize {
+        let mut seen = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(folder = %dir.display(), error = %e, "cannot read plugins folder");
+                return 0;
+            }
+        };
+        let mut changed = 0;
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for path in paths {
+            let Some(name) = plugin_name(&path) else {
+                continue;
+            };
+            seen.push(name.clone());
+            let wasm = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read plugin file");
+                    continue;
+                }
+            };
+            let digest = super::engine::digest(&wasm);
+            if self.tried.lock().unwrap().get(&name) == Some(&digest) {
+                continue;
+            }
+            self.tried.lock().unwrap().insert(name.clone(), digest);
+            if self.load(&name, &wasm, &path).is_ok() {
+                changed += 1;
+            }
+        }
+        let gone: Vec<String> = self
+            .current
+            .load()
+            .keys()
+            .filter(|n| !seen.contains(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.unload(&name);
+            changed += 1;
+        }
+        self.tried.lock().unwrap().retain(|n, _| seen.contains(n));
+        self.status
+            .lock()
+            .unwrap()
+            .retain(|n, s| seen.contains(n) || s.version.is_some());
+        changed
+    }
+
+    /// Loads (or replaces) plugin `name` from `wasm`. On failure the running
+    /// version, if any, stays.
+    pub fn load(&self, name: &str, wasm: &[u8], path: &Path) -> Result<Arc<Plugin>, PluginError> {
+        let started = std::time::Instant::now();
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        match Plugin::load(
+            &self.engine,
+            &self.linker,
+            name,
+            wasm,
+            self.settings_for(name),
+            generation,
+        ) {
+            Ok((plugin, cached)) => {
+                let plugin = Arc::new(plugin);
+                let replaced = self.swap(name, Some(plugin.clone()));
+                tracing::info!(
+                    plugin = name,
+                    file = %path.display(),
+                    version = %plugin.digest,
+                    kind = plugin.kind.as_str(),
+                    from_cache = cached,
+                    millis = started.elapsed().as_millis() as u64,
+                    replaced = replaced.map(|p| p.digest.clone()).unwrap_or_default(),
+                    "plugin loaded"
+                );
+                self.metrics.plugin_reloaded();
+                self.status.lock().unwrap().insert(
+                    name.to_string(),
+                    FileStatus {
+                        version: Some(plugin.digest.clone()),
+                        kind: Some(plugin.kind.as_str()),
+                        error: None,
+                    },
+                );
+                Ok(plugin)
+            }
+            Err(e) => {
+                let running = self.get(name).map(|p| p.digest.clone());
+                tracing::error!(
+                    plugin = name,
+                    file = %path.display(),
+                    error = %e,
+                    still_running = running.as_deref().unwrap_or("none"),
+                    "plugin file refused"
+                );
+                self.metrics.plugin_rejected();
+                let mut status = self.status.lock().unwrap();
+                let s = status.entry(name.to_string()).or_default();
+                s.error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops offering `name` (messages already handed to it finish).
+    pub fn unload(&self, name: &str) {
+        if let Some(old) = self.swap(name, None) {
+            tracing::info!(plugin = name, version = %old.digest, "plugin unloaded");
+            self.metrics.plugin_reloaded();
+        }
+        self.status.lock().unwrap().remove(name);
+    }
+
+    /// Replaces the `config` documents that come from the hub twin; plugins
+    /// whose effective settings change are swapped to a new generation.
+    pub fn set_twin_configs(&self, configs: BTreeMap<String, serde_json::Value>) {
+        *self.twin.lock().unwrap() = configs;
+        for name in self.names() {
+            let Some(old) = self.get(&name) else { continue };
+            let settings = self.settings_for(&name);
+            if settings != old.settings {
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+                let new = Arc::new(old.with_settings(settings, generation));
+                self.swap(&name, Some(new));
+                tracing::info!(plugin = %name, "plugin settings changed");
+            }
+        }
+    }
+
+    /// What runs now and what was refused, by plugin name.
+    pub fn status(&self) -> BTreeMap<String, FileStatus> {
+        self.status.lock().unwrap().clone()
+    }
+
+    fn swap(&self, name: &str, plugin: Option<Arc<Plugin>>) -> Option<Arc<Plugin>> {
+        let mut old = None;
+        self.current.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            old = match &plugin {
+                Some(p) => map.insert(name.to_string(), p.clone()),
+                None => map.remove(name),
+            };
+            map
+        });
+        old
+    }
+
+    fn settings_for(&self, name: &str) -> Settings {
+        let local = self.local.get(name);
+        let config = self
+            .twin
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .or_else(|| local.and_then(|l| l.config.clone()))
+            .unwrap_or_else(|| serde_json::json!({}));
+        Settings {
+            config_json: config.to_string().into(),
+            limits: local
+                .map(|l| l.limits.clone())
+                .unwrap_or_else(|| self.default_limits.clone()),
+            grants: local.map(|l| l.grants.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+/// The plugin name of a file: its stem, when it is a visible `.wasm` file
+/// with a name the route language can refer to.
+pub fn plugin_name(path: &Path) -> Option<String> {
+    if path.extension()? != "wasm" || !path.is_file() {
+        return None;
+    }
+    let stem = path.file_stem()?.to_str()?;
+    let ok = !stem.is_empty()
+        && !stem.starts_with('.')
+        && stem
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    ok.then(|| stem.to_string())
+}
