@@ -18,6 +18,7 @@ use crate::mqtt::{broker, listener, session::SessionContext, tls};
 use crate::plugins::{self, PluginEngine, PluginPool, Registry};
 use crate::routing::{PluginHost, Router, Routes};
 use crate::store::{self, Store};
+use crate::twin::{self, HubTwin};
 use crate::upstream::{self, Forwarder, Login};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             source,
         })?;
     tracing::info!(folder = %plugin_folder.display(), loaded = ?registry.names(), "plugins folder watched");
+    let default_ttl_ms = Arc::new(AtomicU64::new(config.store.ttl_secs.saturating_mul(1000)));
+    let (hub_twin, reported) = HubTwin::open(
+        &config.storage,
+        twin::Baseline {
+            routes: config.route_table()?,
+            ttl_secs: config.store.ttl_secs,
+        },
+        routes.clone(),
+        default_ttl_ms.clone(),
+        registry.clone(),
+    );
     let (pool, pool_threads) = PluginPool::start(config.plugins.workers, metrics.clone());
     let router = Router::new(
         config.mqtt.forward_topics.clone(),
@@ -174,9 +186,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     tasks.spawn(upstream::sync::run(
         inbound_rx,
         auth.clone(),
+        hub_twin,
         shutdown.clone(),
     ));
-    let default_ttl_ms = Arc::new(AtomicU64::new(config.store.ttl_secs.saturating_mul(1000)));
     let forwarder = Forwarder {
         store: store.clone(),
         metrics: metrics.clone(),
@@ -208,6 +220,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
         subscriptions: upstream::sync::subscriptions(&config.edge_id),
         inbound: inbound_tx,
+        reported: Some((twin::reported_topic(&config.edge_id), reported)),
     };
     tasks.spawn(forwarder.run(shutdown.clone()));
     tasks.spawn(write_status(

@@ -15,4 +15,5 @@ pub mod mqtt;
 pub mod plugins;
 pub mod routing;
 pub mod store;
+pub mod twin;
 pub mod upstream;

@@ -45,6 +45,12 @@ pub struct Forwarder {
     pub subscriptions: Vec<String>,
     /// Where publishes from the cloud go (see `sync`).
     pub inbound: mpsc::Sender<CloudMessage>,
+    /// A retained document to publish on a topic whenever it changes and
+    /// after every (re)connect: the hub twin's reported properties.
+    pub reported: Option<(
+        String,
+        tokio::sync::watch::Receiver<Option<serde_json::Value>>,
+    )>,
 }
 
 /// A publish received from the upstream broker.
@@ -251,6 +257,11 @@ impl Forwarder {
         let keep_alive = Duration::from_secs(self.login.keep_alive.max(1) as u64);
         let mut ping_due = Instant::now() + keep_alive;
         let mut ping_outstanding = false;
+        let mut reported = self.reported.clone();
+        if let Some((topic, rx)) = &mut reported {
+            let doc = rx.borrow_and_update().clone();
+            publish_retained(conn, topic, doc);
+        }
         if !self.subscriptions.is_empty() {
             let filters: Vec<v4::SubscribeFilter> = self
                 .subscriptions
@@ -306,6 +317,17 @@ impl Forwarder {
                     }
                 }
                 _ = tail.changed(), if room => {}
+                Ok(()) = async {
+                    match &mut reported {
+                        Some((_, rx)) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((topic, rx)) = &mut reported {
+                        let doc = rx.borrow_and_update().clone();
+                        publish_retained(conn, topic, doc);
+                    }
+                }
                 _ = tokio::time::sleep_until(ping_due) => {
                     if ping_outstanding {
                         return Err(UpstreamError::KeepAlive);
@@ -457,4 +479,13 @@ mod tests {
             w.ack(id);
         }
     }
+}
+
+/// Queues a retained QoS 0 PUBLISH of a JSON document (sent again after
+/// every reconnect, so at-most-once is enough).
+fn publish_retained(conn: &mut Connection, topic: &str, doc: Option<serde_json::Value>) {
+    let Some(doc) = doc else { return };
+    let mut p = v4::Publish::new(topic, QoS::AtMostOnce, doc.to_string());
+    p.retain = true;
+    conn.send(v4::Packet::Publish(p));
 }
