@@ -477,6 +477,10 @@ async fn subscribe_loop(
                         conn.queue(Packet::PubAck(PubAck::new(publish.pkid)))?;
                         pending_acks += 1;
                     }
+                    // The hub's own twin reports (retained) are not load.
+                    if publish.topic.contains("/$edgeHub/twin/") {
+                        continue;
+                    }
                     stats.received += 1;
                     match parse_seq(&publish.payload).filter(|&s| s < stats.expected) {
                         None => stats.unparsed += 1,

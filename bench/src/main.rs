@@ -8,6 +8,7 @@
 //! `cargo run --release -p edgehub-bench -- --help`
 
 mod load;
+mod plugin_calls;
 mod report;
 mod rss;
 mod scenario;
@@ -70,6 +71,14 @@ struct Args {
     /// Run every system this many times (interleaved) and report medians.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// The built example plugins [default: <workspace>/plugins/dist].
+    #[arg(long)]
+    plugins: Option<PathBuf>,
+    /// Instead of the comparison: the cost of one call of each example
+    /// filter (every language built in the plugins folder), via
+    /// `edgehub plugin test --bench`.
+    #[arg(long)]
+    plugin_calls: bool,
     /// Keep the working directory (configs, logs, stores) afterwards.
     #[arg(long)]
     keep: bool,
@@ -78,16 +87,21 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum System {
     Edgehub,
+    /// edgehub routing every message through a Rust filter plugin.
+    EdgehubFilter,
+    /// edgehub routing every message through a Rust router plugin.
+    EdgehubRouter,
     Bridge,
     Upstream,
 }
 
-fn default_edgehub_bin() -> PathBuf {
+fn workspace_dir() -> PathBuf {
     let bench_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    bench_dir
-        .parent()
-        .unwrap_or(bench_dir)
-        .join("target/release/edgehub")
+    bench_dir.parent().unwrap_or(bench_dir).to_path_buf()
+}
+
+fn default_edgehub_bin() -> PathBuf {
+    workspace_dir().join("target/release/edgehub")
 }
 
 fn main() -> Result<()> {
@@ -142,9 +156,16 @@ async fn run(args: Args) -> Result<()> {
         as_root: systems::running_as_root(),
         work: work.clone(),
         rss_interval: Duration::from_millis(100),
+        plugins: args
+            .plugins
+            .clone()
+            .unwrap_or_else(|| workspace_dir().join("plugins/dist")),
     };
     report::print_header(&settings, &edgehub_bin);
 
+    if args.plugin_calls {
+        return plugin_calls::run(&edgehub_bin, &settings.plugins, &work);
+    }
     if rss_mode {
         if settings.edgehub.is_none() {
             bail!("--rss-messages needs edgehub at {}", edgehub_bin.display());
@@ -177,6 +198,12 @@ async fn run(args: Args) -> Result<()> {
                 };
                 let result = match system {
                     System::Edgehub => scenario::store_and_forward(&settings, Sut::Edgehub).await,
+                    System::EdgehubFilter => {
+                        scenario::store_and_forward(&settings, Sut::EdgehubFilter).await
+                    }
+                    System::EdgehubRouter => {
+                        scenario::store_and_forward(&settings, Sut::EdgehubRouter).await
+                    }
                     System::Bridge => scenario::store_and_forward(&settings, Sut::Bridge).await,
                     System::Upstream => scenario::ceiling(&settings).await,
                 };

@@ -339,6 +339,7 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
         find("mosquitto bridge"),
         find("upstream ceiling (direct)"),
     );
+    let (filter, router) = (find("edgehub + Rust filter"), find("edgehub + Rust router"));
     let ingest = |g: Option<&Runs>| g.and_then(Runs::ingest_rate);
     let drain = |g: Option<&Runs>| g.and_then(Runs::delivery_rate);
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -367,6 +368,21 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
         "  edgehub ingest / upstream ingest:   {}  (upstream ingest is with its subscriber attached)",
         ratio(ingest(edgehub), ingest(ceiling))
     );
+
+    for (name, g) in [("filter", filter), ("router", router)] {
+        if g.is_some() {
+            println!(
+                "  edgehub + Rust {name} / edgehub:     ingest {}, drain {}",
+                ratio(ingest(g), ingest(edgehub)),
+                ratio(drain(g), drain(edgehub))
+            );
+            println!(
+                "  edgehub + Rust {name} / bridge:      ingest {}, drain {}",
+                ratio(ingest(g), ingest(bridge)),
+                ratio(drain(g), drain(bridge))
+            );
+        }
+    }
 
     let all: Vec<SystemResult> = groups.iter().flat_map(|g| g.0.iter().cloned()).collect();
     print_notes(&all);

@@ -33,6 +33,8 @@ pub struct Settings {
     pub as_root: bool,
     pub work: PathBuf,
     pub rss_interval: Duration,
+    /// Where the built example plugins are (for the plugin systems).
+    pub plugins: PathBuf,
 }
 
 impl Settings {
@@ -49,6 +51,10 @@ impl Settings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sut {
     Edgehub,
+    /// edgehub with every message routed through a Rust filter plugin.
+    EdgehubFilter,
+    /// edgehub with every message routed through a Rust router plugin.
+    EdgehubRouter,
     Bridge,
 }
 
@@ -56,6 +62,8 @@ impl Sut {
     pub fn label(self) -> &'static str {
         match self {
             Sut::Edgehub => "edgehub",
+            Sut::EdgehubFilter => "edgehub + Rust filter",
+            Sut::EdgehubRouter => "edgehub + Rust router",
             Sut::Bridge => "mosquitto bridge",
         }
     }
@@ -63,6 +71,8 @@ impl Sut {
     fn dir_name(self) -> &'static str {
         match self {
             Sut::Edgehub => "edgehub",
+            Sut::EdgehubFilter => "edgehub-filter",
+            Sut::EdgehubRouter => "edgehub-router",
             Sut::Bridge => "bridge",
         }
     }
@@ -265,14 +275,20 @@ async fn start_sut(
 ) -> Result<Started> {
     let mut metrics_port = None;
     let (mut proc, store) = match sut {
-        Sut::Edgehub => {
+        Sut::Edgehub | Sut::EdgehubFilter | Sut::EdgehubRouter => {
             let bin = s
                 .edgehub
                 .as_deref()
                 .context("edgehub binary not available")?;
             let metrics = systems::free_port()?;
             metrics_port = Some(metrics);
-            let proc = systems::start_edgehub(bin, dir, port, upstream_port, metrics)?;
+            let config = match sut {
+                Sut::EdgehubFilter => Some(systems::plugin_config(dir, &s.plugins, "filter")?),
+                Sut::EdgehubRouter => Some(systems::plugin_config(dir, &s.plugins, "router")?),
+                _ => None,
+            };
+            let proc =
+                systems::start_edgehub(bin, dir, port, upstream_port, metrics, config.as_deref())?;
             (proc, dir.join("storage"))
         }
         Sut::Bridge => {

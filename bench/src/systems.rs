@@ -249,6 +249,7 @@ pub fn start_edgehub(
     port: u16,
     upstream_port: u16,
     metrics_port: u16,
+    config: Option<&Path>,
 ) -> Result<Proc> {
     let storage = dir.join("storage");
     std::fs::create_dir_all(&storage)?;
@@ -263,6 +264,9 @@ pub fn start_edgehub(
         .arg("--metrics")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .current_dir(dir);
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
     // Only the command line configures the hub under test.
     for var in [
         "EDGEHUB_CONFIG",
@@ -279,6 +283,39 @@ pub fn start_edgehub(
     }
     let console = dir.join("edgehub.console.log");
     Proc::spawn("edgehub", cmd, dir, console)
+}
+
+/// A hub config that routes every message through one Rust example plugin:
+/// `filter` is the deduplicator keyed by body (every bench message is new,
+/// so all pass, after hashing and remembering each one); `router` is the
+/// content router (bench payloads are not JSON: each takes the default,
+/// upstream). Returns the config file's path.
+pub fn plugin_config(dir: &Path, plugins: &Path, kind: &str) -> Result<PathBuf> {
+    let (file, route) = match kind {
+        "filter" => (
+            "dedup",
+            r#"FROM /messages/* INTO plugin("dedup") THEN $upstream"#,
+        ),
+        _ => (
+            "content-router",
+            r#"FROM /messages/* INTO plugin("content-router")"#,
+        ),
+    };
+    let src = plugins.join(format!("{file}.wasm"));
+    let folder = dir.join("plugins");
+    std::fs::create_dir_all(&folder)?;
+    std::fs::copy(&src, folder.join(format!("{file}.wasm"))).with_context(|| {
+        format!(
+            "copy {} (build the plugins: bash plugins/build.sh rust)",
+            src.display()
+        )
+    })?;
+    let config = format!(
+        "[plugins]\nfolder = {folder:?}\n[plugins.settings.dedup]\nconfig = {{ by = \"body\", capacity = 10000 }}\n[routes]\nall = '{route}'\n"
+    );
+    let path = dir.join("edgehub.toml");
+    std::fs::write(&path, config)?;
+    Ok(path)
 }
 
 /// `GET path` over plain HTTP/1.0; returns the body (used for edgehub's

@@ -484,12 +484,19 @@ fn plugin_test(args: PluginTestArgs) -> Result<()> {
         summary.messages, summary.passed, summary.dropped, summary.routed, summary.failed
     );
     if args.bench > 0 && !messages.is_empty() {
-        let per_call = jsonl::bench(&plugin, &messages, args.bench)?;
+        let (one, batched) = jsonl::bench(&plugin, &messages, args.bench)?;
         eprintln!(
-            "bench: {:.0} ns per call ({} calls, one warm instance)",
-            per_call.as_nanos(),
+            "bench: {} ns per call ({} calls, one warm instance)",
+            one.as_nanos(),
             args.bench * messages.len()
         );
+        if let Some(b) = batched {
+            eprintln!(
+                "bench: {} ns per message in batches of {}",
+                b.as_nanos(),
+                messages.len()
+            );
+        }
     }
     if let Some(expect) = &args.expect {
         let want = std::fs::read_to_string(expect)

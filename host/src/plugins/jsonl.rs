@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -184,28 +185,41 @@ pub fn run(
     Ok(summary)
 }
 
-/// Mean cost of one call over `rounds` passes of `messages` through one
-/// warm instance (batch filters get each pass as one batch).
+/// Mean cost per message over `rounds` passes of `messages` through one
+/// warm instance: one call per message, and (for a batch filter) one call
+/// per pass.
 pub fn bench(
     plugin: &Plugin,
     messages: &[Message],
     rounds: usize,
-) -> Result<std::time::Duration, CallFailure> {
+) -> Result<(Duration, Option<Duration>), CallFailure> {
     let mut inst = plugin
         .instantiate()
         .map_err(|e| CallFailure::Start(e.to_string()))?;
-    let call = |inst: &mut Instance| -> Result<(), CallFailure> {
+    let single = |inst: &mut Instance| -> Result<(), CallFailure> {
         match plugin.kind {
             Kind::Router => messages.iter().try_for_each(|m| inst.route(m).map(drop)),
-            _ => inst.filter_batch(messages).map(drop),
+            _ => messages.iter().try_for_each(|m| inst.filter(m).map(drop)),
         }
     };
-    call(&mut inst)?;
-    let started = std::time::Instant::now();
+    let per_message = |started: Instant| started.elapsed() / (rounds * messages.len()) as u32;
+    single(&mut inst)?;
+    let started = Instant::now();
     for _ in 0..rounds {
-        call(&mut inst)?;
+        single(&mut inst)?;
     }
-    Ok(started.elapsed() / (rounds * messages.len()) as u32)
+    let one = per_message(started);
+    let batched = if plugin.kind == Kind::BatchFilter {
+        inst.filter_batch(messages)?;
+        let started = Instant::now();
+        for _ in 0..rounds {
+            inst.filter_batch(messages)?;
+        }
+        Some(per_message(started))
+    } else {
+        None
+    };
+    Ok((one, batched))
 }
 
 /// Reads JSON lines (blank lines skipped) into messages.
