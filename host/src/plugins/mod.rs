@@ -55,7 +55,9 @@ impl PluginError {
         Self::Engine(format!("{e:#}"))
     }
     fn compile(e: wasmtime::Error) -> Self {
-        Self::Compile(format!("{e:#}"))
+        // One line: parser errors may hold pretty-printed byte lists.
+        let text = format!("{e:#}");
+        Self::Compile(text.split_whitespace().collect::<Vec<_>>().join(" "))
     }
 }
 

@@ -47,6 +47,10 @@ pub fn from_publish(topic_name: &str, body: &[u8], client_id: &str, now_ms: u64)
                 if k == "$.on" {
                     output = Some(v.clone());
                 }
+                // The connection properties are the hub's to set, never the sender's.
+                if k.starts_with("$.connection") {
+                    continue;
+                }
                 match SYSTEM.iter().find(|(bag, _)| *bag == k) {
                     Some((_, name)) => system_properties.push((name.to_string(), v)),
                     None if k.starts_with("$.") => {
@@ -195,6 +199,19 @@ mod tests {
         assert_eq!(f.system_property("$contentType"), Some("application/json"));
         assert_eq!(f.system_property("$connectionModuleId"), Some("m1"));
         assert_eq!(f.system_property("$outputName"), Some("out1"));
+    }
+
+    #[test]
+    fn a_sender_cannot_claim_another_connection_identity() {
+        let m = from_publish(
+            "devices/d1/messages/events/%24.connectionDeviceId=boss&%24.connectionModuleId=m9",
+            b"",
+            "d1",
+            0,
+        );
+        let f = MessageFields::new(&m);
+        assert_eq!(f.system_property("$connectionDeviceId"), Some("d1"));
+        assert_eq!(f.system_property("$connectionModuleId"), None);
     }
 
     #[test]

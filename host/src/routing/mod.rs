@@ -239,31 +239,42 @@ impl Router {
                     match e {
                         Endpoint::Upstream => self.to_upstream(out, route, &input),
                         Endpoint::ModuleInput((module, inp)) => {
-                            if message::valid_segment(&module) && message::valid_segment(&inp) {
-                                self.to_module(out, &module, &inp, &input);
-                            } else {
-                                tracing::warn!(plugin = %name, module, input = inp, "router plugin named an invalid module input; ignored");
-                            }
+                            self.to_module(out, &module, &inp, &input)
                         }
                         Endpoint::Drop => self.metrics.filtered_out(1),
                     }
                 }
             }
-            Err(failure) => match route.on_error {
-                OnError::Pass => {
-                    let next = if matches!(failure, CallFailure::NotA("filter")) {
-                        &Sink::Upstream
-                    } else {
-                        next
-                    };
-                    Box::pin(self.deliver(out, route, next, input)).await
+            Err(failure) => {
+                if matches!(failure, CallFailure::NotLoaded) {
+                    // Failures of a running plugin are counted by the pool.
+                    self.metrics.plugin_failed();
+                    tracing::warn!(route = %route.name, plugin = %name, policy = ?route.on_error, "route names a plugin that is not loaded");
                 }
-                OnError::Drop => self.metrics.filtered_out(1),
-                OnError::DeadLetter => {
-                    self.metrics.dead_lettered(1);
-                    out.records.push(self.dead_letter(route, &input, &failure));
-                }
-            },
+                self.on_failure(out, route, name, next, input, failure)
+                    .await
+            }
+        }
+    }
+
+    /// Applies the route's `onError` policy to a message its plugin failed on.
+    async fn on_failure(
+        &self,
+        out: &mut Deliveries,
+        route: &Route,
+        plugin: &str,
+        next: &Sink,
+        input: Message,
+        failure: CallFailure,
+    ) {
+        match route.on_error {
+            OnError::Pass => Box::pin(self.deliver(out, route, next, input)).await,
+            OnError::Drop => self.metrics.filtered_out(1),
+            OnError::DeadLetter => {
+                self.metrics.dead_lettered(1);
+                out.records
+                    .push(self.dead_letter(route, plugin, &input, &failure));
+            }
         }
     }
 
@@ -289,6 +300,10 @@ impl Router {
     }
 
     fn to_module(&self, out: &mut Deliveries, module: &str, input: &str, m: &Message) {
+        if !message::valid_segment(module) || !message::valid_segment(input) {
+            tracing::warn!(module, input, "not a deliverable module input (wildcards or slashes); message not delivered there");
+            return;
+        }
         out.module_inputs.push(Publish {
             topic: message::module_input_topic(&self.edge_id, module, input, m),
             payload: Bytes::copy_from_slice(&m.body),
@@ -302,12 +317,25 @@ impl Router {
     /// The dead-letter form of `m`: stored and sent upstream as telemetry of
     /// the hub's own `$edgeHub` module, output `deadletter`, saying which
     /// route failed, why, and where the message came from.
-    fn dead_letter(&self, route: &Route, m: &Message, failure: &CallFailure) -> Record {
+    fn dead_letter(
+        &self,
+        route: &Route,
+        plugin: &str,
+        m: &Message,
+        failure: &CallFailure,
+    ) -> Record {
         let mut dead = Message {
             source: String::new(),
             topic: format!("devices/{}/modules/$edgeHub/messages/events/", self.edge_id),
             properties: m.properties.clone(),
-            system_properties: vec![("$outputName".into(), "deadletter".into())],
+            // Content type, message id… stay; the output is the dead-letter one.
+            system_properties: m
+                .system_properties
+                .iter()
+                .filter(|(k, _)| k != "$outputName")
+                .cloned()
+                .chain([("$outputName".to_string(), "deadletter".to_string())])
+                .collect(),
             body: Vec::new(),
             enqueued_ms: m.enqueued_ms,
         };
@@ -315,7 +343,7 @@ impl Router {
             ("deadLetterRoute".to_string(), route.name.clone()),
             (
                 "deadLetterReason".to_string(),
-                format!("plugin {}", failure),
+                format!("plugin {plugin:?} {failure}"),
             ),
             ("originalSource".to_string(), m.source.clone()),
             ("originalTopic".to_string(), m.topic.clone()),

@@ -99,14 +99,18 @@ impl HubTwin {
             reported,
         });
         match std::fs::read(&twin.cache_path) {
-            Ok(bytes) => match twin.check(&bytes) {
+            Ok(bytes) => match HubTwin::check(&bytes) {
                 Ok(desired) => {
                     tracing::info!(version = ?desired.version, "hub twin restored from cache");
                     twin.put_in_force(desired, &bytes);
                 }
                 Err(e) => {
                     tracing::error!(path = %twin.cache_path.display(), error = %e, "cached hub twin refused");
-                    twin.state.lock().unwrap().status = (400, e.to_string());
+                    let mut state = twin.state.lock().unwrap();
+                    state.status = (400, e.to_string());
+                    state.version = serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .and_then(|v| v.get("$version").and_then(Value::as_i64));
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -120,7 +124,7 @@ impl HubTwin {
 
     /// Applies a desired document from the cloud, caches it, and reports.
     pub fn apply(&self, payload: &[u8]) -> Result<(), TwinError> {
-        let desired = match self.check(payload) {
+        let desired = match Self::check(payload) {
             Ok(d) => d,
             Err(e) => {
                 let version = serde_json::from_slice::<Value>(payload)
@@ -137,12 +141,27 @@ impl HubTwin {
         if self.state.lock().unwrap().applied.as_ref()
             == serde_json::from_slice::<Value>(payload).ok().as_ref()
         {
-            return Ok(()); // The same document again (a reconnect).
+            // The document in force again (a reconnect, or a refused one
+            // taken back): nothing changes but the status.
+            let mut state = self.state.lock().unwrap();
+            state.status = (200, String::new());
+            state.version = desired.version;
+            drop(state);
+            self.report();
+            return Ok(());
         }
-        write_atomically(&self.cache_path, payload).map_err(|source| TwinError::Cache {
-            path: self.cache_path.clone(),
-            source,
-        })?;
+        if let Err(source) = write_atomically(&self.cache_path, payload) {
+            let e = TwinError::Cache {
+                path: self.cache_path.clone(),
+                source,
+            };
+            let mut state = self.state.lock().unwrap();
+            state.status = (500, e.to_string());
+            state.version = desired.version;
+            drop(state);
+            self.report();
+            return Err(e);
+        }
         tracing::info!(version = ?desired.version, "hub twin desired properties applied");
         self.put_in_force(desired, payload);
         self.report();
@@ -150,7 +169,7 @@ impl HubTwin {
     }
 
     /// Checks a desired document without applying anything.
-    fn check(&self, payload: &[u8]) -> Result<Desired, TwinError> {
+    fn check(payload: &[u8]) -> Result<Desired, TwinError> {
         let doc: Value =
             serde_json::from_slice(payload).map_err(|e| TwinError::NotJson(e.to_string()))?;
         let Value::Object(obj) = &doc else {
@@ -252,22 +271,25 @@ impl HubTwin {
 
     fn reported_document(&self) -> Value {
         let state = self.state.lock().unwrap();
-        let routes: serde_json::Map<String, Value> = self
-            .routes
-            .table()
-            .map(|t| {
-                t.routes()
-                    .iter()
-                    .map(|r| {
-                        let mut v = json!({"route": r.text, "priority": r.priority});
-                        if let Some(ttl) = r.ttl_secs {
-                            v["timeToLiveSecs"] = json!(ttl);
-                        }
-                        (r.name.clone(), v)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        // `null`: no route table, every upstream-bound message goes upstream.
+        let routes: Option<serde_json::Map<String, Value>> = self.routes.table().map(|t| {
+            t.routes()
+                .iter()
+                .map(|r| {
+                    let on_error = match r.on_error {
+                        crate::routing::rules::OnError::Pass => "pass",
+                        crate::routing::rules::OnError::Drop => "drop",
+                        crate::routing::rules::OnError::DeadLetter => "deadletter",
+                    };
+                    let mut v =
+                        json!({"route": r.text, "priority": r.priority, "onError": on_error});
+                    if let Some(ttl) = r.ttl_secs {
+                        v["timeToLiveSecs"] = json!(ttl);
+                    }
+                    (r.name.clone(), v)
+                })
+                .collect()
+        });
         json!({
             "schemaVersion": "1.1",
             "lastDesiredVersion": state.version,
@@ -294,4 +316,44 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(doc: &str) -> String {
+        match HubTwin::check(doc.as_bytes()) {
+            Ok(_) => panic!("accepted: {doc}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_example_desired_document_is_valid() {
+        let d = HubTwin::check(include_bytes!("../../../examples/hub-twin-desired.json")).unwrap();
+        assert_eq!(d.version, Some(1));
+        assert_eq!(d.routes.unwrap().1.routes().len(), 2);
+        assert_eq!(d.ttl_secs, Some(7200));
+        assert!(d.plugin_configs.contains_key("content-router"));
+    }
+
+    #[test]
+    fn every_problem_of_a_desired_document_is_named() {
+        let e = error_of(
+            r#"{"routes":{"r1":"FROM /messages/* INTO $nowhere"},"storeAndForwardConfiguration":{"timeToLiveSecs":0},"plugins":{"p":{"limits":1}},"extra":1}"#,
+        );
+        assert!(e.contains("routes.r1: column 23"), "{e}");
+        assert!(e.contains("timeToLiveSecs: 0"), "{e}");
+        assert!(e.contains("plugins.p"), "{e}");
+        assert!(e.contains("unknown property \"extra\""), "{e}");
+        assert!(error_of("[1,2]").contains("not a JSON object"));
+        assert!(error_of("{").contains("not a JSON object"));
+    }
+
+    #[test]
+    fn a_document_without_settings_is_valid_and_means_the_config_defaults() {
+        let d = HubTwin::check(br#"{"$version": 4}"#).unwrap();
+        assert!(d.routes.is_none() && d.ttl_secs.is_none() && d.plugin_configs.is_empty());
+    }
 }

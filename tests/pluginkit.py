@@ -1,0 +1,290 @@
+"""Shared helpers for the plugin and route tests: where the example plugins
+are, hub config files with ``[plugins]`` and ``[routes]``, atomic plugin
+installs, waiting for hub log lines, and reading IoT Hub property bags.
+
+Test modules import the fixtures they use from here (``plugins_dist``,
+``plugin_hub``) so that pytest finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import unquote
+
+import pytest
+
+from helpers import Hub, Upstream, WaitTimeout, tail
+
+REPO = Path(__file__).resolve().parent.parent
+TESTDATA = REPO / "plugins" / "testdata"
+
+EXAMPLE_PLUGINS = ("field-filter", "dedup", "content-router", "hostile", "wrong-world")
+
+
+# --------------------------------------------------------------------------
+# the example plugins
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def plugins_dist() -> Path:
+    """The folder with the built example plugins ($EDGEHUB_PLUGINS, default
+    plugins/dist). The Rust examples must all be there."""
+    path = Path(os.environ.get("EDGEHUB_PLUGINS", REPO / "plugins" / "dist"))
+    missing = [p for p in EXAMPLE_PLUGINS if not (path / f"{p}.wasm").is_file()]
+    if missing:
+        pytest.fail(
+            f"example plugins {missing} not found in {path}; build them "
+            "(bash plugins/build.sh rust) or set EDGEHUB_PLUGINS",
+            pytrace=False,
+        )
+    return path
+
+
+def corrupt_bytes(valid: bytes | None = None) -> bytes:
+    """Bytes that are no WebAssembly component: the start of a valid one cut
+    short when given (right magic, broken body), else random bytes."""
+    if valid is not None:
+        return valid[: len(valid) // 3]
+    return os.urandom(2048)
+
+
+# --------------------------------------------------------------------------
+# config files
+# --------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
+def toml_value(v) -> str:
+    """A TOML value for str/int/float/bool/list/dict (dicts as inline tables)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def hub_config_text(
+    *,
+    folder: Path | None = None,
+    routes: dict | None = None,
+    settings: dict[str, dict] | None = None,
+    timeout_ms: int | None = None,
+    memory_mb: int | None = None,
+) -> str:
+    """``[plugins]`` (folder, limits, ``settings.<name>``) and ``[routes]``.
+    ``routes``: name -> route text, or name -> {route, priority,
+    timeToLiveSecs, onError}. ``settings``: name -> {config, timeout_ms, ...}."""
+    lines = ["[plugins]"]
+    if folder is not None:
+        lines.append(f"folder = {toml_value(str(folder))}")
+    if timeout_ms is not None:
+        lines.append(f"timeout_ms = {timeout_ms}")
+    if memory_mb is not None:
+        lines.append(f"memory_mb = {memory_mb}")
+    for name, s in (settings or {}).items():
+        lines.append("")
+        lines.append(f"[plugins.settings.{_key(name)}]")
+        for k, v in s.items():
+            lines.append(f"{_key(k)} = {toml_value(v)}")
+    if routes is not None:
+        lines.append("")
+        lines.append("[routes]")
+        for name, r in routes.items():
+            lines.append(f"{_key(name)} = {toml_value(r)}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# plugin files
+# --------------------------------------------------------------------------
+
+
+def install_plugin(folder: Path, name: str, source: Path | bytes) -> Path:
+    """Puts ``source`` (a file or bytes) at ``folder/name.wasm`` atomically:
+    written to a hidden temporary file first, then renamed over."""
+    folder = Path(folder)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.write_bytes(data)
+    target = folder / f"{name}.wasm"
+    os.replace(tmp, target)
+    return target
+
+
+def remove_plugin(folder: Path, name: str) -> None:
+    (Path(folder) / f"{name}.wasm").unlink()
+
+
+# --------------------------------------------------------------------------
+# hub logs
+# --------------------------------------------------------------------------
+
+
+class LogWatch:
+    """Reads a hub's log from a mark on: ``mark()`` then ``wait(regex)``."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.offset = 0
+
+    def size(self) -> int:
+        try:
+            return self.hub.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def mark(self) -> "LogWatch":
+        self.offset = self.size()
+        return self
+
+    def text(self, since_mark: bool = True) -> str:
+        data = Path(self.hub.log_path).read_bytes()
+        if since_mark:
+            data = data[self.offset:]
+        return data.decode("utf-8", "replace")
+
+    def wait(self, pattern: str, timeout: float, desc: str | None = None) -> re.Match:
+        """Waits until a line after the mark matches ``pattern`` (a regex)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.text())
+            if m:
+                return m
+            if not self.hub.alive():
+                raise AssertionError(f"the hub died while waiting for {desc or pattern!r}:\n{tail(self.hub.log_path)}")
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"timed out after {timeout}s waiting for log line {desc or pattern!r}; log since mark:\n"
+                    f"{self.text()[-4000:]}"
+                )
+            time.sleep(0.02)
+
+
+def loaded_re(name: str) -> str:
+    return rf'plugin loaded plugin="{re.escape(name)}"[^\n]*'
+
+
+def refused_re(name: str) -> str:
+    return rf'plugin file refused plugin="{re.escape(name)}"[^\n]*'
+
+
+def unloaded_re(name: str) -> str:
+    return rf'plugin unloaded plugin="{re.escape(name)}"[^\n]*'
+
+
+# --------------------------------------------------------------------------
+# hubs with plugins and routes
+# --------------------------------------------------------------------------
+
+
+class PluginHub:
+    """A hub started with a config file and its own plugins folder."""
+
+    def __init__(self, hub: Hub, folder: Path, config_path: Path, edge_id: str):
+        self.hub = hub
+        self.folder = folder
+        self.config_path = config_path
+        self.edge_id = edge_id
+        self.log = LogWatch(hub)
+
+    @property
+    def port(self) -> int:
+        return self.hub.port
+
+    def install(self, name: str, source: Path | bytes) -> Path:
+        return install_plugin(self.folder, name, source)
+
+    def remove(self, name: str) -> None:
+        remove_plugin(self.folder, name)
+
+    def metric(self, name: str) -> float:
+        return self.hub.metric(name)
+
+    def wait_metric(self, name, pred, timeout, desc):
+        return self.hub.wait_metric(name, pred, timeout, desc)
+
+
+@pytest.fixture
+def plugin_hub(hub_factory, tmp_path):
+    """make(upstream, routes=..., plugins={name: path-or-bytes}, settings=...,
+    timeout_ms=..., memory_mb=..., edge_id=..., start=True, **Hub kwargs) ->
+    PluginHub. The plugins are in the folder before the hub starts."""
+    count = [0]
+
+    def make(
+        upstream: Upstream | str | None,
+        *,
+        routes: dict | None = None,
+        plugins: dict[str, Path | bytes] | None = None,
+        settings: dict[str, dict] | None = None,
+        timeout_ms: int | None = None,
+        memory_mb: int | None = None,
+        edge_id: str = "edge-p",
+        start: bool = True,
+        **kw,
+    ) -> PluginHub:
+        count[0] += 1
+        folder = tmp_path / f"plugins-{count[0]}"
+        folder.mkdir()
+        for name, src in (plugins or {}).items():
+            install_plugin(folder, name, src)
+        cfg = tmp_path / f"hub-{count[0]}.toml"
+        cfg.write_text(
+            hub_config_text(folder=folder, routes=routes, settings=settings, timeout_ms=timeout_ms,
+                            memory_mb=memory_mb)
+        )
+        extra = list(kw.pop("extra_args", ())) + ["--config", str(cfg)]
+        hub = hub_factory(upstream, start=start, edge_id=edge_id, extra_args=extra, **kw)
+        return PluginHub(hub, folder, cfg, edge_id)
+
+    return make
+
+
+# --------------------------------------------------------------------------
+# topics and property bags
+# --------------------------------------------------------------------------
+
+
+def split_telemetry(topic: str) -> tuple[str, list[tuple[str, str]]]:
+    """``devices/d/messages/events/a=1&b=2`` -> (``devices/d/messages/events/``,
+    [(a, 1), (b, 2)]), keys and values percent-decoded."""
+    m = re.match(r"^(devices/[^/]+/(?:modules/[^/]+/)?(?:messages/events|inputs/[^/]+)/)(.*)$", topic)
+    assert m, f"not a telemetry or module-input topic: {topic!r}"
+    return m.group(1), parse_bag(m.group(2))
+
+
+def parse_bag(bag: str) -> list[tuple[str, str]]:
+    out = []
+    for part in bag.split("&") if bag else []:
+        k, _, v = part.partition("=")
+        out.append((unquote(k), unquote(v)))
+    return out
+
+
+def bag_dict(topic: str) -> dict[str, str]:
+    return dict(split_telemetry(topic)[1])
+
+
+def only(items: Iterable, what: str):
+    items = list(items)
+    assert len(items) == 1, f"expected exactly one {what}, got {len(items)}: {items}"
+    return items[0]

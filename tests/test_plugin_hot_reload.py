@@ -1,0 +1,269 @@
+"""Plugins are reloaded while the hub runs: files replaced, refused, deleted
+and added in the plugins folder take effect within about a second, without
+losing or duplicating messages."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+
+from helpers import Publisher, assert_strictly_increasing, wait_until
+from pluginkit import (  # noqa: F401 - fixtures
+    corrupt_bytes,
+    loaded_re,
+    plugin_hub,
+    plugins_dist,
+    refused_re,
+    split_telemetry,
+    unloaded_re,
+)
+
+EDGE = "edge-h"
+SENTINEL_TOPIC = "devices/sentinel/messages/events/"
+SENTINEL_ROUTE = "FROM /messages/devices/sentinel INTO $upstream"
+DEAD_LETTER_PREFIX = f"devices/{EDGE}/modules/$edgeHub/messages/events/"
+RELOAD_TIMEOUT = 10  # "about a second", with room for a slow machine
+
+
+def publish_then_sentinel(pub, collector, items, tag: bytes, timeout: float = 20):
+    """Publishes ``items`` then a sentinel ``tag`` (b"sentinel-..."); returns
+    what arrived upstream between the previous sentinel and this one (one
+    client's messages are routed and forwarded in order)."""
+    for topic, payload in items:
+        rc = pub.publish_and_wait(topic, payload)
+        assert rc < 0x80, f"publish on {topic} refused with {rc:#x}"
+    assert pub.publish_and_wait(SENTINEL_TOPIC, tag) < 0x80
+    msgs = collector.wait_payload(tag, timeout)
+    end = next(i for i, (_, p) in enumerate(msgs) if p == tag)
+    prev = [i for i, (_, p) in enumerate(msgs[:end]) if p.startswith(b"sentinel-")]
+    return msgs[(prev[-1] + 1 if prev else 0):end]
+
+
+def digest_of(log_line: str) -> str:
+    m = re.search(r"version=(\w+)", log_line)
+    assert m, f"no version in {log_line!r}"
+    return m.group(1)
+
+
+HOT = b'{"temperature": 40}'
+COLD = b'{"temperature": 10}'
+
+
+def test_replacing_a_plugin_under_a_continuous_stream_loses_and_duplicates_nothing(
+    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+):
+    """Version 1 of plugin "p" is field-filter set to pass everything (it adds
+    alert=true); version 2 is dedup (passes these messages unchanged)."""
+    collector = collector_factory(upstream)
+    ph = plugin_hub(
+        upstream,
+        plugins={"p": plugins_dist / "field-filter.wasm"},
+        settings={"p": {"config": {"field": "seq", "above": -1}}},
+        routes={"r": 'FROM /messages/devices/stream INTO plugin("p")', "sentinel": SENTINEL_ROUTE},
+        edge_id=EDGE,
+    )
+    v1 = digest_of(ph.log.wait(loaded_re("p"), 10).group(0))
+    topic = "devices/stream/messages/events/%24.ct=application%2Fjson"
+
+    max_messages, window, after_reload = 10_000, 200, 500
+    deadline = time.monotonic() + 20
+    pub = Publisher(ph.port, inflight=100)
+    clients.append(pub.connect())
+    stop = threading.Event()
+    sent = [0]
+    errors = []
+
+    def produce():
+        try:
+            i = 0
+            while i < max_messages and not stop.is_set() and time.monotonic() < deadline:
+                # at most `window` unacknowledged: the stream runs at the
+                # hub's pace and spans the reload instead of sitting in paho
+                with pub.lock:
+                    pub.lock.wait_for(lambda: i - len(pub.acked) < window or stop.is_set(), timeout=10)
+                pub.publish(topic, json.dumps({"seq": i}).encode(), key=i)
+                i += 1
+                sent[0] = i
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce, name="stream", daemon=True)
+    producer.start()
+    try:
+        wait_until(lambda: pub.acked_count() >= 500, 20, "500 messages acknowledged before the swap")
+        ph.log.mark()
+        ph.install("p", plugins_dist / "dedup.wasm")
+        line = ph.log.wait(loaded_re("p"), RELOAD_TIMEOUT, "version 2 of p loaded").group(0)
+        assert f"replaced={v1}" in line or f'replaced="{v1}"' in line, line
+        assert producer.is_alive(), (
+            f"the stream ({sent[0]} messages) ended before the reload; make it longer"
+        )
+        at_reload = pub.acked_count()
+        wait_until(lambda: pub.acked_count() >= at_reload + after_reload or not producer.is_alive(), 20,
+                   f"{after_reload} more messages after the reload")
+    finally:
+        stop.set()
+        producer.join(10)
+    assert not errors, errors
+    n = sent[0]
+    pub.wait_results(n, 30)
+    assert len(pub.acked) == n, f"{n - len(pub.acked)} publishes refused"
+
+    assert pub.publish_and_wait(SENTINEL_TOPIC, b"sentinel-stream") < 0x80
+    msgs = collector.wait_payload(b"sentinel-stream", 60)
+    stream = [(t, json.loads(p)["seq"]) for t, p in msgs if t.startswith("devices/stream/")]
+    others = [(t, p) for t, p in msgs if not t.startswith("devices/stream/") and p != b"sentinel-stream"]
+    assert not others, f"unexpected upstream messages (dead letters?): {others[:3]}"
+
+    counts = Counter(seq for _, seq in stream)
+    missing = [s for s in range(n) if counts[s] == 0]
+    dups = {s: c for s, c in counts.items() if c > 1}
+    assert not missing and not dups and set(counts) == set(range(n)), (
+        f"{n} sent, {len(stream)} arrived; missing {missing[:10]} ({len(missing)}), duplicated {list(dups.items())[:10]}"
+    )
+    version = {}
+    for t, seq in stream:
+        _, bag = split_telemetry(t)
+        if bag == [("$.ct", "application/json"), ("alert", "true")]:
+            version[seq] = 1
+        elif bag == [("$.ct", "application/json")]:
+            version[seq] = 2
+        else:
+            raise AssertionError(f"message {seq} came out of neither version: {t}")
+    v1_count = sum(1 for v in version.values() if v == 1)
+    assert 0 < v1_count < n, f"both versions must have handled messages: v1 {v1_count}, v2 {n - v1_count} of {n}"
+    # the registry hands each message the version current when it is routed:
+    # in publish order, version 1 then version 2, never back
+    switch = [version[s] for s in range(n)]
+    first_v2 = switch.index(2)
+    assert all(v == 2 for v in switch[first_v2:]), (
+        f"version 1 handled messages after version 2 did: {[s for s in range(first_v2, n) if switch[s] == 1][:10]}"
+    )
+    assert_strictly_increasing([seq for _, seq in stream], "upstream order of the stream")
+    assert ph.hub.metric("edgehub_plugin_failures_total") == 0
+    assert ph.hub.alive()
+
+
+def test_a_corrupt_or_wrong_world_file_replacing_a_plugin_leaves_the_old_version_running(
+    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+):
+    collector = collector_factory(upstream)
+    ph = plugin_hub(
+        upstream,
+        plugins={"field-filter": plugins_dist / "field-filter.wasm"},
+        routes={"r": 'FROM /messages/devices/d1 INTO plugin("field-filter")', "sentinel": SENTINEL_ROUTE},
+        edge_id=EDGE,
+    )
+    v1 = digest_of(ph.log.wait(loaded_re("field-filter"), 10).group(0))
+    pub = Publisher(ph.port)
+    clients.append(pub.connect())
+    t = "devices/d1/messages/events/"
+    got = publish_then_sentinel(pub, collector, [(t, COLD), (t, HOT)], b"sentinel-0")
+    assert got == [(t + "alert=true", HOT)], got
+
+    valid = (plugins_dist / "field-filter.wasm").read_bytes()
+    for i, (what, data, reason) in enumerate([
+        ("corrupt", corrupt_bytes(valid), "not a valid WebAssembly component"),
+        ("wrong world", (plugins_dist / "wrong-world.wasm").read_bytes(), "exports none of the worlds"),
+    ]):
+        ph.log.mark()
+        rejected = ph.hub.metric("edgehub_plugin_rejected_total")
+        filtered = ph.hub.metric("edgehub_messages_filtered_total")
+        ph.install("field-filter", data)
+        line = ph.log.wait(refused_re("field-filter"), RELOAD_TIMEOUT, f"{what} file refused").group(0)
+        assert reason in ph.log.text(), f"{what}: refusal does not say {reason!r}:\n{ph.log.text()}"
+        assert f'still_running="{v1}"' in ph.log.text() or f"still_running={v1}" in ph.log.text(), (
+            f"{what}: the log does not say the old version keeps running: {line}"
+        )
+        ph.hub.wait_metric("edgehub_plugin_rejected_total", lambda v: v == rejected + 1, 10, f"== {rejected + 1}")
+        assert "plugin unloaded" not in ph.log.text() and "plugin loaded" not in ph.log.text(), ph.log.text()
+
+        # the old version still filters
+        got = publish_then_sentinel(pub, collector, [(t, COLD), (t, HOT)], f"sentinel-{i + 1}".encode())
+        assert got == [(t + "alert=true", HOT)], f"after the {what} file: {got}"
+        ph.hub.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered + 1, 10, "+1")
+    assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 0
+    assert ph.hub.alive()
+
+
+def test_deleting_a_plugin_file_unloads_it_and_routes_apply_their_error_policy(
+    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+):
+    collector = collector_factory(upstream)
+    ph = plugin_hub(
+        upstream,
+        plugins={"ff": plugins_dist / "field-filter.wasm"},
+        routes={
+            "dl": 'FROM /messages/devices/a INTO plugin("ff")',
+            "ps": {"route": 'FROM /messages/devices/b INTO plugin("ff")', "onError": "pass"},
+            "dr": {"route": 'FROM /messages/devices/c INTO plugin("ff")', "onError": "drop"},
+            "sentinel": SENTINEL_ROUTE,
+        },
+        edge_id=EDGE,
+    )
+    ph.log.wait(loaded_re("ff"), 10)
+    pub = Publisher(ph.port)
+    clients.append(pub.connect())
+    items = [(f"devices/{d}/messages/events/", HOT) for d in "abc"]
+    got = publish_then_sentinel(pub, collector, items, b"sentinel-0")
+    assert got == [(f"devices/{d}/messages/events/alert=true", HOT) for d in "abc"], got
+
+    ph.log.mark()
+    reloads = ph.hub.metric("edgehub_plugin_reloads_total")
+    ph.remove("ff")
+    ph.log.wait(unloaded_re("ff"), RELOAD_TIMEOUT, "ff unloaded")
+    ph.hub.wait_metric("edgehub_plugin_reloads_total", lambda v: v == reloads + 1, 10, f"== {reloads + 1}")
+
+    filtered = ph.hub.metric("edgehub_messages_filtered_total")
+    items = [(f"devices/{d}/messages/events/k={d}", HOT) for d in "abc"]
+    got = publish_then_sentinel(pub, collector, items, b"sentinel-1")
+    assert len(got) == 2, f"expected a dead letter (a) and the original (b), got {got}"
+    prefix, bag = split_telemetry(got[0][0])
+    props = dict(bag)
+    assert prefix == DEAD_LETTER_PREFIX and got[0][1] == HOT, got[0]
+    assert props.get("deadLetterRoute") == "dl" and "not loaded" in props.get("deadLetterReason", ""), props
+    assert got[1] == ("devices/b/messages/events/k=b", HOT), f"onError=pass: {got[1]}"
+    ph.hub.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered + 1, 10, "+1 (onError=drop)")
+    assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 1
+
+    # the same file put back is loaded again
+    ph.log.mark()
+    ph.install("ff", plugins_dist / "field-filter.wasm")
+    ph.log.wait(loaded_re("ff"), RELOAD_TIMEOUT, "ff loaded again")
+    items = [(f"devices/{d}/messages/events/", HOT) for d in "abc"]
+    got = publish_then_sentinel(pub, collector, items, b"sentinel-2")
+    assert got == [(f"devices/{d}/messages/events/alert=true", HOT) for d in "abc"], got
+    assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 1
+    assert ph.hub.alive()
+
+
+def test_a_plugin_dropped_in_while_running_becomes_usable_by_its_route(
+    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+):
+    collector = collector_factory(upstream)
+    ph = plugin_hub(
+        upstream,
+        plugins={},
+        routes={"late": 'FROM /messages/devices/d1 INTO plugin("late")', "sentinel": SENTINEL_ROUTE},
+        edge_id=EDGE,
+    )
+    pub = Publisher(ph.port)
+    clients.append(pub.connect())
+    t = "devices/d1/messages/events/"
+    got = publish_then_sentinel(pub, collector, [(t, HOT)], b"sentinel-0")
+    assert len(got) == 1 and got[0][0].startswith(DEAD_LETTER_PREFIX), f"before: expected a dead letter, got {got}"
+    assert "not loaded" in dict(split_telemetry(got[0][0])[1]).get("deadLetterReason", ""), got
+
+    ph.log.mark()
+    reloads = ph.hub.metric("edgehub_plugin_reloads_total")
+    ph.install("late", plugins_dist / "field-filter.wasm")
+    ph.log.wait(loaded_re("late"), RELOAD_TIMEOUT, "late loaded")
+    ph.hub.wait_metric("edgehub_plugin_reloads_total", lambda v: v == reloads + 1, 10, f"== {reloads + 1}")
+
+    got = publish_then_sentinel(pub, collector, [(t, COLD), (t, HOT)], b"sentinel-1")
+    assert got == [(t + "alert=true", HOT)], f"after: {got}"
+    assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 1
+    assert ph.hub.alive()
