@@ -17,30 +17,26 @@ use tokio::sync::oneshot;
 use super::{CallFailure, Endpoint, Instance, Kind, Message, Plugin};
 use crate::metrics::Metrics;
 
-/// Most jobs one worker takes at once (and so the largest batch).
-const MAX_BATCH: usize = 64;
+/// Most messages one batch-filter call takes.
+const MAX_BATCH: usize = 256;
 
-/// What to do with a message.
-#[derive(Debug)]
-pub enum Work {
-    Filter(Message),
-    Route(Message),
-}
-
-/// What the plugin said.
+/// What the plugin said about one message.
 #[derive(Debug, Clone)]
 pub enum Outcome {
     Filtered(Option<Message>),
     Routed(Vec<Endpoint>),
 }
 
-/// The answer to a submitted job (an error when the pool has shut down).
-pub type Pending = oneshot::Receiver<Result<Outcome, CallFailure>>;
+/// One answer per message of a job, in order.
+pub type Answers = Vec<Result<Outcome, CallFailure>>;
+
+/// The answers to a submitted job (an error when the pool has shut down).
+pub type Pending = oneshot::Receiver<Answers>;
 
 struct Job {
     plugin: Arc<Plugin>,
-    work: Work,
-    reply: oneshot::Sender<Result<Outcome, CallFailure>>,
+    messages: Vec<Message>,
+    reply: oneshot::Sender<Answers>,
 }
 
 /// A handle to the workers; cheap to clone. The workers end when the last
@@ -73,26 +69,28 @@ impl PluginPool {
         )
     }
 
-    /// Runs `work` through `plugin` on a worker thread.
-    pub async fn call(&self, plugin: Arc<Plugin>, work: Work) -> Result<Outcome, CallFailure> {
-        self.submit(plugin, work)
-            .await
-            .unwrap_or(Err(CallFailure::Closed))
+    /// Runs one message through `plugin` on its worker thread.
+    pub async fn call(&self, plugin: Arc<Plugin>, m: Message) -> Result<Outcome, CallFailure> {
+        match self.submit(plugin, vec![m]).await {
+            Ok(mut answers) => answers.pop().unwrap_or(Err(CallFailure::Closed)),
+            Err(_) => Err(CallFailure::Closed),
+        }
     }
 
-    /// Queues `work` for `plugin`'s worker; the answer comes on the receiver.
-    pub fn submit(&self, plugin: Arc<Plugin>, work: Work) -> Pending {
+    /// Queues `messages` for `plugin`'s worker (filtered or routed, as the
+    /// plugin's world says); the answers come on the receiver, in order.
+    pub fn submit(&self, plugin: Arc<Plugin>, messages: Vec<Message>) -> Pending {
         let (reply, rx) = oneshot::channel();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&plugin.name, &mut h);
         let worker = (std::hash::Hasher::finish(&h) % self.workers.len() as u64) as usize;
-        self.workers[worker]
-            .send(Job {
-                plugin,
-                work,
-                reply,
-            })
-            .ok();
+        let job = Job {
+            plugin,
+            messages,
+            reply,
+        };
+        // A send fails only after shutdown; the dropped reply says so.
+        let _ = self.workers[worker].send(job);
         rx
     }
 }
@@ -105,79 +103,85 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, rx: Receiver<Job>, metrics: &Metrics) {
-        while let Ok(first) = rx.recv() {
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(_) => break,
-                }
-            }
-            let mut jobs = jobs.into_iter().peekable();
-            while let Some(job) = jobs.next() {
-                // Consecutive filter jobs for the same batch filter: one call.
-                let mut group = vec![job];
-                if group[0].plugin.kind == Kind::BatchFilter
-                    && matches!(group[0].work, Work::Filter(_))
-                {
-                    while let Some(next) = jobs.next_if(|j| {
-                        Arc::ptr_eq(&j.plugin, &group[0].plugin)
-                            && matches!(j.work, Work::Filter(_))
-                    }) {
-                        group.push(next);
+        let mut waiting = std::collections::VecDeque::new();
+        loop {
+            let job = match waiting.pop_front() {
+                Some(j) => j,
+                None => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                },
+            };
+            // Jobs waiting for the same batch filter join this one's call.
+            let mut group = vec![job];
+            if group[0].plugin.kind == Kind::BatchFilter {
+                let mut size = group[0].messages.len();
+                while size < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(j) if Arc::ptr_eq(&j.plugin, &group[0].plugin) => {
+                            size += j.messages.len();
+                            group.push(j);
+                        }
+                        Ok(j) => {
+                            waiting.push_back(j);
+                            break;
+                        }
+                        Err(_) => break,
                     }
                 }
-                self.handle(group, metrics);
             }
+            self.handle(group, metrics);
         }
     }
 
     fn handle(&mut self, group: Vec<Job>, metrics: &Metrics) {
         let plugin = group[0].plugin.clone();
-        metrics.plugin_calls(group.len() as u64);
-        if group.len() > 1 {
-            let (messages, replies): (Vec<Message>, Vec<_>) = group
-                .into_iter()
-                .map(|j| match j.work {
-                    Work::Filter(m) => (m, j.reply),
-                    Work::Route(_) => unreachable!("only filter jobs are grouped"),
-                })
-                .unzip();
-            match self.with_instance(&plugin, |i| i.filter_batch(&messages)) {
-                Ok(results) => {
-                    for (reply, r) in replies.into_iter().zip(results) {
-                        let _ = reply.send(Ok(Outcome::Filtered(r)));
-                    }
-                }
-                Err(_) => {
-                    // Find the culprit: one call per message, so one bad
-                    // message does not fail the others.
-                    for (m, reply) in messages.into_iter().zip(replies) {
-                        let r = self.one(&plugin, Work::Filter(m), metrics);
-                        let _ = reply.send(r);
-                    }
-                }
-            }
-            return;
+        let sizes: Vec<usize> = group.iter().map(|j| j.messages.len()).collect();
+        let (messages, replies): (Vec<Vec<Message>>, Vec<_>) =
+            group.into_iter().map(|j| (j.messages, j.reply)).unzip();
+        let messages: Vec<Message> = messages.into_iter().flatten().collect();
+        metrics.plugin_calls(messages.len() as u64);
+        let mut answers = self.answer(&plugin, messages, metrics).into_iter();
+        for (reply, n) in replies.into_iter().zip(sizes) {
+            let _ = reply.send(answers.by_ref().take(n).collect());
         }
-        let job = group.into_iter().next().expect("one job");
-        let r = self.one(&plugin, job.work, metrics);
-        let _ = job.reply.send(r);
+    }
+
+    /// One answer per message: a batch filter gets them in one call (and,
+    /// when that call fails, one call each, so only the message at fault
+    /// fails); other plugins get one call per message.
+    fn answer(
+        &mut self,
+        plugin: &Arc<Plugin>,
+        messages: Vec<Message>,
+        metrics: &Metrics,
+    ) -> Answers {
+        if plugin.kind == Kind::BatchFilter && messages.len() > 1 {
+            if let Ok(results) = self.with_instance(plugin, |i| i.filter_batch(&messages)) {
+                return results
+                    .into_iter()
+                    .map(|r| Ok(Outcome::Filtered(r)))
+                    .collect();
+            }
+        }
+        messages
+            .into_iter()
+            .map(|m| self.one(plugin, m, metrics))
+            .collect()
     }
 
     fn one(
         &mut self,
         plugin: &Arc<Plugin>,
-        work: Work,
+        m: Message,
         metrics: &Metrics,
     ) -> Result<Outcome, CallFailure> {
-        let r = match work {
-            Work::Filter(m) => self
-                .with_instance(plugin, |i| i.filter(&m))
-                .map(Outcome::Filtered),
-            Work::Route(m) => self
-                .with_instance(plugin, |i| i.route(&m))
-                .map(Outcome::Routed),
+        let r = if plugin.kind.is_filter() {
+            self.with_instance(plugin, |i| i.filter(&m))
+                .map(Outcome::Filtered)
+        } else {
+            self.with_instance(plugin, |i| i.route(&m))
+                .map(Outcome::Routed)
         };
         if let Err(e) = &r {
             metrics.plugin_failed();
@@ -185,7 +189,6 @@ impl Worker {
         }
         r
     }
-
     /// Runs `f` on this worker's instance of `plugin` (of exactly its
     /// generation), creating it when needed and dropping it when `f` fails.
     fn with_instance<T>(

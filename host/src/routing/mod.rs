@@ -29,7 +29,6 @@ use crate::mqtt::broker::BrokerHandle;
 use crate::mqtt::codec::Publish;
 use crate::mqtt::dialect::Telemetry;
 use crate::mqtt::topic;
-use crate::plugins::pool::Work;
 use crate::plugins::{CallFailure, Endpoint, Message, Outcome, PluginPool, Registry};
 use crate::store::{self, AppendError, Appender, Record};
 
@@ -135,9 +134,9 @@ impl Router {
         }
     }
 
-    /// Applies the route table to a batch. Plugin calls of the whole batch
-    /// are submitted first and awaited after, so a worker sees them together
-    /// (and a batch filter gets them in one call).
+    /// Applies the route table to a batch. The messages of the batch bound
+    /// for the same plugin route go to its worker as one job (a batch filter
+    /// gets them in one call); jobs are submitted first and awaited after.
     async fn route(
         &self,
         table: &rules::RouteTable,
@@ -146,7 +145,8 @@ impl Router {
         now: u64,
     ) -> Deliveries {
         let mut out = Deliveries::default();
-        let mut calls = Vec::new();
+        // Per plugin route (in table order): the messages it takes.
+        let mut jobs: Vec<(&Route, Vec<Message>)> = Vec::new();
         for p in upstream {
             let m = message::from_publish(&p.topic, &p.payload, client_id, now);
             let fields = MessageFields::new(&m);
@@ -172,46 +172,53 @@ impl Router {
                         sent_inputs.push((module, input));
                         self.to_module(&mut out, module, input, &m);
                     }
-                    Sink::Plugin { name, .. } => {
-                        calls.push((route, self.submit(name, &route.sink, m.clone())));
+                    Sink::Plugin { .. } => {
+                        match jobs.iter_mut().find(|(r, _)| std::ptr::eq(*r, route)) {
+                            Some((_, ms)) => ms.push(m.clone()),
+                            None => jobs.push((route, vec![m.clone()])),
+                        }
                     }
                     _ => {}
                 }
             }
         }
-        for (route, call) in calls {
-            let (sink, input, result) = call.await;
-            self.after_plugin(&mut out, route, sink, input, result)
-                .await;
+        let pending: Vec<_> = jobs
+            .into_iter()
+            .map(|(route, messages)| {
+                let Sink::Plugin { name, .. } = &route.sink else {
+                    unreachable!("only plugin routes have jobs")
+                };
+                let answers = self.submit(name, messages.clone());
+                (route, messages, answers)
+            })
+            .collect();
+        for (route, messages, answers) in pending {
+            let answers = answers.await;
+            for (m, answer) in messages.into_iter().zip(answers) {
+                self.after_plugin(&mut out, route, &route.sink, m, answer)
+                    .await;
+            }
         }
         out
     }
 
-    /// Hands `m` to plugin `name` (not awaited yet).
-    fn submit<'s>(
+    /// Hands `messages` to plugin `name`; one answer each, in order.
+    fn submit(
         &self,
         name: &str,
-        sink: &'s Sink,
-        m: Message,
-    ) -> impl std::future::Future<Output = (&'s Sink, Message, Result<Outcome, CallFailure>)> {
-        let plugin = self
+        messages: Vec<Message>,
+    ) -> impl std::future::Future<Output = Vec<Result<Outcome, CallFailure>>> {
+        let n = messages.len();
+        let pending = self
             .plugins
             .as_ref()
-            .and_then(|h| h.registry.get(name).map(|p| (h.pool.clone(), p)));
-        let pending = plugin.map(|(pool, plugin)| {
-            let work = if plugin.kind.is_filter() {
-                Work::Filter(m.clone())
-            } else {
-                Work::Route(m.clone())
-            };
-            pool.submit(plugin, work)
-        });
+            .and_then(|h| h.registry.get(name).map(|p| h.pool.submit(p, messages)));
         async move {
-            let result = match pending {
-                Some(rx) => rx.await.unwrap_or(Err(CallFailure::Closed)),
-                None => Err(CallFailure::NotLoaded),
-            };
-            (sink, m, result)
+            let failed = |e: CallFailure| (0..n).map(|_| Err(e.clone())).collect();
+            match pending {
+                Some(rx) => rx.await.unwrap_or_else(|_| failed(CallFailure::Closed)),
+                None => failed(CallFailure::NotLoaded),
+            }
         }
     }
 
@@ -284,8 +291,9 @@ impl Router {
             Sink::Upstream => self.to_upstream(out, route, &m),
             Sink::ModuleInput { module, input } => self.to_module(out, module, input, &m),
             Sink::Plugin { name, .. } => {
-                let (sink, input, result) = self.submit(name, sink, m).await;
-                self.after_plugin(out, route, sink, input, result).await;
+                let answer = self.submit(name, vec![m.clone()]).await.pop();
+                let answer = answer.unwrap_or(Err(CallFailure::Closed));
+                self.after_plugin(out, route, sink, m, answer).await;
             }
         }
     }
