@@ -267,3 +267,31 @@ def test_a_plugin_dropped_in_while_running_becomes_usable_by_its_route(
     assert got == [(t + "alert=true", HOT)], f"after: {got}"
     assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 1
     assert ph.hub.alive()
+
+
+def test_compiled_code_of_replaced_and_removed_versions_is_not_kept(
+    upstream, plugin_hub, plugins_dist  # noqa: F811
+):
+    ph = plugin_hub(
+        upstream,
+        plugins={"p": plugins_dist / "field-filter.wasm", "q": plugins_dist / "dedup.wasm"},
+        edge_id=EDGE,
+    )
+    ph.log.wait(loaded_re("p"), 10)
+    ph.log.wait(loaded_re("q"), 10)
+    cache = ph.hub.storage / "plugin-cache"
+
+    def compiled() -> list[str]:
+        return sorted(f.name for f in cache.glob("*.cwasm"))
+
+    wait_until(lambda: len(compiled()) == 2, 10, "one compiled file per loaded plugin")
+    first = compiled()
+    ph.log.mark()
+    ph.install("p", plugins_dist / "content-router.wasm")  # a new version of p
+    ph.log.wait(loaded_re("p"), RELOAD_TIMEOUT)
+    wait_until(lambda: len(compiled()) == 2 and compiled() != first, 10,
+               "the replaced version's compiled code removed, the new one kept")
+    ph.log.mark()
+    ph.remove("q")
+    ph.log.wait(unloaded_re("q"), RELOAD_TIMEOUT)
+    wait_until(lambda: len(compiled()) == 1, 10, "the removed plugin's compiled code removed")

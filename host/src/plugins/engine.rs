@@ -57,10 +57,9 @@ impl PluginEngine {
     /// Compiles `wasm`, or loads the compiled form cached by an earlier run.
     /// Returns the component and whether it came from the cache.
     pub fn compile(&self, wasm: &[u8]) -> Result<(Component, bool), PluginError> {
-        let Some(dir) = &self.cache_dir else {
+        let Some(path) = self.cache_file(wasm) else {
             return Ok((self.compile_fresh(wasm)?, false));
         };
-        let path = dir.join(format!("{}.cwasm", self.cache_key(wasm)));
         if path.exists() {
             // SAFETY: the file was written by `precompile_component` of an
             // engine with the same compatibility hash (it is in the name),
@@ -86,6 +85,33 @@ impl PluginEngine {
         let component = unsafe { Component::deserialize(&self.engine, &compiled) }
             .map_err(PluginError::compile)?;
         Ok((component, false))
+    }
+
+    /// Where the compiled form of `wasm` is cached (`None`: no cache).
+    pub fn cache_file(&self, wasm: &[u8]) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        Some(dir.join(format!("{}.cwasm", self.cache_key(wasm))))
+    }
+
+    /// Deletes cached compiled code other than `keep` (the versions that
+    /// run now), so replaced versions do not pile up on disk.
+    pub fn prune_cache(&self, keep: &[PathBuf]) {
+        let Some(dir) = &self.cache_dir else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for path in entries.flatten().map(|e| e.path()) {
+            if path.extension().is_some_and(|e| e == "cwasm") && !keep.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::debug!(path = %path.display(), "stale compiled plugin removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove stale compiled plugin")
+                    }
+                }
+            }
+        }
     }
 
     fn compile_fresh(&self, wasm: &[u8]) -> Result<Component, PluginError> {

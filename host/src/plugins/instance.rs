@@ -95,6 +95,8 @@ pub struct Plugin {
     pub generation: u64,
     pub kind: Kind,
     pub settings: Settings,
+    /// Its compiled form on disk, when the engine caches.
+    pub cache_file: Option<PathBuf>,
     pre: Pre,
     engine: PluginEngine,
 }
@@ -144,6 +146,7 @@ impl Plugin {
             generation,
             kind,
             settings,
+            cache_file: engine.cache_file(wasm),
             pre,
             engine: engine.clone(),
         };
@@ -160,6 +163,7 @@ impl Plugin {
             generation,
             kind: self.kind,
             settings,
+            cache_file: self.cache_file.clone(),
             pre: self.pre.clone(),
             engine: self.engine.clone(),
         }

@@ -136,6 +136,15 @@ impl Registry {
             changed += 1;
         }
         self.tried.lock().unwrap().retain(|n, _| seen.contains(n));
+        if changed > 0 {
+            let keep: Vec<PathBuf> = self
+                .current
+                .load()
+                .values()
+                .filter_map(|p| p.cache_file.clone())
+                .collect();
+            self.engine.prune_cache(&keep);
+        }
         self.status
             .lock()
             .unwrap()
