@@ -27,8 +27,9 @@ pub enum Outcome {
     Routed(Vec<Endpoint>),
 }
 
-/// One answer per message of a job, in order.
-pub type Answers = Vec<Result<Outcome, CallFailure>>;
+/// One answer per message of a job, in order, each with the message it
+/// answers (handed back, so callers need no copy for their failure policy).
+pub type Answers = Vec<(Message, Result<Outcome, CallFailure>)>;
 
 /// The answers to a submitted job (an error when the pool has shut down).
 pub type Pending = oneshot::Receiver<Answers>;
@@ -72,7 +73,7 @@ impl PluginPool {
     /// Runs one message through `plugin` on its worker thread.
     pub async fn call(&self, plugin: Arc<Plugin>, m: Message) -> Result<Outcome, CallFailure> {
         match self.submit(plugin, vec![m]).await {
-            Ok(mut answers) => answers.pop().unwrap_or(Err(CallFailure::Closed)),
+            Ok(mut answers) => answers.pop().map_or(Err(CallFailure::Closed), |(_, r)| r),
             Err(_) => Err(CallFailure::Closed),
         }
     }
@@ -158,29 +159,33 @@ impl Worker {
     ) -> Answers {
         if plugin.kind == Kind::BatchFilter && messages.len() > 1 {
             if let Ok(results) = self.with_instance(plugin, |i| i.filter_batch(&messages)) {
-                return results
+                return messages
                     .into_iter()
-                    .map(|r| Ok(Outcome::Filtered(r)))
+                    .zip(results)
+                    .map(|(m, r)| (m, Ok(Outcome::Filtered(r))))
                     .collect();
             }
         }
         messages
             .into_iter()
-            .map(|m| self.one(plugin, m, metrics))
+            .map(|m| {
+                let r = self.one(plugin, &m, metrics);
+                (m, r)
+            })
             .collect()
     }
 
     fn one(
         &mut self,
         plugin: &Arc<Plugin>,
-        m: Message,
+        m: &Message,
         metrics: &Metrics,
     ) -> Result<Outcome, CallFailure> {
         let r = if plugin.kind.is_filter() {
-            self.with_instance(plugin, |i| i.filter(&m))
+            self.with_instance(plugin, |i| i.filter(m))
                 .map(Outcome::Filtered)
         } else {
-            self.with_instance(plugin, |i| i.route(&m))
+            self.with_instance(plugin, |i| i.route(m))
                 .map(Outcome::Routed)
         };
         if let Err(e) = &r {
@@ -207,7 +212,10 @@ impl Worker {
             self.instances.insert(plugin.name.clone(), instance);
         }
         let instance = self.instances.get_mut(&plugin.name).expect("just inserted");
-        let r = f(instance);
+        // A panic in the host while running a guest fails this call only;
+        // the messages stay with the caller.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(instance)))
+            .unwrap_or_else(|_| Err(CallFailure::Trap("the plugin host panicked".into())));
         if r.is_err() {
             self.instances.remove(&plugin.name);
         }

@@ -60,6 +60,9 @@ pub struct Router {
 struct Deliveries {
     records: Vec<Record>,
     module_inputs: Vec<Publish>,
+    /// Messages a plugin worker never answered for (it died): the batch is
+    /// then refused, so the publisher sends it again.
+    unanswered: usize,
 }
 
 impl Router {
@@ -111,9 +114,22 @@ impl Router {
                     })
                     .collect(),
                 module_inputs: Vec::new(),
+                unanswered: 0,
             },
             Some(table) => self.route(&table, client_id, &upstream, now).await,
         };
+        if out.unanswered > 0 {
+            tracing::error!(
+                messages = out.unanswered,
+                "a plugin worker did not answer; the batch is refused"
+            );
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(Err(AppendError::Storage("plugin host failed".into())));
+            if !out.records.is_empty() {
+                let _ = self.appender.append_later(out.records).await;
+            }
+            return Some(rx);
+        }
         let mut all = local;
         all.extend(upstream);
         all.extend(out.module_inputs);
@@ -188,13 +204,13 @@ impl Router {
                 let Sink::Plugin { name, .. } = &route.sink else {
                     unreachable!("only plugin routes have jobs")
                 };
-                let answers = self.submit(name, messages.clone());
-                (route, messages, answers)
+                (route, messages.len(), self.submit(name, messages))
             })
             .collect();
-        for (route, messages, answers) in pending {
+        for (route, sent, answers) in pending {
             let answers = answers.await;
-            for (m, answer) in messages.into_iter().zip(answers) {
+            out.unanswered += sent - answers.len();
+            for (m, answer) in answers {
                 self.after_plugin(&mut out, route, &route.sink, m, answer)
                     .await;
             }
@@ -202,22 +218,28 @@ impl Router {
         out
     }
 
-    /// Hands `messages` to plugin `name`; one answer each, in order.
+    /// Hands `messages` to plugin `name`; one answer each, in order, with
+    /// the message it answers.
     fn submit(
         &self,
         name: &str,
         messages: Vec<Message>,
-    ) -> impl std::future::Future<Output = Vec<Result<Outcome, CallFailure>>> {
-        let n = messages.len();
-        let pending = self
-            .plugins
-            .as_ref()
-            .and_then(|h| h.registry.get(name).map(|p| h.pool.submit(p, messages)));
+    ) -> impl std::future::Future<Output = Vec<(Message, Result<Outcome, CallFailure>)>> {
+        let plugin = self.plugins.as_ref().and_then(|h| h.registry.get(name));
+        let pending = match (plugin, &self.plugins) {
+            (Some(p), Some(h)) => Ok(h.pool.submit(p, messages)),
+            _ => Err(messages),
+        };
         async move {
-            let failed = |e: CallFailure| (0..n).map(|_| Err(e.clone())).collect();
             match pending {
-                Some(rx) => rx.await.unwrap_or_else(|_| failed(CallFailure::Closed)),
-                None => failed(CallFailure::NotLoaded),
+                // The pool answers every job while routers exist; a worker
+                // that died would drop its reply, and then there are no
+                // messages to hand back.
+                Ok(rx) => rx.await.unwrap_or_default(),
+                Err(messages) => messages
+                    .into_iter()
+                    .map(|m| (m, Err(CallFailure::NotLoaded)))
+                    .collect(),
             }
         }
     }
@@ -291,9 +313,11 @@ impl Router {
             Sink::Upstream => self.to_upstream(out, route, &m),
             Sink::ModuleInput { module, input } => self.to_module(out, module, input, &m),
             Sink::Plugin { name, .. } => {
-                let answer = self.submit(name, vec![m.clone()]).await.pop();
-                let answer = answer.unwrap_or(Err(CallFailure::Closed));
-                self.after_plugin(out, route, sink, m, answer).await;
+                let answers = self.submit(name, vec![m]).await;
+                out.unanswered += 1 - answers.len();
+                for (m, answer) in answers {
+                    self.after_plugin(out, route, sink, m, answer).await;
+                }
             }
         }
     }
