@@ -53,6 +53,10 @@ pub struct Registry {
     tried: Mutex<HashMap<String, String>>,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Held while the loaded set changes (a file loaded, a plugin unloaded,
+    /// settings applied), so a load never swaps in settings read before a
+    /// concurrent settings change.
+    changing: Mutex<()>,
 }
 
 impl Registry {
@@ -73,6 +77,7 @@ impl Registry {
             tried: Mutex::default(),
             generation: AtomicU64::new(1),
             metrics,
+            changing: Mutex::new(()),
         })
     }
 
@@ -155,6 +160,7 @@ impl Registry {
     /// Loads (or replaces) plugin `name` from `wasm`. On failure the running
     /// version, if any, stays.
     pub fn load(&self, name: &str, wasm: &[u8], path: &Path) -> Result<Arc<Plugin>, PluginError> {
+        let _changing = self.changing.lock().unwrap();
         let started = std::time::Instant::now();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         match Plugin::load(
@@ -209,6 +215,7 @@ impl Registry {
 
     /// Stops offering `name` (messages already handed to it finish).
     pub fn unload(&self, name: &str) {
+        let _changing = self.changing.lock().unwrap();
         if let Some(old) = self.swap(name, None) {
             tracing::info!(plugin = name, version = %old.digest, "plugin unloaded");
             self.metrics.plugin_reloaded();
@@ -219,6 +226,7 @@ impl Registry {
     /// Replaces the `config` documents that come from the hub twin; plugins
     /// whose effective settings change are swapped to a new generation.
     pub fn set_twin_configs(&self, configs: BTreeMap<String, serde_json::Value>) {
+        let _changing = self.changing.lock().unwrap();
         *self.twin.lock().unwrap() = configs;
         for name in self.names() {
             let Some(old) = self.get(&name) else { continue };
