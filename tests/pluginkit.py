@@ -1,9 +1,10 @@
 """Shared helpers for the plugin and route tests: where the example plugins
 are, hub config files with ``[plugins]`` and ``[routes]``, atomic plugin
-installs, waiting for hub log lines, and reading IoT Hub property bags.
+installs, waiting for hub log lines, publishing with a sentinel, and reading
+IoT Hub property bags.
 
 Test modules import the fixtures they use from here (``plugins_dist``,
-``plugin_hub``) so that pytest finds them.
+``plugin_hub``, ``sentinel_hub``) so that pytest finds them.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from urllib.parse import unquote
 
 import pytest
 
-from helpers import Hub, Upstream, WaitTimeout, tail
+from helpers import Collector, Hub, Publisher, Subscriber, Upstream, WaitTimeout, tail
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "plugins" / "testdata"
 
 EXAMPLE_PLUGINS = ("field-filter", "dedup", "content-router", "hostile", "wrong-world")
+
+SENTINEL_TOPIC = "devices/sentinel/messages/events/"
+SENTINEL_ROUTE = "FROM /messages/devices/sentinel INTO $upstream"
 
 
 # --------------------------------------------------------------------------
@@ -192,6 +196,64 @@ def unloaded_re(name: str) -> str:
 
 
 # --------------------------------------------------------------------------
+# clients and the sentinel
+# --------------------------------------------------------------------------
+
+
+def connect_publisher(port: int, clients: list, **kw) -> Publisher:
+    """A Publisher connected to the hub on ``port``, closed at teardown
+    (``clients`` is the fixture of that name)."""
+    pub = Publisher(port, **kw)
+    clients.append(pub.connect())
+    return pub
+
+
+def subscribe_module_inputs(port: int, clients: list, edge_id: str, module: str) -> Subscriber:
+    """A Subscriber to every input of ``module`` on the hub ``edge_id``."""
+    sub = Subscriber(port)
+    clients.append(sub.connect())
+    sub.subscribe(f"devices/{edge_id}/modules/{module}/inputs/#", qos=1)
+    return sub
+
+
+def publish_all(pub: Publisher, items, timeout: float = 10.0) -> None:
+    """Publishes (topic, payload) pairs one by one, each acknowledged (and so
+    routed by the hub) before the next."""
+    for topic, payload in items:
+        rc = pub.publish_and_wait(topic, payload, timeout=timeout)
+        assert rc < 0x80, f"publish on {topic} refused with {rc:#x}"
+
+
+def upstream_before_sentinel(pub: Publisher, collector: Collector, tag: bytes, timeout: float = 20.0):
+    """Publishes a sentinel ``tag`` on SENTINEL_TOPIC (routed upstream by
+    SENTINEL_ROUTE) and returns everything that had arrived upstream before
+    it: messages of one client are routed and forwarded in order, so nothing
+    ``pub`` published earlier can still be on its way."""
+    assert pub.publish_and_wait(SENTINEL_TOPIC, tag) < 0x80
+    msgs = collector.wait_payload(tag, timeout)
+    return msgs[: next(i for i, (_, p) in enumerate(msgs) if p == tag)]
+
+
+def publish_then_sentinel(pub: Publisher, collector: Collector, items, tag: bytes, *,
+                          timeout: float = 20.0, publish_timeout: float = 10.0):
+    """``publish_all(items)``, then ``upstream_before_sentinel(tag)``."""
+    publish_all(pub, items, timeout=publish_timeout)
+    return upstream_before_sentinel(pub, collector, tag, timeout)
+
+
+def dead_letter_prefix(edge_id: str) -> str:
+    return f"devices/{edge_id}/modules/$edgeHub/messages/events/"
+
+
+def dead_letter_props(topic: str, edge_id: str) -> dict[str, str]:
+    """The property bag of a dead letter of hub ``edge_id``; fails when
+    ``topic`` is not on that hub's dead-letter output."""
+    prefix, bag = split_telemetry(topic)
+    assert prefix == dead_letter_prefix(edge_id), f"not a dead letter of {edge_id}: {topic}"
+    return dict(bag)
+
+
+# --------------------------------------------------------------------------
 # hubs with plugins and routes
 # --------------------------------------------------------------------------
 
@@ -221,6 +283,19 @@ class PluginHub:
 
     def wait_metric(self, name, pred, timeout, desc):
         return self.hub.wait_metric(name, pred, timeout, desc)
+
+    def wait_loaded(self, name: str, timeout: float = 10.0, desc: str | None = None) -> str:
+        """Waits for the log line (after the mark) saying plugin ``name`` was
+        loaded; returns the line."""
+        return self.log.wait(loaded_re(name), timeout, desc).group(0)
+
+    def wait_refused(self, name: str, timeout: float = 10.0, desc: str | None = None) -> str:
+        """Waits for the log line (after the mark) saying the file of plugin
+        ``name`` was refused; returns the line."""
+        return self.log.wait(refused_re(name), timeout, desc).group(0)
+
+    def wait_unloaded(self, name: str, timeout: float = 10.0, desc: str | None = None) -> str:
+        return self.log.wait(unloaded_re(name), timeout, desc).group(0)
 
 
 @pytest.fixture
@@ -255,6 +330,42 @@ def plugin_hub(hub_factory, tmp_path):
         extra = list(kw.pop("extra_args", ())) + ["--config", str(cfg)]
         hub = hub_factory(upstream, start=start, edge_id=edge_id, extra_args=extra, **kw)
         return PluginHub(hub, folder, cfg, edge_id)
+
+    return make
+
+
+class SentinelHub(PluginHub):
+    """A PluginHub whose routes end with SENTINEL_ROUTE, with a collector on
+    its upstream and a connected publisher."""
+
+    def __init__(self, ph: PluginHub, collector: Collector, pub: Publisher, clients: list):
+        super().__init__(ph.hub, ph.folder, ph.config_path, ph.edge_id)
+        self.collector = collector
+        self.pub = pub
+        self.clients = clients
+
+    def publish_then_sentinel(self, items, tag: bytes, **kw):
+        """Publishes ``items`` then the sentinel ``tag``; returns what arrived
+        upstream before the sentinel (see ``publish_then_sentinel``)."""
+        return publish_then_sentinel(self.pub, self.collector, items, tag, **kw)
+
+    def upstream_before_sentinel(self, tag: bytes, timeout: float = 20.0):
+        return upstream_before_sentinel(self.pub, self.collector, tag, timeout)
+
+    def subscribe_module_inputs(self, module: str) -> Subscriber:
+        return subscribe_module_inputs(self.port, self.clients, self.edge_id, module)
+
+
+@pytest.fixture
+def sentinel_hub(upstream, collector_factory, plugin_hub, clients):  # noqa: F811
+    """make(routes=..., **plugin_hub kwargs) -> SentinelHub on ``upstream``:
+    the collector is made first, then the hub with ``routes`` plus the
+    sentinel route, then the publisher."""
+
+    def make(*, routes: dict, **kw) -> SentinelHub:
+        collector = collector_factory(upstream)
+        ph = plugin_hub(upstream, routes={**routes, "sentinel": SENTINEL_ROUTE}, **kw)
+        return SentinelHub(ph, collector, connect_publisher(ph.port, clients), clients)
 
     return make
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from dataclasses import dataclass
+
+import pytest
 
 from authkit import publish_retained
 from helpers import Collector, Hub, Publisher, Upstream, WaitTimeout, first_occurrences, tail, wait_until
-from pluginkit import bag_dict, plugin_hub, plugins_dist  # noqa: F401 - fixtures
+from pluginkit import bag_dict, connect_publisher, plugin_hub, plugins_dist  # noqa: F401 - fixtures
 
 DEFAULT_TTL = 7200
 OVER_30 = "FROM /messages/* WHERE temp > 30 INTO $upstream"
@@ -77,6 +80,13 @@ class TwinCloud:
             f"lastDesiredStatus.code == {code} and lastDesiredVersion == {version!r}",
         )
 
+    def apply(self, doc: dict) -> dict:
+        """Publishes a desired document that must be accepted and waits until
+        the hub reports it applied (code 200, its $version); returns that
+        reported document."""
+        self.publish_desired(doc)
+        return self.wait_status(200, doc["$version"])
+
 
 def route_texts(doc: dict) -> dict[str, str]:
     return {name: r.get("route") for name, r in (doc.get("routes") or {}).items()}
@@ -112,57 +122,74 @@ def assert_exactly(collector: Collector, tag: str, sent: list[tuple[str, bytes]]
     )
 
 
+@dataclass
+class TwinHub:
+    """A hub, the cloud side of its twin, the collector of its telemetry
+    upstream and a publisher connected to it."""
+
+    hub: Hub
+    cloud: TwinCloud
+    telemetry: Collector
+    pub: Publisher
+
+    def send_and_expect(self, tag: str, temps: list[int], want_temps, timeout: float = 15.0):
+        """Sends ``temp_messages(tag, temps)``; exactly those with a temp in
+        ``want_temps`` must arrive upstream (see ``assert_exactly``)."""
+        sent = temp_messages(tag, temps)
+        send_all(self.pub, sent)
+        assert_exactly(self.telemetry, tag, sent, want_temps, timeout)
+
+
+@pytest.fixture
+def twin_hub(upstream, hub_factory, collector_factory, clients):
+    """make(edge_id) -> TwinHub on ``upstream``. The collector is made first:
+    its persistent session is kept across a restart of the broker."""
+
+    def make(edge_id: str) -> TwinHub:
+        telemetry = collector_factory(upstream)
+        hub = hub_factory(upstream, edge_id=edge_id)
+        cloud = TwinCloud(upstream, edge_id, collector_factory, hub)
+        return TwinHub(hub, cloud, telemetry, connect_publisher(hub.port, clients))
+
+    return make
+
+
 # --------------------------------------------------------------------------
 # 1. routes applied live
 # --------------------------------------------------------------------------
 
 
-def test_routes_from_desired_properties_are_applied_live_and_reported(
-    upstream, hub_factory, collector_factory, clients
-):
-    edge = "edge-twin-live"
-    telemetry = collector_factory(upstream)
-    hub = hub_factory(upstream, edge_id=edge)
-    cloud = TwinCloud(upstream, edge, collector_factory, hub)
+def test_routes_from_desired_properties_are_applied_live_and_reported(twin_hub):
+    th = twin_hub("edge-twin-live")
+    cloud, telemetry = th.cloud, th.telemetry
 
     first = cloud.wait_status(200, None)
     assert first["routes"] is None, f"no route table yet, but reported {first}"
     assert first["storeAndForwardConfiguration"] == {"timeToLiveSecs": DEFAULT_TTL}, first
     assert first["schemaVersion"] == "1.1", first
 
-    pub = Publisher(hub.port)
-    clients.append(pub.connect())
     temps = [10, 40, 30, 25, 31]
-    before = temp_messages("before", temps)
-    send_all(pub, before)
-    assert_exactly(telemetry, "before", before, set(temps))  # no routes: everything goes upstream
+    th.send_and_expect("before", temps, set(temps))  # no routes: everything goes upstream
 
-    cloud.publish_desired({
+    doc = cloud.apply({
         "$version": 3,
         "schemaVersion": "1.1",
         "routes": {"r1": OVER_30},
     })
-    doc = cloud.wait_status(200, 3)
     assert doc["lastDesiredStatus"] == {"code": 200, "description": ""}, doc
     assert doc["routes"] == {"r1": {"route": OVER_30, "priority": 0, "onError": "deadletter"}}, doc
     assert doc["storeAndForwardConfiguration"] == {"timeToLiveSecs": DEFAULT_TTL}, doc
 
-    temps = [10, 35, 30, -5, 31, 29, 50, 20, 45]
-    after = temp_messages("after", temps)
-    send_all(pub, after)
-    assert_exactly(telemetry, "after", after, {35, 31, 50, 45})
+    th.send_and_expect("after", [10, 35, 30, -5, 31, 29, 50, 20, 45], {35, 31, 50, 45})
     # topics (property bags) are unchanged on the way up
     assert all(t == telemetry_topic("d1", temp=int(bag_dict(t)["temp"])) for t, _ in arrived(telemetry, b"after-"))
 
     # a document without routes falls back to the hub's own (none: everything upstream)
-    cloud.publish_desired({"$version": 4, "schemaVersion": "1.1"})
-    doc = cloud.wait_status(200, 4)
+    doc = cloud.apply({"$version": 4, "schemaVersion": "1.1"})
     assert route_texts(doc) == {}, doc
     temps = [10, 35, 30]
-    fallback = temp_messages("fallback", temps)
-    send_all(pub, fallback)
-    assert_exactly(telemetry, "fallback", fallback, set(temps))
-    assert hub.alive()
+    th.send_and_expect("fallback", temps, set(temps))
+    assert th.hub.alive()
 
 
 # --------------------------------------------------------------------------
@@ -170,18 +197,10 @@ def test_routes_from_desired_properties_are_applied_live_and_reported(
 # --------------------------------------------------------------------------
 
 
-def test_a_desired_document_with_a_bad_route_is_refused_whole_and_the_previous_routes_stay(
-    upstream, hub_factory, collector_factory, clients
-):
-    edge = "edge-twin-bad-route"
-    telemetry = collector_factory(upstream)
-    hub = hub_factory(upstream, edge_id=edge)
-    cloud = TwinCloud(upstream, edge, collector_factory, hub)
-    pub = Publisher(hub.port)
-    clients.append(pub.connect())
-
-    cloud.publish_desired({"$version": 1, "routes": {"r1": OVER_30}})
-    cloud.wait_status(200, 1)
+def test_a_desired_document_with_a_bad_route_is_refused_whole_and_the_previous_routes_stay(twin_hub):
+    th = twin_hub("edge-twin-bad-route")
+    cloud = th.cloud
+    cloud.apply({"$version": 1, "routes": {"r1": OVER_30}})
 
     broken = "FROM /messages/* WHERE temp > 5 INTO $nowhere"
     column = broken.index("$nowhere") + 1  # 1-based column of the bad sink
@@ -202,18 +221,13 @@ def test_a_desired_document_with_a_bad_route_is_refused_whole_and_the_previous_r
 
     # ...and the previous routes still route: cold messages (the refused
     # `low` route would take them) do not go upstream, hot ones do.
-    refused = temp_messages("refused", [10, 40, 15, 25, 33])
-    send_all(pub, refused)
-    assert_exactly(telemetry, "refused", refused, {40, 33})
+    th.send_and_expect("refused", [10, 40, 15, 25, 33], {40, 33})
 
     # a good document is applied again
-    cloud.publish_desired({"$version": 3, "routes": {"low": UNDER_20}})
-    doc = cloud.wait_status(200, 3)
+    doc = cloud.apply({"$version": 3, "routes": {"low": UNDER_20}})
     assert doc["lastDesiredStatus"]["description"] == "", doc
     assert route_texts(doc) == {"low": UNDER_20}, doc
-    good = temp_messages("good", [40, 10, 33, 15])
-    send_all(pub, good)
-    assert_exactly(telemetry, "good", good, {10, 15})
+    th.send_and_expect("good", [40, 10, 33, 15], {10, 15})
 
 
 # --------------------------------------------------------------------------
@@ -228,8 +242,7 @@ def test_routes_from_the_twin_survive_a_restart_without_the_cloud(
     first = hub_factory(upstream, edge_id=edge, name="online")
     cloud = TwinCloud(upstream, edge, collector_factory, first)
     desired = {"$version": 5, "routes": {"hot": OVER_30}}
-    cloud.publish_desired(desired)
-    cloud.wait_status(200, 5)
+    cloud.apply(desired)
 
     cache = first.storage / "hub-twin.json"
     assert cache.is_file(), f"no {cache} after the twin was applied"
@@ -242,8 +255,7 @@ def test_routes_from_the_twin_survive_a_restart_without_the_cloud(
     # with the same storage, and keeps retrying this broker's port.
     fresh, telemetry = offline_upstream()
     hub = hub_factory(fresh, edge_id=edge, storage=first.storage, name="offline")
-    pub = Publisher(hub.port)
-    clients.append(pub.connect())
+    pub = connect_publisher(hub.port, clients)
     temps = [12, 41, 30, 22, 37, 5, 88]
     queued = temp_messages("offline", temps)
     send_all(pub, queued)
@@ -264,22 +276,15 @@ def test_routes_from_the_twin_survive_a_restart_without_the_cloud(
 # --------------------------------------------------------------------------
 
 
-def test_the_time_to_live_from_the_twin_expires_queued_messages(
-    upstream, hub_factory, collector_factory, clients
-):
-    edge = "edge-twin-ttl"
-    telemetry = collector_factory(upstream)  # persistent session: kept across the broker restart
-    hub = hub_factory(upstream, edge_id=edge)
-    cloud = TwinCloud(upstream, edge, collector_factory, hub)
+def test_the_time_to_live_from_the_twin_expires_queued_messages(upstream, twin_hub):
+    th = twin_hub("edge-twin-ttl")  # the collector's persistent session is kept across the broker restart
+    hub, cloud, telemetry, pub = th.hub, th.cloud, th.telemetry, th.pub
     assert cloud.wait_status(200, None)["storeAndForwardConfiguration"] == {"timeToLiveSecs": DEFAULT_TTL}
 
-    cloud.publish_desired({"$version": 1, "storeAndForwardConfiguration": {"timeToLiveSecs": 1}})
-    doc = cloud.wait_status(200, 1)
+    doc = cloud.apply({"$version": 1, "storeAndForwardConfiguration": {"timeToLiveSecs": 1}})
     assert doc["storeAndForwardConfiguration"] == {"timeToLiveSecs": 1}, doc
     assert route_texts(doc) == {}, doc
 
-    pub = Publisher(hub.port)
-    clients.append(pub.connect())
     topic = telemetry_topic("d1", kind="ttl")
     send_all(pub, [(topic, b"online")])
     telemetry.wait_payload(b"online", 10)
@@ -336,8 +341,7 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
     assert doc["plugins"]["field-filter"].get("version"), doc
     assert route_texts(doc) == {"ff": route}, doc
 
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    pub = connect_publisher(ph.port, clients)
 
     def batch(tag, temps):
         return [(telemetry_topic("d1", n=i), json.dumps({"temperature": t, "tag": tag}).encode())
@@ -358,20 +362,18 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
     telemetry.wait_distinct_payloads({default[1][1], default[3][1]}, 15)
     assert passed("default") == [28, 40]
 
-    cloud.publish_desired({
+    cloud.apply({
         "$version": 2,
         "routes": {"ff": route},
         "plugins": {"field-filter": {"config": {"above": 30}}},
     })
-    cloud.wait_status(200, 2)
     raised = batch("raised", [28, 20, 31, 30, 45])
     send_all(pub, raised)
     telemetry.wait_distinct_payloads({raised[2][1], raised[4][1]}, 15)
     assert passed("raised") == [31, 45], "28 passed the filter after the twin raised `above` to 30"
 
     # without `plugins` the plugin falls back to its default settings (above 25)
-    cloud.publish_desired({"$version": 3, "routes": {"ff": route}})
-    cloud.wait_status(200, 3)
+    cloud.apply({"$version": 3, "routes": {"ff": route}})
     back = batch("back", [20, 28, 31])
     send_all(pub, back)
     telemetry.wait_distinct_payloads({back[1][1], back[2][1]}, 15)
@@ -383,15 +385,9 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
 # --------------------------------------------------------------------------
 
 
-def test_bad_json_non_objects_and_unknown_keys_are_refused_and_the_hub_keeps_routing(
-    upstream, hub_factory, collector_factory, clients
-):
-    edge = "edge-twin-junk"
-    telemetry = collector_factory(upstream)
-    hub = hub_factory(upstream, edge_id=edge)
-    cloud = TwinCloud(upstream, edge, collector_factory, hub)
-    pub = Publisher(hub.port)
-    clients.append(pub.connect())
+def test_bad_json_non_objects_and_unknown_keys_are_refused_and_the_hub_keeps_routing(twin_hub):
+    th = twin_hub("edge-twin-junk")
+    cloud = th.cloud
 
     # (payload, what it is, the $version reported for it (None: the previous
     # good one), a word the refusal must name)
@@ -410,8 +406,7 @@ def test_bad_json_non_objects_and_unknown_keys_are_refused_and_the_hub_keeps_rou
         # a good document first (a new version each time), so every refusal
         # is a visible change of the reported properties
         version += 1
-        cloud.publish_desired({"$version": version, "routes": {"hot": OVER_30}})
-        cloud.wait_status(200, version)
+        cloud.apply({"$version": version, "routes": {"hot": OVER_30}})
 
         cloud.publish_desired(payload)
         doc = cloud.wait_status(400, refused_version or version)
@@ -419,8 +414,6 @@ def test_bad_json_non_objects_and_unknown_keys_are_refused_and_the_hub_keeps_rou
         assert named in desc, f"{what}: the refusal should name {named!r}: {desc!r}"
         assert route_texts(doc) == {"hot": OVER_30}, f"{what}: {doc}"
         assert doc["storeAndForwardConfiguration"] == {"timeToLiveSecs": DEFAULT_TTL}, f"{what}: {doc}"
-        assert hub.alive(), f"the hub died on {what}"
+        assert th.hub.alive(), f"the hub died on {what}"
 
-        sent = temp_messages(f"junk{i}", [10, 45, 15, 31])
-        send_all(pub, sent)
-        assert_exactly(telemetry, f"junk{i}", sent, {45, 31})
+        th.send_and_expect(f"junk{i}", [10, 45, 15, 31], {45, 31})

@@ -41,6 +41,22 @@ def write_jsonl(path: Path, messages) -> Path:
     return path
 
 
+def plugin_test_on(edgehub_bin, wasm, tmp_path: Path, messages, *args):
+    """``plugin_test`` over ``messages`` written to a JSON-lines file."""
+    return plugin_test(edgehub_bin, wasm, write_jsonl(tmp_path / "in.jsonl", messages), *args)
+
+
+def field_filter_expecting(edgehub_bin, plugins_dist, expect_file: Path):  # noqa: F811
+    """Rust field-filter over testdata/messages.jsonl with ``--expect expect_file``."""
+    return plugin_test(edgehub_bin, plugins_dist / "field-filter.wasm", TESTDATA / "messages.jsonl",
+                       "--expect", expect_file)
+
+
+def summary(total: int, passed: int = 0, dropped: int = 0, routed: int = 0, failed: int = 0) -> str:
+    """The count line `edgehub plugin test` writes to stderr."""
+    return f"{total} messages: {passed} passed, {dropped} dropped, {routed} routed, {failed} failed"
+
+
 def normalized(m: dict) -> dict:
     """An input message as the tool prints it back (every key present)."""
     return {
@@ -92,7 +108,7 @@ def test_field_filter_in_every_language_gives_the_expected_output(
     )
     assert "output matches" in err, err
     passed = sum(1 for w in want if '"result":"pass"' in w)
-    assert f"{len(want)} messages: {passed} passed, {len(want) - passed} dropped, 0 routed, 0 failed" in err, err
+    assert summary(len(want), passed=passed, dropped=len(want) - passed) in err, err
 
 
 # --------------------------------------------------------------------------
@@ -113,8 +129,7 @@ def test_content_router_default_settings(edgehub_bin, plugins_dist, tmp_path):  
         {"source": "/messages/devices/d1", "body": json.dumps({"nested": {"level": "critical"}})},
         {"source": "/messages/devices/d1", "body": "  {\"level\" : \"critical\"}  "},
     ]
-    rc, lines, out, err = plugin_test(edgehub_bin, plugins_dist / "content-router.wasm",
-                                      write_jsonl(tmp_path / "in.jsonl", msgs))
+    rc, lines, out, err = plugin_test_on(edgehub_bin, plugins_dist / "content-router.wasm", tmp_path, msgs)
     assert rc == 0, f"exit {rc}\n{out}\n{err}"
     want = [
         ["$upstream", ALERTS],
@@ -129,7 +144,7 @@ def test_content_router_default_settings(edgehub_bin, plugins_dist, tmp_path):  
     assert [line for line in lines] == [
         {"index": i, "result": "route", "endpoints": e} for i, e in enumerate(want)
     ], out
-    assert "8 messages: 0 passed, 0 dropped, 8 routed, 0 failed" in err, err
+    assert summary(8, routed=8) in err, err
 
 
 def test_content_router_with_its_own_settings(edgehub_bin, plugins_dist, tmp_path):  # noqa: F811
@@ -140,8 +155,8 @@ def test_content_router_with_its_own_settings(edgehub_bin, plugins_dist, tmp_pat
         {"body": json.dumps({"sev": "z"})},
         {"body": json.dumps({"level": "critical"})},
     ]
-    rc, lines, out, err = plugin_test(edgehub_bin, plugins_dist / "content-router.wasm",
-                                      write_jsonl(tmp_path / "in.jsonl", msgs), "--config", json.dumps(config))
+    rc, lines, out, err = plugin_test_on(edgehub_bin, plugins_dist / "content-router.wasm", tmp_path, msgs,
+                                         "--config", json.dumps(config))
     assert rc == 0, f"exit {rc}\n{out}\n{err}"
     # "bogus" has no '/', so the plugin makes it `drop`
     want = [
@@ -197,8 +212,7 @@ def dedup_messages():
 def test_dedup_drops_repeats(edgehub_bin, plugins_dist, tmp_path, config, want):  # noqa: F811
     msgs = dedup_messages()
     args = ["--config", config] if config else []
-    rc, lines, out, err = plugin_test(edgehub_bin, plugins_dist / "dedup.wasm",
-                                      write_jsonl(tmp_path / "in.jsonl", msgs), *args)
+    rc, lines, out, err = plugin_test_on(edgehub_bin, plugins_dist / "dedup.wasm", tmp_path, msgs, *args)
     assert rc == 0, f"exit {rc}\n{out}\n{err}"
     assert results(lines) == list(enumerate(want)), out
     for line, m in zip(lines, msgs):
@@ -208,7 +222,7 @@ def test_dedup_drops_repeats(edgehub_bin, plugins_dist, tmp_path, config, want):
         else:
             assert set(line) == {"index", "result"}, line
     n_pass = want.count("pass")
-    assert f"{len(want)} messages: {n_pass} passed, {len(want) - n_pass} dropped, 0 routed, 0 failed" in err, err
+    assert summary(len(want), passed=n_pass, dropped=len(want) - n_pass) in err, err
 
 
 def test_bench_and_stdin_input(edgehub_bin, plugins_dist, tmp_path):  # noqa: F811
@@ -248,9 +262,8 @@ def test_hostile_plugin_each_misbehaviour_is_an_error_line_and_the_next_message_
         msgs.append({"properties": {"hostile": mode}, "body": f"hostile-{mode}"})
         msgs.append({"properties": {"after": mode}, "body": f"fine-after-{mode}"})
     started = time.monotonic()
-    rc, lines, out, err = plugin_test(edgehub_bin, plugins_dist / "hostile.wasm",
-                                      write_jsonl(tmp_path / "in.jsonl", msgs),
-                                      "--timeout-ms", "50", "--memory-mb", "16")
+    rc, lines, out, err = plugin_test_on(edgehub_bin, plugins_dist / "hostile.wasm", tmp_path, msgs,
+                                         "--timeout-ms", "50", "--memory-mb", "16")
     elapsed = time.monotonic() - started
     assert rc == 1, f"a failed call must make the exit code 1, got {rc}\n{out}\n{err}"
     assert len(lines) == len(msgs), out
@@ -261,7 +274,7 @@ def test_hostile_plugin_each_misbehaviour_is_an_error_line_and_the_next_message_
         assert good == {"index": 2 * i + 1, "result": "pass", "message": normalized(msgs[2 * i + 1])}, (
             f"the message after `{mode}` did not pass through a fresh instance: {good}"
         )
-    assert f"{len(msgs)} messages: 5 passed, 0 dropped, 0 routed, 5 failed" in err, err
+    assert summary(len(msgs), passed=5, failed=5) in err, err
     # the 50 ms limit bounds the endless loop (generous bound for a slow machine)
     assert elapsed < 30, f"plugin test took {elapsed:.1f}s"
 
@@ -293,22 +306,19 @@ def test_expect_mismatch_exits_1(edgehub_bin, plugins_dist, tmp_path):  # noqa: 
     changed[1] = changed[0].replace('"index":0', '"index":1')
     wrong = tmp_path / "wrong.expected.jsonl"
     wrong.write_text("\n".join(changed) + "\n")
-    rc, lines, out, err = plugin_test(edgehub_bin, plugins_dist / "field-filter.wasm",
-                                      TESTDATA / "messages.jsonl", "--expect", wrong)
+    rc, lines, out, err = field_filter_expecting(edgehub_bin, plugins_dist, wrong)
     assert rc == 1, f"exit {rc}\n{err}"
     assert "line 2 differs" in err, err
     assert len(lines) == len(expected), "the output is still printed"
 
     short = tmp_path / "short.expected.jsonl"
     short.write_text("\n".join(expected[:-1]) + "\n")
-    rc, _, _, err = plugin_test(edgehub_bin, plugins_dist / "field-filter.wasm",
-                                TESTDATA / "messages.jsonl", "--expect", short)
+    rc, _, _, err = field_filter_expecting(edgehub_bin, plugins_dist, short)
     assert rc == 1, f"an expect file with a line missing was accepted:\n{err}"
     assert "lines" in err, err
 
     # the right file still passes with another config's expectations refused
-    rc, _, _, err = plugin_test(edgehub_bin, plugins_dist / "field-filter.wasm", TESTDATA / "messages.jsonl",
-                                "--expect", TESTDATA / "field-filter.humidity.expected.jsonl")
+    rc, _, _, err = field_filter_expecting(edgehub_bin, plugins_dist, TESTDATA / "field-filter.humidity.expected.jsonl")
     assert rc == 1, f"default config matched the humidity expectations?\n{err}"
 
 

@@ -9,37 +9,54 @@ import re
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 
-from helpers import Publisher, assert_strictly_increasing, wait_until
+from helpers import assert_strictly_increasing, wait_until
 from pluginkit import (  # noqa: F401 - fixtures
+    SENTINEL_TOPIC,
+    SentinelHub,
     corrupt_bytes,
-    loaded_re,
+    dead_letter_props,
     plugin_hub,
     plugins_dist,
-    refused_re,
+    sentinel_hub,
     split_telemetry,
-    unloaded_re,
 )
 
 EDGE = "edge-h"
-SENTINEL_TOPIC = "devices/sentinel/messages/events/"
-SENTINEL_ROUTE = "FROM /messages/devices/sentinel INTO $upstream"
-DEAD_LETTER_PREFIX = f"devices/{EDGE}/modules/$edgeHub/messages/events/"
 RELOAD_TIMEOUT = 10  # "about a second", with room for a slow machine
 
 
-def publish_then_sentinel(pub, collector, items, tag: bytes, timeout: float = 20):
+def upstream_since_last_sentinel(ph: SentinelHub, items, tag: bytes):
     """Publishes ``items`` then a sentinel ``tag`` (b"sentinel-..."); returns
     what arrived upstream between the previous sentinel and this one (one
     client's messages are routed and forwarded in order)."""
-    for topic, payload in items:
-        rc = pub.publish_and_wait(topic, payload)
-        assert rc < 0x80, f"publish on {topic} refused with {rc:#x}"
-    assert pub.publish_and_wait(SENTINEL_TOPIC, tag) < 0x80
-    msgs = collector.wait_payload(tag, timeout)
-    end = next(i for i, (_, p) in enumerate(msgs) if p == tag)
-    prev = [i for i, (_, p) in enumerate(msgs[:end]) if p.startswith(b"sentinel-")]
-    return msgs[(prev[-1] + 1 if prev else 0):end]
+    before = ph.publish_then_sentinel(items, tag)
+    prev = [i for i, (_, p) in enumerate(before) if p.startswith(b"sentinel-")]
+    return before[(prev[-1] + 1 if prev else 0):]
+
+
+def install_and_wait_loaded(ph, name: str, source, desc: str | None = None) -> str:
+    """Puts ``source`` in the plugins folder as ``name`` while the hub runs
+    and waits until the hub logs it loaded; returns that log line."""
+    ph.log.mark()
+    ph.install(name, source)
+    return ph.wait_loaded(name, RELOAD_TIMEOUT, desc)
+
+
+def remove_and_wait_unloaded(ph, name: str) -> None:
+    ph.log.mark()
+    ph.remove(name)
+    ph.wait_unloaded(name, RELOAD_TIMEOUT, f"{name} unloaded")
+
+
+@contextmanager
+def one_reload(ph):
+    """The block changes the plugins folder: edgehub_plugin_reloads_total must
+    go up by exactly one."""
+    reloads = ph.hub.metric("edgehub_plugin_reloads_total")
+    yield
+    ph.hub.wait_metric("edgehub_plugin_reloads_total", lambda v: v == reloads + 1, 10, f"== {reloads + 1}")
 
 
 def digest_of(log_line: str) -> str:
@@ -48,30 +65,32 @@ def digest_of(log_line: str) -> str:
     return m.group(1)
 
 
+def start_with_field_filter(sentinel_hub, plugins_dist, name: str, routes: dict, **kw):  # noqa: F811
+    """A SentinelHub with ``routes`` and field-filter installed as plugin
+    ``name``, once that is loaded; returns it and the loaded version's digest."""
+    ph = sentinel_hub(plugins={name: plugins_dist / "field-filter.wasm"}, routes=routes, edge_id=EDGE, **kw)
+    return ph, digest_of(ph.wait_loaded(name))
+
+
 HOT = b'{"temperature": 40}'
 COLD = b'{"temperature": 10}'
 
 
 def test_replacing_a_plugin_under_a_continuous_stream_loses_and_duplicates_nothing(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+    sentinel_hub, plugins_dist  # noqa: F811
 ):
     """Version 1 of plugin "p" is field-filter set to pass everything (it adds
     alert=true); version 2 is dedup (passes these messages unchanged)."""
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
-        plugins={"p": plugins_dist / "field-filter.wasm"},
+    ph, v1 = start_with_field_filter(
+        sentinel_hub, plugins_dist, "p",
+        routes={"r": 'FROM /messages/devices/stream INTO plugin("p")'},
         settings={"p": {"config": {"field": "seq", "above": -1}}},
-        routes={"r": 'FROM /messages/devices/stream INTO plugin("p")', "sentinel": SENTINEL_ROUTE},
-        edge_id=EDGE,
     )
-    v1 = digest_of(ph.log.wait(loaded_re("p"), 10).group(0))
     topic = "devices/stream/messages/events/%24.ct=application%2Fjson"
 
     max_messages, window, after_reload = 10_000, 200, 500
     deadline = time.monotonic() + 20
-    pub = Publisher(ph.port, inflight=100)
-    clients.append(pub.connect())
+    pub = ph.pub  # inflight 100
     stop = threading.Event()
     sent = [0]
     errors = []
@@ -94,9 +113,7 @@ def test_replacing_a_plugin_under_a_continuous_stream_loses_and_duplicates_nothi
     producer.start()
     try:
         wait_until(lambda: pub.acked_count() >= 500, 20, "500 messages acknowledged before the swap")
-        ph.log.mark()
-        ph.install("p", plugins_dist / "dedup.wasm")
-        line = ph.log.wait(loaded_re("p"), RELOAD_TIMEOUT, "version 2 of p loaded").group(0)
+        line = install_and_wait_loaded(ph, "p", plugins_dist / "dedup.wasm", "version 2 of p loaded")
         assert f"replaced={v1}" in line or f'replaced="{v1}"' in line, line
         assert producer.is_alive(), (
             f"the stream ({sent[0]} messages) ended before the reload; make it longer"
@@ -113,7 +130,7 @@ def test_replacing_a_plugin_under_a_continuous_stream_loses_and_duplicates_nothi
     assert len(pub.acked) == n, f"{n - len(pub.acked)} publishes refused"
 
     assert pub.publish_and_wait(SENTINEL_TOPIC, b"sentinel-stream") < 0x80
-    msgs = collector.wait_payload(b"sentinel-stream", 60)
+    msgs = ph.collector.wait_payload(b"sentinel-stream", 60)
     stream = [(t, json.loads(p)["seq"]) for t, p in msgs if t.startswith("devices/stream/")]
     others = [(t, p) for t, p in msgs if not t.startswith("devices/stream/") and p != b"sentinel-stream"]
     assert not others, f"unexpected upstream messages (dead letters?): {others[:3]}"
@@ -148,20 +165,13 @@ def test_replacing_a_plugin_under_a_continuous_stream_loses_and_duplicates_nothi
 
 
 def test_a_corrupt_or_wrong_world_file_replacing_a_plugin_leaves_the_old_version_running(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+    sentinel_hub, plugins_dist  # noqa: F811
 ):
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
-        plugins={"field-filter": plugins_dist / "field-filter.wasm"},
-        routes={"r": 'FROM /messages/devices/d1 INTO plugin("field-filter")', "sentinel": SENTINEL_ROUTE},
-        edge_id=EDGE,
+    ph, v1 = start_with_field_filter(
+        sentinel_hub, plugins_dist, "field-filter", {"r": 'FROM /messages/devices/d1 INTO plugin("field-filter")'}
     )
-    v1 = digest_of(ph.log.wait(loaded_re("field-filter"), 10).group(0))
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
     t = "devices/d1/messages/events/"
-    got = publish_then_sentinel(pub, collector, [(t, COLD), (t, HOT)], b"sentinel-0")
+    got = upstream_since_last_sentinel(ph, [(t, COLD), (t, HOT)], b"sentinel-0")
     assert got == [(t + "alert=true", HOT)], got
 
     valid = (plugins_dist / "field-filter.wasm").read_bytes()
@@ -173,7 +183,7 @@ def test_a_corrupt_or_wrong_world_file_replacing_a_plugin_leaves_the_old_version
         rejected = ph.hub.metric("edgehub_plugin_rejected_total")
         filtered = ph.hub.metric("edgehub_messages_filtered_total")
         ph.install("field-filter", data)
-        line = ph.log.wait(refused_re("field-filter"), RELOAD_TIMEOUT, f"{what} file refused").group(0)
+        line = ph.wait_refused("field-filter", RELOAD_TIMEOUT, f"{what} file refused")
         assert reason in ph.log.text(), f"{what}: refusal does not say {reason!r}:\n{ph.log.text()}"
         assert f'still_running="{v1}"' in ph.log.text() or f"still_running={v1}" in ph.log.text(), (
             f"{what}: the log does not say the old version keeps running: {line}"
@@ -182,7 +192,7 @@ def test_a_corrupt_or_wrong_world_file_replacing_a_plugin_leaves_the_old_version
         assert "plugin unloaded" not in ph.log.text() and "plugin loaded" not in ph.log.text(), ph.log.text()
 
         # the old version still filters
-        got = publish_then_sentinel(pub, collector, [(t, COLD), (t, HOT)], f"sentinel-{i + 1}".encode())
+        got = upstream_since_last_sentinel(ph, [(t, COLD), (t, HOT)], f"sentinel-{i + 1}".encode())
         assert got == [(t + "alert=true", HOT)], f"after the {what} file: {got}"
         ph.hub.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered + 1, 10, "+1")
     assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 0
@@ -190,80 +200,57 @@ def test_a_corrupt_or_wrong_world_file_replacing_a_plugin_leaves_the_old_version
 
 
 def test_deleting_a_plugin_file_unloads_it_and_routes_apply_their_error_policy(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+    sentinel_hub, plugins_dist  # noqa: F811
 ):
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
-        plugins={"ff": plugins_dist / "field-filter.wasm"},
-        routes={
-            "dl": 'FROM /messages/devices/a INTO plugin("ff")',
-            "ps": {"route": 'FROM /messages/devices/b INTO plugin("ff")', "onError": "pass"},
-            "dr": {"route": 'FROM /messages/devices/c INTO plugin("ff")', "onError": "drop"},
-            "sentinel": SENTINEL_ROUTE,
-        },
-        edge_id=EDGE,
-    )
-    ph.log.wait(loaded_re("ff"), 10)
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    ph, _ = start_with_field_filter(sentinel_hub, plugins_dist, "ff", {
+        "dl": 'FROM /messages/devices/a INTO plugin("ff")',
+        "ps": {"route": 'FROM /messages/devices/b INTO plugin("ff")', "onError": "pass"},
+        "dr": {"route": 'FROM /messages/devices/c INTO plugin("ff")', "onError": "drop"},
+    })
     items = [(f"devices/{d}/messages/events/", HOT) for d in "abc"]
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-0")
+    got = upstream_since_last_sentinel(ph, items, b"sentinel-0")
     assert got == [(f"devices/{d}/messages/events/alert=true", HOT) for d in "abc"], got
 
-    ph.log.mark()
-    reloads = ph.hub.metric("edgehub_plugin_reloads_total")
-    ph.remove("ff")
-    ph.log.wait(unloaded_re("ff"), RELOAD_TIMEOUT, "ff unloaded")
-    ph.hub.wait_metric("edgehub_plugin_reloads_total", lambda v: v == reloads + 1, 10, f"== {reloads + 1}")
+    with one_reload(ph):
+        remove_and_wait_unloaded(ph, "ff")
 
     filtered = ph.hub.metric("edgehub_messages_filtered_total")
     items = [(f"devices/{d}/messages/events/k={d}", HOT) for d in "abc"]
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-1")
+    got = upstream_since_last_sentinel(ph, items, b"sentinel-1")
     assert len(got) == 2, f"expected a dead letter (a) and the original (b), got {got}"
-    prefix, bag = split_telemetry(got[0][0])
-    props = dict(bag)
-    assert prefix == DEAD_LETTER_PREFIX and got[0][1] == HOT, got[0]
+    props = dead_letter_props(got[0][0], EDGE)
+    assert got[0][1] == HOT, got[0]
     assert props.get("deadLetterRoute") == "dl" and "not loaded" in props.get("deadLetterReason", ""), props
     assert got[1] == ("devices/b/messages/events/k=b", HOT), f"onError=pass: {got[1]}"
     ph.hub.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered + 1, 10, "+1 (onError=drop)")
     assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 1
 
     # the same file put back is loaded again
-    ph.log.mark()
-    ph.install("ff", plugins_dist / "field-filter.wasm")
-    ph.log.wait(loaded_re("ff"), RELOAD_TIMEOUT, "ff loaded again")
+    install_and_wait_loaded(ph, "ff", plugins_dist / "field-filter.wasm", "ff loaded again")
     items = [(f"devices/{d}/messages/events/", HOT) for d in "abc"]
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-2")
+    got = upstream_since_last_sentinel(ph, items, b"sentinel-2")
     assert got == [(f"devices/{d}/messages/events/alert=true", HOT) for d in "abc"], got
     assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 1
     assert ph.hub.alive()
 
 
 def test_a_plugin_dropped_in_while_running_becomes_usable_by_its_route(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+    sentinel_hub, plugins_dist  # noqa: F811
 ):
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
+    ph = sentinel_hub(
         plugins={},
-        routes={"late": 'FROM /messages/devices/d1 INTO plugin("late")', "sentinel": SENTINEL_ROUTE},
+        routes={"late": 'FROM /messages/devices/d1 INTO plugin("late")'},
         edge_id=EDGE,
     )
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
     t = "devices/d1/messages/events/"
-    got = publish_then_sentinel(pub, collector, [(t, HOT)], b"sentinel-0")
-    assert len(got) == 1 and got[0][0].startswith(DEAD_LETTER_PREFIX), f"before: expected a dead letter, got {got}"
-    assert "not loaded" in dict(split_telemetry(got[0][0])[1]).get("deadLetterReason", ""), got
+    got = upstream_since_last_sentinel(ph, [(t, HOT)], b"sentinel-0")
+    assert len(got) == 1, f"before: expected a dead letter, got {got}"
+    assert "not loaded" in dead_letter_props(got[0][0], EDGE).get("deadLetterReason", ""), got
 
-    ph.log.mark()
-    reloads = ph.hub.metric("edgehub_plugin_reloads_total")
-    ph.install("late", plugins_dist / "field-filter.wasm")
-    ph.log.wait(loaded_re("late"), RELOAD_TIMEOUT, "late loaded")
-    ph.hub.wait_metric("edgehub_plugin_reloads_total", lambda v: v == reloads + 1, 10, f"== {reloads + 1}")
+    with one_reload(ph):
+        install_and_wait_loaded(ph, "late", plugins_dist / "field-filter.wasm")
 
-    got = publish_then_sentinel(pub, collector, [(t, COLD), (t, HOT)], b"sentinel-1")
+    got = upstream_since_last_sentinel(ph, [(t, COLD), (t, HOT)], b"sentinel-1")
     assert got == [(t + "alert=true", HOT)], f"after: {got}"
     assert ph.hub.metric("edgehub_messages_dead_lettered_total") == 1
     assert ph.hub.alive()
@@ -277,8 +264,8 @@ def test_compiled_code_of_replaced_and_removed_versions_is_not_kept(
         plugins={"p": plugins_dist / "field-filter.wasm", "q": plugins_dist / "dedup.wasm"},
         edge_id=EDGE,
     )
-    ph.log.wait(loaded_re("p"), 10)
-    ph.log.wait(loaded_re("q"), 10)
+    ph.wait_loaded("p")
+    ph.wait_loaded("q")
     cache = ph.hub.storage / "plugin-cache"
 
     def compiled() -> list[str]:
@@ -286,12 +273,8 @@ def test_compiled_code_of_replaced_and_removed_versions_is_not_kept(
 
     wait_until(lambda: len(compiled()) == 2, 10, "one compiled file per loaded plugin")
     first = compiled()
-    ph.log.mark()
-    ph.install("p", plugins_dist / "content-router.wasm")  # a new version of p
-    ph.log.wait(loaded_re("p"), RELOAD_TIMEOUT)
+    install_and_wait_loaded(ph, "p", plugins_dist / "content-router.wasm")  # a new version of p
     wait_until(lambda: len(compiled()) == 2 and compiled() != first, 10,
                "the replaced version's compiled code removed, the new one kept")
-    ph.log.mark()
-    ph.remove("q")
-    ph.log.wait(unloaded_re("q"), RELOAD_TIMEOUT)
+    remove_and_wait_unloaded(ph, "q")
     wait_until(lambda: len(compiled()) == 1, 10, "the removed plugin's compiled code removed")

@@ -6,19 +6,9 @@ from __future__ import annotations
 
 import re
 
-from helpers import Publisher
-from pluginkit import (  # noqa: F401 - fixtures
-    corrupt_bytes,
-    loaded_re,
-    plugin_hub,
-    plugins_dist,
-    refused_re,
-    split_telemetry,
-)
+from pluginkit import corrupt_bytes, dead_letter_props, plugin_hub, plugins_dist, sentinel_hub  # noqa: F401 - fixtures
 
 EDGE = "edge-s"
-SENTINEL_TOPIC = "devices/sentinel/messages/events/"
-DEAD_LETTER_PREFIX = f"devices/{EDGE}/modules/$edgeHub/messages/events/"
 
 # mode of the hostile plugin -> what the dead letter's reason must name
 MODES = {
@@ -34,14 +24,16 @@ def routes_for(device: str, on_error: str | None, plugin: str = "hostile") -> di
     entry = {"route": f'FROM /messages/devices/{device} INTO plugin("{plugin}")'}
     if on_error:
         entry["onError"] = on_error
-    return {device: entry, "sentinel": "FROM /messages/devices/sentinel INTO $upstream"}
+    return {device: entry}
 
 
-def start(plugin_hub, upstream, plugins_dist, routes, **kw):  # noqa: F811
+def start(sentinel_hub, plugins_dist, routes, **kw):  # noqa: F811
+    """A SentinelHub with ``routes`` (plus the sentinel route) and the hostile
+    plugin unless ``plugins`` says otherwise, once every plugin is loaded."""
     kw.setdefault("plugins", {"hostile": plugins_dist / "hostile.wasm"})
-    ph = plugin_hub(upstream, routes=routes, edge_id=EDGE, **kw)
+    ph = sentinel_hub(routes=routes, edge_id=EDGE, **kw)
     for name in kw["plugins"]:
-        ph.log.wait(loaded_re(name), 10)
+        ph.wait_loaded(name)
     return ph
 
 
@@ -54,15 +46,11 @@ def hostile_then_good(device: str):
     return items
 
 
-def publish_then_sentinel(pub, collector, items, tag: bytes, timeout: float = 30):
+def upstream_before_sentinel(ph, items, tag: bytes):
     """Publishes ``items`` (waiting for each acknowledgement), then a
-    sentinel; returns what arrived upstream before the sentinel."""
-    for topic, payload in items:
-        rc = pub.publish_and_wait(topic, payload, timeout=timeout)
-        assert rc < 0x80, f"publish on {topic} refused with {rc:#x}"
-    assert pub.publish_and_wait(SENTINEL_TOPIC, tag) < 0x80
-    msgs = collector.wait_payload(tag, timeout)
-    return msgs[: next(i for i, (_, p) in enumerate(msgs) if p == tag)]
+    sentinel; returns what arrived upstream before the sentinel. 30 s bounds
+    leave time for the calls that misbehave."""
+    return ph.publish_then_sentinel(items, tag, timeout=30, publish_timeout=30)
 
 
 def metrics_delta(ph, before: dict, names) -> dict:
@@ -77,28 +65,28 @@ COUNTERS = (
 )
 
 
-def test_hostile_calls_are_dead_lettered_with_the_reason(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
-):
-    collector = collector_factory(upstream)
+def run_hostile_then_good(ph, device: str, tag: bytes):
+    """Sends ``hostile_then_good(device)`` through the hub; returns (the
+    messages sent, what arrived upstream, how much COUNTERS went up)."""
+    before = ph.hub.metrics()
+    items = hostile_then_good(device)
+    got = upstream_before_sentinel(ph, items, tag)
+    return items, got, metrics_delta(ph, before, COUNTERS)
+
+
+def test_hostile_calls_are_dead_lettered_with_the_reason(sentinel_hub, plugins_dist):  # noqa: F811
     # deadletter is the default policy; the limits come from the config:
     # [plugins] for every plugin, [plugins.settings.hostile] overriding one
-    ph = start(plugin_hub, upstream, plugins_dist, routes_for("dl", None), timeout_ms=100, memory_mb=32,
+    ph = start(sentinel_hub, plugins_dist, routes_for("dl", None), timeout_ms=100, memory_mb=32,
                settings={"hostile": {"timeout_ms": 60}})
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
-    before = ph.hub.metrics()
-    items = hostile_then_good("dl")
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-dl")
+    items, got, d = run_hostile_then_good(ph, "dl", b"sentinel-dl")
 
     assert len(got) == len(items), f"expected {len(items)} messages upstream, got {got}"
     for i, mode in enumerate(MODES):
         (dl_topic, dl_payload), (good_topic, good_payload) = got[2 * i], got[2 * i + 1]
         orig_topic = items[2 * i][0]
         assert dl_payload == f"bad-{mode}".encode(), f"{mode}: dead letter carries {dl_payload[:60]!r}"
-        prefix, bag = split_telemetry(dl_topic)
-        assert prefix == DEAD_LETTER_PREFIX, f"{mode}: dead letter on {dl_topic}"
-        props = dict(bag)
+        props = dead_letter_props(dl_topic, EDGE)
         assert props.get("$.on") == "deadletter", f"{mode}: {dl_topic}"
         assert props.get("deadLetterRoute") == "dl", f"{mode}: {dl_topic}"
         assert re.search(MODES[mode], props.get("deadLetterReason", "")), (
@@ -116,42 +104,27 @@ def test_hostile_calls_are_dead_lettered_with_the_reason(
         # the instance was replaced: the next message went through the plugin
         assert (good_topic, good_payload) == (items[2 * i + 1][0], f"good-{mode}".encode()), got[2 * i + 1]
 
-    d = metrics_delta(ph, before, COUNTERS)
     assert d["edgehub_plugin_failures_total"] == len(MODES), d
     assert d["edgehub_messages_dead_lettered_total"] == len(MODES), d
     assert ph.hub.alive()
 
 
-def test_hostile_calls_with_on_error_pass_deliver_the_original(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
-):
-    collector = collector_factory(upstream)
-    ph = start(plugin_hub, upstream, plugins_dist, routes_for("ps", "pass"))
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
-    before = ph.hub.metrics()
-    items = hostile_then_good("ps")
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-ps")
+def test_hostile_calls_with_on_error_pass_deliver_the_original(sentinel_hub, plugins_dist):  # noqa: F811
+    ph = start(sentinel_hub, plugins_dist, routes_for("ps", "pass"))
+    items, got, d = run_hostile_then_good(ph, "ps", b"sentinel-ps")
     # the original of each failed call, unchanged, then the good one
     assert got == items, f"upstream got {[(t, p[:40]) for t, p in got]}"
-    d = metrics_delta(ph, before, COUNTERS)
     assert d["edgehub_plugin_failures_total"] == len(MODES), d
     assert d["edgehub_messages_dead_lettered_total"] == 0, d
     assert ph.hub.alive()
 
 
 def test_hostile_calls_with_on_error_drop_deliver_nothing_and_the_hub_keeps_passing_messages(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+    sentinel_hub, plugins_dist  # noqa: F811
 ):
-    collector = collector_factory(upstream)
-    ph = start(plugin_hub, upstream, plugins_dist, routes_for("dr", "drop"))
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
-    before = ph.hub.metrics()
-    items = hostile_then_good("dr")
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-dr-1")
+    ph = start(sentinel_hub, plugins_dist, routes_for("dr", "drop"))
+    items, got, d = run_hostile_then_good(ph, "dr", b"sentinel-dr-1")
     assert got == items[1::2], f"expected only the good messages upstream, got {[(t, p[:40]) for t, p in got]}"
-    d = metrics_delta(ph, before, COUNTERS)
     assert d["edgehub_plugin_failures_total"] == len(MODES), d
     assert d["edgehub_messages_filtered_total"] == len(MODES), f"dropped messages not counted: {d}"
     assert d["edgehub_messages_dead_lettered_total"] == 0, d
@@ -159,29 +132,22 @@ def test_hostile_calls_with_on_error_drop_deliver_nothing_and_the_hub_keeps_pass
     # a burst of normal messages still goes through the same plugin
     n = 200
     for i in range(n):
-        pub.publish(f"devices/dr/messages/events/burst={i}", f"burst-{i}".encode(), key=i)
-    pub.wait_results(n + len(items) + 1, 30)
+        ph.pub.publish(f"devices/dr/messages/events/burst={i}", f"burst-{i}".encode(), key=i)
+    ph.pub.wait_results(n + len(items) + 1, 30)
     want = [f"burst-{i}".encode() for i in range(n)]
-    msgs = collector.wait_distinct_payloads(set(want), 30)
+    msgs = ph.collector.wait_distinct_payloads(set(want), 30)
     assert [p for _, p in msgs if p.startswith(b"burst-")] == want
     assert ph.hub.alive()
 
 
-def test_a_route_to_a_plugin_that_is_not_loaded_dead_letters(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
-):
-    collector = collector_factory(upstream)
-    routes = routes_for("nl", None, plugin="absent")
-    routes.update({"np": {"route": 'FROM /messages/devices/np INTO plugin("absent")', "onError": "pass"}})
-    ph = start(plugin_hub, upstream, plugins_dist, routes)
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+def test_a_route_to_a_plugin_that_is_not_loaded_dead_letters(sentinel_hub, plugins_dist):  # noqa: F811
+    routes = {**routes_for("nl", None, plugin="absent"), **routes_for("np", "pass", plugin="absent")}
+    ph = start(sentinel_hub, plugins_dist, routes)
     items = [("devices/nl/messages/events/k=v", b"nobody-home"), ("devices/np/messages/events/k=w", b"passes")]
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-nl")
+    got = upstream_before_sentinel(ph, items, b"sentinel-nl")
     assert len(got) == 2, got
-    prefix, bag = split_telemetry(got[0][0])
-    props = dict(bag)
-    assert prefix == DEAD_LETTER_PREFIX and got[0][1] == b"nobody-home", got[0]
+    props = dead_letter_props(got[0][0], EDGE)
+    assert got[0][1] == b"nobody-home", got[0]
     assert props.get("deadLetterRoute") == "nl", props
     assert "not loaded" in props.get("deadLetterReason", ""), props
     assert props.get("originalTopic") == "devices/nl/messages/events/k=v", props
@@ -190,14 +156,11 @@ def test_a_route_to_a_plugin_that_is_not_loaded_dead_letters(
 
 
 def test_corrupt_and_wrong_world_files_are_refused_while_other_plugins_load(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+    sentinel_hub, plugins_dist  # noqa: F811
 ):
-    collector = collector_factory(upstream)
     valid = (plugins_dist / "field-filter.wasm").read_bytes()
-    routes = routes_for("ff", None, plugin="field-filter")
-    ph = plugin_hub(
-        upstream,
-        routes=routes,
+    ph = sentinel_hub(
+        routes=routes_for("ff", None, plugin="field-filter"),
         edge_id=EDGE,
         plugins={
             "corrupt": corrupt_bytes(),
@@ -206,27 +169,24 @@ def test_corrupt_and_wrong_world_files_are_refused_while_other_plugins_load(
             "wrong-world": plugins_dist / "wrong-world.wasm",
         },
     )
-    log = ph.log
-    m = log.wait(refused_re("corrupt"), 10)
-    assert "not a valid WebAssembly component" in m.group(0), m.group(0)
-    m = log.wait(refused_re("wrong-world"), 10)
-    assert "exports none of the worlds" in m.group(0), m.group(0)
-    log.wait(loaded_re("field-filter"), 10)
-    log.wait(loaded_re("hostile"), 10)
+    line = ph.wait_refused("corrupt")
+    assert "not a valid WebAssembly component" in line, line
+    line = ph.wait_refused("wrong-world")
+    assert "exports none of the worlds" in line, line
+    ph.wait_loaded("field-filter")
+    ph.wait_loaded("hostile")
     assert ph.hub.metric("edgehub_plugin_rejected_total") == 2
 
     # dropped in while running: refused as well
-    log.mark()
+    ph.log.mark()
     ph.install("truncated", corrupt_bytes(valid))
-    m = log.wait(refused_re("truncated"), 10)
-    assert "not a valid WebAssembly component" in m.group(0), m.group(0)
+    line = ph.wait_refused("truncated")
+    assert "not a valid WebAssembly component" in line, line
     ph.hub.wait_metric("edgehub_plugin_rejected_total", lambda v: v == 3, 10, "== 3")
-    assert not re.search(r"plugin loaded", log.text()), log.text()
+    assert not re.search(r"plugin loaded", ph.log.text()), ph.log.text()
 
     # the good plugin works
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
     items = [("devices/ff/messages/events/", b'{"temperature": 10}'), ("devices/ff/messages/events/", b'{"temperature": 40}')]
-    got = publish_then_sentinel(pub, collector, items, b"sentinel-ff")
+    got = upstream_before_sentinel(ph, items, b"sentinel-ff")
     assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
     assert ph.hub.alive()

@@ -8,29 +8,32 @@ import subprocess
 
 import pytest
 
-from helpers import Publisher, Subscriber, hub_env, wait_until
-from pluginkit import bag_dict, hub_config_text, plugin_hub, plugins_dist, split_telemetry  # noqa: F401
+from helpers import hub_env, wait_until
+from pluginkit import (  # noqa: F401 - fixtures
+    bag_dict,
+    connect_publisher,
+    hub_config_text,
+    plugin_hub,
+    plugins_dist,
+    publish_all,
+    sentinel_hub,
+    split_telemetry,
+)
 
 EDGE = "edge-r"
-SENTINEL_TOPIC = "devices/sentinel/messages/events/"
-SENTINEL_ROUTE = "FROM /messages/devices/sentinel INTO $upstream"
 
 
-def publish_all(pub: Publisher, items):
-    for topic, payload in items:
-        rc = pub.publish_and_wait(topic, payload)
-        assert rc < 0x80, f"publish on {topic} refused with {rc:#x}"
+def check_config(edgehub_bin, cfg) -> tuple[int, str]:
+    """Runs `edgehub check-config`; returns (exit code, stdout and stderr)."""
+    r = subprocess.run([edgehub_bin, "check-config", str(cfg)], capture_output=True, timeout=30, env=hub_env())
+    return r.returncode, (r.stdout + r.stderr).decode("utf-8", "replace")
 
 
-def upstream_after_sentinel(pub, collector, tag: bytes):
-    """Publishes a sentinel (routed upstream by SENTINEL_ROUTE) after
-    everything else from ``pub`` and returns what had arrived upstream before
-    it: messages of one client are routed and forwarded in order, so nothing
-    published earlier can still be on its way."""
-    assert pub.publish_and_wait(SENTINEL_TOPIC, tag) < 0x80
-    msgs = collector.wait_payload(tag, 20)
-    i = next(i for i, (_, p) in enumerate(msgs) if p == tag)
-    return msgs[:i]
+def received_at_input(sub, payload: bytes, desc: str) -> list[tuple[str, bytes]]:
+    """Waits until ``payload`` reached ``sub``; returns (topic, payload) of
+    everything it received by then."""
+    msgs = sub.wait_for(lambda ms: any(m.payload == payload for m in ms), 20, desc)
+    return [(m.topic, bytes(m.payload)) for m in msgs]
 
 
 # --------------------------------------------------------------------------
@@ -44,8 +47,7 @@ def test_without_routes_every_telemetry_message_goes_upstream_unchanged(
     collector = collector_factory(upstream)
     # a config file with a [plugins] section but no [routes]
     ph = plugin_hub(upstream, routes=None, edge_id=EDGE)
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    pub = connect_publisher(ph.port, clients)
     sent = [
         ("devices/d1/messages/events/%24.ct=application%2Fjson&temp=21", b'{"temp":21}'),
         ("devices/d2/messages/events/", b"\x00\xffraw"),
@@ -112,14 +114,9 @@ BODY_MATCH = [True, False, True, False, False, False]
 
 
 @pytest.mark.parametrize("case", list(ROUTE_CASES))
-def test_a_where_condition_sends_only_matching_messages_upstream(
-    upstream, collector_factory, plugin_hub, clients, case  # noqa: F811
-):
+def test_a_where_condition_sends_only_matching_messages_upstream(sentinel_hub, case):  # noqa: F811
     route, items = ROUTE_CASES[case]
-    collector = collector_factory(upstream)
-    ph = plugin_hub(upstream, routes={"r": route, "sentinel": SENTINEL_ROUTE}, edge_id=EDGE)
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    ph = sentinel_hub(routes={"r": route}, edge_id=EDGE)
     sent = []
     for i, (topic, spec) in enumerate(items):
         if case == "body":
@@ -130,38 +127,27 @@ def test_a_where_condition_sends_only_matching_messages_upstream(
             payload = f"{case}-{i}".encode()
             match = spec
         sent.append((topic, payload, match))
-    publish_all(pub, [(t, p) for t, p, _ in sent])
     want = [(t, p) for t, p, m in sent if m]
-    before = upstream_after_sentinel(pub, collector, b"sentinel-" + case.encode())
+    before = ph.publish_then_sentinel([(t, p) for t, p, _ in sent], b"sentinel-" + case.encode())
     assert before == want, (
         f"route {route!r}:\nexpected upstream {want}\ngot {before}"
     )
 
 
-def test_brokered_endpoint_delivers_to_a_module_input_on_the_hub(
-    upstream, collector_factory, plugin_hub, clients  # noqa: F811
-):
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
+def test_brokered_endpoint_delivers_to_a_module_input_on_the_hub(sentinel_hub):  # noqa: F811
+    ph = sentinel_hub(
         routes={
             "alarm": 'FROM /messages/modules/sensor/outputs/* WHERE temp > 30 INTO BrokeredEndpoint("/modules/alarm/inputs/hot")',
-            "sentinel": SENTINEL_ROUTE,
         },
         edge_id=EDGE,
     )
-    sub = Subscriber(ph.port)
-    clients.append(sub.connect())
-    sub.subscribe(f"devices/{EDGE}/modules/alarm/inputs/#", qos=1)
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    sub = ph.subscribe_module_inputs("alarm")
     hot_topic = f"devices/{EDGE}/modules/sensor/messages/events/%24.on=out1&temp=35"
-    publish_all(pub, [
+    publish_all(ph.pub, [
         (f"devices/{EDGE}/modules/sensor/messages/events/%24.on=out1&temp=20", b"cool"),
         (hot_topic, b"hot"),
     ])
-    msg = sub.wait_for(lambda ms: any(m.payload == b"hot" for m in ms), 20, "the hot message at the module input")
-    got = [(m.topic, bytes(m.payload)) for m in msg]
+    got = received_at_input(sub, b"hot", "the hot message at the module input")
     hot = [t for t, p in got if p == b"hot"]
     assert len(hot) == 1, got
     prefix, bag = split_telemetry(hot[0])
@@ -169,7 +155,7 @@ def test_brokered_endpoint_delivers_to_a_module_input_on_the_hub(
     assert ("temp", "35") in bag, f"the property bag was not carried to the input: {hot[0]}"
     assert dict(bag).get("$.on") == "out1", hot[0]
     # nothing went upstream (the only route for these is the endpoint)
-    assert upstream_after_sentinel(pub, collector, b"sentinel-be") == []
+    assert ph.upstream_before_sentinel(b"sentinel-be") == []
     assert [p for _, p in sub.received()] == [b"hot"], f"cool message reached the input: {sub.received()}"
 
 
@@ -185,8 +171,7 @@ def test_several_matching_routes_send_one_copy_upstream(upstream, collector_fact
         },
         edge_id=EDGE,
     )
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    pub = connect_publisher(ph.port, clients)
     items = [(f"devices/d1/messages/events/n={i}", f"copy-{i}".encode()) for i in range(10)]
     items.append(("devices/d2/messages/events/n=10", b"copy-10"))
     items.append(("devices/d1/messages/events/n=99", b"last"))
@@ -201,12 +186,8 @@ def test_several_matching_routes_send_one_copy_upstream(upstream, collector_fact
 # --------------------------------------------------------------------------
 
 
-def test_field_filter_route_sends_only_hot_messages_upstream_marked_alert(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
-):
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
+def test_field_filter_route_sends_only_hot_messages_upstream_marked_alert(sentinel_hub, plugins_dist):  # noqa: F811
+    ph = sentinel_hub(
         plugins={"field-filter": plugins_dist / "field-filter.wasm"},
         settings={"field-filter": {"config": {"field": "temperature", "above": 25}}},
         routes={
@@ -215,12 +196,9 @@ def test_field_filter_route_sends_only_hot_messages_upstream_marked_alert(
                          'INTO plugin("field-filter") THEN $upstream',
                 "onError": "drop",
             },
-            "sentinel": SENTINEL_ROUTE,
         },
         edge_id=EDGE,
     )
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
     topic = "devices/d1/messages/events/%24.ct=application%2Fjson&unit=C"
     bodies = [
         ({"temperature": 20}, False),
@@ -234,8 +212,7 @@ def test_field_filter_route_sends_only_hot_messages_upstream_marked_alert(
     items.append((topic, b"not json"))
     items.append(("devices/d2/messages/events/", json.dumps({"temperature": 99}).encode()))  # no route for d2
     filtered_before = ph.metric("edgehub_messages_filtered_total")
-    publish_all(pub, items)
-    got = upstream_after_sentinel(pub, collector, b"sentinel-ff")
+    got = ph.publish_then_sentinel(items, b"sentinel-ff")
     want_payloads = [json.dumps(b).encode() for b, keep in bodies if keep]
     assert [p for _, p in got] == want_payloads, f"upstream got {got}"
     for t, _ in got:
@@ -248,85 +225,62 @@ def test_field_filter_route_sends_only_hot_messages_upstream_marked_alert(
     assert ph.metric("edgehub_plugin_failures_total") == 0
 
 
-def test_plugin_settings_from_the_config_reach_the_plugin(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
-):
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
+def test_plugin_settings_from_the_config_reach_the_plugin(sentinel_hub, plugins_dist):  # noqa: F811
+    ph = sentinel_hub(
         plugins={"ff": plugins_dist / "field-filter.wasm"},
         settings={"ff": {"config": {"field": "rpm", "above": 5000}}},
-        routes={"r": 'FROM /messages/devices/* INTO plugin("ff")', "sentinel": SENTINEL_ROUTE},
+        routes={"r": 'FROM /messages/devices/* INTO plugin("ff")'},
         edge_id=EDGE,
     )
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
     items = [
         ("devices/m/messages/events/", b'{"temperature": 99}'),
         ("devices/m/messages/events/", b'{"rpm": 4000}'),
         ("devices/m/messages/events/", b'{"rpm": 7000}'),
     ]
-    publish_all(pub, items)
-    got = upstream_after_sentinel(pub, collector, b"sentinel-settings")
+    got = ph.publish_then_sentinel(items, b"sentinel-settings")
     assert got == [("devices/m/messages/events/alert=true", b'{"rpm": 7000}')], got
 
 
 def test_content_router_sends_critical_upstream_and_to_the_alerts_module_and_drops_debug(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+    sentinel_hub, plugins_dist  # noqa: F811
 ):
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
+    ph = sentinel_hub(
         plugins={"content-router": plugins_dist / "content-router.wasm"},
-        routes={"cr": 'FROM /messages/devices/* INTO plugin("content-router")', "sentinel": SENTINEL_ROUTE},
+        routes={"cr": 'FROM /messages/devices/* INTO plugin("content-router")'},
         edge_id=EDGE,
     )
-    sub = Subscriber(ph.port)
-    clients.append(sub.connect())
-    sub.subscribe(f"devices/{EDGE}/modules/alerts/inputs/#", qos=1)
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    sub = ph.subscribe_module_inputs("alerts")
     topic = "devices/d7/messages/events/%24.ct=application%2Fjson&site=north"
     crit = json.dumps({"level": "critical", "msg": "boiler"}).encode()
     debug = json.dumps({"level": "debug", "msg": "noise"}).encode()
     info = json.dumps({"level": "info", "msg": "ok"}).encode()
     filtered_before = ph.metric("edgehub_messages_filtered_total")
-    publish_all(pub, [(topic, debug), (topic, crit), (topic, info)])
-    got = upstream_after_sentinel(pub, collector, b"sentinel-cr")
+    got = ph.publish_then_sentinel([(topic, debug), (topic, crit), (topic, info)], b"sentinel-cr")
     assert [p for _, p in got] == [crit, info], f"upstream got {got}"
     for t, _ in got:
         assert bag_dict(t) == {"$.ct": "application/json", "site": "north"}, t
         assert t.startswith("devices/d7/messages/events/"), t
-    local = sub.wait_for(lambda ms: any(m.payload == crit for m in ms), 20, "critical at alerts/input1")
-    assert [(m.topic, bytes(m.payload)) for m in local] == [
+    local = received_at_input(sub, crit, "critical at alerts/input1")
+    assert local == [
         (f"devices/{EDGE}/modules/alerts/inputs/input1/$.ct=application%2Fjson&site=north", crit)
-    ], f"module input got {[(m.topic, m.payload) for m in local]}"
+    ], f"module input got {local}"
     ph.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered_before + 1, 10, "+1 (debug)")
-    assert sub.received() == [(local[0].topic, crit)], "debug or info reached the module input"
+    assert sub.received() == [(local[0][0], crit)], "debug or info reached the module input"
 
 
-def test_a_plugin_chain_ends_at_a_module_input(
-    upstream, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
-):
+def test_a_plugin_chain_ends_at_a_module_input(sentinel_hub, plugins_dist):  # noqa: F811
     """dedup THEN field-filter THEN BrokeredEndpoint: repeats are dropped by
     the first plugin, cold readings by the second, the rest reach the module
     input marked alert=true; nothing goes upstream."""
-    collector = collector_factory(upstream)
-    ph = plugin_hub(
-        upstream,
+    ph = sentinel_hub(
         plugins={"dedup": plugins_dist / "dedup.wasm", "field-filter": plugins_dist / "field-filter.wasm"},
         routes={
             "chain": 'FROM /messages/devices/* INTO plugin("dedup") THEN plugin("field-filter") '
                      'THEN BrokeredEndpoint("/modules/alarm/inputs/in1")',
-            "sentinel": SENTINEL_ROUTE,
         },
         edge_id=EDGE,
     )
-    sub = Subscriber(ph.port)
-    clients.append(sub.connect())
-    sub.subscribe(f"devices/{EDGE}/modules/alarm/inputs/#", qos=1)
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    sub = ph.subscribe_module_inputs("alarm")
     t = "devices/d3/messages/events/%24.mid={}"
     items = [
         (t.format("m1"), b'{"temperature": 30}'),
@@ -335,14 +289,13 @@ def test_a_plugin_chain_ends_at_a_module_input(
         (t.format("m3"), b'{"temperature": 50}'),
     ]
     filtered_before = ph.metric("edgehub_messages_filtered_total")
-    publish_all(pub, items)
-    assert upstream_after_sentinel(pub, collector, b"sentinel-chain") == []
-    got = sub.wait_for(lambda ms: any(m.payload == b'{"temperature": 50}' for m in ms), 20, "m3 at the input")
+    assert ph.publish_then_sentinel(items, b"sentinel-chain") == []
+    got = received_at_input(sub, b'{"temperature": 50}', "m3 at the input")
     prefix = f"devices/{EDGE}/modules/alarm/inputs/in1/"
-    assert [(m.topic, bytes(m.payload)) for m in got] == [
+    assert got == [
         (prefix + "$.mid=m1&alert=true", b'{"temperature": 30}'),
         (prefix + "$.mid=m3&alert=true", b'{"temperature": 50}'),
-    ], [(m.topic, m.payload) for m in got]
+    ], got
     ph.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered_before + 2, 10, "+2")
 
 
@@ -357,9 +310,8 @@ def test_check_config_and_run_point_at_the_column_of_a_bad_route(edgehub_bin, tm
     cfg.write_text(hub_config_text(routes={"good": "FROM /messages/* INTO $upstream", "bad": bad_route}))
     column = bad_route.index("$upstrem") + 1
 
-    r = subprocess.run([edgehub_bin, "check-config", str(cfg)], capture_output=True, timeout=30, env=hub_env())
-    out = (r.stdout + r.stderr).decode("utf-8", "replace")
-    assert r.returncode != 0, f"check-config accepted a bad route:\n{out}"
+    rc, out = check_config(edgehub_bin, cfg)
+    assert rc != 0, f"check-config accepted a bad route:\n{out}"
     assert f"routes.bad: column {column}:" in out, out
     lines = out.splitlines()
     i = next(i for i, line in enumerate(lines) if line.strip() == bad_route)
@@ -378,9 +330,8 @@ def test_check_config_and_run_point_at_the_column_of_a_bad_route(edgehub_bin, tm
 
     # a bad route entry (not the text) is reported too
     cfg.write_text(hub_config_text(routes={"p": {"route": "FROM /* INTO $upstream", "onError": "retry"}}))
-    r = subprocess.run([edgehub_bin, "check-config", str(cfg)], capture_output=True, timeout=30, env=hub_env())
-    out = (r.stdout + r.stderr).decode("utf-8", "replace")
-    assert r.returncode != 0 and "routes.p:" in out and "onError" in out, out
+    rc, out = check_config(edgehub_bin, cfg)
+    assert rc != 0 and "routes.p:" in out and "onError" in out, out
 
 
 def test_per_route_time_to_live_expires_only_that_routes_messages(offline_upstream, plugin_hub, clients):  # noqa: F811
@@ -395,8 +346,7 @@ def test_per_route_time_to_live_expires_only_that_routes_messages(offline_upstre
     )
     hub = ph.hub
     n = 20
-    pub = Publisher(ph.port)
-    clients.append(pub.connect())
+    pub = connect_publisher(ph.port, clients)
     for i in range(n):
         pub.publish("devices/short/messages/events/", f"short-{i}".encode(), key=("s", i))
         pub.publish("devices/long/messages/events/", f"long-{i}".encode(), key=("l", i))
