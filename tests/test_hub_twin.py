@@ -340,6 +340,18 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
     assert doc["plugins"]["field-filter"].get("kind") == "batch-filter", doc
     assert doc["plugins"]["field-filter"].get("version"), doc
     assert route_texts(doc) == {"ff": route}, doc
+    assert "warning" not in doc["routes"]["ff"], doc
+
+    # A route naming a plugin that is not in the folder is applied, and the
+    # reported properties say what is missing.
+    absent = 'FROM /messages/* INTO plugin("field-filter") THEN plugin("absent")'
+    cloud.publish_desired({"$version": 9, "routes": {"ff": absent}})
+    doc = cloud.wait(lambda d: d["lastDesiredVersion"] == 9, 15, "version 9 reported")
+    assert doc["lastDesiredStatus"]["code"] == 200, doc
+    assert doc["routes"]["ff"].get("warning") == 'plugin "absent" is not loaded', doc
+    cloud.publish_desired({"$version": 1, "routes": {"ff": route}})
+    cloud.wait(lambda d: d["lastDesiredVersion"] == 1 and "warning" not in d["routes"]["ff"], 15,
+               "version 1 back, without the warning")
 
     pub = connect_publisher(ph.port, clients)
 

@@ -286,6 +286,16 @@ impl HubTwin {
                     if let Some(ttl) = r.ttl_secs {
                         v["timeToLiveSecs"] = json!(ttl);
                     }
+                    let missing: Vec<String> = r
+                        .sink
+                        .plugins()
+                        .into_iter()
+                        .filter(|p| self.registry.get(p).is_none())
+                        .map(|p| format!("plugin {p:?} is not loaded"))
+                        .collect();
+                    if !missing.is_empty() {
+                        v["warning"] = json!(missing.join("; "));
+                    }
                     (r.name.clone(), v)
                 })
                 .collect()

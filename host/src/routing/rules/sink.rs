@@ -22,6 +22,22 @@ pub enum Sink {
 }
 
 impl Sink {
+    /// The plugins this sink hands messages to, in order (a `THEN` chain).
+    pub fn plugins(&self) -> Vec<&str> {
+        let mut names = Vec::new();
+        let mut sink = self;
+        while let Sink::Plugin { name, then } = sink {
+            names.push(name.as_str());
+            match then {
+                Some(next) => sink = next,
+                None => break,
+            }
+        }
+        names
+    }
+}
+
+impl Sink {
     /// Parses a sink on its own (the text after `INTO`); error columns are
     /// relative to `text`.
     pub fn parse(text: &str) -> Result<Sink, RouteError> {
@@ -104,6 +120,13 @@ mod tests {
     fn error(text: &str) -> (usize, String) {
         let e = Sink::parse(text).unwrap_err();
         (e.position, e.message)
+    }
+
+    #[test]
+    fn a_chain_names_its_plugins_in_order() {
+        let s = sink(r#"plugin("a") THEN plugin("b") THEN $upstream"#);
+        assert_eq!(s.plugins(), vec!["a", "b"]);
+        assert!(sink("$upstream").plugins().is_empty());
     }
 
     fn input(module: &str, input: &str) -> Sink {
