@@ -251,7 +251,7 @@ def test_hostile_plugin_each_misbehaviour_is_an_error_line_and_the_next_message_
     edgehub_bin, plugins_dist, tmp_path  # noqa: F811
 ):
     modes = {
-        "loop": "ran longer than its limit of 50ms",
+        "loop": "ran longer than its limit of 500ms",
         "alloc": f"needed more than its memory limit of {16 << 20} bytes",
         "trap": "trapped:",
         "huge": "bad result:",
@@ -263,7 +263,7 @@ def test_hostile_plugin_each_misbehaviour_is_an_error_line_and_the_next_message_
         msgs.append({"properties": {"after": mode}, "body": f"fine-after-{mode}"})
     started = time.monotonic()
     rc, lines, out, err = plugin_test_on(edgehub_bin, plugins_dist / "hostile.wasm", tmp_path, msgs,
-                                         "--timeout-ms", "50", "--memory-mb", "16")
+                                         "--timeout-ms", "500", "--memory-mb", "16")
     elapsed = time.monotonic() - started
     assert rc == 1, f"a failed call must make the exit code 1, got {rc}\n{out}\n{err}"
     assert len(lines) == len(msgs), out
@@ -275,7 +275,8 @@ def test_hostile_plugin_each_misbehaviour_is_an_error_line_and_the_next_message_
             f"the message after `{mode}` did not pass through a fresh instance: {good}"
         )
     assert summary(len(msgs), passed=5, failed=5) in err, err
-    # the 50 ms limit bounds the endless loop (generous bound for a slow machine)
+    # The time limit leaves the allocation bomb ample time to reach the memory
+    # limit first on a loaded machine; it still bounds the endless loop.
     assert elapsed < 30, f"plugin test took {elapsed:.1f}s"
 
 

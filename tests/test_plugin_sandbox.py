@@ -78,7 +78,7 @@ def test_hostile_calls_are_dead_lettered_with_the_reason(sentinel_hub, plugins_d
     # deadletter is the default policy; the limits come from the config:
     # [plugins] for every plugin, [plugins.settings.hostile] overriding one
     ph = start(sentinel_hub, plugins_dist, routes_for("dl", None), timeout_ms=100, memory_mb=32,
-               settings={"hostile": {"timeout_ms": 60}})
+               settings={"hostile": {"timeout_ms": 400}})
     items, got, d = run_hostile_then_good(ph, "dl", b"sentinel-dl")
 
     assert len(got) == len(items), f"expected {len(items)} messages upstream, got {got}"
@@ -93,7 +93,7 @@ def test_hostile_calls_are_dead_lettered_with_the_reason(sentinel_hub, plugins_d
             f"{mode}: reason {props.get('deadLetterReason')!r} does not name the failure"
         )
         if mode == "loop":
-            assert "60ms" in props["deadLetterReason"], f"per-plugin timeout_ms not applied: {props}"
+            assert "400ms" in props["deadLetterReason"], f"per-plugin timeout_ms not applied: {props}"
         if mode == "alloc":
             assert str(32 << 20) in props["deadLetterReason"], f"[plugins] memory_mb not applied: {props}"
         assert props.get("originalSource") == "/messages/devices/dl", dl_topic
