@@ -172,14 +172,17 @@ impl Auth {
             tracing::error!(error = %e, "cannot cache the device scope; it applies until a restart");
         }
         let n = scope.identities.len();
+        let version = scope.version;
+        // In force first, then said to be: whoever sees the metric or the log
+        // line finds the new scope applied to the next CONNECT.
+        self.scope.send_replace(Some(Arc::new(scope)));
+        self.metrics.set_scope_identities(n);
         tracing::info!(
             identities = n,
             rejected = rejected.len(),
-            version = scope.version,
+            version,
             "device scope applied"
         );
-        self.metrics.set_scope_identities(n);
-        self.scope.send_replace(Some(Arc::new(scope)));
         Ok(n)
     }
 
