@@ -182,6 +182,9 @@ pub struct UpstreamConfig {
     pub keep_alive_secs: u16,
     /// `max_backoff_ms`: ceiling of the reconnect back-off.
     pub max_backoff_ms: u64,
+    /// `refusals_before_dead_letter`: how many times in a row the upstream
+    /// may refuse the same message before it is moved to the dead-letter area.
+    pub refusals_before_dead_letter: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,6 +197,8 @@ pub struct StoreConfig {
     pub max_queue_bytes: u64,
     /// `max_batch`: most messages written by one group commit.
     pub max_batch: usize,
+    /// `max_topic_bytes`: the longest topic the hub stores (at most 65535).
+    pub max_topic_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +248,7 @@ impl Default for UpstreamConfig {
             max_inflight: 1000,
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
+            refusals_before_dead_letter: 3,
         }
     }
 }
@@ -253,6 +259,7 @@ impl Default for StoreConfig {
             ttl_secs: DEFAULT_TTL_SECS,
             max_queue_bytes: 1 << 30,
             max_batch: 4096,
+            max_topic_bytes: crate::mqtt::topic::MAX_LEN,
         }
     }
 }

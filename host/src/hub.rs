@@ -19,7 +19,8 @@ use crate::plugins::{self, PluginEngine, PluginPool, Registry};
 use crate::routing::{PluginHost, Router, Routes};
 use crate::store::{self, Store};
 use crate::twin::{self, HubTwin};
-use crate::upstream::{self, Forwarder, Login};
+use crate::upstream::sync::CloudSync;
+use crate::upstream::{self, Forwarder, Link, LinkConfig, Login, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -135,7 +136,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             pool,
         }),
         metrics.clone(),
-    );
+    )
+    .with_max_topic_bytes(config.store.max_topic_bytes);
     let ctx = Arc::new(SessionContext {
         auth: auth.clone(),
         router,
@@ -182,47 +184,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             shutdown.clone(),
         ));
     }
-    let (inbound_tx, inbound_rx) = tokio::sync::mpsc::channel(64);
-    tasks.spawn(upstream::sync::run(
-        inbound_rx,
-        auth.clone(),
-        hub_twin,
+    let mut link = Link::new(
+        LinkConfig {
+            addresses,
+            login: Login {
+                client_id: config.edge_id.clone(),
+                username: config.upstream.username.clone(),
+                password: config.upstream.password.clone(),
+                sas: config
+                    .upstream
+                    .sas_key
+                    .as_ref()
+                    .zip(config.upstream.hub_name.as_ref())
+                    .map(|(key, hub)| {
+                        use base64::Engine;
+                        upstream::EdgeSas {
+                            hub_name: hub.clone(),
+                            key: base64::engine::general_purpose::STANDARD
+                                .decode(key)
+                                .unwrap_or_default(),
+                            ttl_secs: 3600,
+                        }
+                    }),
+                keep_alive: config.upstream.keep_alive_secs,
+                clean_session: false,
+            },
+            max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
+        },
+        Arc::new(Transport { tls }),
+        metrics.clone(),
+    );
+    let cloud = CloudSync::subscribe(&mut link, &config.edge_id);
+    let (link, link_events, link_task) = link.spawn(shutdown.clone());
+    tasks.spawn(cloud.run(auth.clone(), hub_twin, shutdown.clone()));
+    tasks.spawn(upstream::sync::report(
+        link.clone(),
+        twin::reported_topic(&config.edge_id),
+        reported,
         shutdown.clone(),
     ));
     let forwarder = Forwarder {
         store: store.clone(),
         metrics: metrics.clone(),
-        addresses,
-        login: Login {
-            client_id: config.edge_id.clone(),
-            username: config.upstream.username.clone(),
-            password: config.upstream.password.clone(),
-            sas: config
-                .upstream
-                .sas_key
-                .as_ref()
-                .zip(config.upstream.hub_name.as_ref())
-                .map(|(key, hub)| {
-                    use base64::Engine;
-                    upstream::EdgeSas {
-                        hub_name: hub.clone(),
-                        key: base64::engine::general_purpose::STANDARD
-                            .decode(key)
-                            .unwrap_or_default(),
-                        ttl_secs: 3600,
-                    }
-                }),
-            keep_alive: config.upstream.keep_alive_secs,
-            tls,
-        },
+        link,
+        events: link_events,
         max_inflight: config.upstream.max_inflight,
         ttl_ms: default_ttl_ms.clone(),
-        max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
-        subscriptions: upstream::sync::subscriptions(&config.edge_id),
-        inbound: inbound_tx,
-        reported: Some((twin::reported_topic(&config.edge_id), reported)),
+        refusals_before_dead_letter: config.upstream.refusals_before_dead_letter,
     };
     tasks.spawn(forwarder.run(shutdown.clone()));
+    tasks.spawn(async move {
+        let _ = link_task.await;
+    });
     tasks.spawn(write_status(
         config.storage.clone(),
         store.clone(),

@@ -33,6 +33,8 @@ pub struct Metrics {
     plugin_rejected: AtomicU64,
     filtered_out: AtomicU64,
     dead_lettered: AtomicU64,
+    dead_letters: AtomicU64,
+    invalid_topics: AtomicU64,
 }
 
 impl Metrics {
@@ -81,6 +83,12 @@ impl Metrics {
     pub fn dead_lettered(&self, n: u64) {
         self.dead_lettered.fetch_add(n, Ordering::Relaxed);
     }
+    pub fn dead_letter(&self, _reason: &str, n: u64) {
+        self.dead_letters.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn invalid_topic(&self, _reason: &str, _route: &str) {
+        self.invalid_topics.fetch_add(1, Ordering::Relaxed);
+    }
     pub fn set_upstream_connected(&self, up: bool) {
         self.upstream_connected.store(up as i64, Ordering::Relaxed);
     }
@@ -93,7 +101,7 @@ impl Metrics {
             .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
             .unwrap_or(0.0);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 19] = [
+        let rows: [(&str, &str, &str, String); 21] = [
             ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
             ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
             ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
@@ -112,6 +120,8 @@ impl Metrics {
             ("edgehub_plugin_reloads_total", "counter", "Plugins loaded or replaced while running.", load(&self.plugin_reloads).to_string()),
             ("edgehub_plugin_rejected_total", "counter", "Plugin files refused (corrupt, wrong world, cannot start).", load(&self.plugin_rejected).to_string()),
             ("edgehub_messages_filtered_total", "counter", "Messages dropped by a filter plugin, a router plugin or a route's drop policy.", load(&self.filtered_out).to_string()),
+            ("edgehub_dead_letters_total", "counter", "Messages moved to the store's dead-letter area (the upstream refused them).", load(&self.dead_letters).to_string()),
+            ("edgehub_invalid_topics_total", "counter", "Messages whose topic could not be stored (empty, NUL, wildcard, too long).", load(&self.invalid_topics).to_string()),
             ("edgehub_messages_dead_lettered_total", "counter", "Messages sent to the dead-letter topic after a plugin failure.", load(&self.dead_lettered).to_string()),
         ];
         let mut out = String::new();

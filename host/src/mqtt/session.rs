@@ -199,7 +199,7 @@ struct Session {
     qos2_received: HashSet<u16>,
     /// QoS 1 deliveries sent to the client, by packet id.
     outgoing: HashMap<u16, Publish>,
-    next_pkid: u16,
+    pkids: crate::mqtt::packet_id::PacketIds,
     out: BytesMut,
 }
 
@@ -317,7 +317,7 @@ impl Session {
             pending: VecDeque::new(),
             qos2_received: HashSet::new(),
             outgoing: HashMap::new(),
-            next_pkid: 1,
+            pkids: Default::default(),
             out,
         };
         session.codec.write(
@@ -653,13 +653,12 @@ impl Session {
     }
 
     fn alloc_pkid(&mut self) -> u16 {
-        loop {
-            let id = self.next_pkid;
-            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.outgoing.contains_key(&id) {
-                return id;
-            }
-        }
+        let outgoing = &self.outgoing;
+        // 65,535 unacknowledged deliveries cannot happen: the offline queue
+        // and the delivery channel are far smaller.
+        self.pkids
+            .next(|id| outgoing.contains_key(&id))
+            .unwrap_or(1)
     }
 
     /// Publishes the will when the client did not say goodbye, and detaches.

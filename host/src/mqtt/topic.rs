@@ -2,7 +2,55 @@
 
 /// A topic a client may publish to: non-empty, no wildcards, no NUL.
 pub fn valid_name(topic: &str) -> bool {
-    !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= 65_535
+    check_name(topic, MAX_LEN).is_ok()
+}
+
+/// The longest topic MQTT can carry (its length is a 16-bit number).
+pub const MAX_LEN: usize = 65_535;
+
+/// Why a topic cannot be published (or stored to be published).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTopic {
+    #[error("the topic is empty")]
+    Empty,
+    #[error("the topic contains a NUL character")]
+    Nul,
+    #[error("the topic contains a wildcard (+ or #)")]
+    Wildcard,
+    #[error("the topic is {len} bytes, over the limit of {max}")]
+    TooLong { len: usize, max: usize },
+}
+
+impl InvalidTopic {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InvalidTopic::Empty => "empty",
+            InvalidTopic::Nul => "nul",
+            InvalidTopic::Wildcard => "wildcard",
+            InvalidTopic::TooLong { .. } => "too_long",
+        }
+    }
+}
+
+/// Checks a topic name against MQTT's rules and a length limit (at most
+/// [`MAX_LEN`] whatever `max_len` says).
+pub fn check_name(topic: &str, max_len: usize) -> Result<(), InvalidTopic> {
+    let max = max_len.min(MAX_LEN);
+    if topic.is_empty() {
+        Err(InvalidTopic::Empty)
+    } else if topic.len() > max {
+        Err(InvalidTopic::TooLong {
+            len: topic.len(),
+            max,
+        })
+    } else if topic.contains('\0') {
+        Err(InvalidTopic::Nul)
+    } else if topic.contains(['+', '#']) {
+        Err(InvalidTopic::Wildcard)
+    } else {
+        Ok(())
+    }
 }
 
 /// A subscription filter: `+` fills a whole level, `#` only as the last level.
@@ -69,5 +117,27 @@ mod tests {
         assert!(!valid_filter(""));
         assert!(valid_name("a/b"));
         assert!(!valid_name("a/+"));
+    }
+
+    #[test]
+    fn every_unpublishable_topic_is_named_for_what_is_wrong() {
+        assert_eq!(check_name("", 10), Err(InvalidTopic::Empty));
+        assert_eq!(check_name("a\0b", 10), Err(InvalidTopic::Nul));
+        assert_eq!(check_name("a/#", 10), Err(InvalidTopic::Wildcard));
+        assert_eq!(check_name("a/+/b", 10), Err(InvalidTopic::Wildcard));
+        assert_eq!(
+            check_name("abcdefghijk", 10),
+            Err(InvalidTopic::TooLong { len: 11, max: 10 })
+        );
+        let huge = "x".repeat(70_000);
+        assert_eq!(
+            check_name(&huge, usize::MAX),
+            Err(InvalidTopic::TooLong {
+                len: 70_000,
+                max: MAX_LEN
+            }),
+            "no limit goes past what MQTT can carry"
+        );
+        assert_eq!(check_name("devices/d1/messages/events/a=b", 100), Ok(()));
     }
 }

@@ -53,6 +53,8 @@ pub struct Router {
     routes: Routes,
     plugins: Option<PluginHost>,
     metrics: Arc<Metrics>,
+    /// The longest topic stored (see [`topic::check_name`]).
+    max_topic_bytes: usize,
 }
 
 /// What routing one batch produced.
@@ -83,7 +85,14 @@ impl Router {
             routes,
             plugins,
             metrics,
+            max_topic_bytes: topic::MAX_LEN,
         }
+    }
+
+    /// Stores no topic longer than `max` bytes (at most MQTT's 65,535).
+    pub fn with_max_topic_bytes(mut self, max: usize) -> Self {
+        self.max_topic_bytes = max.min(topic::MAX_LEN);
+        self
     }
 
     /// Whether a message on `topic` is bound upstream (before routes).
@@ -103,19 +112,13 @@ impl Router {
     ) -> Option<Durable> {
         let now = store::now_ms();
         let out = match self.routes.table() {
-            None => Deliveries {
-                records: upstream
-                    .iter()
-                    .map(|p| Record {
-                        enqueued_ms: now,
-                        topic: p.topic.clone(),
-                        payload: p.payload.clone(),
-                        ttl_secs: None,
-                    })
-                    .collect(),
-                module_inputs: Vec::new(),
-                unanswered: 0,
-            },
+            None => {
+                let mut out = Deliveries::default();
+                for p in &upstream {
+                    self.store_upstream(&mut out, "", &p.topic, p.payload.clone(), now, None);
+                }
+                out
+            }
             Some(table) => self.route(&table, client_id, &upstream, now).await,
         };
         if out.unanswered > 0 {
@@ -175,12 +178,8 @@ impl Router {
                     // many routes lead there.
                     Sink::Upstream if !sent_upstream => {
                         sent_upstream = true;
-                        out.records.push(Record {
-                            enqueued_ms: now,
-                            topic: p.topic.clone(),
-                            payload: p.payload.clone(),
-                            ttl_secs: route.ttl_secs,
-                        });
+                        let (name, ttl) = (&route.name, route.ttl_secs);
+                        self.store_upstream(&mut out, name, &p.topic, p.payload.clone(), now, ttl);
                     }
                     Sink::ModuleInput { module, input }
                         if !sent_inputs.contains(&(module.as_str(), input.as_str())) =>
@@ -257,6 +256,22 @@ impl Router {
             return;
         };
         let next = then.as_deref().unwrap_or(&Sink::Upstream);
+        // A filtered message bound upstream must have a topic that can be
+        // stored and sent: one that cannot is the plugin's bad result, and
+        // the route's failure policy decides (never the store).
+        let result = match result {
+            Ok(Outcome::Filtered(Some(m))) if matches!(next, Sink::Upstream) => {
+                match topic::check_name(&message::upstream_topic(&m), self.max_topic_bytes) {
+                    Ok(()) => Ok(Outcome::Filtered(Some(m))),
+                    Err(e) => {
+                        self.metrics.invalid_topic(e.reason(), &route.name);
+                        tracing::warn!(route = %route.name, plugin = %name, error = %e, policy = ?route.on_error, "plugin returned a topic that cannot be sent upstream");
+                        Err(CallFailure::BadOutput(format!("topic refused: {e}")))
+                    }
+                }
+            }
+            other => other,
+        };
         match result {
             Ok(Outcome::Filtered(Some(m))) => Box::pin(self.deliver(out, route, next, m)).await,
             Ok(Outcome::Filtered(None)) => self.metrics.filtered_out(1),
@@ -301,8 +316,15 @@ impl Router {
             OnError::Drop => self.metrics.filtered_out(1),
             OnError::DeadLetter => {
                 self.metrics.dead_lettered(1);
-                out.records
-                    .push(self.dead_letter(route, plugin, &input, &failure));
+                let dead = self.dead_letter(route, plugin, &input, &failure);
+                self.store_upstream(
+                    out,
+                    &route.name,
+                    &dead.topic,
+                    dead.payload,
+                    dead.enqueued_ms,
+                    dead.ttl_secs,
+                );
             }
         }
     }
@@ -323,12 +345,43 @@ impl Router {
     }
 
     fn to_upstream(&self, out: &mut Deliveries, route: &Route, m: &Message) {
-        out.records.push(Record {
-            enqueued_ms: m.enqueued_ms,
-            topic: message::upstream_topic(m),
-            payload: Bytes::copy_from_slice(&m.body),
-            ttl_secs: route.ttl_secs,
-        });
+        let topic = message::upstream_topic(m);
+        let body = Bytes::copy_from_slice(&m.body);
+        self.store_upstream(
+            out,
+            &route.name,
+            &topic,
+            body,
+            m.enqueued_ms,
+            route.ttl_secs,
+        );
+    }
+
+    /// Queues a record for the store, if its topic can be stored and sent
+    /// upstream; otherwise the message is refused here, logged and counted,
+    /// so no message can poison the queue.
+    fn store_upstream(
+        &self,
+        out: &mut Deliveries,
+        route: &str,
+        topic: &str,
+        payload: Bytes,
+        enqueued_ms: u64,
+        ttl_secs: Option<u32>,
+    ) {
+        match topic::check_name(topic, self.max_topic_bytes) {
+            Ok(()) => out.records.push(Record {
+                enqueued_ms,
+                topic: topic.to_string(),
+                payload,
+                ttl_secs,
+            }),
+            Err(e) => {
+                self.metrics.invalid_topic(e.reason(), route);
+                let shown: String = topic.chars().take(128).collect();
+                tracing::warn!(route, topic = %shown.escape_debug(), error = %e, "message not stored: its topic cannot be sent upstream");
+            }
+        }
     }
 
     fn to_module(&self, out: &mut Deliveries, module: &str, input: &str, m: &Message) {
@@ -378,7 +431,11 @@ impl Router {
                 format!("plugin {plugin:?} {failure}"),
             ),
             ("originalSource".to_string(), m.source.clone()),
-            ("originalTopic".to_string(), m.topic.clone()),
+            // Cut, so a long original cannot make the dead letter unsendable.
+            (
+                "originalTopic".to_string(),
+                m.topic.chars().take(512).collect(),
+            ),
         ]);
         Record {
             enqueued_ms: m.enqueued_ms,

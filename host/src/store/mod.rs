@@ -9,8 +9,10 @@
 //! reused. What is sent, when, and to whom is not this module's concern.
 //!
 //! Layout: `queue` keyspace `key -> record` ([`record`]), `meta` keyspace
-//! `"tail" -> next key`.
+//! `"tail" -> next key`, `dead-letters` keyspace `key -> entry`
+//! ([`dead_letters`]).
 
+pub mod dead_letters;
 pub mod record;
 pub mod status;
 pub mod writer;
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
 
+pub use dead_letters::{DeadLetter, Selection};
 pub use record::Record;
 pub use writer::{AppendError, Appender};
 
@@ -47,6 +50,10 @@ struct Inner {
     db: Database,
     queue: Keyspace,
     meta: Keyspace,
+    /// Messages the upstream refused ([`dead_letters`]).
+    dead: Keyspace,
+    /// Entries in `dead`.
+    dead_count: AtomicU64,
     /// Lowest key that may still be present; everything below is removed.
     head: AtomicU64,
     /// Next key the writer assigns; everything below is durable.
@@ -105,6 +112,8 @@ impl Store {
             KeyspaceCreateOptions::default().max_memtable_size(8 << 20)
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let dead = db.keyspace("dead-letters", KeyspaceCreateOptions::default)?;
+        let dead_count = dead.iter().count() as u64;
         let mut head = None;
         let mut last = 0;
         let mut bytes = 0u64;
@@ -124,6 +133,8 @@ impl Store {
                 db,
                 queue,
                 meta,
+                dead,
+                dead_count: AtomicU64::new(dead_count),
                 head: AtomicU64::new(head),
                 tail: AtomicU64::new(tail),
                 bytes: AtomicU64::new(bytes),
@@ -286,6 +297,23 @@ mod tests {
         assert_eq!(store.tail(), first_tail);
         assert_eq!(store.head(), first_tail);
         assert!(store.read_from(0, 100).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_topic_too_long_for_a_record_is_refused_and_the_store_stays_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
+        let mut long = rec(1);
+        long.topic = "x".repeat(70_000);
+        let err = appender.append(vec![rec(0), long]).await.unwrap_err();
+        assert!(matches!(err, AppendError::TopicTooLong(70_000)), "{err}");
+        appender.append(vec![rec(2)]).await.unwrap();
+        let all = store.read_from(store.head(), 10).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(Record::decode(&all[0].value).unwrap(), rec(2));
+        drop(appender);
+        join.join().unwrap();
     }
 
     #[tokio::test]

@@ -23,9 +23,9 @@ pub struct Record {
     pub ttl_secs: Option<u32>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("corrupt queue record: {0}")]
-pub struct CorruptRecord(&'static str);
+pub struct CorruptRecord(pub(super) &'static str);
 
 impl Record {
     pub fn encoded_len(&self) -> usize {

@@ -23,6 +23,8 @@ pub enum AppendError {
     Storage(String),
     #[error("store is shut down")]
     Closed,
+    #[error("a record's topic is {0} bytes, more than a record can hold")]
+    TopicTooLong(usize),
 }
 
 struct Request {
@@ -97,6 +99,13 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, quota: u64, max_batch: usi
         let mut batch = inner.db.batch().durability(Some(PersistMode::SyncData));
         let mut accepted = Vec::with_capacity(requests.len());
         for r in requests {
+            // The router checks topics first; this keeps the record format
+            // (a 16-bit topic length) safe whoever calls.
+            if let Some(long) = r.records.iter().find(|x| x.topic.len() > u16::MAX as usize) {
+                let len = long.topic.len();
+                answer(r.done, Err(AppendError::TopicTooLong(len)));
+                continue;
+            }
             let size: u64 = r.records.iter().map(|x| x.encoded_len() as u64).sum();
             let queued = store.bytes() + added;
             if queued + size > quota {

@@ -1,9 +1,11 @@
-//! One connection to an upstream broker: TCP or TLS, then the MQTT 3.1.1
-//! CONNECT/CONNACK handshake, using rumqttc's packet codec.
+//! One connection to an upstream broker: the transport (TCP or TLS), then
+//! the MQTT 3.1.1 CONNECT/CONNACK handshake, using rumqttc's packet codec.
 //!
 //! Owns the socket and framing. It does not decide what to send (the
-//! forwarder does) and does not retry (the forwarder's loop does).
+//! protocol state does) and does not retry (the link actor does).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,8 +39,8 @@ pub enum UpstreamError {
     Closed,
     #[error("upstream sent a bad packet: {0}")]
     Protocol(String),
-    #[error("upstream keepalive expired")]
-    KeepAlive,
+    #[error(transparent)]
+    State(#[from] super::state::StateError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("store: {0}")]
@@ -55,7 +57,10 @@ pub struct Login {
     /// for each connection (overrides `username`/`password`).
     pub sas: Option<EdgeSas>,
     pub keep_alive: u16,
-    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// MQTT clean session. Off by default: the cloud keeps the hub's
+    /// subscriptions and its unacknowledged QoS 1 messages across a
+    /// reconnect, so nothing it sent while the link was down is lost.
+    pub clean_session: bool,
 }
 
 /// How the hub signs in as its own device on an IoT Hub style upstream.
@@ -89,40 +94,75 @@ impl Login {
     }
 }
 
+/// One established MQTT connection: the socket and its framing.
 pub struct Connection {
     io: Box<dyn Io>,
     read_buf: BytesMut,
+    /// What is queued to be sent by [`Connection::flush`].
     pub write_buf: BytesMut,
 }
 
+/// Opens the byte stream to one upstream address (TCP, TLS, ...). The link
+/// takes one, so tests can hand it in-memory streams.
+pub trait Connect: Send + Sync + 'static {
+    fn connect<'a>(&'a self, addr: &'a UpstreamAddr) -> Connecting<'a>;
+}
+
+/// A transport being opened.
+pub type Connecting<'a> =
+    Pin<Box<dyn Future<Output = Result<Box<dyn Io>, UpstreamError>> + Send + 'a>>;
+
+/// TCP, with TLS for `mqtts://` addresses.
+pub struct Transport {
+    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+}
+
+impl Connect for Transport {
+    fn connect<'a>(&'a self, addr: &'a UpstreamAddr) -> Connecting<'a> {
+        Box::pin(async move {
+            let tcp = TcpStream::connect((addr.host.as_str(), addr.port))
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tcp.set_nodelay(true)?;
+            let io: Box<dyn Io> = match (addr.tls, &self.tls) {
+                (true, Some(config)) => {
+                    let name =
+                        tokio_rustls::rustls::pki_types::ServerName::try_from(addr.host.clone())
+                            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+                    let tls = tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+                    Box::new(tls)
+                }
+                (true, None) => return Err(UpstreamError::Tls("no CA configured".into())),
+                (false, _) => Box::new(tcp),
+            };
+            Ok(io)
+        })
+    }
+}
+
 impl Connection {
-    pub async fn open(addr: &UpstreamAddr, login: &Login) -> Result<Self, UpstreamError> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, Self::open_inner(addr, login))
-            .await
-            .map_err(|_| UpstreamError::Timeout)?
+    /// Connects to `addr` and logs in (CONNECT, then CONNACK), within the
+    /// handshake timeout.
+    pub async fn open(
+        connector: &dyn Connect,
+        addr: &UpstreamAddr,
+        login: &Login,
+    ) -> Result<Self, UpstreamError> {
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let io = connector.connect(addr).await?;
+            Self::handshake(io, login).await
+        })
+        .await
+        .map_err(|_| UpstreamError::Timeout)?
     }
 
-    async fn open_inner(addr: &UpstreamAddr, login: &Login) -> Result<Self, UpstreamError> {
-        let tcp = TcpStream::connect((addr.host.as_str(), addr.port))
-            .await
-            .map_err(|source| UpstreamError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-        tcp.set_nodelay(true)?;
-        let io: Box<dyn Io> = match (addr.tls, &login.tls) {
-            (true, Some(config)) => {
-                let name = tokio_rustls::rustls::pki_types::ServerName::try_from(addr.host.clone())
-                    .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-                let tls = tokio_rustls::TlsConnector::from(config.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-                Box::new(tls)
-            }
-            (true, None) => return Err(UpstreamError::Tls("no CA configured".into())),
-            (false, _) => Box::new(tcp),
-        };
+    async fn handshake(io: Box<dyn Io>, login: &Login) -> Result<Self, UpstreamError> {
         let mut conn = Connection {
             io,
             read_buf: BytesMut::with_capacity(64 * 1024),
@@ -130,11 +170,15 @@ impl Connection {
         };
         let mut connect = v4::Connect::new(login.client_id.clone());
         connect.keep_alive = login.keep_alive;
-        connect.clean_session = true;
+        connect.clean_session = login.clean_session;
         if let Some((user, password)) = login.credentials(crate::store::now_ms() / 1000) {
             connect.set_login(user, password);
         }
-        conn.send(v4::Packet::Connect(connect));
+        if let Err(e) = v4::Packet::Connect(connect).write(&mut conn.write_buf, usize::MAX) {
+            return Err(UpstreamError::Protocol(format!(
+                "cannot encode CONNECT: {e:?}"
+            )));
+        }
         conn.flush().await?;
         match conn.next().await? {
             v4::Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => Ok(conn),
@@ -143,19 +187,6 @@ impl Connection {
                 "expected CONNACK, got {other:?}"
             ))),
         }
-    }
-
-    /// Queues a packet in the write buffer (sent by [`Connection::flush`]).
-    pub fn send(&mut self, packet: v4::Packet) {
-        if let Err(e) = packet.write(&mut self.write_buf, usize::MAX) {
-            tracing::error!(error = ?e, "could not encode an upstream packet");
-        }
-    }
-
-    /// Queues a QoS 1 PUBLISH, encoded straight from borrowed bytes (the
-    /// forwarder's hot path: no topic or payload copies).
-    pub fn send_publish(&mut self, topic: &str, payload: &[u8], pkid: u16) {
-        encode_publish_qos1(&mut self.write_buf, topic, payload, pkid);
     }
 
     pub async fn flush(&mut self) -> Result<(), UpstreamError> {
@@ -186,29 +217,6 @@ impl Connection {
             Err(e) => Err(UpstreamError::Protocol(format!("{e:?}"))),
         }
     }
-}
-
-/// MQTT 3.1.1 PUBLISH, QoS 1, no DUP, no RETAIN.
-fn encode_publish_qos1(out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u16) {
-    use bytes::BufMut;
-    let mut remaining = 2 + topic.len() + 2 + payload.len();
-    out.reserve(5 + remaining);
-    out.put_u8(0x32);
-    loop {
-        let mut byte = (remaining % 128) as u8;
-        remaining /= 128;
-        if remaining > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if remaining == 0 {
-            break;
-        }
-    }
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic.as_bytes());
-    out.put_u16(pkid);
-    out.put_slice(payload);
 }
 
 /// Builds the rustls client config that trusts the PEM CAs in `ca_file`.
@@ -274,7 +282,7 @@ mod tests {
                 ttl_secs: 3600,
             }),
             keep_alive: 30,
-            tls: None,
+            clean_session: false,
         };
         let (user, password) = login.credentials(1_000).unwrap();
         assert_eq!(user, "hub.example/edge1/?api-version=2021-04-12");
@@ -282,25 +290,5 @@ mod tests {
         assert_eq!(token.resource, "hub.example/devices/edge1");
         assert_eq!(token.expiry, 4_600);
         assert!(crate::auth::sas::verify(&token, b"edge-key"));
-    }
-
-    #[test]
-    fn the_hand_encoded_publish_reads_back_with_the_codec() {
-        for payload_len in [0usize, 5, 200, 20_000, 3_000_000] {
-            let payload = vec![7u8; payload_len];
-            let mut buf = BytesMut::new();
-            encode_publish_qos1(&mut buf, "devices/d1/messages/events/a=b", &payload, 4242);
-            match v4::Packet::read(&mut buf, usize::MAX).unwrap() {
-                v4::Packet::Publish(p) => {
-                    assert_eq!(p.topic, "devices/d1/messages/events/a=b");
-                    assert_eq!(p.pkid, 4242);
-                    assert_eq!(p.qos, m::QoS::AtLeastOnce);
-                    assert!(!p.dup && !p.retain);
-                    assert_eq!(&p.payload[..], &payload[..]);
-                }
-                other => panic!("{other:?}"),
-            }
-            assert!(buf.is_empty());
-        }
     }
 }

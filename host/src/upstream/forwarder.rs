@@ -1,30 +1,33 @@
 //! Sends the stored queue upstream, in store order, at least once.
 //!
-//! Owns the upstream session state: which stored keys are in flight under
-//! which packet id, the reconnect back-off, and the TTL checks. It reads the
-//! queue from its head, keeps at most `max_inflight` QoS 1 publishes
-//! unacknowledged, and removes messages from the store only through the
-//! contiguous prefix that is acknowledged (or expired). After any
-//! disconnect it starts again from the lowest unacknowledged key, so a lost
-//! connection can cause duplicates but never a gap or a reordering of first
-//! deliveries. While no upstream is reachable it sweeps expired messages off
-//! the head of the queue.
+//! Owns the send window (which stored keys are in flight, which are done)
+//! and the refusal count that decides when a message the upstream will not
+//! take is moved to the dead-letter area. It reads the queue from its head,
+//! keeps at most `max_inflight` QoS 1 publishes unacknowledged (through the
+//! link, which owns the connection and its packet ids), and removes
+//! messages from the store only through the contiguous prefix that is
+//! acknowledged (or expired). After any disconnect it starts again from the
+//! lowest unacknowledged key, so a lost connection can cause duplicates but
+//! never a gap or a reordering of first deliveries. While no upstream is
+//! reachable it sweeps expired messages off the head of the queue.
+//!
+//! Every store read, removal and move runs on the blocking pool, never on
+//! the async runtime's threads.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::mqttbytes::{v4, QoS};
+use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{Connection, Login, UpstreamError};
-use crate::config::UpstreamAddr;
+use super::link::{LinkEvent, LinkHandle};
+use super::state::{Outgoing, Payload, Topic};
 use crate::metrics::Metrics;
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreError};
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// How often expired messages are swept while offline.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Free window slots worth a store read.
@@ -35,29 +38,13 @@ const REMOVE_CHUNK: u64 = 256;
 pub struct Forwarder {
     pub store: Store,
     pub metrics: Arc<Metrics>,
-    pub addresses: Vec<UpstreamAddr>,
-    pub login: Login,
+    pub link: LinkHandle,
+    pub events: mpsc::UnboundedReceiver<LinkEvent>,
     pub max_inflight: usize,
     /// The hub's default time to live in ms (the hub twin may change it live).
-    pub ttl_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    pub max_backoff: Duration,
-    /// Cloud topics subscribed to on every connection (the device scope).
-    pub subscriptions: Vec<String>,
-    /// Where publishes from the cloud go (see `sync`).
-    pub inbound: mpsc::Sender<CloudMessage>,
-    /// A retained document to publish on a topic whenever it changes and
-    /// after every (re)connect: the hub twin's reported properties.
-    pub reported: Option<(
-        String,
-        tokio::sync::watch::Receiver<Option<serde_json::Value>>,
-    )>,
-}
-
-/// A publish received from the upstream broker.
-#[derive(Debug, Clone)]
-pub struct CloudMessage {
-    pub topic: String,
-    pub payload: bytes::Bytes,
+    pub ttl_ms: Arc<AtomicU64>,
+    /// Refusals in a row after which a message is dead-lettered.
+    pub refusals_before_dead_letter: u32,
 }
 
 /// One stored message in the send window.
@@ -75,9 +62,6 @@ struct Window {
     /// Next store key to read.
     next: u64,
     slots: VecDeque<Slot>,
-    /// Store key sent under each packet id (0: free); indexed by packet id.
-    by_pkid: Vec<u64>,
-    next_pkid: u16,
     /// Done slots popped from the front but not yet removed from the store.
     removable: u64,
     removable_bytes: u64,
@@ -89,16 +73,13 @@ impl Window {
             base: head,
             next: head,
             slots: VecDeque::new(),
-            by_pkid: vec![0; 1 << 16],
-            next_pkid: 1,
             removable: 0,
             removable_bytes: 0,
         }
     }
 
-    /// Appends the message stored under `key`; `pkid` is `None` when it
-    /// is not sent (expired).
-    fn push(&mut self, key: u64, size: u64, pkid: Option<u16>) {
+    /// Appends the message stored under `key`, sent or (expired) not.
+    fn push(&mut self, key: u64, size: u64, sent: bool) {
         while self.next < key {
             // A hole in the keys: nothing stored there to send.
             self.slots.push_back(Slot {
@@ -107,47 +88,31 @@ impl Window {
             });
             self.next += 1;
         }
-        if let Some(pkid) = pkid {
-            self.by_pkid[pkid as usize] = key;
-        }
-        self.slots.push_back(Slot {
-            size,
-            done: pkid.is_none(),
-        });
+        self.slots.push_back(Slot { size, done: !sent });
         self.next = key + 1;
     }
 
-    /// A packet id for something other than a stored message (never freed
-    /// on this connection).
-    fn reserve_pkid(&mut self) -> u16 {
-        let id = self.alloc_pkid();
-        self.by_pkid[id as usize] = u64::MAX;
-        id
-    }
-
-    fn alloc_pkid(&mut self) -> u16 {
-        loop {
-            let id = self.next_pkid;
-            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if self.by_pkid[id as usize] == 0 {
-                return id;
-            }
-        }
-    }
-
-    /// Marks the message sent under `pkid` as acknowledged.
-    fn ack(&mut self, pkid: u16) -> bool {
-        let key = std::mem::take(&mut self.by_pkid[pkid as usize]);
-        if key == 0 {
+    /// Marks the message stored under `key` as acknowledged; false when it
+    /// is not in the window or already done.
+    fn ack(&mut self, key: u64) -> bool {
+        if key < self.base {
             return false;
         }
         match self.slots.get_mut((key - self.base) as usize) {
-            Some(slot) => {
+            Some(slot) if !slot.done => {
                 slot.done = true;
                 true
             }
-            None => false,
+            _ => false,
         }
+    }
+
+    /// The first sent message not yet acknowledged.
+    fn lowest_unacked(&self) -> Option<u64> {
+        self.slots
+            .iter()
+            .position(|s| !s.done)
+            .map(|i| self.base + i as u64)
     }
 
     /// Whether enough of the window is free to be worth a store read. Pops
@@ -155,7 +120,7 @@ impl Window {
     fn should_refill(&mut self, max_inflight: usize) -> bool {
         self.pop_done();
         let free = max_inflight.saturating_sub(self.slots.len());
-        self.slots.is_empty() || free >= REFILL_CHUNK.min(max_inflight)
+        free > 0 && (self.slots.is_empty() || free >= REFILL_CHUNK.min(max_inflight))
     }
 
     /// Pops the done prefix of the window (to be removed from the store).
@@ -167,247 +132,259 @@ impl Window {
         }
     }
 
-    /// Removes the popped prefix from the store: in chunks, as removal is a
-    /// batch of tombstones, or all of it when `all` or idle.
-    fn remove_popped(&mut self, store: &Store, all: bool) -> Result<(), store::StoreError> {
+    /// The popped prefix to remove from the store now, as `(end, bytes)`:
+    /// in chunks, as removal is a batch of tombstones, or all of it when
+    /// `all` or idle.
+    fn take_removable(&mut self, all: bool) -> Option<(u64, u64)> {
         let idle = self.slots.is_empty();
         if self.removable >= REMOVE_CHUNK || (self.removable > 0 && (all || idle)) {
-            store.remove_before(self.base, self.removable_bytes)?;
+            let out = (self.base, self.removable_bytes);
             self.removable = 0;
             self.removable_bytes = 0;
+            Some(out)
+        } else {
+            None
         }
-        Ok(())
     }
 }
 
+/// Counts how often in a row the upstream dropped the connection with the
+/// same message first in line unacknowledged. A suspect is then sent alone
+/// (a window of one) until it is acknowledged, so the next drop is its own.
+struct Refusals {
+    limit: u32,
+    suspect: Option<(u64, u32)>,
+}
+
+impl Refusals {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit: limit.max(1),
+            suspect: None,
+        }
+    }
+
+    /// How many messages may be in flight now.
+    fn window(&self, max_inflight: usize) -> usize {
+        if self.suspect.is_some() {
+            1
+        } else {
+            max_inflight
+        }
+    }
+
+    fn acked(&mut self, key: u64) {
+        if self.suspect.is_some_and(|(k, _)| k == key) {
+            self.suspect = None;
+        }
+    }
+
+    /// The connection dropped with `lowest_unacked` first in line: the key
+    /// to dead-letter, when it has been refused `limit` times in a row.
+    fn connection_lost(&mut self, lowest_unacked: Option<u64>) -> Option<(u64, u32)> {
+        let key = lowest_unacked?;
+        let strikes = match self.suspect {
+            Some((k, n)) if k == key => n + 1,
+            _ => 1,
+        };
+        if strikes >= self.limit {
+            self.suspect = None;
+            Some((key, strikes))
+        } else {
+            self.suspect = Some((key, strikes));
+            None
+        }
+    }
+}
+
+/// The connection the forwarder is sending on.
+struct Online {
+    generation: u64,
+    window: Window,
+}
+
 impl Forwarder {
-    pub async fn run(self, shutdown: CancellationToken) {
-        if self.addresses.is_empty() {
-            tracing::info!(
-                "no upstream configured: storing upstream-bound messages until one is set"
-            );
-        }
-        let mut attempt = 0usize;
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            if let Err(e) = self.sweep() {
-                tracing::error!(error = %e, "expiry sweep failed");
-            }
-            if !self.addresses.is_empty() {
-                let addr = &self.addresses[attempt % self.addresses.len()];
-                let opened = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = Connection::open(addr, &self.login) => r,
-                };
-                match opened {
-                    Ok(conn) => {
-                        tracing::info!(upstream = %addr, queued = self.store.tail() - self.store.head(), "upstream connected");
-                        self.metrics.set_upstream_connected(true);
-                        backoff = MIN_BACKOFF;
-                        let result = self.pump(conn, &shutdown).await;
-                        self.metrics.set_upstream_connected(false);
-                        match result {
-                            Ok(()) => return,
-                            Err(e) => {
-                                tracing::warn!(upstream = %addr, error = %e, "upstream connection lost")
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(upstream = %addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "upstream unreachable");
-                        attempt += 1;
-                    }
-                }
-            }
-            let wait = if self.addresses.is_empty() {
-                SWEEP_EVERY
-            } else {
-                backoff
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            backoff = (backoff * 2).min(self.max_backoff.max(MIN_BACKOFF));
-        }
-    }
-
-    /// Streams the queue over one connection until it fails or `shutdown`.
-    async fn pump(
-        &self,
-        mut conn: Connection,
-        shutdown: &CancellationToken,
-    ) -> Result<(), UpstreamError> {
-        let mut window = Window::new(self.store.head());
-        let result = self.pump_window(&mut conn, &mut window, shutdown).await;
-        // What was acknowledged leaves the store even when the link failed,
-        // so a reconnect resends only what was not.
-        window.pop_done();
-        window.remove_popped(&self.store, true)?;
-        result
-    }
-
-    async fn pump_window(
-        &self,
-        conn: &mut Connection,
-        window: &mut Window,
-        shutdown: &CancellationToken,
-    ) -> Result<(), UpstreamError> {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut online: Option<Online> = None;
+        let mut refusals = Refusals::new(self.refusals_before_dead_letter);
         let mut tail = self.store.watch_tail();
-        let keep_alive = Duration::from_secs(self.login.keep_alive.max(1) as u64);
-        let mut ping_due = Instant::now() + keep_alive;
-        let mut ping_outstanding = false;
-        let mut reported = self.reported.clone();
-        if let Some((topic, rx)) = &mut reported {
-            let doc = rx.borrow_and_update().clone();
-            publish_retained(conn, topic, doc);
-        }
-        if !self.subscriptions.is_empty() {
-            let filters: Vec<v4::SubscribeFilter> = self
-                .subscriptions
-                .iter()
-                .map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce))
-                .collect();
-            let mut subscribe = v4::Subscribe::new_many(filters);
-            subscribe.pkid = window.reserve_pkid();
-            conn.send(v4::Packet::Subscribe(subscribe));
-        }
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
         loop {
-            tail.borrow_and_update();
-            self.fill(conn, window)?;
-            conn.flush().await?;
-            window.remove_popped(&self.store, false)?;
-
-            let room = window.slots.len() < self.max_inflight;
+            if let Some(on) = &mut online {
+                let limit = refusals.window(self.max_inflight);
+                if let Err(e) = self.fill(on, limit).await {
+                    tracing::error!(error = %e, "reading the queue failed");
+                }
+                self.remove(&mut on.window, false).await;
+            }
+            let room = online
+                .as_ref()
+                .is_some_and(|on| on.window.slots.len() < refusals.window(self.max_inflight));
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    conn.send(v4::Packet::Disconnect);
-                    let _ = conn.flush().await;
-                    return Ok(());
-                }
-                packet = conn.next() => {
-                    let mut packet = Some(packet?);
-                    while let Some(p) = packet {
-                        match p {
-                            v4::Packet::PubAck(ack) => {
-                                if window.ack(ack.pkid) {
-                                    self.metrics.forwarded(1);
+                _ = shutdown.cancelled() => break,
+                event = self.events.recv() => match event {
+                    None => break,
+                    Some(LinkEvent::Connected { generation, .. }) => {
+                        tracing::info!(queued = self.store.tail() - self.store.head(), "forwarding the queue upstream");
+                        online = Some(Online { generation, window: Window::new(self.store.head()) });
+                    }
+                    Some(LinkEvent::Acked(keys)) => {
+                        if let Some(on) = &mut online {
+                            let mut n = 0;
+                            for key in keys {
+                                if on.window.ack(key) {
+                                    refusals.acked(key);
+                                    n += 1;
                                 }
                             }
-                            v4::Packet::PingResp => ping_outstanding = false,
-                            v4::Packet::Publish(p) => {
-                                if p.qos == QoS::AtLeastOnce {
-                                    conn.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid)));
-                                }
-                                let msg = CloudMessage { topic: p.topic, payload: p.payload };
-                                if let Err(e) = self.inbound.try_send(msg) {
-                                    tracing::warn!(topic = %e.into_inner().topic, "cloud message dropped: the sync task is behind");
-                                }
-                            }
-                            v4::Packet::SubAck(ack) => {
-                                for (filter, code) in self.subscriptions.iter().zip(&ack.return_codes) {
-                                    if matches!(code, v4::SubscribeReasonCode::Failure) {
-                                        tracing::error!(%filter, "upstream refused the subscription");
-                                    }
-                                }
-                            }
-                            other => tracing::debug!(packet = ?other, "ignored upstream packet"),
+                            self.metrics.forwarded(n);
                         }
-                        packet = conn.try_next()?;
                     }
-                }
-                _ = tail.changed(), if room => {}
-                Ok(()) = async {
-                    match &mut reported {
-                        Some((_, rx)) => rx.changed().await,
-                        None => std::future::pending().await,
+                    Some(LinkEvent::Disconnected { generation, .. }) => {
+                        if let Some(mut on) = online.take_if(|on| on.generation == generation) {
+                            let suspect = on.window.lowest_unacked();
+                            // What was acknowledged leaves the store even
+                            // though the link failed, so a reconnect resends
+                            // only what was not.
+                            on.window.pop_done();
+                            self.remove(&mut on.window, true).await;
+                            if let Some((key, strikes)) = refusals.connection_lost(suspect) {
+                                self.dead_letter(key, strikes).await;
+                            }
+                        }
                     }
-                } => {
-                    if let Some((topic, rx)) = &mut reported {
-                        let doc = rx.borrow_and_update().clone();
-                        publish_retained(conn, topic, doc);
+                },
+                _ = tail.changed(), if room => { tail.borrow_and_update(); }
+                _ = sweep.tick(), if online.is_none() => {
+                    let store = self.store.clone();
+                    let ttl = self.ttl_ms.load(Ordering::Relaxed);
+                    match tokio::task::spawn_blocking(move || sweep_expired(&store, ttl)).await {
+                        Ok(Ok(n)) => self.metrics.expired(n),
+                        Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+                        Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
                     }
-                }
-                _ = tokio::time::sleep_until(ping_due) => {
-                    if ping_outstanding {
-                        return Err(UpstreamError::KeepAlive);
-                    }
-                    conn.send(v4::Packet::PingReq);
-                    ping_outstanding = true;
-                    ping_due = Instant::now() + keep_alive;
                 }
             }
         }
+        if let Some(mut on) = online {
+            on.window.pop_done();
+            self.remove(&mut on.window, true).await;
+        }
     }
 
-    /// Reads stored messages into the window and queues their PUBLISHes, in
-    /// chunks: a range read has a fixed cost, so it waits until
+    /// Reads stored messages into the window and hands their PUBLISHes to
+    /// the link, in chunks: a range read has a fixed cost, so it waits until
     /// `REFILL_CHUNK` slots are free (or the window is empty).
-    fn fill(&self, conn: &mut Connection, window: &mut Window) -> Result<(), UpstreamError> {
-        if !window.should_refill(self.max_inflight) {
+    async fn fill(&self, on: &mut Online, limit: usize) -> Result<(), StoreError> {
+        let window = &mut on.window;
+        if !window.should_refill(limit) {
             return Ok(());
         }
-        while window.slots.len() < self.max_inflight && window.next < self.store.tail() {
-            let batch = self
-                .store
-                .read_from(window.next, self.max_inflight - window.slots.len())?;
-            if batch.is_empty() {
+        let mut batch = Vec::new();
+        while window.slots.len() < limit && window.next < self.store.tail() {
+            let (store, from, max) = (self.store.clone(), window.next, limit - window.slots.len());
+            let read = tokio::task::spawn_blocking(move || store.read_from(from, max))
+                .await
+                .expect("store read does not panic")?;
+            if read.is_empty() {
                 break;
             }
             let now = store::now_ms();
-            for stored in batch {
-                let record = match stored.record() {
-                    Ok(r) => r,
+            let default_ttl = self.ttl_ms.load(Ordering::Relaxed);
+            for stored in read {
+                let (key, size) = (stored.key, stored.size());
+                match stored.record() {
                     Err(e) => {
                         // Not sendable; skipping it keeps the rest flowing.
-                        tracing::error!(key = stored.key, error = %e, "dropping a corrupt queued message");
+                        tracing::error!(key, error = %e, "dropping a corrupt queued message");
                         self.metrics.dropped(1);
-                        window.push(stored.key, stored.size(), None);
-                        continue;
+                        window.push(key, size, false);
                     }
-                };
-                if record.expired(now, self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed)) {
-                    self.metrics.expired(1);
-                    window.push(stored.key, stored.size(), None);
-                } else {
-                    let pkid = window.alloc_pkid();
-                    conn.send_publish(record.topic, record.payload, pkid);
-                    window.push(stored.key, stored.size(), Some(pkid));
+                    Ok(r) if r.expired(now, default_ttl) => {
+                        self.metrics.expired(1);
+                        window.push(key, size, false);
+                    }
+                    Ok(_) => {
+                        window.push(key, size, true);
+                        batch.push(Outgoing {
+                            tag: key,
+                            topic: Topic::Stored,
+                            payload: Payload::Stored(stored),
+                            qos: QoS::AtLeastOnce,
+                            retain: false,
+                        });
+                    }
                 }
             }
+        }
+        if !batch.is_empty() {
+            self.link.publish(on.generation, batch).await;
         }
         Ok(())
     }
 
-    /// Removes the expired prefix of the queue; returns how many expired.
-    fn sweep(&self) -> Result<u64, store::StoreError> {
-        let mut total = 0;
-        loop {
-            let head = self.store.head();
-            let batch = self.store.read_from(head, 1024)?;
-            let now = store::now_ms();
-            let default_ttl = self.ttl_ms.load(std::sync::atomic::Ordering::Relaxed);
-            let mut end = head;
-            let mut bytes = 0;
-            for s in &batch {
-                // A corrupt record stops the sweep; the forwarder reports it.
-                match s.record() {
-                    Ok(r) if r.expired(now, default_ttl) => {}
-                    _ => break,
-                }
-                end = s.key + 1;
-                bytes += s.size();
+    /// Removes what the window has done with from the store.
+    async fn remove(&self, window: &mut Window, all: bool) {
+        if let Some((end, bytes)) = window.take_removable(all) {
+            let store = self.store.clone();
+            let result = tokio::task::spawn_blocking(move || store.remove_before(end, bytes)).await;
+            if let Ok(Err(e)) = result {
+                tracing::error!(error = %e, "removing forwarded messages failed; they will be sent again");
             }
-            let n = end - head;
-            if n == 0 {
-                return Ok(total);
+        }
+    }
+
+    /// Moves the message at `key` (the head) to the dead-letter area.
+    async fn dead_letter(&self, key: u64, strikes: u32) {
+        let reason = format!(
+            "upstream_refused: the upstream closed the connection after this message {strikes} times in a row"
+        );
+        let store = self.store.clone();
+        let why = reason.clone();
+        let moved =
+            tokio::task::spawn_blocking(move || store.move_head_to_dead_letters(key, &why)).await;
+        match moved {
+            Ok(Ok(true)) => {
+                self.metrics.dead_letter("upstream_refused", 1);
+                tracing::error!(key, %reason, "message moved to the dead-letter area; the queue flows on (see `edgehub queue dead-letters`)");
             }
-            self.store.remove_before(end, bytes)?;
-            self.metrics.expired(n);
-            total += n;
-            if (n as usize) < batch.len() {
-                return Ok(total);
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(key, error = %e, "cannot move a refused message to the dead-letter area")
             }
+            Err(e) => {
+                tracing::error!(key, error = %e, "cannot move a refused message to the dead-letter area")
+            }
+        }
+    }
+}
+
+/// Removes the expired prefix of the queue; returns how many expired.
+fn sweep_expired(store: &Store, default_ttl: u64) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let head = store.head();
+        let batch = store.read_from(head, 1024)?;
+        let now = store::now_ms();
+        let mut end = head;
+        let mut bytes = 0;
+        for s in &batch {
+            // A corrupt record stops the sweep; the forwarder reports it.
+            match s.record() {
+                Ok(r) if r.expired(now, default_ttl) => {}
+                _ => break,
+            }
+            end = s.key + 1;
+            bytes += s.size();
+        }
+        let n = end - head;
+        if n == 0 {
+            return Ok(total);
+        }
+        store.remove_before(end, bytes)?;
+        total += n;
+        if (n as usize) < batch.len() {
+            return Ok(total);
         }
     }
 }
@@ -419,27 +396,24 @@ mod tests {
     #[test]
     fn acknowledgements_out_of_order_release_only_the_contiguous_prefix() {
         let mut w = Window::new(10);
-        let pkids: Vec<u16> = (10..15)
-            .map(|key| {
-                let id = w.alloc_pkid();
-                w.push(key, 100, Some(id));
-                id
-            })
-            .collect();
-        assert!(w.ack(pkids[1]) && w.ack(pkids[2]));
+        for key in 10..15 {
+            w.push(key, 100, true);
+        }
+        assert!(w.ack(11) && w.ack(12));
         w.pop_done();
         assert_eq!(
             (w.base, w.slots.len()),
             (10, 5),
             "key 10 is still unacknowledged"
         );
-        assert!(w.ack(pkids[0]));
+        assert!(w.ack(10));
         w.pop_done();
         assert_eq!(
             (w.base, w.slots.len(), w.removable, w.removable_bytes),
             (13, 2, 3, 300)
         );
-        assert!(!w.ack(pkids[0]), "a repeated ack is ignored");
+        assert!(!w.ack(10), "a repeated ack is ignored");
+        assert!(!w.ack(99), "an ack for a key never sent is ignored");
     }
 
     #[test]
@@ -447,19 +421,15 @@ mod tests {
         // Regression: room freed by the last acknowledgements must count,
         // or the forwarder waits for acks that will never come.
         let mut w = Window::new(1);
-        let ids: Vec<u16> = (1..=256)
-            .map(|k| {
-                let id = w.alloc_pkid();
-                w.push(k, 1, Some(id));
-                id
-            })
-            .collect();
+        for k in 1..=256 {
+            w.push(k, 1, true);
+        }
         assert!(
             !w.should_refill(256 + REFILL_CHUNK - 1),
             "fewer free slots than a chunk are not worth a read"
         );
-        for id in ids {
-            w.ack(id);
+        for k in 1..=256 {
+            w.ack(k);
         }
         assert!(w.should_refill(256 + REFILL_CHUNK - 1));
         assert!(w.slots.is_empty());
@@ -467,25 +437,181 @@ mod tests {
     }
 
     #[test]
-    fn packet_ids_in_flight_are_not_reused() {
-        let mut w = Window::new(1);
-        let first = w.alloc_pkid();
-        w.push(1, 1, Some(first));
-        for k in 2..70_000u64 {
-            let id = w.alloc_pkid();
-            assert_ne!(id, first);
-            assert_ne!(id, 0);
-            w.push(k, 1, Some(id));
-            w.ack(id);
+    fn a_reconnect_resends_from_the_lowest_unacknowledged_key() {
+        let mut w = Window::new(5);
+        for k in 5..10 {
+            w.push(k, 1, true);
         }
+        w.ack(5);
+        w.ack(7);
+        assert_eq!(w.lowest_unacked(), Some(6));
+        w.pop_done();
+        assert_eq!(w.take_removable(true), Some((6, 1)));
+        // The store's head is now 6: a new window starts there, so 6..10
+        // are sent again (7 twice: at least once, never a gap).
     }
-}
 
-/// Queues a retained QoS 0 PUBLISH of a JSON document (sent again after
-/// every reconnect, so at-most-once is enough).
-fn publish_retained(conn: &mut Connection, topic: &str, doc: Option<serde_json::Value>) {
-    let Some(doc) = doc else { return };
-    let mut p = v4::Publish::new(topic, QoS::AtMostOnce, doc.to_string());
-    p.retain = true;
-    conn.send(v4::Packet::Publish(p));
+    #[test]
+    fn expired_messages_are_done_without_being_sent() {
+        let mut w = Window::new(1);
+        w.push(1, 10, false);
+        w.push(3, 10, true);
+        assert_eq!(w.lowest_unacked(), Some(3), "1 expired, 2 is a hole");
+        w.pop_done();
+        assert_eq!(w.base, 3);
+    }
+
+    #[test]
+    fn a_message_refused_three_times_in_a_row_is_dead_lettered() {
+        let mut r = Refusals::new(3);
+        assert_eq!(r.window(256), 256);
+        assert_eq!(r.connection_lost(Some(40)), None);
+        assert_eq!(r.window(256), 1, "a suspect is sent alone");
+        assert_eq!(r.connection_lost(Some(40)), None);
+        assert_eq!(r.connection_lost(Some(40)), Some((40, 3)));
+        assert_eq!(r.window(256), 256, "the queue behind flows on");
+    }
+
+    #[test]
+    fn an_acknowledged_suspect_is_cleared_and_other_drops_start_a_new_count() {
+        let mut r = Refusals::new(3);
+        r.connection_lost(Some(40));
+        r.acked(40);
+        assert_eq!(r.window(256), 256);
+        r.connection_lost(Some(41));
+        r.connection_lost(Some(41));
+        assert_eq!(
+            r.connection_lost(Some(42)),
+            None,
+            "a different message first in line starts again at one"
+        );
+        assert_eq!(
+            r.connection_lost(None),
+            None,
+            "nothing in flight: no strike"
+        );
+        assert_eq!(r.window(256), 1);
+    }
+
+    /// The forwarder, the link and a real store, with an in-memory broker
+    /// that drops the connection whenever it reads a publish on `poison`.
+    #[tokio::test]
+    async fn a_message_the_upstream_keeps_refusing_is_dead_lettered_and_the_rest_arrive_in_order() {
+        use super::super::connection::Login;
+        use super::super::link::fake::Upstream;
+        use super::super::link::{Link, LinkConfig};
+        use crate::config::UpstreamAddr;
+        use crate::store::{writer, Record};
+        use rumqttc::mqttbytes::v4;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (appender, writer) = writer::spawn(store.clone(), u64::MAX, 64);
+        let topics: Vec<String> = (0..40)
+            .map(|i| {
+                if i == 17 {
+                    "poison".to_string()
+                } else {
+                    format!("t/{i}")
+                }
+            })
+            .collect();
+        let records = topics
+            .iter()
+            .map(|t| Record {
+                enqueued_ms: store::now_ms(),
+                topic: t.clone(),
+                payload: bytes::Bytes::from_static(b"x"),
+                ttl_secs: None,
+            })
+            .collect();
+        appender.append(records).await.unwrap();
+
+        let (up, mut conns) = Upstream::new();
+        let link = Link::new(
+            LinkConfig {
+                addresses: vec![UpstreamAddr::parse("mqtt://cloud:1883").unwrap()],
+                login: Login {
+                    client_id: "edge1".into(),
+                    username: None,
+                    password: None,
+                    sas: None,
+                    keep_alive: 60,
+                    clean_session: false,
+                },
+                max_backoff: Duration::from_millis(100),
+            },
+            Arc::new(up),
+            Arc::default(),
+        );
+        let shutdown = CancellationToken::new();
+        let (handle, events, link_task) = link.spawn(shutdown.clone());
+        let forwarder = Forwarder {
+            store: store.clone(),
+            metrics: Arc::default(),
+            link: handle,
+            events,
+            max_inflight: 8,
+            ttl_ms: Arc::new(AtomicU64::new(u64::MAX)),
+            refusals_before_dead_letter: 3,
+        };
+        let fwd = tokio::spawn(forwarder.run(shutdown.clone()));
+
+        // The broker: acknowledges everything but `poison`, on which it
+        // drops the connection (as a broker does with a packet it refuses).
+        let mut first_copies: Vec<String> = Vec::new();
+        let mut drops = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while first_copies.len() < topics.len() - 1 {
+            let (_, mut peer) = tokio::time::timeout_at(deadline, conns.recv())
+                .await
+                .expect("the link reconnects")
+                .unwrap();
+            peer.accept().await;
+            loop {
+                let packet = tokio::time::timeout_at(deadline, peer.read())
+                    .await
+                    .expect("the queue keeps flowing");
+                let Some(v4::Packet::Publish(p)) = packet else {
+                    if packet.is_none() {
+                        break;
+                    } else {
+                        continue;
+                    }
+                };
+                if p.topic == "poison" {
+                    drops += 1;
+                    break;
+                }
+                if !first_copies.contains(&p.topic) {
+                    first_copies.push(p.topic.clone());
+                }
+                peer.write(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                    .await;
+                if first_copies.len() == topics.len() - 1 {
+                    break;
+                }
+            }
+        }
+        let expected: Vec<String> = topics.iter().filter(|t| *t != "poison").cloned().collect();
+        assert_eq!(
+            first_copies, expected,
+            "every other message, first copies in order"
+        );
+        assert_eq!(drops, 3, "refused three times in a row, then set aside");
+        let dead = store.dead_letters(10).unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].topic, "poison");
+        assert!(
+            dead[0].reason.starts_with("upstream_refused"),
+            "{}",
+            dead[0].reason
+        );
+
+        shutdown.cancel();
+        fwd.await.unwrap();
+        link_task.await.unwrap();
+        drop(appender);
+        writer.join().unwrap();
+    }
 }

@@ -1,75 +1,113 @@
-//! Cloud sync: what the cloud publishes to this hub, applied here.
+//! Cloud sync: what the cloud publishes to this hub, applied here, and the
+//! hub twin's reported properties kept published.
 //!
-//! Owns the mapping from cloud topics to the modules that act on them. The
-//! device scope (`edges/{edge}/scope`, retained) goes to `auth`; the
-//! forwarder subscribes on every connection, so the scope is re-read after
-//! each reconnect. The hub twin's desired properties (retained) go to
-//! `twin`. Methods and cloud-to-device messages will join here.
+//! Owns the consumers of the link for the device scope (`edges/{edge}/scope`,
+//! retained; to `auth`) and the hub twin's desired properties (retained; to
+//! `twin`). Each has its own subscription and channel on the link and
+//! acknowledges a message only once it is applied (and cached durably) or
+//! refused, so nothing the cloud sends is acknowledged and then lost.
+//! Methods and cloud-to-device messages will be consumers of their own.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::forwarder::CloudMessage;
+use super::link::{CloudMessage, Link, LinkHandle};
 use crate::auth::Auth;
 use crate::twin::{self, HubTwin};
+
+/// Cloud messages a consumer's channel holds before the link waits.
+const CHANNEL: usize = 16;
 
 /// The cloud topic carrying this hub's device scope.
 pub fn scope_topic(edge_id: &str) -> String {
     format!("edges/{edge_id}/scope")
 }
 
-/// The topics the upstream connection subscribes to.
-pub fn subscriptions(edge_id: &str) -> Vec<String> {
-    vec![scope_topic(edge_id), twin::desired_topic(edge_id)]
+/// The consumers of what the cloud sends to this hub.
+pub struct CloudSync {
+    scope: mpsc::Receiver<CloudMessage>,
+    desired: mpsc::Receiver<CloudMessage>,
 }
 
-pub async fn run(
-    mut inbound: mpsc::Receiver<CloudMessage>,
-    auth: Arc<Auth>,
-    hub_twin: Arc<HubTwin>,
+impl CloudSync {
+    /// Subscribes this hub's consumers on `link` (before it starts).
+    pub fn subscribe(link: &mut Link, edge_id: &str) -> Self {
+        Self {
+            scope: link.subscribe(scope_topic(edge_id), CHANNEL),
+            desired: link.subscribe(twin::desired_topic(edge_id), CHANNEL),
+        }
+    }
+
+    /// Applies scope and hub twin updates until `shutdown`.
+    pub async fn run(
+        mut self,
+        auth: Arc<Auth>,
+        hub_twin: Arc<HubTwin>,
+        shutdown: CancellationToken,
+    ) {
+        // Plugins come and go with the folder: keep the reported state fresh.
+        let mut refresh = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = refresh.tick() => hub_twin.report(),
+                Some(msg) = self.scope.recv() => {
+                    let auth = auth.clone();
+                    let topic = msg.topic.clone();
+                    apply(msg, move |doc| auth.apply(doc).map(|_| ()), "device scope", &topic).await;
+                }
+                Some(msg) = self.desired.recv() => {
+                    let t = hub_twin.clone();
+                    let topic = msg.topic.clone();
+                    apply(msg, move |doc| t.apply(doc), "hub twin desired properties", &topic).await;
+                }
+                else => return,
+            }
+        }
+    }
+}
+
+/// Applies one cloud document off the runtime (parsing, caching with fsync,
+/// key decoding), then acknowledges it: applied or refused, it has been
+/// dealt with. A panic leaves it unacknowledged (sent again on reconnect).
+async fn apply<E: std::fmt::Display + Send + 'static>(
+    msg: CloudMessage,
+    f: impl FnOnce(&[u8]) -> Result<(), E> + Send + 'static,
+    what: &'static str,
+    topic: &str,
+) {
+    let payload = msg.payload.clone();
+    match tokio::task::spawn_blocking(move || f(&payload)).await {
+        Ok(result) => {
+            if let Err(e) = result {
+                tracing::error!(%topic, error = %e, "{what} refused; the previous one stays");
+            }
+            msg.ack();
+        }
+        Err(e) => tracing::error!(%topic, error = %e, "{what} update failed"),
+    }
+}
+
+/// Keeps the hub twin's reported document published upstream (retained),
+/// re-sent by the link after every reconnect.
+pub async fn report(
+    link: LinkHandle,
+    topic: String,
+    mut reported: watch::Receiver<Option<serde_json::Value>>,
     shutdown: CancellationToken,
 ) {
-    let scope = scope_topic(auth.edge_id());
-    let desired = twin::desired_topic(auth.edge_id());
-    // Plugins come and go with the folder: keep the reported state fresh.
-    let mut refresh = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
-        let msg = tokio::select! {
+        let doc = reported.borrow_and_update().clone();
+        if let Some(doc) = doc {
+            link.keep_published(topic.clone(), Some(Bytes::from(doc.to_string())))
+                .await;
+        }
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = refresh.tick() => {
-                hub_twin.report();
-                continue;
-            }
-            m = inbound.recv() => match m {
-                Some(m) => m,
-                None => return,
-            },
-        };
-        if msg.topic == scope {
-            let auth = auth.clone();
-            // Parsing, caching (fsync) and key decoding stay off the runtime.
-            let applied = tokio::task::spawn_blocking(move || auth.apply(&msg.payload)).await;
-            match applied {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(topic = %scope, error = %e, "device scope refused; the previous one stays")
-                }
-                Err(e) => tracing::error!(error = %e, "device scope update failed"),
-            }
-        } else if msg.topic == desired {
-            let t = hub_twin.clone();
-            let applied = tokio::task::spawn_blocking(move || t.apply(&msg.payload)).await;
-            match applied {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(topic = %desired, error = %e, "hub twin desired properties refused; the previous settings stay")
-                }
-                Err(e) => tracing::error!(error = %e, "hub twin update failed"),
-            }
-        } else {
-            tracing::debug!(topic = %msg.topic, "cloud message on a topic nothing handles yet");
+            changed = reported.changed() => if changed.is_err() { return },
         }
     }
 }

@@ -1,0 +1,772 @@
+//! The upstream link: one actor that owns the connection to the cloud.
+//!
+//! Owns the socket (through [`Connection`]), the cluster's addresses and
+//! failover between them, the reconnect back-off, keepalive, packet ids
+//! (through [`LinkState`]), the cloud-side subscriptions, and the documents
+//! kept published (re-sent after every reconnect). Everything else talks to
+//! it through a [`LinkHandle`] and the channels [`Link::spawn`] returns:
+//!
+//! - publishers hand it [`Outgoing`] batches for the connection generation
+//!   they were told about, and get [`LinkEvent`]s back (connected,
+//!   acknowledged tags, disconnected); a batch for an older generation is
+//!   dropped, so nothing meant for a dead connection leaks into the next;
+//! - consumers register a topic filter before the link starts and receive
+//!   [`CloudMessage`]s on their own bounded channel. A QoS 1 message is
+//!   acknowledged to the cloud only once its consumer calls
+//!   [`CloudMessage::ack`]. When a consumer is slow its messages wait here
+//!   and, past [`MAX_WAITING`], the link stops reading the socket: the
+//!   cloud's own flow control holds the rest. Nothing is acknowledged and
+//!   then dropped.
+//!
+//! It does not know what is stored or why a message is sent (the forwarder
+//! does), nor what a cloud message means (its consumer does).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::{v4, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::connection::{Connect, Connection, Login, UpstreamError};
+use super::state::{Inbound, LinkState, Outgoing, Payload, Topic};
+use crate::config::UpstreamAddr;
+use crate::metrics::Metrics;
+use crate::mqtt::topic;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Cloud messages waiting for slow consumers before the socket is not read.
+pub const MAX_WAITING: usize = 256;
+/// Commands taken in one go before the write buffer is flushed.
+const COMMAND_BATCH: usize = 64;
+
+/// What the link tells its publisher.
+#[derive(Debug, PartialEq)]
+pub enum LinkEvent {
+    /// A connection is up; publish with this generation.
+    Connected { generation: u64, address: String },
+    /// These tags are acknowledged by the cloud.
+    Acked(Vec<u64>),
+    /// The connection of `generation` ended; nothing sent on it that was not
+    /// acknowledged will be.
+    Disconnected { generation: u64, error: String },
+}
+
+/// A publish from the cloud, for the consumer whose filter it matched.
+#[derive(Debug)]
+pub struct CloudMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    ack: Option<Ack>,
+}
+
+#[derive(Debug)]
+struct Ack {
+    generation: u64,
+    pkid: u16,
+    tx: mpsc::UnboundedSender<(u64, u16)>,
+}
+
+impl CloudMessage {
+    /// A message made here, for consumers' tests.
+    pub fn unacknowledged(topic: &str, payload: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            payload: payload.into(),
+            ack: None,
+        }
+    }
+
+    /// The consumer has it (applied, or stored where it must last): the
+    /// cloud may forget it. A message dropped without `ack` is never
+    /// acknowledged and comes again after the next reconnect.
+    pub fn ack(mut self) {
+        if let Some(a) = self.ack.take() {
+            let _ = a.tx.send((a.generation, a.pkid));
+        }
+    }
+}
+
+enum Command {
+    Publish {
+        generation: u64,
+        batch: Vec<Outgoing>,
+    },
+    Keep {
+        topic: String,
+        payload: Option<Bytes>,
+    },
+}
+
+/// How publishers reach the link. Cheap to clone.
+#[derive(Clone)]
+pub struct LinkHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl LinkHandle {
+    /// Sends `batch` on the connection of `generation` (from
+    /// [`LinkEvent::Connected`]); dropped if that connection is gone.
+    pub async fn publish(&self, generation: u64, batch: Vec<Outgoing>) {
+        let _ = self.tx.send(Command::Publish { generation, batch }).await;
+    }
+
+    /// Keeps `payload` published, retained at QoS 0, on `topic`: now if
+    /// connected and again after every reconnect. `None` stops re-sending.
+    pub async fn keep_published(&self, topic: String, payload: Option<Bytes>) {
+        let _ = self.tx.send(Command::Keep { topic, payload }).await;
+    }
+}
+
+struct Consumer {
+    filter: String,
+    tx: mpsc::Sender<CloudMessage>,
+}
+
+/// Settings of the link.
+pub struct LinkConfig {
+    pub addresses: Vec<UpstreamAddr>,
+    pub login: Login,
+    pub max_backoff: Duration,
+}
+
+/// The link before it runs: consumers subscribe here.
+pub struct Link {
+    config: LinkConfig,
+    connector: Arc<dyn Connect>,
+    consumers: Vec<Consumer>,
+    metrics: Arc<Metrics>,
+}
+
+/// The running actor's state between connections.
+struct Actor {
+    config: LinkConfig,
+    connector: Arc<dyn Connect>,
+    consumers: Vec<Consumer>,
+    metrics: Arc<Metrics>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+    acks_tx: mpsc::UnboundedSender<(u64, u16)>,
+    acks: mpsc::UnboundedReceiver<(u64, u16)>,
+    kept: BTreeMap<String, Bytes>,
+    /// Cloud messages waiting for their consumer's channel to have room.
+    waiting: VecDeque<(usize, CloudMessage)>,
+    generation: u64,
+}
+
+impl Link {
+    pub fn new(config: LinkConfig, connector: Arc<dyn Connect>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config,
+            connector,
+            consumers: Vec::new(),
+            metrics,
+        }
+    }
+
+    /// Subscribes to `filter` on every connection; matching cloud messages
+    /// arrive on the returned channel (the first matching consumer wins).
+    pub fn subscribe(&mut self, filter: String, capacity: usize) -> mpsc::Receiver<CloudMessage> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.consumers.push(Consumer { filter, tx });
+        rx
+    }
+
+    /// Starts the actor. Events are unbounded: at most one `Acked` per
+    /// read and one pair of connect/disconnect per connection, and the
+    /// publisher bounds what is in flight.
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> (
+        LinkHandle,
+        mpsc::UnboundedReceiver<LinkEvent>,
+        JoinHandle<()>,
+    ) {
+        let (tx, commands) = mpsc::channel(256);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (acks_tx, acks) = mpsc::unbounded_channel();
+        let actor = Actor {
+            config: self.config,
+            connector: self.connector,
+            consumers: self.consumers,
+            metrics: self.metrics,
+            commands,
+            events,
+            acks_tx,
+            acks,
+            kept: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            generation: 0,
+        };
+        let join = tokio::spawn(actor.run(shutdown));
+        (LinkHandle { tx }, events_rx, join)
+    }
+}
+
+impl Actor {
+    async fn run(mut self, shutdown: CancellationToken) {
+        if self.config.addresses.is_empty() {
+            tracing::info!(
+                "no upstream configured: storing upstream-bound messages until one is set"
+            );
+        }
+        let mut attempt = 0usize;
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if !self.config.addresses.is_empty() {
+                let addr = self.config.addresses[attempt % self.config.addresses.len()].clone();
+                let opened = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = Connection::open(&*self.connector, &addr, &self.config.login) => r,
+                };
+                match opened {
+                    Ok(conn) => {
+                        backoff = MIN_BACKOFF;
+                        self.generation += 1;
+                        let generation = self.generation;
+                        tracing::info!(upstream = %addr, generation, "upstream connected");
+                        self.metrics.set_upstream_connected(true);
+                        let _ = self.events.send(LinkEvent::Connected {
+                            generation,
+                            address: addr.to_string(),
+                        });
+                        let result = self.session(conn, &shutdown).await;
+                        self.metrics.set_upstream_connected(false);
+                        let error = match &result {
+                            Ok(()) => "shut down".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        let _ = self
+                            .events
+                            .send(LinkEvent::Disconnected { generation, error });
+                        match result {
+                            Ok(()) => return,
+                            Err(e) => {
+                                tracing::warn!(upstream = %addr, error = %e, "upstream connection lost")
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(upstream = %addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "upstream unreachable");
+                        attempt += 1;
+                    }
+                }
+            }
+            // Between connections: keep taking commands (documents to keep;
+            // publishes for a dead generation are dropped) until the wait ends.
+            let until = Instant::now() + backoff;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(until), if !self.config.addresses.is_empty() => break,
+                    cmd = self.commands.recv() => match cmd {
+                        Some(Command::Keep { topic, payload }) => self.keep(topic, payload),
+                        Some(Command::Publish { .. }) => {}
+                        None => return,
+                    },
+                }
+            }
+            backoff = (backoff * 2).min(self.config.max_backoff.max(MIN_BACKOFF));
+        }
+    }
+
+    fn keep(&mut self, topic: String, payload: Option<Bytes>) {
+        match payload {
+            Some(p) => self.kept.insert(topic, p),
+            None => self.kept.remove(&topic),
+        };
+    }
+
+    /// Runs one connection until it fails (`Err`) or `shutdown` (`Ok`).
+    async fn session(
+        &mut self,
+        mut conn: Connection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), UpstreamError> {
+        let mut state = LinkState::new(self.generation);
+        // Messages waiting for consumers came from the previous connection:
+        // they are delivered but their acknowledgements are stale, so the
+        // cloud (persistent session) sends them again.
+        let filters: Vec<String> = self.consumers.iter().map(|c| c.filter.clone()).collect();
+        state.subscribe(&filters, &mut conn.write_buf);
+        for (topic, payload) in &self.kept {
+            state.publish(&retained(topic, payload), &mut conn.write_buf)?;
+        }
+        let keep_alive = Duration::from_secs(self.config.login.keep_alive.max(1) as u64);
+        let mut ping_due = Instant::now() + keep_alive;
+        loop {
+            conn.flush().await?;
+            let reading = self.waiting.len() < MAX_WAITING;
+            let front = self
+                .waiting
+                .front()
+                .map(|(i, _)| self.consumers[*i].tx.clone());
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = v4::Packet::Disconnect.write(&mut conn.write_buf, usize::MAX);
+                    let _ = conn.flush().await;
+                    return Ok(());
+                }
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { return Ok(()) };
+                    self.command(cmd, &mut state, &mut conn)?;
+                    for _ in 0..COMMAND_BATCH {
+                        match self.commands.try_recv() {
+                            Ok(cmd) => self.command(cmd, &mut state, &mut conn)?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some((generation, pkid)) = self.acks.recv() => {
+                    state.consumed(generation, pkid, &mut conn.write_buf);
+                    while let Ok((generation, pkid)) = self.acks.try_recv() {
+                        state.consumed(generation, pkid, &mut conn.write_buf);
+                    }
+                }
+                permit = async { front.expect("guarded").reserve_owned().await }, if front.is_some() => {
+                    if let (Ok(permit), Some((_, msg))) = (permit, self.waiting.pop_front()) {
+                        permit.send(msg);
+                    }
+                    self.deliver_waiting();
+                }
+                packet = conn.next(), if reading => {
+                    let mut acked = Vec::new();
+                    let mut packet = Some(packet?);
+                    while let Some(p) = packet {
+                        self.receive(&mut state, p, &mut acked, &mut conn);
+                        if self.waiting.len() >= MAX_WAITING {
+                            break;
+                        }
+                        packet = conn.try_next()?;
+                    }
+                    if !acked.is_empty() {
+                        let _ = self.events.send(LinkEvent::Acked(acked));
+                    }
+                }
+                _ = tokio::time::sleep_until(ping_due) => {
+                    state.keepalive_due(&mut conn.write_buf)?;
+                    ping_due = Instant::now() + keep_alive;
+                }
+            }
+        }
+    }
+
+    fn command(
+        &mut self,
+        cmd: Command,
+        state: &mut LinkState,
+        conn: &mut Connection,
+    ) -> Result<(), UpstreamError> {
+        match cmd {
+            Command::Publish { generation, batch } => {
+                if generation != state.generation() {
+                    return Ok(());
+                }
+                for o in &batch {
+                    state.publish(o, &mut conn.write_buf)?;
+                }
+            }
+            Command::Keep { topic, payload } => {
+                if let Some(p) = &payload {
+                    state.publish(&retained(&topic, p), &mut conn.write_buf)?;
+                }
+                self.keep(topic, payload);
+            }
+        }
+        Ok(())
+    }
+
+    fn receive(
+        &mut self,
+        state: &mut LinkState,
+        packet: v4::Packet,
+        acked: &mut Vec<u64>,
+        conn: &mut Connection,
+    ) {
+        match state.receive(packet) {
+            Inbound::Acked(tag) => acked.push(tag),
+            Inbound::Cloud {
+                topic,
+                payload,
+                pkid,
+            } => {
+                let consumer = self
+                    .consumers
+                    .iter()
+                    .position(|c| topic::matches(&c.filter, &topic));
+                let Some(index) = consumer else {
+                    tracing::debug!(%topic, "cloud message on a topic nothing consumes");
+                    if let Some(pkid) = pkid {
+                        state.consumed(state.generation(), pkid, &mut conn.write_buf);
+                    }
+                    return;
+                };
+                let msg = CloudMessage {
+                    topic,
+                    payload,
+                    ack: pkid.map(|pkid| Ack {
+                        generation: state.generation(),
+                        pkid,
+                        tx: self.acks_tx.clone(),
+                    }),
+                };
+                self.waiting.push_back((index, msg));
+                self.deliver_waiting();
+            }
+            Inbound::SubscribeRefused(filters) => {
+                for filter in filters {
+                    tracing::error!(%filter, "upstream refused the subscription");
+                }
+            }
+            Inbound::Nothing => {}
+        }
+    }
+
+    /// Hands waiting cloud messages to their consumers while they have room,
+    /// in arrival order.
+    fn deliver_waiting(&mut self) {
+        while let Some((index, _)) = self.waiting.front() {
+            let tx = &self.consumers[*index].tx;
+            match tx.try_reserve() {
+                Ok(permit) => {
+                    let (_, msg) = self.waiting.pop_front().expect("front");
+                    permit.send(msg);
+                }
+                Err(mpsc::error::TrySendError::Full(())) => return,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    let (_, msg) = self.waiting.pop_front().expect("front");
+                    tracing::warn!(topic = %msg.topic, "cloud message consumer is gone; not acknowledged");
+                }
+            }
+        }
+    }
+}
+
+fn retained(topic: &str, payload: &Bytes) -> Outgoing {
+    Outgoing {
+        tag: 0,
+        topic: Topic::Owned(topic.to_string()),
+        payload: Payload::Owned(payload.clone()),
+        qos: QoS::AtMostOnce,
+        retain: true,
+    }
+}
+
+/// An in-memory upstream for tests: the link connects through it and the
+/// test plays the broker on the other end of each connection.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use tokio::sync::mpsc;
+
+    use crate::config::UpstreamAddr;
+    use crate::upstream::connection::{Connect, Connecting, Io, UpstreamError};
+
+    /// Hands each connection's broker end to the test.
+    pub struct Upstream {
+        pub down: Mutex<HashSet<String>>,
+        tx: mpsc::UnboundedSender<(String, Peer)>,
+    }
+
+    impl Upstream {
+        pub fn new() -> (Self, mpsc::UnboundedReceiver<(String, Peer)>) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let up = Self {
+                down: Mutex::new(HashSet::new()),
+                tx,
+            };
+            (up, rx)
+        }
+    }
+
+    impl Connect for Upstream {
+        fn connect<'a>(&'a self, addr: &'a UpstreamAddr) -> Connecting<'a> {
+            Box::pin(async move {
+                if self.down.lock().unwrap().contains(&addr.host) {
+                    return Err(UpstreamError::Connect {
+                        addr: addr.to_string(),
+                        source: std::io::ErrorKind::ConnectionRefused.into(),
+                    });
+                }
+                let (link_end, broker_end) = tokio::io::duplex(1 << 20);
+                let peer = Peer {
+                    io: broker_end,
+                    buf: BytesMut::new(),
+                };
+                let _ = self.tx.send((addr.host.clone(), peer));
+                Ok(Box::new(link_end) as Box<dyn Io>)
+            })
+        }
+    }
+
+    /// The broker's end of one connection.
+    pub struct Peer {
+        io: DuplexStream,
+        buf: BytesMut,
+    }
+
+    impl Peer {
+        /// The next packet, or `None` when the link closed the connection.
+        pub async fn read(&mut self) -> Option<v4::Packet> {
+            loop {
+                match v4::Packet::read(&mut self.buf, usize::MAX) {
+                    Ok(p) => return Some(p),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("the link sent a bad packet: {e:?}"),
+                }
+                if self.io.read_buf(&mut self.buf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        }
+
+        pub async fn write(&mut self, p: v4::Packet) {
+            let mut out = BytesMut::new();
+            p.write(&mut out, usize::MAX).unwrap();
+            self.io.write_all(&out).await.unwrap();
+        }
+
+        /// Reads the CONNECT and accepts it.
+        pub async fn accept(&mut self) -> v4::Connect {
+            let Some(v4::Packet::Connect(c)) = self.read().await else {
+                panic!("expected CONNECT")
+            };
+            self.write(v4::Packet::ConnAck(v4::ConnAck::new(
+                v4::ConnectReturnCode::Success,
+                false,
+            )))
+            .await;
+            c
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{Peer, Upstream};
+    use super::*;
+    use std::time::Duration;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(WAIT, f).await.expect("timed out")
+    }
+
+    fn config(hosts: &[&str]) -> LinkConfig {
+        LinkConfig {
+            addresses: hosts
+                .iter()
+                .map(|h| UpstreamAddr::parse(&format!("mqtt://{h}:1883")).unwrap())
+                .collect(),
+            login: Login {
+                client_id: "edge1".into(),
+                username: None,
+                password: None,
+                sas: None,
+                keep_alive: 60,
+                clean_session: false,
+            },
+            max_backoff: Duration::from_millis(100),
+        }
+    }
+
+    fn cloud_publish(pkid: u16, topic: &str, body: &str) -> v4::Packet {
+        let mut p = v4::Publish::new(topic, QoS::AtLeastOnce, body.to_string());
+        p.pkid = pkid;
+        v4::Packet::Publish(p)
+    }
+
+    fn owned(tag: u64, topic: &str) -> Outgoing {
+        Outgoing {
+            tag,
+            topic: Topic::Owned(topic.into()),
+            payload: Payload::Owned(Bytes::from_static(b"x")),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        }
+    }
+
+    /// Reads packets until a SUBSCRIBE, answering it; returns what came before.
+    async fn until_subscribed(peer: &mut Peer) -> Vec<v4::Packet> {
+        let mut before = Vec::new();
+        loop {
+            match within(peer.read()).await.expect("open") {
+                v4::Packet::Subscribe(s) => {
+                    let codes = s
+                        .filters
+                        .iter()
+                        .map(|_| v4::SubscribeReasonCode::Success(QoS::AtLeastOnce))
+                        .collect();
+                    peer.write(v4::Packet::SubAck(v4::SubAck::new(s.pkid, codes)))
+                        .await;
+                    return before;
+                }
+                other => before.push(other),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn cloud_messages_are_acknowledged_only_after_their_consumer_takes_them() {
+        let (up, mut conns) = Upstream::new();
+        let mut link = Link::new(config(&["a"]), Arc::new(up), Arc::default());
+        let mut scope = link.subscribe("edges/edge1/scope".into(), 1);
+        let shutdown = CancellationToken::new();
+        let (_handle, _events, task) = link.spawn(shutdown.clone());
+        let (_, mut peer) = within(conns.recv()).await.unwrap();
+        assert!(!peer.accept().await.clean_session, "a persistent session");
+        until_subscribed(&mut peer).await;
+
+        // Far more than the consumer's channel and the link's waiting room.
+        let sent = MAX_WAITING as u16 + 100;
+        let broker = tokio::spawn(async move {
+            for pkid in 1..=sent {
+                peer.write(cloud_publish(pkid, "edges/edge1/scope", &pkid.to_string()))
+                    .await;
+            }
+            let mut acks = Vec::new();
+            while acks.len() < sent as usize {
+                match peer.read().await {
+                    Some(v4::Packet::PubAck(a)) => acks.push(a.pkid),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            acks
+        });
+        // Nothing is acknowledged while the consumer holds the messages.
+        let first = within(scope.recv()).await.unwrap();
+        assert_eq!(&first.payload[..], b"1");
+        tokio::task::yield_now().await;
+        let mut got = vec![first];
+        for _ in 1..sent {
+            let m = within(scope.recv()).await.unwrap();
+            got.push(m);
+        }
+        assert!(!broker.is_finished(), "no PUBACK before any ack");
+        for (i, m) in got.into_iter().enumerate() {
+            assert_eq!(m.payload, (i + 1).to_string(), "in order, none lost");
+            m.ack();
+        }
+        let acks = within(broker).await.unwrap();
+        assert_eq!(acks, (1..=sent).collect::<Vec<_>>(), "every one, in order");
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_slow_consumer_stops_the_link_reading_instead_of_dropping() {
+        let (up, mut conns) = Upstream::new();
+        let mut link = Link::new(config(&["a"]), Arc::new(up), Arc::default());
+        let mut twin = link.subscribe("twin/#".into(), 1);
+        let shutdown = CancellationToken::new();
+        let (handle, mut events, task) = link.spawn(shutdown.clone());
+        let (_, mut peer) = within(conns.recv()).await.unwrap();
+        peer.accept().await;
+        until_subscribed(&mut peer).await;
+        let Some(LinkEvent::Connected { generation, .. }) = within(events.recv()).await else {
+            panic!("expected Connected")
+        };
+        for pkid in 1..=(MAX_WAITING as u16 + 10) {
+            peer.write(cloud_publish(pkid, "twin/x", "d")).await;
+        }
+        // The link stops reading: a PUBACK for our publish is not seen until
+        // the consumer catches up.
+        handle.publish(generation, vec![owned(7, "t/1")]).await;
+        let Some(v4::Packet::Publish(p)) = within(peer.read()).await else {
+            panic!("expected the publish")
+        };
+        peer.write(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+            .await;
+        let early = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+        assert!(early.is_err(), "the link is not reading: {early:?}");
+        let mut taken = 0;
+        while taken < MAX_WAITING + 10 {
+            within(twin.recv()).await.unwrap().ack();
+            taken += 1;
+        }
+        assert_eq!(within(events.recv()).await, Some(LinkEvent::Acked(vec![7])));
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failover_reconnects_to_the_next_address_and_a_dead_connections_batch_is_not_sent() {
+        let (up, mut conns) = Upstream::new();
+        up.down.lock().unwrap().insert("a".into());
+        let mut link = Link::new(config(&["a", "b"]), Arc::new(up), Arc::default());
+        let _scope = link.subscribe("s".into(), 4);
+        let shutdown = CancellationToken::new();
+        let (handle, mut events, task) = link.spawn(shutdown.clone());
+        handle
+            .keep_published("twin/reported".into(), Some(Bytes::from_static(b"{}")))
+            .await;
+
+        let (host, mut peer) = within(conns.recv()).await.unwrap();
+        assert_eq!(host, "b", "a is down: the link fails over to b");
+        peer.accept().await;
+        let before = until_subscribed(&mut peer).await;
+        let Some(LinkEvent::Connected { generation: g1, .. }) = within(events.recv()).await else {
+            panic!()
+        };
+        let retained_seen = |ps: &[v4::Packet]| {
+            ps.iter().any(
+                |p| matches!(p, v4::Packet::Publish(p) if p.retain && p.topic == "twin/reported"),
+            )
+        };
+        let mut seen = before;
+        if !retained_seen(&seen) {
+            seen.push(within(peer.read()).await.unwrap());
+        }
+        assert!(retained_seen(&seen), "the kept document is published");
+
+        drop(peer);
+        assert!(matches!(
+            within(events.recv()).await,
+            Some(LinkEvent::Disconnected { generation, .. }) if generation == g1
+        ));
+        // A batch for the dead connection is dropped, not sent on the next.
+        handle.publish(g1, vec![owned(1, "old")]).await;
+        let (_, mut peer) = within(conns.recv()).await.unwrap();
+        peer.accept().await;
+        let before = until_subscribed(&mut peer).await;
+        let Some(LinkEvent::Connected { generation: g2, .. }) = within(events.recv()).await else {
+            panic!()
+        };
+        assert!(g2 > g1);
+        handle.publish(g2, vec![owned(2, "new")]).await;
+        let mut seen = before;
+        loop {
+            let p = within(peer.read()).await.unwrap();
+            if let v4::Packet::Publish(p) = &p {
+                if p.topic == "new" {
+                    peer.write(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                        .await;
+                    break;
+                }
+            }
+            seen.push(p);
+        }
+        assert!(retained_seen(&seen), "re-sent after the reconnect");
+        assert!(
+            !seen
+                .iter()
+                .any(|p| matches!(p, v4::Packet::Publish(p) if p.topic == "old")),
+            "the old batch never reaches the new connection"
+        );
+        assert_eq!(within(events.recv()).await, Some(LinkEvent::Acked(vec![2])));
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+}

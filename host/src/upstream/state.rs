@@ -1,0 +1,439 @@
+//! The upstream MQTT session as a pure state machine: no socket, no clock,
+//! no channels.
+//!
+//! Owns what one connection knows: which packet id carries which tagged
+//! publish, the keepalive ping, the cloud's QoS 1 publishes waiting for
+//! their consumers (acknowledged in the order they arrived, as MQTT
+//! requires), and the generation that tells one connection from the next.
+//! It encodes what must be sent into a buffer and returns what happened;
+//! the link actor (`link.rs`) does the I/O and the waiting.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{v4, QoS};
+
+use crate::mqtt::packet_id::PacketIds;
+
+/// A publish handed to the link. `tag` is the caller's name for it (the
+/// forwarder uses store keys) and comes back in [`Inbound::Acked`].
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub tag: u64,
+    pub topic: Topic,
+    pub payload: Payload,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+/// Where a publish's topic and payload live: a stored record read in place
+/// (no copy), or owned bytes.
+#[derive(Debug, Clone)]
+pub enum Topic {
+    Owned(String),
+    /// The topic of the stored record in [`Payload::Stored`].
+    Stored,
+}
+
+#[derive(Debug, Clone)]
+pub enum Payload {
+    Owned(Bytes),
+    Stored(crate::store::Stored),
+}
+
+/// What one packet from the cloud meant.
+#[derive(Debug, PartialEq)]
+pub enum Inbound {
+    /// The publish tagged `tag` is acknowledged.
+    Acked(u64),
+    /// The cloud published; `pkid` is set for QoS 1 (acknowledge it with
+    /// [`LinkState::consumed`] once its consumer has it).
+    Cloud {
+        topic: String,
+        payload: Bytes,
+        pkid: Option<u16>,
+    },
+    /// The cloud refused these subscriptions.
+    SubscribeRefused(Vec<String>),
+    /// Nothing for anyone (PINGRESP, a stray acknowledgement).
+    Nothing,
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum StateError {
+    #[error("upstream keepalive expired (no PINGRESP)")]
+    KeepAlive,
+    #[error("all 65535 packet ids are in flight")]
+    NoPacketId,
+    #[error("a stored record cannot be sent: {0}")]
+    Corrupt(String),
+}
+
+/// One connection's protocol state. A new connection starts a new state
+/// with the next generation.
+pub struct LinkState {
+    generation: u64,
+    ids: PacketIds,
+    /// Tag of each QoS 1 publish awaiting its PUBACK, by packet id.
+    inflight: HashMap<u16, u64>,
+    /// Subscriptions sent on connect, under this packet id.
+    subscribe: Option<(u16, Vec<String>)>,
+    ping_outstanding: bool,
+    /// The cloud's QoS 1 publishes in arrival order: (packet id, consumed).
+    cloud: VecDeque<(u16, bool)>,
+}
+
+impl LinkState {
+    pub fn new(generation: u64) -> Self {
+        Self {
+            generation,
+            ids: PacketIds::default(),
+            inflight: HashMap::new(),
+            subscribe: None,
+            ping_outstanding: false,
+            cloud: VecDeque::new(),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Publishes awaiting their PUBACK.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Cloud publishes not yet acknowledged to the cloud.
+    pub fn unconsumed(&self) -> usize {
+        self.cloud.len()
+    }
+
+    /// Queues the SUBSCRIBE for `filters` (after every CONNACK).
+    pub fn subscribe(&mut self, filters: &[String], out: &mut BytesMut) {
+        if filters.is_empty() {
+            return;
+        }
+        let Some(pkid) = self.next_id() else { return };
+        let mut s = v4::Subscribe::new_many(
+            filters
+                .iter()
+                .map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        );
+        s.pkid = pkid;
+        write(v4::Packet::Subscribe(s), out);
+        self.subscribe = Some((pkid, filters.to_vec()));
+    }
+
+    /// Encodes `o` into `out`; QoS 1 publishes are tracked until acknowledged.
+    pub fn publish(&mut self, o: &Outgoing, out: &mut BytesMut) -> Result<(), StateError> {
+        let stored = match &o.payload {
+            Payload::Stored(s) => Some(
+                s.record()
+                    .map_err(|e| StateError::Corrupt(format!("key {}: {e}", s.key)))?,
+            ),
+            Payload::Owned(_) => None,
+        };
+        let topic = match (&o.topic, &stored) {
+            (Topic::Owned(t), _) => t.as_str(),
+            (Topic::Stored, Some(r)) => r.topic,
+            (Topic::Stored, None) => return Err(StateError::Corrupt("no stored record".into())),
+        };
+        let payload: &[u8] = match (&o.payload, &stored) {
+            (Payload::Owned(b), _) => b,
+            (Payload::Stored(_), Some(r)) => r.payload,
+            (Payload::Stored(_), None) => unreachable!("parsed above"),
+        };
+        let pkid = match o.qos {
+            QoS::AtMostOnce => 0,
+            _ => {
+                let id = self.next_id().ok_or(StateError::NoPacketId)?;
+                self.inflight.insert(id, o.tag);
+                id
+            }
+        };
+        encode_publish(out, topic, payload, pkid, o.retain);
+        Ok(())
+    }
+
+    /// What a packet from the cloud means; replies (none today) go to `out`.
+    pub fn receive(&mut self, packet: v4::Packet) -> Inbound {
+        match packet {
+            v4::Packet::PubAck(ack) => match self.inflight.remove(&ack.pkid) {
+                Some(tag) => Inbound::Acked(tag),
+                None => Inbound::Nothing,
+            },
+            v4::Packet::PingResp => {
+                self.ping_outstanding = false;
+                Inbound::Nothing
+            }
+            v4::Packet::Publish(p) => {
+                let pkid = match p.qos {
+                    QoS::AtMostOnce => None,
+                    // QoS 2 is answered as QoS 1 would be; the hub
+                    // subscribes at QoS 1, so a broker sends no QoS 2.
+                    _ => {
+                        self.cloud.push_back((p.pkid, false));
+                        Some(p.pkid)
+                    }
+                };
+                Inbound::Cloud {
+                    topic: p.topic,
+                    payload: p.payload,
+                    pkid,
+                }
+            }
+            v4::Packet::SubAck(ack) => {
+                let Some((pkid, filters)) = self.subscribe.take() else {
+                    return Inbound::Nothing;
+                };
+                if pkid != ack.pkid {
+                    self.subscribe = Some((pkid, filters));
+                    return Inbound::Nothing;
+                }
+                let refused: Vec<String> = filters
+                    .into_iter()
+                    .zip(&ack.return_codes)
+                    .filter(|(_, c)| matches!(c, v4::SubscribeReasonCode::Failure))
+                    .map(|(f, _)| f)
+                    .collect();
+                if refused.is_empty() {
+                    Inbound::Nothing
+                } else {
+                    Inbound::SubscribeRefused(refused)
+                }
+            }
+            _ => Inbound::Nothing,
+        }
+    }
+
+    /// The consumer of the cloud publish `pkid` (received on connection
+    /// `generation`) has it: queues the PUBACKs now due, in arrival order.
+    /// One from an earlier connection is ignored (the cloud sends it again).
+    pub fn consumed(&mut self, generation: u64, pkid: u16, out: &mut BytesMut) {
+        if generation != self.generation {
+            return;
+        }
+        if let Some(entry) = self
+            .cloud
+            .iter_mut()
+            .find(|(id, done)| *id == pkid && !done)
+        {
+            entry.1 = true;
+        }
+        while let Some(&(id, true)) = self.cloud.front() {
+            self.cloud.pop_front();
+            write(v4::Packet::PubAck(v4::PubAck::new(id)), out);
+        }
+    }
+
+    /// The keepalive interval passed: queues a PINGREQ, or fails when the
+    /// previous one is still unanswered.
+    pub fn keepalive_due(&mut self, out: &mut BytesMut) -> Result<(), StateError> {
+        if self.ping_outstanding {
+            return Err(StateError::KeepAlive);
+        }
+        self.ping_outstanding = true;
+        write(v4::Packet::PingReq, out);
+        Ok(())
+    }
+
+    /// The connection ended: the tags that were never acknowledged, in the
+    /// order they were sent is not kept (callers sort if they care).
+    pub fn close(self) -> Vec<u64> {
+        self.inflight.into_values().collect()
+    }
+
+    fn next_id(&mut self) -> Option<u16> {
+        let inflight = &self.inflight;
+        let cloud_sub = self.subscribe.as_ref().map(|(id, _)| *id);
+        self.ids
+            .next(|id| inflight.contains_key(&id) || cloud_sub == Some(id))
+    }
+}
+
+fn write(packet: v4::Packet, out: &mut BytesMut) {
+    if let Err(e) = packet.write(out, usize::MAX) {
+        tracing::error!(error = ?e, "could not encode an upstream packet");
+    }
+}
+
+/// MQTT 3.1.1 PUBLISH straight from borrowed bytes (the forwarder's hot
+/// path: no topic or payload copies). `pkid` 0 means QoS 0.
+fn encode_publish(out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u16, retain: bool) {
+    use bytes::BufMut;
+    let qos1 = pkid != 0;
+    let mut remaining = 2 + topic.len() + if qos1 { 2 } else { 0 } + payload.len();
+    out.reserve(5 + remaining);
+    out.put_u8(0x30 | if qos1 { 0x02 } else { 0 } | u8::from(retain));
+    loop {
+        let mut byte = (remaining % 128) as u8;
+        remaining /= 128;
+        if remaining > 0 {
+            byte |= 0x80;
+        }
+        out.put_u8(byte);
+        if remaining == 0 {
+            break;
+        }
+    }
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic.as_bytes());
+    if qos1 {
+        out.put_u16(pkid);
+    }
+    out.put_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::mqttbytes as m;
+
+    fn owned(tag: u64, topic: &str, qos: QoS) -> Outgoing {
+        Outgoing {
+            tag,
+            topic: Topic::Owned(topic.into()),
+            payload: Payload::Owned(Bytes::from_static(b"body")),
+            qos,
+            retain: false,
+        }
+    }
+
+    fn read_all(buf: &mut BytesMut) -> Vec<v4::Packet> {
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            out.push(v4::Packet::read(buf, usize::MAX).unwrap());
+        }
+        out
+    }
+
+    fn puback(pkid: u16) -> v4::Packet {
+        v4::Packet::PubAck(v4::PubAck::new(pkid))
+    }
+
+    #[test]
+    fn a_puback_releases_the_tag_its_publish_was_sent_under() {
+        let mut s = LinkState::new(1);
+        let mut out = BytesMut::new();
+        s.publish(&owned(42, "a/b", QoS::AtLeastOnce), &mut out)
+            .unwrap();
+        s.publish(&owned(43, "a/c", QoS::AtLeastOnce), &mut out)
+            .unwrap();
+        let sent = read_all(&mut out);
+        let pkids: Vec<u16> = sent
+            .iter()
+            .map(|p| match p {
+                v4::Packet::Publish(p) => p.pkid,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(s.receive(puback(pkids[1])), Inbound::Acked(43));
+        assert_eq!(s.receive(puback(pkids[1])), Inbound::Nothing, "only once");
+        assert_eq!(s.inflight(), 1);
+        assert_eq!(s.close(), vec![42], "the unacknowledged one is reported");
+    }
+
+    #[test]
+    fn qos0_publishes_are_not_tracked_and_carry_the_retain_flag() {
+        let mut s = LinkState::new(1);
+        let mut out = BytesMut::new();
+        let mut o = owned(1, "twin/reported", QoS::AtMostOnce);
+        o.retain = true;
+        s.publish(&o, &mut out).unwrap();
+        match &read_all(&mut out)[..] {
+            [v4::Packet::Publish(p)] => {
+                assert!(p.retain);
+                assert_eq!(p.qos, m::QoS::AtMostOnce);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.inflight(), 0);
+    }
+
+    #[test]
+    fn cloud_publishes_are_acknowledged_only_once_consumed_and_in_arrival_order() {
+        let mut s = LinkState::new(7);
+        let mut out = BytesMut::new();
+        for pkid in [5u16, 6, 7] {
+            let mut p = v4::Publish::new("edges/e/scope", QoS::AtLeastOnce, "{}");
+            p.pkid = pkid;
+            assert!(matches!(
+                s.receive(v4::Packet::Publish(p)),
+                Inbound::Cloud { pkid: Some(id), .. } if id == pkid
+            ));
+        }
+        s.consumed(7, 6, &mut out);
+        assert!(out.is_empty(), "6 waits for 5: PUBACKs go out in order");
+        s.consumed(6, 5, &mut out);
+        assert!(
+            out.is_empty(),
+            "an ack from an earlier connection is ignored"
+        );
+        s.consumed(7, 5, &mut out);
+        let acks: Vec<_> = read_all(&mut out);
+        assert_eq!(acks, vec![puback(5), puback(6)]);
+        assert_eq!(s.unconsumed(), 1);
+    }
+
+    #[test]
+    fn an_unanswered_ping_ends_the_connection() {
+        let mut s = LinkState::new(1);
+        let mut out = BytesMut::new();
+        s.keepalive_due(&mut out).unwrap();
+        assert_eq!(read_all(&mut out), vec![v4::Packet::PingReq]);
+        assert_eq!(s.keepalive_due(&mut out), Err(StateError::KeepAlive));
+        let mut s = LinkState::new(1);
+        s.keepalive_due(&mut out).unwrap();
+        s.receive(v4::Packet::PingResp);
+        assert!(s.keepalive_due(&mut out).is_ok(), "answered: ping again");
+    }
+
+    #[test]
+    fn refused_subscriptions_are_named() {
+        let mut s = LinkState::new(1);
+        let mut out = BytesMut::new();
+        s.subscribe(&["a".into(), "b".into()], &mut out);
+        let pkid = match &read_all(&mut out)[..] {
+            [v4::Packet::Subscribe(sub)] => sub.pkid,
+            other => panic!("{other:?}"),
+        };
+        let ack = v4::SubAck::new(
+            pkid,
+            vec![
+                v4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                v4::SubscribeReasonCode::Failure,
+            ],
+        );
+        assert_eq!(
+            s.receive(v4::Packet::SubAck(ack)),
+            Inbound::SubscribeRefused(vec!["b".into()])
+        );
+    }
+
+    #[test]
+    fn the_hand_encoded_publish_reads_back_with_the_codec() {
+        for payload_len in [0usize, 5, 200, 20_000, 3_000_000] {
+            let payload = vec![7u8; payload_len];
+            let mut buf = BytesMut::new();
+            encode_publish(
+                &mut buf,
+                "devices/d1/messages/events/a=b",
+                &payload,
+                4242,
+                false,
+            );
+            match v4::Packet::read(&mut buf, usize::MAX).unwrap() {
+                v4::Packet::Publish(p) => {
+                    assert_eq!(p.topic, "devices/d1/messages/events/a=b");
+                    assert_eq!(p.pkid, 4242);
+                    assert_eq!(p.qos, m::QoS::AtLeastOnce);
+                    assert!(!p.dup && !p.retain);
+                    assert_eq!(&p.payload[..], &payload[..]);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(buf.is_empty());
+        }
+    }
+}
