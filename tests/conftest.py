@@ -73,11 +73,12 @@ def free_port_factory():
 
 @pytest.fixture
 def upstream_factory(tmp_path, request):
-    """make_upstream(port=None) -> a not yet started Upstream (Mosquitto)."""
+    """make_upstream(port=None, extra_conf=()) -> a not yet started Upstream
+    (Mosquitto); ``extra_conf``: more lines for its config file."""
     made: list[Upstream] = []
 
-    def make(port: int | None = None) -> Upstream:
-        up = Upstream(tmp_path, port)
+    def make(port: int | None = None, extra_conf=()) -> Upstream:
+        up = Upstream(tmp_path, port, extra_conf=extra_conf)
         made.append(up)
         _track(request, "mosquitto", up)
         return up

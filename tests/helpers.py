@@ -100,7 +100,7 @@ class Upstream:
     restarted on the same port, keeping its persistent sessions (it is always
     stopped with SIGTERM, which makes mosquitto write its persistence file)."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: Iterable[str] = ()):
         self.port = port or free_port()
         self.dir = Path(workdir) / f"mosquitto-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +126,7 @@ class Upstream:
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             lines.append("user root")
+        lines += list(extra_conf)
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
         self.starts = 0

@@ -127,7 +127,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     let (pool, pool_threads) = PluginPool::start(config.plugins.workers, metrics.clone());
     let router = Router::new(
         config.mqtt.forward_topics.clone(),
-        appender,
+        appender.clone(),
         broker.clone(),
         &config.edge_id,
         routes.clone(),
@@ -236,6 +236,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     tasks.spawn(async move {
         let _ = link_task.await;
     });
+    match crate::control::bind(&config.storage) {
+        Ok(listener) => {
+            tasks.spawn(crate::control::serve(
+                listener,
+                store.clone(),
+                appender,
+                shutdown.clone(),
+            ));
+        }
+        Err(e) => {
+            // The writer ends when the last appender is gone.
+            drop(appender);
+            tracing::warn!(path = %crate::control::socket_path(&config.storage).display(), error = %e, "no control socket; `edgehub queue dead-letters` needs the hub stopped")
+        }
+    }
     tasks.spawn(write_status(
         config.storage.clone(),
         store.clone(),

@@ -129,6 +129,48 @@ enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Messages the upstream refused, set aside so the queue flows on.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+        /// Storage folder (default: the config's, or ./edgehub-data).
+        #[arg(long, env = "storageFolder", global = true)]
+        storage: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// One line per dead letter: key, when, reason, topic, size.
+    List {
+        /// Print one JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Queue dead letters again, at the tail, with a fresh time to live.
+    Replay(DeadLetterKeys),
+    /// Delete dead letters for good.
+    Purge(DeadLetterKeys),
+}
+
+#[derive(Args)]
+#[group(id = "which", required = true, multiple = false)]
+struct DeadLetterKeys {
+    /// Keys as `list` shows them.
+    #[arg(group = "which")]
+    keys: Vec<u64>,
+    /// Every dead letter.
+    #[arg(long, group = "which")]
+    all: bool,
+}
+
+impl DeadLetterKeys {
+    fn selection(self) -> Option<Vec<u64>> {
+        (!self.all).then_some(self.keys)
+    }
 }
 
 /// Settings layered over the config file: flags win over environment
@@ -285,6 +327,12 @@ fn real_main() -> Result<()> {
         Command::Queue {
             command: QueueCommand::Stats { storage, json },
         } => queue_stats(storage.unwrap_or_else(|| Config::default().storage), json),
+        Command::Queue {
+            command: QueueCommand::DeadLetters { command, storage },
+        } => dead_letters(
+            storage.unwrap_or_else(|| Config::default().storage),
+            command,
+        ),
         Command::Auth { command } => auth_command(command),
         Command::Plugin {
             command: PluginCommand::Test(args),
@@ -392,6 +440,70 @@ fn auth_command(command: AuthCommand) -> Result<()> {
             }
             println!("{}", serde_json::to_string_pretty(&entry)?);
         }
+    }
+    Ok(())
+}
+
+/// Dead letters of the hub storing in `storage`: through its control
+/// socket while it runs, from the store itself when it is stopped.
+fn dead_letters(storage: PathBuf, command: DeadLetterCommand) -> Result<()> {
+    use edgehub::control::{self, Answer, Request};
+    if !storage.exists() {
+        bail!("storage folder {} does not exist", storage.display());
+    }
+    let (request, json) = match command {
+        DeadLetterCommand::List { json, limit } => (Request::ListDeadLetters { limit }, json),
+        DeadLetterCommand::Replay(k) => (
+            Request::ReplayDeadLetters {
+                keys: k.selection(),
+            },
+            false,
+        ),
+        DeadLetterCommand::Purge(k) => (
+            Request::PurgeDeadLetters {
+                keys: k.selection(),
+            },
+            false,
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = match Store::open(&storage) {
+        Ok(store) => {
+            let (appender, writer) = store::writer::spawn(store.clone(), u64::MAX, 4096);
+            let answer = runtime.block_on(control::execute(&store, &appender, request));
+            drop(appender);
+            let _ = writer.join();
+            store.sync()?;
+            answer
+        }
+        Err(StoreError::Locked { .. }) => runtime
+            .block_on(control::ask(&storage, &request))
+            .context("the hub is running; asking it through its control socket")?,
+        Err(e) => return Err(e).context("open the queue"),
+    };
+    match answer {
+        Answer::DeadLetters(list) => {
+            for d in list {
+                if json {
+                    println!("{}", serde_json::to_string(&d)?);
+                } else {
+                    let topic: String = d.topic.chars().take(120).collect();
+                    println!(
+                        "{}\t{}\t{} bytes\t{}\t{}",
+                        d.key,
+                        d.dead_ms,
+                        d.payload_bytes,
+                        topic.escape_debug(),
+                        d.reason
+                    );
+                }
+            }
+        }
+        Answer::Replayed(n) => println!("replayed {n}"),
+        Answer::Purged(n) => println!("purged {n}"),
+        Answer::Error(e) => bail!("{e}"),
     }
     Ok(())
 }

@@ -2,7 +2,11 @@
 //! application property `hostile` of a message says how:
 //! `loop` (never returns), `alloc` (allocates without bound), `trap`
 //! (panics, which aborts: a wasm trap), `huge` (returns an 8 MiB body),
-//! `recurse` (overflows its stack). Any other message passes unchanged.
+//! `recurse` (overflows its stack), `topic-nul`, `topic-wildcard`,
+//! `topic-empty`, `topic-long` (returns the message on a topic no broker
+//! takes: with a NUL, with wildcards, empty, 70,000 bytes long). A message
+//! on a plain topic has no properties: a body starting `hostile=<mode>`
+//! says the mode then. Any other message passes unchanged.
 
 
 wit_bindgen::generate!({ path: "../../../wit", world: "filter" });
@@ -23,7 +27,11 @@ impl Guest for Plugin {
             .properties
             .iter()
             .find(|(k, _)| k == "hostile")
-            .map(|(_, v)| v.clone());
+            .map(|(_, v)| v.clone())
+            .or_else(|| {
+                let body = std::str::from_utf8(&m.body).ok()?;
+                Some(body.strip_prefix("hostile=")?.split_whitespace().next()?.to_string())
+            });
         match mode.as_deref() {
             Some("loop") => {
                 let mut i: u64 = 0;
@@ -46,6 +54,16 @@ impl Guest for Plugin {
             }
             Some("recurse") => {
                 std::hint::black_box(recurse(0));
+                Some(m)
+            }
+            Some(bad) if bad.starts_with("topic-") => {
+                let mut m = m;
+                m.topic = match bad {
+                    "topic-nul" => "plain/a\0b".to_string(),
+                    "topic-wildcard" => "plain/+/#".to_string(),
+                    "topic-empty" => String::new(),
+                    _ => format!("plain/{}", "x".repeat(70_000)),
+                };
                 Some(m)
             }
             _ => Some(m),

@@ -1,0 +1,116 @@
+"""No message can stall or corrupt the upstream queue.
+
+A filter plugin that rewrites topics into forms no broker takes (NUL,
+wildcards, empty, over 64 KiB) never gets them into the store: the route's
+onError policy decides (here the default, a dead letter sent upstream on the
+hub's own `$edgeHub` output). A message the upstream refuses (Mosquitto drops
+the connection on a packet over its `max_packet_size`) is moved to the
+store's dead-letter area after three refusals in a row, and everything
+behind it arrives in order. The dead letters are listed, replayed and purged
+with `edgehub queue dead-letters`, on a running hub and on a stopped one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from helpers import first_occurrences, hub_env, wait_until
+from pluginkit import connect_publisher, dead_letter_props, plugin_hub, plugins_dist, publish_all  # noqa: F401
+
+EDGE = "edge-poison"
+MAX_PACKET = 20_000
+# message index -> what the hostile plugin does to its topic
+BAD_TOPICS = {5: "topic-nul", 10: "topic-wildcard", 15: "topic-empty", 20: "topic-long"}
+BIG = 25  # over the upstream's max_packet_size: refused by the broker
+COUNT = 40
+
+
+def body(i: int) -> bytes:
+    if i in BAD_TOPICS:
+        return f"hostile={BAD_TOPICS[i]} seq={i}".encode()
+    if i == BIG:
+        return f"big seq={i} ".encode() + b"x" * (MAX_PACKET + 10_000)
+    return f"seq={i}".encode()
+
+
+def dead_letters(hub, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [hub.binary, "queue", "dead-letters", *args, "--storage", str(hub.storage)],
+        capture_output=True, timeout=30, env=hub_env(),
+    )
+    assert r.returncode == 0, f"dead-letters {args} exited {r.returncode}: {r.stderr.decode()}"
+    return r
+
+
+def listed(hub) -> list[dict]:
+    out = dead_letters(hub, "list", "--json").stdout.decode()
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_poison_topics_and_refused_messages_never_stall_the_queue(
+    upstream_factory, collector_factory, plugin_hub, plugins_dist, clients  # noqa: F811
+):
+    up = upstream_factory(extra_conf=[f"max_packet_size {MAX_PACKET}"])
+    up.start()
+    collector = collector_factory(up, filters=["plain/#", "devices/+/modules/+/messages/events/#"])
+    ph = plugin_hub(
+        up,
+        routes={"all": 'FROM /messages/* INTO plugin("hostile") THEN $upstream'},
+        plugins={"hostile": plugins_dist / "hostile.wasm"},
+        edge_id=EDGE,
+        forward_topics=["plain/#"],
+    )
+    ph.wait_loaded("hostile")
+    pub = connect_publisher(ph.port, clients)
+    publish_all(pub, [("plain/seq", body(i)) for i in range(COUNT)], timeout=30)
+
+    good = [body(i) for i in range(COUNT) if i not in BAD_TOPICS and i != BIG]
+    msgs = collector.wait_for(
+        lambda ms: set(good) <= {p for _, p in ms}
+        and sum(1 for t, _ in ms if t.startswith(f"devices/{EDGE}/")) >= len(BAD_TOPICS),
+        timeout=60, desc="every good message and a dead letter per bad topic",
+    )
+    firsts = first_occurrences(p for t, p in msgs if t == "plain/seq")
+    assert firsts == good, "every other message arrives, first copies in order"
+    assert all(len(t) < 2000 and "\0" not in t for t, _ in msgs)
+
+    # Each unsendable topic became a dead letter upstream, naming why.
+    reasons = [dead_letter_props(t, EDGE)["deadLetterReason"] for t, _ in msgs if t.startswith(f"devices/{EDGE}/")]
+    assert len(reasons) == len(BAD_TOPICS), reasons
+    for word in ("NUL", "wildcard", "empty", "over the limit"):
+        assert any(word in r for r in reasons), f"no dead letter says {word!r}: {reasons}"
+    assert ph.hub.metric("edgehub_invalid_topics_total") == len(BAD_TOPICS)
+
+    # The refused one is in the store's dead-letter area, counted; the queue is empty.
+    entries = listed(ph.hub)
+    assert [(e["topic"], e["payload_bytes"]) for e in entries] == [("plain/seq", len(body(BIG)))]
+    assert entries[0]["reason"].startswith("upstream_refused"), entries
+    assert ph.hub.metric("edgehub_dead_letters_total") == 1
+    ph.hub.wait_queue_depth(0, timeout=10)
+    assert b"big" not in b"".join(p for _, p in msgs)
+
+    # Replayed on the running hub, it is refused again and set aside again.
+    assert dead_letters(ph.hub, "replay", "--all").stdout.strip() == b"replayed 1"
+    ph.hub.wait_metric("edgehub_dead_letters_total", lambda v: v == 2, 30, "after the replay")
+    again = listed(ph.hub)
+    assert len(again) == 1 and again[0]["key"] > entries[0]["key"], again
+
+    # A stopped hub's dead letters are read from the store itself.
+    assert ph.hub.terminate() == 0
+    assert [e["topic"] for e in listed(ph.hub)] == ["plain/seq"]
+    assert dead_letters(ph.hub, "purge", "--all").stdout.strip() == b"purged 1"
+    assert listed(ph.hub) == []
+
+
+def test_dead_letter_commands_refuse_unknown_input_clearly(hub_factory):
+    hub = hub_factory()
+    r = subprocess.run(
+        [hub.binary, "queue", "dead-letters", "replay", "--storage", str(hub.storage)],
+        capture_output=True, timeout=30, env=hub_env(),
+    )
+    assert r.returncode != 0 and b"--all" in r.stderr, r.stderr
+    r = dead_letters(hub, "replay", "12345")
+    assert r.stdout.strip() == b"replayed 0"
+    assert listed(hub) == []
+    wait_until(hub.alive, 1, "the hub runs on")
