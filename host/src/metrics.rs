@@ -33,6 +33,7 @@ pub struct Metrics {
     plugin_rejected: AtomicU64,
     filtered_out: AtomicU64,
     dead_lettered: AtomicU64,
+    plugin_log_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -81,6 +82,10 @@ impl Metrics {
     pub fn dead_lettered(&self, n: u64) {
         self.dead_lettered.fetch_add(n, Ordering::Relaxed);
     }
+    /// Lines of `plugin`'s `host.log` dropped by its rate limit.
+    pub fn plugin_log_dropped(&self, _plugin: &str, n: u64) {
+        self.plugin_log_dropped.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn set_upstream_connected(&self, up: bool) {
         self.upstream_connected.store(up as i64, Ordering::Relaxed);
     }
@@ -93,7 +98,7 @@ impl Metrics {
             .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
             .unwrap_or(0.0);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 19] = [
+        let rows: [(&str, &str, &str, String); 20] = [
             ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
             ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
             ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
@@ -113,6 +118,7 @@ impl Metrics {
             ("edgehub_plugin_rejected_total", "counter", "Plugin files refused (corrupt, wrong world, cannot start).", load(&self.plugin_rejected).to_string()),
             ("edgehub_messages_filtered_total", "counter", "Messages dropped by a filter plugin, a router plugin or a route's drop policy.", load(&self.filtered_out).to_string()),
             ("edgehub_messages_dead_lettered_total", "counter", "Messages sent to the dead-letter topic after a plugin failure.", load(&self.dead_lettered).to_string()),
+            ("edgehub_plugin_log_dropped_total", "counter", "Plugin log lines (host.log) dropped by the per-plugin rate limit.", load(&self.plugin_log_dropped).to_string()),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
