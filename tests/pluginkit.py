@@ -4,7 +4,7 @@ installs, waiting for hub log lines, publishing with a sentinel, and reading
 IoT Hub property bags.
 
 Test modules import the fixtures they use from here (``plugins_dist``,
-``plugin_hub``, ``sentinel_hub``) so that pytest finds them.
+``compile_cache``, ``plugin_hub``, ``sentinel_hub``) so that pytest finds them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "plugins" / "testdata"
 
 EXAMPLE_PLUGINS = ("field-filter", "dedup", "content-router", "hostile", "wrong-world")
+
+# the languages of the field-filter example (Rust is field-filter.wasm)
+LANGS = ("rust", "c", "python", "js")
 
 SENTINEL_TOPIC = "devices/sentinel/messages/events/"
 SENTINEL_ROUTE = "FROM /messages/devices/sentinel INTO $upstream"
@@ -49,6 +53,47 @@ def plugins_dist() -> Path:
             pytrace=False,
         )
     return path
+
+
+def field_filter_wasm(plugins_dist: Path, lang: str) -> Path:
+    """The field-filter built from ``lang``. A missing one skips the test,
+    unless it is the Rust one or $EDGEHUB_REQUIRE_ALL_LANGS is set: then it
+    fails."""
+    wasm = plugins_dist / ("field-filter.wasm" if lang == "rust" else f"field-filter-{lang}.wasm")
+    if not wasm.is_file():
+        if lang != "rust" and not os.environ.get("EDGEHUB_REQUIRE_ALL_LANGS"):
+            pytest.skip(f"{wasm.name} not built (set EDGEHUB_REQUIRE_ALL_LANGS to make this a failure)")
+        pytest.fail(f"{wasm} is missing", pytrace=False)
+    return wasm
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory) -> Path:
+    """A compiled-code cache shared by every test of the session
+    (interpreted-language plugins take seconds to compile): ``edgehub plugin
+    test --cache`` uses it, and hubs get a copy (``storage_with_cache``).
+    One folder for the session whichever module asks (each module that
+    imports this fixture gets its own instance of it)."""
+    path = tmp_path_factory.getbasetemp() / "compiled-plugins"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def storage_with_cache(storage: Path, cache: Path) -> Path:
+    """A new storage folder whose compiled-plugin cache holds what ``cache``
+    holds (the hub and `plugin test` share the engine, so its entries fit)."""
+    target = Path(storage) / "plugin-cache"
+    target.mkdir(parents=True)
+    for f in Path(cache).glob("*.cwasm"):
+        shutil.copy2(f, target / f.name)
+    return Path(storage)
+
+
+def keep_compiled(storage: Path, cache: Path) -> None:
+    """Copies what a hub compiled into the shared ``cache``."""
+    for f in (Path(storage) / "plugin-cache").glob("*.cwasm"):
+        if not (Path(cache) / f.name).exists():
+            shutil.copy2(f, Path(cache) / f.name)
 
 
 def corrupt_bytes(valid: bytes | None = None) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -12,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import hub_env
-from pluginkit import TESTDATA, corrupt_bytes, plugins_dist  # noqa: F401 - fixture
+from pluginkit import LANGS, TESTDATA, compile_cache, corrupt_bytes, field_filter_wasm, plugins_dist  # noqa: F401
 
-LANGS = ("rust", "c", "python", "js")
 CONFIGS = {
     "temperature": (None, "field-filter.expected.jsonl"),
     "humidity": ('{"field":"humidity","above":40.5}', "field-filter.humidity.expected.jsonl"),
@@ -78,23 +76,12 @@ def results(lines):
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-    """Compiled-code cache shared by the runs (interpreted-language plugins
-    take seconds to compile)."""
-    return tmp_path_factory.mktemp("plugin-cache")
-
-
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("lang", LANGS)
 def test_field_filter_in_every_language_gives_the_expected_output(
     edgehub_bin, plugins_dist, compile_cache, lang, config_name  # noqa: F811
 ):
-    wasm = plugins_dist / ("field-filter.wasm" if lang == "rust" else f"field-filter-{lang}.wasm")
-    if not wasm.is_file():
-        if lang != "rust" and not os.environ.get("EDGEHUB_REQUIRE_ALL_LANGS"):
-            pytest.skip(f"{wasm.name} not built (set EDGEHUB_REQUIRE_ALL_LANGS to make this a failure)")
-        pytest.fail(f"{wasm} is missing", pytrace=False)
+    wasm = field_filter_wasm(plugins_dist, lang)
     config, expected_name = CONFIGS[config_name]
     expected = TESTDATA / expected_name
     args = ["--expect", expected, "--cache", compile_cache, "--timeout-ms", "5000"]

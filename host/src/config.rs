@@ -66,6 +66,13 @@ pub struct PluginsConfig {
     pub timeout_ms: u64,
     pub memory_mb: usize,
     pub max_output_bytes: usize,
+    /// `log_lines_per_sec`, `log_burst`, `log_max_line_bytes`: how much one
+    /// plugin may write to the hub's log (`host.log`): a token bucket of
+    /// lines per second with a burst, shared by all its instances, and the
+    /// longest line (longer ones are cut).
+    pub log_lines_per_sec: u32,
+    pub log_burst: u32,
+    pub log_max_line_bytes: usize,
     /// `[plugins.settings.<name>]`: one plugin's config document, limits
     /// and grants.
     pub settings: std::collections::BTreeMap<String, PluginSettings>,
@@ -80,6 +87,9 @@ pub struct PluginSettings {
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<usize>,
     pub max_output_bytes: Option<usize>,
+    pub log_lines_per_sec: Option<u32>,
+    pub log_burst: Option<u32>,
+    pub log_max_line_bytes: Option<usize>,
     /// `env`: environment variables the plugin may read.
     pub env: std::collections::BTreeMap<String, String>,
     /// `read_dirs`: host folders the plugin may read (same path inside).
@@ -90,12 +100,16 @@ pub struct PluginSettings {
 
 impl Default for PluginsConfig {
     fn default() -> Self {
+        let log = crate::plugins::LogLimit::default();
         Self {
             folder: None,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             timeout_ms: 100,
             memory_mb: 64,
             max_output_bytes: 1 << 20,
+            log_lines_per_sec: log.lines_per_sec,
+            log_burst: log.burst,
+            log_max_line_bytes: log.max_line_bytes,
             settings: Default::default(),
         }
     }
@@ -116,11 +130,16 @@ impl PluginsConfig {
         crate::plugins::Limits,
         std::collections::HashMap<String, crate::plugins::registry::LocalSettings>,
     ) {
-        use crate::plugins::{registry::LocalSettings, Grants, Limits};
-        let limits = |t: Option<u64>, m: Option<usize>, o: Option<usize>| Limits {
-            timeout: std::time::Duration::from_millis(t.unwrap_or(self.timeout_ms)),
-            memory_bytes: m.unwrap_or(self.memory_mb) << 20,
-            max_output_bytes: o.unwrap_or(self.max_output_bytes),
+        use crate::plugins::{registry::LocalSettings, Grants, Limits, LogLimit};
+        let limits = |s: &PluginSettings| Limits {
+            timeout: std::time::Duration::from_millis(s.timeout_ms.unwrap_or(self.timeout_ms)),
+            memory_bytes: s.memory_mb.unwrap_or(self.memory_mb) << 20,
+            max_output_bytes: s.max_output_bytes.unwrap_or(self.max_output_bytes),
+            log: LogLimit {
+                lines_per_sec: s.log_lines_per_sec.unwrap_or(self.log_lines_per_sec),
+                burst: s.log_burst.unwrap_or(self.log_burst),
+                max_line_bytes: s.log_max_line_bytes.unwrap_or(self.log_max_line_bytes),
+            },
         };
         let settings = self
             .settings
@@ -130,7 +149,7 @@ impl PluginsConfig {
                     name.clone(),
                     LocalSettings {
                         config: s.config.clone(),
-                        limits: limits(s.timeout_ms, s.memory_mb, s.max_output_bytes),
+                        limits: limits(s),
                         grants: Grants {
                             env: s.env.clone().into_iter().collect(),
                             read_dirs: s.read_dirs.clone(),
@@ -140,7 +159,7 @@ impl PluginsConfig {
                 )
             })
             .collect();
-        (limits(None, None, None), settings)
+        (limits(&PluginSettings::default()), settings)
     }
 }
 
@@ -404,6 +423,19 @@ impl Config {
         {
             return bad("plugins.workers, timeout_ms and memory_mb must be at least 1".into());
         }
+        let (default_limits, plugin_limits) = self.plugins.limits_and_settings();
+        let logs = std::iter::once(("plugins".to_string(), default_limits.log)).chain(
+            plugin_limits
+                .into_iter()
+                .map(|(name, s)| (format!("plugins.settings.{name}"), s.limits.log)),
+        );
+        for (section, log) in logs {
+            if log.lines_per_sec == 0 || log.burst == 0 || log.max_line_bytes == 0 {
+                return bad(format!(
+                    "{section}: log_lines_per_sec, log_burst and log_max_line_bytes must be at least 1"
+                ));
+            }
+        }
         self.route_table()?;
         for filter in &self.mqtt.forward_topics {
             if !crate::mqtt::topic::valid_filter(filter) {
@@ -480,10 +512,34 @@ mod tests {
         let (_, settings) = c.plugins.limits_and_settings();
         assert_eq!(settings["f"].limits.memory_bytes, 8 << 20);
         assert_eq!(settings["f"].config, Some(serde_json::json!({"above": 30})));
+        assert_eq!(
+            settings["f"].limits.log,
+            crate::plugins::LogLimit::default(),
+            "log limits default to [plugins]'s"
+        );
         let err = Config::from_toml("[routes]\nr = \"FROM /messages/* INTO $upstrem\"\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("routes.r: column 23"), "{err}");
+    }
+
+    #[test]
+    fn plugin_log_limits_come_from_plugins_and_each_plugin_may_override_them() {
+        let c = Config::from_toml(
+            "[plugins]\nlog_lines_per_sec = 5\nlog_burst = 7\n[plugins.settings.chatty]\nlog_lines_per_sec = 50\nlog_max_line_bytes = 64\n",
+        )
+        .unwrap();
+        let (defaults, settings) = c.plugins.limits_and_settings();
+        let d = defaults.log;
+        assert_eq!((d.lines_per_sec, d.burst, d.max_line_bytes), (5, 7, 1024));
+        let p = settings["chatty"].limits.log;
+        assert_eq!((p.lines_per_sec, p.burst, p.max_line_bytes), (50, 7, 64));
+        let err = Config::from_toml("[plugins.settings.mute]\nlog_burst = 0\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("plugins.settings.mute: log_lines_per_sec"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -541,7 +541,7 @@ fn queue_stats(storage: PathBuf, json: bool) -> Result<()> {
 }
 
 fn plugin_test(args: PluginTestArgs) -> Result<()> {
-    use edgehub::plugins::{jsonl, Limits, Plugin, PluginEngine, Settings};
+    use edgehub::plugins::{jsonl, Limits, Plugin, PluginEngine, PluginLog, Settings};
     use std::io::BufRead;
     let config: serde_json::Value =
         serde_json::from_str(&args.config).context("--config is not JSON")?;
@@ -564,7 +564,8 @@ fn plugin_test(args: PluginTestArgs) -> Result<()> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let started = std::time::Instant::now();
-    let (plugin, cached) = Plugin::load(&engine, &linker, &name, &wasm, settings, 1)
+    let log = std::sync::Arc::new(PluginLog::new(&name, Default::default()));
+    let (plugin, cached) = Plugin::load(&engine, &linker, &name, &wasm, settings, 1, log)
         .with_context(|| format!("{} refused", args.file.display()))?;
     eprintln!(
         "{}: {} plugin, version {}, {} in {} ms",

@@ -35,6 +35,7 @@ pub struct Metrics {
     dead_lettered: AtomicU64,
     dead_letters: AtomicU64,
     invalid_topics: AtomicU64,
+    plugin_log_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -89,6 +90,10 @@ impl Metrics {
     pub fn invalid_topic(&self, _reason: &str, _route: &str) {
         self.invalid_topics.fetch_add(1, Ordering::Relaxed);
     }
+    /// Lines of `plugin`'s `host.log` dropped by its rate limit.
+    pub fn plugin_log_dropped(&self, _plugin: &str, n: u64) {
+        self.plugin_log_dropped.fetch_add(n, Ordering::Relaxed);
+    }
     pub fn set_upstream_connected(&self, up: bool) {
         self.upstream_connected.store(up as i64, Ordering::Relaxed);
     }
@@ -101,7 +106,7 @@ impl Metrics {
             .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
             .unwrap_or(0.0);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 21] = [
+        let rows: [(&str, &str, &str, String); 22] = [
             ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
             ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
             ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
@@ -123,6 +128,7 @@ impl Metrics {
             ("edgehub_dead_letters_total", "counter", "Messages moved to the store's dead-letter area (the upstream refused them).", load(&self.dead_letters).to_string()),
             ("edgehub_invalid_topics_total", "counter", "Messages whose topic could not be stored (empty, NUL, wildcard, too long).", load(&self.invalid_topics).to_string()),
             ("edgehub_messages_dead_lettered_total", "counter", "Messages sent to the dead-letter topic after a plugin failure.", load(&self.dead_lettered).to_string()),
+            ("edgehub_plugin_log_dropped_total", "counter", "Plugin log lines (host.log) dropped by the per-plugin rate limit.", load(&self.plugin_log_dropped).to_string()),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {

@@ -4,6 +4,8 @@
 //! Owns the sandbox: what a guest may reach (nothing by default), how long a
 //! call may run and how much memory an instance may use. An instance whose
 //! call failed is poisoned: its owner drops it and instantiates a fresh one.
+//! A guest's `host.log` lines go through the plugin's [`PluginLog`], which
+//! limits them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::{batch_filter, filter, host_api, router, Endpoint, Message};
 use super::engine::{PluginEngine, EPOCH_TICK};
+use super::log_limit::{LogLimit, PluginLog};
 use super::{CallFailure, PluginError};
 
 /// What a plugin may use, from the hub's config (never from the cloud).
@@ -26,6 +29,8 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Largest result (all bodies, topics and properties of one call).
     pub max_output_bytes: usize,
+    /// How much it may write to the hub's log through `host.log`.
+    pub log: LogLimit,
 }
 
 impl Default for Limits {
@@ -34,6 +39,7 @@ impl Default for Limits {
             timeout: Duration::from_millis(100),
             memory_bytes: 64 << 20,
             max_output_bytes: 1 << 20,
+            log: LogLimit::default(),
         }
     }
 }
@@ -97,6 +103,8 @@ pub struct Plugin {
     pub settings: Settings,
     /// Its compiled form on disk, when the engine caches.
     pub cache_file: Option<PathBuf>,
+    /// Where its `host.log` lines go (shared with its other versions).
+    log: Arc<PluginLog>,
     pre: Pre,
     engine: PluginEngine,
 }
@@ -113,7 +121,8 @@ pub fn linker(engine: &PluginEngine) -> Result<Linker<PluginState>, PluginError>
 
 impl Plugin {
     /// Compiles (or loads from the cache) and links `wasm`, finding out which
-    /// world it exports. Returns the plugin and whether the cache was used.
+    /// world it exports; its guest logs through `log`. Returns the plugin and
+    /// whether the cache was used.
     pub fn load(
         engine: &PluginEngine,
         linker: &Linker<PluginState>,
@@ -121,6 +130,7 @@ impl Plugin {
         wasm: &[u8],
         settings: Settings,
         generation: u64,
+        log: Arc<PluginLog>,
     ) -> Result<(Plugin, bool), PluginError> {
         let (component, cached) = engine.compile(wasm)?;
         let instance_pre = linker
@@ -147,6 +157,7 @@ impl Plugin {
             kind,
             settings,
             cache_file: engine.cache_file(wasm),
+            log,
             pre,
             engine: engine.clone(),
         };
@@ -164,6 +175,7 @@ impl Plugin {
             kind: self.kind,
             settings,
             cache_file: self.cache_file.clone(),
+            log: self.log.clone(),
             pre: self.pre.clone(),
             engine: self.engine.clone(),
         }
@@ -194,7 +206,8 @@ impl Plugin {
                 max_memory: self.settings.limits.memory_bytes,
                 exceeded: false,
             },
-            name: self.name.clone(),
+            log: self.log.clone(),
+            log_limit: self.settings.limits.log,
             config_json: self.settings.config_json.clone(),
         };
         let mut store = Store::new(&self.engine.engine, state);
@@ -341,12 +354,13 @@ fn size_of_message(m: &Message) -> usize {
 }
 
 /// The state of one store: the guest's WASI context, its resource table,
-/// its memory limiter and what `host.config()` returns.
+/// its memory limiter, its log and what `host.config()` returns.
 pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
-    name: String,
+    log: Arc<PluginLog>,
+    log_limit: LogLimit,
     config_json: Arc<str>,
 }
 
@@ -361,15 +375,7 @@ impl WasiView for PluginState {
 
 impl host_api::Host for PluginState {
     fn log(&mut self, level: u8, text: String) {
-        let text: String = text.chars().take(1024).collect();
-        let plugin = self.name.as_str();
-        match level {
-            0 => tracing::error!(plugin, "{text}"),
-            1 => tracing::warn!(plugin, "{text}"),
-            2 => tracing::info!(plugin, "{text}"),
-            3 => tracing::debug!(plugin, "{text}"),
-            _ => tracing::trace!(plugin, "{text}"),
-        }
+        self.log.write(&self.log_limit, level, &text);
     }
 
     fn config(&mut self) -> String {

@@ -4,6 +4,7 @@
 //! - `bindings`: the WIT worlds as Rust types.
 //! - `engine`: the wasmtime engine, call deadlines, the compiled-code cache.
 //! - `instance`: one plugin's code and settings, its sandbox and its instances.
+//! - `log_limit`: the rate and length limits of a plugin's `host.log` lines.
 //! - `registry`: the plugins loaded now, swapped atomically on reload.
 //! - `pool`: the threads that run plugin calls off the async runtime.
 //! - `watch`: reloads the plugins folder when files change.
@@ -16,6 +17,7 @@ pub mod bindings;
 pub mod engine;
 pub mod instance;
 pub mod jsonl;
+pub mod log_limit;
 pub mod pool;
 pub mod registry;
 pub mod watch;
@@ -26,6 +28,7 @@ use std::time::Duration;
 pub use bindings::{Endpoint, Message};
 pub use engine::PluginEngine;
 pub use instance::{Grants, Instance, Kind, Limits, Plugin, Settings};
+pub use log_limit::{LogLimit, PluginLog};
 pub use pool::{Outcome, PluginPool};
 pub use registry::Registry;
 

@@ -5,7 +5,8 @@
 //! it; the next message sees the new one. A file that fails to load leaves
 //! the running version in place. Owns per-plugin settings: the hub config's
 //! limits and grants, and the `config` document, which the hub twin may
-//! override.
+//! override; and each plugin's log budget, kept by name across versions so
+//! a reload does not refill it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use arc_swap::ArcSwap;
 use wasmtime::component::Linker;
 
 use super::instance::{linker, PluginState};
-use super::{Grants, Limits, Plugin, PluginEngine, PluginError, Settings};
+use super::{Grants, Limits, Plugin, PluginEngine, PluginError, PluginLog, Settings};
 use crate::metrics::Metrics;
 
 /// A plugin's settings from the hub's config file.
@@ -53,6 +54,8 @@ pub struct Registry {
     tried: Mutex<HashMap<String, String>>,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Each plugin's log (with its rate budget), by name, kept across versions.
+    logs: Mutex<HashMap<String, Arc<PluginLog>>>,
     /// Held while the loaded set changes (a file loaded, a plugin unloaded,
     /// settings applied), so a load never swaps in settings read before a
     /// concurrent settings change.
@@ -77,6 +80,7 @@ impl Registry {
             tried: Mutex::default(),
             generation: AtomicU64::new(1),
             metrics,
+            logs: Mutex::default(),
             changing: Mutex::new(()),
         })
     }
@@ -170,6 +174,7 @@ impl Registry {
             wasm,
             self.settings_for(name),
             generation,
+            self.log_of(name),
         ) {
             Ok((plugin, cached)) => {
                 let plugin = Arc::new(plugin);
@@ -256,6 +261,17 @@ impl Registry {
             map
         });
         old
+    }
+
+    /// The log of plugin `name`: one per name for the life of the hub, so
+    /// replacing a plugin that floods its log does not refill its budget.
+    fn log_of(&self, name: &str) -> Arc<PluginLog> {
+        self.logs
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(PluginLog::new(name, self.metrics.clone())))
+            .clone()
     }
 
     fn settings_for(&self, name: &str) -> Settings {

@@ -2,16 +2,21 @@
 //! application property `hostile` of a message says how:
 //! `loop` (never returns), `alloc` (allocates without bound), `trap`
 //! (panics, which aborts: a wasm trap), `huge` (returns an 8 MiB body),
-//! `recurse` (overflows its stack), `topic-nul`, `topic-wildcard`,
-//! `topic-empty`, `topic-long` (returns the message on a topic no broker
-//! takes: with a NUL, with wildcards, empty, 70,000 bytes long). A message
-//! on a plain topic has no properties: a body starting `hostile=<mode>`
-//! says the mode then. Any other message passes unchanged.
+//! `recurse` (overflows its stack), `log` (calls `host.log` with 1 KiB lines
+//! in a loop, up to a million times or until its time limit stops it, then
+//! passes the message), `topic-nul`, `topic-wildcard`, `topic-empty`,
+//! `topic-long` (returns the message on a topic no broker takes: with a NUL,
+//! with wildcards, empty, 70,000 bytes long). A message on a plain topic has
+//! no properties: a body starting `hostile=<mode>` says the mode then. Any
+//! other message passes unchanged.
 
 
 wit_bindgen::generate!({ path: "../../../wit", world: "filter" });
 
 struct Plugin;
+
+/// How many lines the `log` mode writes (when its time limit allows).
+const LOG_LINES: u32 = 1_000_000;
 
 fn recurse(n: u64) -> u64 {
     let buf = std::hint::black_box([n; 64]);
@@ -50,6 +55,13 @@ impl Guest for Plugin {
             Some("huge") => {
                 let mut m = m;
                 m.body = vec![b'x'; 8 << 20];
+                Some(m)
+            }
+            Some("log") => {
+                let line = "x".repeat(1024);
+                for _ in 0..LOG_LINES {
+                    edgehub::plugin::host::log(2, &line);
+                }
                 Some(m)
             }
             Some("recurse") => {
