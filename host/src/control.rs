@@ -36,34 +36,10 @@ pub enum Request {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Answer {
-    DeadLetters(Vec<DeadLetterView>),
+    DeadLetters(Vec<DeadLetter>),
     Replayed(u64),
     Purged(u64),
     Error(String),
-}
-
-/// A dead letter as the CLI shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DeadLetterView {
-    pub key: u64,
-    pub reason: String,
-    pub dead_ms: u64,
-    pub enqueued_ms: u64,
-    pub topic: String,
-    pub payload_bytes: usize,
-}
-
-impl From<DeadLetter> for DeadLetterView {
-    fn from(d: DeadLetter) -> Self {
-        Self {
-            key: d.key,
-            reason: d.reason,
-            dead_ms: d.dead_ms,
-            enqueued_ms: d.enqueued_ms,
-            topic: d.topic,
-            payload_bytes: d.payload_bytes,
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +65,7 @@ pub async fn execute(store: &Store, appender: &Appender, request: Request) -> An
     let result: Result<Answer, String> = async {
         match request {
             Request::ListDeadLetters { limit } => Ok(Answer::DeadLetters(
-                store
-                    .dead_letters(limit)
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .map(Into::into)
-                    .collect(),
+                store.dead_letters(limit).map_err(|e| e.to_string())?,
             )),
             Request::ReplayDeadLetters { keys } => {
                 let which = selection(keys);

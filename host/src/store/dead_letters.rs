@@ -19,7 +19,7 @@ use super::record::{CorruptRecord, Record};
 use super::{key_of, Store, StoreError};
 
 /// One dead letter as listed.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeadLetter {
     /// Its key in the queue when it was moved.
     pub key: u64,

@@ -497,10 +497,8 @@ mod tests {
     /// that drops the connection whenever it reads a publish on `poison`.
     #[tokio::test]
     async fn a_message_the_upstream_keeps_refusing_is_dead_lettered_and_the_rest_arrive_in_order() {
-        use super::super::connection::Login;
-        use super::super::link::fake::Upstream;
-        use super::super::link::{Link, LinkConfig};
-        use crate::config::UpstreamAddr;
+        use super::super::link::fake::{config, Upstream};
+        use super::super::link::Link;
         use crate::store::{writer, Record};
         use rumqttc::mqttbytes::v4;
 
@@ -528,22 +526,7 @@ mod tests {
         appender.append(records).await.unwrap();
 
         let (up, mut conns) = Upstream::new();
-        let link = Link::new(
-            LinkConfig {
-                addresses: vec![UpstreamAddr::parse("mqtt://cloud:1883").unwrap()],
-                login: Login {
-                    client_id: "edge1".into(),
-                    username: None,
-                    password: None,
-                    sas: None,
-                    keep_alive: 60,
-                    clean_session: false,
-                },
-                max_backoff: Duration::from_millis(100),
-            },
-            Arc::new(up),
-            Arc::default(),
-        );
+        let link = Link::new(config(&["cloud"]), Arc::new(up), Arc::default());
         let shutdown = CancellationToken::new();
         let (handle, events, link_task) = link.spawn(shutdown.clone());
         let forwarder = Forwarder {

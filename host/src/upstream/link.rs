@@ -472,6 +472,25 @@ pub(crate) mod fake {
     use crate::config::UpstreamAddr;
     use crate::upstream::connection::{Connect, Connecting, Io, UpstreamError};
 
+    /// A link to `hosts` (port 1883), signing in as `edge1`.
+    pub fn config(hosts: &[&str]) -> crate::upstream::LinkConfig {
+        crate::upstream::LinkConfig {
+            addresses: hosts
+                .iter()
+                .map(|h| UpstreamAddr::parse(&format!("mqtt://{h}:1883")).unwrap())
+                .collect(),
+            login: crate::upstream::Login {
+                client_id: "edge1".into(),
+                username: None,
+                password: None,
+                sas: None,
+                keep_alive: 60,
+                clean_session: false,
+            },
+            max_backoff: std::time::Duration::from_millis(100),
+        }
+    }
+
     /// Hands each connection's broker end to the test.
     pub struct Upstream {
         pub down: Mutex<HashSet<String>>,
@@ -553,7 +572,7 @@ pub(crate) mod fake {
 
 #[cfg(test)]
 mod tests {
-    use super::fake::{Peer, Upstream};
+    use super::fake::{config, Peer, Upstream};
     use super::*;
     use std::time::Duration;
 
@@ -561,24 +580,6 @@ mod tests {
 
     async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(WAIT, f).await.expect("timed out")
-    }
-
-    fn config(hosts: &[&str]) -> LinkConfig {
-        LinkConfig {
-            addresses: hosts
-                .iter()
-                .map(|h| UpstreamAddr::parse(&format!("mqtt://{h}:1883")).unwrap())
-                .collect(),
-            login: Login {
-                client_id: "edge1".into(),
-                username: None,
-                password: None,
-                sas: None,
-                keep_alive: 60,
-                clean_session: false,
-            },
-            max_backoff: Duration::from_millis(100),
-        }
     }
 
     fn cloud_publish(pkid: u16, topic: &str, body: &str) -> v4::Packet {
