@@ -279,13 +279,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     Ok(())
 }
 
-/// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`.
+/// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`
+/// (the store read and the file write run on the blocking pool).
 async fn write_status(storage: std::path::PathBuf, store: Store, shutdown: CancellationToken) {
     loop {
-        if let Ok(stats) = store.stats() {
-            if let Err(e) = store::status::write(&storage, stats) {
-                tracing::warn!(error = %e, "cannot write the queue status file");
-            }
+        let (storage, store) = (storage.clone(), store.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            let stats = store.stats().map_err(std::io::Error::other)?;
+            store::status::write(&storage, stats)
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(error = %e, "cannot write the queue status file");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
