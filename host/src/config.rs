@@ -246,6 +246,11 @@ pub struct UpstreamConfig {
     /// Ceiling of the reconnect back-off, milliseconds.
     #[arg(long = "upstream-max-backoff-ms")]
     pub max_backoff_ms: u64,
+    /// How many times in a row the upstream may refuse the same message
+    /// (drop the connection right after it, or answer it with an error)
+    /// before it is moved to the dead-letter area (at least 1).
+    #[arg(long)]
+    pub refusals_before_dead_letter: u32,
 }
 
 /// The durable queue (section `[store]`).
@@ -264,6 +269,9 @@ pub struct StoreConfig {
     /// Most messages written by one group commit.
     #[arg(long)]
     pub max_batch: usize,
+    /// Longest topic the hub stores, bytes (1..=65535).
+    #[arg(long)]
+    pub max_topic_bytes: usize,
 }
 
 /// The downstream MQTT server (section `[mqtt]`).
@@ -319,6 +327,7 @@ impl Default for UpstreamConfig {
             max_inflight: 1000,
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
+            refusals_before_dead_letter: 3,
         }
     }
 }
@@ -329,6 +338,7 @@ impl Default for StoreConfig {
             ttl_secs: DEFAULT_TTL_SECS,
             max_queue_bytes: 1 << 30,
             max_batch: 4096,
+            max_topic_bytes: 65535,
         }
     }
 }
@@ -671,11 +681,20 @@ impl Config {
         if self.upstream.max_inflight == 0 || self.upstream.max_inflight > 32_768 {
             return bad("upstream.max_inflight must be within 1..=32768".into());
         }
+        if self.upstream.refusals_before_dead_letter == 0 {
+            return bad("upstream.refusals_before_dead_letter must be at least 1".into());
+        }
         if self.store.ttl_secs == 0 {
             return bad("store.ttl_secs must be at least 1".into());
         }
         if self.store.max_batch == 0 {
             return bad("store.max_batch must be at least 1".into());
+        }
+        if !(1..=65535).contains(&self.store.max_topic_bytes) {
+            return bad(format!(
+                "store.max_topic_bytes must be within 1..=65535 (MQTT's longest topic), not {}",
+                self.store.max_topic_bytes
+            ));
         }
         if self.mqtt.max_message_bytes < 64 {
             return bad("mqtt.max_message_bytes must be at least 64".into());
@@ -908,6 +927,58 @@ mod tests {
         let err = layered("", &[], "--max-batch 0").unwrap_err().to_string();
         assert!(
             err.starts_with("--max-batch: store.max_batch must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_topic_limit_and_the_refusals_before_dead_letter_have_defaults_ranges_and_layers() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.store.max_topic_bytes, 65535);
+        assert_eq!(c.upstream.refusals_before_dead_letter, 3);
+        let file = "[store]\nmax_topic_bytes = 100\n[upstream]\nrefusals_before_dead_letter = 2\n";
+        let vars = [
+            ("EDGEHUB_MAX_TOPIC_BYTES", "1024"),
+            ("EDGEHUB_REFUSALS_BEFORE_DEAD_LETTER", "5"),
+        ];
+        let c = layered(file, &vars, "").unwrap();
+        assert_eq!(c.store.max_topic_bytes, 1024);
+        assert_eq!(c.upstream.refusals_before_dead_letter, 5);
+        let c = layered(
+            file,
+            &vars,
+            "--max-topic-bytes 512 --refusals-before-dead-letter 1",
+        );
+        let c = c.unwrap();
+        assert_eq!(c.store.max_topic_bytes, 512);
+        assert_eq!(c.upstream.refusals_before_dead_letter, 1);
+
+        for file in [
+            "[store]\nmax_topic_bytes = 0\n",
+            "[store]\nmax_topic_bytes = 65536\n",
+        ] {
+            let err = Config::from_toml(file).unwrap_err().to_string();
+            assert!(
+                err.contains("store.max_topic_bytes must be within 1..=65535"),
+                "{err}"
+            );
+        }
+        let err = Config::from_toml("[upstream]\nrefusals_before_dead_letter = 0\n").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("refusals_before_dead_letter must be at least 1"),
+            "{err}"
+        );
+        let err = layered("", &[("EDGEHUB_MAX_TOPIC_BYTES", "70000")], "").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("EDGEHUB_MAX_TOPIC_BYTES") && err.contains("1..=65535"),
+            "{err}"
+        );
+        let err = layered("", &[], "--refusals-before-dead-letter 0").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--refusals-before-dead-letter: "),
             "{err}"
         );
     }
