@@ -1,9 +1,10 @@
-"""Configuration: check-config, UpstreamProtocol, storageFolder."""
+"""Configuration: check-config, UpstreamProtocol, storageFolder, and the layers
+(file < environment < flags)."""
 
 import re
 import subprocess
 
-from helpers import Publisher, free_port, hub_env
+from helpers import Publisher, free_port, hub_env, port_accepts, wait_until
 
 GOOD_CONFIG = """\
 # a complete, valid edgehub configuration
@@ -87,3 +88,32 @@ def test_storage_folder_environment_variable_sets_where_messages_are_stored(hub_
     hub.wait_queue_depth(1)  # `queue stats --storage <the env folder>`
     # the default location was not used instead
     assert not (tmp_path / "edgehub-data").exists()
+
+
+def test_the_environment_overrides_the_file_and_a_flag_overrides_the_environment(hub_factory, tmp_path):
+    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    cfg = tmp_path / "metrics.toml"
+    cfg.write_text(f'metrics = "127.0.0.1:{file_port}"\n')
+    env = {"EDGEHUB_METRICS": f"127.0.0.1:{env_port}"}
+
+    hub = hub_factory(None, metrics=False, extra_args=["--config", str(cfg)], env=env)
+    wait_until(lambda: port_accepts(env_port), 10, "metrics on the port of EDGEHUB_METRICS")
+    assert not port_accepts(file_port), "metrics also served on the file's address"
+    hub.close()
+
+    hub = hub_factory(None, metrics_port=flag_port, extra_args=["--config", str(cfg)], env=env)
+    wait_until(lambda: port_accepts(flag_port), 10, "metrics on the port of --metrics")
+    assert not port_accepts(env_port), "metrics also served on the environment's address"
+
+
+def test_a_bad_value_in_the_environment_stops_the_hub_naming_the_variable(edgehub_bin, tmp_path):
+    args = [edgehub_bin, "run", "--listen", f"127.0.0.1:{free_port()}", "--storage", str(tmp_path / "s")]
+    for var, value, says in [("EDGEHUB_UPSTREAM_MAX_INFLIGHT", "0", "1..=32768"),
+                             ("timeToLiveSecs", "soon", '"soon"')]:
+        try:
+            r = run(args, timeout=20, cwd=tmp_path, **{var: value})
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"edgehub kept running with {var}={value}") from None
+        out = (r.stdout + r.stderr).decode("utf-8", "replace")
+        assert r.returncode != 0, f"edgehub run exited 0 with {var}={value}:\n{out}"
+        assert f"environment variable {var}" in out and says in out, f"error does not name {var}:\n{out}"

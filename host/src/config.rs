@@ -1,12 +1,24 @@
-//! Hub settings: the TOML file format, its defaults, and validation.
+//! Hub settings: each declared once, as a field of [`Config`] or one of its
+//! sections, and read from the TOML file, the environment and the command
+//! line in that order of strength (defaults < file < environment < flags).
 //!
-//! Owns turning text into a checked [`Config`]. It does not read flags or the
-//! environment (the binary layers those over the file) and it does not open
-//! anything the settings name.
+//! A field's serde attributes give its file key; its clap attributes give its
+//! flag (`--listen`) and, by rule `EDGEHUB_` + the flag, its environment
+//! variable, unless the field names an older one (`storageFolder`,
+//! `timeToLiveSecs`, `UpstreamProtocol`); its doc comment is its `--help`.
+//! The file is parsed with serde so errors name their line; the environment
+//! is read one variable at a time so an error names the variable; flags are
+//! parsed by clap, whose errors name the flag.
+//!
+//! This module owns parsing, layering and validation. It does not parse the
+//! rest of the command line (the binary flattens [`Flags`] into it) and it
+//! does not open anything the settings name.
 
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, FromArgMatches};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -15,66 +27,99 @@ pub const DEFAULT_TTL_SECS: u64 = 7200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("config file {path}: {error}")]
+    File {
+        path: PathBuf,
+        error: Box<ConfigError>,
     },
     #[error("{0}")]
     Syntax(String),
     #[error("line {line}: {message}")]
     Invalid { line: usize, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{flag}: {message}")]
+    Flag { flag: String, message: String },
     #[error("{0}")]
     Value(String),
 }
 
-/// Everything the hub needs to run. Field comments name the TOML keys.
-#[derive(Debug, Clone, Deserialize)]
+/// Everything the hub needs to run.
+#[derive(Debug, Clone, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// `edge_id`: this hub's device id upstream (its client id and topic prefix).
+    /// This hub's device id upstream (its client id and topic prefix).
+    #[arg(long)]
     pub edge_id: String,
-    /// `listen`: downstream MQTT listener addresses.
+    /// Downstream MQTT listener addresses.
+    #[arg(long, value_delimiter = ',')]
     pub listen: Vec<SocketAddr>,
-    /// `storage`: the one folder holding everything durable.
+    /// The one folder holding everything durable.
+    #[arg(long, env = "storageFolder")]
     pub storage: PathBuf,
-    /// `metrics`: address of the Prometheus text endpoint, off when absent.
+    /// Address of the Prometheus endpoint (`/metrics`), e.g. 127.0.0.1:9600;
+    /// off when absent.
+    #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    #[command(flatten)]
     pub upstream: UpstreamConfig,
+    #[command(flatten)]
     pub store: StoreConfig,
+    #[command(flatten)]
     pub mqtt: MqttConfig,
+    #[command(flatten)]
     pub tls: TlsConfig,
+    #[command(flatten)]
     pub auth: crate::auth::AuthConfig,
+    #[command(flatten)]
     pub plugins: PluginsConfig,
     /// `[routes]`: `name = "FROM … INTO …"` or `name = { route = "…",
     /// priority = 0, timeToLiveSecs = 60, onError = "drop" }`. Absent: every
     /// upstream-bound message goes upstream. The hub twin's `routes` win.
+    #[arg(skip)]
     pub routes: Option<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 /// The Wasm plugin host (section `[plugins]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
+#[command(next_help_heading = "Plugins ([plugins] in the file)")]
 pub struct PluginsConfig {
-    /// `folder`: where `.wasm` plugins are loaded from and watched
-    /// (default: `<storage>/plugins`).
+    /// Where `.wasm` plugins are loaded from and watched
+    /// (default: <storage>/plugins).
+    #[arg(long = "plugin-folder")]
     pub folder: Option<PathBuf>,
-    /// `workers`: threads that run plugin calls.
+    /// Threads that run plugin calls (default: the number of cores, at most 4).
+    #[arg(long = "plugin-workers")]
     pub workers: usize,
-    /// `timeout_ms`, `memory_mb`, `max_output_bytes`: limits of every plugin
-    /// unless its own settings say otherwise.
+    /// Time limit of one plugin call, unless the plugin's settings say
+    /// otherwise.
+    #[arg(long = "plugin-timeout-ms")]
     pub timeout_ms: u64,
+    /// Memory limit of one plugin instance, unless its settings say otherwise.
+    #[arg(long = "plugin-memory-mb")]
     pub memory_mb: usize,
+    /// Largest result of one plugin call, unless its settings say otherwise.
+    #[arg(long = "plugin-max-output-bytes")]
     pub max_output_bytes: usize,
-    /// `log_lines_per_sec`, `log_burst`, `log_max_line_bytes`: how much one
-    /// plugin may write to the hub's log (`host.log`): a token bucket of
-    /// lines per second with a burst, shared by all its instances, and the
-    /// longest line (longer ones are cut).
+    /// Lines per second one plugin may write to the hub's log (`host.log`):
+    /// a token bucket shared by all its instances.
+    #[arg(long = "plugin-log-lines-per-sec")]
     pub log_lines_per_sec: u32,
+    /// Lines one plugin may log at once before the rate applies.
+    #[arg(long = "plugin-log-burst")]
     pub log_burst: u32,
+    /// Longest plugin log line, bytes; longer ones are cut.
+    #[arg(long = "plugin-log-max-line-bytes")]
     pub log_max_line_bytes: usize,
     /// `[plugins.settings.<name>]`: one plugin's config document, limits
     /// and grants.
+    #[arg(skip)]
     pub settings: std::collections::BTreeMap<String, PluginSettings>,
 }
 
@@ -164,73 +209,110 @@ impl PluginsConfig {
 }
 
 /// The MQTT-over-TLS listener (section `[tls]`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
+#[command(next_help_heading = "MQTT over TLS ([tls] in the file)")]
 pub struct TlsConfig {
-    /// `listen`: TLS listener addresses (the IoT Hub device SDKs use 8883).
+    /// MQTT-over-TLS listener addresses, e.g. 0.0.0.0:8883 (the IoT Hub
+    /// device SDKs use 8883).
+    #[arg(id = "tls-listen", long, value_delimiter = ',')]
     pub listen: Vec<SocketAddr>,
-    /// `cert_file`: PEM server certificate chain.
+    /// PEM server certificate chain of the TLS listener.
+    #[arg(id = "tls-cert", long)]
     pub cert_file: Option<PathBuf>,
-    /// `key_file`: PEM private key of the server certificate.
+    /// PEM private key of the TLS listener's certificate.
+    #[arg(id = "tls-key", long)]
     pub key_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The cloud broker (section `[upstream]`).
+#[derive(Debug, Clone, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
+#[command(next_help_heading = "Upstream ([upstream] in the file)")]
 pub struct UpstreamConfig {
-    /// `addresses`: `mqtt://host:port` or `mqtts://host:port`, tried in turn
-    /// (the nodes of one cluster). Empty means no upstream: store only.
+    /// Upstream brokers, mqtt://host:port or mqtts://host:port, tried in turn
+    /// (the nodes of one cluster). None: store only.
+    #[arg(long = "upstream", value_delimiter = ',', value_parser = upstream_address)]
     pub addresses: Vec<Spanned<String>>,
-    /// `protocol`: only `MQTT` is implemented.
+    /// Upstream protocol; only MQTT is implemented.
+    #[arg(long = "upstream-protocol", env = "UpstreamProtocol")]
     pub protocol: String,
-    /// `ca_file`: PEM CA bundle that verifies an `mqtts://` upstream.
+    /// PEM CA bundle that verifies an mqtts:// upstream.
+    #[arg(id = "upstream-ca", long)]
     pub ca_file: Option<PathBuf>,
+    /// Upstream username.
+    #[arg(long = "upstream-username")]
     pub username: Option<String>,
+    /// Upstream password.
+    #[arg(long = "upstream-password")]
     pub password: Option<String>,
-    /// `sas_key`: the edge device's own symmetric key (base64); with
-    /// `hub_name`, the hub signs in with a fresh SAS token per connection.
+    /// The edge device's own symmetric key (base64): with the hub name, the
+    /// hub signs in with a fresh SAS token per connection.
+    #[arg(long = "upstream-sas-key")]
     pub sas_key: Option<String>,
-    /// `hub_name`: the IoT hub host name used in the SAS username and token.
+    /// The IoT hub host name used in the upstream SAS username and token.
+    #[arg(long = "upstream-hub-name")]
     pub hub_name: Option<String>,
-    /// `cert_file` / `key_file`: a client certificate for mutual TLS.
+    /// PEM client certificate (chain) for mutual TLS upstream.
+    #[arg(id = "upstream-cert", long)]
     pub cert_file: Option<PathBuf>,
+    /// PEM private key of the upstream client certificate.
+    #[arg(id = "upstream-key", long)]
     pub key_file: Option<PathBuf>,
-    /// `max_inflight`: QoS 1 publishes sent upstream but not yet acknowledged.
+    /// QoS 1 publishes sent upstream but not yet acknowledged (1..=32768).
+    #[arg(long = "upstream-max-inflight")]
     pub max_inflight: usize,
-    /// `keep_alive_secs` of the upstream connection.
+    /// Keep-alive of the upstream connection, seconds.
+    #[arg(long = "upstream-keep-alive-secs")]
     pub keep_alive_secs: u16,
-    /// `max_backoff_ms`: ceiling of the reconnect back-off.
+    /// Ceiling of the reconnect back-off, milliseconds.
+    #[arg(long = "upstream-max-backoff-ms")]
     pub max_backoff_ms: u64,
-    /// `refusals_before_dead_letter`: how many times in a row the upstream
-    /// may refuse the same message before it is moved to the dead-letter area.
+    /// How many times in a row the upstream may refuse the same message
+    /// (drop the connection right after it, or answer it with an error)
+    /// before it is moved to the dead-letter area (at least 1).
+    #[arg(long)]
     pub refusals_before_dead_letter: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The durable queue (section `[store]`).
+#[derive(Debug, Clone, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
+#[command(next_help_heading = "Store ([store] in the file)")]
 pub struct StoreConfig {
-    /// `ttl_secs`: messages older than this are not sent and are counted.
+    /// Time-to-live of stored messages, seconds: older ones are not sent and
+    /// are counted.
+    #[arg(long, env = "timeToLiveSecs")]
     pub ttl_secs: u64,
-    /// `max_queue_bytes`: quota on queued message bytes; new upstream-bound
-    /// messages are refused while it is reached.
+    /// Quota on queued message bytes; new upstream-bound messages are refused
+    /// while it is reached.
+    #[arg(long)]
     pub max_queue_bytes: u64,
-    /// `max_batch`: most messages written by one group commit.
+    /// Most messages written by one group commit.
+    #[arg(long)]
     pub max_batch: usize,
-    /// `max_topic_bytes`: the longest topic the hub stores (at most 65535).
+    /// Longest topic the hub stores, bytes (1..=65535).
+    #[arg(long)]
     pub max_topic_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The downstream MQTT server (section `[mqtt]`).
+#[derive(Debug, Clone, Deserialize, Args)]
 #[serde(deny_unknown_fields, default)]
+#[command(next_help_heading = "Downstream MQTT ([mqtt] in the file)")]
 pub struct MqttConfig {
-    /// `max_message_bytes`: largest accepted MQTT packet.
+    /// Largest accepted MQTT packet, bytes.
+    #[arg(long)]
     pub max_message_bytes: usize,
-    /// `forward_topics`: topic filters of plain (non IoT Hub) topics that go
-    /// upstream too. IoT Hub telemetry topics always do.
+    /// A topic filter whose plain (non IoT Hub) topics go upstream too
+    /// (repeatable). IoT Hub telemetry topics always do.
+    #[arg(long = "forward-topic")]
     pub forward_topics: Vec<String>,
-    /// `max_connections`: downstream connections served at once.
+    /// Downstream connections served at once.
+    #[arg(long)]
     pub max_connections: usize,
-    /// `offline_queue`: messages kept for a disconnected persistent session.
+    /// Messages kept for a disconnected persistent session.
+    #[arg(long)]
     pub offline_queue: usize,
 }
 
@@ -294,6 +376,105 @@ impl Default for MqttConfig {
     }
 }
 
+/// Every setting as a command-line flag, derived from the declarations on
+/// [`Config`]: flatten it into a command, then lay it over the file with
+/// [`Config::load`]. Clap reads no environment variable through it (they
+/// are only named in `--help`): [`Config::with_env`] reads them, so that an
+/// error names the variable rather than a flag that was never given.
+#[derive(Debug, Clone, Default)]
+pub struct Flags(ArgMatches);
+
+impl FromArgMatches for Flags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Self(matches.clone()))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.0 = matches.clone();
+        Ok(())
+    }
+}
+
+impl Args for Flags {
+    fn augment_args(cmd: Command) -> Command {
+        cmd.args(settings().into_iter().map(|(arg, _)| arg))
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// Each setting's flag, ready to parse (never required, no default, no
+/// environment: what is absent leaves the layer below alone), with the name
+/// of its environment variable.
+fn settings() -> Vec<(Arg, String)> {
+    Config::augment_args(Command::new("settings"))
+        .get_arguments()
+        .map(|arg| {
+            let long = arg.get_long().expect("every setting has a long flag");
+            let var = arg.get_env().map_or_else(
+                || format!("EDGEHUB_{}", long.to_uppercase().replace('-', "_")),
+                |v| v.to_string_lossy().into_owned(),
+            );
+            let mut arg = arg.clone().required(false).env(None);
+            if let Some([name]) = arg.get_value_names() {
+                // `id = "tls-listen"` makes the value name `<tls-listen>`.
+                let name = name.to_uppercase().replace('-', "_");
+                arg = arg.value_name(name);
+            }
+            if matches!(arg.get_action(), ArgAction::SetTrue) {
+                // A switch has an implicit `false` that would always hide the
+                // file's value: give it none, and let it be switched off.
+                arg = arg
+                    .action(ArgAction::Set)
+                    .num_args(0..=1)
+                    .require_equals(true)
+                    .default_missing_value("true")
+                    .value_parser(clap::builder::BoolishValueParser::new());
+            }
+            let with_var = |help: &clap::builder::StyledStr| format!("{help} [env: {var}]");
+            if let Some(help) = arg.get_help().map(with_var) {
+                arg = arg.help(help);
+            }
+            if let Some(help) = arg.get_long_help().map(with_var) {
+                arg = arg.long_help(help);
+            }
+            (arg, var)
+        })
+        .collect()
+}
+
+/// A command that parses settings' flags alone (no binary name).
+fn parser(settings: &[(Arg, String)]) -> Command {
+    Command::new("settings")
+        .no_binary_name(true)
+        .args(settings.iter().map(|(arg, _)| arg.clone()))
+}
+
+fn upstream_address(text: &str) -> Result<Spanned<String>, String> {
+    UpstreamAddr::parse(text).map(|_| Spanned::new(0..0, text.to_string()))
+}
+
+/// What clap found wrong with a value, without naming a flag (the caller
+/// names where the value came from).
+fn value_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(s)) => Some(s.join(", ")),
+        _ => None,
+    };
+    let why = std::error::Error::source(e)
+        .map(ToString::to_string)
+        .or_else(|| context(ContextKind::ValidValue).map(|v| format!("expected one of {v}")))
+        .unwrap_or_else(|| e.kind().to_string());
+    match context(ContextKind::InvalidValue) {
+        Some(value) => format!("{value:?} is not valid: {why}"),
+        None => why,
+    }
+}
+
 /// An upstream broker address, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {
@@ -336,6 +517,48 @@ impl UpstreamAddr {
 impl Config {
     /// Parses and validates TOML text. Errors carry the line they concern.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config = Self::parse(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a config file on its own.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let config = Self::read(path)?;
+        config.validate().map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            error: Box::new(e),
+        })?;
+        Ok(config)
+    }
+
+    /// The settings of a run: the defaults, the file (when there is one), the
+    /// environment (`var` looks a variable up) and the flags, each over the
+    /// one before. Each setting's own rules are checked as each layer sets
+    /// it, the rules between settings once, on the result.
+    pub fn load(
+        file: Option<&Path>,
+        var: impl Fn(&str) -> Option<OsString>,
+        flags: &Flags,
+    ) -> Result<Self, ConfigError> {
+        let config = match file {
+            Some(path) => {
+                let config = Self::read(path)?;
+                config.check_values().map_err(|e| ConfigError::File {
+                    path: path.to_path_buf(),
+                    error: Box::new(e),
+                })?;
+                config
+            }
+            None => Self::default(),
+        };
+        let config = config.with_env(var)?.with_flags(flags)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without checking the rules between settings.
+    fn parse(text: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
             match line {
@@ -352,20 +575,106 @@ impl Config {
                 message,
             })?;
         }
-        config.validate()?;
         Ok(config)
     }
 
-    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+    fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_toml(&text)
+        Self::parse(&text).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            error: Box::new(e),
+        })
     }
 
-    /// Checks what the type system cannot; run again after flags are layered on.
+    /// Lays the environment over these settings: each setting's variable
+    /// that is set and not empty, read as its flag would be.
+    pub fn with_env(mut self, var: impl Fn(&str) -> Option<OsString>) -> Result<Self, ConfigError> {
+        let settings = settings();
+        let parser = parser(&settings);
+        for (arg, name) in &settings {
+            if let Some(value) = var(name).filter(|v| !v.is_empty()) {
+                self.set(&parser, arg, [value])
+                    .map_err(|message| ConfigError::Env {
+                        var: name.clone(),
+                        message,
+                    })?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Lays the flags over these settings: each one given wins.
+    pub fn with_flags(mut self, flags: &Flags) -> Result<Self, ConfigError> {
+        let settings = settings();
+        let parser = parser(&settings);
+        for (arg, _) in &settings {
+            let id = arg.get_id().as_str();
+            if flags.0.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+                continue;
+            }
+            let values = flags.0.get_raw(id).into_iter().flatten();
+            self.set(&parser, arg, values.map(OsStr::to_os_string))
+                .map_err(|message| ConfigError::Flag {
+                    flag: format!("--{}", arg.get_long().unwrap_or_default()),
+                    message,
+                })?;
+        }
+        Ok(self)
+    }
+
+    /// Sets one setting from the values of its flag, and checks it.
+    fn set(
+        &mut self,
+        parser: &Command,
+        arg: &Arg,
+        values: impl IntoIterator<Item = OsString>,
+    ) -> Result<(), String> {
+        let long = arg.get_long().unwrap_or_default();
+        let argv = values.into_iter().map(|value| {
+            let mut flag = OsString::from(format!("--{long}="));
+            flag.push(value);
+            flag
+        });
+        let matches = parser
+            .clone()
+            .try_get_matches_from(argv)
+            .map_err(|e| value_error(&e))?;
+        self.update_from_arg_matches(&matches)
+            .map_err(|e| e.to_string())?;
+        self.check_values().map_err(|e| e.to_string())
+    }
+
+    /// Checks what the type system cannot: each setting's own rules, then
+    /// the rules between settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check_values()?;
+        let bad = |m: String| Err(ConfigError::Value(m));
+        for addr in self.upstream_addresses()? {
+            if addr.tls && self.upstream.ca_file.is_none() {
+                return bad(format!("upstream {addr} uses TLS: set upstream.ca_file"));
+            }
+        }
+        if self.upstream.sas_key.is_some() != self.upstream.hub_name.is_some() {
+            return bad("upstream.sas_key and upstream.hub_name go together".into());
+        }
+        if self.upstream.cert_file.is_some() != self.upstream.key_file.is_some() {
+            return bad("upstream.cert_file and upstream.key_file go together".into());
+        }
+        if !self.tls.listen.is_empty()
+            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
+        {
+            return bad("tls.listen needs tls.cert_file and tls.key_file".into());
+        }
+        self.route_table()?;
+        Ok(())
+    }
+
+    /// The rules of single settings, checked again each time the
+    /// environment or a flag sets one, so that an error names its source.
+    fn check_values(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Value(m));
         if !self.upstream.protocol.eq_ignore_ascii_case("MQTT") {
             return bad(format!(
@@ -382,14 +691,6 @@ impl Config {
         if self.listen.is_empty() {
             return bad("listen: at least one address is needed".into());
         }
-        for addr in self.upstream_addresses()? {
-            if addr.tls && self.upstream.ca_file.is_none() {
-                return bad(format!("upstream {addr} uses TLS: set upstream.ca_file"));
-            }
-        }
-        if self.upstream.sas_key.is_some() != self.upstream.hub_name.is_some() {
-            return bad("upstream.sas_key and upstream.hub_name go together".into());
-        }
         if let Some(key) = &self.upstream.sas_key {
             use base64::Engine;
             if base64::engine::general_purpose::STANDARD
@@ -399,16 +700,11 @@ impl Config {
                 return bad("upstream.sas_key is not base64".into());
             }
         }
-        if self.upstream.cert_file.is_some() != self.upstream.key_file.is_some() {
-            return bad("upstream.cert_file and upstream.key_file go together".into());
-        }
         if self.upstream.max_inflight == 0 || self.upstream.max_inflight > 32_768 {
             return bad("upstream.max_inflight must be within 1..=32768".into());
         }
-        if !self.tls.listen.is_empty()
-            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
-        {
-            return bad("tls.listen needs tls.cert_file and tls.key_file".into());
+        if self.upstream.refusals_before_dead_letter == 0 {
+            return bad("upstream.refusals_before_dead_letter must be at least 1".into());
         }
         if self.store.ttl_secs == 0 {
             return bad("store.ttl_secs must be at least 1".into());
@@ -416,12 +712,14 @@ impl Config {
         if self.store.max_batch == 0 {
             return bad("store.max_batch must be at least 1".into());
         }
+        if !(1..=65535).contains(&self.store.max_topic_bytes) {
+            return bad(format!(
+                "store.max_topic_bytes must be within 1..=65535 (MQTT's longest topic), not {}",
+                self.store.max_topic_bytes
+            ));
+        }
         if self.mqtt.max_message_bytes < 64 {
             return bad("mqtt.max_message_bytes must be at least 64".into());
-        }
-        if self.plugins.workers == 0 || self.plugins.timeout_ms == 0 || self.plugins.memory_mb == 0
-        {
-            return bad("plugins.workers, timeout_ms and memory_mb must be at least 1".into());
         }
         let (default_limits, plugin_limits) = self.plugins.limits_and_settings();
         let logs = std::iter::once(("plugins".to_string(), default_limits.log)).chain(
@@ -436,13 +734,16 @@ impl Config {
                 ));
             }
         }
-        self.route_table()?;
         for filter in &self.mqtt.forward_topics {
             if !crate::mqtt::topic::valid_filter(filter) {
                 return bad(format!(
                     "mqtt.forward_topics: {filter:?} is not a valid topic filter"
                 ));
             }
+        }
+        if self.plugins.workers == 0 || self.plugins.timeout_ms == 0 || self.plugins.memory_mb == 0
+        {
+            return bad("plugins.workers, timeout_ms and memory_mb must be at least 1".into());
         }
         Ok(())
     }
@@ -565,6 +866,201 @@ mod tests {
     fn only_mqtt_is_an_upstream_protocol() {
         let err = Config::from_toml("[upstream]\nprotocol = \"AMQP\"\n").unwrap_err();
         assert!(err.to_string().contains("UpstreamProtocol"), "{err}");
+    }
+
+    /// Flags as `edgehub run` parses them, from words split at spaces.
+    fn flags(args: &str) -> Flags {
+        let cmd = Flags::augment_args(Command::new("run").no_binary_name(true));
+        let matches = cmd.try_get_matches_from(args.split_whitespace()).unwrap();
+        Flags::from_arg_matches(&matches).unwrap()
+    }
+
+    /// An environment holding only `vars`.
+    fn env<'a>(vars: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+    }
+
+    fn layered(file: &str, vars: &[(&str, &str)], args: &str) -> Result<Config, ConfigError> {
+        let c = Config::parse(file)?
+            .with_env(env(vars))?
+            .with_flags(&flags(args))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn a_file_setting_is_overridden_by_the_environment_and_that_by_a_flag() {
+        let file = "edge_id = \"from-file\"\n[store]\nttl_secs = 10\nmax_batch = 7\n";
+        let c = layered(file, &[], "").unwrap();
+        assert_eq!((c.store.ttl_secs, c.edge_id.as_str()), (10, "from-file"));
+        let vars = [("timeToLiveSecs", "20"), ("EDGEHUB_EDGE_ID", "from-env")];
+        let c = layered(file, &vars, "").unwrap();
+        assert_eq!((c.store.ttl_secs, c.edge_id.as_str()), (20, "from-env"));
+        let c = layered(file, &vars, "--ttl-secs 30").unwrap();
+        assert_eq!((c.store.ttl_secs, c.edge_id.as_str()), (30, "from-env"));
+        assert_eq!(
+            c.store.max_batch, 7,
+            "a setting no layer above names keeps the file's value"
+        );
+    }
+
+    #[test]
+    fn a_switch_left_out_keeps_the_file_value_and_can_be_switched_either_way() {
+        let file = "[auth]\nallow_anonymous = true\n";
+        assert!(layered(file, &[], "").unwrap().auth.allow_anonymous);
+        let off = layered(file, &[], "--allow-anonymous=false").unwrap();
+        assert!(!off.auth.allow_anonymous);
+        let off = layered(file, &[("EDGEHUB_ALLOW_ANONYMOUS", "no")], "").unwrap();
+        assert!(!off.auth.allow_anonymous);
+        let on = layered("", &[], "--allow-anonymous").unwrap();
+        assert!(on.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn the_edgehub_names_and_comma_separated_lists_are_read_from_the_environment() {
+        let vars = [
+            ("storageFolder", "/data/hub"),
+            ("timeToLiveSecs", "60"),
+            ("UpstreamProtocol", "mqtt"),
+            ("EDGEHUB_UPSTREAM", "mqtt://a:1,mqtt://b:2"),
+            ("EDGEHUB_LISTEN", "127.0.0.1:1,127.0.0.1:2"),
+            ("EDGEHUB_HUB_NAMES", "one.example,two.example"),
+            ("EDGEHUB_METRICS", ""),
+        ];
+        let c = layered("", &vars, "").unwrap();
+        assert_eq!(c.storage, PathBuf::from("/data/hub"));
+        assert_eq!(c.store.ttl_secs, 60);
+        assert_eq!(c.upstream.protocol, "mqtt");
+        let ports: Vec<_> = c
+            .upstream_addresses()
+            .unwrap()
+            .iter()
+            .map(|a| a.port)
+            .collect();
+        assert_eq!(ports, [1, 2]);
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.auth.hub_names, ["one.example", "two.example"]);
+        assert_eq!(c.metrics, None, "an empty variable counts as unset");
+    }
+
+    #[test]
+    fn the_run_flags_keep_their_names() {
+        let args = "--listen=127.0.0.1:5 --upstream mqtts://up:9 --upstream-ca ca.pem \
+            --storage s --edge-id e --ttl-secs 9 --metrics 127.0.0.1:6 --max-queue-bytes 99 \
+            --max-message-bytes 100 --forward-topic a/# --forward-topic b/+ \
+            --tls-listen 127.0.0.1:7 --tls-cert c.pem --tls-key k.pem --hub-name h \
+            --device-ca d.pem --master-key-file m.key --upstream-protocol MQTT";
+        let c = layered("", &[], args).unwrap();
+        assert_eq!(c.upstream.addresses[0].get_ref(), "mqtts://up:9");
+        assert_eq!(c.mqtt.forward_topics, ["a/#", "b/+"]);
+        assert_eq!(c.auth.ca_file, Some(PathBuf::from("d.pem")));
+        assert_eq!(c.auth.master_key_file, Some(PathBuf::from("m.key")));
+        assert_eq!(c.tls.key_file, Some(PathBuf::from("k.pem")));
+        assert_eq!(c.store.max_queue_bytes, 99);
+    }
+
+    #[test]
+    fn an_environment_variable_with_a_bad_value_names_the_variable() {
+        let err = layered("", &[("timeToLiveSecs", "soon")], "").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.starts_with("environment variable timeToLiveSecs: \"soon\""),
+            "{err}"
+        );
+        let err = layered("", &[("EDGEHUB_UPSTREAM", "mqtt://a,http://b")], "").unwrap_err();
+        assert!(
+            err.to_string().contains("EDGEHUB_UPSTREAM: \"http://b\""),
+            "{err}"
+        );
+        let err = layered("", &[("EDGEHUB_UPSTREAM_MAX_INFLIGHT", "0")], "").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.starts_with("environment variable EDGEHUB_UPSTREAM_MAX_INFLIGHT: "),
+            "{err}"
+        );
+        assert!(err.contains("1..=32768"), "{err}");
+    }
+
+    #[test]
+    fn a_flag_breaking_a_rule_names_the_flag() {
+        let err = layered("", &[], "--max-batch 0").unwrap_err().to_string();
+        assert!(
+            err.starts_with("--max-batch: store.max_batch must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_topic_limit_and_the_refusals_before_dead_letter_have_defaults_ranges_and_layers() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.store.max_topic_bytes, 65535);
+        assert_eq!(c.upstream.refusals_before_dead_letter, 3);
+        let file = "[store]\nmax_topic_bytes = 100\n[upstream]\nrefusals_before_dead_letter = 2\n";
+        let vars = [
+            ("EDGEHUB_MAX_TOPIC_BYTES", "1024"),
+            ("EDGEHUB_REFUSALS_BEFORE_DEAD_LETTER", "5"),
+        ];
+        let c = layered(file, &vars, "").unwrap();
+        assert_eq!(c.store.max_topic_bytes, 1024);
+        assert_eq!(c.upstream.refusals_before_dead_letter, 5);
+        let c = layered(
+            file,
+            &vars,
+            "--max-topic-bytes 512 --refusals-before-dead-letter 1",
+        );
+        let c = c.unwrap();
+        assert_eq!(c.store.max_topic_bytes, 512);
+        assert_eq!(c.upstream.refusals_before_dead_letter, 1);
+
+        for file in [
+            "[store]\nmax_topic_bytes = 0\n",
+            "[store]\nmax_topic_bytes = 65536\n",
+        ] {
+            let err = Config::from_toml(file).unwrap_err().to_string();
+            assert!(
+                err.contains("store.max_topic_bytes must be within 1..=65535"),
+                "{err}"
+            );
+        }
+        let err = Config::from_toml("[upstream]\nrefusals_before_dead_letter = 0\n").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("refusals_before_dead_letter must be at least 1"),
+            "{err}"
+        );
+        let err = layered("", &[("EDGEHUB_MAX_TOPIC_BYTES", "70000")], "").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("EDGEHUB_MAX_TOPIC_BYTES") && err.contains("1..=65535"),
+            "{err}"
+        );
+        let err = layered("", &[], "--refusals-before-dead-letter 0").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--refusals-before-dead-letter: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_file_no_environment_and_no_flags_give_the_embedded_default() {
+        let c = Config::load(None, env(&[]), &flags("")).unwrap();
+        assert!(c.upstream.addresses.is_empty());
+        assert_eq!(c.storage, Config::default().storage);
+    }
+
+    #[test]
+    fn every_setting_has_its_own_flag_and_variable() {
+        let settings = settings();
+        parser(&settings).debug_assert();
+        let mut vars: Vec<_> = settings.iter().map(|(_, var)| var.as_str()).collect();
+        vars.sort_unstable();
+        let count = vars.len();
+        vars.dedup();
+        assert_eq!(vars.len(), count, "two settings share a variable");
+        for derived in ["EDGEHUB_MAX_BATCH", "EDGEHUB_PLUGIN_WORKERS"] {
+            assert!(vars.contains(&derived), "no {derived} in {vars:?}");
+        }
     }
 
     #[test]

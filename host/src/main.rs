@@ -1,11 +1,10 @@
 //! The `edgehub` command: run the hub, check a config, inspect a queue.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use edgehub::config::Config;
+use edgehub::config::{self, Config};
 use edgehub::store::{self, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -173,138 +172,26 @@ impl DeadLetterKeys {
     }
 }
 
-/// Settings layered over the config file: flags win over environment
-/// variables, which win over the file, which wins over the defaults.
+/// `edgehub run`: the config file, then every setting as a flag (declared
+/// once, in `edgehub::config`), each with its environment variable.
 #[derive(Args)]
 struct RunArgs {
     /// TOML config file.
-    #[arg(long, env = "EDGEHUB_CONFIG")]
+    #[arg(long, env = "EDGEHUB_CONFIG", hide_env_values = true)]
     config: Option<PathBuf>,
-    /// Downstream MQTT listener address (repeatable).
-    #[arg(long, env = "EDGEHUB_LISTEN", value_delimiter = ',')]
-    listen: Vec<SocketAddr>,
-    /// Upstream broker, mqtt://host:port or mqtts://host:port (repeatable: a cluster's nodes).
-    #[arg(long, env = "EDGEHUB_UPSTREAM", value_delimiter = ',')]
-    upstream: Vec<String>,
-    /// PEM CA file that verifies an mqtts:// upstream.
-    #[arg(long, env = "EDGEHUB_UPSTREAM_CA")]
-    upstream_ca: Option<PathBuf>,
-    /// Upstream username.
-    #[arg(long, env = "EDGEHUB_UPSTREAM_USERNAME")]
-    upstream_username: Option<String>,
-    /// Upstream password.
-    #[arg(long, env = "EDGEHUB_UPSTREAM_PASSWORD", hide_env_values = true)]
-    upstream_password: Option<String>,
-    /// The edge device's own key (base64): sign in upstream with SAS tokens (needs --upstream-hub-name).
-    #[arg(long, env = "EDGEHUB_UPSTREAM_SAS_KEY", hide_env_values = true)]
-    upstream_sas_key: Option<String>,
-    /// IoT hub host name for the upstream SAS username and token.
-    #[arg(long, env = "EDGEHUB_UPSTREAM_HUB_NAME")]
-    upstream_hub_name: Option<String>,
-    /// PEM client certificate (chain) for mutual TLS upstream.
-    #[arg(long, env = "EDGEHUB_UPSTREAM_CERT")]
-    upstream_cert: Option<PathBuf>,
-    /// PEM private key of --upstream-cert.
-    #[arg(long, env = "EDGEHUB_UPSTREAM_KEY")]
-    upstream_key: Option<PathBuf>,
-    /// Upstream protocol; only MQTT is supported.
-    #[arg(long, env = "UpstreamProtocol")]
-    upstream_protocol: Option<String>,
-    /// This hub's device id upstream.
-    #[arg(long, env = "EDGEHUB_EDGE_ID")]
-    edge_id: Option<String>,
-    /// Storage folder for everything durable.
-    #[arg(long, env = "storageFolder")]
-    storage: Option<PathBuf>,
-    /// Time-to-live of stored messages, seconds (default 7200).
-    #[arg(long, env = "timeToLiveSecs")]
-    ttl_secs: Option<u64>,
-    /// Prometheus text endpoint address, e.g. 127.0.0.1:9600.
-    #[arg(long, env = "EDGEHUB_METRICS")]
-    metrics: Option<SocketAddr>,
-    /// Quota on queued message bytes.
-    #[arg(long, env = "EDGEHUB_MAX_QUEUE_BYTES")]
-    max_queue_bytes: Option<u64>,
-    /// Largest accepted MQTT packet, bytes.
-    #[arg(long, env = "EDGEHUB_MAX_MESSAGE_BYTES")]
-    max_message_bytes: Option<usize>,
-    /// A topic filter whose plain topics also go upstream (repeatable).
-    #[arg(long = "forward-topic")]
-    forward_topics: Vec<String>,
-    /// MQTT-over-TLS listener address (repeatable), e.g. 0.0.0.0:8883.
-    #[arg(long, env = "EDGEHUB_TLS_LISTEN", value_delimiter = ',')]
-    tls_listen: Vec<SocketAddr>,
-    /// PEM server certificate chain of the TLS listener.
-    #[arg(long, env = "EDGEHUB_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// PEM private key of the TLS listener.
-    #[arg(long, env = "EDGEHUB_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// A cloud hub host name accepted in usernames and SAS tokens (repeatable; default: any).
-    #[arg(long = "hub-name", env = "EDGEHUB_HUB_NAMES", value_delimiter = ',')]
-    hub_names: Vec<String>,
-    /// Let clients without credentials connect once a device scope exists (plain topics only).
-    #[arg(long)]
-    allow_anonymous: bool,
-    /// PEM CA certificates that sign device certificates (identities of type x509Ca).
-    #[arg(long, env = "EDGEHUB_DEVICE_CA")]
-    device_ca: Option<PathBuf>,
-    /// File with the key that encrypts the scope cache (default: <storage>.key, created on first start).
-    #[arg(long, env = "EDGEHUB_MASTER_KEY_FILE")]
-    master_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    settings: config::Flags,
 }
 
 impl RunArgs {
+    /// Defaults < the file < environment variables < flags.
     fn into_config(self) -> Result<Config> {
-        let mut c = match &self.config {
-            Some(path) => Config::from_file(path)
-                .with_context(|| format!("config file {}", path.display()))?,
-            None => Config::default(),
-        };
-        if !self.listen.is_empty() {
-            c.listen = self.listen;
-        }
-        if !self.upstream.is_empty() {
-            c.upstream.addresses = self
-                .upstream
-                .into_iter()
-                .map(|a| toml::Spanned::new(0..0, a))
-                .collect();
-        }
-        set(&mut c.upstream.ca_file, self.upstream_ca.map(Some));
-        set(&mut c.upstream.username, self.upstream_username.map(Some));
-        set(&mut c.upstream.password, self.upstream_password.map(Some));
-        set(&mut c.upstream.protocol, self.upstream_protocol);
-        set(&mut c.upstream.sas_key, self.upstream_sas_key.map(Some));
-        set(&mut c.upstream.hub_name, self.upstream_hub_name.map(Some));
-        set(&mut c.upstream.cert_file, self.upstream_cert.map(Some));
-        set(&mut c.upstream.key_file, self.upstream_key.map(Some));
-        set(&mut c.edge_id, self.edge_id);
-        set(&mut c.storage, self.storage);
-        set(&mut c.store.ttl_secs, self.ttl_secs);
-        set(&mut c.metrics, self.metrics.map(Some));
-        set(&mut c.store.max_queue_bytes, self.max_queue_bytes);
-        set(&mut c.mqtt.max_message_bytes, self.max_message_bytes);
-        c.mqtt.forward_topics.extend(self.forward_topics);
-        if !self.tls_listen.is_empty() {
-            c.tls.listen = self.tls_listen;
-        }
-        set(&mut c.tls.cert_file, self.tls_cert.map(Some));
-        set(&mut c.tls.key_file, self.tls_key.map(Some));
-        if !self.hub_names.is_empty() {
-            c.auth.hub_names = self.hub_names;
-        }
-        c.auth.allow_anonymous |= self.allow_anonymous;
-        set(&mut c.auth.master_key_file, self.master_key_file.map(Some));
-        set(&mut c.auth.ca_file, self.device_ca.map(Some));
-        c.validate().context("invalid settings")?;
-        Ok(c)
-    }
-}
-
-fn set<T>(field: &mut T, value: Option<T>) {
-    if let Some(v) = value {
-        *field = v;
+        Config::load(
+            self.config.as_deref(),
+            |var| std::env::var_os(var),
+            &self.settings,
+        )
+        .context("invalid settings")
     }
 }
 
@@ -382,8 +269,7 @@ async fn wait_for_signal() {
 }
 
 fn check_config(file: &Path) -> Result<()> {
-    let config =
-        Config::from_file(file).with_context(|| format!("{} is not valid", file.display()))?;
+    let config = Config::from_file(file)?;
     println!(
         "{}: ok (edge_id {}, {} listener(s), {} upstream address(es), storage {})",
         file.display(),
@@ -638,4 +524,14 @@ fn plugin_test(args: PluginTestArgs) -> Result<()> {
         bail!("{} call(s) failed", summary.failed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

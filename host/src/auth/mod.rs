@@ -82,21 +82,35 @@ pub enum Refusal {
     NotAuthorized(String),
 }
 
-/// Settings of this module (config section `[auth]`).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Settings of this module (config section `[auth]`; the flags and
+/// environment variables come from these declarations, see [`crate::config`]).
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
+#[command(next_help_heading = "Device authentication ([auth] in the file)")]
 pub struct AuthConfig {
-    /// `hub_names`: cloud hub host names accepted in usernames and tokens;
-    /// empty accepts any.
+    /// A cloud hub host name accepted in usernames and SAS tokens
+    /// (repeatable); none accepts any.
+    #[arg(
+        id = "hub-name",
+        long,
+        env = "EDGEHUB_HUB_NAMES",
+        value_delimiter = ','
+    )]
     pub hub_names: Vec<String>,
-    /// `allow_anonymous`: credential-less clients once a scope exists.
+    /// Let clients without credentials connect once a device scope exists
+    /// (plain topics only).
+    #[arg(long)]
     pub allow_anonymous: bool,
-    /// `master_key_file`: key encrypting the scope cache (default `<storage>.key`).
+    /// File with the key that encrypts the scope cache (default:
+    /// <storage>.key, created on first start).
+    #[arg(long)]
     pub master_key_file: Option<PathBuf>,
-    /// `ca_file`: PEM CA certificates that sign devices' certificates
-    /// (identities of type `x509Ca`).
+    /// PEM CA certificates that sign devices' certificates (identities of
+    /// type x509Ca).
+    #[arg(id = "device-ca", long)]
     pub ca_file: Option<PathBuf>,
     /// `grants`: plain topics per client id (`device` or `device/module`).
+    #[arg(skip)]
     pub grants: HashMap<String, Grant>,
 }
 
