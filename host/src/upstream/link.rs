@@ -83,7 +83,9 @@ impl CloudMessage {
 
     /// The consumer has it (applied, or stored where it must last): the
     /// cloud may forget it. A message dropped without `ack` is never
-    /// acknowledged and comes again after the next reconnect.
+    /// acknowledged and comes again after the next reconnect; until then it
+    /// holds back the PUBACKs of every later one, so consumers ack every
+    /// message they have dealt with, refused ones included.
     pub fn ack(mut self) {
         if let Some(a) = self.ack.take() {
             let _ = a.tx.send((a.generation, a.pkid));

@@ -71,8 +71,9 @@ impl CloudSync {
 }
 
 /// Applies one cloud document off the runtime (parsing, caching with fsync,
-/// key decoding), then acknowledges it: applied or refused, it has been
-/// dealt with. A panic leaves it unacknowledged (sent again on reconnect).
+/// key decoding), then acknowledges it: applied, refused or even panicked
+/// on, it has been dealt with (sent again, it would only fail again, and an
+/// unacknowledged message holds back the PUBACKs of every later one).
 async fn apply<E: std::fmt::Display + Send + 'static>(
     msg: CloudMessage,
     f: impl FnOnce(&[u8]) -> Result<(), E> + Send + 'static,
@@ -81,14 +82,11 @@ async fn apply<E: std::fmt::Display + Send + 'static>(
 ) {
     let payload = msg.payload.clone();
     match tokio::task::spawn_blocking(move || f(&payload)).await {
-        Ok(result) => {
-            if let Err(e) = result {
-                tracing::error!(%topic, error = %e, "{what} refused; the previous one stays");
-            }
-            msg.ack();
-        }
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(%topic, error = %e, "{what} refused; the previous one stays"),
         Err(e) => tracing::error!(%topic, error = %e, "{what} update failed"),
     }
+    msg.ack();
 }
 
 /// Keeps the hub twin's reported document published upstream (retained),
