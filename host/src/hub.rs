@@ -251,14 +251,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     Ok(())
 }
 
-/// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`.
+/// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`:
+/// checks the stats once a second and rewrites the file (an fsync) only when
+/// they changed, off the async runtime.
 async fn write_status(storage: std::path::PathBuf, store: Store, shutdown: CancellationToken) {
+    let mut written = None;
     loop {
-        if let Ok(stats) = store.stats() {
-            if let Err(e) = store::status::write(&storage, stats) {
-                tracing::warn!(error = %e, "cannot write the queue status file");
+        let (storage, store) = (storage.clone(), store.clone());
+        let last = written;
+        let wrote = tokio::task::spawn_blocking(move || {
+            let stats = store.stats().ok()?;
+            if Some(stats) == last {
+                return Some(stats);
             }
-        }
+            match store::status::write(&storage, stats) {
+                Ok(()) => Some(stats),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write the queue status file");
+                    None
+                }
+            }
+        })
+        .await;
+        written = wrote.ok().flatten();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -5,10 +5,12 @@
 //! `mqtt::broker` for local publish/subscribe. `auth` decides who sessions
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives. `hub` wires them together and owns start-up and shutdown;
-//! `config` and `metrics` serve them all.
+//! `config` and `metrics` serve them all; `durable_file` (crash-safe file
+//! replacement) is a shared helper.
 
 pub mod auth;
 pub mod config;
+pub mod durable_file;
 pub mod hub;
 pub mod metrics;
 pub mod mqtt;
