@@ -6,7 +6,7 @@
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `durable_file` (crash-safe file
-//! replacement) is a shared helper.
+//! replacement) and `pem` (certificates and keys) are shared helpers.
 
 pub mod auth;
 pub mod config;
@@ -14,6 +14,7 @@ pub mod durable_file;
 pub mod hub;
 pub mod metrics;
 pub mod mqtt;
+pub mod pem;
 pub mod plugins;
 pub mod routing;
 pub mod store;
