@@ -19,7 +19,7 @@ impl CaVerifier {
             path: PathBuf::from(path),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         };
-        let roots = crate::pem::load_roots(path)?;
+        let roots = crate::pem::load_roots(path).map_err(CacheError::Pem)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let inner =
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)

@@ -31,8 +31,9 @@ pub enum CacheError {
     WrongKey { path: PathBuf, cache: PathBuf },
     #[error("the scope cache {cache} exists but the master key file {path} does not: restore the key (the cache is left as it is)")]
     KeyLost { path: PathBuf, cache: PathBuf },
+    // Not a `source`: the message already carries it (shown once).
     #[error("device CA file: {0}")]
-    Pem(#[from] crate::pem::PemError),
+    Pem(crate::pem::PemError),
     #[error("scope cache i/o on {path}: {source}")]
     Io {
         path: PathBuf,

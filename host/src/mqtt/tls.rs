@@ -18,8 +18,9 @@ use crate::pem::{self, PemError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    // Not a `source`: the message already carries it (shown once).
     #[error("TLS listener: {0}")]
-    Pem(#[from] PemError),
+    Pem(PemError),
     #[error("TLS listener: {0}")]
     Config(String),
 }
@@ -29,8 +30,8 @@ pub fn server_config(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = pem::load_certs(cert_file)?;
-    let key = pem::load_key(key_file)?;
+    let certs = pem::load_certs(cert_file).map_err(TlsError::Pem)?;
+    let key = pem::load_key(key_file).map_err(TlsError::Pem)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
