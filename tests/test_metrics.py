@@ -1,6 +1,9 @@
 """The Prometheus endpoint reports what the hub did."""
 
-from helpers import Publisher, parse_prometheus
+import urllib.error
+import urllib.request
+
+from helpers import LOOPBACK, Publisher, parse_prometheus
 
 ALL_METRICS = [
     "edgehub_clients_connected",
@@ -13,7 +16,21 @@ ALL_METRICS = [
     "edgehub_messages_dropped_total",
     "edgehub_messages_refused_total",
     "edgehub_upstream_connected",
+    "edgehub_upstream_reconnects_total",
+    "edgehub_dead_letter_depth",
 ]
+
+DROP_REASONS = ["store_refused", "slow_subscriber", "offline_queue_full", "corrupt_record"]
+
+
+def http_status(url: str, method: str = "GET") -> tuple[int, dict]:
+    """(status, headers) of one request; error statuses do not raise."""
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
 
 
 def test_metrics_endpoint_serves_every_documented_metric(hub_factory):
@@ -56,3 +73,27 @@ def test_metrics_count_received_and_forwarded_messages_and_upstream_connection(
 
     upstream.stop()
     hub.wait_metric("edgehub_upstream_connected", lambda v: v == 0, 30, "== 0 after the upstream stopped")
+
+
+def test_every_drop_reason_is_a_labelled_series_from_the_start(hub_factory):
+    hub = hub_factory(None)
+    text = hub.metrics_text()
+    for reason in DROP_REASONS:
+        assert f'edgehub_messages_dropped_total{{reason="{reason}"}} 0' in text, text
+    assert text.rstrip().endswith("# EOF"), "not a complete OpenMetrics page"
+
+
+def test_a_path_other_than_metrics_is_not_found(hub_factory):
+    hub = hub_factory(None)
+    base = f"http://{LOOPBACK}:{hub.metrics_port}"
+    for path in ["/", "/metricsx", "/favicon.ico", "/metrics/extra"]:
+        status, _ = http_status(base + path)
+        assert status == 404, f"GET {path} answered {status}"
+    assert http_status(base + "/metrics?format=text")[0] == 200
+
+
+def test_a_method_other_than_get_on_metrics_is_not_allowed(hub_factory):
+    hub = hub_factory(None)
+    status, headers = http_status(f"http://{LOOPBACK}:{hub.metrics_port}/metrics", method="POST")
+    assert status == 405, f"POST /metrics answered {status}"
+    assert headers.get("Allow") == "GET", headers

@@ -87,6 +87,7 @@ def test_poison_topics_and_refused_messages_never_stall_the_queue(
     assert [(e["topic"], e["payload_bytes"]) for e in entries] == [("plain/seq", len(body(BIG)))]
     assert entries[0]["reason"].startswith("upstream_refused"), entries
     assert ph.hub.metric("edgehub_dead_letters_total") == 1
+    assert ph.hub.metric("edgehub_dead_letter_depth") == 1
     ph.hub.wait_queue_depth(0, timeout=10)
     assert b"big" not in b"".join(p for _, p in msgs)
 

@@ -279,19 +279,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     Ok(())
 }
 
-/// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`
-/// (the store read and the file write run on the blocking pool).
+/// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`:
+/// checks the stats once a second and rewrites the file (an fsync) only when
+/// they changed, off the async runtime.
 async fn write_status(storage: std::path::PathBuf, store: Store, shutdown: CancellationToken) {
+    let mut written = None;
     loop {
         let (storage, store) = (storage.clone(), store.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            let stats = store.stats().map_err(std::io::Error::other)?;
-            store::status::write(&storage, stats)
+        let last = written;
+        let wrote = tokio::task::spawn_blocking(move || {
+            let stats = store.stats().ok()?;
+            if Some(stats) == last {
+                return Some(stats);
+            }
+            match store::status::write(&storage, stats) {
+                Ok(()) => Some(stats),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot write the queue status file");
+                    None
+                }
+            }
         })
         .await;
-        if let Ok(Err(e)) = written {
-            tracing::warn!(error = %e, "cannot write the queue status file");
-        }
+        written = wrote.ok().flatten();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

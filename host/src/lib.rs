@@ -5,15 +5,19 @@
 //! `mqtt::broker` for local publish/subscribe. `auth` decides who sessions
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives. `hub` wires them together and owns start-up and shutdown;
-//! `config` and `metrics` serve them all; `control` is the
-//! operator's socket into a running hub's store (dead letters).
+//! `config` and `metrics` serve them all; `control` is the operator's
+//! socket into a running hub's store (dead letters); `durable_file`
+//! (crash-safe file replacement) and `pem` (certificates and keys) are
+//! shared helpers.
 
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod durable_file;
 pub mod hub;
 pub mod metrics;
 pub mod mqtt;
+pub mod pem;
 pub mod plugins;
 pub mod routing;
 pub mod store;

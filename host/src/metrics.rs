@@ -1,146 +1,398 @@
-//! Counters and gauges, and the Prometheus text endpoint that serves them.
+//! The hub's metrics, declared once in a `prometheus-client` registry, and
+//! the `/metrics` endpoint that serves them.
 //!
-//! Owns the numbers only; each module bumps its own. Queue depth, bytes and
-//! age are read from the store at scrape time. The endpoint is a minimal
-//! HTTP/1.1 responder (any request gets the metrics page), enough for
-//! Prometheus and curl without pulling in an HTTP stack.
+//! Owns the metric families (name, type, help, labels: each declared in
+//! [`Metrics::new`] and nowhere else) and the tiny HTTP/1.1 responder.
+//! Does not own what is counted: each module calls the method for its event.
+//! Queue depth, bytes and age are read from the store at scrape time.
+//!
+//! The page is OpenMetrics text (counters get the `_total` suffix, the
+//! registry prefixes every name with `edgehub_`). The names, types and labels
+//! are listed in docs/architecture.md ("Metrics").
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, Store};
 
-#[derive(Default)]
+/// Why a message was dropped (the `reason` label of
+/// `edgehub_messages_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A QoS 0 upstream-bound message the store did not take (quota full or
+    /// store closed); QoS 1 ones are refused to the sender instead.
+    StoreRefused,
+    /// A connected local subscriber that did not keep up (outbox full).
+    SlowSubscriber,
+    /// The oldest message of a disconnected persistent session's full queue.
+    OfflineQueueFull,
+    /// A queued record that could not be decoded (skipped, not sent).
+    CorruptRecord,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::StoreRefused,
+        DropReason::SlowSubscriber,
+        DropReason::OfflineQueueFull,
+        DropReason::CorruptRecord,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::StoreRefused => "store_refused",
+            DropReason::SlowSubscriber => "slow_subscriber",
+            DropReason::OfflineQueueFull => "offline_queue_full",
+            DropReason::CorruptRecord => "corrupt_record",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginLabels {
+    plugin: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InvalidTopicLabels {
+    reason: String,
+    route: String,
+}
+
+/// Every metric of the hub. Cheap to bump from any thread.
 pub struct Metrics {
-    clients_connected: AtomicI64,
-    received: AtomicU64,
-    forwarded: AtomicU64,
-    expired: AtomicU64,
-    dropped: AtomicU64,
-    refused: AtomicU64,
-    upstream_connected: AtomicI64,
-    scope_identities: AtomicI64,
-    auth_refused: AtomicU64,
-    authz_refused: AtomicU64,
-    plugin_calls: AtomicU64,
-    plugin_failures: AtomicU64,
-    plugin_reloads: AtomicU64,
-    plugin_rejected: AtomicU64,
-    filtered_out: AtomicU64,
-    dead_lettered: AtomicU64,
-    dead_letters: AtomicU64,
-    invalid_topics: AtomicU64,
-    plugin_log_dropped: AtomicU64,
+    registry: Registry,
+    clients_connected: Gauge,
+    received: Counter,
+    queue_depth: Gauge,
+    queue_bytes: Gauge,
+    queue_oldest_age: Gauge<f64, AtomicU64>,
+    forwarded: Counter,
+    expired: Counter,
+    dropped: Family<DropLabels, Counter>,
+    refused: Counter,
+    upstream_connected: Gauge,
+    upstream_reconnects: Counter,
+    scope_identities: Gauge,
+    auth_refused: Counter,
+    authz_refused: Counter,
+    plugin_calls: Counter,
+    plugin_failures: Family<PluginLabels, Counter>,
+    plugin_reloads: Counter,
+    plugin_rejected: Counter,
+    plugin_log_dropped: Family<PluginLabels, Counter>,
+    filtered_out: Counter,
+    dead_lettered: Counter,
+    dead_letters: Family<ReasonLabels, Counter>,
+    dead_letter_depth: Gauge,
+    invalid_topics: Family<InvalidTopicLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Creates a metric, registers it under `name` and returns the handle.
+fn reg<M: prometheus_client::registry::Metric + Clone + Default>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
 }
 
 impl Metrics {
-    pub fn client_connected(&self, delta: i64) {
-        self.clients_connected.fetch_add(delta, Ordering::Relaxed);
-    }
-    pub fn received(&self, n: u64) {
-        self.received.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn forwarded(&self, n: u64) {
-        self.forwarded.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn expired(&self, n: u64) {
-        self.expired.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn dropped(&self, n: u64) {
-        self.dropped.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn refused(&self, n: u64) {
-        self.refused.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn set_scope_identities(&self, n: usize) {
-        self.scope_identities.store(n as i64, Ordering::Relaxed);
-    }
-    pub fn authz_refused(&self, n: u64) {
-        self.authz_refused.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn auth_refused(&self, n: u64) {
-        self.auth_refused.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn plugin_calls(&self, n: u64) {
-        self.plugin_calls.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn plugin_failed(&self) {
-        self.plugin_failures.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn plugin_reloaded(&self) {
-        self.plugin_reloads.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn plugin_rejected(&self) {
-        self.plugin_rejected.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn filtered_out(&self, n: u64) {
-        self.filtered_out.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn dead_lettered(&self, n: u64) {
-        self.dead_lettered.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn dead_letter(&self, _reason: &str, n: u64) {
-        self.dead_letters.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn invalid_topic(&self, _reason: &str, _route: &str) {
-        self.invalid_topics.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Lines of `plugin`'s `host.log` dropped by its rate limit.
-    pub fn plugin_log_dropped(&self, _plugin: &str, n: u64) {
-        self.plugin_log_dropped.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn set_upstream_connected(&self, up: bool) {
-        self.upstream_connected.store(up as i64, Ordering::Relaxed);
+    /// The registry: every metric's name, type and help text is here.
+    /// (Help texts get their full stop from the registry.)
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("edgehub");
+        let queue_oldest_age = Gauge::<f64, AtomicU64>::default();
+        let m = Metrics {
+            clients_connected: reg(&mut r, "clients_connected", "Downstream MQTT connections"),
+            received: reg(&mut r, "messages_received", "PUBLISH packets received from downstream clients"),
+            queue_depth: reg(&mut r, "queue_depth", "Messages in the upstream queue"),
+            queue_bytes: reg(&mut r, "queue_bytes", "Bytes of queued messages (the quota counts these)"),
+            queue_oldest_age: {
+                r.register_with_unit("queue_oldest_age", "Age of the oldest queued message", Unit::Seconds, queue_oldest_age.clone());
+                queue_oldest_age
+            },
+            forwarded: reg(&mut r, "messages_forwarded", "Messages acknowledged by the upstream broker"),
+            expired: reg(&mut r, "messages_expired", "Messages dropped because they outlived their time-to-live"),
+            dropped: reg(&mut r, "messages_dropped", "Messages dropped, by reason: store_refused (QoS 0 the store did not take), slow_subscriber, offline_queue_full, corrupt_record"),
+            refused: reg(&mut r, "messages_refused", "Publishes refused because the storage quota was full"),
+            upstream_connected: reg(&mut r, "upstream_connected", "1 while connected to the upstream broker"),
+            upstream_reconnects: reg(&mut r, "upstream_reconnects", "Connections to the upstream broker made after the first one"),
+            scope_identities: reg(&mut r, "scope_identities", "Identities in the device scope (0: no scope yet)"),
+            auth_refused: reg(&mut r, "auth_refused", "Connections refused by authentication"),
+            authz_refused: reg(&mut r, "authz_refused", "Publishes and subscriptions refused by authorization"),
+            plugin_calls: reg(&mut r, "plugin_calls", "Messages handed to Wasm plugins"),
+            plugin_failures: reg(&mut r, "plugin_failures", "Plugin calls that failed (timeout, memory, trap, bad result, not loaded), by plugin; each instance is replaced"),
+            plugin_reloads: reg(&mut r, "plugin_reloads", "Plugins loaded, replaced or unloaded while running"),
+            plugin_rejected: reg(&mut r, "plugin_rejected", "Plugin files refused (corrupt, wrong world, cannot start)"),
+            plugin_log_dropped: reg(&mut r, "plugin_log_dropped", "Lines a plugin logged beyond its log rate limit, by plugin"),
+            filtered_out: reg(&mut r, "messages_filtered", "Messages dropped by a filter plugin, a router plugin or a route's drop policy"),
+            dead_lettered: reg(&mut r, "messages_dead_lettered", "Messages sent to the dead-letter topic after a plugin failure"),
+            dead_letters: reg(&mut r, "dead_letters", "Messages moved to the store's dead-letter area, by reason (upstream_refused, ...)"),
+            dead_letter_depth: reg(&mut r, "dead_letter_depth", "Messages in the store's dead-letter area"),
+            invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
+            registry: r,
+        };
+        // Every known reason is on the page from the start, at 0.
+        for reason in DropReason::ALL {
+            let _ = m.dropped.get_or_create(&DropLabels {
+                reason: reason.as_str(),
+            });
+        }
+        m
     }
 
-    /// The Prometheus text exposition of every metric.
+    pub fn client_connected(&self, delta: i64) {
+        self.clients_connected.inc_by(delta);
+    }
+    pub fn received(&self, n: u64) {
+        self.received.inc_by(n);
+    }
+    pub fn forwarded(&self, n: u64) {
+        self.forwarded.inc_by(n);
+    }
+    pub fn expired(&self, n: u64) {
+        self.expired.inc_by(n);
+    }
+    pub fn messages_dropped(&self, reason: DropReason, n: u64) {
+        self.dropped
+            .get_or_create(&DropLabels {
+                reason: reason.as_str(),
+            })
+            .inc_by(n);
+    }
+    pub fn refused(&self, n: u64) {
+        self.refused.inc_by(n);
+    }
+    pub fn set_scope_identities(&self, n: usize) {
+        self.scope_identities.set(n as i64);
+    }
+    pub fn authz_refused(&self, n: u64) {
+        self.authz_refused.inc_by(n);
+    }
+    pub fn auth_refused(&self, n: u64) {
+        self.auth_refused.inc_by(n);
+    }
+    pub fn plugin_calls(&self, n: u64) {
+        self.plugin_calls.inc_by(n);
+    }
+    pub fn plugin_failed(&self, plugin: &str) {
+        self.plugin_failures
+            .get_or_create(&plugin_labels(plugin))
+            .inc();
+    }
+    /// A plugin was loaded, replaced or unloaded; its per-plugin series are
+    /// on the page from then on (at 0 until something happens).
+    pub fn plugin_reloaded(&self, plugin: &str) {
+        self.plugin_reloads.inc();
+        let labels = plugin_labels(plugin);
+        let _ = self.plugin_failures.get_or_create(&labels);
+        let _ = self.plugin_log_dropped.get_or_create(&labels);
+    }
+    pub fn plugin_rejected(&self) {
+        self.plugin_rejected.inc();
+    }
+    pub fn plugin_log_dropped(&self, plugin: &str, n: u64) {
+        self.plugin_log_dropped
+            .get_or_create(&plugin_labels(plugin))
+            .inc_by(n);
+    }
+    pub fn filtered_out(&self, n: u64) {
+        self.filtered_out.inc_by(n);
+    }
+    pub fn dead_lettered(&self, n: u64) {
+        self.dead_lettered.inc_by(n);
+    }
+    pub fn dead_letter(&self, reason: &str, n: u64) {
+        self.dead_letters
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc_by(n);
+    }
+    pub fn set_dead_letter_depth(&self, n: u64) {
+        self.dead_letter_depth
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    pub fn invalid_topic(&self, reason: &str, route: &str) {
+        self.invalid_topics
+            .get_or_create(&InvalidTopicLabels {
+                reason: reason.to_owned(),
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+    pub fn set_upstream_connected(&self, up: bool) {
+        self.upstream_connected.set(up as i64);
+    }
+    pub fn upstream_reconnects(&self) {
+        self.upstream_reconnects.inc();
+    }
+
+    /// The OpenMetrics text of every metric, with the queue gauges read from
+    /// `store` now. Reads the store: call it off the async runtime.
     pub fn render(&self, store: &Store) -> String {
-        let stats = store.stats().ok();
-        let age = stats
-            .and_then(|s| s.oldest_ms)
-            .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 22] = [
-            ("edgehub_clients_connected", "gauge", "Downstream MQTT connections.", self.clients_connected.load(Ordering::Relaxed).to_string()),
-            ("edgehub_messages_received_total", "counter", "PUBLISH packets received from downstream clients.", load(&self.received).to_string()),
-            ("edgehub_queue_depth", "gauge", "Messages in the upstream queue.", stats.map_or(0, |s| s.depth).to_string()),
-            ("edgehub_queue_bytes", "gauge", "Bytes of queued messages (the quota counts these).", stats.map_or(0, |s| s.bytes).to_string()),
-            ("edgehub_queue_oldest_age_seconds", "gauge", "Age of the oldest queued message.", format!("{age:.3}")),
-            ("edgehub_messages_forwarded_total", "counter", "Messages acknowledged by the upstream broker.", load(&self.forwarded).to_string()),
-            ("edgehub_messages_expired_total", "counter", "Messages dropped because they outlived their time-to-live.", load(&self.expired).to_string()),
-            ("edgehub_messages_dropped_total", "counter", "Messages dropped: QoS 0 refused by a full store, slow local subscribers, full offline queues.", load(&self.dropped).to_string()),
-            ("edgehub_messages_refused_total", "counter", "Publishes refused because the storage quota was full.", load(&self.refused).to_string()),
-            ("edgehub_upstream_connected", "gauge", "1 while connected to the upstream broker.", self.upstream_connected.load(Ordering::Relaxed).to_string()),
-            ("edgehub_scope_identities", "gauge", "Identities in the device scope (0: no scope yet).", self.scope_identities.load(Ordering::Relaxed).to_string()),
-            ("edgehub_auth_refused_total", "counter", "Connections refused by authentication.", load(&self.auth_refused).to_string()),
-            ("edgehub_authz_refused_total", "counter", "Publishes and subscriptions refused by authorization.", load(&self.authz_refused).to_string()),
-            ("edgehub_plugin_calls_total", "counter", "Messages handed to Wasm plugins.", load(&self.plugin_calls).to_string()),
-            ("edgehub_plugin_failures_total", "counter", "Plugin calls that failed (timeout, memory, trap, bad result); each instance is replaced.", load(&self.plugin_failures).to_string()),
-            ("edgehub_plugin_reloads_total", "counter", "Plugins loaded or replaced while running.", load(&self.plugin_reloads).to_string()),
-            ("edgehub_plugin_rejected_total", "counter", "Plugin files refused (corrupt, wrong world, cannot start).", load(&self.plugin_rejected).to_string()),
-            ("edgehub_messages_filtered_total", "counter", "Messages dropped by a filter plugin, a router plugin or a route's drop policy.", load(&self.filtered_out).to_string()),
-            ("edgehub_dead_letters_total", "counter", "Messages moved to the store's dead-letter area (the upstream refused them).", load(&self.dead_letters).to_string()),
-            ("edgehub_invalid_topics_total", "counter", "Messages whose topic could not be stored (empty, NUL, wildcard, too long).", load(&self.invalid_topics).to_string()),
-            ("edgehub_messages_dead_lettered_total", "counter", "Messages sent to the dead-letter topic after a plugin failure.", load(&self.dead_lettered).to_string()),
-            ("edgehub_plugin_log_dropped_total", "counter", "Plugin log lines (host.log) dropped by the per-plugin rate limit.", load(&self.plugin_log_dropped).to_string()),
-        ];
-        let mut out = String::new();
-        for (name, kind, help, value) in rows {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
+        if let Ok(stats) = store.stats() {
+            let age = stats
+                .oldest_ms
+                .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            self.queue_depth
+                .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));
+            self.queue_bytes
+                .set(i64::try_from(stats.bytes).unwrap_or(i64::MAX));
+            self.queue_oldest_age.set(age);
         }
+        self.set_dead_letter_depth(store.dead_letter_count());
+        self.encode()
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
 
-/// Serves the metrics page on `addr` until `shutdown`.
+fn plugin_labels(plugin: &str) -> PluginLabels {
+    PluginLabels {
+        plugin: plugin.to_owned(),
+    }
+}
+
+/// The content type of the OpenMetrics text format.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The longest request head (request line and headers) read.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long a client has to send its request head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Headers parsed at most (more is a bad request).
+const MAX_HEADERS: usize = 32;
+
+/// What the responder answers to a request head.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Metrics,
+    NotFound,
+    MethodNotAllowed,
+    BadRequest,
+    TooLarge,
+}
+
+/// Reads one request head (bounded in size) and decides the answer;
+/// `None` when more bytes are needed.
+fn answer_for(head: &[u8]) -> Option<Answer> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Partial) if head.len() >= MAX_REQUEST_HEAD => Some(Answer::TooLarge),
+        Ok(httparse::Status::Partial) => None,
+        Err(_) => Some(Answer::BadRequest),
+        Ok(httparse::Status::Complete(_)) => {
+            let path = req.path.unwrap_or("");
+            let path = path.split_once('?').map_or(path, |(p, _)| p);
+            Some(if path != "/metrics" {
+                Answer::NotFound
+            } else if req.method != Some("GET") {
+                Answer::MethodNotAllowed
+            } else {
+                Answer::Metrics
+            })
+        }
+    }
+}
+
+/// Answers one connection: one request, one response, then close.
+async fn respond(mut sock: TcpStream, metrics: Arc<Metrics>, store: Store) {
+    let mut head = Vec::with_capacity(1024);
+    let read = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = sock.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            let room = MAX_REQUEST_HEAD - head.len();
+            head.extend_from_slice(&buf[..n.min(room)]);
+            if let Some(answer) = answer_for(&head) {
+                return Some(answer);
+            }
+        }
+    };
+    let Ok(Some(answer)) = tokio::time::timeout(REQUEST_TIMEOUT, read).await else {
+        return;
+    };
+    let (status, content_type, extra, body) = match answer {
+        Answer::Metrics => {
+            let Ok(body) = tokio::task::spawn_blocking(move || metrics.render(&store)).await else {
+                return;
+            };
+            ("200 OK", CONTENT_TYPE, "", body)
+        }
+        Answer::NotFound => (
+            "404 Not Found",
+            "text/plain",
+            "",
+            "not found: this server serves /metrics only\n".to_string(),
+        ),
+        Answer::MethodNotAllowed => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "Allow: GET\r\n",
+            "method not allowed: use GET\n".to_string(),
+        ),
+        Answer::BadRequest => (
+            "400 Bad Request",
+            "text/plain",
+            "",
+            "bad request\n".to_string(),
+        ),
+        Answer::TooLarge => (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            "",
+            "request head too large\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(response.as_bytes()).await;
+    let _ = sock.shutdown().await;
+}
+
+/// Serves `/metrics` on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -148,30 +400,198 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     loop {
-        let (mut sock, _) = tokio::select! {
+        let (sock, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => { tracing::warn!(error = %e, "metrics accept failed"); continue; }
             },
         };
-        let body = metrics.render(&store);
-        tokio::spawn(async move {
-            let mut req = [0u8; 2048];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
+        tokio::spawn(respond(sock, metrics.clone(), store.clone()));
     }
 }
 
 /// Binds the metrics address (so a bad address fails start-up, not later).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// name{labels} -> value, from OpenMetrics text.
+    fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("sample line has a value");
+                (name.to_string(), value.parse().expect("value is a number"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_labelled_counter_renders_one_sample_per_label_value() {
+        let m = Metrics::new();
+        m.messages_dropped(DropReason::SlowSubscriber, 2);
+        m.messages_dropped(DropReason::OfflineQueueFull, 1);
+        m.messages_dropped(DropReason::SlowSubscriber, 1);
+        m.plugin_failed("dedup");
+        m.dead_letter("upstream_refused", 4);
+        m.invalid_topic("nul", "r1");
+        m.received(7);
+        let text = m.encode();
+        let s = samples(&text);
+        assert_eq!(
+            s["edgehub_messages_dropped_total{reason=\"slow_subscriber\"}"], 3.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["edgehub_messages_dropped_total{reason=\"offline_queue_full\"}"], 1.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["edgehub_messages_dropped_total{reason=\"store_refused\"}"], 0.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["edgehub_messages_dropped_total{reason=\"corrupt_record\"}"], 0.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["edgehub_plugin_failures_total{plugin=\"dedup\"}"], 1.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["edgehub_dead_letters_total{reason=\"upstream_refused\"}"], 4.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["edgehub_invalid_topics_total{reason=\"nul\",route=\"r1\"}"], 1.0,
+            "{text}"
+        );
+        assert_eq!(s["edgehub_messages_received_total"], 7.0, "{text}");
+        assert!(
+            text.contains("# TYPE edgehub_messages_dropped counter\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn gauges_and_unlabelled_counters_render_under_their_documented_names() {
+        let m = Metrics::new();
+        m.client_connected(2);
+        m.client_connected(-1);
+        m.set_upstream_connected(true);
+        m.set_dead_letter_depth(5);
+        m.upstream_reconnects();
+        m.plugin_log_dropped("noisy", 10);
+        let s = samples(&m.encode());
+        assert_eq!(s["edgehub_clients_connected"], 1.0);
+        assert_eq!(s["edgehub_upstream_connected"], 1.0);
+        assert_eq!(s["edgehub_dead_letter_depth"], 5.0);
+        assert_eq!(s["edgehub_upstream_reconnects_total"], 1.0);
+        assert_eq!(
+            s["edgehub_plugin_log_dropped_total{plugin=\"noisy\"}"],
+            10.0
+        );
+        assert_eq!(s["edgehub_queue_oldest_age_seconds"], 0.0);
+    }
+
+    #[test]
+    fn a_loaded_plugin_has_its_failure_series_at_zero() {
+        let m = Metrics::new();
+        m.plugin_reloaded("filter-a");
+        let s = samples(&m.encode());
+        assert_eq!(s["edgehub_plugin_failures_total{plugin=\"filter-a\"}"], 0.0);
+        assert_eq!(
+            s["edgehub_plugin_log_dropped_total{plugin=\"filter-a\"}"],
+            0.0
+        );
+        assert_eq!(s["edgehub_plugin_reloads_total"], 1.0);
+    }
+
+    #[test]
+    fn the_queue_gauges_are_read_from_the_store_at_render_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::new();
+        let s = samples(&m.render(&store));
+        assert_eq!(s["edgehub_queue_depth"], 0.0);
+        assert_eq!(s["edgehub_queue_bytes"], 0.0);
+    }
+
+    #[test]
+    fn only_get_of_the_metrics_path_is_answered_with_metrics() {
+        let a = |req: &str| answer_for(req.as_bytes());
+        assert_eq!(
+            a("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Answer::Metrics)
+        );
+        assert_eq!(
+            a("GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Some(Answer::Metrics)
+        );
+        assert_eq!(a("GET / HTTP/1.1\r\n\r\n"), Some(Answer::NotFound));
+        assert_eq!(a("GET /metricsx HTTP/1.1\r\n\r\n"), Some(Answer::NotFound));
+        assert_eq!(
+            a("POST /metrics HTTP/1.1\r\n\r\n"),
+            Some(Answer::MethodNotAllowed)
+        );
+        assert_eq!(
+            a("GET /metrics HTTP/1.1\r\nHost: x\r\n"),
+            None,
+            "head not finished yet"
+        );
+        assert_eq!(a("GET /met"), None);
+        assert_eq!(a("\x00\x01 nonsense\r\n\r\n"), Some(Answer::BadRequest));
+        let long = format!(
+            "GET /metrics HTTP/1.1\r\nX: {}",
+            "a".repeat(MAX_REQUEST_HEAD)
+        );
+        assert_eq!(
+            answer_for(&long.as_bytes()[..MAX_REQUEST_HEAD]),
+            Some(Answer::TooLarge)
+        );
+    }
+
+    async fn http(addr: SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_serves_metrics_and_refuses_other_paths_and_methods() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        metrics.received(3);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, metrics, store, shutdown.clone()));
+
+        let ok = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains("Content-Type: application/openmetrics-text"),
+            "{ok}"
+        );
+        assert!(ok.contains("\nedgehub_messages_received_total 3\n"), "{ok}");
+        let missing = http(addr, "GET /favicon.ico HTTP/1.1\r\n\r\n").await;
+        assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
+        let post = http(addr, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+        assert!(post.contains("Allow: GET\r\n"), "{post}");
+        let bad = http(addr, "hello\r\n\r\n").await;
+        assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
+
+        shutdown.cancel();
+        server.await.unwrap();
+    }
 }

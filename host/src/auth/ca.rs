@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio_rustls::rustls;
 
@@ -20,15 +19,7 @@ impl CaVerifier {
             path: PathBuf::from(path),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
-            roots
-                .add(cert.map_err(|e| bad(e.to_string()))?)
-                .map_err(|e| bad(e.to_string()))?;
-        }
-        if roots.is_empty() {
-            return Err(bad("no CA certificate".into()));
-        }
+        let roots = crate::pem::load_roots(path).map_err(CacheError::Pem)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let inner =
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)

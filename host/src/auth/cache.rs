@@ -9,13 +9,14 @@
 //! `<storage>.key` beside (not inside) the storage folder, creating it on the
 //! first start.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use rand::RngCore;
+
+use crate::durable_file;
 
 const CACHE_FILE: &str = "scope.cache";
 const MAGIC: &[u8; 8] = b"EHSCOPE1";
@@ -30,6 +31,9 @@ pub enum CacheError {
     WrongKey { path: PathBuf, cache: PathBuf },
     #[error("the scope cache {cache} exists but the master key file {path} does not: restore the key (the cache is left as it is)")]
     KeyLost { path: PathBuf, cache: PathBuf },
+    // Not a `source`: the message already carries it (shown once).
+    #[error("device CA file: {0}")]
+    Pem(crate::pem::PemError),
     #[error("scope cache i/o on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -81,7 +85,7 @@ impl ScopeCache {
         } else {
             let mut key = vec![0u8; 32];
             rand::thread_rng().fill_bytes(&mut key);
-            write_private(
+            durable_file::replace_private(
                 &key_path,
                 base64::engine::general_purpose::STANDARD
                     .encode(&key)
@@ -127,7 +131,7 @@ impl ScopeCache {
         Ok(Some(plain))
     }
 
-    /// Replaces the cached document (write, fsync, rename).
+    /// Replaces the cached document, durably (see [`durable_file`]).
     pub fn save(&self, doc: &[u8]) -> Result<(), CacheError> {
         let mut nonce = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
@@ -139,26 +143,11 @@ impl ScopeCache {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        let tmp = self.path.with_extension("cache.tmp");
-        let io = |source| CacheError::Io {
+        durable_file::replace_private(&self.path, &out).map_err(|source| CacheError::Io {
             path: self.path.clone(),
             source,
-        };
-        write_private(&tmp, &out).map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        })
     }
-}
-
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)?;
-    f.sync_all()
 }
 
 #[cfg(test)]

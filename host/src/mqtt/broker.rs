@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::codec::Publish;
 use super::topic;
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
 
 /// Capacity of each session's outbox.
 pub const OUTBOX: usize = 1024;
@@ -275,13 +275,14 @@ impl Broker {
             match &client.outbox {
                 Some(outbox) => {
                     if outbox.try_send(out).is_err() {
-                        self.metrics.dropped(1);
+                        self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
                     }
                 }
                 None if out.qos > 0 => {
                     if client.offline.len() >= self.offline_cap {
                         client.offline.pop_front();
-                        self.metrics.dropped(1);
+                        self.metrics
+                            .messages_dropped(DropReason::OfflineQueueFull, 1);
                     }
                     client.offline.push_back(out);
                 }

@@ -25,7 +25,7 @@ use super::codec::{
 };
 use super::topic;
 use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
-use crate::metrics::Metrics;
+use crate::metrics::{DropReason, Metrics};
 use crate::routing::{Durable, Router};
 use crate::store::AppendError;
 
@@ -543,7 +543,9 @@ impl Session {
                 Err(e) => {
                     let n = front.acks.iter().filter(|a| a.stored).count() as u64;
                     self.ctx.metrics.refused(n);
-                    self.ctx.metrics.dropped(front.stored_qos0);
+                    self.ctx
+                        .metrics
+                        .messages_dropped(DropReason::StoreRefused, front.stored_qos0);
                     Some(e.clone())
                 }
             };

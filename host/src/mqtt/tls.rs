@@ -1,5 +1,5 @@
-//! The server side of MQTT over TLS: certificate and key from PEM files,
-//! and client certificates.
+//! The server side of MQTT over TLS: certificate and key (loaded by
+//! [`crate::pem`]), and client certificates.
 //!
 //! Client certificates are optional and any certificate is accepted at the
 //! TLS layer, with its handshake signature verified (the client proves it
@@ -11,37 +11,37 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use tokio_rustls::rustls;
 
+use crate::pem::{self, PemError};
+
 #[derive(Debug, thiserror::Error)]
-#[error("TLS listener: {0}")]
-pub struct TlsError(String);
+pub enum TlsError {
+    // Not a `source`: the message already carries it (shown once).
+    #[error("TLS listener: {0}")]
+    Pem(PemError),
+    #[error("TLS listener: {0}")]
+    Config(String),
+}
 
 /// A rustls server config for the certificate chain and key in PEM files.
 pub fn server_config(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| TlsError(format!("{}: {e}", cert_file.display())))?;
-    if certs.is_empty() {
-        return Err(TlsError(format!("{}: no certificate", cert_file.display())));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| TlsError(format!("{}: {e}", key_file.display())))?;
+    let certs = pem::load_certs(cert_file).map_err(TlsError::Pem)?;
+    let key = pem::load_key(key_file).map_err(TlsError::Pem)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError(e.to_string()))?
+        .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(Arc::new(AnyClientCert {
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
         }))
         .with_single_cert(certs, key)
         .map_err(|e| {
-            TlsError(format!(
+            TlsError::Config(format!(
                 "{} / {}: {e}",
                 cert_file.display(),
                 key_file.display()

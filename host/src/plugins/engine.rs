@@ -76,9 +76,8 @@ impl PluginEngine {
             .engine
             .precompile_component(wasm)
             .map_err(PluginError::compile)?;
-        let tmp = path.with_extension("tmp");
-        let written = std::fs::write(&tmp, &compiled).and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = written {
+        // Loaded unchecked later: never leave a torn file under this name.
+        if let Err(e) = crate::durable_file::replace(&path, &compiled) {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled plugin");
         }
         // SAFETY: `compiled` was produced by this engine just now.

@@ -189,7 +189,7 @@ impl Worker {
                 .map(Outcome::Routed)
         };
         if let Err(e) = &r {
-            metrics.plugin_failed();
+            metrics.plugin_failed(&plugin.name);
             tracing::warn!(plugin = %plugin.name, version = %plugin.digest, error = %e, "plugin call failed; instance replaced");
         }
         r

@@ -189,7 +189,7 @@ impl Registry {
                     replaced = replaced.map(|p| p.digest.clone()).unwrap_or_default(),
                     "plugin loaded"
                 );
-                self.metrics.plugin_reloaded();
+                self.metrics.plugin_reloaded(name);
                 self.status.lock().unwrap().insert(
                     name.to_string(),
                     FileStatus {
@@ -223,7 +223,7 @@ impl Registry {
         let _changing = self.changing.lock().unwrap();
         if let Some(old) = self.swap(name, None) {
             tracing::info!(plugin = name, version = %old.digest, "plugin unloaded");
-            self.metrics.plugin_reloaded();
+            self.metrics.plugin_reloaded(name);
         }
         self.status.lock().unwrap().remove(name);
     }

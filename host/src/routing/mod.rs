@@ -292,7 +292,7 @@ impl Router {
             Err(failure) => {
                 if matches!(failure, CallFailure::NotLoaded) {
                     // Failures of a running plugin are counted by the pool.
-                    self.metrics.plugin_failed();
+                    self.metrics.plugin_failed(name);
                     tracing::warn!(route = %route.name, plugin = %name, policy = ?route.on_error, "route names a plugin that is not loaded");
                 }
                 self.on_failure(out, route, name, next, input, failure)

@@ -2,8 +2,8 @@
 //!
 //! fjall locks the database, so a second process cannot open it while the
 //! hub runs. The hub therefore writes its queue stats to
-//! `<storage>/queue-stats.json` once a second (write to a temporary file,
-//! then rename, so readers never see half a file).
+//! `<storage>/queue-stats.json` when they change (checked once a second),
+//! with [`crate::durable_file`], so readers never see half a file.
 
 use std::path::{Path, PathBuf};
 
@@ -31,12 +31,10 @@ pub fn write(storage: &Path, stats: QueueStats) -> std::io::Result<()> {
         oldest_ms: stats.oldest_ms,
         written_ms: super::now_ms(),
     };
-    let tmp = storage.join("queue-stats.json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&status).expect("status serializes"),
-    )?;
-    std::fs::rename(tmp, path(storage))
+    crate::durable_file::replace(
+        &path(storage),
+        &serde_json::to_vec(&status).expect("status serializes"),
+    )
 }
 
 pub fn read(storage: &Path) -> std::io::Result<Status> {

@@ -150,7 +150,7 @@ impl HubTwin {
             self.report();
             return Ok(());
         }
-        if let Err(source) = write_atomically(&self.cache_path, payload) {
+        if let Err(source) = crate::durable_file::replace(&self.cache_path, payload) {
             let e = TwinError::Cache {
                 path: self.cache_path.clone(),
                 source,
@@ -311,21 +311,6 @@ impl HubTwin {
             "plugins": self.registry.status(),
         })
     }
-}
-
-/// Writes `bytes` to `path` so that a crash leaves the old or the new file,
-/// never a torn one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

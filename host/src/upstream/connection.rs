@@ -225,24 +225,10 @@ pub fn tls_config(
     ca_file: &std::path::Path,
     client_cert: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, UpstreamError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use crate::pem;
     use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca_file.display())))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca_file.display())))?;
-        roots
-            .add(cert)
-            .map_err(|e| UpstreamError::Tls(format!("{}: {e}", ca_file.display())))?;
-    }
-    if roots.is_empty() {
-        return Err(UpstreamError::Tls(format!(
-            "{}: no certificates",
-            ca_file.display()
-        )));
-    }
+    let pem_err = |e: pem::PemError| UpstreamError::Tls(e.to_string());
+    let roots = pem::load_roots(ca_file).map_err(pem_err)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -251,16 +237,15 @@ pub fn tls_config(
     let config = match client_cert {
         None => config.with_no_client_auth(),
         Some((cert_file, key_file)) => {
-            let tls_err = |f: &std::path::Path, e: &dyn std::fmt::Display| {
-                UpstreamError::Tls(format!("{}: {e}", f.display()))
-            };
-            let chain = CertificateDer::pem_file_iter(cert_file)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| tls_err(cert_file, &e))?;
-            let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| tls_err(key_file, &e))?;
-            config
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| tls_err(cert_file, &e))?
+            let chain = pem::load_certs(cert_file).map_err(pem_err)?;
+            let key = pem::load_key(key_file).map_err(pem_err)?;
+            config.with_client_auth_cert(chain, key).map_err(|e| {
+                UpstreamError::Tls(format!(
+                    "{} / {}: {e}",
+                    cert_file.display(),
+                    key_file.display()
+                ))
+            })?
         }
     };
     Ok(Arc::new(config))

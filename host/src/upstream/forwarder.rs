@@ -297,7 +297,8 @@ impl Forwarder {
                     Err(e) => {
                         // Not sendable; skipping it keeps the rest flowing.
                         tracing::error!(key, error = %e, "dropping a corrupt queued message");
-                        self.metrics.dropped(1);
+                        self.metrics
+                            .messages_dropped(crate::metrics::DropReason::CorruptRecord, 1);
                         window.push(key, size, false);
                     }
                     Ok(r) if r.expired(now, default_ttl) => {

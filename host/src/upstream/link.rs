@@ -249,6 +249,7 @@ impl Actor {
                         match result {
                             Ok(()) => return,
                             Err(e) => {
+                                self.metrics.upstream_reconnects();
                                 tracing::warn!(upstream = %addr, error = %e, "upstream connection lost")
                             }
                         }
