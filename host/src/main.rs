@@ -183,9 +183,12 @@ struct RunArgs {
     /// Downstream MQTT listener address (repeatable).
     #[arg(long, env = "EDGEHUB_LISTEN", value_delimiter = ',')]
     listen: Vec<SocketAddr>,
-    /// Upstream broker, mqtt://host:port or mqtts://host:port (repeatable: a cluster's nodes).
+    /// Upstream broker, mqtt://host:port, mqtts://host:port, ws://host:port/path or wss://host:port/path (repeatable: a cluster's nodes).
     #[arg(long, env = "EDGEHUB_UPSTREAM", value_delimiter = ',')]
     upstream: Vec<String>,
+    /// HTTP proxy for the upstream, http://[user:password@]host:port (default: $https_proxy; "" for none).
+    #[arg(long, env = "EDGEHUB_UPSTREAM_PROXY", hide_env_values = true)]
+    upstream_proxy: Option<String>,
     /// PEM CA file that verifies an mqtts:// upstream.
     #[arg(long, env = "EDGEHUB_UPSTREAM_CA")]
     upstream_ca: Option<PathBuf>,
@@ -271,6 +274,7 @@ impl RunArgs {
                 .map(|a| toml::Spanned::new(0..0, a))
                 .collect();
         }
+        set(&mut c.upstream.proxy, self.upstream_proxy.map(Some));
         set(&mut c.upstream.ca_file, self.upstream_ca.map(Some));
         set(&mut c.upstream.username, self.upstream_username.map(Some));
         set(&mut c.upstream.password, self.upstream_password.map(Some));
