@@ -27,7 +27,7 @@ pub enum UpstreamError {
     },
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("proxy {proxy} refused CONNECT to {target}: HTTP {status} {reason}")]
+    #[error("proxy {proxy} refused CONNECT to {target}: HTTP {status} {reason}{}", refusal_hint(*status))]
     ProxyRefused {
         proxy: String,
         target: String,
@@ -56,6 +56,15 @@ pub enum UpstreamError {
     Io(#[from] std::io::Error),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+}
+
+/// What a proxy's refusal usually means, for the log line.
+fn refusal_hint(status: u16) -> &'static str {
+    match status {
+        401 | 407 => " (check the user and password of upstream.proxy / https_proxy)",
+        403 => " (the proxy does not allow tunnels to this host or port)",
+        _ => "",
+    }
 }
 
 /// How to log in upstream.

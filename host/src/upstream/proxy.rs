@@ -247,7 +247,8 @@ mod tests {
         let text = err.to_string();
         assert_eq!(
             text,
-            "proxy http://127.0.0.1:3128 refused CONNECT to broker:1883: HTTP 407 Proxy Authentication Required"
+            "proxy http://127.0.0.1:3128 refused CONNECT to broker:1883: HTTP 407 Proxy Authentication Required \
+             (check the user and password of upstream.proxy / https_proxy)"
         );
         assert!(!text.contains("wrong"), "the password is never shown");
     }
