@@ -28,7 +28,10 @@ LOOPBACK = "127.0.0.1"
 
 # Environment variables the hub reads; tests start the hub without them unless
 # a test sets them on purpose.
-HUB_ENV_VARS = ("storageFolder", "UpstreamProtocol", "timeToLiveSecs")
+HUB_ENV_VARS = (
+    "storageFolder", "UpstreamProtocol", "timeToLiveSecs",
+    "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
+)
 
 
 def hub_env(**extra: str) -> dict[str, str]:

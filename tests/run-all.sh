@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, then end-to-end tests that start the real
 # edgehub binary, a real Mosquitto and real MQTT clients on loopback.
-# Installs what it needs when missing (mosquitto from Debian's packages, the
+# Installs what it needs when missing (mosquitto and tinyproxy from Debian's packages, the
 # Python packages of tests/requirements.txt), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,12 @@ if ! command -v mosquitto >/dev/null || ! command -v mosquitto_pub >/dev/null; t
   echo "installing mosquitto and mosquitto-clients" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+# An HTTP CONNECT proxy for the upstream-through-a-proxy tests.
+if ! command -v tinyproxy >/dev/null; then
+  echo "installing tinyproxy" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq tinyproxy >/dev/null
 fi
 if ! python3 -c 'import paho.mqtt, pytest' 2>/dev/null; then
   python3 -m pip install -q -r tests/requirements.txt

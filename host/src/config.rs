@@ -230,10 +230,17 @@ pub struct TlsConfig {
 #[serde(deny_unknown_fields, default)]
 #[command(next_help_heading = "Upstream ([upstream] in the file)")]
 pub struct UpstreamConfig {
-    /// Upstream brokers, mqtt://host:port or mqtts://host:port, tried in turn
-    /// (the nodes of one cluster). None: store only.
+    /// Upstream brokers, `mqtt://host:port`, `mqtts://host:port`,
+    /// `ws://host:port/path` or `wss://host:port/path` (MQTT over WebSocket,
+    /// path `/mqtt` when absent), tried in turn (the nodes of one cluster).
+    /// None: store only.
     #[arg(long = "upstream", value_delimiter = ',', value_parser = upstream_address)]
     pub addresses: Vec<Spanned<String>>,
+    /// HTTP proxy that tunnels every upstream connection with CONNECT,
+    /// `http://[user:password@]host:port`. Absent: the `https_proxy` /
+    /// `HTTPS_PROXY` environment variables; empty: none.
+    #[arg(long = "upstream-proxy")]
+    pub proxy: Option<String>,
     /// Upstream protocol; only MQTT is implemented.
     #[arg(long = "upstream-protocol", env = "UpstreamProtocol")]
     pub protocol: String,
@@ -338,6 +345,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
             addresses: Vec::new(),
+            proxy: None,
             protocol: "MQTT".into(),
             ca_file: None,
             username: None,
@@ -475,18 +483,35 @@ fn value_error(e: &clap::Error) -> String {
     }
 }
 
-/// An upstream broker address, checked.
+/// An upstream broker address, checked: `mqtt://`, `mqtts://`, `ws://` or
+/// `wss://` (MQTT over WebSocket, at `websocket`'s path).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// MQTT over WebSocket: the HTTP path (with its query) of the endpoint.
+    /// `None`: MQTT straight over TCP or TLS.
+    pub websocket: Option<String>,
 }
+
+/// Path of a `ws://` / `wss://` address given without one.
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
 
 impl std::fmt::Display for UpstreamAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        write!(f, "{scheme}://{}:{}", self.host, self.port)
+        let scheme = match (self.tls, self.websocket.is_some()) {
+            (false, false) => "mqtt",
+            (true, false) => "mqtts",
+            (false, true) => "ws",
+            (true, true) => "wss",
+        };
+        write!(
+            f,
+            "{scheme}://{}{}",
+            self.authority(),
+            self.websocket.as_deref().unwrap_or("")
+        )
     }
 }
 
@@ -494,12 +519,14 @@ impl UpstreamAddr {
     pub fn parse(text: &str) -> Result<Self, String> {
         let url =
             url::Url::parse(text).map_err(|e| format!("bad upstream address {text:?}: {e}"))?;
-        let tls = match url.scheme() {
-            "mqtt" | "tcp" => false,
-            "mqtts" | "ssl" => true,
+        let (tls, websocket) = match url.scheme() {
+            "mqtt" | "tcp" => (false, false),
+            "mqtts" | "ssl" => (true, false),
+            "ws" => (false, true),
+            "wss" => (true, true),
             other => {
                 return Err(format!(
-                    "bad upstream address {text:?}: scheme {other:?} is not mqtt:// or mqtts://"
+                    "bad upstream address {text:?}: scheme {other:?} is not mqtt://, mqtts://, ws:// or wss://"
                 ))
             }
         };
@@ -509,8 +536,129 @@ impl UpstreamAddr {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
-        Ok(Self { host, port, tls })
+        let default_port = match (tls, websocket) {
+            (false, false) => 1883,
+            (true, false) => 8883,
+            (false, true) => 80,
+            (true, true) => 443,
+        };
+        // `port()` is `None` for a scheme's own default (ws 80, wss 443).
+        let port = url.port().unwrap_or(default_port);
+        let websocket = websocket.then(|| {
+            // "ws://host:port" names no path (the URL still says "/"), while
+            // "ws://host:port/" names the root.
+            let named = url.path() != "/" || url.query().is_some() || text.ends_with('/');
+            if !named {
+                return DEFAULT_WEBSOCKET_PATH.to_string();
+            }
+            match url.query() {
+                Some(q) => format!("{}?{q}", url.path()),
+                None => url.path().to_string(),
+            }
+        });
+        Ok(Self {
+            host,
+            port,
+            tls,
+            websocket,
+        })
+    }
+
+    /// `host:port`, with an IPv6 host in brackets.
+    pub fn authority(&self) -> String {
+        authority(&self.host, self.port)
+    }
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+pub fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// An HTTP proxy that tunnels the upstream connection (`CONNECT`), checked:
+/// `http://[user:password@]host[:port]`, or bare `host:port`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyAddr {
+    pub host: String,
+    pub port: u16,
+    /// Basic authentication, percent-decoded.
+    pub credentials: Option<(String, String)>,
+}
+
+/// Port of a proxy address given without one (as curl assumes).
+pub const DEFAULT_PROXY_PORT: u16 = 1080;
+
+impl ProxyAddr {
+    /// Parses a proxy address. Errors never repeat the text: it may hold a
+    /// password.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let full = if text.contains("://") {
+            text.to_string()
+        } else {
+            format!("http://{text}")
+        };
+        let url = url::Url::parse(&full).map_err(|e| format!("bad proxy address: {e}"))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "bad proxy address: scheme {:?} is not http:// (the hub speaks plain HTTP CONNECT to its proxy)",
+                url.scheme()
+            ));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err("bad proxy address: a proxy address has no path".into());
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or("bad proxy address: no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        // `port()` hides an explicit ":80"; an address without any port
+        // gets the proxy default instead.
+        let port = match url.port() {
+            Some(port) => port,
+            None if full.trim_end_matches('/').ends_with(":80") => 80,
+            None => DEFAULT_PROXY_PORT,
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| "bad proxy address: credentials are not UTF-8".to_string())
+        };
+        let credentials = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, password) => Some((decode(user)?, decode(password.unwrap_or(""))?)),
+        };
+        Ok(Self {
+            host,
+            port,
+            credentials,
+        })
+    }
+}
+
+/// Shows where the proxy is, never its credentials.
+impl std::fmt::Display for ProxyAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}", authority(&self.host, self.port))
+    }
+}
+
+impl std::fmt::Debug for ProxyAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let user = self.credentials.as_ref().map(|(u, _)| u.as_str());
+        f.debug_struct("ProxyAddr")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &user)
+            .finish()
     }
 }
 
@@ -690,6 +838,10 @@ impl Config {
         }
         if self.listen.is_empty() {
             return bad("listen: at least one address is needed".into());
+        }
+        if let Some(proxy) = self.upstream.proxy.as_deref().filter(|p| !p.is_empty()) {
+            ProxyAddr::parse(proxy)
+                .map_err(|e| ConfigError::Value(format!("upstream.proxy: {e}")))?;
         }
         if let Some(key) = &self.upstream.sas_key {
             use base64::Engine;
@@ -1070,12 +1222,88 @@ mod tests {
             UpstreamAddr {
                 host: "hub.example".into(),
                 port: 8883,
-                tls: true
+                tls: true,
+                websocket: None,
             }
         );
         assert_eq!(
             UpstreamAddr::parse("mqtt://[::1]:1999").unwrap().host,
             "::1"
         );
+    }
+
+    #[test]
+    fn websocket_addresses_parse_with_default_ports_and_the_mqtt_path() {
+        let ws = UpstreamAddr::parse("ws://127.0.0.1:9001").unwrap();
+        assert_eq!((ws.port, ws.tls), (9001, false));
+        assert_eq!(ws.websocket.as_deref(), Some("/mqtt"));
+        assert_eq!(ws.to_string(), "ws://127.0.0.1:9001/mqtt");
+        let wss = UpstreamAddr::parse("wss://hub.example/mqtt").unwrap();
+        assert_eq!((wss.port, wss.tls), (443, true));
+        assert_eq!(wss.websocket.as_deref(), Some("/mqtt"));
+        assert_eq!(UpstreamAddr::parse("ws://h").unwrap().port, 80);
+        assert_eq!(UpstreamAddr::parse("wss://h:8443/x").unwrap().port, 8443);
+        assert_eq!(
+            UpstreamAddr::parse("wss://h/$iothub/websocket?iothub-no-client-cert=true")
+                .unwrap()
+                .websocket
+                .as_deref(),
+            Some("/$iothub/websocket?iothub-no-client-cert=true")
+        );
+        assert_eq!(
+            UpstreamAddr::parse("ws://h:1/")
+                .unwrap()
+                .websocket
+                .as_deref(),
+            Some("/"),
+            "a trailing slash names the root"
+        );
+        assert_eq!(
+            UpstreamAddr::parse("ws://[::1]:9001/mqtt")
+                .unwrap()
+                .to_string(),
+            "ws://[::1]:9001/mqtt"
+        );
+        assert_eq!(UpstreamAddr::parse("mqtt://h").unwrap().websocket, None);
+        let err = UpstreamAddr::parse("http://h").unwrap_err();
+        assert!(err.contains("ws://"), "{err}");
+    }
+
+    #[test]
+    fn wss_needs_the_ca_file_like_mqtts() {
+        let err = Config::from_toml("[upstream]\naddresses = [\"wss://h/mqtt\"]\n").unwrap_err();
+        assert!(err.to_string().contains("ca_file"), "{err}");
+    }
+
+    #[test]
+    fn proxy_addresses_parse_with_credentials_and_default_port() {
+        let p = ProxyAddr::parse("http://al%40ce:s3cr%3At@proxy.corp:3128").unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy.corp", 3128));
+        assert_eq!(
+            p.credentials,
+            Some(("al@ce".to_string(), "s3cr:t".to_string()))
+        );
+        assert_eq!(p.to_string(), "http://proxy.corp:3128");
+        assert!(
+            !format!("{p:?}").contains("s3cr"),
+            "Debug hides the password"
+        );
+        let bare = ProxyAddr::parse("10.0.0.1:8080").unwrap();
+        assert_eq!((bare.host.as_str(), bare.port), ("10.0.0.1", 8080));
+        assert_eq!(bare.credentials, None);
+        assert_eq!(ProxyAddr::parse("http://proxy/").unwrap().port, 1080);
+        assert_eq!(ProxyAddr::parse("http://proxy:80").unwrap().port, 80);
+        let err = ProxyAddr::parse("https://u:hunter2@proxy:3128").unwrap_err();
+        assert!(err.contains("http://") && !err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_proxy_setting_is_refused_without_echoing_its_password() {
+        let err = Config::from_toml("[upstream]\nproxy = \"socks5://u:hunter2@p:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream.proxy"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(Config::from_toml("[upstream]\nproxy = \"\"\n").is_ok());
     }
 }

@@ -70,6 +70,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         }
         None => None,
     };
+    let proxy = upstream::Proxy::from_settings(config.upstream.proxy.as_deref(), |name| {
+        std::env::var(name).ok()
+    })?;
+    if let Some(proxy) = &proxy {
+        tracing::info!(proxy = %proxy.addr, "upstream connections go through an HTTP proxy");
+    }
     let stats = store.stats()?;
     tracing::info!(storage = %config.storage.display(), depth = stats.depth, bytes = stats.bytes, "store opened");
 
@@ -211,7 +217,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             },
             max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
         },
-        Arc::new(Transport { tls }),
+        Arc::new(Transport { tls, proxy }),
         metrics.clone(),
     );
     let cloud = CloudSync::subscribe(&mut link, &config.edge_id);

@@ -1,26 +1,22 @@
-//! One connection to an upstream broker: the transport (TCP or TLS), then
-//! the MQTT 3.1.1 CONNECT/CONNACK handshake, using rumqttc's packet codec.
+//! One connection to an upstream broker: the MQTT 3.1.1 CONNECT/CONNACK
+//! handshake and packet framing over a transport, using rumqttc's packet
+//! codec.
 //!
-//! Owns the socket and framing. It does not decide what to send (the
-//! protocol state does) and does not retry (the link actor does).
+//! Owns the framing of an open byte stream. It does not open that stream
+//! (`transport.rs` does), decide what to send (the protocol state does) or
+//! retry (the link actor does).
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{self as m, v4};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::transport::{Connect, Io};
 use crate::config::UpstreamAddr;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_INCOMING: usize = 16 * 1024 * 1024;
-
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -31,6 +27,21 @@ pub enum UpstreamError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("proxy {proxy} refused CONNECT to {target}: HTTP {status} {reason}{}", refusal_hint(*status))]
+    ProxyRefused {
+        proxy: String,
+        target: String,
+        status: u16,
+        reason: String,
+    },
+    #[error("proxy {proxy} answered CONNECT to {target} with {problem}")]
+    ProxyProtocol {
+        proxy: String,
+        target: String,
+        problem: String,
+    },
+    #[error("WebSocket handshake with {addr}: {message}")]
+    WebSocket { addr: String, message: String },
     #[error("upstream refused CONNECT: {0:?}")]
     Refused(v4::ConnectReturnCode),
     #[error("upstream handshake timed out")]
@@ -45,6 +56,15 @@ pub enum UpstreamError {
     Io(#[from] std::io::Error),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+}
+
+/// What a proxy's refusal usually means, for the log line.
+fn refusal_hint(status: u16) -> &'static str {
+    match status {
+        401 | 407 => " (check the user and password of upstream.proxy / https_proxy)",
+        403 => " (the proxy does not allow tunnels to this host or port)",
+        _ => "",
+    }
 }
 
 /// How to log in upstream.
@@ -102,50 +122,6 @@ pub struct Connection {
     pub write_buf: BytesMut,
 }
 
-/// Opens the byte stream to one upstream address (TCP, TLS, ...). The link
-/// takes one, so tests can hand it in-memory streams.
-pub trait Connect: Send + Sync + 'static {
-    fn connect<'a>(&'a self, addr: &'a UpstreamAddr) -> Connecting<'a>;
-}
-
-/// A transport being opened.
-pub type Connecting<'a> =
-    Pin<Box<dyn Future<Output = Result<Box<dyn Io>, UpstreamError>> + Send + 'a>>;
-
-/// TCP, with TLS for `mqtts://` addresses.
-pub struct Transport {
-    pub tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
-}
-
-impl Connect for Transport {
-    fn connect<'a>(&'a self, addr: &'a UpstreamAddr) -> Connecting<'a> {
-        Box::pin(async move {
-            let tcp = TcpStream::connect((addr.host.as_str(), addr.port))
-                .await
-                .map_err(|source| UpstreamError::Connect {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-            tcp.set_nodelay(true)?;
-            let io: Box<dyn Io> = match (addr.tls, &self.tls) {
-                (true, Some(config)) => {
-                    let name =
-                        tokio_rustls::rustls::pki_types::ServerName::try_from(addr.host.clone())
-                            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-                    let tls = tokio_rustls::TlsConnector::from(config.clone())
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
-                    Box::new(tls)
-                }
-                (true, None) => return Err(UpstreamError::Tls("no CA configured".into())),
-                (false, _) => Box::new(tcp),
-            };
-            Ok(io)
-        })
-    }
-}
-
 impl Connection {
     /// Connects to `addr` and logs in (CONNECT, then CONNACK), within the
     /// handshake timeout.
@@ -193,6 +169,8 @@ impl Connection {
         if !self.write_buf.is_empty() {
             self.io.write_all(&self.write_buf).await?;
             self.write_buf.clear();
+            // Framed transports (WebSocket) send on flush.
+            self.io.flush().await?;
         }
         Ok(())
     }
@@ -217,38 +195,6 @@ impl Connection {
             Err(e) => Err(UpstreamError::Protocol(format!("{e:?}"))),
         }
     }
-}
-
-/// Builds the rustls client config that trusts the PEM CAs in `ca_file`.
-/// `client_cert`: PEM certificate chain and key files for mutual TLS.
-pub fn tls_config(
-    ca_file: &std::path::Path,
-    client_cert: Option<(&std::path::Path, &std::path::Path)>,
-) -> Result<Arc<tokio_rustls::rustls::ClientConfig>, UpstreamError> {
-    use crate::pem;
-    use tokio_rustls::rustls;
-    let pem_err = |e: pem::PemError| UpstreamError::Tls(e.to_string());
-    let roots = pem::load_roots(ca_file).map_err(pem_err)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| UpstreamError::Tls(e.to_string()))?
-        .with_root_certificates(roots);
-    let config = match client_cert {
-        None => config.with_no_client_auth(),
-        Some((cert_file, key_file)) => {
-            let chain = pem::load_certs(cert_file).map_err(pem_err)?;
-            let key = pem::load_key(key_file).map_err(pem_err)?;
-            config.with_client_auth_cert(chain, key).map_err(|e| {
-                UpstreamError::Tls(format!(
-                    "{} / {}: {e}",
-                    cert_file.display(),
-                    key_file.display()
-                ))
-            })?
-        }
-    };
-    Ok(Arc::new(config))
 }
 
 #[cfg(test)]

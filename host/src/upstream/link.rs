@@ -32,8 +32,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{Connect, Connection, Login, UpstreamError};
+use super::connection::{Connection, Login, UpstreamError};
 use super::state::{Inbound, LinkState, Outgoing, Payload, Topic};
+use super::transport::Connect;
 use crate::config::UpstreamAddr;
 use crate::metrics::Metrics;
 use crate::mqtt::topic;
@@ -473,7 +474,8 @@ pub(crate) mod fake {
     use tokio::sync::mpsc;
 
     use crate::config::UpstreamAddr;
-    use crate::upstream::connection::{Connect, Connecting, Io, UpstreamError};
+    use crate::upstream::connection::UpstreamError;
+    use crate::upstream::transport::{Connect, Connecting, Io};
 
     /// A link to `hosts` (port 1883), signing in as `edge1`.
     pub fn config(hosts: &[&str]) -> crate::upstream::LinkConfig {

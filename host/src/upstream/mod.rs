@@ -4,7 +4,9 @@
 //!   keepalive, subscriptions); everything else talks to it through a handle.
 //! - `state.rs`: the MQTT session as a pure state machine (packet ids,
 //!   acknowledgements), driven by the link.
-//! - `connection.rs`: transport and handshake of one connection.
+//! - `connection.rs`: MQTT handshake and packet framing of one connection.
+//! - `transport.rs`: the byte stream under it (TCP, TLS), with `proxy.rs`
+//!   (HTTP CONNECT tunnels) and `websocket.rs` (MQTT over WebSocket).
 //! - `forwarder.rs`: drains the store through the link, in order, and
 //!   dead-letters what the upstream refuses.
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
@@ -12,9 +14,14 @@
 pub mod connection;
 pub mod forwarder;
 pub mod link;
+pub mod proxy;
 pub mod state;
 pub mod sync;
+pub mod transport;
+pub mod websocket;
 
-pub use connection::{tls_config, EdgeSas, Login, Transport, UpstreamError};
+pub use connection::{EdgeSas, Login, UpstreamError};
 pub use forwarder::Forwarder;
 pub use link::{CloudMessage, Link, LinkConfig, LinkEvent, LinkHandle};
+pub use proxy::Proxy;
+pub use transport::{tls_config, Transport};
