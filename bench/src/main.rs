@@ -201,7 +201,12 @@ async fn run(args: Args) -> Result<()> {
         payload: args.payload.max(latency::STAMP_BYTES),
     };
     let comparison = !(args.plugin_calls || rss_mode);
-    report::print_header(&settings, &edgehub_bin, comparison.then_some(&latency));
+    report::print_header(
+        &settings,
+        &edgehub_bin,
+        !(comparison && args.latency),
+        comparison.then_some(&latency),
+    );
 
     if args.plugin_calls {
         return plugin_calls::run(&edgehub_bin, &settings.plugins, &work);

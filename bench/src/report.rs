@@ -21,16 +21,25 @@ fn thousands(v: f64) -> String {
     out
 }
 
-pub fn print_header(s: &Settings, edgehub_bin: &Path, latency: Option<&LatencySettings>) {
+/// The run's settings; `throughput` says whether the store-and-forward
+/// workload runs, `latency` describes the latency phase if it runs.
+pub fn print_header(
+    s: &Settings,
+    edgehub_bin: &Path,
+    throughput: bool,
+    latency: Option<&LatencySettings>,
+) {
     println!("edgehub store-and-forward benchmark");
-    println!(
+    if throughput {
+        println!(
         "  workload: {} messages, {} publishers (MQTT 3.1.1, QoS 1, window {} per connection), \
          payload {} B, topic devices/bench{{i}}/messages/events/",
         thousands(s.messages as f64),
         s.publishers,
         s.window,
         s.payload
-    );
+        );
+    }
     if let Some(l) = latency {
         println!(
             "  latency: {} messages at {} msg/s, 1 publisher (QoS 1), payload {} B, upstream connected",
