@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 /// Largest packet we accept or produce.
-const MAX_PACKET: usize = 1 << 20;
+pub const MAX_PACKET: usize = 1 << 20;
 /// Keep-alive announced in CONNECT; we ping after half of it without writes.
 const KEEP_ALIVE_SECS: u16 = 60;
 /// Every payload starts with the sequence number as this many ASCII digits.
@@ -158,6 +158,18 @@ impl Conn {
                 Ok(Err(e)) => return Err(e.into()),
             }
         }
+    }
+
+    /// The connection as a blocking `std` socket (for a publisher paced on
+    /// its own thread). Fails if the broker already sent something we have
+    /// not handed out.
+    pub fn into_std(self) -> Result<std::net::TcpStream> {
+        if !self.rbuf.is_empty() || !self.pending.is_empty() || !self.wbuf.is_empty() {
+            bail!("connection has unprocessed packets");
+        }
+        let stream = self.stream.into_std()?;
+        stream.set_nonblocking(false)?;
+        Ok(stream)
     }
 
     /// Sends DISCONNECT and closes the socket.
@@ -394,7 +406,7 @@ pub async fn seed_subscriber_session(addr: SocketAddr, deadline: Instant) -> Res
     conn.disconnect().await
 }
 
-fn subscribe_packet() -> Subscribe {
+pub fn subscribe_packet() -> Subscribe {
     let mut subscribe = Subscribe::new(SUBSCRIBER_FILTER, QoS::AtLeastOnce);
     subscribe.pkid = 1;
     subscribe

@@ -3,10 +3,13 @@
 //! Compares, in one run:
 //! (a) edgehub, (b) Mosquitto configured as a persistent bridge, both
 //! ingesting with the upstream down and then draining to it, and
-//! (c) the upstream Mosquitto's own ceiling (publishers straight into it).
+//! (c) the upstream Mosquitto's own ceiling (publishers straight into it);
+//! then, with the upstream connected, the end-to-end latency of a light
+//! paced load through each of them.
 //!
 //! `cargo run --release -p edgehub-bench -- --help`
 
+mod latency;
 mod load;
 mod plugin_calls;
 mod report;
@@ -79,6 +82,17 @@ struct Args {
     /// `edgehub plugin test --bench`.
     #[arg(long)]
     plugin_calls: bool,
+    /// Only the latency phase (upstream connected, one paced QoS 1
+    /// publisher); without this flag it runs after the throughput comparison.
+    #[arg(long)]
+    latency: bool,
+    /// Messages per second of the latency phase's publisher.
+    #[arg(long, default_value_t = 1000)]
+    latency_rate: u32,
+    /// Messages per system and run in the latency phase (the first 200 are
+    /// not measured).
+    #[arg(long, default_value_t = 5000)]
+    latency_messages: u64,
     /// Keep the working directory (configs, logs, stores) afterwards.
     #[arg(long)]
     keep: bool,
@@ -93,6 +107,22 @@ enum System {
     EdgehubRouter,
     Bridge,
     Upstream,
+}
+
+/// Leading messages of each latency run that are not measured.
+const LATENCY_WARMUP: u64 = 200;
+
+impl System {
+    /// The store-and-forward system it names; `None` for the upstream alone.
+    fn sut(self) -> Option<Sut> {
+        match self {
+            System::Edgehub => Some(Sut::Edgehub),
+            System::EdgehubFilter => Some(Sut::EdgehubFilter),
+            System::EdgehubRouter => Some(Sut::EdgehubRouter),
+            System::Bridge => Some(Sut::Bridge),
+            System::Upstream => None,
+        }
+    }
 }
 
 fn workspace_dir() -> PathBuf {
@@ -111,6 +141,9 @@ fn main() -> Result<()> {
     }
     if args.publishers == 0 || args.window == 0 {
         bail!("--publishers and --window must be positive");
+    }
+    if args.latency_rate == 0 || args.latency_messages <= LATENCY_WARMUP {
+        bail!("--latency-rate must be positive and --latency-messages above {LATENCY_WARMUP}");
     }
     if args.window > 60_000 {
         bail!("--window must leave packet identifiers free (at most 60000)");
@@ -161,7 +194,19 @@ async fn run(args: Args) -> Result<()> {
             .clone()
             .unwrap_or_else(|| workspace_dir().join("plugins/dist")),
     };
-    report::print_header(&settings, &edgehub_bin);
+    let latency = latency::LatencySettings {
+        messages: args.latency_messages,
+        rate: args.latency_rate,
+        warmup: LATENCY_WARMUP,
+        payload: args.payload.max(latency::STAMP_BYTES),
+    };
+    let comparison = !(args.plugin_calls || rss_mode);
+    report::print_header(
+        &settings,
+        &edgehub_bin,
+        !(comparison && args.latency),
+        comparison.then_some(&latency),
+    );
 
     if args.plugin_calls {
         return plugin_calls::run(&edgehub_bin, &settings.plugins, &work);
@@ -187,35 +232,62 @@ async fn run(args: Args) -> Result<()> {
             );
             systems.retain(|&s| s != System::Edgehub);
         }
-        // One group of runs per system; repetitions are interleaved so
-        // background load affects every system alike.
-        let mut groups: Vec<Vec<scenario::SystemResult>> = vec![Vec::new(); systems.len()];
-        for run in 0..args.repeat.max(1) {
-            for (system, group) in systems.iter().zip(groups.iter_mut()) {
-                let settings = Settings {
-                    work: work.join(format!("run{run}")),
-                    ..settings.clone()
-                };
-                let result = match system {
-                    System::Edgehub => scenario::store_and_forward(&settings, Sut::Edgehub).await,
-                    System::EdgehubFilter => {
-                        scenario::store_and_forward(&settings, Sut::EdgehubFilter).await
-                    }
-                    System::EdgehubRouter => {
-                        scenario::store_and_forward(&settings, Sut::EdgehubRouter).await
-                    }
-                    System::Bridge => scenario::store_and_forward(&settings, Sut::Bridge).await,
-                    System::Upstream => scenario::ceiling(&settings).await,
-                };
-                report::print_progress(&result);
-                group.push(result);
-            }
+        if !args.latency {
+            throughput(&settings, &systems, args.repeat).await;
         }
-        report::print_load("at end");
-        report::print_table(&settings, &groups);
+        latency_phase(&settings, &latency, &systems, args.repeat).await;
     }
 
     Ok(())
+}
+
+/// The store-and-forward comparison: one group of runs per system;
+/// repetitions are interleaved so background load affects every system alike.
+async fn throughput(settings: &Settings, systems: &[System], repeat: usize) {
+    let mut groups: Vec<Vec<scenario::SystemResult>> = vec![Vec::new(); systems.len()];
+    for run in 0..repeat.max(1) {
+        for (system, group) in systems.iter().zip(groups.iter_mut()) {
+            let settings = Settings {
+                work: settings.work.join(format!("run{run}")),
+                ..settings.clone()
+            };
+            let result = match system.sut() {
+                Some(sut) => scenario::store_and_forward(&settings, sut).await,
+                None => scenario::ceiling(&settings).await,
+            };
+            report::print_progress(&result);
+            group.push(result);
+        }
+    }
+    report::print_load("at end");
+    report::print_table(settings, &groups);
+}
+
+/// The latency phase, interleaved like the comparison.
+async fn latency_phase(
+    settings: &Settings,
+    latency: &latency::LatencySettings,
+    systems: &[System],
+    repeat: usize,
+) {
+    println!();
+    let mut groups: Vec<Vec<latency::LatencyRun>> = vec![Vec::new(); systems.len()];
+    for run in 0..repeat.max(1) {
+        for (system, group) in systems.iter().zip(groups.iter_mut()) {
+            let settings = Settings {
+                work: settings.work.join(format!("run{run}")),
+                ..settings.clone()
+            };
+            let target = system
+                .sut()
+                .map_or(latency::Target::Upstream, latency::Target::Sut);
+            let result = latency::measure(&settings, latency, target).await;
+            report::print_latency_progress(&result);
+            group.push(result);
+        }
+    }
+    report::print_load("at end");
+    report::print_latency_table(latency, &groups);
 }
 
 /// Deletes the working directory when dropped, or says where it is.

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::latency::{self, LatencyRun, LatencySettings, Percentiles};
 use crate::load::SubscriberEnd;
 use crate::rss::mib;
 use crate::scenario::{RssProfile, Settings, SystemResult};
@@ -20,16 +21,33 @@ fn thousands(v: f64) -> String {
     out
 }
 
-pub fn print_header(s: &Settings, edgehub_bin: &Path) {
+/// The run's settings; `throughput` says whether the store-and-forward
+/// workload runs, `latency` describes the latency phase if it runs.
+pub fn print_header(
+    s: &Settings,
+    edgehub_bin: &Path,
+    throughput: bool,
+    latency: Option<&LatencySettings>,
+) {
     println!("edgehub store-and-forward benchmark");
-    println!(
+    if throughput {
+        println!(
         "  workload: {} messages, {} publishers (MQTT 3.1.1, QoS 1, window {} per connection), \
          payload {} B, topic devices/bench{{i}}/messages/events/",
         thousands(s.messages as f64),
         s.publishers,
         s.window,
         s.payload
-    );
+        );
+    }
+    if let Some(l) = latency {
+        println!(
+            "  latency: {} messages at {} msg/s, 1 publisher (QoS 1), payload {} B, upstream connected",
+            thousands(l.messages as f64),
+            thousands(f64::from(l.rate)),
+            l.payload
+        );
+    }
     println!(
         "  edgehub: {} ({})",
         edgehub_bin.display(),
@@ -216,6 +234,14 @@ fn store(bytes: Option<u64>) -> String {
     bytes.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1048576.0))
 }
 
+/// `a / b` as `"1.23x"`, or "n/a".
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "n/a".into(),
+    }
+}
+
 /// One value, or the median with the range over repeated runs.
 fn spread(rates: Vec<f64>) -> String {
     let med = median(rates.clone()).unwrap_or(0.0);
@@ -278,30 +304,6 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
         .collect();
     let rows: Vec<Vec<String>> = groups.iter().map(Runs::cells).collect();
 
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| {
-            rows.iter()
-                .map(|row| row[c].len())
-                .chain([header[c].len()])
-                .max()
-                .unwrap()
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (cell, &w))| {
-                if i == 0 {
-                    format!(" {cell:<w$} ")
-                } else {
-                    format!(" {cell:>w$} ")
-                }
-            })
-            .collect();
-        println!("|{}|", padded.join("|"));
-    };
     let repeats = groups.iter().map(|g| g.0.len()).max().unwrap_or(1);
     println!();
     println!(
@@ -316,22 +318,7 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
         }
     );
     println!();
-    line(&header.map(String::from));
-    let rule: Vec<String> = widths
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| {
-            if i == 0 {
-                "-".repeat(w + 2)
-            } else {
-                format!("{}:", "-".repeat(w + 1))
-            }
-        })
-        .collect();
-    println!("|{}|", rule.join("|"));
-    for row in &rows {
-        line(row);
-    }
+    print_markdown(&header, &rows);
 
     let find = |label: &str| groups.iter().find(|g| g.label() == label);
     let (edgehub, bridge, ceiling) = (
@@ -342,10 +329,6 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
     let (filter, router) = (find("edgehub + Rust filter"), find("edgehub + Rust router"));
     let ingest = |g: Option<&Runs>| g.and_then(Runs::ingest_rate);
     let drain = |g: Option<&Runs>| g.and_then(Runs::delivery_rate);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "n/a".into(),
-    };
     println!();
     println!("Ratios{}:", if repeats > 1 { " (of medians)" } else { "" });
     println!(
@@ -386,6 +369,50 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
 
     let all: Vec<SystemResult> = groups.iter().flat_map(|g| g.0.iter().cloned()).collect();
     print_notes(&all);
+}
+
+/// A markdown table: first column left-aligned, the others right-aligned.
+fn print_markdown(header: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            rows.iter()
+                .map(|row| row[c].len())
+                .chain([header[c].len()])
+                .max()
+                .unwrap()
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (cell, &w))| {
+                if i == 0 {
+                    format!(" {cell:<w$} ")
+                } else {
+                    format!(" {cell:>w$} ")
+                }
+            })
+            .collect();
+        println!("|{}|", padded.join("|"));
+    };
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    let rule: Vec<String> = widths
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| {
+            if i == 0 {
+                "-".repeat(w + 2)
+            } else {
+                format!("{}:", "-".repeat(w + 1))
+            }
+        })
+        .collect();
+    println!("|{}|", rule.join("|"));
+    for row in rows {
+        line(row);
+    }
 }
 
 fn print_notes(results: &[SystemResult]) {
@@ -465,4 +492,175 @@ pub fn print_rss_profile(s: &Settings, p: &RssProfile) {
         println!("  peak RSS (VmHWM) over the whole run: {} MiB", mib(peak));
     }
     print_notes(std::slice::from_ref(&p.system));
+}
+
+/// One line per finished latency run, as the benchmark goes.
+pub fn print_latency_progress(r: &LatencyRun) {
+    let p = |f: fn(&Percentiles) -> std::time::Duration| {
+        r.percentiles
+            .as_ref()
+            .map_or("-".into(), |p| format!("{:.3}", f(p).as_secs_f64() * 1e3))
+    };
+    println!(
+        "{} latency: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; {}/{} measured, \
+         {} of {} sent received, dups {}, publishing at {} msg/s{}",
+        r.label,
+        p(|p| p.p50),
+        p(|p| p.p90),
+        p(|p| p.p99),
+        p(|p| p.max),
+        r.measured,
+        r.expected_measured,
+        r.received,
+        r.sent,
+        r.duplicates,
+        r.publish_rate.map_or("-".into(), thousands),
+        r.error
+            .as_ref()
+            .map(|e| format!(" -- stopped: {e}"))
+            .unwrap_or_default()
+    );
+}
+
+/// The latency runs of one system (one row of the latency table).
+struct LatencyRuns<'a>(&'a [LatencyRun]);
+
+impl LatencyRuns<'_> {
+    /// One percentile of every complete run, in milliseconds.
+    fn values(&self, f: fn(&Percentiles) -> std::time::Duration) -> Vec<f64> {
+        self.0
+            .iter()
+            .filter_map(|r| r.complete_percentiles())
+            .map(|p| f(&p).as_secs_f64() * 1e3)
+            .collect()
+    }
+
+    fn median(&self, f: fn(&Percentiles) -> std::time::Duration) -> Option<f64> {
+        median(self.values(f))
+    }
+
+    fn cell(&self, f: fn(&Percentiles) -> std::time::Duration) -> String {
+        let values = self.values(f);
+        let ms = |v: f64| format!("{v:.3}");
+        match median(values.clone()) {
+            None => "-".into(),
+            Some(med) if values.len() < 2 => ms(med),
+            Some(med) => {
+                let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = values.iter().copied().fold(0.0, f64::max);
+                format!("{} ({}-{})", ms(med), ms(min), ms(max))
+            }
+        }
+    }
+
+    fn cells(&self) -> Vec<String> {
+        let worst = self.0.iter().min_by_key(|r| r.measured);
+        vec![
+            self.0[0].label.clone(),
+            self.cell(|p| p.p50),
+            self.cell(|p| p.p90),
+            self.cell(|p| p.p99),
+            self.cell(|p| p.max),
+            worst.map_or("-".into(), |r| {
+                format!("{}/{}", r.measured, r.expected_measured)
+            }),
+            self.0
+                .iter()
+                .map(|r| r.sent.saturating_sub(r.received))
+                .max()
+                .map_or("-".into(), |v| v.to_string()),
+            self.0
+                .iter()
+                .map(|r| r.duplicates)
+                .max()
+                .map_or("-".into(), |v| v.to_string()),
+            median(self.0.iter().filter_map(|r| r.publish_rate).collect())
+                .map_or("-".into(), thousands),
+        ]
+    }
+}
+
+/// The latency table (markdown) and the edgehub / bridge ratios.
+pub fn print_latency_table(l: &LatencySettings, groups: &[Vec<LatencyRun>]) {
+    let header = [
+        "system",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "measured",
+        "lost",
+        "dups",
+        "publish msg/s",
+    ];
+    let groups: Vec<LatencyRuns> = groups
+        .iter()
+        .filter(|g| !g.is_empty())
+        .map(|g| LatencyRuns(g))
+        .collect();
+    let rows: Vec<Vec<String>> = groups.iter().map(LatencyRuns::cells).collect();
+    let repeats = groups.iter().map(|g| g.0.len()).max().unwrap_or(1);
+    println!();
+    println!(
+        "Latency, device PUBLISH to upstream subscriber, upstream connected ({} messages x {} B \
+         at {} msg/s, QoS 1, 1 publisher, first {} not measured{}):",
+        thousands(l.messages as f64),
+        l.payload,
+        thousands(f64::from(l.rate)),
+        l.warmup,
+        if repeats > 1 {
+            format!("; median (min-max) of the per-run percentiles of {repeats} runs")
+        } else {
+            String::new()
+        }
+    );
+    println!();
+    print_markdown(&header, &rows);
+
+    let find = |label: &str| groups.iter().find(|g| g.0[0].label == label);
+    let (edgehub, bridge, floor) = (
+        find("edgehub"),
+        find("mosquitto bridge"),
+        find(latency::UPSTREAM_LABEL),
+    );
+    let at = |g: Option<&LatencyRuns>, f: fn(&Percentiles) -> std::time::Duration| {
+        g.and_then(|g| g.median(f))
+    };
+    println!();
+    println!(
+        "Latency ratios{} (target: edgehub / bridge <= 1.2x):",
+        if repeats > 1 { " (of medians)" } else { "" }
+    );
+    println!(
+        "  edgehub / bridge:           p50 {}, p99 {}",
+        ratio(at(edgehub, |p| p.p50), at(bridge, |p| p.p50)),
+        ratio(at(edgehub, |p| p.p99), at(bridge, |p| p.p99))
+    );
+    println!(
+        "  edgehub / upstream floor:   p50 {}, p99 {}",
+        ratio(at(edgehub, |p| p.p50), at(floor, |p| p.p50)),
+        ratio(at(edgehub, |p| p.p99), at(floor, |p| p.p99))
+    );
+    println!(
+        "  bridge / upstream floor:    p50 {}, p99 {}",
+        ratio(at(bridge, |p| p.p50), at(floor, |p| p.p50)),
+        ratio(at(bridge, |p| p.p99), at(floor, |p| p.p99))
+    );
+
+    let mut notes = Vec::new();
+    for r in groups.iter().flat_map(|g| g.0.iter()) {
+        if let Some(e) = &r.error {
+            notes.push(format!("{} (latency): stopped early: {e}", r.label));
+        }
+        for w in &r.warnings {
+            notes.push(format!("{} (latency): WARNING: {w}", r.label));
+        }
+    }
+    if !notes.is_empty() {
+        println!();
+        println!("Notes:");
+        for n in notes {
+            println!("  - {n}");
+        }
+    }
 }

@@ -42,7 +42,7 @@ impl Settings {
         load::publisher_specs(self.messages, self.publishers, self.payload, self.window)
     }
 
-    fn deadline(&self) -> Instant {
+    pub fn deadline(&self) -> Instant {
         Instant::now() + self.phase_timeout
     }
 }
@@ -68,7 +68,7 @@ impl Sut {
         }
     }
 
-    fn dir_name(self) -> &'static str {
+    pub fn dir_name(self) -> &'static str {
         match self {
             Sut::Edgehub => "edgehub",
             Sut::EdgehubFilter => "edgehub-filter",
@@ -206,7 +206,7 @@ fn collect_log_warnings(proc: &Proc, out: &mut Vec<String>) {
     }
 }
 
-async fn stop(proc: &mut Proc, warnings: &mut Vec<String>) {
+pub(crate) async fn stop(proc: &mut Proc, warnings: &mut Vec<String>) {
     match proc.stop().await {
         Ok(status) if status.contains("killed") || status.contains("already") => {
             warnings.push(format!("{} {status}", proc.name))
@@ -266,7 +266,7 @@ pub async fn ceiling(s: &Settings) -> SystemResult {
 
 /// Starts the system under test, listening on `port`, forwarding to the
 /// (not yet listening) `upstream_port`.
-async fn start_sut(
+pub(crate) async fn start_sut(
     s: &Settings,
     sut: Sut,
     dir: &Path,
@@ -306,12 +306,12 @@ async fn start_sut(
 }
 
 /// A started system under test.
-struct Started {
-    proc: Proc,
+pub(crate) struct Started {
+    pub proc: Proc,
     /// File or directory holding its queue on disk.
-    store: PathBuf,
+    pub store: PathBuf,
     /// edgehub's Prometheus endpoint.
-    metrics_port: Option<u16>,
+    pub metrics_port: Option<u16>,
 }
 
 /// Creates the subscriber's persistent session in the upstream's
