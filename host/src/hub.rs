@@ -24,6 +24,8 @@ use crate::upstream::{self, Forwarder, Link, LinkConfig, Login, Transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    #[error("cannot start the forwarder thread: {0}")]
+    Thread(std::io::Error),
     #[error("cannot create storage folder {path}: {source}")]
     Storage {
         path: String,
@@ -238,7 +240,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         ttl_ms: default_ttl_ms.clone(),
         refusals_before_dead_letter: config.upstream.refusals_before_dead_letter,
     };
-    tasks.spawn(forwarder.run(shutdown.clone()));
+    let forwarder = forwarder
+        .spawn(shutdown.clone())
+        .map_err(HubError::Thread)?;
+    tasks.spawn(async move {
+        let _ = tokio::task::spawn_blocking(move || forwarder.join()).await;
+    });
     tasks.spawn(async move {
         let _ = link_task.await;
     });

