@@ -223,7 +223,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         metrics.clone(),
     );
     let cloud = CloudSync::subscribe(&mut link, &config.edge_id);
-    let (link, link_events, link_task) = link.spawn(shutdown.clone());
+    let (link, link_events, link_actor) = link.start();
     tasks.spawn(cloud.run(auth.clone(), hub_twin, shutdown.clone()));
     tasks.spawn(upstream::sync::report(
         link.clone(),
@@ -241,13 +241,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         refusals_before_dead_letter: config.upstream.refusals_before_dead_letter,
     };
     let forwarder = forwarder
-        .spawn(shutdown.clone())
+        .spawn(link_actor, shutdown.clone())
         .map_err(HubError::Thread)?;
     tasks.spawn(async move {
         let _ = tokio::task::spawn_blocking(move || forwarder.join()).await;
-    });
-    tasks.spawn(async move {
-        let _ = link_task.await;
     });
     match crate::control::bind(&config.storage) {
         Ok(listener) => {

@@ -1,9 +1,10 @@
 //! The durable upstream queue: messages bound upstream, in arrival order.
 //!
 //! Owns the fjall database under the storage folder. Keys are monotonic
-//! big-endian `u64`s assigned by the single writer ([`writer`]), which
-//! group-commits appends and fsyncs once per batch before anyone is told the
-//! messages are durable. Removal is done only by the upstream forwarder, always
+//! big-endian `u64`s given at the intake of the single writer ([`writer`]),
+//! which group-commits appends and fsyncs once per batch before anyone is
+//! told the messages are durable; meanwhile the live feed ([`live`]) may
+//! hand them to the forwarder from memory. Removal is done only by the upstream forwarder, always
 //! of a prefix (acknowledged or expired messages), with weak tombstones. The
 //! highest key ever assigned is kept in a meta keyspace so keys are never
 //! reused. What is sent, when, and to whom is not this module's concern.
@@ -13,18 +14,20 @@
 //! ([`dead_letters`]).
 
 pub mod dead_letters;
+pub mod live;
 pub mod record;
 pub mod status;
 pub mod writer;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
 
 pub use dead_letters::{DeadLetter, Selection};
+pub use live::{LiveBatch, LiveFeed};
 pub use record::Record;
 pub use writer::{AppendError, Appender};
 
@@ -56,8 +59,14 @@ struct Inner {
     dead_count: AtomicU64,
     /// Lowest key that may still be present; everything below is removed.
     head: AtomicU64,
-    /// Next key the writer assigns; everything below is durable.
+    /// Everything below is durable (or a gap the writer refused).
     tail: AtomicU64,
+    /// The next key the intake gives; at or above `tail`.
+    intake: Mutex<u64>,
+    /// Encoded bytes given keys and not yet written, for the quota.
+    pending: AtomicU64,
+    /// Appends offered to the forwarder before they are durable.
+    live: live::Tap,
     /// Sum of encoded record sizes in `head..tail`, for the quota.
     bytes: AtomicU64,
     /// Wakes the forwarder when `tail` moves.
@@ -137,6 +146,9 @@ impl Store {
                 dead_count: AtomicU64::new(dead_count),
                 head: AtomicU64::new(head),
                 tail: AtomicU64::new(tail),
+                intake: Mutex::new(tail),
+                pending: AtomicU64::new(0),
+                live: live::Tap::default(),
                 bytes: AtomicU64::new(bytes),
                 tail_tx,
             }),
@@ -153,6 +165,18 @@ impl Store {
 
     pub fn bytes(&self) -> u64 {
         self.inner.bytes.load(Ordering::Acquire)
+    }
+
+    /// Follows appends as they come, before they are durable (see
+    /// [`live`]); one follower at a time.
+    pub fn follow_live(&self) -> LiveFeed {
+        self.inner.live.follow()
+    }
+
+    /// Whether the live follower wants appends now (tests wait for it).
+    #[cfg(test)]
+    pub(crate) fn live_wanted(&self) -> bool {
+        self.inner.live.wanted()
     }
 
     /// A receiver that changes whenever new messages become durable.

@@ -59,6 +59,16 @@ impl Record {
         })
     }
 
+    /// The record as the forwarder reads a stored one.
+    pub fn as_view(&self) -> RecordRef<'_> {
+        RecordRef {
+            enqueued_ms: self.enqueued_ms,
+            topic: &self.topic,
+            payload: &self.payload,
+            ttl_secs: self.ttl_secs,
+        }
+    }
+
     /// Reads only the timestamp (for TTL sweeps and queue age).
     pub fn enqueued_ms_of(bytes: &[u8]) -> Result<u64, CorruptRecord> {
         let ts = bytes

@@ -6,8 +6,13 @@
 //! fsyncs once (`PersistMode::SyncData`) and only then answers. So the
 //! commit window is "whatever arrived during the previous fsync": no timer,
 //! no added latency when the hub is idle.
+//!
+//! Keys are given at the intake ([`Appender::append_later`]), before the
+//! write, so a batch can be offered to the live feed ([`super::live`]) while
+//! it is being written; the store's tail moves only once it is durable.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use fjall::PersistMode;
@@ -28,7 +33,11 @@ pub enum AppendError {
 }
 
 struct Request {
-    records: Vec<Record>,
+    /// Key of `records[0]`; the rest follow.
+    first: u64,
+    records: Arc<Vec<Record>>,
+    /// Encoded size of `records`, counted as pending until written.
+    size: u64,
     done: oneshot::Sender<Result<(), AppendError>>,
 }
 
@@ -36,6 +45,8 @@ struct Request {
 #[derive(Clone)]
 pub struct Appender {
     tx: mpsc::Sender<Request>,
+    store: Store,
+    quota: u64,
 }
 
 impl Appender {
@@ -49,30 +60,82 @@ impl Appender {
 
     /// Queues `records` and returns a receiver for the outcome, so a session
     /// can keep reading while the batch commits.
+    ///
+    /// This is the intake: it checks the records (a topic a record can
+    /// hold, the quota counting what is still being written), gives them
+    /// their keys and offers them to the live feed, all in one order under
+    /// one lock, so keys reach the writer in order.
     pub async fn append_later(
         &self,
         records: Vec<Record>,
     ) -> Result<oneshot::Receiver<Result<(), AppendError>>, AppendError> {
+        // The router checks topics first; this keeps the record format
+        // (a 16-bit topic length) safe whoever calls.
+        if let Some(long) = records.iter().find(|x| x.topic.len() > u16::MAX as usize) {
+            return Err(AppendError::TopicTooLong(long.topic.len()));
+        }
+        let size: u64 = records.iter().map(|x| x.encoded_len() as u64).sum();
+        let slot = self.tx.reserve().await.map_err(|_| AppendError::Closed)?;
+        let inner = &self.store.inner;
         let (done, rx) = oneshot::channel();
-        self.tx
-            .send(Request { records, done })
-            .await
-            .map_err(|_| AppendError::Closed)?;
+        let mut next = inner.intake.lock().expect("store intake");
+        let queued = self.store.bytes() + inner.pending.load(Ordering::Acquire);
+        if queued + size > self.quota {
+            return Err(AppendError::QuotaExceeded {
+                queued,
+                quota: self.quota,
+            });
+        }
+        inner.pending.fetch_add(size, Ordering::AcqRel);
+        let first = *next;
+        *next += records.len() as u64;
+        let records = Arc::new(records);
+        inner.live.offer(first, &records);
+        slot.send(Request {
+            first,
+            records,
+            size,
+            done,
+        });
         Ok(rx)
     }
 }
 
 /// Starts the writer thread. It ends when every [`Appender`] is dropped.
 pub fn spawn(store: Store, quota: u64, max_batch: usize) -> (Appender, JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(1024);
-    let join = std::thread::Builder::new()
-        .name("store-writer".into())
-        .spawn(move || run(store, rx, quota, max_batch))
-        .expect("spawn store writer thread");
-    (Appender { tx }, join)
+    let (appender, writer) = channel(store, quota);
+    (appender, writer.spawn(max_batch))
 }
 
-fn run(store: Store, mut rx: mpsc::Receiver<Request>, quota: u64, max_batch: usize) {
+/// The writer's end of the intake, before its thread starts.
+pub struct Writer {
+    store: Store,
+    rx: mpsc::Receiver<Request>,
+}
+
+/// An appender and the writer it feeds, not yet running: appends get
+/// their keys (and reach the live feed) and wait to be written.
+pub fn channel(store: Store, quota: u64) -> (Appender, Writer) {
+    let (tx, rx) = mpsc::channel(1024);
+    let writer = Writer {
+        store: store.clone(),
+        rx,
+    };
+    (Appender { tx, store, quota }, writer)
+}
+
+impl Writer {
+    /// Runs the writer on its own thread, taking up to `max_batch` records
+    /// per fsync.
+    pub fn spawn(self, max_batch: usize) -> JoinHandle<()> {
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(self.store, self.rx, max_batch))
+            .expect("spawn store writer thread")
+    }
+}
+
+fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
     let inner = &store.inner;
     let mut failed: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
@@ -87,7 +150,9 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, quota: u64, max_batch: usi
                 Err(_) => break,
             }
         }
+        let added: u64 = requests.iter().map(|r| r.size).sum();
         if let Some(reason) = &failed {
+            inner.pending.fetch_sub(added, Ordering::AcqRel);
             for r in requests {
                 answer(r.done, Err(AppendError::Storage(reason.clone())));
             }
@@ -95,50 +160,35 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, quota: u64, max_batch: usi
         }
 
         let mut tail = store.tail();
-        let mut added = 0u64;
         let mut batch = inner.db.batch().durability(Some(PersistMode::SyncData));
-        let mut accepted = Vec::with_capacity(requests.len());
-        for r in requests {
-            // The router checks topics first; this keeps the record format
-            // (a 16-bit topic length) safe whoever calls.
-            if let Some(long) = r.records.iter().find(|x| x.topic.len() > u16::MAX as usize) {
-                let len = long.topic.len();
-                answer(r.done, Err(AppendError::TopicTooLong(len)));
-                continue;
-            }
-            let size: u64 = r.records.iter().map(|x| x.encoded_len() as u64).sum();
-            let queued = store.bytes() + added;
-            if queued + size > quota {
-                answer(r.done, Err(AppendError::QuotaExceeded { queued, quota }));
-                continue;
-            }
-            for record in &r.records {
+        for r in &requests {
+            // Keys come in order from the intake; `first` can only be above
+            // the tail after a refused batch left a gap.
+            tail = r.first;
+            for record in r.records.iter() {
                 batch.insert(&inner.queue, tail.to_be_bytes(), record.encode());
                 tail += 1;
             }
-            added += size;
-            accepted.push(r.done);
-        }
-        if accepted.is_empty() {
-            continue;
         }
         batch.insert(&inner.meta, TAIL_KEY, tail.to_be_bytes());
         match batch.commit() {
             Ok(()) => {
                 inner.bytes.fetch_add(added, Ordering::AcqRel);
+                inner.pending.fetch_sub(added, Ordering::AcqRel);
                 inner.tail.store(tail, Ordering::Release);
                 inner.tail_tx.send_replace(tail);
-                for done in accepted {
-                    answer(done, Ok(()));
+                for r in requests {
+                    answer(r.done, Ok(()));
                 }
             }
             Err(e) => {
                 // A failed journal write poisons fjall: refuse everything from
                 // now on; what was stored before stays, and a restart recovers.
                 tracing::error!(error = %e, "store write failed; refusing further messages");
+                inner.pending.fetch_sub(added, Ordering::AcqRel);
                 let reason = e.to_string();
-                for done in accepted {
-                    answer(done, Err(AppendError::Storage(reason.clone())));
+                for r in requests {
+                    answer(r.done, Err(AppendError::Storage(reason.clone())));
                 }
                 failed = Some(reason);
             }

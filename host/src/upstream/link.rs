@@ -33,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Login, UpstreamError};
-use super::state::{Inbound, LinkState, Outgoing, Payload, Topic};
+use super::state::{Content, Inbound, LinkState, Outgoing};
 use super::transport::Connect;
 use crate::config::UpstreamAddr;
 use crate::metrics::Metrics;
@@ -179,17 +179,13 @@ impl Link {
         rx
     }
 
-    /// Starts the actor. Events are unbounded: at most one `Acked` per
-    /// read and one pair of connect/disconnect per connection, and the
-    /// publisher bounds what is in flight.
-    pub fn spawn(
-        self,
-        shutdown: CancellationToken,
-    ) -> (
-        LinkHandle,
-        mpsc::UnboundedReceiver<LinkEvent>,
-        JoinHandle<()>,
-    ) {
+    /// Builds the actor without running it: the handle and the events
+    /// exist at once, the actor runs wherever [`LinkActor::run`] is polled
+    /// (the forwarder's thread, so their hand-offs stay on one thread).
+    /// Events are unbounded: at most one `Acked` per read and one pair of
+    /// connect/disconnect per connection, and the publisher bounds what is
+    /// in flight.
+    pub fn start(self) -> (LinkHandle, mpsc::UnboundedReceiver<LinkEvent>, LinkActor) {
         let (tx, commands) = mpsc::channel(256);
         let (events, events_rx) = mpsc::unbounded_channel();
         let (acks_tx, acks) = mpsc::unbounded_channel();
@@ -206,8 +202,30 @@ impl Link {
             waiting: VecDeque::new(),
             generation: 0,
         };
-        let join = tokio::spawn(actor.run(shutdown));
-        (LinkHandle { tx }, events_rx, join)
+        (LinkHandle { tx }, events_rx, LinkActor(actor))
+    }
+
+    /// [`Link::start`], with the actor spawned on the current runtime.
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> (
+        LinkHandle,
+        mpsc::UnboundedReceiver<LinkEvent>,
+        JoinHandle<()>,
+    ) {
+        let (handle, events, actor) = self.start();
+        (handle, events, tokio::spawn(actor.run(shutdown)))
+    }
+}
+
+/// The link's actor, built and not yet running.
+pub struct LinkActor(Actor);
+
+impl LinkActor {
+    /// Runs the link until `shutdown` (or until every handle is dropped).
+    pub async fn run(self, shutdown: CancellationToken) {
+        self.0.run(shutdown).await
     }
 }
 
@@ -454,8 +472,10 @@ impl Actor {
 fn retained(topic: &str, payload: &Bytes) -> Outgoing {
     Outgoing {
         tag: 0,
-        topic: Topic::Owned(topic.to_string()),
-        payload: Payload::Owned(payload.clone()),
+        content: Content::Owned {
+            topic: topic.to_string(),
+            payload: payload.clone(),
+        },
         qos: QoS::AtMostOnce,
         retain: true,
     }
@@ -596,8 +616,10 @@ mod tests {
     fn owned(tag: u64, topic: &str) -> Outgoing {
         Outgoing {
             tag,
-            topic: Topic::Owned(topic.into()),
-            payload: Payload::Owned(Bytes::from_static(b"x")),
+            content: Content::Owned {
+                topic: topic.into(),
+                payload: Bytes::from_static(b"x"),
+            },
             qos: QoS::AtLeastOnce,
             retain: false,
         }

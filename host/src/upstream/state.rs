@@ -9,36 +9,54 @@
 //! the link actor (`link.rs`) does the I/O and the waiting.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::{v4, QoS};
 
 use crate::mqtt::packet_id::PacketIds;
+use crate::store::Record;
 
 /// A publish handed to the link. `tag` is the caller's name for it (the
 /// forwarder uses store keys) and comes back in [`Inbound::Acked`].
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub tag: u64,
-    pub topic: Topic,
-    pub payload: Payload,
+    pub content: Content,
     pub qos: QoS,
     pub retain: bool,
 }
 
-/// Where a publish's topic and payload live: a stored record read in place
-/// (no copy), or owned bytes.
+/// Where a publish's topic and payload live. Nothing is copied until the
+/// packet is encoded.
 #[derive(Debug, Clone)]
-pub enum Topic {
-    Owned(String),
-    /// The topic of the stored record in [`Payload::Stored`].
-    Stored,
+pub enum Content {
+    Owned { topic: String, payload: Bytes },
+    /// A stored record, read in place.
+    Stored(crate::store::Stored),
+    /// Record `.1` of a batch from the store's live feed.
+    Live(Arc<Vec<Record>>, usize),
 }
 
-#[derive(Debug, Clone)]
-pub enum Payload {
-    Owned(Bytes),
-    Stored(crate::store::Stored),
+impl Content {
+    /// The topic and payload to encode.
+    fn parts(&self) -> Result<(&str, &[u8]), StateError> {
+        Ok(match self {
+            Content::Owned { topic, payload } => (topic, payload),
+            Content::Stored(s) => {
+                let r = s
+                    .record()
+                    .map_err(|e| StateError::Corrupt(format!("key {}: {e}", s.key)))?;
+                (r.topic, r.payload)
+            }
+            Content::Live(batch, i) => {
+                let r = batch
+                    .get(*i)
+                    .ok_or_else(|| StateError::Corrupt(format!("no live record {i}")))?;
+                (&r.topic, &r.payload)
+            }
+        })
+    }
 }
 
 /// What one packet from the cloud meant.
@@ -127,23 +145,7 @@ impl LinkState {
 
     /// Encodes `o` into `out`; QoS 1 publishes are tracked until acknowledged.
     pub fn publish(&mut self, o: &Outgoing, out: &mut BytesMut) -> Result<(), StateError> {
-        let stored = match &o.payload {
-            Payload::Stored(s) => Some(
-                s.record()
-                    .map_err(|e| StateError::Corrupt(format!("key {}: {e}", s.key)))?,
-            ),
-            Payload::Owned(_) => None,
-        };
-        let topic = match (&o.topic, &stored) {
-            (Topic::Owned(t), _) => t.as_str(),
-            (Topic::Stored, Some(r)) => r.topic,
-            (Topic::Stored, None) => return Err(StateError::Corrupt("no stored record".into())),
-        };
-        let payload: &[u8] = match (&o.payload, &stored) {
-            (Payload::Owned(b), _) => b,
-            (Payload::Stored(_), Some(r)) => r.payload,
-            (Payload::Stored(_), None) => unreachable!("parsed above"),
-        };
+        let (topic, payload) = o.content.parts()?;
         let pkid = match o.qos {
             QoS::AtMostOnce => 0,
             _ => {
@@ -293,8 +295,10 @@ mod tests {
     fn owned(tag: u64, topic: &str, qos: QoS) -> Outgoing {
         Outgoing {
             tag,
-            topic: Topic::Owned(topic.into()),
-            payload: Payload::Owned(Bytes::from_static(b"body")),
+            content: Content::Owned {
+                topic: topic.into(),
+                payload: Bytes::from_static(b"body"),
+            },
             qos,
             retain: false,
         }
