@@ -165,7 +165,10 @@ mod tests {
         tap.offer(1, &recs(3));
         tap.offer(4, &recs(3));
         assert!(feed.take(5).is_some());
-        assert!(feed.take(1).is_none(), "keys behind the last taken are gone");
+        assert!(
+            feed.take(1).is_none(),
+            "keys behind the last taken are gone"
+        );
         assert!(feed.take(6).is_some());
         assert!(feed.take(7).is_none());
     }
@@ -176,7 +179,10 @@ mod tests {
         let mut feed = tap.follow();
         feed.want(true);
         tap.offer(10, &recs(2));
-        assert!(feed.take(8).is_none(), "keys 8 and 9 never came: read them from the store");
+        assert!(
+            feed.take(8).is_none(),
+            "keys 8 and 9 never came: read them from the store"
+        );
         assert!(feed.take(10).is_some());
     }
 

@@ -659,7 +659,10 @@ mod tests {
     async fn until(what: &str, cond: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !cond() {
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting: {what}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting: {what}"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -691,7 +694,10 @@ mod tests {
         let fwd = tokio::spawn(forwarder.run(shutdown.clone()));
         let (_, mut peer) = conns.recv().await.unwrap();
         peer.accept().await;
-        until("the forwarder follows the live feed", || store.live_wanted()).await;
+        until("the forwarder follows the live feed", || {
+            store.live_wanted()
+        })
+        .await;
 
         let durable = appender
             .append_later(vec![Record {

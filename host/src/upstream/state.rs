@@ -31,7 +31,10 @@ pub struct Outgoing {
 /// packet is encoded.
 #[derive(Debug, Clone)]
 pub enum Content {
-    Owned { topic: String, payload: Bytes },
+    Owned {
+        topic: String,
+        payload: Bytes,
+    },
     /// A stored record, read in place.
     Stored(crate::store::Stored),
     /// Record `.1` of a batch from the store's live feed.
