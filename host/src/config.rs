@@ -280,6 +280,49 @@ pub struct UpstreamConfig {
     /// before it is moved to the dead-letter area (at least 1).
     #[arg(long)]
     pub refusals_before_dead_letter: u32,
+    /// MQTT version spoken upstream: `3.1.1` (what IoT Hub speaks) or `5`
+    /// (the broker says why it refuses a publish; with 3.1.1 a broker such
+    /// as Mosquitto acknowledges a publish it drops for lack of rights).
+    #[arg(long = "upstream-mqtt-version", value_parser = mqtt_version)]
+    #[serde(deserialize_with = "deserialize_mqtt_version")]
+    pub mqtt_version: MqttVersion,
+}
+
+/// The MQTT version of the upstream connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MqttVersion {
+    #[default]
+    V311,
+    V5,
+}
+
+fn mqtt_version(s: &str) -> Result<MqttVersion, String> {
+    match s.trim() {
+        "3.1.1" | "3" | "4" => Ok(MqttVersion::V311),
+        "5" | "5.0" => Ok(MqttVersion::V5),
+        other => Err(format!(
+            "MQTT version {other:?} is not supported: use \"3.1.1\" or \"5\""
+        )),
+    }
+}
+
+/// Accepts `"5"`, `5`, `"3.1.1"` (a number or a string).
+fn deserialize_mqtt_version<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<MqttVersion, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Float(f64),
+        Str(String),
+    }
+    let text = match Raw::deserialize(d)? {
+        Raw::Int(i) => i.to_string(),
+        Raw::Float(f) => f.to_string(),
+        Raw::Str(s) => s,
+    };
+    mqtt_version(&text).map_err(serde::de::Error::custom)
 }
 
 /// The durable queue (section `[store]`).
@@ -358,6 +401,7 @@ impl Default for UpstreamConfig {
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
             refusals_before_dead_letter: 3,
+            mqtt_version: MqttVersion::V311,
         }
     }
 }
@@ -1138,6 +1182,32 @@ mod tests {
         let err = layered("", &[], "--max-batch 0").unwrap_err().to_string();
         assert!(
             err.starts_with("--max-batch: store.max_batch must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_upstream_mqtt_version_is_3_1_1_unless_5_is_asked_for_in_any_spelling() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.upstream.mqtt_version, MqttVersion::V311);
+        for file in [
+            "mqtt_version = 5",
+            "mqtt_version = \"5\"",
+            "mqtt_version = 5.0",
+        ] {
+            let c = Config::from_toml(&format!("[upstream]\n{file}\n")).unwrap();
+            assert_eq!(c.upstream.mqtt_version, MqttVersion::V5, "{file}");
+        }
+        let c = layered(
+            "[upstream]\nmqtt_version = 5\n",
+            &[],
+            "--upstream-mqtt-version 3.1.1",
+        );
+        assert_eq!(c.unwrap().upstream.mqtt_version, MqttVersion::V311);
+        let err = Config::from_toml("[upstream]\nmqtt_version = \"6\"\n").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("line 2") && err.contains("use \"3.1.1\" or \"5\""),
             "{err}"
         );
     }

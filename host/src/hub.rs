@@ -216,6 +216,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
                     }),
                 keep_alive: config.upstream.keep_alive_secs,
                 clean_session: false,
+                version: config.upstream.mqtt_version,
             },
             max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
         },

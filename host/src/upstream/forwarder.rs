@@ -22,13 +22,14 @@
 //! blocking pool instead cost about 2 us of CPU per forwarded message and
 //! 13 % of the drain rate.)
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{LinkActor, LinkEvent, LinkHandle};
@@ -115,6 +116,23 @@ impl Window {
         }
     }
 
+    /// Whether `key` was sent and is not acknowledged yet.
+    fn is_in_flight(&self, key: u64) -> bool {
+        key >= self.base
+            && self
+                .slots
+                .get((key - self.base) as usize)
+                .is_some_and(|s| !s.done)
+    }
+
+    /// Marks `key` done with nothing left to remove (it was moved out of
+    /// the queue).
+    fn forget(&mut self, key: u64) {
+        if self.ack(key) {
+            self.slots[(key - self.base) as usize].size = 0;
+        }
+    }
+
     /// The first sent message not yet acknowledged.
     fn lowest_unacked(&self) -> Option<u64> {
         self.slots
@@ -160,12 +178,27 @@ impl Window {
     }
 }
 
-/// Counts how often in a row the upstream dropped the connection with the
-/// same message first in line unacknowledged. A suspect is then sent alone
-/// (a window of one) until it is acknowledged, so the next drop is its own.
+/// Counts how often in a row the upstream refused the same message: by
+/// dropping the connection with it first in line unacknowledged (such a
+/// suspect is then sent alone, a window of one, until it is acknowledged, so
+/// the next drop is its own), or by answering it with an MQTT 5 error.
 struct Refusals {
     limit: u32,
     suspect: Option<(u64, u32)>,
+    /// Messages answered with an error reason, by key: refusals in a row.
+    answered: HashMap<u64, u32>,
+}
+
+/// What to do with a message the upstream answered with an error.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Send it again.
+    Resend,
+    /// The upstream is over its quota (0x97), not refusing this message:
+    /// send it again after a pause, without counting it against it.
+    Pause,
+    /// Refused this many times in a row: dead-letter it.
+    DeadLetter(u32),
 }
 
 impl Refusals {
@@ -173,6 +206,7 @@ impl Refusals {
         Self {
             limit: limit.max(1),
             suspect: None,
+            answered: HashMap::new(),
         }
     }
 
@@ -188,6 +222,25 @@ impl Refusals {
     fn acked(&mut self, key: u64) {
         if self.suspect.is_some_and(|(k, _)| k == key) {
             self.suspect = None;
+        }
+        if !self.answered.is_empty() {
+            self.answered.remove(&key);
+        }
+    }
+
+    /// The upstream answered the message at `key` with `reason` (>= 0x80).
+    fn answered(&mut self, key: u64, reason: u8) -> Verdict {
+        if reason == QUOTA_EXCEEDED {
+            return Verdict::Pause;
+        }
+        let strikes = self.answered.entry(key).or_insert(0);
+        *strikes += 1;
+        if *strikes >= self.limit {
+            let n = *strikes;
+            self.answered.remove(&key);
+            Verdict::DeadLetter(n)
+        } else {
+            Verdict::Resend
         }
     }
 
@@ -209,10 +262,47 @@ impl Refusals {
     }
 }
 
+/// MQTT 5 reason code: the receiver is over a quota (its, not the message's).
+const QUOTA_EXCEEDED: u8 = 0x97;
+/// How long sending pauses after the upstream says it is over its quota.
+const QUOTA_PAUSE: Duration = Duration::from_secs(1);
+
+/// The name of an MQTT 5 PUBACK reason code, for the dead letter's reason.
+fn reason_name(code: u8) -> &'static str {
+    match code {
+        0x80 => "unspecified error",
+        0x83 => "implementation specific error",
+        0x87 => "not authorized",
+        0x90 => "topic name invalid",
+        0x91 => "packet identifier in use",
+        0x97 => "quota exceeded",
+        0x99 => "payload format invalid",
+        _ => "error",
+    }
+}
+
 /// The connection the forwarder is sending on.
 struct Online {
     generation: u64,
     window: Window,
+    /// Refused keys to send again (once durable, read from the store).
+    resend: BTreeSet<u64>,
+    /// Refused keys to dead-letter once they are first in line, with why.
+    condemned: BTreeMap<u64, String>,
+    /// No sending until then (the upstream is over its quota).
+    paused_until: Option<Instant>,
+}
+
+impl Online {
+    fn new(generation: u64, head: u64) -> Self {
+        Self {
+            generation,
+            window: Window::new(head),
+            resend: BTreeSet::new(),
+            condemned: BTreeMap::new(),
+            paused_until: None,
+        }
+    }
 }
 
 impl Forwarder {
@@ -250,6 +340,7 @@ impl Forwarder {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         loop {
             if let Some(on) = &mut online {
+                self.bury(on).await;
                 let limit = refusals.window(self.max_inflight);
                 if let Err(e) = self.fill(on, &mut live, limit).await {
                     tracing::error!(error = %e, "reading the queue failed");
@@ -265,7 +356,7 @@ impl Forwarder {
                     None => break,
                     Some(LinkEvent::Connected { generation, .. }) => {
                         tracing::info!(queued = self.store.tail() - self.store.head(), "forwarding the queue upstream");
-                        online = Some(Online { generation, window: Window::new(self.store.head()) });
+                        online = Some(Online::new(generation, self.store.head()));
                         live.want(true);
                     }
                     Some(LinkEvent::Acked(keys)) => {
@@ -280,6 +371,13 @@ impl Forwarder {
                             self.metrics.forwarded(n);
                         }
                     }
+                    Some(LinkEvent::Refused { tag, reason }) => {
+                        if let Some(on) = &mut online {
+                            if on.window.is_in_flight(tag) {
+                                self.refused(on, &mut refusals, tag, reason);
+                            }
+                        }
+                    }
                     Some(LinkEvent::Disconnected { generation, .. }) => {
                         if let Some(mut on) = online.take_if(|on| on.generation == generation) {
                             live.want(false);
@@ -290,7 +388,8 @@ impl Forwarder {
                             on.window.pop_done(self.store.tail());
                             self.remove(&mut on.window, true).await;
                             if let Some((key, strikes)) = refusals.connection_lost(suspect) {
-                                self.dead_letter(key, strikes).await;
+                                let reason = format!("upstream_refused: the upstream closed the connection after this message {strikes} times in a row");
+                                self.dead_letter(key, &reason).await;
                             }
                         }
                     }
@@ -299,6 +398,11 @@ impl Forwarder {
                 // enough to remove.
                 _ = tail.changed(), if online.is_some() => { tail.borrow_and_update(); }
                 _ = live.recv(), if room => {}
+                _ = sleep_until(online.as_ref().and_then(|on| on.paused_until)), if online.as_ref().is_some_and(|on| on.paused_until.is_some()) => {
+                    if let Some(on) = &mut online {
+                        on.paused_until = None;
+                    }
+                }
                 _ = sweep.tick(), if online.is_none() => {
                     let ttl = self.ttl_ms.load(Ordering::Relaxed);
                     match sweep_expired(&self.store, ttl) {
@@ -324,13 +428,26 @@ impl Forwarder {
         live: &mut LiveFeed,
         limit: usize,
     ) -> Result<(), StoreError> {
+        if on.paused_until.is_some() {
+            return Ok(());
+        }
+        let mut batch = Vec::new();
+        let durable = self.store.tail();
+        while let Some(key) = on.resend.first().copied().filter(|k| *k < durable) {
+            on.resend.pop_first();
+            if let Some(stored) = self.store.read_from(key, 1)?.pop().filter(|s| s.key == key) {
+                batch.push(outgoing(key, Content::Stored(stored)));
+            }
+        }
         let window = &mut on.window;
-        if !window.should_refill(limit, self.store.tail()) {
+        if !window.should_refill(limit, durable) {
+            if !batch.is_empty() {
+                self.link.publish(on.generation, batch).await;
+            }
             return Ok(());
         }
         let now = store::now_ms();
         let default_ttl = self.ttl_ms.load(Ordering::Relaxed);
-        let mut batch = Vec::new();
         while window.slots.len() < limit {
             if let Some((records, i)) = live.take(window.next) {
                 let record = &records[i];
@@ -380,6 +497,56 @@ impl Forwarder {
         Ok(())
     }
 
+    /// The upstream answered the message at `key` with an error.
+    fn refused(&self, on: &mut Online, refusals: &mut Refusals, key: u64, reason: u8) {
+        let name = reason_name(reason);
+        match refusals.answered(key, reason) {
+            Verdict::Resend => {
+                tracing::warn!(
+                    key,
+                    reason = format!("0x{reason:02x} {name}"),
+                    "the upstream refused a message; sending it again"
+                );
+                on.resend.insert(key);
+            }
+            Verdict::Pause => {
+                tracing::warn!(
+                    key,
+                    pause_ms = QUOTA_PAUSE.as_millis() as u64,
+                    "the upstream is over its quota; pausing"
+                );
+                on.resend.insert(key);
+                on.paused_until = Some(Instant::now() + QUOTA_PAUSE);
+            }
+            Verdict::DeadLetter(strikes) => {
+                on.condemned.insert(key, format!(
+                    "upstream_refused: the upstream answered this message 0x{reason:02x} ({name}) {strikes} times in a row"
+                ));
+            }
+        }
+    }
+
+    /// Dead-letters the refused messages that are now first in line: the
+    /// dead-letter area takes a message from the head of the queue only,
+    /// so everything before it is removed first.
+    async fn bury(&self, on: &mut Online) {
+        while let Some((&key, _)) = on.condemned.first_key_value() {
+            if on.window.lowest_unacked() != Some(key) {
+                return;
+            }
+            on.window.pop_done(self.store.tail());
+            self.remove(&mut on.window, true).await;
+            if self.store.head() != key {
+                // What is before it is not durable yet: the next tail
+                // change comes back here.
+                return;
+            }
+            let (_, reason) = on.condemned.pop_first().expect("first");
+            self.dead_letter(key, &reason).await;
+            on.window.forget(key);
+        }
+    }
+
     /// Removes what the window has done with from the store.
     async fn remove(&self, window: &mut Window, all: bool) {
         if let Some((end, bytes)) = window.take_removable(all) {
@@ -390,11 +557,8 @@ impl Forwarder {
     }
 
     /// Moves the message at `key` (the head) to the dead-letter area.
-    async fn dead_letter(&self, key: u64, strikes: u32) {
-        let reason = format!(
-            "upstream_refused: the upstream closed the connection after this message {strikes} times in a row"
-        );
-        match self.store.move_head_to_dead_letters(key, &reason) {
+    async fn dead_letter(&self, key: u64, reason: &str) {
+        match self.store.move_head_to_dead_letters(key, reason) {
             Ok(true) => {
                 self.metrics.dead_letter("upstream_refused", 1);
                 tracing::error!(key, %reason, "message moved to the dead-letter area; the queue flows on (see `edgehub queue dead-letters`)");
@@ -413,6 +577,14 @@ fn outgoing(key: u64, content: Content) -> Outgoing {
         content,
         qos: QoS::AtLeastOnce,
         retain: false,
+    }
+}
+
+/// Sleeps until `at`; forever when there is no `at`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -548,6 +720,41 @@ mod tests {
             "nothing in flight: no strike"
         );
         assert_eq!(r.window(256), 1);
+    }
+
+    #[test]
+    fn a_message_answered_with_an_error_is_resent_then_dead_lettered_and_a_quota_only_pauses() {
+        let mut r = Refusals::new(3);
+        assert_eq!(r.answered(7, 0x87), Verdict::Resend);
+        assert_eq!(r.answered(7, 0x87), Verdict::Resend);
+        assert_eq!(r.answered(8, 0x90), Verdict::Resend, "counted per message");
+        assert_eq!(
+            r.answered(7, QUOTA_EXCEEDED),
+            Verdict::Pause,
+            "not the message's fault"
+        );
+        assert_eq!(r.answered(7, 0x87), Verdict::DeadLetter(3));
+        r.acked(8);
+        assert_eq!(r.answered(8, 0x90), Verdict::Resend, "an ack ends the run");
+        assert_eq!(
+            r.window(256),
+            256,
+            "answered refusals do not shrink the window"
+        );
+    }
+
+    #[test]
+    fn a_forgotten_key_is_done_with_nothing_to_remove() {
+        let mut w = Window::new(1);
+        for k in 1..=3 {
+            w.push(k, 10, true);
+        }
+        assert!(w.is_in_flight(2));
+        w.forget(1);
+        w.ack(2);
+        assert!(!w.is_in_flight(2));
+        w.pop_done(u64::MAX);
+        assert_eq!(w.take_removable(true), Some((3, 10)), "only key 2's bytes");
     }
 
     /// The forwarder, the link and a real store, with an in-memory broker

@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::{v4, QoS};
+use rumqttc::mqttbytes::QoS;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{Connection, Login, UpstreamError};
+use super::connection::{Connection, Incoming, Login, UpstreamError};
 use super::state::{Content, Inbound, LinkState, Outgoing};
 use super::transport::Connect;
 use crate::config::UpstreamAddr;
@@ -52,6 +52,10 @@ pub enum LinkEvent {
     Connected { generation: u64, address: String },
     /// These tags are acknowledged by the cloud.
     Acked(Vec<u64>),
+    /// The cloud refused the publish tagged `tag` (MQTT 5 reason code
+    /// `reason`, 0x80 or above) and keeps the connection: it is not
+    /// delivered, the publisher decides what next.
+    Refused { tag: u64, reason: u8 },
     /// The connection of `generation` ended; nothing sent on it that was not
     /// acknowledged will be.
     Disconnected { generation: u64, error: String },
@@ -310,7 +314,7 @@ impl Actor {
         mut conn: Connection,
         shutdown: &CancellationToken,
     ) -> Result<(), UpstreamError> {
-        let mut state = LinkState::new(self.generation);
+        let mut state = LinkState::new(self.generation, conn.wire());
         // Messages waiting for consumers came from the previous connection:
         // they are delivered but their acknowledgements are stale, so the
         // cloud (persistent session) sends them again.
@@ -330,7 +334,7 @@ impl Actor {
                 .map(|(i, _)| self.consumers[*i].tx.clone());
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = v4::Packet::Disconnect.write(&mut conn.write_buf, usize::MAX);
+                    conn.wire().disconnect(&mut conn.write_buf);
                     let _ = conn.flush().await;
                     return Ok(());
                 }
@@ -360,6 +364,11 @@ impl Actor {
                     let mut acked = Vec::new();
                     let mut packet = Some(packet?);
                     while let Some(p) = packet {
+                        if let Incoming::Disconnect { reason } = p {
+                            return Err(UpstreamError::Protocol(format!(
+                                "the upstream disconnected, reason 0x{reason:02x}"
+                            )));
+                        }
                         self.receive(&mut state, p, &mut acked, &mut conn);
                         if self.waiting.len() >= MAX_WAITING {
                             break;
@@ -406,12 +415,19 @@ impl Actor {
     fn receive(
         &mut self,
         state: &mut LinkState,
-        packet: v4::Packet,
+        packet: Incoming,
         acked: &mut Vec<u64>,
         conn: &mut Connection,
     ) {
         match state.receive(packet) {
             Inbound::Acked(tag) => acked.push(tag),
+            Inbound::Refused { tag, reason } => {
+                // Acknowledgements before it go first: order is kept.
+                if !acked.is_empty() {
+                    let _ = self.events.send(LinkEvent::Acked(std::mem::take(acked)));
+                }
+                let _ = self.events.send(LinkEvent::Refused { tag, reason });
+            }
             Inbound::Cloud {
                 topic,
                 payload,
@@ -511,6 +527,7 @@ pub(crate) mod fake {
                 sas: None,
                 keep_alive: 60,
                 clean_session: false,
+                version: crate::config::MqttVersion::V311,
             },
             max_backoff: std::time::Duration::from_millis(100),
         }
@@ -599,6 +616,7 @@ pub(crate) mod fake {
 mod tests {
     use super::fake::{config, Peer, Upstream};
     use super::*;
+    use rumqttc::mqttbytes::v4;
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(10);

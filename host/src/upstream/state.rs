@@ -12,8 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::{v4, QoS};
+use rumqttc::mqttbytes::QoS;
 
+use super::connection::{Incoming, Wire};
 use crate::mqtt::packet_id::PacketIds;
 use crate::store::Record;
 
@@ -67,6 +68,9 @@ impl Content {
 pub enum Inbound {
     /// The publish tagged `tag` is acknowledged.
     Acked(u64),
+    /// The cloud refused the publish tagged `tag` (a v5 PUBACK with
+    /// `reason` 0x80 or above): it is not delivered.
+    Refused { tag: u64, reason: u8 },
     /// The cloud published; `pkid` is set for QoS 1 (acknowledge it with
     /// [`LinkState::consumed`] once its consumer has it).
     Cloud {
@@ -94,6 +98,7 @@ pub enum StateError {
 /// with the next generation.
 pub struct LinkState {
     generation: u64,
+    wire: Wire,
     ids: PacketIds,
     /// Tag of each QoS 1 publish awaiting its PUBACK, by packet id.
     inflight: HashMap<u16, u64>,
@@ -105,9 +110,10 @@ pub struct LinkState {
 }
 
 impl LinkState {
-    pub fn new(generation: u64) -> Self {
+    pub fn new(generation: u64, wire: Wire) -> Self {
         Self {
             generation,
+            wire,
             ids: PacketIds::default(),
             inflight: HashMap::new(),
             subscribe: None,
@@ -136,13 +142,7 @@ impl LinkState {
             return;
         }
         let Some(pkid) = self.next_id() else { return };
-        let mut s = v4::Subscribe::new_many(
-            filters
-                .iter()
-                .map(|f| v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-        );
-        s.pkid = pkid;
-        write(v4::Packet::Subscribe(s), out);
+        self.wire.subscribe(pkid, filters, out);
         self.subscribe = Some((pkid, filters.to_vec()));
     }
 
@@ -157,49 +157,55 @@ impl LinkState {
                 id
             }
         };
-        encode_publish(out, topic, payload, pkid, o.retain);
+        self.wire.publish(out, topic, payload, pkid, o.retain);
         Ok(())
     }
 
-    /// What a packet from the cloud means; replies (none today) go to `out`.
-    pub fn receive(&mut self, packet: v4::Packet) -> Inbound {
+    /// What a packet from the cloud means.
+    pub fn receive(&mut self, packet: Incoming) -> Inbound {
         match packet {
-            v4::Packet::PubAck(ack) => match self.inflight.remove(&ack.pkid) {
+            Incoming::PubAck { pkid, reason } => match self.inflight.remove(&pkid) {
+                Some(tag) if reason >= 0x80 => Inbound::Refused { tag, reason },
                 Some(tag) => Inbound::Acked(tag),
                 None => Inbound::Nothing,
             },
-            v4::Packet::PingResp => {
+            Incoming::PingResp => {
                 self.ping_outstanding = false;
                 Inbound::Nothing
             }
-            v4::Packet::Publish(p) => {
-                let pkid = match p.qos {
-                    QoS::AtMostOnce => None,
+            Incoming::Publish {
+                topic,
+                payload,
+                qos,
+                pkid,
+            } => {
+                let pkid = match qos {
+                    0 => None,
                     // QoS 2 is answered as QoS 1 would be; the hub
                     // subscribes at QoS 1, so a broker sends no QoS 2.
                     _ => {
-                        self.cloud.push_back((p.pkid, false));
-                        Some(p.pkid)
+                        self.cloud.push_back((pkid, false));
+                        Some(pkid)
                     }
                 };
                 Inbound::Cloud {
-                    topic: p.topic,
-                    payload: p.payload,
+                    topic,
+                    payload,
                     pkid,
                 }
             }
-            v4::Packet::SubAck(ack) => {
-                let Some((pkid, filters)) = self.subscribe.take() else {
+            Incoming::SubAck { pkid, refused } => {
+                let Some((id, filters)) = self.subscribe.take() else {
                     return Inbound::Nothing;
                 };
-                if pkid != ack.pkid {
-                    self.subscribe = Some((pkid, filters));
+                if id != pkid {
+                    self.subscribe = Some((id, filters));
                     return Inbound::Nothing;
                 }
                 let refused: Vec<String> = filters
                     .into_iter()
-                    .zip(&ack.return_codes)
-                    .filter(|(_, c)| matches!(c, v4::SubscribeReasonCode::Failure))
+                    .zip(refused)
+                    .filter(|(_, r)| *r)
                     .map(|(f, _)| f)
                     .collect();
                 if refused.is_empty() {
@@ -228,7 +234,7 @@ impl LinkState {
         }
         while let Some(&(id, true)) = self.cloud.front() {
             self.cloud.pop_front();
-            write(v4::Packet::PubAck(v4::PubAck::new(id)), out);
+            self.wire.puback(id, out);
         }
     }
 
@@ -239,7 +245,7 @@ impl LinkState {
             return Err(StateError::KeepAlive);
         }
         self.ping_outstanding = true;
-        write(v4::Packet::PingReq, out);
+        self.wire.pingreq(out);
         Ok(())
     }
 
@@ -257,43 +263,12 @@ impl LinkState {
     }
 }
 
-fn write(packet: v4::Packet, out: &mut BytesMut) {
-    if let Err(e) = packet.write(out, usize::MAX) {
-        tracing::error!(error = ?e, "could not encode an upstream packet");
-    }
-}
-
-/// MQTT 3.1.1 PUBLISH straight from borrowed bytes (the forwarder's hot
-/// path: no topic or payload copies). `pkid` 0 means QoS 0.
-fn encode_publish(out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u16, retain: bool) {
-    use bytes::BufMut;
-    let qos1 = pkid != 0;
-    let mut remaining = 2 + topic.len() + if qos1 { 2 } else { 0 } + payload.len();
-    out.reserve(5 + remaining);
-    out.put_u8(0x30 | if qos1 { 0x02 } else { 0 } | u8::from(retain));
-    loop {
-        let mut byte = (remaining % 128) as u8;
-        remaining /= 128;
-        if remaining > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if remaining == 0 {
-            break;
-        }
-    }
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic.as_bytes());
-    if qos1 {
-        out.put_u16(pkid);
-    }
-    out.put_slice(payload);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::mqttbytes as m;
+    use crate::config::MqttVersion;
+    use rumqttc::mqttbytes::{self as m, v4};
+    use rumqttc::v5::mqttbytes::v5;
 
     fn owned(tag: u64, topic: &str, qos: QoS) -> Outgoing {
         Outgoing {
@@ -319,9 +294,19 @@ mod tests {
         v4::Packet::PubAck(v4::PubAck::new(pkid))
     }
 
+    const V3: Wire = Wire(MqttVersion::V311);
+    const V5: Wire = Wire(MqttVersion::V5);
+
+    /// What the link reads when the cloud sends `p` (3.1.1).
+    fn inc(p: v4::Packet) -> Incoming {
+        let mut buf = BytesMut::new();
+        p.write(&mut buf, usize::MAX).unwrap();
+        V3.read(&mut buf).unwrap().unwrap()
+    }
+
     #[test]
     fn a_puback_releases_the_tag_its_publish_was_sent_under() {
-        let mut s = LinkState::new(1);
+        let mut s = LinkState::new(1, V3);
         let mut out = BytesMut::new();
         s.publish(&owned(42, "a/b", QoS::AtLeastOnce), &mut out)
             .unwrap();
@@ -335,15 +320,19 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(s.receive(puback(pkids[1])), Inbound::Acked(43));
-        assert_eq!(s.receive(puback(pkids[1])), Inbound::Nothing, "only once");
+        assert_eq!(s.receive(inc(puback(pkids[1]))), Inbound::Acked(43));
+        assert_eq!(
+            s.receive(inc(puback(pkids[1]))),
+            Inbound::Nothing,
+            "only once"
+        );
         assert_eq!(s.inflight(), 1);
         assert_eq!(s.close(), vec![42], "the unacknowledged one is reported");
     }
 
     #[test]
     fn qos0_publishes_are_not_tracked_and_carry_the_retain_flag() {
-        let mut s = LinkState::new(1);
+        let mut s = LinkState::new(1, V3);
         let mut out = BytesMut::new();
         let mut o = owned(1, "twin/reported", QoS::AtMostOnce);
         o.retain = true;
@@ -360,13 +349,13 @@ mod tests {
 
     #[test]
     fn cloud_publishes_are_acknowledged_only_once_consumed_and_in_arrival_order() {
-        let mut s = LinkState::new(7);
+        let mut s = LinkState::new(7, V3);
         let mut out = BytesMut::new();
         for pkid in [5u16, 6, 7] {
             let mut p = v4::Publish::new("edges/e/scope", QoS::AtLeastOnce, "{}");
             p.pkid = pkid;
             assert!(matches!(
-                s.receive(v4::Packet::Publish(p)),
+                s.receive(inc(v4::Packet::Publish(p))),
                 Inbound::Cloud { pkid: Some(id), .. } if id == pkid
             ));
         }
@@ -385,20 +374,20 @@ mod tests {
 
     #[test]
     fn an_unanswered_ping_ends_the_connection() {
-        let mut s = LinkState::new(1);
+        let mut s = LinkState::new(1, V3);
         let mut out = BytesMut::new();
         s.keepalive_due(&mut out).unwrap();
         assert_eq!(read_all(&mut out), vec![v4::Packet::PingReq]);
         assert_eq!(s.keepalive_due(&mut out), Err(StateError::KeepAlive));
-        let mut s = LinkState::new(1);
+        let mut s = LinkState::new(1, V3);
         s.keepalive_due(&mut out).unwrap();
-        s.receive(v4::Packet::PingResp);
+        s.receive(inc(v4::Packet::PingResp));
         assert!(s.keepalive_due(&mut out).is_ok(), "answered: ping again");
     }
 
     #[test]
     fn refused_subscriptions_are_named() {
-        let mut s = LinkState::new(1);
+        let mut s = LinkState::new(1, V3);
         let mut out = BytesMut::new();
         s.subscribe(&["a".into(), "b".into()], &mut out);
         let pkid = match &read_all(&mut out)[..] {
@@ -413,7 +402,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            s.receive(v4::Packet::SubAck(ack)),
+            s.receive(inc(v4::Packet::SubAck(ack))),
             Inbound::SubscribeRefused(vec!["b".into()])
         );
     }
@@ -423,7 +412,7 @@ mod tests {
         for payload_len in [0usize, 5, 200, 20_000, 3_000_000] {
             let payload = vec![7u8; payload_len];
             let mut buf = BytesMut::new();
-            encode_publish(
+            V3.publish(
                 &mut buf,
                 "devices/d1/messages/events/a=b",
                 &payload,
@@ -442,5 +431,73 @@ mod tests {
             }
             assert!(buf.is_empty());
         }
+    }
+
+    #[test]
+    fn a_v5_puback_with_an_error_reason_refuses_the_publish_and_a_low_one_acknowledges_it() {
+        let mut s = LinkState::new(1, V5);
+        let mut out = BytesMut::new();
+        for tag in [1, 2] {
+            s.publish(&owned(tag, "a/b", QoS::AtLeastOnce), &mut out)
+                .unwrap();
+        }
+        let mut pkids = Vec::new();
+        while !out.is_empty() {
+            match v5::Packet::read(&mut out, None).unwrap() {
+                v5::Packet::Publish(p) => {
+                    assert_eq!((&p.topic[..], &p.payload[..]), (&b"a/b"[..], &b"body"[..]));
+                    pkids.push(p.pkid);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let ack = |pkid, reason| {
+            let mut buf = BytesMut::new();
+            let mut a = v5::PubAck::new(pkid, None);
+            a.reason = reason;
+            v5::Packet::PubAck(a).write(&mut buf, None).unwrap();
+            V5.read(&mut buf).unwrap().unwrap()
+        };
+        assert_eq!(
+            s.receive(ack(pkids[0], v5::PubAckReason::NotAuthorized)),
+            Inbound::Refused {
+                tag: 1,
+                reason: 0x87
+            }
+        );
+        assert_eq!(
+            s.receive(ack(pkids[1], v5::PubAckReason::NoMatchingSubscribers)),
+            Inbound::Acked(2),
+            "0x10 is a success"
+        );
+        assert_eq!(s.inflight(), 0);
+    }
+
+    #[test]
+    fn v5_control_packets_read_back_with_the_v5_codec() {
+        let mut s = LinkState::new(1, V5);
+        let mut out = BytesMut::new();
+        s.subscribe(&["edges/e/#".into()], &mut out);
+        s.keepalive_due(&mut out).unwrap();
+        let mut p = v5::Publish::new("c2d", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, "x", None);
+        p.pkid = 9;
+        let mut buf = BytesMut::new();
+        v5::Packet::Publish(p).write(&mut buf, None).unwrap();
+        let cloud = V5.read(&mut buf).unwrap().unwrap();
+        assert!(matches!(
+            s.receive(cloud),
+            Inbound::Cloud { pkid: Some(9), .. }
+        ));
+        s.consumed(1, 9, &mut out);
+        let mut kinds = Vec::new();
+        while !out.is_empty() {
+            kinds.push(match v5::Packet::read(&mut out, None).unwrap() {
+                v5::Packet::Subscribe(sub) => format!("subscribe {}", sub.filters[0].path),
+                v5::Packet::PingReq(_) => "ping".into(),
+                v5::Packet::PubAck(a) => format!("puback {}", a.pkid),
+                other => panic!("{other:?}"),
+            });
+        }
+        assert_eq!(kinds, ["subscribe edges/e/#", "ping", "puback 9"]);
     }
 }
