@@ -115,3 +115,33 @@ def test_dead_letter_commands_refuse_unknown_input_clearly(hub_factory):
     assert r.stdout.strip() == b"replayed 0"
     assert listed(hub) == []
     wait_until(hub.alive, 1, "the hub runs on")
+
+
+def test_a_message_an_mqtt5_upstream_refuses_is_dead_lettered_and_the_rest_arrive_in_order(
+    upstream_factory, collector_factory, hub_factory, clients, tmp_path
+):
+    # Mosquitto answers a publish its ACL denies with PUBACK 0x87 to an MQTT
+    # 5 client (to a 3.1.1 client it acknowledges it and drops it unseen).
+    acl = tmp_path / "upstream.acl"
+    acl.write_text("topic deny plain/secret\ntopic readwrite #\n")
+    up = upstream_factory(extra_conf=[f"acl_file {acl}"])
+    up.start()
+    collector = collector_factory(up, filters=["plain/#"])
+    hub = hub_factory(
+        up, edge_id="edge-v5", forward_topics=["plain/#"],
+        extra_args=["--upstream-mqtt-version", "5"],
+    )
+    pub = connect_publisher(hub.port, clients)
+    items = [("plain/secret" if i == 7 else "plain/seq", f"seq={i}".encode()) for i in range(20)]
+    publish_all(pub, items, timeout=30)
+
+    good = [p for t, p in items if t == "plain/seq"]
+    msgs = collector.wait_for(lambda ms: set(good) <= {p for _, p in ms}, timeout=60, desc="every allowed message")
+    assert first_occurrences(p for _, p in msgs) == good, "first copies in order, the refused one never"
+
+    hub.wait_metric("edgehub_dead_letters_total", lambda v: v == 1, 30, "the refused message dead-lettered")
+    entries = listed(hub)
+    assert [(e["topic"], e["payload_bytes"]) for e in entries] == [("plain/secret", len(b"seq=7"))]
+    assert "0x87" in entries[0]["reason"] and "3 times" in entries[0]["reason"], entries
+    hub.wait_queue_depth(0, timeout=10)
+    assert hub.alive()
