@@ -19,6 +19,8 @@ use crate::store::{self, Appender, DeadLetter, Selection, Store, StoreError};
 
 /// Longest request line read.
 const MAX_REQUEST: u64 = 1 << 20;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The socket of the hub storing in `storage`.
 pub fn socket_path(storage: &Path) -> PathBuf {
@@ -144,11 +146,18 @@ pub async fn serve(
 
 async fn answer_one(stream: UnixStream, store: &Store, appender: &Appender) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
-    let answer = match serde_json::from_str::<Request>(&line) {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST));
+    let reading = reader.read_until(b'\n', &mut line);
+    // A client that never finishes its line does not hold a task forever.
+    let parsed = match tokio::time::timeout(REQUEST_TIMEOUT, reading).await {
+        Ok(read) => read.map(|_| serde_json::from_slice::<Request>(&line)),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no request line in time",
+        )),
+    }?;
+    let answer = match parsed {
         Ok(request) => {
             tracing::info!(?request, "control request");
             let (store, appender) = (store.clone(), appender.clone());
@@ -249,6 +258,39 @@ mod tests {
             !socket_path(dir.path()).exists(),
             "the socket is removed on shutdown"
         );
+        drop(appender);
+        join.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_malformed_request_gets_a_clear_error_and_the_socket_keeps_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
+        for bad in [
+            &b"not json\n"[..],
+            b"{\"command\":\"format-disk\"}\n",
+            b"\xff\xfe\x00\n",
+            b"{\"command\":\"list-dead-letters\"", // cut short: no limit, no newline
+        ] {
+            let (client, server) = UnixStream::pair().unwrap();
+            let serving = tokio::spawn({
+                let (store, appender) = (store.clone(), appender.clone());
+                async move { answer_one(server, &store, &appender).await }
+            });
+            let (read, mut write) = client.into_split();
+            write.write_all(bad).await.unwrap();
+            write.shutdown().await.unwrap();
+            let mut answer = String::new();
+            BufReader::new(read).read_line(&mut answer).await.unwrap();
+            match serde_json::from_str::<Answer>(&answer).unwrap() {
+                Answer::Error(e) => assert!(e.starts_with("bad request"), "{e}"),
+                other => panic!("{bad:?} answered {other:?}"),
+            }
+            serving.await.unwrap().unwrap();
+        }
+        let answer = execute(&store, &appender, Request::ListDeadLetters { limit: 10 }).await;
+        assert_eq!(answer, Answer::DeadLetters(vec![]));
         drop(appender);
         join.join().unwrap();
     }
