@@ -7,7 +7,8 @@
 //! receives. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
 //! socket into a running hub's store (dead letters); `durable_file`
-//! (crash-safe file replacement) and `pem` (certificates and keys) are
+//! (crash-safe file replacement), `pem` (certificates and keys), `topic`
+//! (MQTT topic names and filters) and `packet_id` (MQTT packet ids) are
 //! shared helpers.
 
 pub mod auth;
@@ -17,9 +18,11 @@ pub mod durable_file;
 pub mod hub;
 pub mod metrics;
 pub mod mqtt;
+pub mod packet_id;
 pub mod pem;
 pub mod plugins;
 pub mod routing;
 pub mod store;
+pub mod topic;
 pub mod twin;
 pub mod upstream;

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::codec::Publish;
-use super::topic;
 use crate::metrics::{DropReason, Metrics};
+use crate::topic;
 
 /// Capacity of each session's outbox.
 pub const OUTBOX: usize = 1024;
@@ -272,13 +272,9 @@ impl Broker {
                 pkid: 0,
                 ..msg.clone()
             };
-            match &client.outbox {
-                Some(outbox) => {
-                    if outbox.try_send(out).is_err() {
-                        self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
-                    }
-                }
-                None if out.qos > 0 => {
+            let Some(outbox) = &client.outbox else {
+                // Disconnected: a persistent session keeps QoS 1 messages.
+                if out.qos > 0 {
                     if client.offline.len() >= self.offline_cap {
                         client.offline.pop_front();
                         self.metrics
@@ -286,7 +282,10 @@ impl Broker {
                     }
                     client.offline.push_back(out);
                 }
-                None => {}
+                continue;
+            };
+            if outbox.try_send(out).is_err() {
+                self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
             }
         }
     }

@@ -23,11 +23,11 @@ use super::codec::{
     self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol,
     PubReason, Publish, SubRefusal,
 };
-use super::topic;
 use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
 use crate::metrics::{DropReason, Metrics};
 use crate::routing::{Durable, Router};
 use crate::store::AppendError;
+use crate::topic;
 
 /// How long a new connection may take to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -199,7 +199,7 @@ struct Session {
     qos2_received: HashSet<u16>,
     /// QoS 1 deliveries sent to the client, by packet id.
     outgoing: HashMap<u16, Publish>,
-    pkids: crate::mqtt::packet_id::PacketIds,
+    pkids: crate::packet_id::PacketIds,
     out: BytesMut,
 }
 

@@ -12,8 +12,8 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::rules::Fields;
 use crate::mqtt::dialect::Telemetry;
-use crate::mqtt::topic;
 use crate::plugins::Message;
+use crate::topic;
 
 /// Property-bag keys and the system property each stands for.
 const SYSTEM: [(&str, &str); 8] = [

@@ -28,9 +28,9 @@ use crate::metrics::Metrics;
 use crate::mqtt::broker::BrokerHandle;
 use crate::mqtt::codec::Publish;
 use crate::mqtt::dialect::Telemetry;
-use crate::mqtt::topic;
 use crate::plugins::{CallFailure, Endpoint, Message, Outcome, PluginPool, Registry};
 use crate::store::{self, AppendError, Appender, Record};
+use crate::topic;
 
 pub use table::Routes;
 

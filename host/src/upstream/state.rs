@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::{v4, QoS};
 
-use crate::mqtt::packet_id::PacketIds;
+use crate::packet_id::PacketIds;
 
 /// A publish handed to the link. `tag` is the caller's name for it (the
 /// forwarder uses store keys) and comes back in [`Inbound::Acked`].
