@@ -1,8 +1,8 @@
 //! edgehub: an offline-first edge hub for IoT gateways.
 //!
 //! Data flows one way: `mqtt` (listener, sessions) -> `routing` -> `store`
-//! (durable queue) -> `upstream` (forwarder to the cloud broker), with
-//! `mqtt::broker` for local publish/subscribe. `auth` decides who sessions
+//! (durable queue) -> `upstream` (forwarder to the cloud broker), and
+//! `routing` -> `broker` (local publish/subscribe). `auth` decides who sessions
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
@@ -12,6 +12,7 @@
 //! shared helpers.
 
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod control;
 pub mod durable_file;

@@ -18,12 +18,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{BrokerHandle, OUTBOX};
 use super::codec::{
     self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol,
     PubReason, Publish, SubRefusal,
 };
 use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
+use crate::broker::{BrokerHandle, Delivery, OUTBOX};
 use crate::metrics::{DropReason, Metrics};
 use crate::routing::{Durable, Router};
 use crate::store::AppendError;
@@ -191,7 +191,7 @@ struct Session {
     keep_alive: Option<Duration>,
     will: Option<Publish>,
     ctx: Arc<SessionContext>,
-    outbox: mpsc::Receiver<Publish>,
+    outbox: mpsc::Receiver<Delivery>,
     kick: CancellationToken,
     /// Acks owed, in the order the publishes arrived.
     pending: VecDeque<Pending>,
@@ -625,8 +625,8 @@ impl Session {
                 self.codec
                     .write(Outbound::SubAck { pkid, granted }, &mut self.out);
                 let retained = self.ctx.broker.subscribe(&self.client_id, accepted).await;
-                for p in retained {
-                    self.deliver(Publish { retain: true, ..p });
+                for d in retained {
+                    self.deliver(Delivery { retain: true, ..d });
                 }
             }
             Inbound::Unsubscribe { pkid, filters } => {
@@ -645,7 +645,15 @@ impl Session {
     }
 
     /// Sends a message to this client (QoS 1 tracked until its PUBACK).
-    fn deliver(&mut self, mut p: Publish) {
+    fn deliver(&mut self, d: Delivery) {
+        let mut p = Publish {
+            topic: d.topic,
+            payload: d.payload,
+            qos: d.qos,
+            retain: d.retain,
+            dup: d.dup,
+            pkid: 0,
+        };
         if p.qos > 0 {
             p.qos = 1;
             p.pkid = self.alloc_pkid();
@@ -674,10 +682,20 @@ impl Session {
             };
             router.dispatch(&self.client_id, local, upstream).await;
         }
-        let mut unacked: Vec<Publish> = self.outgoing.drain().map(|(_, p)| p).collect();
-        unacked.sort_by_key(|p| p.pkid);
-        while let Ok(p) = self.outbox.try_recv() {
-            unacked.push(p);
+        let mut sent: Vec<Publish> = self.outgoing.drain().map(|(_, p)| p).collect();
+        sent.sort_by_key(|p| p.pkid);
+        let mut unacked: Vec<Delivery> = sent
+            .into_iter()
+            .map(|p| Delivery {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                dup: p.dup,
+            })
+            .collect();
+        while let Ok(d) = self.outbox.try_recv() {
+            unacked.push(d);
         }
         self.ctx
             .broker

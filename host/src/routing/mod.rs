@@ -24,8 +24,8 @@ use tokio::sync::oneshot;
 
 use self::message::MessageFields;
 use self::rules::{OnError, Route, Sink};
+use crate::broker::{BrokerHandle, Delivery};
 use crate::metrics::Metrics;
-use crate::mqtt::broker::BrokerHandle;
 use crate::mqtt::codec::Publish;
 use crate::mqtt::dialect::Telemetry;
 use crate::plugins::{CallFailure, Endpoint, Message, Outcome, PluginPool, Registry};
@@ -61,7 +61,7 @@ pub struct Router {
 #[derive(Default)]
 struct Deliveries {
     records: Vec<Record>,
-    module_inputs: Vec<Publish>,
+    module_inputs: Vec<Delivery>,
     /// Messages a plugin worker never answered for (it died): the batch is
     /// then refused, so the publisher sends it again.
     unanswered: usize,
@@ -133,8 +133,7 @@ impl Router {
             }
             return Some(rx);
         }
-        let mut all = local;
-        all.extend(upstream);
+        let mut all: Vec<Delivery> = local.into_iter().chain(upstream).map(delivery).collect();
         all.extend(out.module_inputs);
         if !all.is_empty() {
             self.broker.publish(all).await;
@@ -389,13 +388,12 @@ impl Router {
             tracing::warn!(module, input, "not a deliverable module input (wildcards or slashes); message not delivered there");
             return;
         }
-        out.module_inputs.push(Publish {
+        out.module_inputs.push(Delivery {
             topic: message::module_input_topic(&self.edge_id, module, input, m),
             payload: Bytes::copy_from_slice(&m.body),
             qos: 1,
             retain: false,
             dup: false,
-            pkid: 0,
         });
     }
 
@@ -443,5 +441,16 @@ impl Router {
             payload: Bytes::copy_from_slice(&m.body),
             ttl_secs: route.ttl_secs,
         }
+    }
+}
+
+/// A received publish as the local broker delivers it.
+fn delivery(p: Publish) -> Delivery {
+    Delivery {
+        topic: p.topic,
+        payload: p.payload,
+        qos: p.qos,
+        retain: p.retain,
+        dup: false,
     }
 }
