@@ -2,7 +2,9 @@
 //!
 //! Data flows one way: `mqtt` (listener, sessions) -> `routing` -> `store`
 //! (durable queue) -> `upstream` (forwarder to the cloud broker), and
-//! `routing` -> `broker` (local publish/subscribe). `auth` decides who sessions
+//! `routing` -> `broker` (local publish/subscribe), carrying one type,
+//! `message::Message` (its body shared, never copied, on the way; converted
+//! to the plugins' WIT record only inside `plugins`). `auth` decides who sessions
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
@@ -17,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod durable_file;
 pub mod hub;
+pub mod message;
 pub mod metrics;
 pub mod mqtt;
 pub mod packet_id;
