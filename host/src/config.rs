@@ -412,7 +412,7 @@ impl Default for StoreConfig {
             ttl_secs: DEFAULT_TTL_SECS,
             max_queue_bytes: 1 << 30,
             max_batch: 4096,
-            max_topic_bytes: crate::mqtt::topic::MAX_LEN,
+            max_topic_bytes: crate::topic::MAX_LEN,
         }
     }
 }
@@ -931,7 +931,7 @@ impl Config {
             }
         }
         for filter in &self.mqtt.forward_topics {
-            if !crate::mqtt::topic::valid_filter(filter) {
+            if !crate::topic::valid_filter(filter) {
                 return bad(format!(
                     "mqtt.forward_topics: {filter:?} is not a valid topic filter"
                 ));

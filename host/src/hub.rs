@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, CacheError};
+use crate::broker;
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
-use crate::mqtt::{broker, listener, session::SessionContext, tls};
+use crate::mqtt::{listener, session::SessionContext, tls};
 use crate::plugins::{self, PluginEngine, PluginPool, Registry};
 use crate::routing::{PluginHost, Router, Routes};
 use crate::store::{self, Store};

@@ -1,25 +1,32 @@
 //! edgehub: an offline-first edge hub for IoT gateways.
 //!
 //! Data flows one way: `mqtt` (listener, sessions) -> `routing` -> `store`
-//! (durable queue) -> `upstream` (forwarder to the cloud broker), with
-//! `mqtt::broker` for local publish/subscribe. `auth` decides who sessions
+//! (durable queue) -> `upstream` (forwarder to the cloud broker), and
+//! `routing` -> `broker` (local publish/subscribe), carrying one type,
+//! `message::Message` (its body shared, never copied, on the way; converted
+//! to the plugins' WIT record only inside `plugins`). `auth` decides who sessions
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
 //! socket into a running hub's store (dead letters); `durable_file`
-//! (crash-safe file replacement) and `pem` (certificates and keys) are
+//! (crash-safe file replacement), `pem` (certificates and keys), `topic`
+//! (MQTT topic names and filters) and `packet_id` (MQTT packet ids) are
 //! shared helpers.
 
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod control;
 pub mod durable_file;
 pub mod hub;
+pub mod message;
 pub mod metrics;
 pub mod mqtt;
+pub mod packet_id;
 pub mod pem;
 pub mod plugins;
 pub mod routing;
 pub mod store;
+pub mod topic;
 pub mod twin;
 pub mod upstream;

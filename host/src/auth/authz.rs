@@ -6,7 +6,7 @@
 //! open.
 
 use super::Principal;
-use crate::mqtt::topic;
+use crate::topic;
 
 /// Topics under these roots belong to identities, never to anonymous clients.
 const IDENTITY_ROOTS: [&str; 2] = ["devices/", "$iothub/"];

@@ -83,7 +83,7 @@ pub enum Refusal {
 }
 
 /// Settings of this module (config section `[auth]`; the flags and
-/// environment variables come from these declarations, see [`crate::config`]).
+/// environment variables come from these declarations in the `config` module).
 #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 #[command(next_help_heading = "Device authentication ([auth] in the file)")]

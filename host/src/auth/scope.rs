@@ -11,6 +11,7 @@
 //! ]}
 //! ```
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use base64::Engine;
@@ -98,13 +99,15 @@ impl Scope {
             };
             let name = identity.client_id();
             match check(edge_id, &entry) {
-                Ok(credentials) => {
-                    if scope.identities.contains_key(&name) {
-                        rejected.push(format!("{name}: listed twice; the first entry is kept"));
-                    } else {
-                        scope.identities.insert(name, (identity, credentials));
+                Ok(credentials) => match scope.identities.entry(name) {
+                    Entry::Occupied(e) => rejected.push(format!(
+                        "{}: listed twice; the first entry is kept",
+                        e.key()
+                    )),
+                    Entry::Vacant(e) => {
+                        e.insert((identity, credentials));
                     }
-                }
+                },
                 Err(why) => rejected.push(format!("{name}: {why}")),
             }
         }

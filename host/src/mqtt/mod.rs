@@ -1,16 +1,15 @@
 //! The downstream MQTT server: what local modules and devices connect to.
 //!
-//! Layout: `codec` (wire format, v3.1.1 and v5), `topic` (names, filters,
-//! matching), `dialect` (IoT Hub topic forms), `listener` (accept loop), `packet_id` (the
-//! packet id allocator, shared with the upstream link),
-//! `session` (one connection), `broker` (local pub/sub state), `tls` (server
-//! certificates).
+//! Layout: `codec` (wire format, v3.1.1 and v5), `listener` (accept loop),
+//! `session` (one connection: it turns each publish into the hub's
+//! `message::Message` and hands it to the router), `tls` (server
+//! certificates). Topic names and filters are in the top-level
+//! `topic` module, packet ids in `packet_id`: both are MQTT's, but `auth`,
+//! `routing` and `upstream` use them too. The local broker the sessions
+//! attach to is the top-level `broker`: a destination of routed messages,
+//! not the way in.
 
-pub mod broker;
 pub mod codec;
-pub mod dialect;
 pub mod listener;
-pub mod packet_id;
 pub mod session;
 pub mod tls;
-pub mod topic;

@@ -18,16 +18,17 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{BrokerHandle, OUTBOX};
 use super::codec::{
     self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol,
     PubReason, Publish, SubRefusal,
 };
-use super::topic;
 use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
+use crate::broker::{BrokerHandle, Delivery, OUTBOX};
+use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
 use crate::routing::{Durable, Router};
-use crate::store::AppendError;
+use crate::store::{self, AppendError};
+use crate::topic;
 
 /// How long a new connection may take to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -182,7 +183,8 @@ async fn read_connect<S: AsyncRead + Unpin>(
 }
 
 struct Session {
-    client_id: String,
+    /// Shared with every message this client publishes (their publisher).
+    client_id: Arc<str>,
     /// Who this session acts for; checked again whenever the scope changes.
     principal: Principal,
     scope: tokio::sync::watch::Receiver<Option<Arc<Scope>>>,
@@ -191,7 +193,7 @@ struct Session {
     keep_alive: Option<Duration>,
     will: Option<Publish>,
     ctx: Arc<SessionContext>,
-    outbox: mpsc::Receiver<Publish>,
+    outbox: mpsc::Receiver<Delivery>,
     kick: CancellationToken,
     /// Acks owed, in the order the publishes arrived.
     pending: VecDeque<Pending>,
@@ -199,7 +201,7 @@ struct Session {
     qos2_received: HashSet<u16>,
     /// QoS 1 deliveries sent to the client, by packet id.
     outgoing: HashMap<u16, Publish>,
-    pkids: crate::mqtt::packet_id::PacketIds,
+    pkids: crate::packet_id::PacketIds,
     out: BytesMut,
 }
 
@@ -245,6 +247,7 @@ impl Session {
         } else {
             connect.client_id.clone()
         };
+        let client_id: Arc<str> = client_id.into();
         let principal = match ctx.auth.authenticate(
             &client_id,
             ClientCredentials {
@@ -410,6 +413,8 @@ impl Session {
         let mut local = Vec::new();
         let mut upstream = Vec::new();
         let mut acks = Vec::new();
+        // Every publish of one read is taken at the same time.
+        let now = store::now_ms();
         let result = loop {
             let packet = match self.codec.read(buf) {
                 Ok(Some(p)) => p,
@@ -419,7 +424,9 @@ impl Session {
             match packet {
                 Inbound::Publish(p) => {
                     self.ctx.metrics.received(1);
-                    if let Err(e) = self.accept_publish(p, &mut local, &mut upstream, &mut acks) {
+                    let accepted =
+                        self.accept_publish(p, now, &mut local, &mut upstream, &mut acks);
+                    if let Err(e) = accepted {
                         break Err(e);
                     }
                 }
@@ -436,11 +443,14 @@ impl Session {
         result
     }
 
+    /// Checks one received publish, notes the ack it is owed and turns it
+    /// into the message routed (taken at `now`).
     fn accept_publish(
         &mut self,
         p: Publish,
-        local: &mut Vec<Publish>,
-        upstream: &mut Vec<Publish>,
+        now: u64,
+        local: &mut Vec<Message>,
+        upstream: &mut Vec<Message>,
         acks: &mut Vec<Ack>,
     ) -> Result<(), SessionEnd> {
         if !topic::valid_name(&p.topic) {
@@ -489,10 +499,12 @@ impl Session {
                 denied: false,
             });
         }
+        let publisher = self.client_id.clone();
+        let m = Message::published(publisher, p.topic, p.payload, p.qos, p.retain, now);
         if stored {
-            upstream.push(p);
+            upstream.push(m);
         } else {
-            local.push(p);
+            local.push(m);
         }
         Ok(())
     }
@@ -500,23 +512,16 @@ impl Session {
     /// Routes what `on_bytes` gathered and queues its acks behind earlier ones.
     async fn route(
         &mut self,
-        local: &mut Vec<Publish>,
-        upstream: &mut Vec<Publish>,
+        local: &mut Vec<Message>,
+        upstream: &mut Vec<Message>,
         acks: &mut Vec<Ack>,
     ) {
         if local.is_empty() && upstream.is_empty() && acks.is_empty() {
             return;
         }
-        let stored_qos0 = upstream.iter().filter(|p| p.qos == 0).count() as u64;
-        let durable = self
-            .ctx
-            .router
-            .dispatch(
-                &self.client_id,
-                std::mem::take(local),
-                std::mem::take(upstream),
-            )
-            .await;
+        let stored_qos0 = upstream.iter().filter(|m| m.qos == 0).count() as u64;
+        let (local, upstream) = (std::mem::take(local), std::mem::take(upstream));
+        let durable = self.ctx.router.dispatch(local, upstream).await;
         self.pending.push_back(Pending {
             durable,
             outcome: None,
@@ -625,8 +630,8 @@ impl Session {
                 self.codec
                     .write(Outbound::SubAck { pkid, granted }, &mut self.out);
                 let retained = self.ctx.broker.subscribe(&self.client_id, accepted).await;
-                for p in retained {
-                    self.deliver(Publish { retain: true, ..p });
+                for d in retained {
+                    self.deliver(Delivery { retain: true, ..d });
                 }
             }
             Inbound::Unsubscribe { pkid, filters } => {
@@ -645,7 +650,15 @@ impl Session {
     }
 
     /// Sends a message to this client (QoS 1 tracked until its PUBACK).
-    fn deliver(&mut self, mut p: Publish) {
+    fn deliver(&mut self, d: Delivery) {
+        let mut p = Publish {
+            topic: d.topic,
+            payload: d.payload,
+            qos: d.qos,
+            retain: d.retain,
+            dup: d.dup,
+            pkid: 0,
+        };
         if p.qos > 0 {
             p.qos = 1;
             p.pkid = self.alloc_pkid();
@@ -667,17 +680,30 @@ impl Session {
     async fn finish(mut self, end: &SessionEnd) {
         if let (Some(will), false) = (self.will.take(), matches!(end, SessionEnd::Shutdown)) {
             let router = &self.ctx.router;
+            let publisher = self.client_id.clone();
+            let (topic, body, now) = (will.topic, will.payload, store::now_ms());
+            let will = Message::published(publisher, topic, body, will.qos, will.retain, now);
             let (local, upstream) = if router.upstream_bound(&will.topic) {
                 (Vec::new(), vec![will])
             } else {
                 (vec![will], Vec::new())
             };
-            router.dispatch(&self.client_id, local, upstream).await;
+            router.dispatch(local, upstream).await;
         }
-        let mut unacked: Vec<Publish> = self.outgoing.drain().map(|(_, p)| p).collect();
-        unacked.sort_by_key(|p| p.pkid);
-        while let Ok(p) = self.outbox.try_recv() {
-            unacked.push(p);
+        let mut sent: Vec<Publish> = self.outgoing.drain().map(|(_, p)| p).collect();
+        sent.sort_by_key(|p| p.pkid);
+        let mut unacked: Vec<Delivery> = sent
+            .into_iter()
+            .map(|p| Delivery {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                dup: p.dup,
+            })
+            .collect();
+        while let Ok(d) = self.outbox.try_recv() {
+            unacked.push(d);
         }
         self.ctx
             .broker

@@ -2,6 +2,8 @@
 //! compiles to a WebAssembly component of the worlds in `wit/plugin.wit`.
 //!
 //! - `bindings`: the WIT worlds as Rust types.
+//! - `boundary`: the hub's messages in, verdicts out: the only place that
+//!   converts to and from the WIT message record.
 //! - `engine`: the wasmtime engine, call deadlines, the compiled-code cache.
 //! - `instance`: one plugin's code and settings, its sandbox and its instances.
 //! - `log_limit`: the rate and length limits of a plugin's `host.log` lines.
@@ -14,6 +16,7 @@
 //! happens to a message when a plugin fails (the router does both).
 
 pub mod bindings;
+pub mod boundary;
 pub mod engine;
 pub mod instance;
 pub mod jsonl;
@@ -25,7 +28,10 @@ pub mod watch;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The WIT records, for the plugin host's own use (the rest of the hub
+/// uses `crate::message::Message`, converted in `boundary`).
 pub use bindings::{Endpoint, Message};
+pub use boundary::{Destination, Verdict};
 pub use engine::PluginEngine;
 pub use instance::{Grants, Instance, Kind, Limits, Plugin, Settings};
 pub use log_limit::{LogLimit, PluginLog};

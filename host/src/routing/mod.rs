@@ -9,11 +9,15 @@
 //! a module input, or a plugin and what follows it). When a plugin fails,
 //! the route's `onError` policy decides: pass, drop, or dead-letter.
 //!
+//! Messages arrive as [`Message`]s and leave as the store's [`Record`]s and
+//! the broker's [`Delivery`]s, sharing the message's body (no copy); only a
+//! plugin call copies it (into the guest, in `plugins::boundary`).
+//!
 //! - `rules/`: the route language and the route table.
-//! - `message.rs`: the routed view of a publish, and topics back from it.
+//! - `fields.rs`: a message as route conditions read it.
 //! - `table.rs`: the live route table and the hub's default time to live.
 
-pub mod message;
+pub mod fields;
 pub mod rules;
 pub mod table;
 
@@ -22,15 +26,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use self::message::MessageFields;
+use self::fields::MessageFields;
 use self::rules::{OnError, Route, Sink};
+use crate::broker::{BrokerHandle, Delivery};
+use crate::message::iothub::{self, Telemetry};
+use crate::message::{Headers, Message};
 use crate::metrics::Metrics;
-use crate::mqtt::broker::BrokerHandle;
-use crate::mqtt::codec::Publish;
-use crate::mqtt::dialect::Telemetry;
-use crate::mqtt::topic;
-use crate::plugins::{CallFailure, Endpoint, Message, Outcome, PluginPool, Registry};
-use crate::store::{self, AppendError, Appender, Record};
+use crate::plugins::boundary::{self, Verdicts};
+use crate::plugins::{CallFailure, Destination, PluginPool, Registry, Verdict};
+use crate::store::{AppendError, Appender, Record};
+use crate::topic;
 
 pub use table::Routes;
 
@@ -61,7 +66,10 @@ pub struct Router {
 #[derive(Default)]
 struct Deliveries {
     records: Vec<Record>,
-    module_inputs: Vec<Publish>,
+    /// Every message of the batch, for local subscribers.
+    local: Vec<Delivery>,
+    /// What routes and plugins sent to module inputs.
+    module_inputs: Vec<Delivery>,
     /// Messages a plugin worker never answered for (it died): the batch is
     /// then refused, so the publisher sends it again.
     unanswered: usize,
@@ -102,25 +110,10 @@ impl Router {
     }
 
     /// Sends `local` and `upstream` to local subscribers and routes
-    /// `upstream` (published by `client_id`). Returns the durability outcome
-    /// when anything went to the store.
-    pub async fn dispatch(
-        &self,
-        client_id: &str,
-        local: Vec<Publish>,
-        upstream: Vec<Publish>,
-    ) -> Option<Durable> {
-        let now = store::now_ms();
-        let out = match self.routes.table() {
-            None => {
-                let mut out = Deliveries::default();
-                for p in &upstream {
-                    self.store_upstream(&mut out, "", &p.topic, p.payload.clone(), now, None);
-                }
-                out
-            }
-            Some(table) => self.route(&table, client_id, &upstream, now).await,
-        };
+    /// `upstream`. Returns the durability outcome when anything went to the
+    /// store.
+    pub async fn dispatch(&self, local: Vec<Message>, upstream: Vec<Message>) -> Option<Durable> {
+        let out = self.deliveries(local, upstream).await;
         if out.unanswered > 0 {
             tracing::error!(
                 messages = out.unanswered,
@@ -133,11 +126,10 @@ impl Router {
             }
             return Some(rx);
         }
-        let mut all = local;
-        all.extend(upstream);
-        all.extend(out.module_inputs);
-        if !all.is_empty() {
-            self.broker.publish(all).await;
+        let mut local = out.local;
+        local.extend(out.module_inputs);
+        if !local.is_empty() {
+            self.broker.publish(local).await;
         }
         if out.records.is_empty() {
             return None;
@@ -153,39 +145,52 @@ impl Router {
         }
     }
 
+    /// Everything a batch becomes: records for the store (as the route table
+    /// says) and deliveries for local subscribers (the whole batch, module
+    /// inputs), each sharing its message's body.
+    async fn deliveries(&self, local: Vec<Message>, upstream: Vec<Message>) -> Deliveries {
+        let mut out = match self.routes.table() {
+            None => {
+                let mut out = Deliveries::default();
+                for m in &upstream {
+                    let (topic, body) = (&m.topic, m.body.clone());
+                    self.store_upstream(&mut out, "", topic, body, m.enqueued_ms, None);
+                }
+                out
+            }
+            Some(table) => self.route(&table, &upstream).await,
+        };
+        out.local = local.into_iter().chain(upstream).map(delivery).collect();
+        out
+    }
+
     /// Applies the route table to a batch. The messages of the batch bound
     /// for the same plugin route go to its worker as one job (a batch filter
     /// gets them in one call); jobs are submitted first and awaited after.
-    async fn route(
-        &self,
-        table: &rules::RouteTable,
-        client_id: &str,
-        upstream: &[Publish],
-        now: u64,
-    ) -> Deliveries {
+    async fn route(&self, table: &rules::RouteTable, upstream: &[Message]) -> Deliveries {
         let mut out = Deliveries::default();
         // Per plugin route (in table order): the messages it takes.
         let mut jobs: Vec<(&Route, Vec<Message>)> = Vec::new();
-        for p in upstream {
-            let m = message::from_publish(&p.topic, &p.payload, client_id, now);
-            let fields = MessageFields::new(&m);
+        for m in upstream {
+            let fields = MessageFields::new(m);
             let mut sent_upstream = false;
             let mut sent_inputs: Vec<(&str, &str)> = Vec::new();
             let matching = table.routes().iter();
-            for route in matching.filter(|r| r.matches(&m.source, &fields)) {
+            for route in matching.filter(|r| r.matches(m.source(), &fields)) {
                 match &route.sink {
                     // The same message to the same endpoint once, however
                     // many routes lead there.
                     Sink::Upstream if !sent_upstream => {
                         sent_upstream = true;
                         let (name, ttl) = (&route.name, route.ttl_secs);
-                        self.store_upstream(&mut out, name, &p.topic, p.payload.clone(), now, ttl);
+                        let (topic, body) = (&m.topic, m.body.clone());
+                        self.store_upstream(&mut out, name, topic, body, m.enqueued_ms, ttl);
                     }
                     Sink::ModuleInput { module, input }
                         if !sent_inputs.contains(&(module.as_str(), input.as_str())) =>
                     {
                         sent_inputs.push((module, input));
-                        self.to_module(&mut out, module, input, &m);
+                        self.to_module(&mut out, module, input, m);
                     }
                     Sink::Plugin { .. } => {
                         match jobs.iter_mut().find(|(r, _)| std::ptr::eq(*r, route)) {
@@ -218,23 +223,20 @@ impl Router {
     }
 
     /// Hands `messages` to plugin `name`; one answer each, in order, with
-    /// the message it answers.
+    /// the message it answers (fewer when its worker died).
     fn submit(
         &self,
         name: &str,
         messages: Vec<Message>,
-    ) -> impl std::future::Future<Output = Vec<(Message, Result<Outcome, CallFailure>)>> {
+    ) -> impl std::future::Future<Output = Verdicts> {
         let plugin = self.plugins.as_ref().and_then(|h| h.registry.get(name));
         let pending = match (plugin, &self.plugins) {
-            (Some(p), Some(h)) => Ok(h.pool.submit(p, messages)),
+            (Some(p), Some(h)) => Ok(boundary::submit(&h.pool, p, messages)),
             _ => Err(messages),
         };
         async move {
             match pending {
-                // The pool answers every job while routers exist; a worker
-                // that died would drop its reply, and then there are no
-                // messages to hand back.
-                Ok(rx) => rx.await.unwrap_or_default(),
+                Ok(verdicts) => verdicts.await,
                 Err(messages) => messages
                     .into_iter()
                     .map(|m| (m, Err(CallFailure::NotLoaded)))
@@ -250,7 +252,7 @@ impl Router {
         route: &Route,
         sink: &Sink,
         input: Message,
-        result: Result<Outcome, CallFailure>,
+        result: Result<Verdict, CallFailure>,
     ) {
         let Sink::Plugin { name, then } = sink else {
             return;
@@ -260,9 +262,9 @@ impl Router {
         // stored and sent: one that cannot is the plugin's bad result, and
         // the route's failure policy decides (never the store).
         let result = match result {
-            Ok(Outcome::Filtered(Some(m))) if matches!(next, Sink::Upstream) => {
-                match topic::check_name(&message::upstream_topic(&m), self.max_topic_bytes) {
-                    Ok(()) => Ok(Outcome::Filtered(Some(m))),
+            Ok(Verdict::Filtered(Some(m))) if matches!(next, Sink::Upstream) => {
+                match topic::check_name(&iothub::upstream_topic(&m), self.max_topic_bytes) {
+                    Ok(()) => Ok(Verdict::Filtered(Some(m))),
                     Err(e) => {
                         self.metrics.invalid_topic(e.reason(), &route.name);
                         tracing::warn!(route = %route.name, plugin = %name, error = %e, policy = ?route.on_error, "plugin returned a topic that cannot be sent upstream");
@@ -273,19 +275,19 @@ impl Router {
             other => other,
         };
         match result {
-            Ok(Outcome::Filtered(Some(m))) => Box::pin(self.deliver(out, route, next, m)).await,
-            Ok(Outcome::Filtered(None)) => self.metrics.filtered_out(1),
-            Ok(Outcome::Routed(endpoints)) => {
-                if endpoints.is_empty() {
+            Ok(Verdict::Filtered(Some(m))) => Box::pin(self.deliver(out, route, next, m)).await,
+            Ok(Verdict::Filtered(None)) => self.metrics.filtered_out(1),
+            Ok(Verdict::Routed(destinations)) => {
+                if destinations.is_empty() {
                     self.metrics.filtered_out(1);
                 }
-                for e in endpoints {
-                    match e {
-                        Endpoint::Upstream => self.to_upstream(out, route, &input),
-                        Endpoint::ModuleInput((module, inp)) => {
-                            self.to_module(out, &module, &inp, &input)
+                for d in destinations {
+                    match d {
+                        Destination::Upstream => self.to_upstream(out, route, &input),
+                        Destination::ModuleInput { module, input: i } => {
+                            self.to_module(out, &module, &i, &input)
                         }
-                        Endpoint::Drop => self.metrics.filtered_out(1),
+                        Destination::Drop => self.metrics.filtered_out(1),
                     }
                 }
             }
@@ -345,8 +347,8 @@ impl Router {
     }
 
     fn to_upstream(&self, out: &mut Deliveries, route: &Route, m: &Message) {
-        let topic = message::upstream_topic(m);
-        let body = Bytes::copy_from_slice(&m.body);
+        let topic = iothub::upstream_topic(m);
+        let body = m.body.clone();
         self.store_upstream(
             out,
             &route.name,
@@ -385,17 +387,16 @@ impl Router {
     }
 
     fn to_module(&self, out: &mut Deliveries, module: &str, input: &str, m: &Message) {
-        if !message::valid_segment(module) || !message::valid_segment(input) {
+        if !iothub::valid_segment(module) || !iothub::valid_segment(input) {
             tracing::warn!(module, input, "not a deliverable module input (wildcards or slashes); message not delivered there");
             return;
         }
-        out.module_inputs.push(Publish {
-            topic: message::module_input_topic(&self.edge_id, module, input, m),
-            payload: Bytes::copy_from_slice(&m.body),
+        out.module_inputs.push(Delivery {
+            topic: iothub::module_input_topic(&self.edge_id, module, input, m),
+            payload: m.body.clone(),
             qos: 1,
             retain: false,
             dup: false,
-            pkid: 0,
         });
     }
 
@@ -409,39 +410,113 @@ impl Router {
         m: &Message,
         failure: &CallFailure,
     ) -> Record {
-        let mut dead = Message {
+        let mut headers = Headers {
             source: String::new(),
-            topic: format!("devices/{}/modules/$edgeHub/messages/events/", self.edge_id),
-            properties: m.properties.clone(),
+            properties: m.properties().to_vec(),
             // Content type, message id… stay; the output is the dead-letter one.
             system_properties: m
-                .system_properties
+                .system_properties()
                 .iter()
                 .filter(|(k, _)| k != "$outputName")
                 .cloned()
                 .chain([("$outputName".to_string(), "deadletter".to_string())])
                 .collect(),
-            body: Vec::new(),
-            enqueued_ms: m.enqueued_ms,
         };
-        dead.properties.extend([
+        headers.properties.extend([
             ("deadLetterRoute".to_string(), route.name.clone()),
             (
                 "deadLetterReason".to_string(),
                 format!("plugin {plugin:?} {failure}"),
             ),
-            ("originalSource".to_string(), m.source.clone()),
+            ("originalSource".to_string(), m.source().to_string()),
             // Cut, so a long original cannot make the dead letter unsendable.
             (
                 "originalTopic".to_string(),
                 m.topic.chars().take(512).collect(),
             ),
         ]);
+        let topic = format!("devices/{}/modules/$edgeHub/messages/events/", self.edge_id);
+        let dead = m.derived(topic, m.body.clone(), m.enqueued_ms, headers);
         Record {
             enqueued_ms: m.enqueued_ms,
-            topic: message::upstream_topic(&dead),
-            payload: Bytes::copy_from_slice(&m.body),
+            topic: iothub::upstream_topic(&dead),
+            payload: dead.body,
             ttl_secs: route.ttl_secs,
         }
+    }
+}
+
+/// A message as the local broker delivers it (its body shared, not copied).
+fn delivery(m: Message) -> Delivery {
+    Delivery {
+        topic: m.topic,
+        payload: m.body,
+        qos: m.qos,
+        retain: m.retain,
+        dup: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker;
+    use crate::store::{self, Store};
+
+    /// A router over a real store writer and broker, with `routes`.
+    fn router_with(routes: Option<&str>) -> (Router, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let (appender, _writer) =
+            store::writer::spawn(Store::open(dir.path()).unwrap(), u64::MAX, 64);
+        let metrics = Arc::new(Metrics::new());
+        let (broker, _) = broker::spawn(16, metrics.clone());
+        let table = routes.map(|r| rules::RouteTable::new(vec![Route::parse("r", r).unwrap()]));
+        let router = Router::new(
+            Vec::new(),
+            appender,
+            broker,
+            "edge",
+            Routes::new(table),
+            None,
+            metrics,
+        );
+        (router, dir)
+    }
+
+    fn telemetry(body: &Bytes) -> Message {
+        let topic = "devices/d1/messages/events/a=1".to_string();
+        Message::published("d1".into(), topic, body.clone(), 1, false, 5)
+    }
+
+    #[tokio::test]
+    async fn without_routes_the_stored_record_and_local_subscribers_share_the_published_body() {
+        let (router, _dir) = router_with(None);
+        let body = Bytes::from(vec![7u8; 100]);
+        let out = router.deliveries(Vec::new(), vec![telemetry(&body)]).await;
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].topic, "devices/d1/messages/events/a=1");
+        assert_eq!(out.records[0].payload.as_ptr(), body.as_ptr());
+        assert_eq!(out.local.len(), 1);
+        assert_eq!(out.local[0].payload.as_ptr(), body.as_ptr());
+    }
+
+    #[tokio::test]
+    async fn routes_without_plugins_send_the_body_on_without_copying_it() {
+        let (router, _dir) = router_with(Some("FROM /messages/* INTO $upstream"));
+        let body = Bytes::from(vec![7u8; 100]);
+        let out = router.deliveries(Vec::new(), vec![telemetry(&body)]).await;
+        assert_eq!(out.records.len(), 1);
+        assert_eq!(out.records[0].payload.as_ptr(), body.as_ptr());
+
+        let to_module = r#"FROM /messages/* INTO BrokeredEndpoint("/modules/alerts/inputs/in1")"#;
+        let (router, _dir) = router_with(Some(to_module));
+        let out = router.deliveries(Vec::new(), vec![telemetry(&body)]).await;
+        assert!(out.records.is_empty());
+        assert_eq!(out.module_inputs.len(), 1);
+        assert_eq!(
+            out.module_inputs[0].topic,
+            "devices/edge/modules/alerts/inputs/in1/a=1"
+        );
+        assert_eq!(out.module_inputs[0].payload.as_ptr(), body.as_ptr());
     }
 }

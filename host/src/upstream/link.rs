@@ -37,7 +37,7 @@ use super::state::{Content, Inbound, LinkState, Outgoing};
 use super::transport::Connect;
 use crate::config::UpstreamAddr;
 use crate::metrics::Metrics;
-use crate::mqtt::topic;
+use crate::topic;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Cloud messages waiting for slow consumers before the socket is not read.

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 
 use super::connection::{Incoming, Wire};
-use crate::mqtt::packet_id::PacketIds;
+use crate::packet_id::PacketIds;
 use crate::store::Record;
 
 /// A publish handed to the link. `tag` is the caller's name for it (the

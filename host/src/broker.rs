@@ -1,30 +1,47 @@
-//! Local publish/subscribe between downstream clients.
+//! Local publish/subscribe between downstream clients: a destination of
+//! routed messages, beside the store.
 //!
 //! Owns subscriptions, retained messages and the state of persistent
 //! sessions (in memory), as one actor fed by a bounded channel; sessions hold
 //! a [`BrokerHandle`]. Delivery to a session is a `try_send` into its bounded
 //! outbox: a subscriber that does not keep up loses messages (counted as
-//! dropped) rather than stalling everyone. What is bound upstream is not
-//! decided here (see `routing`).
+//! dropped) rather than stalling everyone. It deals in [`Delivery`] (topic,
+//! payload, QoS, flags), not in MQTT packets: writing them to a connection
+//! (packet ids, acknowledgements) is the session's business, deciding what
+//! is bound upstream the router's.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::Publish;
-use super::topic;
 use crate::metrics::{DropReason, Metrics};
+use crate::topic;
 
 /// Capacity of each session's outbox.
 pub const OUTBOX: usize = 1024;
+
+/// One message on its way to local subscribers (or kept for them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: String,
+    /// Shared with every other copy of the message (store record,
+    /// other subscribers): cloning it copies no bytes.
+    pub payload: Bytes,
+    /// As published; each subscriber gets at most the QoS it was granted.
+    pub qos: u8,
+    pub retain: bool,
+    /// Sent before and not acknowledged (redelivered to a resumed session).
+    pub dup: bool,
+}
 
 /// What the broker tells a connected session.
 pub struct Attached {
     pub session_present: bool,
     /// Messages kept while the persistent session was away, oldest first.
-    pub queued: Vec<Publish>,
+    pub queued: Vec<Delivery>,
 }
 
 enum Command {
@@ -33,25 +50,25 @@ enum Command {
         conn_id: u64,
         persistent: bool,
         resume: bool,
-        outbox: mpsc::Sender<Publish>,
+        outbox: mpsc::Sender<Delivery>,
         kick: CancellationToken,
         reply: oneshot::Sender<Attached>,
     },
     Disconnect {
         client_id: String,
         conn_id: u64,
-        unacked: Vec<Publish>,
+        unacked: Vec<Delivery>,
     },
     Subscribe {
         client_id: String,
         filters: Vec<(String, u8)>,
-        reply: oneshot::Sender<Vec<Publish>>,
+        reply: oneshot::Sender<Vec<Delivery>>,
     },
     Unsubscribe {
         client_id: String,
         filters: Vec<String>,
     },
-    Publish(Vec<Publish>),
+    Publish(Vec<Delivery>),
 }
 
 #[derive(Clone)]
@@ -67,7 +84,7 @@ impl BrokerHandle {
         conn_id: u64,
         persistent: bool,
         resume: bool,
-        outbox: mpsc::Sender<Publish>,
+        outbox: mpsc::Sender<Delivery>,
         kick: CancellationToken,
     ) -> Option<Attached> {
         let (reply, rx) = oneshot::channel();
@@ -84,7 +101,7 @@ impl BrokerHandle {
         rx.await.ok()
     }
 
-    pub async fn disconnect(&self, client_id: &str, conn_id: u64, unacked: Vec<Publish>) {
+    pub async fn disconnect(&self, client_id: &str, conn_id: u64, unacked: Vec<Delivery>) {
         let cmd = Command::Disconnect {
             client_id: client_id.to_string(),
             conn_id,
@@ -94,7 +111,7 @@ impl BrokerHandle {
     }
 
     /// Adds subscriptions and returns the retained messages they match.
-    pub async fn subscribe(&self, client_id: &str, filters: Vec<(String, u8)>) -> Vec<Publish> {
+    pub async fn subscribe(&self, client_id: &str, filters: Vec<(String, u8)>) -> Vec<Delivery> {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Subscribe {
             client_id: client_id.to_string(),
@@ -115,7 +132,7 @@ impl BrokerHandle {
         let _ = self.tx.send(cmd).await;
     }
 
-    pub async fn publish(&self, messages: Vec<Publish>) {
+    pub async fn publish(&self, messages: Vec<Delivery>) {
         let _ = self.tx.send(Command::Publish(messages)).await;
     }
 }
@@ -123,15 +140,15 @@ impl BrokerHandle {
 struct Client {
     conn_id: u64,
     persistent: bool,
-    outbox: Option<mpsc::Sender<Publish>>,
+    outbox: Option<mpsc::Sender<Delivery>>,
     kick: Option<CancellationToken>,
     subscriptions: HashMap<String, u8>,
-    offline: VecDeque<Publish>,
+    offline: VecDeque<Delivery>,
 }
 
 struct Broker {
     clients: HashMap<String, Client>,
-    retained: HashMap<String, Publish>,
+    retained: HashMap<String, Delivery>,
     offline_cap: usize,
     metrics: Arc<Metrics>,
 }
@@ -207,7 +224,7 @@ impl Broker {
                     client.outbox = None;
                     client.kick = None;
                     for p in unacked.into_iter().rev() {
-                        client.offline.push_front(Publish { dup: true, ..p });
+                        client.offline.push_front(Delivery { dup: true, ..p });
                     }
                 } else {
                     self.clients.remove(&client_id);
@@ -223,7 +240,7 @@ impl Broker {
                     for (filter, qos) in filters {
                         for (topic, msg) in &self.retained {
                             if topic::matches(&filter, topic) {
-                                retained.push(Publish {
+                                retained.push(Delivery {
                                     qos: msg.qos.min(qos),
                                     ..msg.clone()
                                 });
@@ -249,7 +266,7 @@ impl Broker {
         }
     }
 
-    fn publish(&mut self, msg: Publish) {
+    fn publish(&mut self, msg: Delivery) {
         if msg.retain {
             if msg.payload.is_empty() {
                 self.retained.remove(&msg.topic);
@@ -265,20 +282,15 @@ impl Broker {
                 .map(|(_, q)| *q)
                 .max();
             let Some(granted) = granted else { continue };
-            let out = Publish {
+            let out = Delivery {
                 qos: msg.qos.min(granted),
                 retain: false,
                 dup: false,
-                pkid: 0,
                 ..msg.clone()
             };
-            match &client.outbox {
-                Some(outbox) => {
-                    if outbox.try_send(out).is_err() {
-                        self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
-                    }
-                }
-                None if out.qos > 0 => {
+            let Some(outbox) = &client.outbox else {
+                // Disconnected: a persistent session keeps QoS 1 messages.
+                if out.qos > 0 {
                     if client.offline.len() >= self.offline_cap {
                         client.offline.pop_front();
                         self.metrics
@@ -286,7 +298,10 @@ impl Broker {
                     }
                     client.offline.push_back(out);
                 }
-                None => {}
+                continue;
+            };
+            if outbox.try_send(out).is_err() {
+                self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
             }
         }
     }

@@ -1,4 +1,7 @@
 //! MQTT topic names and filters: validation and wildcard matching.
+//!
+//! Pure functions, shared by sessions, the local broker, routing, auth and
+//! the upstream link; owns no state and imports nothing of the hub.
 
 /// A topic a client may publish to: non-empty, no wildcards, no NUL.
 pub fn valid_name(topic: &str) -> bool {

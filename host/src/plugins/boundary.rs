@@ -1,0 +1,186 @@
+//! The plugin boundary: the hub's [`Message`] goes in, the plugin's verdict
+//! comes out. The conversion to and from the WIT record (`bindings::Message`,
+//! whose body is a `list<u8>`) happens here and nowhere else: the body is
+//! copied once on the way in (the guest gets its own bytes) and a filter's
+//! result keeps the bytes the guest returned, without a second copy.
+//!
+//! Owns only the conversion; running the call is the pool's, checking what
+//! the plugin returned is the instance's (sizes) and the router's (topics).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::bindings;
+use super::{CallFailure, Outcome, Plugin, PluginPool};
+use crate::message::{Headers, Message};
+
+/// What a plugin said about one message.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// A filter's result: the message to send on (changed or not), or none.
+    Filtered(Option<Message>),
+    /// A router's choice of destinations (none: the message is dropped).
+    Routed(Vec<Destination>),
+}
+
+/// A destination a router plugin chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// The upstream queue.
+    Upstream,
+    /// A module's input on the local broker.
+    ModuleInput { module: String, input: String },
+    /// Nowhere.
+    Drop,
+}
+
+/// One verdict per message answered, in order, each with the message it
+/// answers (so the caller's failure policy has it).
+pub type Verdicts = Vec<(Message, Result<Verdict, CallFailure>)>;
+
+/// Hands `messages` to `plugin` on its worker now; the verdicts come when
+/// the returned future is awaited. Fewer verdicts than messages means the
+/// worker died before answering the rest.
+pub fn submit(
+    pool: &PluginPool,
+    plugin: Arc<Plugin>,
+    messages: Vec<Message>,
+) -> impl Future<Output = Verdicts> + Send + 'static {
+    let records = messages.iter().map(bindings::Message::from).collect();
+    let pending = pool.submit(plugin, records);
+    async move {
+        // The pool answers every job while it runs; a worker that died
+        // dropped its reply.
+        let answers = pending.await.unwrap_or_default();
+        messages
+            .into_iter()
+            .zip(answers)
+            .map(|(m, (_, answer))| {
+                let verdict = answer.map(|outcome| verdict(outcome, &m));
+                (m, verdict)
+            })
+            .collect()
+    }
+}
+
+fn verdict(outcome: Outcome, input: &Message) -> Verdict {
+    match outcome {
+        Outcome::Filtered(m) => Verdict::Filtered(m.map(|m| returned(m, input))),
+        Outcome::Routed(endpoints) => Verdict::Routed(
+            endpoints
+                .into_iter()
+                .map(|e| match e {
+                    bindings::Endpoint::Upstream => Destination::Upstream,
+                    bindings::Endpoint::ModuleInput((module, input)) => {
+                        Destination::ModuleInput { module, input }
+                    }
+                    bindings::Endpoint::Drop => Destination::Drop,
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The message a filter returned, as the hub's: the plugin may change
+/// anything the record carries; QoS, retain flag and publisher stay the
+/// input's.
+fn returned(m: bindings::Message, input: &Message) -> Message {
+    let headers = Headers {
+        source: m.source,
+        properties: m.properties,
+        system_properties: m.system_properties,
+    };
+    input.derived(m.topic, Bytes::from(m.body), m.enqueued_ms, headers)
+}
+
+impl From<&Message> for bindings::Message {
+    fn from(m: &Message) -> Self {
+        let h = m.headers();
+        Self {
+            source: h.source.clone(),
+            topic: m.topic.clone(),
+            properties: h.properties.clone(),
+            system_properties: h.system_properties.clone(),
+            body: m.body.to_vec(),
+            enqueued_ms: m.enqueued_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_crosses_the_boundary_and_comes_back_whole() {
+        let input = Message::published(
+            Arc::from("d1/m1"),
+            "devices/d1/modules/m1/messages/events/%24.ct=text%2Fplain&a=1".into(),
+            Bytes::from_static(b"hello"),
+            1,
+            true,
+            42,
+        );
+        let record = bindings::Message::from(&input);
+        assert_eq!(record.source, "/messages/modules/m1");
+        assert_eq!(record.properties, [("a".into(), "1".into())]);
+        assert!(record
+            .system_properties
+            .contains(&("$contentType".into(), "text/plain".into())));
+        assert_eq!(
+            (record.body.as_slice(), record.enqueued_ms),
+            (&b"hello"[..], 42)
+        );
+
+        let mut changed = record.clone();
+        changed.properties.push(("b".into(), "2".into()));
+        changed.body = b"bye".to_vec();
+        let back = returned(changed, &input);
+        assert_eq!(
+            back.properties(),
+            [("a".into(), "1".into()), ("b".into(), "2".into())]
+        );
+        assert_eq!(back.source(), "/messages/modules/m1");
+        assert_eq!(&back.body[..], b"bye");
+        assert_eq!(
+            (back.qos, back.retain, back.publisher()),
+            (1, true, "d1/m1")
+        );
+    }
+
+    #[test]
+    fn a_router_s_endpoints_become_destinations() {
+        let input = Message::published(
+            Arc::from("d1"),
+            "sensors/t".into(),
+            Bytes::new(),
+            0,
+            false,
+            0,
+        );
+        let v = verdict(
+            Outcome::Routed(vec![
+                bindings::Endpoint::Upstream,
+                bindings::Endpoint::ModuleInput(("alerts".into(), "in1".into())),
+                bindings::Endpoint::Drop,
+            ]),
+            &input,
+        );
+        let Verdict::Routed(destinations) = v else {
+            panic!("a router's outcome is routed")
+        };
+        assert_eq!(
+            destinations,
+            [
+                Destination::Upstream,
+                Destination::ModuleInput {
+                    module: "alerts".into(),
+                    input: "in1".into()
+                },
+                Destination::Drop
+            ]
+        );
+    }
+}
