@@ -11,6 +11,7 @@
 //! is bound upstream the router's.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -74,6 +75,24 @@ enum Command {
 #[derive(Clone)]
 pub struct BrokerHandle {
     tx: mpsc::Sender<Command>,
+    interest: Arc<Interest>,
+}
+
+/// Whether any local subscription exists, so a publish nobody can receive
+/// (and that keeps nothing retained) skips the actor: no hop, no wake-up.
+#[derive(Default)]
+struct Interest {
+    /// Subscriptions held (by the actor's count, after each change).
+    held: AtomicUsize,
+    /// Subscribe requests sent and not yet applied: a publish sent after a
+    /// subscribe request goes through the actor, after it.
+    pending: AtomicUsize,
+}
+
+impl Interest {
+    fn any(&self) -> bool {
+        self.held.load(Ordering::Acquire) + self.pending.load(Ordering::Acquire) > 0
+    }
 }
 
 impl BrokerHandle {
@@ -118,7 +137,9 @@ impl BrokerHandle {
             filters,
             reply,
         };
+        self.interest.pending.fetch_add(1, Ordering::AcqRel);
         if self.tx.send(cmd).await.is_err() {
+            self.interest.pending.fetch_sub(1, Ordering::AcqRel);
             return Vec::new();
         }
         rx.await.unwrap_or_default()
@@ -132,7 +153,13 @@ impl BrokerHandle {
         let _ = self.tx.send(cmd).await;
     }
 
-    pub async fn publish(&self, messages: Vec<Delivery>) {
+    pub async fn publish(&self, mut messages: Vec<Delivery>) {
+        if !self.interest.any() {
+            messages.retain(|m| m.retain);
+            if messages.is_empty() {
+                return;
+            }
+        }
         let _ = self.tx.send(Command::Publish(messages)).await;
     }
 }
@@ -147,6 +174,7 @@ struct Client {
 }
 
 struct Broker {
+    interest: Arc<Interest>,
     clients: HashMap<String, Client>,
     retained: HashMap<String, Delivery>,
     offline_cap: usize,
@@ -159,7 +187,9 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) -> (BrokerHandle, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::channel(4096);
+    let interest = Arc::new(Interest::default());
     let mut broker = Broker {
+        interest: interest.clone(),
         clients: HashMap::new(),
         retained: HashMap::new(),
         offline_cap,
@@ -167,10 +197,19 @@ pub fn spawn(
     };
     let join = tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
+            let changes = !matches!(cmd, Command::Publish(_));
+            let subscribing = matches!(cmd, Command::Subscribe { .. });
             broker.handle(cmd);
+            if changes {
+                let held = broker.clients.values().map(|c| c.subscriptions.len()).sum();
+                broker.interest.held.store(held, Ordering::Release);
+            }
+            if subscribing {
+                broker.interest.pending.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     });
-    (BrokerHandle { tx }, join)
+    (BrokerHandle { tx, interest }, join)
 }
 
 impl Broker {
@@ -304,5 +343,54 @@ impl Broker {
                 self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(topic: &str, retain: bool) -> Delivery {
+        Delivery {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos: 1,
+            retain,
+            dup: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn with_no_subscriber_only_retained_messages_are_kept_and_a_new_subscription_is_served_at_once(
+    ) {
+        let (broker, task) = spawn(16, Arc::default());
+        broker
+            .publish(vec![delivery("a/1", false), delivery("a/r", true)])
+            .await;
+        let (outbox, mut inbox) = mpsc::channel(16);
+        broker
+            .connect("c", 1, false, false, outbox, CancellationToken::new())
+            .await
+            .unwrap();
+        let retained = broker.subscribe("c", vec![("a/#".into(), 1)]).await;
+        assert_eq!(
+            retained
+                .iter()
+                .map(|d| d.topic.as_str())
+                .collect::<Vec<_>>(),
+            ["a/r"],
+            "the retained message was kept though nobody listened"
+        );
+        broker.publish(vec![delivery("a/2", false)]).await;
+        assert_eq!(inbox.recv().await.unwrap().topic, "a/2");
+        broker.unsubscribe("c", vec!["a/#".into()]).await;
+        broker.publish(vec![delivery("a/3", false)]).await;
+        broker.disconnect("c", 1, Vec::new()).await;
+        drop(broker);
+        task.await.unwrap();
+        assert!(
+            inbox.recv().await.is_none(),
+            "nothing after the unsubscribe"
+        );
     }
 }
