@@ -280,74 +280,73 @@ impl Wire {
         }
     }
 
+    /// Encodes whichever of the two forms this connection speaks.
+    fn put(
+        self,
+        out: &mut BytesMut,
+        v4: impl FnOnce() -> v4::Packet,
+        v5: impl FnOnce() -> v5::Packet,
+    ) {
+        let written = match self.0 {
+            MqttVersion::V311 => v4().write(out, usize::MAX).map_err(|e| format!("{e:?}")),
+            MqttVersion::V5 => v5().write(out, None).map_err(|e| format!("{e:?}")),
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not encode an upstream packet");
+        }
+    }
+
     /// Acknowledges the cloud's QoS 1 publish `pkid`.
     pub fn puback(self, pkid: u16, out: &mut BytesMut) {
-        let r = match self.0 {
-            MqttVersion::V311 => v4::Packet::PubAck(v4::PubAck::new(pkid))
-                .write(out, usize::MAX)
-                .map_err(|e| format!("{e:?}")),
-            MqttVersion::V5 => v5::Packet::PubAck(v5::PubAck::new(pkid, None))
-                .write(out, None)
-                .map_err(|e| format!("{e:?}")),
-        };
-        report(r);
+        self.put(
+            out,
+            || v4::Packet::PubAck(v4::PubAck::new(pkid)),
+            || v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
+        );
     }
 
     pub fn pingreq(self, out: &mut BytesMut) {
-        let r = match self.0 {
-            MqttVersion::V311 => v4::Packet::PingReq
-                .write(out, usize::MAX)
-                .map_err(|e| format!("{e:?}")),
-            MqttVersion::V5 => v5::Packet::PingReq(v5::PingReq)
-                .write(out, None)
-                .map_err(|e| format!("{e:?}")),
-        };
-        report(r);
+        self.put(
+            out,
+            || v4::Packet::PingReq,
+            || v5::Packet::PingReq(v5::PingReq),
+        );
     }
 
     pub fn disconnect(self, out: &mut BytesMut) {
-        let r = match self.0 {
-            MqttVersion::V311 => v4::Packet::Disconnect
-                .write(out, usize::MAX)
-                .map_err(|e| format!("{e:?}")),
-            MqttVersion::V5 => v5::Packet::Disconnect(v5::Disconnect {
-                reason_code: v5::DisconnectReasonCode::NormalDisconnection,
-                properties: None,
-            })
-            .write(out, None)
-            .map_err(|e| format!("{e:?}")),
-        };
-        report(r);
+        self.put(
+            out,
+            || v4::Packet::Disconnect,
+            || {
+                v5::Packet::Disconnect(v5::Disconnect {
+                    reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+                    properties: None,
+                })
+            },
+        );
     }
 
     /// Subscribes to `filters` at QoS 1 under `pkid`.
     pub fn subscribe(self, pkid: u16, filters: &[String], out: &mut BytesMut) {
-        let r = match self.0 {
-            MqttVersion::V311 => {
-                let mut s = v4::Subscribe::new_many(
-                    filters
-                        .iter()
-                        .map(|f| v4::SubscribeFilter::new(f.clone(), m::QoS::AtLeastOnce)),
-                );
+        self.put(
+            out,
+            || {
+                let qos = m::QoS::AtLeastOnce;
+                let filters = filters
+                    .iter()
+                    .map(|f| v4::SubscribeFilter::new(f.clone(), qos));
+                let mut s = v4::Subscribe::new_many(filters);
                 s.pkid = pkid;
                 v4::Packet::Subscribe(s)
-                    .write(out, usize::MAX)
-                    .map_err(|e| format!("{e:?}"))
-            }
-            MqttVersion::V5 => {
-                let mut s = v5::Subscribe::new_many(
-                    filters
-                        .iter()
-                        .map(|f| v5::Filter::new(f.clone(), m5::QoS::AtLeastOnce)),
-                    None,
-                );
+            },
+            || {
+                let qos = m5::QoS::AtLeastOnce;
+                let filters = filters.iter().map(|f| v5::Filter::new(f.clone(), qos));
+                let mut s = v5::Subscribe::new_many(filters, None);
                 s.pkid = pkid;
                 v5::Packet::Subscribe(s)
-                    .write(out, None)
-                    .map_err(|e| format!("{e:?}"))
-            }
-        };
-        report(r);
+            },
+        );
     }
 
     /// A PUBLISH straight from borrowed bytes (the forwarder's hot path: no
@@ -380,12 +379,6 @@ impl Wire {
             out.put_u8(0);
         }
         out.put_slice(payload);
-    }
-}
-
-fn report(r: Result<usize, String>) {
-    if let Err(e) = r {
-        tracing::error!(error = %e, "could not encode an upstream packet");
     }
 }
 

@@ -761,8 +761,6 @@ mod tests {
     /// that drops the connection whenever it reads a publish on `poison`.
     #[tokio::test]
     async fn a_message_the_upstream_keeps_refusing_is_dead_lettered_and_the_rest_arrive_in_order() {
-        use super::super::link::fake::{config, Upstream};
-        use super::super::link::Link;
         use crate::store::{writer, Record};
         use rumqttc::mqttbytes::v4;
 
@@ -789,20 +787,7 @@ mod tests {
             .collect();
         appender.append(records).await.unwrap();
 
-        let (up, mut conns) = Upstream::new();
-        let link = Link::new(config(&["cloud"]), Arc::new(up), Arc::default());
-        let shutdown = CancellationToken::new();
-        let (handle, events, link_task) = link.spawn(shutdown.clone());
-        let forwarder = Forwarder {
-            store: store.clone(),
-            metrics: Arc::default(),
-            link: handle,
-            events,
-            max_inflight: 8,
-            ttl_ms: Arc::new(AtomicU64::new(u64::MAX)),
-            refusals_before_dead_letter: 3,
-        };
-        let fwd = tokio::spawn(forwarder.run(shutdown.clone()));
+        let (mut conns, shutdown, fwd, link_task) = start(&store);
 
         // The broker: acknowledges everything but `poison`, on which it
         // drops the connection (as a broker does with a packet it refuses).
@@ -862,6 +847,38 @@ mod tests {
         writer.join().unwrap();
     }
 
+    type Connections =
+        tokio::sync::mpsc::UnboundedReceiver<(String, super::super::link::fake::Peer)>;
+
+    /// The forwarder (window 8, 3 refusals) and the link on `store`, to an
+    /// in-memory broker whose connections the test plays.
+    fn start(
+        store: &Store,
+    ) -> (
+        Connections,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        use super::super::link::fake::{config, Upstream};
+        use super::super::link::Link;
+        let (up, conns) = Upstream::new();
+        let link = Link::new(config(&["cloud"]), Arc::new(up), Arc::default());
+        let shutdown = CancellationToken::new();
+        let (handle, events, link_task) = link.spawn(shutdown.clone());
+        let forwarder = Forwarder {
+            store: store.clone(),
+            metrics: Arc::default(),
+            link: handle,
+            events,
+            max_inflight: 8,
+            ttl_ms: Arc::new(AtomicU64::new(u64::MAX)),
+            refusals_before_dead_letter: 3,
+        };
+        let fwd = tokio::spawn(forwarder.run(shutdown.clone()));
+        (conns, shutdown, fwd, link_task)
+    }
+
     /// Waits (bounded) for a condition another task brings about.
     async fn until(what: &str, cond: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -876,8 +893,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_appended_while_caught_up_is_sent_before_its_fsync_and_removed_only_after() {
-        use super::super::link::fake::{config, Upstream};
-        use super::super::link::Link;
         use crate::store::{writer, Record};
         use rumqttc::mqttbytes::v4;
 
@@ -885,20 +900,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         // The writer does not run yet: nothing appended becomes durable.
         let (appender, writer) = writer::channel(store.clone(), u64::MAX);
-        let (up, mut conns) = Upstream::new();
-        let link = Link::new(config(&["cloud"]), Arc::new(up), Arc::default());
-        let shutdown = CancellationToken::new();
-        let (handle, events, link_task) = link.spawn(shutdown.clone());
-        let forwarder = Forwarder {
-            store: store.clone(),
-            metrics: Arc::default(),
-            link: handle,
-            events,
-            max_inflight: 8,
-            ttl_ms: Arc::new(AtomicU64::new(u64::MAX)),
-            refusals_before_dead_letter: 3,
-        };
-        let fwd = tokio::spawn(forwarder.run(shutdown.clone()));
+        let (mut conns, shutdown, fwd, link_task) = start(&store);
         let (_, mut peer) = conns.recv().await.unwrap();
         peer.accept().await;
         until("the forwarder follows the live feed", || {
