@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from helpers import first_occurrences, hub_env, wait_until
+import paho.mqtt.client as mqtt
+
+from helpers import Publisher, first_occurrences, hub_env, wait_until
 from pluginkit import connect_publisher, dead_letter_props, plugin_hub, plugins_dist, publish_all  # noqa: F401
 
 EDGE = "edge-poison"
@@ -144,4 +146,27 @@ def test_a_message_an_mqtt5_upstream_refuses_is_dead_lettered_and_the_rest_arriv
     assert [(e["topic"], e["payload_bytes"]) for e in entries] == [("plain/secret", len(b"seq=7"))]
     assert "0x87" in entries[0]["reason"] and "3 times" in entries[0]["reason"], entries
     hub.wait_queue_depth(0, timeout=10)
+    assert hub.alive()
+
+
+def test_a_device_topic_over_the_hubs_limit_is_refused_to_the_device_not_acknowledged(
+    upstream, collector_factory, hub_factory, clients
+):
+    collector = collector_factory(upstream)
+    hub = hub_factory(upstream, edge_id="edge-limit", extra_args=["--max-topic-bytes", "64"])
+    long_topic = "devices/d5/messages/events/" + "k=" + "v" * 60
+    v5 = Publisher(hub.port, protocol=mqtt.MQTTv5, client_id="d5")
+    clients.append(v5.connect())
+    assert v5.publish_and_wait(long_topic, b"too long", timeout=10) == 0x90, "topic name invalid"
+    assert v5.publish_and_wait("devices/d5/messages/events/", b"short", timeout=10) < 0x80
+    collector.wait_payload(b"short", timeout=30)
+    assert b"too long" not in {p for _, p in collector.snapshot()}
+
+    # 3.1.1 has no negative PUBACK: the hub closes the connection instead.
+    v3 = Publisher(hub.port, client_id="d6")
+    clients.append(v3.connect())
+    v3.publish(long_topic.replace("d5", "d6"), b"too long, 3.1.1")
+    assert v3.disconnected.wait(10), "the 3.1.1 publisher was disconnected"
+    v3.client.loop_stop()
+    assert hub.metric("edgehub_invalid_topics_total") == 2
     assert hub.alive()

@@ -61,6 +61,8 @@ enum SessionEnd {
     Shutdown,
     #[error("storage quota full: {0}")]
     Quota(AppendError),
+    #[error("published a topic of {len} bytes, over store.max_topic_bytes ({max})")]
+    TopicTooLong { len: usize, max: usize },
     #[error("storage failed: {0}")]
     Storage(AppendError),
     #[error(transparent)]
@@ -77,8 +79,8 @@ struct Ack {
     pkid: u16,
     qos: u8,
     stored: bool,
-    /// Refused by authorization (MQTT 5: reason 0x87).
-    denied: bool,
+    /// Refused before routing (MQTT 5: this reason in the PUBACK).
+    refused: Option<PubReason>,
 }
 
 /// Acks of one routed batch, released together once `durable` resolves.
@@ -468,7 +470,7 @@ impl Session {
                 pkid: p.pkid,
                 qos: 2,
                 stored: false,
-                denied: false,
+                refused: None,
             });
             return Ok(());
         }
@@ -485,18 +487,38 @@ impl Session {
                     pkid: p.pkid,
                     qos: p.qos,
                     stored: false,
-                    denied: true,
+                    refused: Some(PubReason::NotAuthorized),
                 });
             }
             return Ok(());
         }
         let stored = self.ctx.router.upstream_bound(&p.topic);
+        let max = self.ctx.router.max_topic_bytes();
+        if stored && p.topic.len() > max {
+            // It could never be stored: say so rather than acknowledge it.
+            let len = p.topic.len();
+            tracing::warn!(client = %self.client_id, len, max, "publish refused: its topic is longer than store.max_topic_bytes");
+            self.ctx.metrics.invalid_topic("too_long", "");
+            if self.codec.protocol == Protocol::V4 {
+                return Err(SessionEnd::TopicTooLong { len, max });
+            }
+            if p.qos > 0 {
+                self.qos2_received.remove(&p.pkid);
+                acks.push(Ack {
+                    pkid: p.pkid,
+                    qos: p.qos,
+                    stored: false,
+                    refused: Some(PubReason::TopicNameInvalid),
+                });
+            }
+            return Ok(());
+        }
         if p.qos > 0 {
             acks.push(Ack {
                 pkid: p.pkid,
                 qos: p.qos,
                 stored,
-                denied: false,
+                refused: None,
             });
         }
         let publisher = self.client_id.clone();
@@ -556,7 +578,7 @@ impl Session {
             };
             for ack in front.acks {
                 let reason = match (&refused, ack.stored) {
-                    _ if ack.denied => PubReason::NotAuthorized,
+                    _ if ack.refused.is_some() => ack.refused.expect("some"),
                     (Some(AppendError::QuotaExceeded { .. }), true) => PubReason::QuotaExceeded,
                     (Some(_), true) => PubReason::UnspecifiedError,
                     _ => PubReason::Success,

@@ -103,6 +103,11 @@ impl Router {
         self
     }
 
+    /// The longest topic stored.
+    pub fn max_topic_bytes(&self) -> usize {
+        self.max_topic_bytes
+    }
+
     /// Whether a message on `topic` is bound upstream (before routes).
     pub fn upstream_bound(&self, topic: &str) -> bool {
         Telemetry::parse(topic).is_some()
