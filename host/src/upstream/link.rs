@@ -32,9 +32,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{Connection, Incoming, Login, UpstreamError};
+use super::connection::{Connection, Login};
+use super::error::UpstreamError;
 use super::state::{Content, Inbound, LinkState, Outgoing};
 use super::transport::Connect;
+use super::wire::Incoming;
 use crate::config::UpstreamAddr;
 use crate::metrics::Metrics;
 use crate::topic;
@@ -510,7 +512,7 @@ pub(crate) mod fake {
     use tokio::sync::mpsc;
 
     use crate::config::UpstreamAddr;
-    use crate::upstream::connection::UpstreamError;
+    use crate::upstream::error::UpstreamError;
     use crate::upstream::transport::{Connect, Connecting, Io};
 
     /// A link to `hosts` (port 1883), signing in as `edge1`.

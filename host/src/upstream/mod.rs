@@ -4,7 +4,9 @@
 //!   keepalive, subscriptions); everything else talks to it through a handle.
 //! - `state.rs`: the MQTT session as a pure state machine (packet ids,
 //!   acknowledgements), driven by the link.
-//! - `connection.rs`: MQTT handshake and packet framing of one connection.
+//! - `connection.rs`: MQTT handshake and packet framing of one connection;
+//!   `wire.rs`: the packets' bytes, MQTT 3.1.1 or 5; `error.rs`: what can
+//!   go wrong, for every layer.
 //! - `transport.rs`: the byte stream under it (TCP, TLS), with `proxy.rs`
 //!   (HTTP CONNECT tunnels) and `websocket.rs` (MQTT over WebSocket).
 //! - `forwarder.rs`: drains the store through the link, in order, and
@@ -12,6 +14,7 @@
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
 
 pub mod connection;
+pub mod error;
 pub mod forwarder;
 pub mod link;
 pub mod proxy;
@@ -19,8 +22,10 @@ pub mod state;
 pub mod sync;
 pub mod transport;
 pub mod websocket;
+pub mod wire;
 
-pub use connection::{EdgeSas, Login, UpstreamError};
+pub use connection::{EdgeSas, Login};
+pub use error::UpstreamError;
 pub use forwarder::Forwarder;
 pub use link::{CloudMessage, Link, LinkConfig, LinkEvent, LinkHandle};
 pub use proxy::Proxy;

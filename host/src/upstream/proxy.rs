@@ -10,7 +10,7 @@
 use base64::Engine;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::connection::UpstreamError;
+use super::error::UpstreamError;
 use crate::config::{authority, ConfigError, ProxyAddr};
 
 /// Longest CONNECT answer head read from a proxy.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::QoS;
 
-use super::connection::{Incoming, Wire};
+use super::wire::{Incoming, Wire};
 use crate::packet_id::PacketIds;
 use crate::store::Record;
 

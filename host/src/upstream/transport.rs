@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::connection::UpstreamError;
+use super::error::UpstreamError;
 use super::proxy::{self, Proxy};
 use super::websocket;
 use crate::config::UpstreamAddr;

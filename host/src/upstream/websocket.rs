@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
 
-use super::connection::UpstreamError;
+use super::error::UpstreamError;
 use super::transport::Io;
 use crate::config::UpstreamAddr;
 

@@ -1,0 +1,254 @@
+//! The bytes of the upstream protocol: MQTT 3.1.1 or 5 packets read into
+//! one version-neutral [`Incoming`], and written through [`Wire`], using
+//! rumqttc's packet codecs. No state, no I/O.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self as m, v4};
+use rumqttc::v5::mqttbytes::{self as m5, v5};
+
+use crate::config::MqttVersion;
+
+/// A packet from upstream that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent a bad packet: {0}")]
+pub struct Malformed(pub String);
+
+/// Largest packet read from upstream.
+const MAX_INCOMING: usize = 16 * 1024 * 1024;
+
+/// What the link reads from the cloud, whichever the MQTT version.
+#[derive(Debug, PartialEq)]
+pub enum Incoming {
+    /// `refused`: why the broker refused the connection.
+    ConnAck {
+        refused: Option<String>,
+    },
+    /// `reason` is the v5 reason code (0 in 3.1.1); 0x80 and above: refused.
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        pkid: u16,
+    },
+    /// For each filter of the SUBSCRIBE, whether it was refused.
+    SubAck {
+        pkid: u16,
+        refused: Vec<bool>,
+    },
+    PingResp,
+    /// The broker is closing the connection (v5 says why).
+    Disconnect {
+        reason: u8,
+    },
+    /// Anything the link does not act on.
+    Other,
+}
+
+/// The encoding of one connection's packets: MQTT 3.1.1 or 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wire(pub MqttVersion);
+
+impl Wire {
+    pub fn read(self, buf: &mut BytesMut) -> Result<Option<Incoming>, Malformed> {
+        match self.0 {
+            MqttVersion::V311 => match v4::Packet::read(buf, MAX_INCOMING) {
+                Ok(p) => Ok(Some(from_v4(p))),
+                Err(m::Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => Err(Malformed(format!("{e:?}"))),
+            },
+            MqttVersion::V5 => match v5::Packet::read(buf, Some(MAX_INCOMING as u32)) {
+                Ok(p) => Ok(Some(from_v5(p))),
+                Err(m5::Error::InsufficientBytes(_)) => Ok(None),
+                Err(e) => Err(Malformed(format!("{e:?}"))),
+            },
+        }
+    }
+
+    /// Encodes whichever of the two forms this connection speaks.
+    fn put(
+        self,
+        out: &mut BytesMut,
+        v4: impl FnOnce() -> v4::Packet,
+        v5: impl FnOnce() -> v5::Packet,
+    ) {
+        let written = match self.0 {
+            MqttVersion::V311 => v4().write(out, usize::MAX).map_err(|e| format!("{e:?}")),
+            MqttVersion::V5 => v5().write(out, None).map_err(|e| format!("{e:?}")),
+        };
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not encode an upstream packet");
+        }
+    }
+
+    /// Acknowledges the cloud's QoS 1 publish `pkid`.
+    pub fn puback(self, pkid: u16, out: &mut BytesMut) {
+        self.put(
+            out,
+            || v4::Packet::PubAck(v4::PubAck::new(pkid)),
+            || v5::Packet::PubAck(v5::PubAck::new(pkid, None)),
+        );
+    }
+
+    pub fn pingreq(self, out: &mut BytesMut) {
+        self.put(
+            out,
+            || v4::Packet::PingReq,
+            || v5::Packet::PingReq(v5::PingReq),
+        );
+    }
+
+    pub fn disconnect(self, out: &mut BytesMut) {
+        self.put(
+            out,
+            || v4::Packet::Disconnect,
+            || {
+                v5::Packet::Disconnect(v5::Disconnect {
+                    reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+                    properties: None,
+                })
+            },
+        );
+    }
+
+    /// Subscribes to `filters` at QoS 1 under `pkid`.
+    pub fn subscribe(self, pkid: u16, filters: &[String], out: &mut BytesMut) {
+        self.put(
+            out,
+            || {
+                let qos = m::QoS::AtLeastOnce;
+                let filters = filters
+                    .iter()
+                    .map(|f| v4::SubscribeFilter::new(f.clone(), qos));
+                let mut s = v4::Subscribe::new_many(filters);
+                s.pkid = pkid;
+                v4::Packet::Subscribe(s)
+            },
+            || {
+                let qos = m5::QoS::AtLeastOnce;
+                let filters = filters.iter().map(|f| v5::Filter::new(f.clone(), qos));
+                let mut s = v5::Subscribe::new_many(filters, None);
+                s.pkid = pkid;
+                v5::Packet::Subscribe(s)
+            },
+        );
+    }
+
+    /// A PUBLISH straight from borrowed bytes (the forwarder's hot path: no
+    /// topic or payload copies). `pkid` 0 means QoS 0.
+    pub fn publish(self, out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u16, retain: bool) {
+        use bytes::BufMut;
+        let qos1 = pkid != 0;
+        // v5: an empty property list, one byte.
+        let properties = usize::from(self.0 == MqttVersion::V5);
+        let mut remaining = 2 + topic.len() + if qos1 { 2 } else { 0 } + properties + payload.len();
+        out.reserve(5 + remaining);
+        out.put_u8(0x30 | if qos1 { 0x02 } else { 0 } | u8::from(retain));
+        loop {
+            let mut byte = (remaining % 128) as u8;
+            remaining /= 128;
+            if remaining > 0 {
+                byte |= 0x80;
+            }
+            out.put_u8(byte);
+            if remaining == 0 {
+                break;
+            }
+        }
+        out.put_u16(topic.len() as u16);
+        out.put_slice(topic.as_bytes());
+        if qos1 {
+            out.put_u16(pkid);
+        }
+        if properties == 1 {
+            out.put_u8(0);
+        }
+        out.put_slice(payload);
+    }
+}
+
+fn from_v4(p: v4::Packet) -> Incoming {
+    match p {
+        v4::Packet::ConnAck(a) => Incoming::ConnAck {
+            refused: (a.code != v4::ConnectReturnCode::Success).then(|| format!("{:?}", a.code)),
+        },
+        v4::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            reason: 0,
+        },
+        v4::Packet::Publish(p) => Incoming::Publish {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos as u8,
+            pkid: p.pkid,
+        },
+        v4::Packet::SubAck(a) => Incoming::SubAck {
+            pkid: a.pkid,
+            refused: a
+                .return_codes
+                .iter()
+                .map(|c| matches!(c, v4::SubscribeReasonCode::Failure))
+                .collect(),
+        },
+        v4::Packet::PingResp => Incoming::PingResp,
+        v4::Packet::Disconnect => Incoming::Disconnect { reason: 0 },
+        _ => Incoming::Other,
+    }
+}
+
+/// The wire value of a v5 PUBACK reason.
+fn puback_code(r: v5::PubAckReason) -> u8 {
+    use v5::PubAckReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
+    }
+}
+
+fn from_v5(p: v5::Packet) -> Incoming {
+    match p {
+        v5::Packet::ConnAck(a) => Incoming::ConnAck {
+            refused: (a.code != v5::ConnectReturnCode::Success).then(|| {
+                let why = a.properties.and_then(|p| p.reason_string);
+                format!(
+                    "{:?}{}",
+                    a.code,
+                    why.map(|w| format!(": {w}")).unwrap_or_default()
+                )
+            }),
+        },
+        v5::Packet::PubAck(a) => Incoming::PubAck {
+            pkid: a.pkid,
+            reason: puback_code(a.reason),
+        },
+        v5::Packet::Publish(p) => Incoming::Publish {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+            qos: p.qos as u8,
+            pkid: p.pkid,
+        },
+        v5::Packet::SubAck(a) => Incoming::SubAck {
+            pkid: a.pkid,
+            refused: a
+                .return_codes
+                .iter()
+                .map(|c| !matches!(c, v5::SubscribeReasonCode::Success(_)))
+                .collect(),
+        },
+        v5::Packet::PingResp(_) => Incoming::PingResp,
+        v5::Packet::Disconnect(d) => Incoming::Disconnect {
+            reason: d.reason_code as u8,
+        },
+        _ => Incoming::Other,
+    }
+}
