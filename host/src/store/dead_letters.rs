@@ -82,11 +82,9 @@ impl Store {
             return Ok(false);
         };
         let mut batch = inner.db.batch().durability(Some(PersistMode::SyncData));
-        batch.insert(
-            &inner.dead,
-            key.to_be_bytes(),
-            encode(reason, super::now_ms(), &value),
-        );
+        let entry = encode(reason, super::now_ms(), &value);
+        let entry_len = entry.len() as u64;
+        batch.insert(&inner.dead, key.to_be_bytes(), entry);
         batch.remove_weak(&inner.queue, key.to_be_bytes());
         batch.commit()?;
         inner.head.store(key + 1, Ordering::Release);
@@ -95,7 +93,13 @@ impl Store {
             .bytes
             .fetch_sub(size.min(self.bytes()), Ordering::AcqRel);
         inner.dead_count.fetch_add(1, Ordering::AcqRel);
+        inner.dead_bytes.fetch_add(entry_len, Ordering::AcqRel);
         Ok(true)
+    }
+
+    /// Bytes the dead letters hold (they count against the quota).
+    pub fn dead_letter_bytes(&self) -> u64 {
+        self.inner.dead_bytes.load(Ordering::Acquire)
     }
 
     /// How many dead letters there are.
@@ -149,16 +153,19 @@ impl Store {
         let inner = &self.inner;
         let mut batch = inner.db.batch().durability(Some(PersistMode::SyncData));
         let mut n = 0;
+        let mut bytes = 0;
         for guard in inner.dead.iter() {
-            let k = guard.key()?;
+            let (k, v) = guard.into_inner()?;
             if which.contains(key_of(&k)) {
                 batch.remove(&inner.dead, k);
                 n += 1;
+                bytes += v.len() as u64;
             }
         }
         if n > 0 {
             batch.commit()?;
             inner.dead_count.fetch_sub(n, Ordering::AcqRel);
+            inner.dead_bytes.fetch_sub(bytes, Ordering::AcqRel);
         }
         Ok(n)
     }
@@ -167,7 +174,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::writer;
+    use crate::store::{writer, AppendError};
     use bytes::Bytes;
 
     fn rec(i: u64) -> Record {
@@ -177,6 +184,37 @@ mod tests {
             payload: Bytes::from(vec![b'x'; i as usize]),
             ttl_secs: None,
         }
+    }
+
+    #[tokio::test]
+    async fn dead_letters_count_against_the_quota_until_purged_and_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let quota = rec(1).encoded_len() as u64 * 4;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (appender, join) = writer::spawn(store.clone(), quota, 64);
+            appender.append((1..=3).map(rec).collect()).await.unwrap();
+            assert!(store.move_head_to_dead_letters(store.head(), "refused").unwrap());
+            assert!(store.move_head_to_dead_letters(store.head(), "refused").unwrap());
+            assert!(store.dead_letter_bytes() > 2 * rec(1).encoded_len() as u64);
+            let err = appender.append(vec![rec(4), rec(5)]).await.unwrap_err();
+            assert!(
+                matches!(err, AppendError::QuotaExceeded { .. }),
+                "one queued and two dead leave no room for two: {err}"
+            );
+            drop(appender);
+            join.join().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let dead_bytes = store.dead_letter_bytes();
+        assert!(dead_bytes > 0, "recounted on open");
+        let (appender, join) = writer::spawn(store.clone(), quota, 64);
+        assert!(appender.append(vec![rec(4), rec(5)]).await.is_err());
+        assert_eq!(store.purge_dead_letters(&Selection::All).unwrap(), 2);
+        assert_eq!(store.dead_letter_bytes(), 0);
+        appender.append(vec![rec(4), rec(5)]).await.unwrap();
+        drop(appender);
+        join.join().unwrap();
     }
 
     #[tokio::test]

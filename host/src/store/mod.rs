@@ -57,6 +57,8 @@ struct Inner {
     dead: Keyspace,
     /// Entries in `dead`.
     dead_count: AtomicU64,
+    /// Bytes of the entries in `dead`, counted in the quota.
+    dead_bytes: AtomicU64,
     /// Lowest key that may still be present; everything below is removed.
     head: AtomicU64,
     /// Everything below is durable (or a gap the writer refused).
@@ -122,7 +124,12 @@ impl Store {
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let dead = db.keyspace("dead-letters", KeyspaceCreateOptions::default)?;
-        let dead_count = dead.iter().count() as u64;
+        let (mut dead_count, mut dead_bytes) = (0u64, 0u64);
+        for guard in dead.iter() {
+            let (_, v) = guard.into_inner()?;
+            dead_count += 1;
+            dead_bytes += v.len() as u64;
+        }
         let mut head = None;
         let mut last = 0;
         let mut bytes = 0u64;
@@ -144,6 +151,7 @@ impl Store {
                 meta,
                 dead,
                 dead_count: AtomicU64::new(dead_count),
+                dead_bytes: AtomicU64::new(dead_bytes),
                 head: AtomicU64::new(head),
                 tail: AtomicU64::new(tail),
                 intake: Mutex::new(tail),

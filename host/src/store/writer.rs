@@ -79,7 +79,10 @@ impl Appender {
         let inner = &self.store.inner;
         let (done, rx) = oneshot::channel();
         let mut next = inner.intake.lock().expect("store intake");
-        let queued = self.store.bytes() + inner.pending.load(Ordering::Acquire);
+        // Dead letters are on the same disk: they count until purged.
+        let queued = self.store.bytes()
+            + self.store.dead_letter_bytes()
+            + inner.pending.load(Ordering::Acquire);
         if queued + size > self.quota {
             return Err(AppendError::QuotaExceeded {
                 queued,
