@@ -103,6 +103,9 @@ enum System {
     Edgehub,
     /// edgehub routing every message through a Rust filter plugin.
     EdgehubFilter,
+    /// edgehub routing every message through a Rust filter that returns it
+    /// unchanged (what the plugin path itself costs).
+    EdgehubPassthrough,
     /// edgehub routing every message through a Rust router plugin.
     EdgehubRouter,
     Bridge,
@@ -118,6 +121,7 @@ impl System {
         match self {
             System::Edgehub => Some(Sut::Edgehub),
             System::EdgehubFilter => Some(Sut::EdgehubFilter),
+            System::EdgehubPassthrough => Some(Sut::EdgehubPassthrough),
             System::EdgehubRouter => Some(Sut::EdgehubRouter),
             System::Bridge => Some(Sut::Bridge),
             System::Upstream => None,

@@ -175,6 +175,11 @@ impl Runs<'_> {
             .map_or("-".into(), |v| v.to_string())
     }
 
+    /// The highest peak RSS over the runs.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        self.0.iter().filter_map(|r| r.peak_rss_kib).max()
+    }
+
     fn cells(&self) -> Vec<String> {
         let delivered = self
             .0
@@ -215,11 +220,7 @@ impl Runs<'_> {
             first.map_or("-".into(), |t| format!("{t:.2} s")),
             sut_cpu,
             us(per_msg(|r| r.upstream_cpu)),
-            self.0
-                .iter()
-                .filter_map(|r| r.peak_rss_kib)
-                .max()
-                .map_or("-".into(), mib),
+            self.peak_rss_kib().map_or("-".into(), mib),
             format!(
                 "{} / {}",
                 store(self.0.iter().filter_map(|r| r.store_bytes).max()),
@@ -326,7 +327,11 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
         find("mosquitto bridge"),
         find("upstream ceiling (direct)"),
     );
-    let (filter, router) = (find("edgehub + Rust filter"), find("edgehub + Rust router"));
+    let plugin_systems = [
+        ("filter", find("edgehub + Rust filter")),
+        ("pass-through", find("edgehub + Rust pass-through")),
+        ("router", find("edgehub + Rust router")),
+    ];
     let ingest = |g: Option<&Runs>| g.and_then(Runs::ingest_rate);
     let drain = |g: Option<&Runs>| g.and_then(Runs::delivery_rate);
     println!();
@@ -352,10 +357,15 @@ pub fn print_table(s: &Settings, groups: &[Vec<SystemResult>]) {
         ratio(ingest(edgehub), ingest(ceiling))
     );
 
-    for (name, g) in [("filter", filter), ("router", router)] {
+    for (name, g) in plugin_systems {
         if g.is_some() {
+            let rss = |g: Option<&Runs>| g.and_then(Runs::peak_rss_kib);
+            let extra_rss = match (rss(g), rss(edgehub)) {
+                (Some(a), Some(b)) => format!("{:+.1} MiB", (a as f64 - b as f64) / 1024.0),
+                _ => "n/a".into(),
+            };
             println!(
-                "  edgehub + Rust {name} / edgehub:     ingest {}, drain {}",
+                "  edgehub + Rust {name} / edgehub:     ingest {}, drain {}, peak RSS {extra_rss}",
                 ratio(ingest(g), ingest(edgehub)),
                 ratio(drain(g), drain(edgehub))
             );

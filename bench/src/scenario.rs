@@ -53,6 +53,8 @@ pub enum Sut {
     Edgehub,
     /// edgehub with every message routed through a Rust filter plugin.
     EdgehubFilter,
+    /// edgehub with every message through a Rust filter that returns it unchanged.
+    EdgehubPassthrough,
     /// edgehub with every message routed through a Rust router plugin.
     EdgehubRouter,
     Bridge,
@@ -63,6 +65,7 @@ impl Sut {
         match self {
             Sut::Edgehub => "edgehub",
             Sut::EdgehubFilter => "edgehub + Rust filter",
+            Sut::EdgehubPassthrough => "edgehub + Rust pass-through",
             Sut::EdgehubRouter => "edgehub + Rust router",
             Sut::Bridge => "mosquitto bridge",
         }
@@ -72,6 +75,7 @@ impl Sut {
         match self {
             Sut::Edgehub => "edgehub",
             Sut::EdgehubFilter => "edgehub-filter",
+            Sut::EdgehubPassthrough => "edgehub-passthrough",
             Sut::EdgehubRouter => "edgehub-router",
             Sut::Bridge => "bridge",
         }
@@ -275,7 +279,7 @@ pub(crate) async fn start_sut(
 ) -> Result<Started> {
     let mut metrics_port = None;
     let (mut proc, store) = match sut {
-        Sut::Edgehub | Sut::EdgehubFilter | Sut::EdgehubRouter => {
+        Sut::Edgehub | Sut::EdgehubFilter | Sut::EdgehubPassthrough | Sut::EdgehubRouter => {
             let bin = s
                 .edgehub
                 .as_deref()
@@ -284,6 +288,9 @@ pub(crate) async fn start_sut(
             metrics_port = Some(metrics);
             let config = match sut {
                 Sut::EdgehubFilter => Some(systems::plugin_config(dir, &s.plugins, "filter")?),
+                Sut::EdgehubPassthrough => {
+                    Some(systems::plugin_config(dir, &s.plugins, "passthrough")?)
+                }
                 Sut::EdgehubRouter => Some(systems::plugin_config(dir, &s.plugins, "router")?),
                 _ => None,
             };

@@ -287,14 +287,19 @@ pub fn start_edgehub(
 
 /// A hub config that routes every message through one Rust example plugin:
 /// `filter` is the deduplicator keyed by body (every bench message is new,
-/// so all pass, after hashing and remembering each one); `router` is the
-/// content router (bench payloads are not JSON: each takes the default,
-/// upstream). Returns the config file's path.
+/// so all pass, after hashing and remembering each one); `passthrough`
+/// returns every message unchanged (the cost of the plugin path alone);
+/// `router` is the content router (bench payloads are not JSON: each takes
+/// the default, upstream). Returns the config file's path.
 pub fn plugin_config(dir: &Path, plugins: &Path, kind: &str) -> Result<PathBuf> {
     let (file, route) = match kind {
         "filter" => (
             "dedup",
             r#"FROM /messages/* INTO plugin("dedup") THEN $upstream"#,
+        ),
+        "passthrough" => (
+            "passthrough",
+            r#"FROM /messages/* INTO plugin("passthrough") THEN $upstream"#,
         ),
         _ => (
             "content-router",

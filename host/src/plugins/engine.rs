@@ -56,7 +56,21 @@ impl PluginEngine {
 
     /// Compiles `wasm`, or loads the compiled form cached by an earlier run.
     /// Returns the component and whether it came from the cache.
+    ///
+    /// Compiling takes tens of MiB of short-lived allocations. They are made
+    /// on the threads of a pool that lives only for this call: on the
+    /// process-wide pool, whose threads then idle forever, the allocator kept
+    /// them as those threads' free pages (about 37 MiB of a hub's resident
+    /// memory after loading one small plugin; see docs/benchmarks.md).
     pub fn compile(&self, wasm: &[u8]) -> Result<(Component, bool), PluginError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("plugin-compile-{i}"))
+            .build()
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        pool.install(|| self.compile_here(wasm))
+    }
+
+    fn compile_here(&self, wasm: &[u8]) -> Result<(Component, bool), PluginError> {
         let Some(path) = self.cache_file(wasm) else {
             return Ok((self.compile_fresh(wasm)?, false));
         };
