@@ -474,33 +474,29 @@ impl Session {
             });
             return Ok(());
         }
-        if !authz::may_publish(&self.principal, self.ctx.auth.edge_id(), &p.topic) {
-            tracing::warn!(client = %self.client_id, topic = %p.topic, "publish refused: not authorized");
-            self.ctx.metrics.authz_refused(1);
-            if self.codec.protocol == Protocol::V4 {
-                // 3.1.1 has no negative PUBACK: close, as the spec allows.
-                return Err(SessionEnd::NotAuthorized(format!("publish to {}", p.topic)));
-            }
-            if p.qos > 0 {
-                self.qos2_received.remove(&p.pkid);
-                acks.push(Ack {
-                    pkid: p.pkid,
-                    qos: p.qos,
-                    stored: false,
-                    refused: Some(PubReason::NotAuthorized),
-                });
-            }
-            return Ok(());
-        }
         let stored = self.ctx.router.upstream_bound(&p.topic);
         let max = self.ctx.router.max_topic_bytes();
-        if stored && p.topic.len() > max {
+        let refusal = if !authz::may_publish(&self.principal, self.ctx.auth.edge_id(), &p.topic) {
+            tracing::warn!(client = %self.client_id, topic = %p.topic, "publish refused: not authorized");
+            self.ctx.metrics.authz_refused(1);
+            let end = SessionEnd::NotAuthorized(format!("publish to {}", p.topic));
+            Some((PubReason::NotAuthorized, end))
+        } else if stored && p.topic.len() > max {
             // It could never be stored: say so rather than acknowledge it.
             let len = p.topic.len();
             tracing::warn!(client = %self.client_id, len, max, "publish refused: its topic is longer than store.max_topic_bytes");
             self.ctx.metrics.invalid_topic("too_long", "");
+            Some((
+                PubReason::TopicNameInvalid,
+                SessionEnd::TopicTooLong { len, max },
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, end)) = refusal {
             if self.codec.protocol == Protocol::V4 {
-                return Err(SessionEnd::TopicTooLong { len, max });
+                // 3.1.1 has no negative PUBACK: close, as the spec allows.
+                return Err(end);
             }
             if p.qos > 0 {
                 self.qos2_received.remove(&p.pkid);
@@ -508,7 +504,7 @@ impl Session {
                     pkid: p.pkid,
                     qos: p.qos,
                     stored: false,
-                    refused: Some(PubReason::TopicNameInvalid),
+                    refused: Some(reason),
                 });
             }
             return Ok(());

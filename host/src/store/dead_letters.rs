@@ -194,8 +194,12 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let (appender, join) = writer::spawn(store.clone(), quota, 64);
             appender.append((1..=3).map(rec).collect()).await.unwrap();
-            assert!(store.move_head_to_dead_letters(store.head(), "refused").unwrap());
-            assert!(store.move_head_to_dead_letters(store.head(), "refused").unwrap());
+            assert!(store
+                .move_head_to_dead_letters(store.head(), "refused")
+                .unwrap());
+            assert!(store
+                .move_head_to_dead_letters(store.head(), "refused")
+                .unwrap());
             assert!(store.dead_letter_bytes() > 2 * rec(1).encoded_len() as u64);
             let err = appender.append(vec![rec(4), rec(5)]).await.unwrap_err();
             assert!(
