@@ -623,7 +623,7 @@ SDK_DRIVER = r'''
 """Drives one azure-iot-device client; prints one JSON line (the last line)."""
 import json, logging, sys, time, traceback
 args = json.loads(sys.argv[1])
-out = {"connected": False, "sent": [], "error": None, "error_chain": []}
+out = {"connected": False, "sent": [], "twin": [], "error": None, "error_chain": []}
 if args.get("log"):
     logging.basicConfig(filename=args["log"], level=logging.DEBUG,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -656,6 +656,16 @@ try:
                 m.custom_properties[k] = v
             client.send_message(m)
             out["sent"].append(p)
+        for step in args.get("twin", []):
+            # One entry per step: the twin got, "ok" for a patch, or the error.
+            try:
+                if step["op"] == "get":
+                    out["twin"].append({"op": "get", "twin": client.get_twin()})
+                else:
+                    client.patch_twin_reported_properties(step["patch"])
+                    out["twin"].append({"op": "patch", "ok": True})
+            except Exception as e:  # noqa
+                out["twin"].append({"op": step["op"], "error": type(e).__name__, "message": str(e)})
     finally:
         try:
             client.shutdown()
@@ -697,10 +707,14 @@ def ensure_sdk_venv(base: Path) -> Path:
 
 
 def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, messages: list[str] = (),
-            properties: dict | None = None, log: Path | None = None, timeout: float = 90.0) -> dict:
+            properties: dict | None = None, log: Path | None = None, timeout: float = 90.0,
+            twin: list[dict] = ()) -> dict:
     """Runs the SDK driver for one identity; returns its JSON result (plus
-    ``stderr`` and ``log`` for messages)."""
+    ``stderr`` and ``log`` for messages). ``twin``: steps run after the
+    messages, ``{"op": "get"}`` or ``{"op": "patch", "patch": {...}}``; their
+    results are in ``out["twin"]``."""
     args = {
+        "twin": list(twin),
         "cs": ident.connection_string(key=key),
         "module": bool(ident.module_id),
         "ca": str(ca),

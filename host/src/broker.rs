@@ -8,7 +8,9 @@
 //! dropped) rather than stalling everyone. It deals in [`Delivery`] (topic,
 //! payload, QoS, flags), not in MQTT packets: writing them to a connection
 //! (packet ids, acknowledgements) is the session's business, deciding what
-//! is bound upstream the router's.
+//! is bound upstream the router's. `$iothub/...` is never shared: a publish
+//! there is not delivered, and the hub's answers to one client go through
+//! [`BrokerHandle::send_to`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +20,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::iothub;
 use crate::metrics::{DropReason, Metrics};
 use crate::topic;
 
@@ -70,6 +73,10 @@ enum Command {
         filters: Vec<String>,
     },
     Publish(Vec<Delivery>),
+    SendTo {
+        client_id: String,
+        delivery: Delivery,
+    },
 }
 
 #[derive(Clone)]
@@ -162,6 +169,17 @@ impl BrokerHandle {
         }
         let _ = self.tx.send(Command::Publish(messages)).await;
     }
+
+    /// Sends a message the hub addresses to one client (an answer on its
+    /// own `$iothub/...`), if one of its subscriptions matches; a
+    /// persistent session away keeps it, as for a publish.
+    pub async fn send_to(&self, client_id: &str, delivery: Delivery) {
+        let cmd = Command::SendTo {
+            client_id: client_id.to_string(),
+            delivery,
+        };
+        let _ = self.tx.send(cmd).await;
+    }
 }
 
 struct Client {
@@ -197,7 +215,7 @@ pub fn spawn(
     };
     let join = tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
-            let changes = !matches!(cmd, Command::Publish(_));
+            let changes = !matches!(cmd, Command::Publish(_) | Command::SendTo { .. });
             let subscribing = matches!(cmd, Command::Subscribe { .. });
             broker.handle(cmd);
             if changes {
@@ -299,7 +317,22 @@ impl Broker {
             }
             Command::Publish(messages) => {
                 for msg in messages {
+                    if msg.topic.starts_with(iothub::ROOT) {
+                        // Sessions answer `$iothub` themselves; nothing
+                        // there is shared between clients.
+                        tracing::error!(topic = %msg.topic, "a publish on $iothub reached the local broker; not delivered");
+                        continue;
+                    }
                     self.publish(msg);
+                }
+            }
+            Command::SendTo {
+                client_id,
+                delivery,
+            } => {
+                let (metrics, cap) = (&self.metrics, self.offline_cap);
+                if let Some(client) = self.clients.get_mut(&client_id) {
+                    client.deliver(delivery, cap, metrics);
                 }
             }
         }
@@ -314,34 +347,41 @@ impl Broker {
             }
         }
         for client in self.clients.values_mut() {
-            let granted = client
-                .subscriptions
-                .iter()
-                .filter(|(f, _)| topic::matches(f, &msg.topic))
-                .map(|(_, q)| *q)
-                .max();
-            let Some(granted) = granted else { continue };
-            let out = Delivery {
-                qos: msg.qos.min(granted),
-                retain: false,
-                dup: false,
-                ..msg.clone()
-            };
-            let Some(outbox) = &client.outbox else {
-                // Disconnected: a persistent session keeps QoS 1 messages.
-                if out.qos > 0 {
-                    if client.offline.len() >= self.offline_cap {
-                        client.offline.pop_front();
-                        self.metrics
-                            .messages_dropped(DropReason::OfflineQueueFull, 1);
-                    }
-                    client.offline.push_back(out);
+            client.deliver(msg.clone(), self.offline_cap, &self.metrics);
+        }
+    }
+}
+
+impl Client {
+    /// Hands `msg` to this client at the QoS its best matching
+    /// subscription grants; nothing when none matches.
+    fn deliver(&mut self, msg: Delivery, offline_cap: usize, metrics: &Metrics) {
+        let granted = self
+            .subscriptions
+            .iter()
+            .filter(|(f, _)| topic::matches(f, &msg.topic))
+            .map(|(_, q)| *q)
+            .max();
+        let Some(granted) = granted else { return };
+        let out = Delivery {
+            qos: msg.qos.min(granted),
+            retain: false,
+            dup: false,
+            ..msg
+        };
+        let Some(outbox) = &self.outbox else {
+            // Disconnected: a persistent session keeps QoS 1 messages.
+            if out.qos > 0 {
+                if self.offline.len() >= offline_cap {
+                    self.offline.pop_front();
+                    metrics.messages_dropped(DropReason::OfflineQueueFull, 1);
                 }
-                continue;
-            };
-            if outbox.try_send(out).is_err() {
-                self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
+                self.offline.push_back(out);
             }
+            return;
+        };
+        if outbox.try_send(out).is_err() {
+            metrics.messages_dropped(DropReason::SlowSubscriber, 1);
         }
     }
 }
@@ -391,6 +431,49 @@ mod tests {
         assert!(
             inbox.recv().await.is_none(),
             "nothing after the unsubscribe"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_iothub_publish_reaches_nobody_and_an_answer_reaches_only_its_client() {
+        let (broker, task) = spawn(16, Arc::default());
+        let mut inboxes = Vec::new();
+        for (conn, c) in ["a", "b"].into_iter().enumerate() {
+            let (outbox, inbox) = mpsc::channel(16);
+            broker
+                .connect(
+                    c,
+                    conn as u64,
+                    false,
+                    false,
+                    outbox,
+                    CancellationToken::new(),
+                )
+                .await
+                .unwrap();
+            broker
+                .subscribe(c, vec![("$iothub/twin/res/#".into(), 1)])
+                .await;
+            inboxes.push(inbox);
+        }
+        broker
+            .publish(vec![delivery("$iothub/twin/res/200/?$rid=1", true)])
+            .await;
+        broker
+            .send_to("a", delivery("$iothub/twin/res/200/?$rid=2", false))
+            .await;
+        broker
+            .send_to("b", delivery("$iothub/other/?$rid=3", false))
+            .await;
+        drop(broker);
+        task.await.unwrap();
+        let a: Vec<_> = std::iter::from_fn(|| inboxes[0].try_recv().ok()).collect();
+        let b: Vec<_> = std::iter::from_fn(|| inboxes[1].try_recv().ok()).collect();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].topic, "$iothub/twin/res/200/?$rid=2");
+        assert!(
+            b.is_empty(),
+            "b got {b:?}: not its answer, nor one it subscribed to"
         );
     }
 }

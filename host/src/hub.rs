@@ -20,6 +20,7 @@ use crate::plugins::{self, PluginEngine, PluginPool, Registry};
 use crate::routing::{PluginHost, Router, Routes};
 use crate::store::{self, Store};
 use crate::twin::{self, HubTwin};
+use crate::twins::Twins;
 use crate::upstream::sync::CloudSync;
 use crate::upstream::{self, Forwarder, Link, LinkConfig, Login, Transport};
 
@@ -147,10 +148,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         metrics.clone(),
     )
     .with_max_topic_bytes(config.store.max_topic_bytes);
+    let twins = Arc::new(Twins::open(&store, auth.sealer())?);
     let ctx = Arc::new(SessionContext {
         auth: auth.clone(),
         router,
         broker,
+        twins,
         metrics: metrics.clone(),
         max_message_bytes: config.mqtt.max_message_bytes,
         next_conn_id: AtomicU64::new(1),

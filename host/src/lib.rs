@@ -9,7 +9,8 @@
 //! receives. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
 //! socket into a running hub's store (dead letters); `durable_file`
-//! (crash-safe file replacement), `pem` (certificates and keys), `topic`
+//! (crash-safe file replacement), `iothub` (each connection's own
+//! `$iothub/...` topics), `pem` (certificates and keys), `topic`
 //! (MQTT topic names and filters) and `packet_id` (MQTT packet ids) are
 //! shared helpers.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod durable_file;
 pub mod hub;
+pub mod iothub;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;
@@ -29,4 +31,5 @@ pub mod routing;
 pub mod store;
 pub mod topic;
 pub mod twin;
+pub mod twins;
 pub mod upstream;

@@ -3,50 +3,71 @@
 //! A device (or module) may use only its own IoT Hub topics, plus the plain
 //! topics the config grants it; an anonymous client (allowed by config once
 //! a scope exists) only plain topics; before any scope exists everything is
-//! open.
+//! open, except `$iothub/...`.
+//!
+//! `$iothub/...` belongs to each connection: no client may publish there
+//! (its requests are answered by the hub, see [`crate::iothub`], never
+//! routed), leave a will there, or subscribe to anything there but the
+//! roots the hub answers on. A grant never opens an identity's topics.
 
 use super::Principal;
+use crate::iothub;
 use crate::topic;
 
 /// Topics under these roots belong to identities, never to anonymous clients.
-const IDENTITY_ROOTS: [&str; 2] = ["devices/", "$iothub/"];
+const IDENTITY_ROOTS: [&str; 2] = ["devices/", iothub::ROOT];
 
+/// Whether a client may publish (or leave a will) on `name`. `$iothub/...`
+/// requests are not publishes: the session answers them before asking.
 pub fn may_publish(p: &Principal, edge_id: &str, name: &str) -> bool {
+    if name.starts_with(iothub::ROOT) {
+        return false;
+    }
     match p {
         Principal::Open => true,
-        Principal::Anonymous => !IDENTITY_ROOTS.iter().any(|r| name.starts_with(r)),
+        Principal::Anonymous => !in_identity_root(name),
         Principal::Identity(id, grant) => {
             let own = match &id.module_id {
                 None => format!("devices/{}/messages/events", id.device_id),
                 Some(m) => format!("devices/{edge_id}/modules/{m}/messages/events"),
             };
-            under(name, &own)
-                || name.starts_with("$iothub/twin/")
-                || name.starts_with("$iothub/methods/res/")
-                || granted(&grant.publish, name)
+            under(name, &own) || (!in_identity_root(name) && granted(&grant.publish, name))
         }
     }
 }
 
+/// Whether `name` is one of the identities' topics.
+fn in_identity_root(name: &str) -> bool {
+    IDENTITY_ROOTS.iter().any(|r| name.starts_with(r))
+}
+
+/// Whether a filter could match one of the identities' topics (a leading
+/// wildcard, or an identity root).
+fn reaches_identity_roots(filter: &str) -> bool {
+    filter.starts_with('+') || filter.starts_with('#') || in_identity_root(filter)
+}
+
+/// Whether `filter` lies under a root the hub answers a connection on.
+fn answer_filter(filter: &str) -> bool {
+    iothub::ANSWER_ROOTS.iter().any(|r| under(filter, r))
+}
+
 pub fn may_subscribe(p: &Principal, edge_id: &str, filter: &str) -> bool {
+    if filter.starts_with(iothub::ROOT) {
+        // Only the answers to this connection: the hub sends nothing else
+        // there, and no client can publish there.
+        return !matches!(p, Principal::Anonymous) && answer_filter(filter);
+    }
     match p {
         Principal::Open => true,
-        // A leading wildcard could match identities' topics.
-        Principal::Anonymous => {
-            !(filter.starts_with('+')
-                || filter.starts_with('#')
-                || IDENTITY_ROOTS.iter().any(|r| filter.starts_with(r)))
-        }
+        Principal::Anonymous => !reaches_identity_roots(filter),
         Principal::Identity(id, grant) => {
             let own = match &id.module_id {
                 None => format!("devices/{}/messages/devicebound", id.device_id),
                 Some(m) => format!("devices/{edge_id}/modules/{m}/inputs"),
             };
             under(filter, &own)
-                || under(filter, "$iothub/twin/res")
-                || under(filter, "$iothub/twin/PATCH/properties/desired")
-                || under(filter, "$iothub/methods/POST")
-                || grant.subscribe.iter().any(|g| g == filter)
+                || (!reaches_identity_roots(filter) && grant.subscribe.iter().any(|g| g == filter))
         }
     }
 }
@@ -93,11 +114,14 @@ mod tests {
         let d1 = device("d1");
         assert!(may_publish(&d1, "edge", "devices/d1/messages/events/a=b"));
         assert!(may_publish(&d1, "edge", "devices/d1/messages/events"));
-        assert!(may_publish(
-            &d1,
-            "edge",
-            "$iothub/twin/PATCH/properties/reported/?$rid=1"
-        ));
+        assert!(
+            !may_publish(
+                &d1,
+                "edge",
+                "$iothub/twin/PATCH/properties/reported/?$rid=1"
+            ),
+            "requests are answered, never published"
+        );
         assert!(!may_publish(&d1, "edge", "devices/d2/messages/events/"));
         assert!(!may_publish(&d1, "edge", "devices/d1/messages/eventsX"));
         assert!(!may_publish(
@@ -161,10 +185,62 @@ mod tests {
             "devices/d2/messages/devicebound/#",
             "devices/#",
             "$iothub/#",
+            "$iothub/+/res/#",
+            "$iothub/twin/GET/#",
             "sensors/#",
         ] {
             assert!(!may_subscribe(&d1, "edge", no), "{no}");
         }
+    }
+
+    #[test]
+    fn nobody_publishes_or_leaves_a_will_on_iothub_and_grants_never_open_identity_topics() {
+        let wide = Principal::Identity(
+            Identity {
+                device_id: "d1".into(),
+                module_id: None,
+            },
+            Grant {
+                publish: vec!["#".into()],
+                subscribe: vec!["#".into(), "+/#".into(), "devices/#".into()],
+            },
+        );
+        for p in [
+            &Principal::Open,
+            &Principal::Anonymous,
+            &device("d1"),
+            &wide,
+        ] {
+            for t in [
+                "$iothub/twin/res/200/?$rid=1",
+                "$iothub/twin/PATCH/properties/desired/?$version=9",
+                "$iothub/methods/POST/reboot/?$rid=7",
+            ] {
+                assert!(!may_publish(p, "edge", t), "{p:?} {t}");
+            }
+        }
+        assert!(may_publish(&wide, "edge", "sensors/x"));
+        for t in [
+            "devices/d2/messages/devicebound/x=1",
+            "devices/d2/messages/events/",
+            "devices/edge/modules/m1/inputs/i1/",
+        ] {
+            assert!(!may_publish(&wide, "edge", t), "{t}");
+        }
+        for f in ["#", "+/#", "devices/#"] {
+            assert!(!may_subscribe(&wide, "edge", f), "{f}");
+        }
+        assert!(!may_subscribe(&Principal::Open, "edge", "$iothub/#"));
+        assert!(may_subscribe(
+            &Principal::Open,
+            "edge",
+            "$iothub/twin/res/#"
+        ));
+        assert!(!may_subscribe(
+            &Principal::Anonymous,
+            "edge",
+            "$iothub/twin/res/#"
+        ));
     }
 
     #[test]

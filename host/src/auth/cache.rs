@@ -44,7 +44,40 @@ pub enum CacheError {
 pub struct ScopeCache {
     path: PathBuf,
     key_path: PathBuf,
+    sealer: Sealer,
+}
+
+/// Encrypts and decrypts with the master key: the scope cache, and anything
+/// else kept secret at rest (device and module twins).
+#[derive(Clone)]
+pub struct Sealer {
     cipher: ChaCha20Poly1305,
+}
+
+impl Sealer {
+    /// `nonce || ciphertext` of `plain`, with a fresh random nonce.
+    pub fn seal(&self, plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let sealed = self
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce), plain)
+            .expect("encryption of a bounded document cannot fail");
+        let mut out = Vec::with_capacity(12 + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// What [`Sealer::seal`] sealed; `None` when the key does not open it
+    /// (another key, or damaged bytes).
+    pub fn open(&self, data: &[u8]) -> Option<Vec<u8>> {
+        if data.len() < 12 {
+            return None;
+        }
+        let (nonce, sealed) = data.split_at(12);
+        self.cipher.decrypt(Nonce::from_slice(nonce), sealed).ok()
+    }
 }
 
 /// Where the master key lives when none is configured.
@@ -98,7 +131,9 @@ impl ScopeCache {
         let cache = Self {
             path,
             key_path,
-            cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            sealer: Sealer {
+                cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+            },
         };
         cache.load()?;
         Ok(cache)
@@ -120,29 +155,21 @@ impl ScopeCache {
             path: self.key_path.clone(),
             cache: self.path.clone(),
         };
-        if data.len() < MAGIC.len() + 12 || &data[..MAGIC.len()] != MAGIC {
-            return Err(wrong());
+        match data.strip_prefix(MAGIC.as_slice()) {
+            Some(sealed) => self.sealer.open(sealed).map(Some).ok_or_else(wrong),
+            None => Err(wrong()),
         }
-        let (nonce, sealed) = data[MAGIC.len()..].split_at(12);
-        let plain = self
-            .cipher
-            .decrypt(Nonce::from_slice(nonce), sealed)
-            .map_err(|_| wrong())?;
-        Ok(Some(plain))
+    }
+
+    /// The master key's sealer, for other secrets kept at rest.
+    pub fn sealer(&self) -> Sealer {
+        self.sealer.clone()
     }
 
     /// Replaces the cached document, durably (see [`durable_file`]).
     pub fn save(&self, doc: &[u8]) -> Result<(), CacheError> {
-        let mut nonce = [0u8; 12];
-        rand::thread_rng().fill_bytes(&mut nonce);
-        let sealed = self
-            .cipher
-            .encrypt(Nonce::from_slice(&nonce), doc)
-            .expect("encryption of a bounded document cannot fail");
-        let mut out = Vec::with_capacity(MAGIC.len() + 12 + sealed.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&self.sealer.seal(doc));
         durable_file::replace_private(&self.path, &out).map_err(|source| CacheError::Io {
             path: self.path.clone(),
             source,

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-pub use cache::{CacheError, ScopeCache};
+pub use cache::{CacheError, ScopeCache, Sealer};
 pub use scope::{Credentials, Scope, ScopeError};
 
 /// A device, or a module of this edge device.
@@ -168,6 +168,11 @@ impl Auth {
 
     pub fn edge_id(&self) -> &str {
         &self.edge_id
+    }
+
+    /// Encrypts other secrets at rest with the master key (see [`Sealer`]).
+    pub fn sealer(&self) -> Sealer {
+        self.cache.sealer()
     }
 
     /// Changes whenever a new scope is applied.

@@ -6,17 +6,17 @@
 //! itself share it, nothing copies it), when the hub took it, its QoS and
 //! retain flag, and its IoT Hub view ([`Headers`]: the source routes match
 //! on, application and system properties). The view is parsed from the
-//! topic (see [`iothub`]) when first asked for, so a message that only
+//! topic (see [`dialect`]) when first asked for, so a message that only
 //! passes through (no route table, local delivery) never pays for it.
 //!
 //! It does not own where a message goes (`routing`), how it is stored (the
 //! store's `Record`) or delivered (the broker's `Delivery`), nor the plugins'
 //! WIT record (converted inside `plugins`).
 //!
-//! - `iothub`: the IoT Hub topic forms: telemetry topics, their property
+//! - `dialect`: the IoT Hub topic forms: telemetry topics, their property
 //!   bags, and topics built back from a message.
 
-pub mod iothub;
+pub mod dialect;
 
 use std::sync::{Arc, OnceLock};
 
@@ -100,7 +100,7 @@ impl Message {
     /// Source and properties (parsed from the topic the first time).
     pub fn headers(&self) -> &Headers {
         self.headers
-            .get_or_init(|| Arc::new(iothub::headers(&self.topic, &self.publisher)))
+            .get_or_init(|| Arc::new(dialect::headers(&self.topic, &self.publisher)))
     }
 
     pub fn source(&self) -> &str {

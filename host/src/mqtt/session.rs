@@ -24,11 +24,13 @@ use super::codec::{
 };
 use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
 use crate::broker::{BrokerHandle, Delivery, OUTBOX};
+use crate::iothub::{self, Request};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
 use crate::routing::{Durable, Router};
 use crate::store::{self, AppendError};
 use crate::topic;
+use crate::twins::Twins;
 
 /// How long a new connection may take to send its CONNECT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +42,8 @@ pub struct SessionContext {
     pub auth: Arc<Auth>,
     pub router: Router,
     pub broker: BrokerHandle,
+    /// Answers the twin requests of identities.
+    pub twins: Arc<Twins>,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
     pub next_conn_id: AtomicU64,
@@ -273,6 +277,7 @@ impl Session {
             let why = if !topic::valid_name(&w.topic) {
                 Some("invalid will topic")
             } else if !authz::may_publish(&principal, ctx.auth.edge_id(), &w.topic) {
+                ctx.metrics.authz_refused(1);
                 Some("will topic not allowed for this client")
             } else {
                 None
@@ -415,6 +420,7 @@ impl Session {
         let mut local = Vec::new();
         let mut upstream = Vec::new();
         let mut acks = Vec::new();
+        let mut requests = Vec::new();
         // Every publish of one read is taken at the same time.
         let now = store::now_ms();
         let result = loop {
@@ -426,14 +432,18 @@ impl Session {
             match packet {
                 Inbound::Publish(p) => {
                     self.ctx.metrics.received(1);
-                    let accepted =
-                        self.accept_publish(p, now, &mut local, &mut upstream, &mut acks);
+                    let accepted = if p.topic.starts_with(iothub::ROOT) {
+                        self.accept_request(p, &mut acks, &mut requests)
+                    } else {
+                        self.accept_publish(p, now, &mut local, &mut upstream, &mut acks)
+                    };
                     if let Err(e) = accepted {
                         break Err(e);
                     }
                 }
                 other => {
                     self.route(&mut local, &mut upstream, &mut acks).await;
+                    self.answer(&mut requests).await;
                     if let Err(e) = self.on_control(other).await {
                         break Err(e);
                     }
@@ -441,8 +451,114 @@ impl Session {
             }
         };
         self.route(&mut local, &mut upstream, &mut acks).await;
+        self.answer(&mut requests).await;
         self.release_acks()?;
         result
+    }
+
+    /// Takes a publish on `$iothub/...`: a request to answer, never a
+    /// message to route. A topic that is not a request this client may send
+    /// is refused like any topic it may not use.
+    fn accept_request(
+        &mut self,
+        p: Publish,
+        acks: &mut Vec<Ack>,
+        requests: &mut Vec<(Request, bytes::Bytes)>,
+    ) -> Result<(), SessionEnd> {
+        let request = match (&self.principal, Request::parse(&p.topic)) {
+            (Principal::Identity(..), Ok(r)) => Ok(r),
+            (Principal::Identity(..), Err(e)) => Err(e.to_string()),
+            _ => Err("$iothub requests need a device or module identity".into()),
+        };
+        match request {
+            Ok(r) => {
+                if p.qos > 0 {
+                    acks.push(Ack {
+                        pkid: p.pkid,
+                        qos: p.qos,
+                        stored: false,
+                        refused: None,
+                    });
+                }
+                requests.push((r, p.payload));
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(client = %self.client_id, topic = %p.topic, reason = %why, "publish refused: not authorized");
+                self.ctx.metrics.authz_refused(1);
+                let end = SessionEnd::NotAuthorized(format!("publish to {}", p.topic));
+                self.refuse(p, PubReason::NotAuthorized, end, acks)
+            }
+        }
+    }
+
+    /// Answers this connection's `$iothub` requests, in order, on its own
+    /// `$iothub/...` subscriptions.
+    async fn answer(&mut self, requests: &mut Vec<(Request, bytes::Bytes)>) {
+        let Principal::Identity(id, _) = &self.principal else {
+            requests.clear();
+            return;
+        };
+        let id = id.client_id();
+        for (request, body) in requests.drain(..) {
+            let (topic, payload) = match request {
+                Request::TwinGet { rid } => match self.ctx.twins.get(&id).await {
+                    Ok(doc) => (
+                        iothub::twin_response(200, &rid, None),
+                        doc.to_string().into(),
+                    ),
+                    Err(e) => {
+                        tracing::error!(client = %self.client_id, error = %e, "twin request failed");
+                        (iothub::twin_response(e.status(), &rid, None), e.body())
+                    }
+                },
+                Request::ReportedPatch { rid } => {
+                    match self.ctx.twins.patch_reported(&id, &body).await {
+                        Ok(v) => (iothub::twin_response(204, &rid, Some(v)), Vec::new()),
+                        Err(e) => {
+                            tracing::warn!(client = %self.client_id, error = %e, "reported patch refused");
+                            (iothub::twin_response(e.status(), &rid, None), e.body())
+                        }
+                    }
+                }
+                Request::MethodResponse { status, rid } => {
+                    tracing::warn!(client = %self.client_id, status, %rid, "method response ignored: no method call is waiting for it");
+                    continue;
+                }
+            };
+            let answer = Delivery {
+                topic,
+                payload: payload.into(),
+                qos: 1,
+                retain: false,
+                dup: false,
+            };
+            self.ctx.broker.send_to(&self.client_id, answer).await;
+        }
+    }
+
+    /// Refuses one publish: MQTT 5 gets `reason` in its acknowledgement,
+    /// 3.1.1 (which has no negative PUBACK) the end of the connection.
+    fn refuse(
+        &mut self,
+        p: Publish,
+        reason: PubReason,
+        end: SessionEnd,
+        acks: &mut Vec<Ack>,
+    ) -> Result<(), SessionEnd> {
+        if self.codec.protocol == Protocol::V4 {
+            return Err(end);
+        }
+        if p.qos > 0 {
+            self.qos2_received.remove(&p.pkid);
+            acks.push(Ack {
+                pkid: p.pkid,
+                qos: p.qos,
+                stored: false,
+                refused: Some(reason),
+            });
+        }
+        Ok(())
     }
 
     /// Checks one received publish, notes the ack it is owed and turns it
@@ -494,20 +610,7 @@ impl Session {
             None
         };
         if let Some((reason, end)) = refusal {
-            if self.codec.protocol == Protocol::V4 {
-                // 3.1.1 has no negative PUBACK: close, as the spec allows.
-                return Err(end);
-            }
-            if p.qos > 0 {
-                self.qos2_received.remove(&p.pkid);
-                acks.push(Ack {
-                    pkid: p.pkid,
-                    qos: p.qos,
-                    stored: false,
-                    refused: Some(reason),
-                });
-            }
-            return Ok(());
+            return self.refuse(p, reason, end, acks);
         }
         if p.qos > 0 {
             acks.push(Ack {

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use self::fields::MessageFields;
 use self::rules::{OnError, Route, Sink};
 use crate::broker::{BrokerHandle, Delivery};
-use crate::message::iothub::{self, Telemetry};
+use crate::message::dialect::{self, Telemetry};
 use crate::message::{Headers, Message};
 use crate::metrics::Metrics;
 use crate::plugins::boundary::{self, Verdicts};
@@ -268,7 +268,7 @@ impl Router {
         // the route's failure policy decides (never the store).
         let result = match result {
             Ok(Verdict::Filtered(Some(m))) if matches!(next, Sink::Upstream) => {
-                match topic::check_name(&iothub::upstream_topic(&m), self.max_topic_bytes) {
+                match topic::check_name(&dialect::upstream_topic(&m), self.max_topic_bytes) {
                     Ok(()) => Ok(Verdict::Filtered(Some(m))),
                     Err(e) => {
                         self.metrics.invalid_topic(e.reason(), &route.name);
@@ -352,7 +352,7 @@ impl Router {
     }
 
     fn to_upstream(&self, out: &mut Deliveries, route: &Route, m: &Message) {
-        let topic = iothub::upstream_topic(m);
+        let topic = dialect::upstream_topic(m);
         let body = m.body.clone();
         self.store_upstream(
             out,
@@ -392,12 +392,12 @@ impl Router {
     }
 
     fn to_module(&self, out: &mut Deliveries, module: &str, input: &str, m: &Message) {
-        if !iothub::valid_segment(module) || !iothub::valid_segment(input) {
+        if !dialect::valid_segment(module) || !dialect::valid_segment(input) {
             tracing::warn!(module, input, "not a deliverable module input (wildcards or slashes); message not delivered there");
             return;
         }
         out.module_inputs.push(Delivery {
-            topic: iothub::module_input_topic(&self.edge_id, module, input, m),
+            topic: dialect::module_input_topic(&self.edge_id, module, input, m),
             payload: m.body.clone(),
             qos: 1,
             retain: false,
@@ -444,7 +444,7 @@ impl Router {
         let dead = m.derived(topic, m.body.clone(), m.enqueued_ms, headers);
         Record {
             enqueued_ms: m.enqueued_ms,
-            topic: iothub::upstream_topic(&dead),
+            topic: dialect::upstream_topic(&dead),
             payload: dead.body,
             ttl_secs: route.ttl_secs,
         }

@@ -11,9 +11,11 @@
 //!
 //! Layout: `queue` keyspace `key -> record` ([`record`]), `meta` keyspace
 //! `"tail" -> next key`, `dead-letters` keyspace `key -> entry`
-//! ([`dead_letters`]).
+//! ([`dead_letters`]), and small durable documents such as twins
+//! ([`documents`]).
 
 pub mod dead_letters;
+pub mod documents;
 pub mod live;
 pub mod record;
 pub mod status;
@@ -27,6 +29,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
 
 pub use dead_letters::{DeadLetter, Selection};
+pub use documents::Documents;
 pub use live::{LiveBatch, LiveFeed};
 pub use record::Record;
 pub use writer::{AppendError, Appender};

@@ -1,0 +1,70 @@
+//! Small durable documents beside the queue (device and module twins): a
+//! keyspace `key -> bytes` in the store's database.
+//!
+//! Owns only reading and writing them: each write is fsynced before it
+//! returns, so call it off the async runtime. What a document holds (and
+//! whether it is encrypted) is its owner's business.
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{Store, StoreError};
+
+/// One named keyspace of documents.
+#[derive(Clone)]
+pub struct Documents {
+    db: Database,
+    keyspace: Keyspace,
+}
+
+impl Store {
+    /// The documents kept under `name` (created on first use).
+    pub fn documents(&self, name: &str) -> Result<Documents, StoreError> {
+        let db = self.inner.db.clone();
+        let keyspace = db.keyspace(name, KeyspaceCreateOptions::default)?;
+        Ok(Documents { db, keyspace })
+    }
+}
+
+impl Documents {
+    /// Every document, by key order.
+    pub fn all(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for guard in self.keyspace.iter() {
+            let (k, v) = guard.into_inner()?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the document under `key`, durably (blocks for the fsync).
+    pub fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.keyspace.insert(key.as_bytes(), value)?;
+        Ok(self.db.persist(PersistMode::SyncAll)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_document_written_is_there_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let docs = store.documents("twins").unwrap();
+            docs.put("d1", b"one").unwrap();
+            docs.put("d2/m", b"two").unwrap();
+            docs.put("d1", b"three").unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.documents("twins").unwrap().all().unwrap();
+        assert_eq!(
+            all,
+            vec![
+                ("d1".to_string(), b"three".to_vec()),
+                ("d2/m".to_string(), b"two".to_vec())
+            ]
+        );
+    }
+}

@@ -1,0 +1,148 @@
+"""Device and module twins answered by the hub itself, with the unchanged
+Azure IoT device SDK for Python (get_twin, patch_twin_reported_properties)
+and with paho for the exact topics and bodies: offline, after a restart
+while offline, each identity its own twin, and bad patches refused with a
+reason while the twin stays as it was."""
+
+from __future__ import annotations
+
+import json
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from authkit import (
+    EDGE_ID,
+    SDK_PORT,
+    SDK_VERSION,
+    Identity,
+    auth_args,
+    describe_sdk,
+    ensure_sdk_venv,
+    make_certs,
+    publish_scope,
+    require_port_free,
+    run_sdk,
+    try_connect,
+    wait_scope,
+    wait_tls_listener,
+)
+
+
+@pytest.fixture(scope="session")
+def sdk_python(request, tmp_path_factory):
+    cache = getattr(request.config, "cache", None)
+    base = cache.mkdir(f"azure-iot-device-venv-{SDK_VERSION}") if cache is not None \
+        else tmp_path_factory.mktemp("azure-iot-device-venv")
+    return ensure_sdk_venv(base)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("twin-certs"))
+
+
+def start_gateway(hub_factory, upstream, certs):
+    require_port_free(SDK_PORT)
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args(tls=certs, tls_port=SDK_PORT))
+    wait_tls_listener(hub, SDK_PORT)
+    return hub
+
+
+def twin_steps(out: dict) -> list[dict]:
+    assert out.get("error") is None and out.get("connected"), f"the SDK failed:\n{describe_sdk(out)}"
+    return out["twin"]
+
+
+def test_an_sdk_device_gets_and_patches_its_twin_offline_and_finds_it_again_after_a_restart(
+    sdk_python, certs, upstream_factory, hub_factory, tmp_path
+):
+    up = upstream_factory()
+    up.start()
+    child1, child2 = Identity.child("child1"), Identity.child("child2")
+    hub = start_gateway(hub_factory, up, certs)
+    publish_scope(up, [child1, child2])
+    wait_scope(hub, 2)
+    up.stop()
+    hub.wait_metric("edgehub_upstream_connected", lambda v: v == 0, 15, "upstream disconnected")
+
+    out = run_sdk(sdk_python, child1, certs["ca"], log=tmp_path / "sdk-twin-1.log", twin=[
+        {"op": "get"},
+        {"op": "patch", "patch": {"fw": "1.0", "cfg": {"rate": 5, "mode": "eco"}}},
+        {"op": "patch", "patch": {"cfg": {"rate": None}}},
+        {"op": "get"},
+    ])
+    steps = twin_steps(out)
+    assert steps[0].get("twin") == {"desired": {"$version": 1}, "reported": {"$version": 1}}, describe_sdk(out)
+    assert steps[1].get("ok") and steps[2].get("ok"), describe_sdk(out)
+    assert steps[3]["twin"]["reported"] == {"fw": "1.0", "cfg": {"mode": "eco"}, "$version": 3}, describe_sdk(out)
+
+    # the gateway restarts while still offline: the twin comes back from the store
+    hub.terminate()
+    require_port_free(SDK_PORT)
+    hub.start()
+    wait_tls_listener(hub, SDK_PORT)
+    wait_scope(hub, 2, timeout=15)
+    out = run_sdk(sdk_python, child1, certs["ca"], log=tmp_path / "sdk-twin-2.log", twin=[{"op": "get"}])
+    assert twin_steps(out)[0]["twin"]["reported"] == {"fw": "1.0", "cfg": {"mode": "eco"}, "$version": 3}
+
+    # another identity has its own twin
+    out = run_sdk(sdk_python, child2, certs["ca"], log=tmp_path / "sdk-twin-3.log", twin=[{"op": "get"}])
+    assert twin_steps(out)[0]["twin"]["reported"] == {"$version": 1}, describe_sdk(out)
+
+
+def test_a_module_gets_its_own_twin_with_the_upstream_up(sdk_python, certs, upstream, hub_factory, tmp_path):
+    mod1 = Identity.module("mod1")
+    hub = start_gateway(hub_factory, upstream, certs)
+    publish_scope(upstream, [mod1])
+    wait_scope(hub, 1)
+    out = run_sdk(sdk_python, mod1, certs["ca"], log=tmp_path / "sdk-twin-mod.log", twin=[
+        {"op": "patch", "patch": {"status": "running"}},
+        {"op": "get"},
+    ])
+    steps = twin_steps(out)
+    assert steps[1]["twin"]["reported"] == {"status": "running", "$version": 2}, describe_sdk(out)
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5], ids=["mqtt311", "mqtt5"])
+def test_a_bad_reported_patch_is_answered_400_with_its_reason_and_changes_nothing(
+    protocol, upstream, hub_factory, clients
+):
+    child1 = Identity.child("child1")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    rc, c = try_connect(hub.port, clients, protocol=protocol, **child1.credentials())
+    assert rc == 0
+    assert c.subscribe_result(["$iothub/twin/res/#"]) in ([1], [0])
+
+    def answer(rid: str) -> tuple[str, bytes]:
+        prefix = "$iothub/twin/res/"
+        c._wait(lambda: any(t.startswith(prefix) and f"$rid={rid}" in t for t, _ in c.messages), 10,
+                      f"the answer to request {rid}")
+        with c.cond:
+            return next((t, p) for t, p in c.messages if t.startswith(prefix) and f"$rid={rid}" in t)
+
+    cases = {
+        "1": b'{"a.b": 1}',
+        "2": b"not json",
+        "3": b'{"list": [1, null]}',
+        "4": json.dumps({"s": "x" * 5000}).encode(),
+        "5": b"[1, 2]",
+    }
+    for rid, body in cases.items():
+        assert c.publish_result(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", body) == 0
+    for rid in cases:
+        topic, payload = answer(rid)
+        assert topic == f"$iothub/twin/res/400/?$rid={rid}", topic
+        assert json.loads(payload)["message"], payload
+    assert "'.'" in json.loads(answer("1")[1])["message"]
+
+    c.publish_result("$iothub/twin/GET/?$rid=get1", b"")
+    topic, payload = answer("get1")
+    assert topic == "$iothub/twin/res/200/?$rid=get1"
+    assert json.loads(payload) == {"desired": {"$version": 1}, "reported": {"$version": 1}}
+
+    c.publish_result("$iothub/twin/PATCH/properties/reported/?$rid=ok", b'{"ok": true}')
+    assert answer("ok")[0] == "$iothub/twin/res/204/?$rid=ok&$version=2"
+    assert not c.closed.is_set(), "the hub kept the connection through every bad patch"
