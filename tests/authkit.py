@@ -746,3 +746,38 @@ def describe_sdk(out: dict) -> str:
     keep = {k: v for k, v in out.items() if k not in ("stderr", "log_tail", "traceback")}
     return (f"SDK result: {json.dumps(keep, indent=1)}\ntraceback: {out.get('traceback')}\n"
             f"SDK log tail:\n{out.get('log_tail', '')[-3000:]}")
+
+
+# --------------------------------------------------------------------------
+# more on DeviceClient: retained publishes, awaited messages, an abrupt end
+# --------------------------------------------------------------------------
+
+
+def publish_outcome(c: DeviceClient, topic: str, payload: bytes, *, retain: bool = False,
+                    timeout: float = 10.0) -> int | None:
+    """One QoS 1 publish (retained or not): the PUBACK reason code, or None
+    if the hub closed the connection instead of acknowledging."""
+    info = c.client.publish(topic, payload, qos=1, retain=retain)
+    c._wait(lambda: info.mid in c.pubacks or c.closed.is_set(), timeout, f"PUBACK or close after {topic!r}")
+    with c.cond:
+        return c.pubacks.get(info.mid)
+
+
+def wait_message(c: DeviceClient, payload: bytes, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+    """Waits until ``c`` received a message with ``payload``; returns every
+    message it received so far, in order."""
+    c._wait(lambda: any(p == payload for _, p in c.messages), timeout, f"a message {payload!r}")
+    with c.cond:
+        return list(c.messages)
+
+
+def abort(c: DeviceClient) -> None:
+    """Ends the connection without a DISCONNECT (as a lost link does), so the
+    hub publishes the client's will if it has one."""
+    c._stop.set()
+    if c._thread is not None:
+        c._thread.join(timeout=5)
+    sock = c.client.socket()
+    if sock is not None:
+        sock.close()
+    c.closed.set()
