@@ -6,7 +6,8 @@
 //! `message::Message` (its body shared, never copied, on the way; converted
 //! to the plugins' WIT record only inside `plugins`). `auth` decides who sessions
 //! are and what they may do, from the device scope that `upstream::sync`
-//! receives. `hub` wires them together and owns start-up and shutdown;
+//! receives; `twins` answers identities' twin requests (the session hands
+//! it each `$iothub` request, see `iothub`). `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
 //! socket into a running hub's store (dead letters); `durable_file`
 //! (crash-safe file replacement), `iothub` (each connection's own
