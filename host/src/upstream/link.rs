@@ -10,7 +10,10 @@
 //!   they were told about, and get [`LinkEvent`]s back (connected,
 //!   acknowledged tags, disconnected); a batch for an older generation is
 //!   dropped, so nothing meant for a dead connection leaks into the next;
-//! - consumers register a topic filter before the link starts and receive
+//! - consumers register before the link starts, with a topic filter fixed
+//!   for the link's life ([`Link::subscribe`]) or a set of filters that
+//!   changes as it runs ([`Link::consumer`], [`LinkHandle::set_filters`]:
+//!   one subscription per identity of the device scope, say), and receive
 //!   [`CloudMessage`]s on their own bounded channel. A QoS 1 message is
 //!   acknowledged to the cloud only once its consumer calls
 //!   [`CloudMessage::ack`]. When a consumer is slow its messages wait here
@@ -21,7 +24,7 @@
 //! It does not know what is stored or why a message is sent (the forwarder
 //! does), nor what a cloud message means (its consumer does).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,7 +112,15 @@ enum Command {
         topic: String,
         payload: Option<Bytes>,
     },
+    Filters {
+        consumer: usize,
+        filters: Vec<String>,
+    },
 }
+
+/// A consumer whose filters change at run time (see [`Link::consumer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerId(usize);
 
 /// How publishers reach the link. Cheap to clone.
 #[derive(Clone)]
@@ -129,12 +140,26 @@ impl LinkHandle {
     pub async fn keep_published(&self, topic: String, payload: Option<Bytes>) {
         let _ = self.tx.send(Command::Keep { topic, payload }).await;
     }
+
+    /// Replaces the filters of `consumer`: new ones are subscribed and gone
+    /// ones unsubscribed, now if connected, else on the next connection.
+    pub async fn set_filters(&self, consumer: ConsumerId, filters: Vec<String>) {
+        let cmd = Command::Filters {
+            consumer: consumer.0,
+            filters,
+        };
+        let _ = self.tx.send(cmd).await;
+    }
 }
 
 struct Consumer {
-    filter: String,
+    filters: Vec<String>,
     tx: mpsc::Sender<CloudMessage>,
 }
+
+/// Filters per SUBSCRIBE: a scope of thousands of identities is
+/// subscribed in several packets.
+const FILTERS_PER_PACKET: usize = 100;
 
 /// Settings of the link.
 pub struct LinkConfig {
@@ -162,6 +187,9 @@ struct Actor {
     acks_tx: mpsc::UnboundedSender<(u64, u16)>,
     acks: mpsc::UnboundedReceiver<(u64, u16)>,
     kept: BTreeMap<String, Bytes>,
+    /// Filters dropped while disconnected: unsubscribed on the next
+    /// connection (the cloud keeps a persistent session's subscriptions).
+    dropped: BTreeSet<String>,
     /// Cloud messages waiting for their consumer's channel to have room.
     waiting: VecDeque<(usize, CloudMessage)>,
     generation: u64,
@@ -181,8 +209,22 @@ impl Link {
     /// arrive on the returned channel (the first matching consumer wins).
     pub fn subscribe(&mut self, filter: String, capacity: usize) -> mpsc::Receiver<CloudMessage> {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        self.consumers.push(Consumer { filter, tx });
+        self.consumers.push(Consumer {
+            filters: vec![filter],
+            tx,
+        });
         rx
+    }
+
+    /// A consumer with no filter yet: [`LinkHandle::set_filters`] gives it
+    /// its filters while the link runs.
+    pub fn consumer(&mut self, capacity: usize) -> (ConsumerId, mpsc::Receiver<CloudMessage>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.consumers.push(Consumer {
+            filters: Vec::new(),
+            tx,
+        });
+        (ConsumerId(self.consumers.len() - 1), rx)
     }
 
     /// Builds the actor without running it: the handle and the events
@@ -205,6 +247,7 @@ impl Link {
             acks_tx,
             acks,
             kept: BTreeMap::new(),
+            dropped: BTreeSet::new(),
             waiting: VecDeque::new(),
             generation: 0,
         };
@@ -294,6 +337,10 @@ impl Actor {
                     _ = tokio::time::sleep_until(until), if !self.config.addresses.is_empty() => break,
                     cmd = self.commands.recv() => match cmd {
                         Some(Command::Keep { topic, payload }) => self.keep(topic, payload),
+                        Some(Command::Filters { consumer, filters }) => {
+                            let (_, gone) = self.set_filters(consumer, filters);
+                            self.dropped.extend(gone);
+                        }
                         Some(Command::Publish { .. }) => {}
                         None => return,
                     },
@@ -301,6 +348,27 @@ impl Actor {
             }
             backoff = (backoff * 2).min(self.config.max_backoff.max(MIN_BACKOFF));
         }
+    }
+
+    /// Replaces a consumer's filters; returns the filters added and gone.
+    fn set_filters(&mut self, consumer: usize, filters: Vec<String>) -> (Vec<String>, Vec<String>) {
+        let Some(c) = self.consumers.get_mut(consumer) else {
+            return Default::default();
+        };
+        let old: BTreeSet<String> = c.filters.iter().cloned().collect();
+        let new: BTreeSet<String> = filters.into_iter().collect();
+        c.filters = new.iter().cloned().collect();
+        let still = |f: &String| self.consumers.iter().any(|c| c.filters.contains(f));
+        let added: Vec<String> = new.difference(&old).cloned().collect();
+        let gone: Vec<String> = old
+            .difference(&new)
+            .filter(|f| !still(f))
+            .cloned()
+            .collect();
+        for f in &added {
+            self.dropped.remove(f);
+        }
+        (added, gone)
     }
 
     fn keep(&mut self, topic: String, payload: Option<Bytes>) {
@@ -313,15 +381,43 @@ impl Actor {
     /// Runs one connection until it fails (`Err`) or `shutdown` (`Ok`).
     async fn session(
         &mut self,
-        mut conn: Connection,
+        conn: Connection,
         shutdown: &CancellationToken,
     ) -> Result<(), UpstreamError> {
         let mut state = LinkState::new(self.generation, conn.wire());
+        let result = self.serve(conn, &mut state, shutdown).await;
+        // The cloud may never have seen them: unsubscribe on the next one,
+        // unless a consumer wants the filter again by then.
+        for f in state.unanswered_unsubscribes() {
+            if !self.consumers.iter().any(|c| c.filters.contains(&f)) {
+                self.dropped.insert(f);
+            }
+        }
+        result
+    }
+
+    /// [`Actor::session`]'s loop.
+    async fn serve(
+        &mut self,
+        mut conn: Connection,
+        state: &mut LinkState,
+        shutdown: &CancellationToken,
+    ) -> Result<(), UpstreamError> {
         // Messages waiting for consumers came from the previous connection:
         // they are delivered but their acknowledgements are stale, so the
         // cloud (persistent session) sends them again.
-        let filters: Vec<String> = self.consumers.iter().map(|c| c.filter.clone()).collect();
-        state.subscribe(&filters, &mut conn.write_buf);
+        let filters: Vec<String> = self
+            .consumers
+            .iter()
+            .flat_map(|c| c.filters.iter().cloned())
+            .collect();
+        for chunk in filters.chunks(FILTERS_PER_PACKET) {
+            state.subscribe(chunk, &mut conn.write_buf);
+        }
+        let dropped: Vec<String> = std::mem::take(&mut self.dropped).into_iter().collect();
+        for chunk in dropped.chunks(FILTERS_PER_PACKET) {
+            state.unsubscribe(chunk, &mut conn.write_buf);
+        }
         for (topic, payload) in &self.kept {
             state.publish(&retained(topic, payload), &mut conn.write_buf)?;
         }
@@ -342,10 +438,10 @@ impl Actor {
                 }
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { return Ok(()) };
-                    self.command(cmd, &mut state, &mut conn)?;
+                    self.command(cmd, state, &mut conn)?;
                     for _ in 0..COMMAND_BATCH {
                         match self.commands.try_recv() {
-                            Ok(cmd) => self.command(cmd, &mut state, &mut conn)?,
+                            Ok(cmd) => self.command(cmd, state, &mut conn)?,
                             Err(_) => break,
                         }
                     }
@@ -371,7 +467,7 @@ impl Actor {
                                 "the upstream disconnected, reason 0x{reason:02x}"
                             )));
                         }
-                        self.receive(&mut state, p, &mut acked, &mut conn);
+                        self.receive(state, p, &mut acked, &mut conn);
                         if self.waiting.len() >= MAX_WAITING {
                             break;
                         }
@@ -410,6 +506,15 @@ impl Actor {
                 }
                 self.keep(topic, payload);
             }
+            Command::Filters { consumer, filters } => {
+                let (added, gone) = self.set_filters(consumer, filters);
+                for chunk in added.chunks(FILTERS_PER_PACKET) {
+                    state.subscribe(chunk, &mut conn.write_buf);
+                }
+                for chunk in gone.chunks(FILTERS_PER_PACKET) {
+                    state.unsubscribe(chunk, &mut conn.write_buf);
+                }
+            }
         }
         Ok(())
     }
@@ -438,7 +543,7 @@ impl Actor {
                 let consumer = self
                     .consumers
                     .iter()
-                    .position(|c| topic::matches(&c.filter, &topic));
+                    .position(|c| c.filters.iter().any(|f| topic::matches(f, &topic)));
                 let Some(index) = consumer else {
                     tracing::debug!(%topic, "cloud message on a topic nothing consumes");
                     if let Some(pkid) = pkid {
@@ -663,6 +768,78 @@ mod tests {
                 other => before.push(other),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_consumer_s_filters_change_while_the_link_runs_and_are_restored_after_a_reconnect() {
+        let (up, mut conns) = Upstream::new();
+        let mut link = Link::new(config(&["a"]), Arc::new(up), Arc::default());
+        let mut scope = link.subscribe("edges/edge1/scope".into(), 4);
+        let (twins, mut desired) = link.consumer(4);
+        let shutdown = CancellationToken::new();
+        let (handle, _events, task) = link.spawn(shutdown.clone());
+        let (_, mut peer) = within(conns.recv()).await.unwrap();
+        peer.accept().await;
+        until_subscribed(&mut peer).await;
+
+        let filters = |ids: &[&str]| {
+            ids.iter()
+                .map(|d| format!("devices/{d}/twin/desired"))
+                .collect()
+        };
+        handle.set_filters(twins, filters(&["d1", "d2"])).await;
+        let Some(v4::Packet::Subscribe(s)) = within(peer.read()).await else {
+            panic!("expected a SUBSCRIBE for the new filters")
+        };
+        let got: Vec<&str> = s.filters.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(got, ["devices/d1/twin/desired", "devices/d2/twin/desired"]);
+        peer.write(cloud_publish(1, "devices/d2/twin/desired", "{}"))
+            .await;
+        let m = within(desired.recv()).await.unwrap();
+        assert_eq!(m.topic, "devices/d2/twin/desired");
+        m.ack();
+
+        handle.set_filters(twins, filters(&["d2"])).await;
+        loop {
+            match within(peer.read()).await.expect("open") {
+                v4::Packet::Unsubscribe(u) => {
+                    assert_eq!(u.topics, ["devices/d1/twin/desired"]);
+                    peer.write(v4::Packet::UnsubAck(v4::UnsubAck { pkid: u.pkid }))
+                        .await;
+                    break;
+                }
+                v4::Packet::PubAck(_) | v4::Packet::SubAck(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // A message after the UNSUBACK: once it is consumed, the UNSUBACK
+        // has been read.
+        peer.write(cloud_publish(2, "edges/edge1/scope", "{}"))
+            .await;
+        within(scope.recv()).await.unwrap().ack();
+
+        // The connection drops; d2 goes and d3 comes meanwhile: the next
+        // connection subscribes to what is current and unsubscribes d2
+        // (d1's UNSUBSCRIBE was answered: not again).
+        drop(peer);
+        handle.set_filters(twins, filters(&["d3"])).await;
+        let (_, mut peer) = within(conns.recv()).await.unwrap();
+        peer.accept().await;
+        let (mut subscribed, mut unsubscribed) = (Vec::new(), Vec::new());
+        while subscribed.len() < 2 || unsubscribed.is_empty() {
+            match within(peer.read()).await.expect("open") {
+                v4::Packet::Subscribe(s) => {
+                    subscribed.extend(s.filters.into_iter().map(|f| f.path))
+                }
+                v4::Packet::Unsubscribe(u) => unsubscribed.extend(u.topics),
+                _ => {}
+            }
+        }
+        subscribed.sort();
+        assert_eq!(subscribed, ["devices/d3/twin/desired", "edges/edge1/scope"]);
+        assert_eq!(unsubscribed, ["devices/d2/twin/desired"]);
+        shutdown.cancel();
+        within(task).await.unwrap();
     }
 
     #[tokio::test]

@@ -103,7 +103,10 @@ pub struct LinkState {
     /// Tag of each QoS 1 publish awaiting its PUBACK, by packet id.
     inflight: HashMap<u16, u64>,
     /// Subscriptions sent on connect, under this packet id.
-    subscribe: Option<(u16, Vec<String>)>,
+    /// SUBSCRIBEs and UNSUBSCRIBEs sent and not yet answered, by packet id
+    /// (the filters of a SUBSCRIBE, to name the refused ones).
+    subscribing: HashMap<u16, Vec<String>>,
+    unsubscribing: HashMap<u16, Vec<String>>,
     ping_outstanding: bool,
     /// The cloud's QoS 1 publishes in arrival order: (packet id, consumed).
     cloud: VecDeque<(u16, bool)>,
@@ -116,7 +119,8 @@ impl LinkState {
             wire,
             ids: PacketIds::default(),
             inflight: HashMap::new(),
-            subscribe: None,
+            subscribing: HashMap::new(),
+            unsubscribing: HashMap::new(),
             ping_outstanding: false,
             cloud: VecDeque::new(),
         }
@@ -136,14 +140,31 @@ impl LinkState {
         self.cloud.len()
     }
 
-    /// Queues the SUBSCRIBE for `filters` (after every CONNACK).
+    /// Queues a SUBSCRIBE for `filters` (after every CONNACK, and when a
+    /// consumer's filters grow).
     pub fn subscribe(&mut self, filters: &[String], out: &mut BytesMut) {
         if filters.is_empty() {
             return;
         }
         let Some(pkid) = self.next_id() else { return };
         self.wire.subscribe(pkid, filters, out);
-        self.subscribe = Some((pkid, filters.to_vec()));
+        self.subscribing.insert(pkid, filters.to_vec());
+    }
+
+    /// Queues an UNSUBSCRIBE for `filters` (a consumer's filters shrank).
+    pub fn unsubscribe(&mut self, filters: &[String], out: &mut BytesMut) {
+        if filters.is_empty() {
+            return;
+        }
+        let Some(pkid) = self.next_id() else { return };
+        self.wire.unsubscribe(pkid, filters, out);
+        self.unsubscribing.insert(pkid, filters.to_vec());
+    }
+
+    /// Filters of UNSUBSCRIBEs not answered (the connection ended first):
+    /// to unsubscribe again on the next one.
+    pub fn unanswered_unsubscribes(&mut self) -> Vec<String> {
+        self.unsubscribing.drain().flat_map(|(_, f)| f).collect()
     }
 
     /// Encodes `o` into `out`; QoS 1 publishes are tracked until acknowledged.
@@ -194,14 +215,14 @@ impl LinkState {
                     pkid,
                 }
             }
+            Incoming::UnsubAck { pkid } => {
+                self.unsubscribing.remove(&pkid);
+                Inbound::Nothing
+            }
             Incoming::SubAck { pkid, refused } => {
-                let Some((id, filters)) = self.subscribe.take() else {
+                let Some(filters) = self.subscribing.remove(&pkid) else {
                     return Inbound::Nothing;
                 };
-                if id != pkid {
-                    self.subscribe = Some((id, filters));
-                    return Inbound::Nothing;
-                }
                 let refused: Vec<String> = filters
                     .into_iter()
                     .zip(refused)
@@ -256,10 +277,10 @@ impl LinkState {
     }
 
     fn next_id(&mut self) -> Option<u16> {
-        let inflight = &self.inflight;
-        let cloud_sub = self.subscribe.as_ref().map(|(id, _)| *id);
-        self.ids
-            .next(|id| inflight.contains_key(&id) || cloud_sub == Some(id))
+        let (inflight, subs, unsubs) = (&self.inflight, &self.subscribing, &self.unsubscribing);
+        self.ids.next(|id| {
+            inflight.contains_key(&id) || subs.contains_key(&id) || unsubs.contains_key(&id)
+        })
     }
 }
 

@@ -39,6 +39,9 @@ pub enum Incoming {
         pkid: u16,
         refused: Vec<bool>,
     },
+    UnsubAck {
+        pkid: u16,
+    },
     PingResp,
     /// The broker is closing the connection (v5 says why).
     Disconnect {
@@ -137,6 +140,26 @@ impl Wire {
         );
     }
 
+    /// Unsubscribes from `filters` under `pkid`.
+    pub fn unsubscribe(self, pkid: u16, filters: &[String], out: &mut BytesMut) {
+        self.put(
+            out,
+            || {
+                v4::Packet::Unsubscribe(v4::Unsubscribe {
+                    pkid,
+                    topics: filters.to_vec(),
+                })
+            },
+            || {
+                v5::Packet::Unsubscribe(v5::Unsubscribe {
+                    pkid,
+                    filters: filters.to_vec(),
+                    properties: None,
+                })
+            },
+        );
+    }
+
     /// A PUBLISH straight from borrowed bytes (the forwarder's hot path: no
     /// topic or payload copies). `pkid` 0 means QoS 0.
     pub fn publish(self, out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u16, retain: bool) {
@@ -193,6 +216,7 @@ fn from_v4(p: v4::Packet) -> Incoming {
                 .map(|c| matches!(c, v4::SubscribeReasonCode::Failure))
                 .collect(),
         },
+        v4::Packet::UnsubAck(a) => Incoming::UnsubAck { pkid: a.pkid },
         v4::Packet::PingResp => Incoming::PingResp,
         v4::Packet::Disconnect => Incoming::Disconnect { reason: 0 },
         _ => Incoming::Other,
@@ -245,6 +269,7 @@ fn from_v5(p: v5::Packet) -> Incoming {
                 .map(|c| !matches!(c, v5::SubscribeReasonCode::Success(_)))
                 .collect(),
         },
+        v5::Packet::UnsubAck(a) => Incoming::UnsubAck { pkid: a.pkid },
         v5::Packet::PingResp(_) => Incoming::PingResp,
         v5::Packet::Disconnect(d) => Incoming::Disconnect {
             reason: d.reason_code as u8,
