@@ -896,3 +896,78 @@ class RawClient:
             self.sock.close()
         except OSError:
             pass
+
+
+class Relay:
+    """A TCP relay on loopback in front of a port: the link between the hub
+    and its upstream, which a test can cut (every connection closed, new
+    ones refused at once) and restore, while both ends keep running."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind((LOOPBACK, 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.url = f"mqtt://{LOOPBACK}:{self.port}"
+        self.lock = threading.Lock()
+        self.open = True
+        self.socks: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True, name=f"relay-{self.port}").start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            with self.lock:
+                if not self.open:
+                    client.close()
+                    continue
+                try:
+                    upstream = socket.create_connection((LOOPBACK, self.target_port), timeout=5)
+                except OSError:
+                    client.close()
+                    continue
+                self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self.lock:
+            self.open = False
+            for s in self.socks:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+            self.socks.clear()
+
+    def restore(self) -> None:
+        with self.lock:
+            self.open = True
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut()
+        self.server.close()

@@ -20,6 +20,7 @@ from authkit import (
     describe_sdk,
     ensure_sdk_venv,
     make_certs,
+    publish_retained,
     publish_scope,
     require_port_free,
     run_sdk,
@@ -27,6 +28,7 @@ from authkit import (
     wait_scope,
     wait_tls_listener,
 )
+from helpers import Relay, Subscriber
 
 
 @pytest.fixture(scope="session")
@@ -146,3 +148,115 @@ def test_a_bad_reported_patch_is_answered_400_with_its_reason_and_changes_nothin
     c.publish_result("$iothub/twin/PATCH/properties/reported/?$rid=ok", b'{"ok": true}')
     assert answer("ok")[0] == "$iothub/twin/res/204/?$rid=ok&$version=2"
     assert not c.closed.is_set(), "the hub kept the connection through every bad patch"
+
+
+# --------------------------------------------------------------------------
+# with the cloud: desired documents in, reported documents out
+# --------------------------------------------------------------------------
+
+
+def wait_answer(c, prefix: str, desc: str, timeout: float = 15.0) -> tuple[str, bytes]:
+    """The first message on a topic starting with ``prefix`` (and drops it)."""
+    c._wait(lambda: any(t.startswith(prefix) for t, _ in c.messages), timeout, desc)
+    with c.cond:
+        i = next(i for i, (t, _) in enumerate(c.messages) if t.startswith(prefix))
+        return c.messages.pop(i)
+
+
+def cloud_watcher(upstream) -> Subscriber:
+    """The cloud's view: a client on the upstream broker reading reported documents."""
+    w = Subscriber(upstream.port).connect()
+    w.subscribe("devices/#")
+    return w
+
+
+def latest(w: Subscriber, topic: str, pred, timeout: float, desc: str) -> dict:
+    def found(msgs):
+        docs = [json.loads(m.payload) for m in msgs if m.topic == topic]
+        return docs and pred(docs[-1])
+    msgs = w.wait_for(found, timeout, desc)
+    return [json.loads(m.payload) for m in msgs if m.topic == topic][-1]
+
+
+def test_desired_set_in_the_cloud_reaches_the_twin_and_a_subscribed_device_as_patches_and_reported_goes_up(
+    upstream, hub_factory, clients
+):
+    child1, mod1 = Identity.child("child1"), Identity.module("mod1")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, [child1, mod1])
+    wait_scope(hub, 2)
+    rc, c = try_connect(hub.port, clients, **child1.credentials())
+    assert rc == 0
+    assert c.subscribe_result(["$iothub/twin/res/#", "$iothub/twin/PATCH/properties/desired/#"]) == [1, 1]
+    rc, m = try_connect(hub.port, clients, **mod1.credentials())
+    assert rc == 0
+    assert m.subscribe_result(["$iothub/twin/PATCH/properties/desired/#"]) == [1]
+    watcher = cloud_watcher(upstream)
+    clients.append(watcher)
+
+    publish_retained(upstream.port, "devices/child1/twin/desired", b'{"rate": 5, "mode": "eco", "$version": 2}')
+    topic, body = wait_answer(c, "$iothub/twin/PATCH/properties/desired/", "the first desired patch")
+    assert topic == "$iothub/twin/PATCH/properties/desired/?$version=2"
+    assert json.loads(body) == {"rate": 5, "mode": "eco", "$version": 2}
+
+    publish_retained(upstream.port, "devices/child1/twin/desired", b'{"rate": 7, "$version": 3}')
+    topic, body = wait_answer(c, "$iothub/twin/PATCH/properties/desired/", "the second desired patch")
+    assert topic == "$iothub/twin/PATCH/properties/desired/?$version=3"
+    assert json.loads(body) == {"rate": 7, "mode": None, "$version": 3}, "a removed key is null"
+
+    c.publish_result("$iothub/twin/GET/?$rid=g1", b"")
+    _, body = wait_answer(c, "$iothub/twin/res/200/?$rid=g1", "the twin")
+    assert json.loads(body)["desired"] == {"rate": 7, "$version": 3}
+
+    c.publish_result("$iothub/twin/PATCH/properties/reported/?$rid=r1", b'{"fw": "2.0"}')
+    assert wait_answer(c, "$iothub/twin/res/", "the 204")[0] == "$iothub/twin/res/204/?$rid=r1&$version=2"
+    doc = latest(watcher, "devices/child1/twin/reported", lambda d: d.get("fw") == "2.0", 15,
+                 "child1's reported document upstream")
+    assert doc == {"fw": "2.0", "$version": 2}
+
+    # the module's twin is its own; child1 got none of its patches
+    publish_retained(upstream.port, f"devices/{EDGE_ID}/modules/mod1/twin/desired", b'{"level": 1, "$version": 1}')
+    topic, body = wait_answer(m, "$iothub/twin/PATCH/properties/desired/", "the module's desired patch")
+    assert json.loads(body) == {"level": 1, "$version": 1}
+    # a desired document of an identity outside the scope is not taken
+    publish_retained(upstream.port, "devices/stranger/twin/desired", b'{"x": 1, "$version": 1}')
+    c.publish_result("$iothub/twin/GET/?$rid=g2", b"")
+    wait_answer(c, "$iothub/twin/res/200/?$rid=g2", "the twin again")
+    assert not [t for t, _ in c.messages if "desired" in t], "child1 got another identity's patch"
+
+
+def test_after_an_outage_desired_changed_in_the_cloud_reaches_a_connected_device_and_reported_changed_offline_goes_up(
+    upstream, hub_factory, clients
+):
+    child1 = Identity.child("child1")
+    relay = Relay(upstream.port)
+    hub = hub_factory(relay.url, edge_id=EDGE_ID, extra_args=auth_args())
+    try:
+        publish_scope(upstream, [child1])
+        wait_scope(hub, 1)
+        rc, c = try_connect(hub.port, clients, **child1.credentials())
+        assert rc == 0
+        # subscribed to desired patches, and never asks for the twin
+        assert c.subscribe_result(["$iothub/twin/res/#", "$iothub/twin/PATCH/properties/desired/#"]) == [1, 1]
+        publish_retained(upstream.port, "devices/child1/twin/desired", b'{"rate": 1, "$version": 1}')
+        topic, _ = wait_answer(c, "$iothub/twin/PATCH/properties/desired/", "the desired patch before the outage")
+        assert topic.endswith("?$version=1")
+        watcher = cloud_watcher(upstream)
+        clients.append(watcher)
+
+        relay.cut()
+        hub.wait_metric("edgehub_upstream_connected", lambda v: v == 0, 15, "the link cut")
+        c.publish_result("$iothub/twin/PATCH/properties/reported/?$rid=off", b'{"offline": true}')
+        topic, _ = wait_answer(c, "$iothub/twin/res/", "the 204 while offline")
+        assert topic.startswith("$iothub/twin/res/204/?$rid=off&$version=")
+        publish_retained(upstream.port, "devices/child1/twin/desired", b'{"rate": 9, "extra": "x", "$version": 4}')
+
+        relay.restore()
+        topic, body = wait_answer(c, "$iothub/twin/PATCH/properties/desired/", "the reconciled desired patch", 30)
+        assert topic == "$iothub/twin/PATCH/properties/desired/?$version=4"
+        assert json.loads(body) == {"rate": 9, "extra": "x", "$version": 4}, "the diff of the two documents"
+        doc = latest(watcher, "devices/child1/twin/reported", lambda d: d.get("offline") is True, 30,
+                     "the reported document changed offline, upstream")
+        assert doc["offline"] is True
+    finally:
+        relay.close()

@@ -22,6 +22,7 @@ use crate::store::{self, Store};
 use crate::twin::{self, HubTwin};
 use crate::twins::Twins;
 use crate::upstream::sync::CloudSync;
+use crate::upstream::twins::TwinSync;
 use crate::upstream::{self, Forwarder, Link, LinkConfig, Login, Transport};
 
 #[derive(Debug, thiserror::Error)]
@@ -152,8 +153,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     let ctx = Arc::new(SessionContext {
         auth: auth.clone(),
         router,
-        broker,
-        twins,
+        broker: broker.clone(),
+        twins: twins.clone(),
         metrics: metrics.clone(),
         max_message_bytes: config.mqtt.max_message_bytes,
         next_conn_id: AtomicU64::new(1),
@@ -228,8 +229,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         metrics.clone(),
     );
     let cloud = CloudSync::subscribe(&mut link, &config.edge_id);
+    let twin_sync = TwinSync::subscribe(&mut link);
     let (link, link_events, link_actor) = link.start();
     tasks.spawn(cloud.run(auth.clone(), hub_twin, shutdown.clone()));
+    tasks.spawn(twin_sync.run(link.clone(), auth.clone(), twins, broker, shutdown.clone()));
     tasks.spawn(upstream::sync::report(
         link.clone(),
         twin::reported_topic(&config.edge_id),

@@ -123,6 +123,57 @@ fn shown(path: &str) -> &str {
     }
 }
 
+/// Parses and checks a desired document from the cloud: a JSON object
+/// within the same limits as a reported patch, whose `$version` is a whole
+/// number of at least 1. Returns the properties (without `$version`) and
+/// the version.
+pub fn desired_document(body: &[u8]) -> Result<(Map<String, Value>, u64), String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the document is not JSON: {e}"))?;
+    let Value::Object(mut doc) = value else {
+        return Err("the document is not a JSON object".into());
+    };
+    let version = match doc.remove("$version") {
+        Some(v) => v
+            .as_u64()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| format!("$version is {v}, not a whole number of at least 1"))?,
+        None => return Err("the document has no $version".into()),
+    };
+    if body.len() > MAX_PATCH_BYTES + 64 {
+        return Err(format!(
+            "the document is {} bytes, over the limit of {MAX_PATCH_BYTES}",
+            body.len()
+        ));
+    }
+    check_object(&doc, "", 1)?;
+    Ok((doc, version))
+}
+
+/// The patch that turns `old` into `new`: changed and added keys with
+/// their new values, objects diffed key by key, removed keys as `null`.
+/// Empty when they are equal.
+pub fn diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+    let mut patch = Map::new();
+    for (name, value) in new {
+        match (old.get(name), value) {
+            (Some(a), b) if a == b => {}
+            (Some(Value::Object(a)), Value::Object(b)) => {
+                patch.insert(name.clone(), Value::Object(diff(a, b)));
+            }
+            _ => {
+                patch.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    for name in old.keys() {
+        if !new.contains_key(name) {
+            patch.insert(name.clone(), Value::Null);
+        }
+    }
+    patch
+}
+
 /// Applies a patch to a document as JSON merge patch does: objects merge
 /// key by key, `null` removes a key, anything else replaces.
 pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
@@ -189,6 +240,37 @@ mod tests {
         assert!(reported_patch(deep.to_string().as_bytes()).is_ok());
         let deeper = json!({ "d": deep });
         assert!(error(&deeper.to_string()).contains("deeper than 10"));
+    }
+
+    #[test]
+    fn a_diff_applied_as_a_merge_patch_gives_the_new_document() {
+        let old = json!({"a":1,"o":{"x":1,"y":2},"gone":"g","same":{"k":1}});
+        let new = json!({"a":2,"o":{"x":1,"z":3},"same":{"k":1},"added":[1]});
+        let patch = diff(old.as_object().unwrap(), new.as_object().unwrap());
+        assert_eq!(
+            Value::Object(patch.clone()),
+            json!({"a":2,"o":{"y":null,"z":3},"gone":null,"added":[1]})
+        );
+        let mut doc = old.as_object().unwrap().clone();
+        merge(&mut doc, &patch);
+        assert_eq!(Value::Object(doc), new);
+        assert!(diff(new.as_object().unwrap(), new.as_object().unwrap()).is_empty());
+    }
+
+    #[test]
+    fn a_desired_document_needs_a_version_and_keeps_the_limits() {
+        let (doc, v) = desired_document(br#"{"rate":5,"$version":3}"#).unwrap();
+        assert_eq!((Value::Object(doc), v), (json!({"rate":5}), 3));
+        for (body, why) in [
+            (r#"{"rate":5}"#, "no $version"),
+            (r#"{"$version":0}"#, "at least 1"),
+            (r#"{"$version":"2"}"#, "at least 1"),
+            (r#"{"$version":2,"a.b":1}"#, "'.'"),
+            ("[]", "not a JSON object"),
+        ] {
+            let e = desired_document(body.as_bytes()).unwrap_err();
+            assert!(e.contains(why), "{body}: {e}");
+        }
     }
 
     #[test]

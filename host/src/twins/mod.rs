@@ -5,17 +5,19 @@
 //! its version), kept in the store's `twins` documents encrypted with the
 //! master key: a reported patch is acknowledged only once it is durable.
 //! It answers a GET from what it holds and checks and merges reported
-//! patches ([`document`]). It does not speak MQTT (the session turns
+//! patches ([`document`]); it takes desired documents from the cloud (the
+//! cloud owns desired, the device owns reported) and says what changed, and
+//! which reported documents the cloud has yet to get. It does not speak MQTT (the session turns
 //! requests and answers into packets, see `crate::iothub`). The hub's own
 //! `$edgeHub` twin, which configures the hub, is `crate::twin`.
 
 pub mod document;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use crate::auth::Sealer;
 use crate::store::{Documents, Store, StoreError};
@@ -56,6 +58,10 @@ impl TwinsError {
 struct Twin {
     desired: Map<String, Value>,
     desired_version: u64,
+    /// Whether `desired` came from the cloud (before, any version the
+    /// cloud sends is taken; after, only a higher one).
+    #[serde(default)]
+    desired_from_cloud: bool,
     reported: Map<String, Value>,
     reported_version: u64,
 }
@@ -66,6 +72,7 @@ impl Default for Twin {
         Twin {
             desired: Map::new(),
             desired_version: 1,
+            desired_from_cloud: false,
             reported: Map::new(),
             reported_version: 1,
         }
@@ -76,16 +83,31 @@ impl Twin {
     /// The document a GET answers: `{desired, reported}`, each with its
     /// `$version`.
     fn document(&self) -> Value {
-        let with_version = |props: &Map<String, Value>, v: u64| {
-            let mut p = props.clone();
-            p.insert("$version".into(), json!(v));
-            Value::Object(p)
-        };
         json!({
             "desired": with_version(&self.desired, self.desired_version),
-            "reported": with_version(&self.reported, self.reported_version),
+            "reported": self.reported_document(),
         })
     }
+
+    /// The reported properties with their `$version`, as the cloud gets them.
+    fn reported_document(&self) -> Value {
+        with_version(&self.reported, self.reported_version)
+    }
+}
+
+/// `props` with `"$version": v` added.
+pub fn with_version(props: &Map<String, Value>, v: u64) -> Value {
+    let mut p = props.clone();
+    p.insert("$version".into(), json!(v));
+    Value::Object(p)
+}
+
+/// What a desired document from the cloud changed: the patch to push to
+/// the identity's connections (never empty), at `version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredChange {
+    pub version: u64,
+    pub patch: Map<String, Value>,
 }
 
 pub struct Twins {
@@ -96,6 +118,10 @@ pub struct Twins {
     /// Stored twins the key could not open or that are not a twin: never
     /// overwritten, answered with an error.
     unreadable: HashSet<String>,
+    /// Identities whose reported properties changed and are not yet handed
+    /// to the upstream ([`Twins::next_reported`]).
+    reported_dirty: std::sync::Mutex<BTreeSet<String>>,
+    reported_changed: Notify,
 }
 
 impl Twins {
@@ -121,12 +147,67 @@ impl Twins {
         if !twins.is_empty() {
             tracing::info!(twins = twins.len(), "twins loaded from the store");
         }
+        // After a start, every reported document goes up again: the cloud
+        // may not have had the last one.
+        let dirty = twins
+            .iter()
+            .filter(|(_, t)| t.reported_version > 1)
+            .map(|(id, _)| id.clone())
+            .collect();
         Ok(Twins {
             docs,
             sealer,
             twins: Mutex::new(twins),
             unreadable,
+            reported_dirty: std::sync::Mutex::new(dirty),
+            reported_changed: Notify::new(),
         })
+    }
+
+    /// Takes a desired document from the cloud for `id`: checked, stored,
+    /// and what changed returned (`None` when nothing did, or when it is
+    /// older than the one held).
+    pub async fn apply_desired(
+        &self,
+        id: &str,
+        body: &[u8],
+    ) -> Result<Option<DesiredChange>, TwinsError> {
+        self.readable(id)?;
+        let (desired, version) = document::desired_document(body).map_err(TwinsError::Invalid)?;
+        let mut twins = self.twins.lock().await;
+        let mut twin = twins.get(id).cloned().unwrap_or_default();
+        if twin.desired_from_cloud && version <= twin.desired_version {
+            return Ok(None);
+        }
+        let patch = document::diff(&twin.desired, &desired);
+        twin.desired = desired;
+        twin.desired_version = version;
+        twin.desired_from_cloud = true;
+        self.save(id, &twin).await?;
+        twins.insert(id.to_string(), twin);
+        Ok((!patch.is_empty()).then_some(DesiredChange { version, patch }))
+    }
+
+    /// Waits until some identity's reported properties changed, and returns
+    /// each such identity with its reported document (`$version` included).
+    pub async fn next_reported(&self) -> Vec<(String, Value)> {
+        loop {
+            let notified = self.reported_changed.notified();
+            if !self.reported_dirty.lock().unwrap().is_empty() {
+                // Taken only once nothing is awaited any more: cancelling
+                // this call loses no change.
+                let twins = self.twins.lock().await;
+                let ids = std::mem::take(&mut *self.reported_dirty.lock().unwrap());
+                return ids
+                    .into_iter()
+                    .filter_map(|id| {
+                        let doc = twins.get(&id)?.reported_document();
+                        Some((id, doc))
+                    })
+                    .collect();
+            }
+            notified.await;
+        }
     }
 
     /// The twin of `id` as a GET answers it.
@@ -154,6 +235,8 @@ impl Twins {
         self.save(id, &twin).await?;
         let version = twin.reported_version;
         twins.insert(id.to_string(), twin);
+        self.reported_dirty.lock().unwrap().insert(id.to_string());
+        self.reported_changed.notify_one();
         Ok(version)
     }
 
@@ -261,6 +344,84 @@ mod tests {
             twins.get("d1").await.unwrap()["reported"]["$version"],
             9,
             "eight patches were taken, the ninth and the invalid one were not"
+        );
+    }
+
+    #[tokio::test]
+    async fn desired_from_the_cloud_is_diffed_against_what_is_held_and_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let twins = Twins::open(&store, sealer(dir.path())).unwrap();
+        // The cloud's first document is taken whatever its version.
+        let c = twins
+            .apply_desired("d1", br#"{"rate":5,"mode":"eco","$version":1}"#)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.version, Value::Object(c.patch)),
+            (1, json!({"rate":5,"mode":"eco"}))
+        );
+        let c = twins
+            .apply_desired("d1", br#"{"rate":7,"$version":4}"#)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.version, Value::Object(c.patch)),
+            (4, json!({"rate":7,"mode":null}))
+        );
+        for stale in [
+            &br#"{"rate":1,"$version":3}"#[..],
+            br#"{"rate":7,"$version":4}"#,
+        ] {
+            assert_eq!(twins.apply_desired("d1", stale).await.unwrap(), None);
+        }
+        // A newer version with the same properties: nothing to push.
+        assert_eq!(
+            twins
+                .apply_desired("d1", br#"{"rate":7,"$version":5}"#)
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            twins.get("d1").await.unwrap()["desired"],
+            json!({"rate":7,"$version":5})
+        );
+        assert_eq!(
+            twins.apply_desired("d1", b"{}").await.unwrap_err().status(),
+            400
+        );
+    }
+
+    #[tokio::test]
+    async fn every_reported_change_is_handed_on_once_and_again_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let twins = Twins::open(&store, sealer(dir.path())).unwrap();
+            twins.patch_reported("d1", br#"{"a":1}"#).await.unwrap();
+            twins.patch_reported("d1", br#"{"b":2}"#).await.unwrap();
+            twins.patch_reported("d2", br#"{"c":3}"#).await.unwrap();
+            let got = twins.next_reported().await;
+            assert_eq!(
+                got,
+                vec![
+                    ("d1".to_string(), json!({"a":1,"b":2,"$version":3})),
+                    ("d2".to_string(), json!({"c":3,"$version":2}))
+                ]
+            );
+            let pending =
+                tokio::time::timeout(std::time::Duration::from_millis(50), twins.next_reported());
+            assert!(pending.await.is_err(), "nothing more until a change");
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let twins = Twins::open(&store, sealer(dir.path())).unwrap();
+        assert_eq!(
+            twins.next_reported().await.len(),
+            2,
+            "all again after a start"
         );
     }
 

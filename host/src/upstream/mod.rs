@@ -12,6 +12,8 @@
 //! - `forwarder.rs`: drains the store through the link, in order, and
 //!   dead-letters what the upstream refuses.
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
+//! - `twins.rs`: device and module twins: desired documents in (one
+//!   subscription per identity of the scope), reported documents out.
 
 pub mod connection;
 pub mod error;
@@ -21,6 +23,7 @@ pub mod proxy;
 pub mod state;
 pub mod sync;
 pub mod transport;
+pub mod twins;
 pub mod websocket;
 pub mod wire;
 

@@ -1,0 +1,170 @@
+//! Device and module twins between the hub and the cloud: each identity's
+//! desired document comes in on its own subscription, its reported document
+//! goes out retained.
+//!
+//! Owns the link consumer for desired documents (its filters follow the
+//! device scope: one per identity), handing each document to `twins` and
+//! pushing what changed to the identity's connections, and keeping every
+//! reported document published. It does not hold twins (`twins` does) nor
+//! speak to the socket (the link does).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
+use crate::auth::{Auth, Scope};
+use crate::broker::{BrokerHandle, Delivery};
+use crate::iothub;
+use crate::twins::{self, Twins};
+
+/// Cloud messages the desired channel holds before the link waits.
+const CHANNEL: usize = 64;
+
+/// `devices/{d}/twin/{section}` or `devices/{edge}/modules/{m}/twin/{section}`
+/// for the identity `d` or `{edge}/{m}`.
+pub fn twin_topic(identity: &str, section: &str) -> String {
+    match identity.split_once('/') {
+        Some((device, module)) => format!("devices/{device}/modules/{module}/twin/{section}"),
+        None => format!("devices/{identity}/twin/{section}"),
+    }
+}
+
+/// The identity whose desired document `topic` carries.
+pub fn identity_of_desired(topic: &str) -> Option<String> {
+    let rest = topic
+        .strip_prefix("devices/")?
+        .strip_suffix("/twin/desired")?;
+    match rest.split('/').collect::<Vec<_>>()[..] {
+        [device] => Some(device.to_string()),
+        [device, "modules", module] => Some(format!("{device}/{module}")),
+        _ => None,
+    }
+}
+
+pub struct TwinSync {
+    consumer: ConsumerId,
+    desired: mpsc::Receiver<CloudMessage>,
+}
+
+impl TwinSync {
+    /// Registers the desired-document consumer on `link` (before it starts);
+    /// its filters are set from the scope once running.
+    pub fn subscribe(link: &mut Link) -> Self {
+        let (consumer, desired) = link.consumer(CHANNEL);
+        Self { consumer, desired }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(
+        mut self,
+        link: LinkHandle,
+        auth: Arc<Auth>,
+        twins: Arc<Twins>,
+        broker: BrokerHandle,
+        shutdown: CancellationToken,
+    ) {
+        let mut scope_rx = auth.watch();
+        let mut scope = scope_rx.borrow_and_update().clone();
+        link.set_filters(self.consumer, filters(scope.as_deref()))
+            .await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = scope_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    scope = scope_rx.borrow_and_update().clone();
+                    link.set_filters(self.consumer, filters(scope.as_deref())).await;
+                }
+                Some(msg) = self.desired.recv() => {
+                    desired(msg, scope.as_deref(), &twins, &broker).await;
+                }
+                reported = twins.next_reported() => {
+                    for (id, doc) in reported {
+                        let body = Bytes::from(doc.to_string());
+                        link.keep_published(twin_topic(&id, "reported"), Some(body)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One desired-document subscription per identity of the scope.
+fn filters(scope: Option<&Scope>) -> Vec<String> {
+    let Some(scope) = scope else {
+        return Vec::new();
+    };
+    let mut f: Vec<String> = scope
+        .identities
+        .keys()
+        .map(|id| twin_topic(id, "desired"))
+        .collect();
+    f.sort();
+    f
+}
+
+/// Takes one desired document: stored, then the change pushed to the
+/// identity's connections that subscribed to desired patches, then
+/// acknowledged to the cloud (a refused one too: sent again, it would be
+/// refused again).
+async fn desired(msg: CloudMessage, scope: Option<&Scope>, twins: &Twins, broker: &BrokerHandle) {
+    let id =
+        identity_of_desired(&msg.topic).filter(|id| scope.is_some_and(|s| s.get(id).is_some()));
+    let Some(id) = id else {
+        tracing::warn!(topic = %msg.topic, "desired properties for an identity outside the device scope; ignored");
+        msg.ack();
+        return;
+    };
+    match twins.apply_desired(&id, &msg.payload).await {
+        Ok(Some(change)) => {
+            tracing::info!(identity = %id, version = change.version, "desired properties changed");
+            let body = twins::with_version(&change.patch, change.version);
+            let patch = Delivery {
+                topic: iothub::desired_patch(change.version),
+                payload: Bytes::from(Value::to_string(&body)),
+                qos: 1,
+                retain: false,
+                dup: false,
+            };
+            broker.send_to(&id, patch).await;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(identity = %id, error = %e, "desired properties refused"),
+    }
+    msg.ack();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twin_topics_name_devices_and_modules_both_ways() {
+        assert_eq!(twin_topic("d1", "desired"), "devices/d1/twin/desired");
+        assert_eq!(
+            twin_topic("edge/m1", "reported"),
+            "devices/edge/modules/m1/twin/reported"
+        );
+        assert_eq!(
+            identity_of_desired("devices/d1/twin/desired").as_deref(),
+            Some("d1")
+        );
+        assert_eq!(
+            identity_of_desired("devices/edge/modules/m1/twin/desired").as_deref(),
+            Some("edge/m1")
+        );
+        for t in [
+            "devices/d1/twin/reported",
+            "devices/a/b/twin/desired",
+            "edges/e/scope",
+        ] {
+            assert_eq!(identity_of_desired(t), None, "{t}");
+        }
+    }
+}
