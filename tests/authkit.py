@@ -623,7 +623,7 @@ SDK_DRIVER = r'''
 """Drives one azure-iot-device client; prints one JSON line (the last line)."""
 import json, logging, sys, time, traceback
 args = json.loads(sys.argv[1])
-out = {"connected": False, "sent": [], "twin": [], "error": None, "error_chain": []}
+out = {"connected": False, "sent": [], "steps": [], "error": None, "error_chain": []}
 if args.get("log"):
     logging.basicConfig(filename=args["log"], level=logging.DEBUG,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -656,16 +656,30 @@ try:
                 m.custom_properties[k] = v
             client.send_message(m)
             out["sent"].append(p)
-        for step in args.get("twin", []):
-            # One entry per step: the twin got, "ok" for a patch, or the error.
+        for step in args.get("steps", []):
+            # One entry per step: the twin got, "ok" for a patch, the methods
+            # served, or the error.
             try:
                 if step["op"] == "get":
-                    out["twin"].append({"op": "get", "twin": client.get_twin()})
-                else:
+                    out["steps"].append({"op": "get", "twin": client.get_twin()})
+                elif step["op"] == "patch":
                     client.patch_twin_reported_properties(step["patch"])
-                    out["twin"].append({"op": "patch", "ok": True})
+                    out["steps"].append({"op": "patch", "ok": True})
+                elif step["op"] == "serve_methods":
+                    import threading
+                    from azure.iot.device import MethodResponse
+                    served, done = [], threading.Event()
+                    def handler(req):
+                        served.append({"name": req.name, "payload": req.payload})
+                        client.send_method_response(MethodResponse.create_from_method_request(
+                            req, 200, {"echo": req.payload, "name": req.name}))
+                        if len(served) >= step["count"]:
+                            done.set()
+                    client.on_method_request_received = handler
+                    ok = done.wait(step.get("timeout", 30))
+                    out["steps"].append({"op": "serve_methods", "served": served, "ok": ok})
             except Exception as e:  # noqa
-                out["twin"].append({"op": step["op"], "error": type(e).__name__, "message": str(e)})
+                out["steps"].append({"op": step["op"], "error": type(e).__name__, "message": str(e)})
     finally:
         try:
             client.shutdown()
@@ -708,13 +722,15 @@ def ensure_sdk_venv(base: Path) -> Path:
 
 def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, messages: list[str] = (),
             properties: dict | None = None, log: Path | None = None, timeout: float = 90.0,
-            twin: list[dict] = ()) -> dict:
+            steps: list[dict] = ()) -> dict:
     """Runs the SDK driver for one identity; returns its JSON result (plus
-    ``stderr`` and ``log`` for messages). ``twin``: steps run after the
-    messages, ``{"op": "get"}`` or ``{"op": "patch", "patch": {...}}``; their
-    results are in ``out["twin"]``."""
+    ``stderr`` and ``log`` for messages). ``steps`` run after the messages:
+    ``{"op": "get"}`` (the twin), ``{"op": "patch", "patch": {...}}``
+    (reported properties), ``{"op": "serve_methods", "count": n, "timeout":
+    s}`` (answer n method calls with 200 and ``{"echo", "name"}``); their
+    results are in ``out["steps"]``."""
     args = {
-        "twin": list(twin),
+        "steps": list(steps),
         "cs": ident.connection_string(key=key),
         "module": bool(ident.module_id),
         "ca": str(ca),

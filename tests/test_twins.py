@@ -53,7 +53,7 @@ def start_gateway(hub_factory, upstream, certs):
 
 def twin_steps(out: dict) -> list[dict]:
     assert out.get("error") is None and out.get("connected"), f"the SDK failed:\n{describe_sdk(out)}"
-    return out["twin"]
+    return out["steps"]
 
 
 def test_an_sdk_device_gets_and_patches_its_twin_offline_and_finds_it_again_after_a_restart(
@@ -68,7 +68,7 @@ def test_an_sdk_device_gets_and_patches_its_twin_offline_and_finds_it_again_afte
     up.stop()
     hub.wait_metric("edgehub_upstream_connected", lambda v: v == 0, 15, "upstream disconnected")
 
-    out = run_sdk(sdk_python, child1, certs["ca"], log=tmp_path / "sdk-twin-1.log", twin=[
+    out = run_sdk(sdk_python, child1, certs["ca"], log=tmp_path / "sdk-twin-1.log", steps=[
         {"op": "get"},
         {"op": "patch", "patch": {"fw": "1.0", "cfg": {"rate": 5, "mode": "eco"}}},
         {"op": "patch", "patch": {"cfg": {"rate": None}}},
@@ -85,11 +85,11 @@ def test_an_sdk_device_gets_and_patches_its_twin_offline_and_finds_it_again_afte
     hub.start()
     wait_tls_listener(hub, SDK_PORT)
     wait_scope(hub, 2, timeout=15)
-    out = run_sdk(sdk_python, child1, certs["ca"], log=tmp_path / "sdk-twin-2.log", twin=[{"op": "get"}])
+    out = run_sdk(sdk_python, child1, certs["ca"], log=tmp_path / "sdk-twin-2.log", steps=[{"op": "get"}])
     assert twin_steps(out)[0]["twin"]["reported"] == {"fw": "1.0", "cfg": {"mode": "eco"}, "$version": 3}
 
     # another identity has its own twin
-    out = run_sdk(sdk_python, child2, certs["ca"], log=tmp_path / "sdk-twin-3.log", twin=[{"op": "get"}])
+    out = run_sdk(sdk_python, child2, certs["ca"], log=tmp_path / "sdk-twin-3.log", steps=[{"op": "get"}])
     assert twin_steps(out)[0]["twin"]["reported"] == {"$version": 1}, describe_sdk(out)
 
 
@@ -98,7 +98,7 @@ def test_a_module_gets_its_own_twin_with_the_upstream_up(sdk_python, certs, upst
     hub = start_gateway(hub_factory, upstream, certs)
     publish_scope(upstream, [mod1])
     wait_scope(hub, 1)
-    out = run_sdk(sdk_python, mod1, certs["ca"], log=tmp_path / "sdk-twin-mod.log", twin=[
+    out = run_sdk(sdk_python, mod1, certs["ca"], log=tmp_path / "sdk-twin-mod.log", steps=[
         {"op": "patch", "patch": {"status": "running"}},
         {"op": "get"},
     ])

@@ -76,6 +76,7 @@ enum Command {
     SendTo {
         client_id: String,
         delivery: Delivery,
+        reply: oneshot::Sender<bool>,
     },
 }
 
@@ -172,13 +173,19 @@ impl BrokerHandle {
 
     /// Sends a message the hub addresses to one client (an answer on its
     /// own `$iothub/...`), if one of its subscriptions matches; a
-    /// persistent session away keeps it, as for a publish.
-    pub async fn send_to(&self, client_id: &str, delivery: Delivery) {
+    /// persistent session away keeps it (at QoS 1), as for a publish.
+    /// Returns whether a connected client took it.
+    pub async fn send_to(&self, client_id: &str, delivery: Delivery) -> bool {
+        let (reply, rx) = oneshot::channel();
         let cmd = Command::SendTo {
             client_id: client_id.to_string(),
             delivery,
+            reply,
         };
-        let _ = self.tx.send(cmd).await;
+        if self.tx.send(cmd).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
     }
 }
 
@@ -329,11 +336,14 @@ impl Broker {
             Command::SendTo {
                 client_id,
                 delivery,
+                reply,
             } => {
                 let (metrics, cap) = (&self.metrics, self.offline_cap);
-                if let Some(client) = self.clients.get_mut(&client_id) {
-                    client.deliver(delivery, cap, metrics);
-                }
+                let taken = match self.clients.get_mut(&client_id) {
+                    Some(client) => client.deliver(delivery, cap, metrics),
+                    None => false,
+                };
+                let _ = reply.send(taken);
             }
         }
     }
@@ -347,22 +357,25 @@ impl Broker {
             }
         }
         for client in self.clients.values_mut() {
-            client.deliver(msg.clone(), self.offline_cap, &self.metrics);
+            let _ = client.deliver(msg.clone(), self.offline_cap, &self.metrics);
         }
     }
 }
 
 impl Client {
     /// Hands `msg` to this client at the QoS its best matching
-    /// subscription grants; nothing when none matches.
-    fn deliver(&mut self, msg: Delivery, offline_cap: usize, metrics: &Metrics) {
+    /// subscription grants; nothing when none matches. Returns whether the
+    /// connected client took it.
+    fn deliver(&mut self, msg: Delivery, offline_cap: usize, metrics: &Metrics) -> bool {
         let granted = self
             .subscriptions
             .iter()
             .filter(|(f, _)| topic::matches(f, &msg.topic))
             .map(|(_, q)| *q)
             .max();
-        let Some(granted) = granted else { return };
+        let Some(granted) = granted else {
+            return false;
+        };
         let out = Delivery {
             qos: msg.qos.min(granted),
             retain: false,
@@ -378,11 +391,13 @@ impl Client {
                 }
                 self.offline.push_back(out);
             }
-            return;
+            return false;
         };
         if outbox.try_send(out).is_err() {
             metrics.messages_dropped(DropReason::SlowSubscriber, 1);
+            return false;
         }
+        true
     }
 }
 
@@ -459,12 +474,22 @@ mod tests {
         broker
             .publish(vec![delivery("$iothub/twin/res/200/?$rid=1", true)])
             .await;
-        broker
-            .send_to("a", delivery("$iothub/twin/res/200/?$rid=2", false))
-            .await;
-        broker
-            .send_to("b", delivery("$iothub/other/?$rid=3", false))
-            .await;
+        assert!(
+            broker
+                .send_to("a", delivery("$iothub/twin/res/200/?$rid=2", false))
+                .await
+        );
+        assert!(
+            !broker
+                .send_to("b", delivery("$iothub/other/?$rid=3", false))
+                .await,
+            "no subscription of b matches"
+        );
+        assert!(
+            !broker
+                .send_to("nobody", delivery("$iothub/twin/res/200/?$rid=4", false))
+                .await
+        );
         drop(broker);
         task.await.unwrap();
         let a: Vec<_> = std::iter::from_fn(|| inboxes[0].try_recv().ok()).collect();

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Auth, CacheError};
 use crate::broker;
 use crate::config::Config;
+use crate::methods::Methods;
 use crate::metrics::{self, Metrics};
 use crate::mqtt::{listener, session::SessionContext, tls};
 use crate::plugins::{self, PluginEngine, PluginPool, Registry};
@@ -21,6 +22,7 @@ use crate::routing::{PluginHost, Router, Routes};
 use crate::store::{self, Store};
 use crate::twin::{self, HubTwin};
 use crate::twins::Twins;
+use crate::upstream::methods::MethodSync;
 use crate::upstream::sync::CloudSync;
 use crate::upstream::twins::TwinSync;
 use crate::upstream::{self, Forwarder, Link, LinkConfig, Login, Transport};
@@ -150,11 +152,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     )
     .with_max_topic_bytes(config.store.max_topic_bytes);
     let twins = Arc::new(Twins::open(&store, auth.sealer())?);
+    let methods = Arc::new(Methods::new(broker.clone()));
     let ctx = Arc::new(SessionContext {
         auth: auth.clone(),
         router,
         broker: broker.clone(),
         twins: twins.clone(),
+        methods: methods.clone(),
         metrics: metrics.clone(),
         max_message_bytes: config.mqtt.max_message_bytes,
         next_conn_id: AtomicU64::new(1),
@@ -230,9 +234,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     );
     let cloud = CloudSync::subscribe(&mut link, &config.edge_id);
     let twin_sync = TwinSync::subscribe(&mut link);
+    let method_sync = MethodSync::subscribe(&mut link);
     let (link, link_events, link_actor) = link.start();
     tasks.spawn(cloud.run(auth.clone(), hub_twin, shutdown.clone()));
     tasks.spawn(twin_sync.run(link.clone(), auth.clone(), twins, broker, shutdown.clone()));
+    tasks.spawn(method_sync.run(link.clone(), auth.clone(), methods, shutdown.clone()));
     tasks.spawn(upstream::sync::report(
         link.clone(),
         twin::reported_topic(&config.edge_id),

@@ -7,7 +7,8 @@
 //! to the plugins' WIT record only inside `plugins`). `auth` decides who sessions
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives; `twins` answers identities' twin requests (the session hands
-//! it each `$iothub` request, see `iothub`). `hub` wires them together and owns start-up and shutdown;
+//! it each `$iothub` request, see `iothub`) and `methods` carries direct
+//! method calls to them. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
 //! socket into a running hub's store (dead letters); `durable_file`
 //! (crash-safe file replacement), `iothub` (each connection's own
@@ -23,6 +24,7 @@ pub mod durable_file;
 pub mod hub;
 pub mod iothub;
 pub mod message;
+pub mod methods;
 pub mod metrics;
 pub mod mqtt;
 pub mod packet_id;

@@ -26,6 +26,7 @@ use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
 use crate::broker::{BrokerHandle, Delivery, OUTBOX};
 use crate::iothub::{self, Request};
 use crate::message::Message;
+use crate::methods::{self, Methods};
 use crate::metrics::{DropReason, Metrics};
 use crate::routing::{Durable, Router};
 use crate::store::{self, AppendError};
@@ -44,6 +45,8 @@ pub struct SessionContext {
     pub broker: BrokerHandle,
     /// Answers the twin requests of identities.
     pub twins: Arc<Twins>,
+    /// Takes identities' answers to method calls.
+    pub methods: Arc<Methods>,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
     pub next_conn_id: AtomicU64,
@@ -522,7 +525,23 @@ impl Session {
                     }
                 }
                 Request::MethodResponse { status, rid } => {
-                    tracing::warn!(client = %self.client_id, status, %rid, "method response ignored: no method call is waiting for it");
+                    let (status, body) = if body.len() > methods::MAX_PAYLOAD {
+                        tracing::warn!(client = %self.client_id, bytes = body.len(), "method answer over the size limit; the caller gets 400");
+                        let why = format!(
+                            "the answer is {} bytes, over the limit of {}",
+                            body.len(),
+                            methods::MAX_PAYLOAD
+                        );
+                        (
+                            400,
+                            serde_json::json!({ "message": why }).to_string().into(),
+                        )
+                    } else {
+                        (status, body)
+                    };
+                    if !self.ctx.methods.answer(&id, &rid, status, body) {
+                        tracing::warn!(client = %self.client_id, status, %rid, "method answer ignored: no call with this $rid is waiting for this client");
+                    }
                     continue;
                 }
             };

@@ -116,6 +116,10 @@ enum Command {
         consumer: usize,
         filters: Vec<String>,
     },
+    Send {
+        topic: String,
+        payload: Bytes,
+    },
 }
 
 /// A consumer whose filters change at run time (see [`Link::consumer`]).
@@ -139,6 +143,13 @@ impl LinkHandle {
     /// connected and again after every reconnect. `None` stops re-sending.
     pub async fn keep_published(&self, topic: String, payload: Option<Bytes>) {
         let _ = self.tx.send(Command::Keep { topic, payload }).await;
+    }
+
+    /// Publishes `payload` on `topic` at QoS 0 on the current connection;
+    /// dropped when there is none (an answer whose caller would have timed
+    /// out anyway).
+    pub async fn send(&self, topic: String, payload: Bytes) {
+        let _ = self.tx.send(Command::Send { topic, payload }).await;
     }
 
     /// Replaces the filters of `consumer`: new ones are subscribed and gone
@@ -342,6 +353,9 @@ impl Actor {
                             self.dropped.extend(gone);
                         }
                         Some(Command::Publish { .. }) => {}
+                        Some(Command::Send { topic, .. }) => {
+                            tracing::debug!(%topic, "upstream not connected; QoS 0 message dropped")
+                        }
                         None => return,
                     },
                 }
@@ -505,6 +519,15 @@ impl Actor {
                     state.publish(&retained(&topic, p), &mut conn.write_buf)?;
                 }
                 self.keep(topic, payload);
+            }
+            Command::Send { topic, payload } => {
+                let o = Outgoing {
+                    tag: 0,
+                    content: Content::Owned { topic, payload },
+                    qos: QoS::AtMostOnce,
+                    retain: false,
+                };
+                state.publish(&o, &mut conn.write_buf)?;
             }
             Command::Filters { consumer, filters } => {
                 let (added, gone) = self.set_filters(consumer, filters);

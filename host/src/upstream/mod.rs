@@ -12,6 +12,9 @@
 //! - `forwarder.rs`: drains the store through the link, in order, and
 //!   dead-letters what the upstream refuses.
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
+//! - `protocol.rs`: the topics and bodies of identities' twins and
+//!   methods upstream (one definition, for the hub and cloud-side tools).
+//! - `methods.rs`: direct method calls from the cloud, answered back.
 //! - `twins.rs`: device and module twins: desired documents in (one
 //!   subscription per identity of the scope), reported documents out.
 
@@ -19,6 +22,8 @@ pub mod connection;
 pub mod error;
 pub mod forwarder;
 pub mod link;
+pub mod methods;
+pub mod protocol;
 pub mod proxy;
 pub mod state;
 pub mod sync;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
+use super::protocol::{identity_of_desired, per_identity, twin_topic};
 use crate::auth::{Auth, Scope};
 use crate::broker::{BrokerHandle, Delivery};
 use crate::iothub;
@@ -23,27 +24,6 @@ use crate::twins::{self, Twins};
 
 /// Cloud messages the desired channel holds before the link waits.
 const CHANNEL: usize = 64;
-
-/// `devices/{d}/twin/{section}` or `devices/{edge}/modules/{m}/twin/{section}`
-/// for the identity `d` or `{edge}/{m}`.
-pub fn twin_topic(identity: &str, section: &str) -> String {
-    match identity.split_once('/') {
-        Some((device, module)) => format!("devices/{device}/modules/{module}/twin/{section}"),
-        None => format!("devices/{identity}/twin/{section}"),
-    }
-}
-
-/// The identity whose desired document `topic` carries.
-pub fn identity_of_desired(topic: &str) -> Option<String> {
-    let rest = topic
-        .strip_prefix("devices/")?
-        .strip_suffix("/twin/desired")?;
-    match rest.split('/').collect::<Vec<_>>()[..] {
-        [device] => Some(device.to_string()),
-        [device, "modules", module] => Some(format!("{device}/{module}")),
-        _ => None,
-    }
-}
 
 pub struct TwinSync {
     consumer: ConsumerId,
@@ -97,16 +77,8 @@ impl TwinSync {
 
 /// One desired-document subscription per identity of the scope.
 fn filters(scope: Option<&Scope>) -> Vec<String> {
-    let Some(scope) = scope else {
-        return Vec::new();
-    };
-    let mut f: Vec<String> = scope
-        .identities
-        .keys()
-        .map(|id| twin_topic(id, "desired"))
-        .collect();
-    f.sort();
-    f
+    let ids = scope.map(|s| s.identities.keys()).into_iter().flatten();
+    per_identity(ids, |id| twin_topic(id, "desired"))
 }
 
 /// Takes one desired document: stored, then the change pushed to the
@@ -138,33 +110,4 @@ async fn desired(msg: CloudMessage, scope: Option<&Scope>, twins: &Twins, broker
         Err(e) => tracing::error!(identity = %id, error = %e, "desired properties refused"),
     }
     msg.ack();
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn twin_topics_name_devices_and_modules_both_ways() {
-        assert_eq!(twin_topic("d1", "desired"), "devices/d1/twin/desired");
-        assert_eq!(
-            twin_topic("edge/m1", "reported"),
-            "devices/edge/modules/m1/twin/reported"
-        );
-        assert_eq!(
-            identity_of_desired("devices/d1/twin/desired").as_deref(),
-            Some("d1")
-        );
-        assert_eq!(
-            identity_of_desired("devices/edge/modules/m1/twin/desired").as_deref(),
-            Some("edge/m1")
-        );
-        for t in [
-            "devices/d1/twin/reported",
-            "devices/a/b/twin/desired",
-            "edges/e/scope",
-        ] {
-            assert_eq!(identity_of_desired(t), None, "{t}");
-        }
-    }
 }

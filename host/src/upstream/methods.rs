@@ -1,0 +1,152 @@
+//! Direct method calls from the cloud to the identities of the scope.
+//!
+//! Owns the link consumer for calls (`{identity}/methods/{name}/{rid}`, one
+//! filter per identity of the scope), checking each call's body, running
+//! it through `methods` (at most [`MAX_CALLS`] at once) and publishing the
+//! answer on `{identity}/methods/res/{status}/{rid}`. A call is
+//! acknowledged to the cloud once it is taken: its answer is the answer.
+//! It does not deliver calls to connections (`methods` does).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
+use super::protocol::{
+    method_calls_filter, per_identity, MethodCallTopic, MethodRequest, MethodResponse,
+};
+use crate::auth::{Auth, Scope};
+use crate::methods::{Methods, Outcome};
+
+/// Calls in flight at once; beyond, a call is answered 429 at once.
+pub const MAX_CALLS: usize = 64;
+const CHANNEL: usize = 64;
+
+pub struct MethodSync {
+    consumer: ConsumerId,
+    calls: mpsc::Receiver<CloudMessage>,
+}
+
+impl MethodSync {
+    /// Registers the calls consumer on `link` (before it starts).
+    pub fn subscribe(link: &mut Link) -> Self {
+        let (consumer, calls) = link.consumer(CHANNEL);
+        Self { consumer, calls }
+    }
+
+    /// Runs until `shutdown`; calls still waiting then are abandoned.
+    pub async fn run(
+        mut self,
+        link: LinkHandle,
+        auth: Arc<Auth>,
+        methods: Arc<Methods>,
+        shutdown: CancellationToken,
+    ) {
+        let mut scope_rx = auth.watch();
+        let mut scope = scope_rx.borrow_and_update().clone();
+        link.set_filters(self.consumer, filters(scope.as_deref()))
+            .await;
+        let slots = Arc::new(Semaphore::new(MAX_CALLS));
+        let mut running = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = scope_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    scope = scope_rx.borrow_and_update().clone();
+                    link.set_filters(self.consumer, filters(scope.as_deref())).await;
+                }
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                Some(msg) = self.calls.recv() => {
+                    let Some((call, request)) = check(&msg, scope.as_deref(), &link).await else {
+                        msg.ack();
+                        continue;
+                    };
+                    msg.ack();
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        let busy = Outcome {
+                            status: 429,
+                            payload: json!({"message": format!("{MAX_CALLS} method calls are already in flight")}),
+                        };
+                        answer(&link, &call, busy).await;
+                        continue;
+                    };
+                    let (link, methods) = (link.clone(), methods.clone());
+                    running.spawn(async move {
+                        let outcome = methods
+                            .invoke(
+                                &call.identity,
+                                &call.method,
+                                &request.payload,
+                                Duration::from_secs(request.response_timeout_in_seconds),
+                                Duration::from_secs(request.connect_timeout_in_seconds),
+                            )
+                            .await;
+                        answer(&link, &call, outcome).await;
+                        drop(slot);
+                    });
+                }
+            }
+        }
+        running.shutdown().await;
+    }
+}
+
+fn filters(scope: Option<&Scope>) -> Vec<String> {
+    let ids = scope.map(|s| s.identities.keys()).into_iter().flatten();
+    per_identity(ids, method_calls_filter)
+}
+
+/// The call a cloud message carries, if it is one to take; a bad one is
+/// answered 400 here (or ignored, when it is not for this scope).
+async fn check(
+    msg: &CloudMessage,
+    scope: Option<&Scope>,
+    link: &LinkHandle,
+) -> Option<(MethodCallTopic, MethodRequest)> {
+    let call = MethodCallTopic::parse(&msg.topic)
+        .filter(|c| scope.is_some_and(|s| s.get(&c.identity).is_some()));
+    let Some(call) = call else {
+        tracing::warn!(topic = %msg.topic, "a method call for an identity outside the device scope; ignored");
+        return None;
+    };
+    let request = serde_json::from_slice::<MethodRequest>(&msg.payload)
+        .map_err(|e| format!("the call's body is not a method request: {e}"))
+        .and_then(|r| {
+            if !(5..=300).contains(&r.response_timeout_in_seconds) {
+                Err("responseTimeoutInSeconds must be 5 to 300".to_string())
+            } else if r.connect_timeout_in_seconds > 300 {
+                Err("connectTimeoutInSeconds must be 0 to 300".to_string())
+            } else {
+                Ok(r)
+            }
+        });
+    match request {
+        Ok(r) => Some((call, r)),
+        Err(why) => {
+            tracing::warn!(topic = %msg.topic, reason = %why, "method call refused");
+            let bad = Outcome {
+                status: 400,
+                payload: json!({ "message": why }),
+            };
+            answer(link, &call, bad).await;
+            None
+        }
+    }
+}
+
+async fn answer(link: &LinkHandle, call: &MethodCallTopic, outcome: Outcome) {
+    let body = MethodResponse {
+        status: outcome.status,
+        payload: outcome.payload,
+    };
+    let body = Bytes::from(serde_json::to_vec(&body).expect("a response serializes"));
+    link.send(call.answer_topic(outcome.status), body).await;
+}
