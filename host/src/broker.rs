@@ -39,7 +39,61 @@ pub struct Delivery {
     pub retain: bool,
     /// Sent before and not acknowledged (redelivered to a resumed session).
     pub dup: bool,
+    /// For a message its owner keeps durably (cloud-to-device): told when
+    /// the client acknowledges it. Such a message is never kept here for a
+    /// session away: the owner delivers it again.
+    pub receipt: Option<Receipt>,
 }
+
+/// Tells a message's owner its fate: acknowledged by the client (its
+/// PUBACK; at QoS 0, once written to the connection), or lost (every copy
+/// dropped unacknowledged: the connection ended, the outbox was full, a
+/// session away). Each is told once.
+#[derive(Clone)]
+pub struct Receipt(Arc<ReceiptInner>);
+
+struct ReceiptInner {
+    acknowledged: std::sync::atomic::AtomicBool,
+    /// `true`: acknowledged; `false`: lost.
+    tell: Box<dyn Fn(bool) + Send + Sync>,
+}
+
+impl Receipt {
+    pub fn new(tell: impl Fn(bool) + Send + Sync + 'static) -> Self {
+        Receipt(Arc::new(ReceiptInner {
+            acknowledged: std::sync::atomic::AtomicBool::new(false),
+            tell: Box::new(tell),
+        }))
+    }
+
+    pub fn acknowledged(&self) {
+        if !self.0.acknowledged.swap(true, Ordering::AcqRel) {
+            (self.0.tell)(true)
+        }
+    }
+}
+
+impl Drop for ReceiptInner {
+    fn drop(&mut self) {
+        if !*self.acknowledged.get_mut() {
+            (self.tell)(false)
+        }
+    }
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Receipt")
+    }
+}
+
+impl PartialEq for Receipt {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Receipt {}
 
 /// What the broker tells a connected session.
 pub struct Attached {
@@ -287,7 +341,7 @@ impl Broker {
                 if client.persistent {
                     client.outbox = None;
                     client.kick = None;
-                    for p in unacked.into_iter().rev() {
+                    for p in unacked.into_iter().rev().filter(|p| p.receipt.is_none()) {
                         client.offline.push_front(Delivery { dup: true, ..p });
                     }
                 } else {
@@ -383,8 +437,9 @@ impl Client {
             ..msg
         };
         let Some(outbox) = &self.outbox else {
-            // Disconnected: a persistent session keeps QoS 1 messages.
-            if out.qos > 0 {
+            // Disconnected: a persistent session keeps QoS 1 messages
+            // (not those with a receipt: their owner delivers them again).
+            if out.qos > 0 && out.receipt.is_none() {
                 if self.offline.len() >= offline_cap {
                     self.offline.pop_front();
                     metrics.messages_dropped(DropReason::OfflineQueueFull, 1);
@@ -412,6 +467,7 @@ mod tests {
             qos: 1,
             retain,
             dup: false,
+            receipt: None,
         }
     }
 

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, CacheError};
 use crate::broker;
+use crate::c2d::CloudToDevice;
 use crate::config::Config;
 use crate::methods::Methods;
 use crate::metrics::{self, Metrics};
@@ -22,6 +23,7 @@ use crate::routing::{PluginHost, Router, Routes};
 use crate::store::{self, Store};
 use crate::twin::{self, HubTwin};
 use crate::twins::Twins;
+use crate::upstream::c2d::C2dSync;
 use crate::upstream::methods::MethodSync;
 use crate::upstream::sync::CloudSync;
 use crate::upstream::twins::TwinSync;
@@ -153,12 +155,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     .with_max_topic_bytes(config.store.max_topic_bytes);
     let twins = Arc::new(Twins::open(&store, auth.sealer())?);
     let methods = Arc::new(Methods::new(broker.clone()));
+    let (c2d, completions) = CloudToDevice::open(
+        &store,
+        broker.clone(),
+        appender.clone(),
+        default_ttl_ms.clone(),
+        metrics.clone(),
+    )?;
+    tasks.spawn(completions.run(shutdown.clone()));
     let ctx = Arc::new(SessionContext {
         auth: auth.clone(),
         router,
         broker: broker.clone(),
         twins: twins.clone(),
         methods: methods.clone(),
+        c2d: c2d.clone(),
         metrics: metrics.clone(),
         max_message_bytes: config.mqtt.max_message_bytes,
         next_conn_id: AtomicU64::new(1),
@@ -235,10 +246,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     let cloud = CloudSync::subscribe(&mut link, &config.edge_id);
     let twin_sync = TwinSync::subscribe(&mut link);
     let method_sync = MethodSync::subscribe(&mut link);
+    let c2d_sync = C2dSync::subscribe(&mut link);
     let (link, link_events, link_actor) = link.start();
     tasks.spawn(cloud.run(auth.clone(), hub_twin, shutdown.clone()));
     tasks.spawn(twin_sync.run(link.clone(), auth.clone(), twins, broker, shutdown.clone()));
     tasks.spawn(method_sync.run(link.clone(), auth.clone(), methods, shutdown.clone()));
+    tasks.spawn(c2d_sync.run(
+        link.clone(),
+        auth.clone(),
+        c2d,
+        metrics.clone(),
+        config.mqtt.max_message_bytes,
+        shutdown.clone(),
+    ));
     tasks.spawn(upstream::sync::report(
         link.clone(),
         twin::reported_topic(&config.edge_id),

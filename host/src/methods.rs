@@ -132,6 +132,7 @@ impl Methods {
                 qos: 0,
                 retain: false,
                 dup: false,
+                receipt: None,
             };
             if self.broker.send_to(identity, call).await {
                 break;

@@ -39,14 +39,18 @@ pub enum DropReason {
     OfflineQueueFull,
     /// A queued record that could not be decoded (skipped, not sent).
     CorruptRecord,
+    /// A cloud-to-device message refused: its device's queue was full (or
+    /// it was not for a device of the scope).
+    DeviceQueueFull,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::StoreRefused,
         DropReason::SlowSubscriber,
         DropReason::OfflineQueueFull,
         DropReason::CorruptRecord,
+        DropReason::DeviceQueueFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +59,7 @@ impl DropReason {
             DropReason::SlowSubscriber => "slow_subscriber",
             DropReason::OfflineQueueFull => "offline_queue_full",
             DropReason::CorruptRecord => "corrupt_record",
+            DropReason::DeviceQueueFull => "device_queue_full",
         }
     }
 }
@@ -106,6 +111,7 @@ pub struct Metrics {
     dead_lettered: Counter,
     dead_letters: Family<ReasonLabels, Counter>,
     dead_letter_depth: Gauge,
+    c2d_queued: Gauge,
     invalid_topics: Family<InvalidTopicLabels, Counter>,
 }
 
@@ -143,7 +149,7 @@ impl Metrics {
             },
             forwarded: reg(&mut r, "messages_forwarded", "Messages acknowledged by the upstream broker"),
             expired: reg(&mut r, "messages_expired", "Messages dropped because they outlived their time-to-live"),
-            dropped: reg(&mut r, "messages_dropped", "Messages dropped, by reason: store_refused (QoS 0 the store did not take), slow_subscriber, offline_queue_full, corrupt_record"),
+            dropped: reg(&mut r, "messages_dropped", "Messages dropped, by reason: store_refused (QoS 0 the store did not take), slow_subscriber, offline_queue_full, corrupt_record, device_queue_full (a cloud-to-device message refused)"),
             refused: reg(&mut r, "messages_refused", "Publishes refused because the storage quota was full"),
             upstream_connected: reg(&mut r, "upstream_connected", "1 while connected to the upstream broker"),
             upstream_reconnects: reg(&mut r, "upstream_reconnects", "Connections to the upstream broker made after the first one"),
@@ -159,6 +165,7 @@ impl Metrics {
             dead_lettered: reg(&mut r, "messages_dead_lettered", "Messages sent to the dead-letter topic after a plugin failure"),
             dead_letters: reg(&mut r, "dead_letters", "Messages moved to the store's dead-letter area, by reason (upstream_refused, ...)"),
             dead_letter_depth: reg(&mut r, "dead_letter_depth", "Messages in the store's dead-letter area"),
+            c2d_queued: reg(&mut r, "c2d_queued", "Cloud-to-device messages stored for devices, not yet acknowledged by them"),
             invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
             registry: r,
         };
@@ -238,6 +245,9 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc_by(n);
+    }
+    pub fn set_c2d_queued(&self, n: usize) {
+        self.c2d_queued.set(n as i64);
     }
     pub fn set_dead_letter_depth(&self, n: u64) {
         self.dead_letter_depth

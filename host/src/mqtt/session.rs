@@ -23,7 +23,8 @@ use super::codec::{
     PubReason, Publish, SubRefusal,
 };
 use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
-use crate::broker::{BrokerHandle, Delivery, OUTBOX};
+use crate::broker::{BrokerHandle, Delivery, Receipt, OUTBOX};
+use crate::c2d::CloudToDevice;
 use crate::iothub::{self, Request};
 use crate::message::Message;
 use crate::methods::{self, Methods};
@@ -47,6 +48,8 @@ pub struct SessionContext {
     pub twins: Arc<Twins>,
     /// Takes identities' answers to method calls.
     pub methods: Arc<Methods>,
+    /// Cloud-to-device messages waiting for their devices.
+    pub c2d: Arc<CloudToDevice>,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
     pub next_conn_id: AtomicU64,
@@ -141,6 +144,11 @@ pub async fn serve<S>(
         None => return,
     };
     ctx.metrics.client_connected(1);
+    if session.resumed && session.device_inbox().is_some() {
+        // A resumed session kept its subscriptions: its device's waiting
+        // cloud-to-device messages go out now.
+        ctx.c2d.push(&session.client_id).await;
+    }
     let end = session.run(&mut stream, &mut buf, &shutdown).await;
     ctx.metrics.client_connected(-1);
     match &end {
@@ -208,10 +216,13 @@ struct Session {
     pending: VecDeque<Pending>,
     /// QoS 2 packet ids received and not yet released by PUBREL.
     qos2_received: HashSet<u16>,
-    /// QoS 1 deliveries sent to the client, by packet id.
-    outgoing: HashMap<u16, Publish>,
+    /// QoS 1 deliveries sent to the client, by packet id (with the receipt
+    /// of a message its owner keeps).
+    outgoing: HashMap<u16, (Publish, Option<Receipt>)>,
     pkids: crate::packet_id::PacketIds,
     out: BytesMut,
+    /// Whether the broker resumed a persistent session (its subscriptions).
+    resumed: bool,
 }
 
 impl Session {
@@ -332,6 +343,7 @@ impl Session {
             outgoing: HashMap::new(),
             pkids: Default::default(),
             out,
+            resumed: attached.session_present,
         };
         session.codec.write(
             Outbound::ConnAck {
@@ -551,6 +563,7 @@ impl Session {
                 qos: 1,
                 retain: false,
                 dup: false,
+                receipt: None,
             };
             self.ctx.broker.send_to(&self.client_id, answer).await;
         }
@@ -734,7 +747,9 @@ impl Session {
         match packet {
             Inbound::Publish(_) => unreachable!("publishes are batched by on_bytes"),
             Inbound::PubAck(pkid) => {
-                self.outgoing.remove(&pkid);
+                if let Some((_, Some(receipt))) = self.outgoing.remove(&pkid) {
+                    receipt.acknowledged();
+                }
             }
             Inbound::PubRec(pkid) => {
                 // We never send QoS 2, but answer per the spec.
@@ -769,9 +784,18 @@ impl Session {
                 }
                 self.codec
                     .write(Outbound::SubAck { pkid, granted }, &mut self.out);
+                let devicebound = self.device_inbox().is_some_and(|inbox| {
+                    accepted
+                        .iter()
+                        .any(|(f, _)| topic::matches(f, &format!("{inbox}/x")))
+                });
                 let retained = self.ctx.broker.subscribe(&self.client_id, accepted).await;
                 for d in retained {
                     self.deliver(Delivery { retain: true, ..d });
+                }
+                if devicebound {
+                    // Messages the cloud sent while the device was away.
+                    self.ctx.c2d.push(&self.client_id).await;
                 }
             }
             Inbound::Unsubscribe { pkid, filters } => {
@@ -789,6 +813,17 @@ impl Session {
         Ok(())
     }
 
+    /// `devices/{d}/messages/devicebound` when this session is child device
+    /// `d` (cloud-to-device messages are for devices, not modules).
+    fn device_inbox(&self) -> Option<String> {
+        match &self.principal {
+            Principal::Identity(id, _) if id.module_id.is_none() => {
+                Some(format!("devices/{}/messages/devicebound", id.device_id))
+            }
+            _ => None,
+        }
+    }
+
     /// Sends a message to this client (QoS 1 tracked until its PUBACK).
     fn deliver(&mut self, d: Delivery) {
         let mut p = Publish {
@@ -802,7 +837,9 @@ impl Session {
         if p.qos > 0 {
             p.qos = 1;
             p.pkid = self.alloc_pkid();
-            self.outgoing.insert(p.pkid, p.clone());
+            self.outgoing.insert(p.pkid, (p.clone(), d.receipt));
+        } else if let Some(receipt) = d.receipt {
+            receipt.acknowledged();
         }
         self.codec.write(Outbound::Publish(p), &mut self.out);
     }
@@ -830,16 +867,18 @@ impl Session {
             };
             router.dispatch(local, upstream).await;
         }
-        let mut sent: Vec<Publish> = self.outgoing.drain().map(|(_, p)| p).collect();
-        sent.sort_by_key(|p| p.pkid);
+        let mut sent: Vec<(Publish, Option<Receipt>)> =
+            self.outgoing.drain().map(|(_, p)| p).collect();
+        sent.sort_by_key(|(p, _)| p.pkid);
         let mut unacked: Vec<Delivery> = sent
             .into_iter()
-            .map(|p| Delivery {
+            .map(|(p, receipt)| Delivery {
                 topic: p.topic,
                 payload: p.payload,
                 qos: p.qos,
                 retain: p.retain,
                 dup: p.dup,
+                receipt,
             })
             .collect();
         while let Ok(d) = self.outbox.try_recv() {

@@ -402,6 +402,7 @@ impl Router {
             qos: 1,
             retain: false,
             dup: false,
+            receipt: None,
         });
     }
 
@@ -459,6 +460,7 @@ fn delivery(m: Message) -> Delivery {
         qos: m.qos,
         retain: m.retain,
         dup: false,
+        receipt: None,
     }
 }
 

@@ -36,6 +36,12 @@ impl Documents {
         Ok(out)
     }
 
+    /// Removes the document under `key` (made durable with the next write
+    /// or the journal's own flush: a crash may bring it back).
+    pub fn remove(&self, key: &str) -> Result<(), StoreError> {
+        Ok(self.keyspace.remove(key.as_bytes())?)
+    }
+
     /// Replaces the document under `key`, durably (blocks for the fsync).
     pub fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.keyspace.insert(key.as_bytes(), value)?;

@@ -15,9 +15,11 @@
 //! - `protocol.rs`: the topics and bodies of identities' twins and
 //!   methods upstream (one definition, for the hub and cloud-side tools).
 //! - `methods.rs`: direct method calls from the cloud, answered back.
+//! - `c2d.rs`: cloud-to-device messages for the scope's devices.
 //! - `twins.rs`: device and module twins: desired documents in (one
 //!   subscription per identity of the scope), reported documents out.
 
+pub mod c2d;
 pub mod connection;
 pub mod error;
 pub mod forwarder;

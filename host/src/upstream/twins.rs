@@ -103,6 +103,7 @@ async fn desired(msg: CloudMessage, scope: Option<&Scope>, twins: &Twins, broker
                 qos: 1,
                 retain: false,
                 dup: false,
+                receipt: None,
             };
             broker.send_to(&id, patch).await;
         }

@@ -1,0 +1,115 @@
+//! Cloud-to-device messages from the cloud, for the child devices of the
+//! scope.
+//!
+//! Owns the link consumer for `devices/{d}/messages/devicebound/#` (one
+//! filter per child device of the scope; modules get none), handing each
+//! message to `c2d`, which stores it durably before it is acknowledged to
+//! the cloud. A message refused (the device's queue is full, or it is not
+//! a device of the scope) is acknowledged too, with an error line and a
+//! count: the cloud sending it again would not change the answer.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
+use super::protocol::{identity_root, per_identity, split_identity};
+use crate::auth::{Auth, Scope};
+use crate::c2d::{C2dError, CloudToDevice};
+use crate::metrics::{DropReason, Metrics};
+use crate::topic;
+
+const CHANNEL: usize = 64;
+
+pub struct C2dSync {
+    consumer: ConsumerId,
+    messages: mpsc::Receiver<CloudMessage>,
+}
+
+impl C2dSync {
+    /// Registers the consumer on `link` (before it starts).
+    pub fn subscribe(link: &mut Link) -> Self {
+        let (consumer, messages) = link.consumer(CHANNEL);
+        Self { consumer, messages }
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(
+        mut self,
+        link: LinkHandle,
+        auth: Arc<Auth>,
+        c2d: Arc<CloudToDevice>,
+        metrics: Arc<Metrics>,
+        max_message_bytes: usize,
+        shutdown: CancellationToken,
+    ) {
+        let mut scope_rx = auth.watch();
+        let mut scope = scope_rx.borrow_and_update().clone();
+        link.set_filters(self.consumer, filters(scope.as_deref()))
+            .await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = scope_rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    scope = scope_rx.borrow_and_update().clone();
+                    link.set_filters(self.consumer, filters(scope.as_deref())).await;
+                }
+                Some(msg) = self.messages.recv() => {
+                    match take(&msg, scope.as_deref(), &c2d, max_message_bytes).await {
+                        Ok(()) => {}
+                        Err(why) => {
+                            metrics.messages_dropped(DropReason::DeviceQueueFull, 1);
+                            tracing::warn!(topic = %msg.topic, reason = %why, "cloud-to-device message refused");
+                        }
+                    }
+                    msg.ack();
+                }
+            }
+        }
+    }
+}
+
+/// One filter per child device (not modules) of the scope.
+fn filters(scope: Option<&Scope>) -> Vec<String> {
+    let devices = scope
+        .map(|s| {
+            s.identities
+                .iter()
+                .filter(|(_, (id, _))| id.module_id.is_none())
+                .map(|(k, _)| k)
+        })
+        .into_iter()
+        .flatten();
+    per_identity(devices, |d| {
+        format!("{}/messages/devicebound/#", identity_root(d))
+    })
+}
+
+async fn take(
+    msg: &CloudMessage,
+    scope: Option<&Scope>,
+    c2d: &CloudToDevice,
+    max_message_bytes: usize,
+) -> Result<(), String> {
+    let device = match split_identity(&msg.topic) {
+        Some((d, rest)) if !d.contains('/') && rest.starts_with("messages/devicebound") => d,
+        _ => return Err("not a cloud-to-device topic".into()),
+    };
+    if !scope.is_some_and(|s| s.get(&device).is_some()) {
+        return Err(format!("{device} is not a device of the scope"));
+    }
+    topic::check_name(&msg.topic, topic::MAX_LEN).map_err(|e| e.to_string())?;
+    if msg.payload.len() > max_message_bytes {
+        return Err(format!(
+            "{} bytes, over mqtt.max_message_bytes ({max_message_bytes})",
+            msg.payload.len()
+        ));
+    }
+    c2d.accept(&device, msg.topic.clone(), msg.payload.clone())
+        .await
+        .map_err(|e: C2dError| e.to_string())
+}

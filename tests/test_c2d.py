@@ -1,0 +1,105 @@
+"""Cloud-to-device messages: published by the cloud on
+`devices/{d}/messages/devicebound/{props}`, stored by the hub for a device
+that is away (across a kill -9), delivered in order when it subscribes, only
+to that device, and its PUBACK sent upstream as a completion; a flood past a
+device's bound is refused with a count while the first messages stay."""
+
+from __future__ import annotations
+
+import json
+
+import paho.mqtt.client as mqtt
+
+from authkit import EDGE_ID, Identity, auth_args, publish_scope, try_connect, wait_scope
+from helpers import LOOPBACK, Subscriber
+
+BOUND = 50  # c2d::MAX_PER_DEVICE
+
+
+class Cloud:
+    def __init__(self, upstream):
+        self.sub = Subscriber(upstream.port).connect()
+        self.sub.subscribe("devices/+/messages/completed")
+        self.pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="cloud-c2d")
+        self.pub.connect(LOOPBACK, upstream.port)
+        self.pub.loop_start()
+
+    def send(self, device: str, body: bytes, props: str = "") -> None:
+        info = self.pub.publish(f"devices/{device}/messages/devicebound/{props}", body, qos=1)
+        info.wait_for_publish(10)
+
+    def completions(self, device: str) -> list[dict]:
+        return [json.loads(m.payload) for m in self.sub.messages if m.topic == f"devices/{device}/messages/completed"]
+
+    def close(self):
+        self.sub.close()
+        self.pub.loop_stop()
+        self.pub.disconnect()
+
+
+def received(c, prefix: str) -> list[bytes]:
+    with c.cond:
+        return [p for t, p in c.messages if t.startswith(prefix)]
+
+
+def test_messages_for_a_device_away_wait_across_a_kill_and_arrive_in_order_and_complete_upstream(
+    upstream, hub_factory, clients
+):
+    child1, child2 = Identity.child("child1"), Identity.child("child2")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, [child1, child2])
+    wait_scope(hub, 2)
+    cloud = Cloud(upstream)
+    try:
+        rc, d2 = try_connect(hub.port, clients, **child2.credentials())
+        assert rc == 0 and d2.subscribe_result(["devices/child2/messages/devicebound/#"]) == [1]
+
+        bodies = [f"c2d-{i}".encode() for i in range(5)]
+        for i, b in enumerate(bodies):
+            cloud.send("child1", b, f"%24.mid=m{i}&k=v")
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 5, 15, "five messages stored for child1")
+        hub.kill9()
+        hub.start()
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 5, 15, "the five still stored after a kill -9")
+
+        rc, d1 = try_connect(hub.port, clients, **child1.credentials())
+        assert rc == 0 and d1.subscribe_result(["devices/child1/messages/devicebound/#"]) == [1]
+        prefix = "devices/child1/messages/devicebound/"
+        d1._wait(lambda: len(received(d1, prefix)) >= 5, 15, "child1's messages")
+        assert received(d1, prefix) == bodies, "in the order the cloud sent them"
+        with d1.cond:
+            topics = [t for t, _ in d1.messages if t.startswith(prefix)]
+        assert topics[0] == "devices/child1/messages/devicebound/%24.mid=m0&k=v", "the cloud's property bag as sent"
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "every acknowledged message removed")
+        done = cloud.sub.wait_for(lambda ms: len(cloud.completions("child1")) >= 5, 30, "five completions upstream")
+        assert [c["topic"] for c in cloud.completions("child1")] == topics
+        assert not received(d2, "devices/"), "child2 got child1's messages"
+    finally:
+        cloud.close()
+
+
+def test_a_flood_to_a_device_away_keeps_its_first_messages_and_refuses_the_rest_with_a_count(
+    upstream, hub_factory, clients
+):
+    child1 = Identity.child("child1")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    cloud = Cloud(upstream)
+    try:
+        # (summed over reasons; nothing else is dropped here)
+        before = hub.metric("edgehub_messages_dropped_total")
+        for i in range(BOUND + 5):
+            cloud.send("child1", f"flood-{i}".encode())
+        hub.wait_metric("edgehub_messages_dropped_total", lambda v: v == before + 5, 20, "five refused")
+        assert 'edgehub_messages_dropped_total{reason="device_queue_full"} 5' in hub.metrics_text()
+        assert hub.metric("edgehub_c2d_queued") == BOUND
+        rc, d1 = try_connect(hub.port, clients, **child1.credentials())
+        assert rc == 0 and d1.subscribe_result(["devices/child1/messages/devicebound/#"]) == [1]
+        prefix = "devices/child1/messages/devicebound/"
+        d1._wait(lambda: len(received(d1, prefix)) >= BOUND, 20, "the kept messages")
+        assert received(d1, prefix) == [f"flood-{i}".encode() for i in range(BOUND)]
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "all acknowledged")
+        assert hub.proc.poll() is None
+    finally:
+        cloud.close()
