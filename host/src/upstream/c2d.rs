@@ -99,7 +99,7 @@ async fn take(
         Some((d, rest)) if !d.contains('/') && rest.starts_with("messages/devicebound") => d,
         _ => return Err("not a cloud-to-device topic".into()),
     };
-    if !scope.is_some_and(|s| s.get(&device).is_some()) {
+    if scope.is_none_or(|s| s.get(&device).is_none()) {
         return Err(format!("{device} is not a device of the scope"));
     }
     topic::check_name(&msg.topic, topic::MAX_LEN).map_err(|e| e.to_string())?;
