@@ -797,3 +797,12 @@ def abort(c: DeviceClient) -> None:
     if sock is not None:
         sock.close()
     c.closed.set()
+
+
+def start_gateway(hub_factory, upstream, certs, **kw):
+    """A hub with --tls-listen 127.0.0.1:8883, the SDK's port (fails clearly
+    if 8883 is taken)."""
+    require_port_free(SDK_PORT)
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args(tls=certs, tls_port=SDK_PORT), **kw)
+    wait_tls_listener(hub, SDK_PORT)
+    return hub

@@ -160,3 +160,14 @@ def clients():
             c.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+@pytest.fixture(scope="session")
+def sdk_python(request, tmp_path_factory):
+    """The python of a virtualenv holding azure-iot-device (made once, cached)."""
+    from authkit import SDK_VERSION, ensure_sdk_venv
+
+    cache = getattr(request.config, "cache", None)
+    base = cache.mkdir(f"azure-iot-device-venv-{SDK_VERSION}") if cache is not None \
+        else tmp_path_factory.mktemp("azure-iot-device-venv")
+    return ensure_sdk_venv(base)

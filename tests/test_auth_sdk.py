@@ -15,7 +15,6 @@ import pytest
 from authkit import (
     EDGE_ID,
     SDK_PORT,
-    SDK_VERSION,
     V3_ACCEPTED,
     V3_BAD_CREDENTIALS,
     V5_BAD_CREDENTIALS,
@@ -24,7 +23,6 @@ from authkit import (
     auth_args,
     client_ssl_context,
     describe_sdk,
-    ensure_sdk_venv,
     log_since,
     log_size,
     make_certs,
@@ -34,32 +32,18 @@ from authkit import (
     refused,
     require_port_free,
     run_sdk,
+    start_gateway,
     wait_scope,
     wait_tls_listener,
 )
 from helpers import free_port
 
 
-@pytest.fixture(scope="session")
-def sdk_python(request, tmp_path_factory):
-    """The python of a virtualenv holding azure-iot-device (made once, cached)."""
-    cache = getattr(request.config, "cache", None)
-    base = cache.mkdir(f"azure-iot-device-venv-{SDK_VERSION}") if cache is not None \
-        else tmp_path_factory.mktemp("azure-iot-device-venv")
-    return ensure_sdk_venv(base)
-
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     return make_certs(tmp_path_factory.mktemp("auth-certs"))
 
-
-def start_gateway(hub_factory, upstream, certs, **kw):
-    """A hub with --tls-listen 127.0.0.1:8883 (fails clearly if 8883 is taken)."""
-    require_port_free(SDK_PORT)
-    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args(tls=certs, tls_port=SDK_PORT), **kw)
-    wait_tls_listener(hub, SDK_PORT)
-    return hub
 
 
 def assert_sent(out: dict, messages: list[str]) -> None:

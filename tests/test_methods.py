@@ -16,19 +16,15 @@ import pytest
 
 from authkit import (
     EDGE_ID,
-    SDK_PORT,
-    SDK_VERSION,
     Identity,
     auth_args,
     describe_sdk,
-    ensure_sdk_venv,
     make_certs,
     publish_scope,
-    require_port_free,
     run_sdk,
+    start_gateway,
     try_connect,
     wait_scope,
-    wait_tls_listener,
 )
 from helpers import LOOPBACK, Subscriber
 
@@ -144,22 +140,13 @@ def test_a_call_to_an_identity_away_is_404_to_a_silent_one_504_and_a_bad_call_40
     assert hub.proc.poll() is None
 
 
-@pytest.fixture(scope="session")
-def sdk_python(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    base = cache.mkdir(f"azure-iot-device-venv-{SDK_VERSION}") if cache is not None \
-        else tmp_path_factory.mktemp("azure-iot-device-venv")
-    return ensure_sdk_venv(base)
-
 
 def test_an_sdk_device_answers_a_cloud_call_through_the_gateway(
     sdk_python, upstream, cloud, hub_factory, tmp_path_factory, tmp_path
 ):
     certs = make_certs(tmp_path_factory.mktemp("method-certs"))
     child1 = Identity.child("child1")
-    require_port_free(SDK_PORT)
-    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args(tls=certs, tls_port=SDK_PORT))
-    wait_tls_listener(hub, SDK_PORT)
+    hub = start_gateway(hub_factory, upstream, certs)
     publish_scope(upstream, [child1])
     wait_scope(hub, 1)
 

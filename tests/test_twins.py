@@ -14,16 +14,15 @@ import pytest
 from authkit import (
     EDGE_ID,
     SDK_PORT,
-    SDK_VERSION,
     Identity,
     auth_args,
     describe_sdk,
-    ensure_sdk_venv,
     make_certs,
     publish_retained,
     publish_scope,
     require_port_free,
     run_sdk,
+    start_gateway,
     try_connect,
     wait_scope,
     wait_tls_listener,
@@ -31,24 +30,11 @@ from authkit import (
 from helpers import Relay, Subscriber
 
 
-@pytest.fixture(scope="session")
-def sdk_python(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    base = cache.mkdir(f"azure-iot-device-venv-{SDK_VERSION}") if cache is not None \
-        else tmp_path_factory.mktemp("azure-iot-device-venv")
-    return ensure_sdk_venv(base)
-
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     return make_certs(tmp_path_factory.mktemp("twin-certs"))
 
-
-def start_gateway(hub_factory, upstream, certs):
-    require_port_free(SDK_PORT)
-    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args(tls=certs, tls_port=SDK_PORT))
-    wait_tls_listener(hub, SDK_PORT)
-    return hub
 
 
 def twin_steps(out: dict) -> list[dict]:

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
 use super::protocol::{identity_root, per_identity, split_identity};
+use super::scoped::ScopedFilters;
 use crate::auth::{Auth, Scope};
 use crate::c2d::{C2dError, CloudToDevice};
 use crate::metrics::{DropReason, Metrics};
@@ -44,22 +45,18 @@ impl C2dSync {
         max_message_bytes: usize,
         shutdown: CancellationToken,
     ) {
-        let mut scope_rx = auth.watch();
-        let mut scope = scope_rx.borrow_and_update().clone();
-        link.set_filters(self.consumer, filters(scope.as_deref()))
-            .await;
+        let mut scoped = ScopedFilters::new(link, self.consumer, &auth, filters).await;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                changed = scope_rx.changed() => {
-                    if changed.is_err() {
+                changed = scoped.changed() => {
+                    if !changed {
                         return;
                     }
-                    scope = scope_rx.borrow_and_update().clone();
-                    link.set_filters(self.consumer, filters(scope.as_deref())).await;
+                    scoped.apply().await;
                 }
                 Some(msg) = self.messages.recv() => {
-                    match take(&msg, scope.as_deref(), &c2d, max_message_bytes).await {
+                    match take(&msg, scoped.scope(), &c2d, max_message_bytes).await {
                         Ok(()) => {}
                         Err(why) => {
                             metrics.messages_dropped(DropReason::DeviceQueueFull, 1);
@@ -74,16 +71,12 @@ impl C2dSync {
 }
 
 /// One filter per child device (not modules) of the scope.
-fn filters(scope: Option<&Scope>) -> Vec<String> {
+fn filters(scope: &Scope) -> Vec<String> {
     let devices = scope
-        .map(|s| {
-            s.identities
-                .iter()
-                .filter(|(_, (id, _))| id.module_id.is_none())
-                .map(|(k, _)| k)
-        })
-        .into_iter()
-        .flatten();
+        .identities
+        .iter()
+        .filter(|(_, (id, _))| id.module_id.is_none())
+        .map(|(k, _)| k);
     per_identity(devices, |d| {
         format!("{}/messages/devicebound/#", identity_root(d))
     })

@@ -20,6 +20,7 @@ use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
 use super::protocol::{
     method_calls_filter, per_identity, MethodCallTopic, MethodRequest, MethodResponse,
 };
+use super::scoped::ScopedFilters;
 use crate::auth::{Auth, Scope};
 use crate::methods::{Methods, Outcome};
 
@@ -47,25 +48,21 @@ impl MethodSync {
         methods: Arc<Methods>,
         shutdown: CancellationToken,
     ) {
-        let mut scope_rx = auth.watch();
-        let mut scope = scope_rx.borrow_and_update().clone();
-        link.set_filters(self.consumer, filters(scope.as_deref()))
-            .await;
+        let mut scoped = ScopedFilters::new(link.clone(), self.consumer, &auth, filters).await;
         let slots = Arc::new(Semaphore::new(MAX_CALLS));
         let mut running = JoinSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                changed = scope_rx.changed() => {
-                    if changed.is_err() {
+                changed = scoped.changed() => {
+                    if !changed {
                         break;
                     }
-                    scope = scope_rx.borrow_and_update().clone();
-                    link.set_filters(self.consumer, filters(scope.as_deref())).await;
+                    scoped.apply().await;
                 }
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 Some(msg) = self.calls.recv() => {
-                    let Some((call, request)) = check(&msg, scope.as_deref(), &link).await else {
+                    let Some((call, request)) = check(&msg, scoped.scope(), &link).await else {
                         msg.ack();
                         continue;
                     };
@@ -99,9 +96,8 @@ impl MethodSync {
     }
 }
 
-fn filters(scope: Option<&Scope>) -> Vec<String> {
-    let ids = scope.map(|s| s.identities.keys()).into_iter().flatten();
-    per_identity(ids, method_calls_filter)
+fn filters(scope: &Scope) -> Vec<String> {
+    per_identity(scope.identities.keys(), method_calls_filter)
 }
 
 /// The call a cloud message carries, if it is one to take; a bad one is

@@ -14,6 +14,8 @@
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
 //! - `protocol.rs`: the topics and bodies of identities' twins and
 //!   methods upstream (one definition, for the hub and cloud-side tools).
+//! - `scoped.rs`: a consumer whose filters follow the device scope (one
+//!   subscription per identity), for the three below.
 //! - `methods.rs`: direct method calls from the cloud, answered back.
 //! - `c2d.rs`: cloud-to-device messages for the scope's devices.
 //! - `twins.rs`: device and module twins: desired documents in (one
@@ -27,6 +29,7 @@ pub mod link;
 pub mod methods;
 pub mod protocol;
 pub mod proxy;
+pub mod scoped;
 pub mod state;
 pub mod sync;
 pub mod transport;

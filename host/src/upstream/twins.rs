@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
 use super::protocol::{identity_of_desired, per_identity, twin_topic};
+use super::scoped::ScopedFilters;
 use crate::auth::{Auth, Scope};
 use crate::broker::{BrokerHandle, Delivery};
 use crate::iothub;
@@ -47,22 +48,18 @@ impl TwinSync {
         broker: BrokerHandle,
         shutdown: CancellationToken,
     ) {
-        let mut scope_rx = auth.watch();
-        let mut scope = scope_rx.borrow_and_update().clone();
-        link.set_filters(self.consumer, filters(scope.as_deref()))
-            .await;
+        let mut scoped = ScopedFilters::new(link.clone(), self.consumer, &auth, filters).await;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                changed = scope_rx.changed() => {
-                    if changed.is_err() {
+                changed = scoped.changed() => {
+                    if !changed {
                         return;
                     }
-                    scope = scope_rx.borrow_and_update().clone();
-                    link.set_filters(self.consumer, filters(scope.as_deref())).await;
+                    scoped.apply().await;
                 }
                 Some(msg) = self.desired.recv() => {
-                    desired(msg, scope.as_deref(), &twins, &broker).await;
+                    desired(msg, scoped.scope(), &twins, &broker).await;
                 }
                 reported = twins.next_reported() => {
                     for (id, doc) in reported {
@@ -76,9 +73,8 @@ impl TwinSync {
 }
 
 /// One desired-document subscription per identity of the scope.
-fn filters(scope: Option<&Scope>) -> Vec<String> {
-    let ids = scope.map(|s| s.identities.keys()).into_iter().flatten();
-    per_identity(ids, |id| twin_topic(id, "desired"))
+fn filters(scope: &Scope) -> Vec<String> {
+    per_identity(scope.identities.keys(), |id| twin_topic(id, "desired"))
 }
 
 /// Takes one desired document: stored, then the change pushed to the
