@@ -10,29 +10,22 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
+use super::link::{CloudMessage, Link, LinkHandle};
 use super::protocol::{identity_root, per_identity, split_identity};
-use super::scoped::ScopedFilters;
+use super::scoped::ScopedConsumer;
 use crate::auth::{Auth, Scope};
 use crate::c2d::{C2dError, CloudToDevice};
 use crate::metrics::{DropReason, Metrics};
 use crate::topic;
 
-const CHANNEL: usize = 64;
-
-pub struct C2dSync {
-    consumer: ConsumerId,
-    messages: mpsc::Receiver<CloudMessage>,
-}
+pub struct C2dSync(ScopedConsumer);
 
 impl C2dSync {
     /// Registers the consumer on `link` (before it starts).
     pub fn subscribe(link: &mut Link) -> Self {
-        let (consumer, messages) = link.consumer(CHANNEL);
-        Self { consumer, messages }
+        Self(ScopedConsumer::register(link))
     }
 
     /// Runs until `shutdown`.
@@ -45,7 +38,7 @@ impl C2dSync {
         max_message_bytes: usize,
         shutdown: CancellationToken,
     ) {
-        let mut scoped = ScopedFilters::new(link, self.consumer, &auth, filters).await;
+        let mut scoped = self.0.follow(link, &auth, filters).await;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -55,7 +48,7 @@ impl C2dSync {
                     }
                     scoped.apply().await;
                 }
-                Some(msg) = self.messages.recv() => {
+                Some(msg) = self.0.messages.recv() => {
                     match take(&msg, scoped.scope(), &c2d, max_message_bytes).await {
                         Ok(()) => {}
                         Err(why) => {

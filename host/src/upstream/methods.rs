@@ -12,32 +12,27 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::json;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
+use super::link::{CloudMessage, Link, LinkHandle};
 use super::protocol::{
     method_calls_filter, per_identity, MethodCallTopic, MethodRequest, MethodResponse,
 };
-use super::scoped::ScopedFilters;
+use super::scoped::ScopedConsumer;
 use crate::auth::{Auth, Scope};
 use crate::methods::{Methods, Outcome};
 
 /// Calls in flight at once; beyond, a call is answered 429 at once.
 pub const MAX_CALLS: usize = 64;
-const CHANNEL: usize = 64;
 
-pub struct MethodSync {
-    consumer: ConsumerId,
-    calls: mpsc::Receiver<CloudMessage>,
-}
+pub struct MethodSync(ScopedConsumer);
 
 impl MethodSync {
     /// Registers the calls consumer on `link` (before it starts).
     pub fn subscribe(link: &mut Link) -> Self {
-        let (consumer, calls) = link.consumer(CHANNEL);
-        Self { consumer, calls }
+        Self(ScopedConsumer::register(link))
     }
 
     /// Runs until `shutdown`; calls still waiting then are abandoned.
@@ -48,7 +43,7 @@ impl MethodSync {
         methods: Arc<Methods>,
         shutdown: CancellationToken,
     ) {
-        let mut scoped = ScopedFilters::new(link.clone(), self.consumer, &auth, filters).await;
+        let mut scoped = self.0.follow(link.clone(), &auth, filters).await;
         let slots = Arc::new(Semaphore::new(MAX_CALLS));
         let mut running = JoinSet::new();
         loop {
@@ -61,7 +56,7 @@ impl MethodSync {
                     scoped.apply().await;
                 }
                 Some(_) = running.join_next(), if !running.is_empty() => {}
-                Some(msg) = self.calls.recv() => {
+                Some(msg) = self.0.messages.recv() => {
                     let Some((call, request)) = check(&msg, scoped.scope(), &link).await else {
                         msg.ack();
                         continue;

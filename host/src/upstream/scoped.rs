@@ -7,10 +7,37 @@
 
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use super::link::{ConsumerId, LinkHandle};
+use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
 use crate::auth::{Auth, Scope};
+
+/// Cloud messages a consumer's channel holds before the link waits.
+const CHANNEL: usize = 64;
+
+/// A consumer registered on the link before it starts; once running, its
+/// filters follow the scope ([`ScopedConsumer::follow`]).
+pub struct ScopedConsumer {
+    consumer: ConsumerId,
+    pub messages: mpsc::Receiver<CloudMessage>,
+}
+
+impl ScopedConsumer {
+    pub fn register(link: &mut Link) -> Self {
+        let (consumer, messages) = link.consumer(CHANNEL);
+        Self { consumer, messages }
+    }
+
+    /// Sets the filters from the scope in force and keeps them following it.
+    pub async fn follow(
+        &self,
+        link: LinkHandle,
+        auth: &Auth,
+        filters: fn(&Scope) -> Vec<String>,
+    ) -> ScopedFilters {
+        ScopedFilters::new(link, self.consumer, auth, filters).await
+    }
+}
 
 pub struct ScopedFilters {
     link: LinkHandle,
@@ -23,7 +50,7 @@ pub struct ScopedFilters {
 impl ScopedFilters {
     /// Sets `consumer`'s filters from the scope in force (`filters` of it;
     /// none while there is no scope).
-    pub async fn new(
+    async fn new(
         link: LinkHandle,
         consumer: ConsumerId,
         auth: &Auth,

@@ -12,31 +12,23 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::link::{CloudMessage, ConsumerId, Link, LinkHandle};
+use super::link::{CloudMessage, Link, LinkHandle};
 use super::protocol::{identity_of_desired, per_identity, twin_topic};
-use super::scoped::ScopedFilters;
+use super::scoped::ScopedConsumer;
 use crate::auth::{Auth, Scope};
 use crate::broker::{BrokerHandle, Delivery};
 use crate::iothub;
 use crate::twins::{self, Twins};
 
-/// Cloud messages the desired channel holds before the link waits.
-const CHANNEL: usize = 64;
-
-pub struct TwinSync {
-    consumer: ConsumerId,
-    desired: mpsc::Receiver<CloudMessage>,
-}
+pub struct TwinSync(ScopedConsumer);
 
 impl TwinSync {
     /// Registers the desired-document consumer on `link` (before it starts);
     /// its filters are set from the scope once running.
     pub fn subscribe(link: &mut Link) -> Self {
-        let (consumer, desired) = link.consumer(CHANNEL);
-        Self { consumer, desired }
+        Self(ScopedConsumer::register(link))
     }
 
     /// Runs until `shutdown`.
@@ -48,7 +40,7 @@ impl TwinSync {
         broker: BrokerHandle,
         shutdown: CancellationToken,
     ) {
-        let mut scoped = ScopedFilters::new(link.clone(), self.consumer, &auth, filters).await;
+        let mut scoped = self.0.follow(link.clone(), &auth, filters).await;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -58,7 +50,7 @@ impl TwinSync {
                     }
                     scoped.apply().await;
                 }
-                Some(msg) = self.desired.recv() => {
+                Some(msg) = self.0.messages.recv() => {
                     desired(msg, scoped.scope(), &twins, &broker).await;
                 }
                 reported = twins.next_reported() => {
