@@ -678,6 +678,26 @@ try:
                     client.on_method_request_received = handler
                     ok = done.wait(step.get("timeout", 30))
                     out["steps"].append({"op": "serve_methods", "served": served, "ok": ok})
+                elif step["op"] == "receive_messages":
+                    import threading
+                    got, done = [], threading.Event()
+                    def on_message(m):
+                        got.append({"data": m.data.decode(errors="replace"), "message_id": m.message_id,
+                                    "properties": dict(m.custom_properties)})
+                        if len(got) >= step["count"]:
+                            done.set()
+                    client.on_message_received = on_message
+                    ok = done.wait(step.get("timeout", 30))
+                    out["steps"].append({"op": "receive_messages", "messages": got, "ok": ok})
+                elif step["op"] == "wait_desired":
+                    import threading
+                    patches, done = [], threading.Event()
+                    def on_patch(p):
+                        patches.append(p)
+                        done.set()
+                    client.on_twin_desired_properties_patch_received = on_patch
+                    ok = done.wait(step.get("timeout", 30))
+                    out["steps"].append({"op": "wait_desired", "patches": patches, "ok": ok})
             except Exception as e:  # noqa
                 out["steps"].append({"op": step["op"], "error": type(e).__name__, "message": str(e)})
     finally:
@@ -727,8 +747,10 @@ def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, 
     ``stderr`` and ``log`` for messages). ``steps`` run after the messages:
     ``{"op": "get"}`` (the twin), ``{"op": "patch", "patch": {...}}``
     (reported properties), ``{"op": "serve_methods", "count": n, "timeout":
-    s}`` (answer n method calls with 200 and ``{"echo", "name"}``); their
-    results are in ``out["steps"]``."""
+    s}`` (answer n method calls with 200 and ``{"echo", "name"}``),
+    ``{"op": "receive_messages", "count": n, "timeout": s}`` (cloud-to-device
+    messages), ``{"op": "wait_desired", "timeout": s}`` (the first desired
+    patch); their results are in ``out["steps"]``."""
     args = {
         "steps": list(steps),
         "cs": ident.connection_string(key=key),

@@ -10,7 +10,18 @@ import json
 
 import paho.mqtt.client as mqtt
 
-from authkit import EDGE_ID, Identity, auth_args, publish_scope, try_connect, wait_scope
+from authkit import (
+    EDGE_ID,
+    Identity,
+    auth_args,
+    describe_sdk,
+    make_certs,
+    publish_scope,
+    run_sdk,
+    start_gateway,
+    try_connect,
+    wait_scope,
+)
 from helpers import LOOPBACK, Subscriber
 
 BOUND = 50  # c2d::MAX_PER_DEVICE
@@ -101,5 +112,32 @@ def test_a_flood_to_a_device_away_keeps_its_first_messages_and_refuses_the_rest_
         assert received(d1, prefix) == [f"flood-{i}".encode() for i in range(BOUND)]
         hub.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "all acknowledged")
         assert hub.proc.poll() is None
+    finally:
+        cloud.close()
+
+
+def test_an_sdk_device_receives_the_messages_stored_for_it_with_their_properties(
+    sdk_python, upstream, hub_factory, tmp_path_factory, tmp_path
+):
+    certs = make_certs(tmp_path_factory.mktemp("c2d-certs"))
+    child1 = Identity.child("child1")
+    hub = start_gateway(hub_factory, upstream, certs)
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    cloud = Cloud(upstream)
+    try:
+        cloud.send("child1", b'{"cmd": "on"}', "%24.mid=m1&color=red")
+        cloud.send("child1", b'{"cmd": "off"}', "%24.mid=m2&color=blue")
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 2, 15, "two messages stored for child1")
+        out = run_sdk(sdk_python, child1, certs["ca"], log=tmp_path / "sdk-c2d.log",
+                      steps=[{"op": "receive_messages", "count": 2, "timeout": 30}])
+        assert out.get("error") is None and out["steps"][0]["ok"], describe_sdk(out)
+        got = out["steps"][0]["messages"]
+        assert [(m["data"], m["message_id"], m["properties"]) for m in got] == [
+            ('{"cmd": "on"}', "m1", {"color": "red"}),
+            ('{"cmd": "off"}', "m2", {"color": "blue"}),
+        ], describe_sdk(out)
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "both acknowledged by the SDK")
+        cloud.sub.wait_for(lambda ms: len(cloud.completions("child1")) >= 2, 30, "two completions upstream")
     finally:
         cloud.close()
