@@ -223,6 +223,11 @@ pub struct TlsConfig {
     /// PEM private key of the TLS listener's certificate.
     #[arg(id = "tls-key", long)]
     pub key_file: Option<PathBuf>,
+    /// HTTPS listener addresses of the hub's API for modules (direct
+    /// method calls between local identities, as edgeHub serves them on
+    /// 443), with the same certificate.
+    #[arg(id = "api-listen", long, value_delimiter = ',')]
+    pub api_listen: Vec<SocketAddr>,
 }
 
 /// The cloud broker (section `[upstream]`).
@@ -855,10 +860,10 @@ impl Config {
         if self.upstream.cert_file.is_some() != self.upstream.key_file.is_some() {
             return bad("upstream.cert_file and upstream.key_file go together".into());
         }
-        if !self.tls.listen.is_empty()
+        if !(self.tls.listen.is_empty() && self.tls.api_listen.is_empty())
             && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
         {
-            return bad("tls.listen needs tls.cert_file and tls.key_file".into());
+            return bad("tls.listen and tls.api_listen need tls.cert_file and tls.key_file".into());
         }
         self.route_table()?;
         Ok(())

@@ -11,6 +11,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::{self, ApiContext};
 use crate::auth::{Auth, CacheError};
 use crate::broker;
 use crate::c2d::CloudToDevice;
@@ -96,7 +97,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         metrics.clone(),
     )?);
     let tls_acceptor = match (&config.tls.cert_file, &config.tls.key_file) {
-        (Some(cert), Some(key)) if !config.tls.listen.is_empty() => {
+        (Some(cert), Some(key))
+            if !(config.tls.listen.is_empty() && config.tls.api_listen.is_empty()) =>
+        {
             Some(TlsAcceptor::from(tls::server_config(cert, key)?))
         }
         _ => None,
@@ -175,6 +178,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         next_conn_id: AtomicU64::new(1),
     });
 
+    if let Some(tls) = &tls_acceptor {
+        let api = Arc::new(ApiContext {
+            auth: auth.clone(),
+            methods: methods.clone(),
+        });
+        for addr in &config.tls.api_listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| HubError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tracing::info!(addr = %l.local_addr().unwrap_or(*addr), kind = "HTTPS API", "listener ready");
+            tasks.spawn(api::serve(l, tls.clone(), api.clone(), shutdown.clone()));
+        }
+    }
     let limit = Arc::new(Semaphore::new(config.mqtt.max_connections));
     let plain = config.listen.iter().map(|a| (a, None));
     let secure = config.tls.listen.iter().map(|a| (a, tls_acceptor.clone()));

@@ -8,7 +8,7 @@
 //! are and what they may do, from the device scope that `upstream::sync`
 //! receives; `twins` answers identities' twin requests (the session hands
 //! it each `$iothub` request, see `iothub`) and `methods` carries direct
-//! method calls to them, `c2d` the cloud's messages to devices. `hub` wires them together and owns start-up and shutdown;
+//! method calls to them (from the cloud, or from modules through `api`), `c2d` the cloud's messages to devices. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
 //! socket into a running hub's store (dead letters); `durable_file`
 //! (crash-safe file replacement), `iothub` (each connection's own
@@ -16,6 +16,7 @@
 //! (MQTT topic names and filters) and `packet_id` (MQTT packet ids) are
 //! shared helpers.
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod c2d;

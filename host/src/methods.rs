@@ -35,13 +35,18 @@ const CONNECT_RETRY: Duration = Duration::from_millis(200);
 pub struct Outcome {
     pub status: u16,
     pub payload: Value,
+    /// Whether the identity called answered (else the hub did: 400, 404,
+    /// 504).
+    pub answered: bool,
 }
 
 impl Outcome {
-    fn hub(status: u16, message: String) -> Self {
+    /// An answer of the hub's own, `{"message": ...}`.
+    pub fn hub(status: u16, message: String) -> Self {
         Outcome {
             status,
             payload: json!({ "message": message }),
+            answered: false,
         }
     }
 }
@@ -149,6 +154,7 @@ impl Methods {
             Ok(Ok((status, body))) => Outcome {
                 status,
                 payload: answer_payload(&body),
+                answered: true,
             },
             _ => Outcome::hub(
                 504,

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -63,10 +62,7 @@ impl MethodSync {
                     };
                     msg.ack();
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        let busy = Outcome {
-                            status: 429,
-                            payload: json!({"message": format!("{MAX_CALLS} method calls are already in flight")}),
-                        };
+                        let busy = Outcome::hub(429, format!("{MAX_CALLS} method calls are already in flight"));
                         answer(&link, &call, busy).await;
                         continue;
                     };
@@ -110,23 +106,12 @@ async fn check(
     };
     let request = serde_json::from_slice::<MethodRequest>(&msg.payload)
         .map_err(|e| format!("the call's body is not a method request: {e}"))
-        .and_then(|r| {
-            if !(5..=300).contains(&r.response_timeout_in_seconds) {
-                Err("responseTimeoutInSeconds must be 5 to 300".to_string())
-            } else if r.connect_timeout_in_seconds > 300 {
-                Err("connectTimeoutInSeconds must be 0 to 300".to_string())
-            } else {
-                Ok(r)
-            }
-        });
+        .and_then(|r| r.check().map(|()| r));
     match request {
         Ok(r) => Some((call, r)),
         Err(why) => {
             tracing::warn!(topic = %msg.topic, reason = %why, "method call refused");
-            let bad = Outcome {
-                status: 400,
-                payload: json!({ "message": why }),
-            };
+            let bad = Outcome::hub(400, why);
             answer(link, &call, bad).await;
             None
         }

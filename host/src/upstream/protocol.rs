@@ -114,6 +114,28 @@ fn default_response_timeout() -> u64 {
     30
 }
 
+impl MethodRequest {
+    /// The timeouts within IoT Hub's bounds: response 5 to 300 s, connect
+    /// 0 to 300 s.
+    pub fn check(&self) -> Result<(), String> {
+        if !(5..=300).contains(&self.response_timeout_in_seconds) {
+            Err("responseTimeoutInSeconds must be 5 to 300".into())
+        } else if self.connect_timeout_in_seconds > 300 {
+            Err("connectTimeoutInSeconds must be 0 to 300".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn response_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.response_timeout_in_seconds)
+    }
+
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.connect_timeout_in_seconds)
+    }
+}
+
 /// The answer to a method call: the device's status and payload, or the
 /// hub's (404 not connected, 504 timed out, 400 bad request).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
