@@ -261,7 +261,8 @@ mod tests {
             outcome,
             Outcome {
                 status: 201,
-                payload: json!({"ok": true})
+                payload: json!({"ok": true}),
+                answered: true
             }
         );
         assert!(
@@ -283,7 +284,7 @@ mod tests {
                 Duration::ZERO,
             )
             .await;
-        assert_eq!(away.status, 404);
+        assert_eq!((away.status, away.answered), (404, false));
         let _d1 = connected(&broker, "d1").await;
         let silent = methods
             .invoke(
@@ -341,7 +342,8 @@ mod tests {
             call.await.unwrap(),
             Outcome {
                 status: 200,
-                payload: json!("not json")
+                payload: json!("not json"),
+                answered: true
             }
         );
     }
