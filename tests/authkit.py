@@ -640,8 +640,10 @@ try:
     cls = IoTHubModuleClient if args.get("module") else IoTHubDeviceClient
     with open(args["ca"]) as f:
         ca = f.read()
+    retry = args.get("retry_secs")  # None: a lost connection stays lost
     client = cls.create_from_connection_string(
-        args["cs"], server_verification_cert=ca, connection_retry=False, keep_alive=30)
+        args["cs"], server_verification_cert=ca, connection_retry=bool(retry),
+        connection_retry_interval=retry or 10, keep_alive=30)
     try:
         t0 = time.monotonic()
         client.connect()
@@ -742,7 +744,7 @@ def ensure_sdk_venv(base: Path) -> Path:
 
 def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, messages: list[str] = (),
             properties: dict | None = None, log: Path | None = None, timeout: float = 90.0,
-            steps: list[dict] = ()) -> dict:
+            steps: list[dict] = (), retry_secs: int | None = None) -> dict:
     """Runs the SDK driver for one identity; returns its JSON result (plus
     ``stderr`` and ``log`` for messages). ``steps`` run after the messages:
     ``{"op": "get"}`` (the twin), ``{"op": "patch", "patch": {...}}``
@@ -750,7 +752,9 @@ def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, 
     s}`` (answer n method calls with 200 and ``{"echo", "name"}``),
     ``{"op": "receive_messages", "count": n, "timeout": s}`` (cloud-to-device
     messages), ``{"op": "wait_desired", "timeout": s}`` (the first desired
-    patch); their results are in ``out["steps"]``."""
+    patch); their results are in ``out["steps"]``. ``retry_secs``: the SDK
+    reconnects by itself after a lost connection, trying every ``retry_secs``
+    (its ``connection_retry``); by default it does not."""
     args = {
         "steps": list(steps),
         "cs": ident.connection_string(key=key),
@@ -759,6 +763,7 @@ def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, 
         "messages": list(messages),
         "properties": properties or {},
         "log": str(log) if log else None,
+        "retry_secs": retry_secs,
     }
     driver = Path(python).parent.parent / "sdk_driver.py"
     try:

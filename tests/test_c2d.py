@@ -141,3 +141,78 @@ def test_an_sdk_device_receives_the_messages_stored_for_it_with_their_properties
         cloud.sub.wait_for(lambda ms: len(cloud.completions("child1")) >= 2, 30, "two completions upstream")
     finally:
         cloud.close()
+
+
+def test_an_sdk_device_that_reconnects_by_itself_after_a_hub_restart_gets_the_messages_stored_while_it_was_away_without_subscribing_again(
+    sdk_python, upstream, hub_factory, tmp_path_factory, tmp_path
+):
+    """The unchanged SDK subscribes to its cloud-to-device topic when its
+    handler is set, once per client: a fresh SDK process always subscribes
+    anew (every feature starts off), so it cannot show that the hub kept the
+    subscription. One SDK process therefore stays alive across the restarts
+    and reconnects by itself (its connection_retry, every second) with clean
+    session off and, as the SDK does, without subscribing again; its DEBUG log
+    (paho's lines) shows its one SUBSCRIBE and the CONNACKs.
+
+    The device is away while a hub runs on the same storage without a
+    listener on 8883 (the only port the SDK can reach): the cloud sends two
+    messages then, they are stored, the upstream stops, that hub is killed
+    (-9) and the gateway comes back on 8883 with the upstream down."""
+    import re
+    import threading
+
+    from authkit import SDK_PORT, require_port_free, wait_tls_listener
+    from helpers import wait_until
+
+    certs = make_certs(tmp_path_factory.mktemp("c2d-restart-certs"))
+    child1 = Identity.child("child1")
+    gateway = start_gateway(hub_factory, upstream, certs)
+    publish_scope(upstream, [child1])
+    wait_scope(gateway, 1)
+    unreachable = hub_factory(upstream, start=False, edge_id=EDGE_ID, extra_args=auth_args(),
+                              storage=gateway.storage, name="hub-without-8883")
+    log = tmp_path / "sdk-c2d-restart.log"
+
+    def sdk_log() -> str:
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    result: dict = {}
+    sdk = threading.Thread(target=lambda: result.update(run_sdk(
+        sdk_python, child1, certs["ca"], log=log, retry_secs=1, timeout=150,
+        steps=[{"op": "receive_messages", "count": 2, "timeout": 120}])))
+    sdk.start()
+    cloud = None
+    try:
+        wait_until(lambda: "Successfully enabled feature:c2d" in sdk_log(), 60,
+                   "the SDK subscribed to its cloud-to-device messages")
+        gateway.kill9()  # the device is away from here on
+        unreachable.start()
+        wait_scope(unreachable, 1)
+        cloud = Cloud(upstream)
+        cloud.send("child1", b'{"cmd": "on"}', "%24.mid=m1&color=red")
+        cloud.send("child1", b'{"cmd": "off"}', "%24.mid=m2&color=blue")
+        unreachable.wait_metric("edgehub_c2d_queued", lambda v: v == 2, 15, "two messages stored for child1")
+        upstream.stop()
+        unreachable.kill9()
+        require_port_free(SDK_PORT)
+        gateway.start()
+        wait_tls_listener(gateway, SDK_PORT)
+    finally:
+        sdk.join(150)
+        if cloud is not None:
+            cloud.close()
+    assert not sdk.is_alive(), "the SDK driver did not finish"
+    assert result.get("error") is None and result["steps"][0]["ok"], describe_sdk(result)
+    got = result["steps"][0]["messages"]
+    assert [(m["data"], m["message_id"], m["properties"]) for m in got] == [
+        ('{"cmd": "on"}', "m1", {"color": "red"}),
+        ('{"cmd": "off"}', "m2", {"color": "blue"}),
+    ], describe_sdk(result)
+    text = sdk_log()
+    subscribes = [ln for ln in text.splitlines() if "Sending SUBSCRIBE" in ln and "devicebound" in ln]
+    assert len(subscribes) == 1, "the SDK subscribed again, so this no longer shows the kept subscription:\n" \
+        + "\n".join(subscribes)
+    connacks = re.findall(r"Received CONNACK \((\d+), (\d+)\)", text)
+    assert len(connacks) >= 2 and connacks[-1] == ("1", "0"), \
+        f"the SDK's reconnect was not told its session is present: CONNACK (flags, code) {connacks}"
+    gateway.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "both acknowledged by the SDK")

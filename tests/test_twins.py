@@ -275,3 +275,62 @@ def test_an_sdk_device_receives_a_desired_patch_set_in_the_cloud(
     assert result.get("error") is None and result["steps"][0]["ok"], describe_sdk(result)
     patch = result["steps"][0]["patches"][0]
     assert patch["rate"] == patch["$version"] >= 2, patch
+
+
+def test_an_sdk_device_subscribed_to_desired_patches_gets_one_set_in_the_cloud_after_a_hub_restart_without_subscribing_again(
+    sdk_python, certs, upstream, hub_factory, tmp_path
+):
+    """The unchanged SDK subscribes to desired patches when its handler is
+    set, once per client: a fresh SDK process always subscribes anew, so one
+    SDK process stays alive across the hub's restart (SIGTERM) and reconnects
+    by itself (its connection_retry, every second) with clean session off,
+    without subscribing again; its DEBUG log (paho's lines) shows its one
+    SUBSCRIBE and the CONNACKs. The cloud changes desired once the SDK is
+    back, so the patch can only reach it on the subscription the hub kept."""
+    import re
+    import threading
+
+    from helpers import wait_until
+
+    child1 = Identity.child("child1")
+    hub = start_gateway(hub_factory, upstream, certs)
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    log = tmp_path / "sdk-desired-restart.log"
+
+    def sdk_log() -> str:
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    result: dict = {}
+    sdk = threading.Thread(target=lambda: result.update(run_sdk(
+        sdk_python, child1, certs["ca"], log=log, retry_secs=1, timeout=150,
+        steps=[{"op": "wait_desired", "timeout": 120}])))
+    sdk.start()
+    try:
+        wait_until(lambda: "Successfully enabled feature:twin_patches" in sdk_log(), 60,
+                   "the SDK subscribed to desired patches")
+        assert hub.terminate() == 0
+        require_port_free(SDK_PORT)
+        hub.start()
+        wait_tls_listener(hub, SDK_PORT)
+        wait_until(lambda: len(re.findall(r"Received CONNACK", sdk_log())) >= 2, 30,
+                   "the SDK connected again by itself")
+        publish_retained(upstream.port, "devices/child1/twin/desired", b'{"rate": 2, "$version": 2}')
+    finally:
+        sdk.join(150)
+    assert not sdk.is_alive(), "the SDK driver did not finish"
+    assert result.get("error") is None and result["steps"][0]["ok"], describe_sdk(result)
+    patch = result["steps"][0]["patches"][0]
+    assert (patch.get("rate"), patch.get("$version")) == (2, 2), describe_sdk(result)
+    text = sdk_log()
+    # On a reconnect the SDK also asks for its twin and makes up a patch when
+    # desired's $version moved; this one came from the hub, on the topic.
+    assert re.search(r"Received PUBLISH .*'\$iothub/twin/PATCH/properties/desired/\?\$version=2'", text), \
+        "the patch did not come from the hub on $iothub/twin/PATCH/properties/desired/"
+    subscribes = [ln for ln in text.splitlines()
+                  if "Sending SUBSCRIBE" in ln and "twin/PATCH/properties/desired" in ln]
+    assert len(subscribes) == 1, "the SDK subscribed again, so this no longer shows the kept subscription:\n" \
+        + "\n".join(subscribes)
+    connacks = re.findall(r"Received CONNACK \((\d+), (\d+)\)", text)
+    assert connacks[-1] == ("1", "0"), \
+        f"the SDK's reconnect was not told its session is present: CONNACK (flags, code) {connacks}"

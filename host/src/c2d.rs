@@ -335,7 +335,14 @@ mod tests {
         .unwrap();
         let (outbox, mut inbox) = mpsc::channel(8);
         broker
-            .connect("d1", 1, false, false, outbox, CancellationToken::new())
+            .connect(
+                "d1",
+                1,
+                crate::broker::SESSION_ENDS,
+                false,
+                outbox,
+                CancellationToken::new(),
+            )
             .await
             .unwrap();
         broker

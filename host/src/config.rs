@@ -369,6 +369,27 @@ pub struct MqttConfig {
     /// Messages kept for a disconnected persistent session.
     #[arg(long)]
     pub offline_queue: usize,
+    /// Seconds an MQTT 3.1.1 persistent session (clean session off) lives
+    /// on once its client is away; MQTT 5 clients say their own.
+    #[arg(long)]
+    pub session_expiry_secs: u32,
+    /// Retained messages kept (across restarts).
+    #[arg(long)]
+    pub max_retained: usize,
+    /// Bytes of retained messages kept (topic and payload).
+    #[arg(long)]
+    pub max_retained_bytes: usize,
+}
+
+impl MqttConfig {
+    /// What the local broker keeps.
+    pub fn broker_limits(&self) -> crate::broker::Limits {
+        crate::broker::Limits {
+            offline_queue: self.offline_queue,
+            retained_messages: self.max_retained,
+            retained_bytes: self.max_retained_bytes,
+        }
+    }
 }
 
 impl Default for Config {
@@ -429,6 +450,9 @@ impl Default for MqttConfig {
             forward_topics: Vec::new(),
             max_connections: 10_000,
             offline_queue: 1000,
+            session_expiry_secs: 7 * 24 * 3600,
+            max_retained: crate::broker::Limits::with_offline_queue(0).retained_messages,
+            max_retained_bytes: crate::broker::Limits::with_offline_queue(0).retained_bytes,
         }
     }
 }

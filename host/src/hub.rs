@@ -41,6 +41,8 @@ pub enum HubError {
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Broker(#[from] broker::JournalError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -110,7 +112,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         config.store.max_queue_bytes,
         config.store.max_batch,
     );
-    let (broker, broker_task) = broker::spawn(config.mqtt.offline_queue, metrics.clone());
+    let (broker, broker_task) =
+        broker::spawn_durable(config.mqtt.broker_limits(), &store, metrics.clone())?;
     let routes = Routes::new(config.route_table()?);
     let plugin_folder = config.plugins.folder(&config.storage);
     std::fs::create_dir_all(&plugin_folder).map_err(|source| HubError::Storage {
@@ -175,6 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         c2d: c2d.clone(),
         metrics: metrics.clone(),
         max_message_bytes: config.mqtt.max_message_bytes,
+        session_expiry_secs: config.mqtt.session_expiry_secs,
         next_conn_id: AtomicU64::new(1),
     });
 

@@ -218,7 +218,14 @@ mod tests {
     async fn connected(broker: &BrokerHandle, id: &str) -> mpsc::Receiver<Delivery> {
         let (outbox, inbox) = mpsc::channel(8);
         broker
-            .connect(id, 1, false, false, outbox, CancellationToken::new())
+            .connect(
+                id,
+                1,
+                crate::broker::SESSION_ENDS,
+                false,
+                outbox,
+                CancellationToken::new(),
+            )
             .await
             .unwrap();
         broker

@@ -75,6 +75,11 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginLabels {
     plugin: String,
 }
@@ -112,6 +117,7 @@ pub struct Metrics {
     dead_letters: Family<ReasonLabels, Counter>,
     dead_letter_depth: Gauge,
     c2d_queued: Gauge,
+    broker_stored: Family<KindLabels, Gauge>,
     invalid_topics: Family<InvalidTopicLabels, Counter>,
 }
 
@@ -166,6 +172,7 @@ impl Metrics {
             dead_letters: reg(&mut r, "dead_letters", "Messages moved to the store's dead-letter area, by reason (upstream_refused, ...)"),
             dead_letter_depth: reg(&mut r, "dead_letter_depth", "Messages in the store's dead-letter area"),
             c2d_queued: reg(&mut r, "c2d_queued", "Cloud-to-device messages stored for devices, not yet acknowledged by them"),
+            broker_stored: reg(&mut r, "broker_stored", "What the local broker has made durable, by kind: sessions (persistent), queued (messages kept for sessions away), retained"),
             invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
             registry: r,
         };
@@ -248,6 +255,11 @@ impl Metrics {
     }
     pub fn set_c2d_queued(&self, n: usize) {
         self.c2d_queued.set(n as i64);
+    }
+    pub fn set_broker_stored(&self, kind: &'static str, n: usize) {
+        self.broker_stored
+            .get_or_create(&KindLabels { kind })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     pub fn set_dead_letter_depth(&self, n: u64) {
         self.dead_letter_depth

@@ -52,6 +52,8 @@ pub struct SessionContext {
     pub c2d: Arc<CloudToDevice>,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
+    /// How long an MQTT 3.1.1 persistent session outlives its connection.
+    pub session_expiry_secs: u32,
     pub next_conn_id: AtomicU64,
 }
 
@@ -302,9 +304,10 @@ impl Session {
                 return None;
             }
         }
-        let persistent = match connect.protocol {
-            Protocol::V4 => !connect.clean_start,
-            Protocol::V5 => connect.session_expiry.unwrap_or(0) > 0,
+        let expiry_secs = match connect.protocol {
+            Protocol::V4 if connect.clean_start => crate::broker::SESSION_ENDS,
+            Protocol::V4 => ctx.session_expiry_secs.max(1),
+            Protocol::V5 => connect.session_expiry.unwrap_or(0),
         };
         let (tx, rx) = mpsc::channel(OUTBOX);
         let kick = CancellationToken::new();
@@ -313,7 +316,7 @@ impl Session {
             .connect(
                 &client_id,
                 conn_id,
-                persistent,
+                expiry_secs,
                 !connect.clean_start,
                 tx,
                 kick.clone(),

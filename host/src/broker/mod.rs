@@ -1,0 +1,1138 @@
+//! Local publish/subscribe between downstream clients: a destination of
+//! routed messages, beside the store.
+//!
+//! Owns subscriptions, retained messages and the state of persistent
+//! sessions (their expiry, the messages kept while they are away), as one
+//! actor fed by a bounded channel, and keeps them across restarts through
+//! [`durable`] (the store's `sessions`, `session_queue` and `retained`
+//! keyspaces; a SUBACK waits until the subscription is durable, a kept
+//! message leaves the store when its client acknowledges it); sessions hold
+//! a [`BrokerHandle`]. Delivery to a session is a `try_send` into its bounded
+//! outbox: a subscriber that does not keep up loses messages (counted as
+//! dropped) rather than stalling everyone. It deals in [`Delivery`] (topic,
+//! payload, QoS, flags), not in MQTT packets: writing them to a connection
+//! (packet ids, acknowledgements) is the session's business, deciding what
+//! is bound upstream the router's. `$iothub/...` is never shared: a publish
+//! there is not delivered, and the hub's answers to one client go through
+//! [`BrokerHandle::send_to`].
+
+mod durable;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub use durable::JournalError;
+use durable::{Change, Journal, Restored, StoredSession};
+
+use crate::iothub;
+use crate::metrics::{DropReason, Metrics};
+use crate::store::Store;
+use crate::topic;
+
+/// Capacity of each session's outbox.
+pub const OUTBOX: usize = 1024;
+
+/// One message on its way to local subscribers (or kept for them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: String,
+    /// Shared with every other copy of the message (store record,
+    /// other subscribers): cloning it copies no bytes.
+    pub payload: Bytes,
+    /// As published; each subscriber gets at most the QoS it was granted.
+    pub qos: u8,
+    pub retain: bool,
+    /// Sent before and not acknowledged (redelivered to a resumed session).
+    pub dup: bool,
+    /// For a message its owner keeps durably (cloud-to-device): told when
+    /// the client acknowledges it. Such a message is never kept here for a
+    /// session away: the owner delivers it again.
+    pub receipt: Option<Receipt>,
+}
+
+/// Tells a message's owner its fate: acknowledged by the client (its
+/// PUBACK; at QoS 0, once written to the connection), or lost (every copy
+/// dropped unacknowledged: the connection ended, the outbox was full, a
+/// session away). Each is told once.
+#[derive(Clone)]
+pub struct Receipt(Arc<ReceiptInner>);
+
+struct ReceiptInner {
+    acknowledged: std::sync::atomic::AtomicBool,
+    /// `true`: acknowledged; `false`: lost.
+    tell: Box<dyn Fn(bool) + Send + Sync>,
+}
+
+impl Receipt {
+    pub fn new(tell: impl Fn(bool) + Send + Sync + 'static) -> Self {
+        Receipt(Arc::new(ReceiptInner {
+            acknowledged: std::sync::atomic::AtomicBool::new(false),
+            tell: Box::new(tell),
+        }))
+    }
+
+    pub fn acknowledged(&self) {
+        if !self.0.acknowledged.swap(true, Ordering::AcqRel) {
+            (self.0.tell)(true)
+        }
+    }
+}
+
+impl Drop for ReceiptInner {
+    fn drop(&mut self) {
+        if !*self.acknowledged.get_mut() {
+            (self.tell)(false)
+        }
+    }
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Receipt")
+    }
+}
+
+impl PartialEq for Receipt {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Receipt {}
+
+/// What the broker tells a connected session.
+pub struct Attached {
+    pub session_present: bool,
+    /// Messages kept while the persistent session was away, oldest first.
+    pub queued: Vec<Delivery>,
+}
+
+/// How much the broker keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages kept for one persistent session away (the oldest go first).
+    pub offline_queue: usize,
+    /// Retained messages kept, and their bytes (topic and payload): past
+    /// either, a retained message on a new topic is delivered, not kept.
+    pub retained_messages: usize,
+    pub retained_bytes: usize,
+}
+
+impl Limits {
+    /// The defaults, with `offline_queue` messages per session.
+    pub fn with_offline_queue(offline_queue: usize) -> Self {
+        Limits {
+            offline_queue,
+            retained_messages: 10_000,
+            retained_bytes: 64 << 20,
+        }
+    }
+}
+
+/// How long a session outlives its connection.
+pub const SESSION_ENDS: u32 = 0;
+/// A session that never expires.
+pub const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
+
+enum Command {
+    Connect {
+        client_id: String,
+        conn_id: u64,
+        /// Seconds the session lives on once its client is away
+        /// ([`SESSION_ENDS`], [`SESSION_NEVER_EXPIRES`]).
+        expiry_secs: u32,
+        resume: bool,
+        outbox: mpsc::Sender<Delivery>,
+        kick: CancellationToken,
+        reply: oneshot::Sender<Attached>,
+    },
+    Disconnect {
+        client_id: String,
+        conn_id: u64,
+        unacked: Vec<Delivery>,
+    },
+    Subscribe {
+        client_id: String,
+        filters: Vec<(String, u8)>,
+        reply: oneshot::Sender<(Vec<Delivery>, Option<oneshot::Receiver<()>>)>,
+    },
+    Unsubscribe {
+        client_id: String,
+        filters: Vec<String>,
+    },
+    Publish(Vec<Delivery>),
+    SendTo {
+        client_id: String,
+        delivery: Delivery,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+#[derive(Clone)]
+pub struct BrokerHandle {
+    tx: mpsc::Sender<Command>,
+    interest: Arc<Interest>,
+}
+
+/// Whether any local subscription exists, so a publish nobody can receive
+/// (and that keeps nothing retained) skips the actor: no hop, no wake-up.
+#[derive(Default)]
+struct Interest {
+    /// Subscriptions held (by the actor's count, after each change).
+    held: AtomicUsize,
+    /// Subscribe requests sent and not yet applied: a publish sent after a
+    /// subscribe request goes through the actor, after it.
+    pending: AtomicUsize,
+}
+
+impl Interest {
+    fn any(&self) -> bool {
+        self.held.load(Ordering::Acquire) + self.pending.load(Ordering::Acquire) > 0
+    }
+}
+
+impl BrokerHandle {
+    /// Attaches a session; an older connection with the same client id is
+    /// kicked. `expiry_secs`: how long the session outlives the connection.
+    pub async fn connect(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        expiry_secs: u32,
+        resume: bool,
+        outbox: mpsc::Sender<Delivery>,
+        kick: CancellationToken,
+    ) -> Option<Attached> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Connect {
+            client_id: client_id.to_string(),
+            conn_id,
+            expiry_secs,
+            resume,
+            outbox,
+            kick,
+            reply,
+        };
+        self.tx.send(cmd).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn disconnect(&self, client_id: &str, conn_id: u64, unacked: Vec<Delivery>) {
+        let cmd = Command::Disconnect {
+            client_id: client_id.to_string(),
+            conn_id,
+            unacked,
+        };
+        let _ = self.tx.send(cmd).await;
+    }
+
+    /// Adds subscriptions and returns the retained messages they match,
+    /// once the subscriptions of a persistent session are durable.
+    pub async fn subscribe(&self, client_id: &str, filters: Vec<(String, u8)>) -> Vec<Delivery> {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::Subscribe {
+            client_id: client_id.to_string(),
+            filters,
+            reply,
+        };
+        self.interest.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(cmd).await.is_err() {
+            self.interest.pending.fetch_sub(1, Ordering::AcqRel);
+            return Vec::new();
+        }
+        let (retained, durable) = rx.await.unwrap_or_default();
+        if let Some(durable) = durable {
+            let _ = durable.await;
+        }
+        retained
+    }
+
+    pub async fn unsubscribe(&self, client_id: &str, filters: Vec<String>) {
+        let cmd = Command::Unsubscribe {
+            client_id: client_id.to_string(),
+            filters,
+        };
+        let _ = self.tx.send(cmd).await;
+    }
+
+    pub async fn publish(&self, mut messages: Vec<Delivery>) {
+        if !self.interest.any() {
+            messages.retain(|m| m.retain);
+            if messages.is_empty() {
+                return;
+            }
+        }
+        let _ = self.tx.send(Command::Publish(messages)).await;
+    }
+
+    /// Sends a message the hub addresses to one client (an answer on its
+    /// own `$iothub/...`), if one of its subscriptions matches; a
+    /// persistent session away keeps it (at QoS 1), as for a publish.
+    /// Returns whether a connected client took it.
+    pub async fn send_to(&self, client_id: &str, delivery: Delivery) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let cmd = Command::SendTo {
+            client_id: client_id.to_string(),
+            delivery,
+            reply,
+        };
+        if self.tx.send(cmd).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+struct Client {
+    conn_id: u64,
+    expiry_secs: u32,
+    /// When its client went away (Unix ms); `None` while connected.
+    away_since_ms: Option<u64>,
+    outbox: Option<mpsc::Sender<Delivery>>,
+    kick: Option<CancellationToken>,
+    subscriptions: HashMap<String, u8>,
+    /// Messages kept while away, by sequence number (their order).
+    offline: BTreeMap<u64, Delivery>,
+}
+
+impl Client {
+    fn persistent(&self) -> bool {
+        self.expiry_secs != SESSION_ENDS
+    }
+
+    fn expired(&self, now_ms: u64) -> bool {
+        match self.away_since_ms {
+            Some(since) if self.expiry_secs != SESSION_NEVER_EXPIRES => {
+                now_ms >= since.saturating_add(u64::from(self.expiry_secs) * 1000)
+            }
+            _ => false,
+        }
+    }
+
+    fn stored(&self) -> StoredSession {
+        let mut subscriptions: Vec<_> = self
+            .subscriptions
+            .iter()
+            .map(|(f, q)| (f.clone(), *q))
+            .collect();
+        subscriptions.sort();
+        StoredSession {
+            subscriptions,
+            expiry_secs: self.expiry_secs,
+            away_since_ms: self.away_since_ms,
+        }
+    }
+}
+
+/// A message of a resumed session, lost with its connection before the
+/// client acknowledged it: it goes back into the session's queue.
+struct Requeue {
+    client_id: String,
+    /// The connection it was handed to.
+    conn_id: u64,
+    seq: u64,
+    delivery: Delivery,
+}
+
+struct Broker {
+    interest: Arc<Interest>,
+    clients: HashMap<String, Client>,
+    retained: HashMap<String, Delivery>,
+    retained_bytes: usize,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    /// Where what the broker keeps is written; `None`: kept in memory only.
+    journal: Option<Journal>,
+    requeue: mpsc::UnboundedSender<Requeue>,
+    /// The next queued message's sequence number (across all sessions).
+    next_seq: u64,
+}
+
+/// How often sessions away are checked for expiry.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
+
+/// Starts the broker actor, keeping everything in memory; it ends when
+/// every handle is dropped.
+pub fn spawn(
+    offline_cap: usize,
+    metrics: Arc<Metrics>,
+) -> (BrokerHandle, tokio::task::JoinHandle<()>) {
+    start(Limits::with_offline_queue(offline_cap), None, metrics)
+}
+
+/// Starts the broker actor with the sessions and retained messages the
+/// store kept, keeping them there as they change. The task ends when every
+/// handle is dropped and what the broker keeps is durable.
+pub fn spawn_durable(
+    limits: Limits,
+    store: &Store,
+    metrics: Arc<Metrics>,
+) -> Result<(BrokerHandle, tokio::task::JoinHandle<()>), JournalError> {
+    let (journal, restored, writer) = Journal::open(store, metrics.clone())?;
+    tracing::info!(
+        sessions = restored.sessions.len(),
+        queued = restored
+            .sessions
+            .iter()
+            .map(|s| s.queued.len())
+            .sum::<usize>(),
+        retained = restored.retained.len(),
+        "local broker state restored"
+    );
+    let (handle, actor) = start(limits, Some((journal, restored)), metrics);
+    let task = tokio::spawn(async move {
+        let _ = actor.await;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    });
+    Ok((handle, task))
+}
+
+fn start(
+    limits: Limits,
+    durable: Option<(Journal, Restored)>,
+    metrics: Arc<Metrics>,
+) -> (BrokerHandle, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel(4096);
+    let (requeue, mut requeued) = mpsc::unbounded_channel();
+    let interest = Arc::new(Interest::default());
+    let mut broker = Broker {
+        interest: interest.clone(),
+        clients: HashMap::new(),
+        retained: HashMap::new(),
+        retained_bytes: 0,
+        limits,
+        metrics,
+        journal: None,
+        requeue,
+        next_seq: 1,
+    };
+    if let Some((journal, restored)) = durable {
+        broker.restore(restored);
+        broker.journal = Some(journal);
+    }
+    let held = broker.clients.values().map(|c| c.subscriptions.len()).sum();
+    broker.interest.held.store(held, Ordering::Release);
+    let join = tokio::spawn(async move {
+        let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
+        loop {
+            let cmd = tokio::select! {
+                biased;
+                Some(lost) = requeued.recv() => {
+                    broker.requeue(lost);
+                    continue;
+                }
+                _ = sweep.tick() => {
+                    broker.expire(crate::store::now_ms());
+                    continue;
+                }
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+            };
+            let changes = !matches!(cmd, Command::Publish(_) | Command::SendTo { .. });
+            let subscribing = matches!(cmd, Command::Subscribe { .. });
+            broker.handle(cmd);
+            if changes {
+                let held = broker.clients.values().map(|c| c.subscriptions.len()).sum();
+                broker.interest.held.store(held, Ordering::Release);
+            }
+            if subscribing {
+                broker.interest.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    });
+    (BrokerHandle { tx, interest }, join)
+}
+
+impl Broker {
+    fn record(&self, change: Change) {
+        if let Some(journal) = &self.journal {
+            journal.record(change);
+        }
+    }
+
+    /// Takes back what the store kept: every session away (a session that
+    /// was connected when the hub stopped is away since now).
+    fn restore(&mut self, restored: Restored) {
+        let now = crate::store::now_ms();
+        for durable::RestoredSession {
+            client_id,
+            session,
+            queued,
+        } in restored.sessions
+        {
+            if let Some((last, _)) = queued.last() {
+                self.next_seq = self.next_seq.max(last + 1);
+            }
+            let client = Client {
+                conn_id: 0,
+                expiry_secs: session.expiry_secs,
+                away_since_ms: Some(session.away_since_ms.unwrap_or(now)),
+                outbox: None,
+                kick: None,
+                subscriptions: session.subscriptions.into_iter().collect(),
+                offline: queued.into_iter().collect(),
+            };
+            self.clients.insert(client_id, client);
+        }
+        for message in restored.retained {
+            self.retained_bytes += message.topic.len() + message.payload.len();
+            self.retained.insert(message.topic.clone(), message);
+        }
+        self.expire(now);
+    }
+
+    /// Ends every session whose client has been away longer than its expiry.
+    fn expire(&mut self, now_ms: u64) {
+        let expired: Vec<String> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.expired(now_ms))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for client_id in expired {
+            if let Some(client) = self.clients.remove(&client_id) {
+                tracing::info!(client = %client_id, queued = client.offline.len(), "persistent session expired");
+            }
+            self.record(Change::Session(client_id, None));
+        }
+    }
+
+    fn requeue(&mut self, lost: Requeue) {
+        let Some(client) = self.clients.get_mut(&lost.client_id) else {
+            return;
+        };
+        if !client.persistent() {
+            return;
+        }
+        match &client.outbox {
+            Some(outbox) if client.conn_id != lost.conn_id => {
+                // A newer connection took the session over: it gets it now
+                // (it stays stored until acknowledged).
+                let receipt = resumed_receipt(
+                    &self.journal,
+                    &self.requeue,
+                    &lost.client_id,
+                    client.conn_id,
+                    lost.seq,
+                    &lost.delivery,
+                );
+                let delivery = Delivery {
+                    receipt,
+                    ..lost.delivery
+                };
+                if outbox.try_send(delivery).is_err() {
+                    self.metrics.messages_dropped(DropReason::SlowSubscriber, 1);
+                }
+            }
+            // Away, or lost by the connection it was handed to: it waits
+            // for the session's next resumption.
+            _ => {
+                client.offline.insert(lost.seq, lost.delivery);
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Connect {
+                client_id,
+                conn_id,
+                expiry_secs,
+                resume,
+                outbox,
+                kick,
+                reply,
+            } => {
+                let previous = self.clients.remove(&client_id);
+                if let Some(old) = previous.as_ref().and_then(|c| c.kick.as_ref()) {
+                    old.cancel();
+                }
+                let now = crate::store::now_ms();
+                let kept = previous.filter(|old| old.persistent() && !old.expired(now));
+                let had_stored = kept.is_some();
+                let (session_present, subscriptions, offline) = match kept {
+                    Some(old) if resume => (true, old.subscriptions, old.offline),
+                    _ => (false, HashMap::new(), BTreeMap::new()),
+                };
+                if had_stored && !session_present {
+                    self.record(Change::Session(client_id.clone(), None));
+                }
+                let client = Client {
+                    conn_id,
+                    expiry_secs,
+                    away_since_ms: None,
+                    outbox: Some(outbox),
+                    kick: Some(kick),
+                    subscriptions,
+                    offline: BTreeMap::new(),
+                };
+                if client.persistent() {
+                    self.record(Change::Session(client_id.clone(), Some(client.stored())));
+                } else if session_present {
+                    // Resumed, but ends with this connection: nothing is kept.
+                    self.record(Change::Session(client_id.clone(), None));
+                }
+                // A message kept for the session stays stored until the
+                // client acknowledges it.
+                let queued = offline
+                    .into_iter()
+                    .map(|(seq, d)| {
+                        let receipt = if client.persistent() {
+                            resumed_receipt(
+                                &self.journal,
+                                &self.requeue,
+                                &client_id,
+                                conn_id,
+                                seq,
+                                &d,
+                            )
+                        } else {
+                            None
+                        };
+                        Delivery { receipt, ..d }
+                    })
+                    .collect();
+                self.clients.insert(client_id, client);
+                let _ = reply.send(Attached {
+                    session_present,
+                    queued,
+                });
+            }
+            Command::Disconnect {
+                client_id,
+                conn_id,
+                unacked,
+            } => {
+                let Some(client) = self.clients.get_mut(&client_id) else {
+                    return;
+                };
+                if client.conn_id != conn_id {
+                    return; // already taken over by a newer connection
+                }
+                if client.persistent() {
+                    client.outbox = None;
+                    client.kick = None;
+                    client.away_since_ms = Some(crate::store::now_ms());
+                    let stored = client.stored();
+                    if let Some(journal) = &self.journal {
+                        journal.record(Change::Session(client_id.clone(), Some(stored)));
+                    }
+                    // Sent before and not acknowledged (those with a
+                    // receipt come back through their owner).
+                    for p in unacked.into_iter().filter(|p| p.receipt.is_none()) {
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        let p = Delivery { dup: true, ..p };
+                        if let Some(journal) = &self.journal {
+                            journal.record(Change::Queued(client_id.clone(), seq, Some(p.clone())));
+                        }
+                        client.offline.insert(seq, p);
+                    }
+                } else {
+                    self.clients.remove(&client_id);
+                }
+            }
+            Command::Subscribe {
+                client_id,
+                filters,
+                reply,
+            } => {
+                let mut retained = Vec::new();
+                let mut durable = None;
+                if let Some(client) = self.clients.get_mut(&client_id) {
+                    for (filter, qos) in filters {
+                        for (topic, msg) in &self.retained {
+                            if topic::matches(&filter, topic) {
+                                retained.push(Delivery {
+                                    qos: msg.qos.min(qos),
+                                    ..msg.clone()
+                                });
+                            }
+                        }
+                        client.subscriptions.insert(filter, qos);
+                    }
+                    if let (true, Some(journal)) = (client.persistent(), &self.journal) {
+                        journal.record(Change::Session(client_id.clone(), Some(client.stored())));
+                        durable = Some(journal.barrier());
+                    }
+                }
+                let _ = reply.send((retained, durable));
+            }
+            Command::Unsubscribe { client_id, filters } => {
+                if let Some(client) = self.clients.get_mut(&client_id) {
+                    for f in filters {
+                        client.subscriptions.remove(&f);
+                    }
+                    if client.persistent() {
+                        let stored = client.stored();
+                        self.record(Change::Session(client_id, Some(stored)));
+                    }
+                }
+            }
+            Command::Publish(messages) => {
+                for msg in messages {
+                    if msg.topic.starts_with(iothub::ROOT) {
+                        // Sessions answer `$iothub` themselves; nothing
+                        // there is shared between clients.
+                        tracing::error!(topic = %msg.topic, "a publish on $iothub reached the local broker; not delivered");
+                        continue;
+                    }
+                    self.publish(msg);
+                }
+            }
+            Command::SendTo {
+                client_id,
+                delivery,
+                reply,
+            } => {
+                let taken = match self.clients.get_mut(&client_id) {
+                    Some(client) => deliver(
+                        &client_id,
+                        client,
+                        delivery,
+                        &mut self.next_seq,
+                        &self.journal,
+                        self.limits.offline_queue,
+                        &self.metrics,
+                    ),
+                    None => false,
+                };
+                let _ = reply.send(taken);
+            }
+        }
+    }
+
+    fn publish(&mut self, msg: Delivery) {
+        if msg.retain {
+            self.retain(&msg);
+        }
+        for (client_id, client) in self.clients.iter_mut() {
+            let _ = deliver(
+                client_id,
+                client,
+                msg.clone(),
+                &mut self.next_seq,
+                &self.journal,
+                self.limits.offline_queue,
+                &self.metrics,
+            );
+        }
+    }
+
+    /// Keeps (or clears, for an empty payload) the retained message of
+    /// `msg.topic`, within the limits.
+    fn retain(&mut self, msg: &Delivery) {
+        let size = |m: &Delivery| m.topic.len() + m.payload.len();
+        let old = self.retained.get(&msg.topic).map(size);
+        if msg.payload.is_empty() {
+            if let Some(old) = old {
+                self.retained.remove(&msg.topic);
+                self.retained_bytes -= old;
+                self.record(Change::Retained(msg.topic.clone(), None));
+            }
+            return;
+        }
+        let bytes = self.retained_bytes - old.unwrap_or(0) + size(msg);
+        let count = self.retained.len() + usize::from(old.is_none());
+        if count > self.limits.retained_messages || bytes > self.limits.retained_bytes {
+            tracing::warn!(
+                topic = %msg.topic,
+                retained = self.retained.len(),
+                bytes = self.retained_bytes,
+                "retained messages are at their limit: this one is delivered, not kept"
+            );
+            return;
+        }
+        self.retained_bytes = bytes;
+        let kept = Delivery {
+            receipt: None,
+            dup: false,
+            ..msg.clone()
+        };
+        self.record(Change::Retained(msg.topic.clone(), Some(kept.clone())));
+        self.retained.insert(msg.topic.clone(), kept);
+    }
+}
+
+/// The receipt of a kept message handed to its resumed session: the
+/// client's acknowledgement removes it from the store; losing it with the
+/// connection puts it back into the session's queue.
+fn resumed_receipt(
+    journal: &Option<Journal>,
+    requeue: &mpsc::UnboundedSender<Requeue>,
+    client_id: &str,
+    conn_id: u64,
+    seq: u64,
+    delivery: &Delivery,
+) -> Option<Receipt> {
+    let journal = journal.clone()?;
+    let requeue = requeue.clone();
+    let client_id = client_id.to_string();
+    let again = Delivery {
+        dup: true,
+        receipt: None,
+        ..delivery.clone()
+    };
+    Some(Receipt::new(move |acknowledged| {
+        if acknowledged {
+            journal.record(Change::Queued(client_id.clone(), seq, None));
+        } else {
+            let _ = requeue.send(Requeue {
+                client_id: client_id.clone(),
+                conn_id,
+                seq,
+                delivery: again.clone(),
+            });
+        }
+    }))
+}
+
+/// Hands `msg` to a client at the QoS its best matching subscription
+/// grants; nothing when none matches. Returns whether the connected client
+/// took it.
+fn deliver(
+    client_id: &str,
+    client: &mut Client,
+    msg: Delivery,
+    next_seq: &mut u64,
+    journal: &Option<Journal>,
+    offline_cap: usize,
+    metrics: &Metrics,
+) -> bool {
+    let granted = client
+        .subscriptions
+        .iter()
+        .filter(|(f, _)| topic::matches(f, &msg.topic))
+        .map(|(_, q)| *q)
+        .max();
+    let Some(granted) = granted else {
+        return false;
+    };
+    let out = Delivery {
+        qos: msg.qos.min(granted),
+        retain: false,
+        dup: false,
+        ..msg
+    };
+    let Some(outbox) = &client.outbox else {
+        // Away: a persistent session keeps QoS 1 messages (not those with
+        // a receipt: their owner delivers them again).
+        if out.qos > 0 && out.receipt.is_none() {
+            if client.offline.len() >= offline_cap {
+                if let Some((oldest, _)) = client.offline.pop_first() {
+                    if let Some(journal) = journal {
+                        journal.record(Change::Queued(client_id.to_string(), oldest, None));
+                    }
+                }
+                metrics.messages_dropped(DropReason::OfflineQueueFull, 1);
+            }
+            let seq = *next_seq;
+            *next_seq += 1;
+            if let Some(journal) = journal {
+                journal.record(Change::Queued(
+                    client_id.to_string(),
+                    seq,
+                    Some(out.clone()),
+                ));
+            }
+            client.offline.insert(seq, out);
+        }
+        return false;
+    };
+    if outbox.try_send(out).is_err() {
+        metrics.messages_dropped(DropReason::SlowSubscriber, 1);
+        return false;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(topic: &str, retain: bool) -> Delivery {
+        Delivery {
+            topic: topic.into(),
+            payload: Bytes::from_static(b"x"),
+            qos: 1,
+            retain,
+            dup: false,
+            receipt: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn with_no_subscriber_only_retained_messages_are_kept_and_a_new_subscription_is_served_at_once(
+    ) {
+        let (broker, task) = spawn(16, Arc::default());
+        broker
+            .publish(vec![delivery("a/1", false), delivery("a/r", true)])
+            .await;
+        let (outbox, mut inbox) = mpsc::channel(16);
+        broker
+            .connect(
+                "c",
+                1,
+                SESSION_ENDS,
+                false,
+                outbox,
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        let retained = broker.subscribe("c", vec![("a/#".into(), 1)]).await;
+        assert_eq!(
+            retained
+                .iter()
+                .map(|d| d.topic.as_str())
+                .collect::<Vec<_>>(),
+            ["a/r"],
+            "the retained message was kept though nobody listened"
+        );
+        broker.publish(vec![delivery("a/2", false)]).await;
+        assert_eq!(inbox.recv().await.unwrap().topic, "a/2");
+        broker.unsubscribe("c", vec!["a/#".into()]).await;
+        broker.publish(vec![delivery("a/3", false)]).await;
+        broker.disconnect("c", 1, Vec::new()).await;
+        drop(broker);
+        task.await.unwrap();
+        assert!(
+            inbox.recv().await.is_none(),
+            "nothing after the unsubscribe"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_iothub_publish_reaches_nobody_and_an_answer_reaches_only_its_client() {
+        let (broker, task) = spawn(16, Arc::default());
+        let mut inboxes = Vec::new();
+        for (conn, c) in ["a", "b"].into_iter().enumerate() {
+            let (outbox, inbox) = mpsc::channel(16);
+            broker
+                .connect(
+                    c,
+                    conn as u64,
+                    SESSION_ENDS,
+                    false,
+                    outbox,
+                    CancellationToken::new(),
+                )
+                .await
+                .unwrap();
+            broker
+                .subscribe(c, vec![("$iothub/twin/res/#".into(), 1)])
+                .await;
+            inboxes.push(inbox);
+        }
+        broker
+            .publish(vec![delivery("$iothub/twin/res/200/?$rid=1", true)])
+            .await;
+        assert!(
+            broker
+                .send_to("a", delivery("$iothub/twin/res/200/?$rid=2", false))
+                .await
+        );
+        assert!(
+            !broker
+                .send_to("b", delivery("$iothub/other/?$rid=3", false))
+                .await,
+            "no subscription of b matches"
+        );
+        assert!(
+            !broker
+                .send_to("nobody", delivery("$iothub/twin/res/200/?$rid=4", false))
+                .await
+        );
+        drop(broker);
+        task.await.unwrap();
+        let a: Vec<_> = std::iter::from_fn(|| inboxes[0].try_recv().ok()).collect();
+        let b: Vec<_> = std::iter::from_fn(|| inboxes[1].try_recv().ok()).collect();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].topic, "$iothub/twin/res/200/?$rid=2");
+        assert!(
+            b.is_empty(),
+            "b got {b:?}: not its answer, nor one it subscribed to"
+        );
+    }
+
+    async fn attach(
+        broker: &BrokerHandle,
+        id: &str,
+        conn: u64,
+        expiry: u32,
+    ) -> (Attached, mpsc::Receiver<Delivery>) {
+        let (outbox, inbox) = mpsc::channel(16);
+        let attached = broker
+            .connect(id, conn, expiry, true, outbox, CancellationToken::new())
+            .await
+            .unwrap();
+        (attached, inbox)
+    }
+
+    #[tokio::test]
+    async fn a_persistent_session_and_a_retained_message_outlive_the_broker_and_a_kept_message_leaves_the_store_once_acknowledged(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let limits = Limits::with_offline_queue(16);
+        let metrics = Arc::new(Metrics::default());
+        {
+            let (broker, task) = spawn_durable(limits, &store, metrics.clone()).unwrap();
+            let (attached, _inbox) = attach(&broker, "c", 1, 3600).await;
+            assert!(!attached.session_present);
+            broker.subscribe("c", vec![("a/#".into(), 1)]).await;
+            broker.disconnect("c", 1, Vec::new()).await;
+            broker
+                .publish(vec![
+                    delivery("a/1", false),
+                    delivery("a/2", false),
+                    delivery("a/r", true),
+                ])
+                .await;
+            drop(broker);
+            task.await.unwrap();
+        }
+        let (broker, task) = spawn_durable(limits, &store, metrics.clone()).unwrap();
+        let (attached, _inbox) = attach(&broker, "c", 2, 3600).await;
+        assert!(attached.session_present, "the session was not kept");
+        let topics: Vec<_> = attached.queued.iter().map(|d| d.topic.as_str()).collect();
+        assert_eq!(topics, ["a/1", "a/2", "a/r"], "kept messages, in order");
+        let mut queued = attached.queued.into_iter();
+        queued.next().unwrap().receipt.unwrap().acknowledged();
+        // The other two are lost with the connection: they go back.
+        drop(queued);
+        broker.disconnect("c", 2, Vec::new()).await;
+        let retained = broker.subscribe("c", vec![("a/r".into(), 1)]).await;
+        drop(retained);
+        drop(broker);
+        task.await.unwrap();
+
+        let (broker, task) = spawn_durable(limits, &store, metrics).unwrap();
+        let (attached, _inbox) = attach(&broker, "c", 3, 3600).await;
+        let topics: Vec<_> = attached.queued.iter().map(|d| d.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["a/2", "a/r"],
+            "the acknowledged one left the store"
+        );
+        let (_, _new_inbox) = attach(&broker, "other", 4, SESSION_ENDS).await;
+        let retained = broker.subscribe("other", vec![("a/#".into(), 1)]).await;
+        assert_eq!(
+            retained.len(),
+            1,
+            "the retained message outlived two restarts"
+        );
+        drop(attached);
+        drop(broker);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_clean_start_or_an_expired_session_leaves_nothing_to_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let limits = Limits::with_offline_queue(16);
+        let (broker, task) = spawn_durable(limits, &store, Arc::default()).unwrap();
+        for (id, expiry) in [("clean", 3600), ("brief", 1)] {
+            attach(&broker, id, 1, expiry).await;
+            broker.subscribe(id, vec![("a/#".into(), 1)]).await;
+            broker.disconnect(id, 1, Vec::new()).await;
+        }
+        broker.publish(vec![delivery("a/1", false)]).await;
+        // A clean start throws the kept session away.
+        let (outbox, _inbox) = mpsc::channel(16);
+        let attached = broker
+            .connect(
+                "clean",
+                2,
+                SESSION_ENDS,
+                false,
+                outbox,
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        assert!(!attached.session_present && attached.queued.is_empty());
+        drop(broker);
+        task.await.unwrap();
+
+        let (broker, task) = spawn_durable(limits, &store, Arc::default()).unwrap();
+        let (attached, _inbox) = attach(&broker, "clean", 3, 3600).await;
+        assert!(
+            !attached.session_present,
+            "a clean start's session came back"
+        );
+        let mut broker_state = Broker {
+            interest: Arc::default(),
+            clients: HashMap::new(),
+            retained: HashMap::new(),
+            retained_bytes: 0,
+            limits,
+            metrics: Arc::default(),
+            journal: None,
+            requeue: mpsc::unbounded_channel().0,
+            next_seq: 1,
+        };
+        let brief = Client {
+            conn_id: 0,
+            expiry_secs: 1,
+            away_since_ms: Some(1_000),
+            outbox: None,
+            kick: None,
+            subscriptions: HashMap::new(),
+            offline: BTreeMap::new(),
+        };
+        assert!(!brief.expired(1_999) && brief.expired(2_000));
+        broker_state.clients.insert("brief".into(), brief);
+        broker_state.expire(2_000);
+        assert!(
+            broker_state.clients.is_empty(),
+            "the expired session stayed"
+        );
+        drop(broker);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn retained_messages_past_their_limit_are_delivered_but_not_kept() {
+        let limits = Limits {
+            offline_queue: 4,
+            retained_messages: 2,
+            retained_bytes: 1 << 20,
+        };
+        let (broker, task) = start(limits, None, Arc::default());
+        broker
+            .publish(vec![
+                delivery("r/1", true),
+                delivery("r/2", true),
+                delivery("r/3", true),
+                delivery("r/1", true),
+            ])
+            .await;
+        let (_, mut inbox) = attach(&broker, "c", 1, SESSION_ENDS).await;
+        let retained = broker.subscribe("c", vec![("r/#".into(), 1)]).await;
+        let mut topics: Vec<_> = retained.iter().map(|d| d.topic.clone()).collect();
+        topics.sort();
+        assert_eq!(
+            topics,
+            ["r/1", "r/2"],
+            "a replaced topic fits; a third does not"
+        );
+        broker.publish(vec![delivery("r/4", true)]).await;
+        assert_eq!(
+            inbox.recv().await.unwrap().topic,
+            "r/4",
+            "delivered all the same"
+        );
+        drop(broker);
+        task.await.unwrap();
+    }
+}
