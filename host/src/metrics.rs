@@ -106,6 +106,7 @@ pub struct Metrics {
     upstream_reconnects: Counter,
     scope_identities: Gauge,
     auth_refused: Counter,
+    connections_refused: Counter,
     authz_refused: Counter,
     plugin_calls: Counter,
     plugin_failures: Family<PluginLabels, Counter>,
@@ -161,6 +162,7 @@ impl Metrics {
             upstream_reconnects: reg(&mut r, "upstream_reconnects", "Connections to the upstream broker made after the first one"),
             scope_identities: reg(&mut r, "scope_identities", "Identities in the device scope (0: no scope yet)"),
             auth_refused: reg(&mut r, "auth_refused", "Connections refused by authentication"),
+            connections_refused: reg(&mut r, "connections_refused", "Connections refused because the hub served max_connections clients already"),
             authz_refused: reg(&mut r, "authz_refused", "Publishes and subscriptions refused by authorization"),
             plugin_calls: reg(&mut r, "plugin_calls", "Messages handed to Wasm plugins"),
             plugin_failures: reg(&mut r, "plugin_failures", "Plugin calls that failed (timeout, memory, trap, bad result, not loaded), by plugin; each instance is replaced"),
@@ -212,6 +214,9 @@ impl Metrics {
     }
     pub fn authz_refused(&self, n: u64) {
         self.authz_refused.inc_by(n);
+    }
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
     pub fn auth_refused(&self, n: u64) {
         self.auth_refused.inc_by(n);

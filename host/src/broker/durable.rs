@@ -38,6 +38,9 @@ pub struct StoredSession {
     pub expiry_secs: u32,
     /// When its client went away (Unix ms); `None`: connected when written.
     pub away_since_ms: Option<u64>,
+    /// Packet ids of QoS 2 deliveries waiting for PUBCOMP (PUBREL goes again).
+    #[serde(default)]
+    pub released: Vec<u16>,
 }
 
 /// One change the broker makes to what it keeps.
@@ -352,6 +355,7 @@ mod tests {
                 subscriptions: vec![("a/#".into(), 1)],
                 expiry_secs: 60,
                 away_since_ms: Some(5),
+                released: vec![7],
             };
             journal.record(Change::Session("c1".into(), Some(session)));
             journal.record(Change::Queued("c1".into(), 2, Some(message("a/2", b"two"))));
@@ -380,6 +384,7 @@ mod tests {
         assert_eq!(kept.client_id, "c1");
         assert_eq!(kept.session.subscriptions, vec![("a/#".to_string(), 1)]);
         assert_eq!(kept.session.away_since_ms, Some(5));
+        assert_eq!(kept.session.released, vec![7]);
         let order: Vec<_> = kept
             .queued
             .iter()
@@ -400,6 +405,7 @@ mod tests {
                     subscriptions: vec![],
                     expiry_secs: u32::MAX,
                     away_since_ms: None,
+                    released: Vec::new(),
                 };
                 journal.record(Change::Session(client.into(), Some(session)));
                 journal.record(Change::Queued(client.into(), 1, Some(message("t", b"x"))));

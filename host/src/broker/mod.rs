@@ -111,7 +111,14 @@ pub struct Attached {
     pub session_present: bool,
     /// Messages kept while the persistent session was away, oldest first.
     pub queued: Vec<Delivery>,
+    /// QoS 2 deliveries the client received and was told to release
+    /// (PUBREL sent), not yet completed: their packet ids get PUBREL again.
+    pub released: Vec<Released>,
 }
+
+/// The packet id of a QoS 2 delivery waiting for its PUBCOMP, with its
+/// receipt when its owner keeps it.
+pub type Released = (u16, Option<Receipt>);
 
 /// How much the broker keeps.
 #[derive(Debug, Clone, Copy)]
@@ -156,6 +163,7 @@ enum Command {
         client_id: String,
         conn_id: u64,
         unacked: Vec<Delivery>,
+        released: Vec<Released>,
     },
     Subscribe {
         client_id: String,
@@ -223,11 +231,20 @@ impl BrokerHandle {
         rx.await.ok()
     }
 
-    pub async fn disconnect(&self, client_id: &str, conn_id: u64, unacked: Vec<Delivery>) {
+    /// Detaches a session; a persistent one keeps `unacked` (sent again)
+    /// and `released` (their PUBREL sent again) for its next connection.
+    pub async fn disconnect(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        unacked: Vec<Delivery>,
+        released: Vec<Released>,
+    ) {
         let cmd = Command::Disconnect {
             client_id: client_id.to_string(),
             conn_id,
             unacked,
+            released,
         };
         let _ = self.tx.send(cmd).await;
     }
@@ -299,6 +316,8 @@ struct Client {
     subscriptions: HashMap<String, u8>,
     /// Messages kept while away, by sequence number (their order).
     offline: BTreeMap<u64, Delivery>,
+    /// QoS 2 deliveries waiting for PUBCOMP while away.
+    released: Vec<Released>,
 }
 
 impl Client {
@@ -326,6 +345,7 @@ impl Client {
             subscriptions,
             expiry_secs: self.expiry_secs,
             away_since_ms: self.away_since_ms,
+            released: self.released.iter().map(|(pkid, _)| *pkid).collect(),
         }
     }
 }
@@ -479,6 +499,7 @@ impl Broker {
                 kick: None,
                 subscriptions: session.subscriptions.into_iter().collect(),
                 offline: queued.into_iter().collect(),
+                released: session.released.into_iter().map(|p| (p, None)).collect(),
             };
             self.clients.insert(client_id, client);
         }
@@ -558,9 +579,9 @@ impl Broker {
                 let now = crate::store::now_ms();
                 let kept = previous.filter(|old| old.persistent() && !old.expired(now));
                 let had_stored = kept.is_some();
-                let (session_present, subscriptions, offline) = match kept {
-                    Some(old) if resume => (true, old.subscriptions, old.offline),
-                    _ => (false, HashMap::new(), BTreeMap::new()),
+                let (session_present, subscriptions, offline, released) = match kept {
+                    Some(old) if resume => (true, old.subscriptions, old.offline, old.released),
+                    _ => (false, HashMap::new(), BTreeMap::new(), Vec::new()),
                 };
                 if had_stored && !session_present {
                     self.record(Change::Session(client_id.clone(), None));
@@ -573,6 +594,7 @@ impl Broker {
                     kick: Some(kick),
                     subscriptions,
                     offline: BTreeMap::new(),
+                    released: Vec::new(),
                 };
                 if client.persistent() {
                     self.record(Change::Session(client_id.clone(), Some(client.stored())));
@@ -604,12 +626,14 @@ impl Broker {
                 let _ = reply.send(Attached {
                     session_present,
                     queued,
+                    released,
                 });
             }
             Command::Disconnect {
                 client_id,
                 conn_id,
                 unacked,
+                released,
             } => {
                 let Some(client) = self.clients.get_mut(&client_id) else {
                     return;
@@ -621,6 +645,7 @@ impl Broker {
                     client.outbox = None;
                     client.kick = None;
                     client.away_since_ms = Some(crate::store::now_ms());
+                    client.released = released;
                     let stored = client.stored();
                     if let Some(journal) = &self.journal {
                         journal.record(Change::Session(client_id.clone(), Some(stored)));
@@ -901,7 +926,7 @@ mod tests {
         assert_eq!(inbox.recv().await.unwrap().topic, "a/2");
         broker.unsubscribe("c", vec!["a/#".into()]).await;
         broker.publish(vec![delivery("a/3", false)]).await;
-        broker.disconnect("c", 1, Vec::new()).await;
+        broker.disconnect("c", 1, Vec::new(), Vec::new()).await;
         drop(broker);
         task.await.unwrap();
         assert!(
@@ -989,7 +1014,7 @@ mod tests {
             let (attached, _inbox) = attach(&broker, "c", 1, 3600).await;
             assert!(!attached.session_present);
             broker.subscribe("c", vec![("a/#".into(), 1)]).await;
-            broker.disconnect("c", 1, Vec::new()).await;
+            broker.disconnect("c", 1, Vec::new(), Vec::new()).await;
             broker
                 .publish(vec![
                     delivery("a/1", false),
@@ -1009,7 +1034,7 @@ mod tests {
         queued.next().unwrap().receipt.unwrap().acknowledged();
         // The other two are lost with the connection: they go back.
         drop(queued);
-        broker.disconnect("c", 2, Vec::new()).await;
+        broker.disconnect("c", 2, Vec::new(), Vec::new()).await;
         let retained = broker.subscribe("c", vec![("a/r".into(), 1)]).await;
         drop(retained);
         drop(broker);
@@ -1044,7 +1069,7 @@ mod tests {
         for (id, expiry) in [("clean", 3600), ("brief", 1)] {
             attach(&broker, id, 1, expiry).await;
             broker.subscribe(id, vec![("a/#".into(), 1)]).await;
-            broker.disconnect(id, 1, Vec::new()).await;
+            broker.disconnect(id, 1, Vec::new(), Vec::new()).await;
         }
         broker.publish(vec![delivery("a/1", false)]).await;
         // A clean start throws the kept session away.
@@ -1089,6 +1114,7 @@ mod tests {
             kick: None,
             subscriptions: HashMap::new(),
             offline: BTreeMap::new(),
+            released: Vec::new(),
         };
         assert!(!brief.expired(1_999) && brief.expired(2_000));
         broker_state.clients.insert("brief".into(), brief);

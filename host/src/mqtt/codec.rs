@@ -76,7 +76,11 @@ pub enum Inbound {
         filters: Vec<String>,
     },
     PingReq,
-    Disconnect,
+    /// A normal end; `with_will`: MQTT 5 reason 0x04, the will goes out
+    /// all the same.
+    Disconnect {
+        with_will: bool,
+    },
 }
 
 /// Why a CONNECT is refused; mapped to each version's code.
@@ -86,6 +90,8 @@ pub enum ConnAckCode {
     UnsupportedProtocol,
     BadClientId,
     ServerUnavailable,
+    /// At the connection limit (5: quota exceeded; 3.1.1: server unavailable).
+    Busy,
     BadCredentials,
     NotAuthorized,
 }
@@ -284,6 +290,19 @@ impl Codec {
                 }),
                 Err(e) => Err(malformed(e)),
             },
+            // MQTT 5 3.14.2.1: a DISCONNECT may end after its fixed header
+            // (reason 0x00) or its reason (no properties); the codec wants
+            // more.
+            Protocol::V5 if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] <= 1 => {
+                let len = 2 + buf[1] as usize;
+                if buf.len() < len {
+                    return Ok(None);
+                }
+                let packet = buf.split_to(len);
+                Ok(Some(Inbound::Disconnect {
+                    with_will: packet.get(2) == Some(&0x04),
+                }))
+            }
             Protocol::V5 => match v5::Packet::read(buf, Some(self.max_size as u32)) {
                 Ok(p) => from_v5(p).map(Some),
                 Err(m5::Error::InsufficientBytes(_)) => Ok(None),
@@ -356,7 +375,7 @@ fn from_v4(p: v4::Packet) -> Result<Inbound, CodecError> {
             filters: u.topics,
         },
         v4::Packet::PingReq => Inbound::PingReq,
-        v4::Packet::Disconnect => Inbound::Disconnect,
+        v4::Packet::Disconnect => Inbound::Disconnect { with_will: false },
         v4::Packet::Connect(_) => return Err(CodecError::Unexpected("a second CONNECT")),
         _ => return Err(CodecError::Unexpected("a server-to-client packet")),
     })
@@ -390,7 +409,9 @@ fn from_v5(p: v5::Packet) -> Result<Inbound, CodecError> {
             filters: u.filters,
         },
         v5::Packet::PingReq(_) => Inbound::PingReq,
-        v5::Packet::Disconnect(_) => Inbound::Disconnect,
+        v5::Packet::Disconnect(d) => Inbound::Disconnect {
+            with_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+        },
         v5::Packet::Connect(..) => return Err(CodecError::Unexpected("a second CONNECT")),
         v5::Packet::Auth(_) => {
             return Err(CodecError::Unexpected(
@@ -412,7 +433,9 @@ fn to_v4(p: Outbound) -> Option<v4::Packet> {
                 ConnAckCode::Success => v4::ConnectReturnCode::Success,
                 ConnAckCode::UnsupportedProtocol => v4::ConnectReturnCode::RefusedProtocolVersion,
                 ConnAckCode::BadClientId => v4::ConnectReturnCode::BadClientId,
-                ConnAckCode::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                ConnAckCode::ServerUnavailable | ConnAckCode::Busy => {
+                    v4::ConnectReturnCode::ServiceUnavailable
+                }
                 ConnAckCode::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
                 ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
             },
@@ -469,6 +492,7 @@ fn to_v5(p: Outbound) -> v5::Packet {
                 }
                 ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnAckCode::ServerUnavailable => v5::ConnectReturnCode::ServerUnavailable,
+                ConnAckCode::Busy => v5::ConnectReturnCode::QuotaExceeded,
                 ConnAckCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                 ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
             },
@@ -597,6 +621,25 @@ mod tests {
             );
             assert!(b.is_empty());
         }
+    }
+
+    #[test]
+    fn an_mqtt5_disconnect_of_length_zero_is_a_normal_end_and_reason_4_keeps_the_will() {
+        let v5 = Codec {
+            protocol: Protocol::V5,
+            max_size: 1024,
+        };
+        let mut b = BytesMut::from(&[0xE0, 0x00, 0xC0, 0x00][..]);
+        assert!(matches!(
+            v5.read(&mut b),
+            Ok(Some(Inbound::Disconnect { with_will: false }))
+        ));
+        assert!(matches!(v5.read(&mut b), Ok(Some(Inbound::PingReq))));
+        let mut b = BytesMut::from(&[0xE0, 0x01, 0x04][..]);
+        assert!(matches!(
+            v5.read(&mut b),
+            Ok(Some(Inbound::Disconnect { with_will: true }))
+        ));
     }
 
     #[test]

@@ -168,6 +168,38 @@ pub async fn serve<S>(
     session.finish(&end).await;
 }
 
+/// Answers a connection beyond the hub's limit: its CONNECT gets a refusal
+/// (3.1.1: 0x03 server unavailable; 5: 0x97 quota exceeded) at once, then
+/// the connection is closed.
+pub async fn refuse_busy<S>(mut stream: S, peer: String, limit: usize, ctx: Arc<SessionContext>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(512);
+    let connect = read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await;
+    ctx.metrics.connection_refused();
+    let Ok(connect) = connect else {
+        tracing::warn!(%peer, limit, "connection closed: the hub serves max_connections clients already");
+        return;
+    };
+    tracing::warn!(%peer, client = %connect.client_id, limit, "CONNECT refused: the hub serves max_connections clients already");
+    let codec = codec::Codec {
+        protocol: connect.protocol,
+        max_size: usize::MAX,
+    };
+    let mut out = BytesMut::new();
+    codec.write(
+        Outbound::ConnAck {
+            code: ConnAckCode::Busy,
+            session_present: false,
+            assigned_client_id: None,
+        },
+        &mut out,
+    );
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
 fn disconnect_reason(end: &SessionEnd) -> Option<DisconnectReason> {
     Some(match end {
         SessionEnd::KeepAlive => DisconnectReason::KeepAliveTimeout,
@@ -218,13 +250,27 @@ struct Session {
     pending: VecDeque<Pending>,
     /// QoS 2 packet ids received and not yet released by PUBREL.
     qos2_received: HashSet<u16>,
-    /// QoS 1 deliveries sent to the client, by packet id (with the receipt
-    /// of a message its owner keeps).
-    outgoing: HashMap<u16, (Publish, Option<Receipt>)>,
+    /// QoS 1 and 2 deliveries sent to the client and not yet done, by
+    /// packet id.
+    outgoing: HashMap<u16, Sent>,
     pkids: crate::packet_id::PacketIds,
     out: BytesMut,
     /// Whether the broker resumed a persistent session (its subscriptions).
     resumed: bool,
+}
+
+/// A QoS 1 or 2 delivery out with the client. The receipt (of a message
+/// its owner keeps) is told when the client has it: its PUBACK, or for QoS
+/// 2 its PUBCOMP.
+enum Sent {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published {
+        publish: Publish,
+        receipt: Option<Receipt>,
+    },
+    /// QoS 2: PUBREC came and PUBREL went; waiting for PUBCOMP. A resumed
+    /// session sends PUBREL again for these (never the PUBLISH).
+    Released { receipt: Option<Receipt> },
 }
 
 impl Session {
@@ -356,6 +402,12 @@ impl Session {
             },
             &mut session.out,
         );
+        for (pkid, receipt) in attached.released {
+            session
+                .codec
+                .write(Outbound::PubRel(pkid), &mut session.out);
+            session.outgoing.insert(pkid, Sent::Released { receipt });
+        }
         for p in attached.queued {
             session.deliver(p);
         }
@@ -750,15 +802,28 @@ impl Session {
         match packet {
             Inbound::Publish(_) => unreachable!("publishes are batched by on_bytes"),
             Inbound::PubAck(pkid) => {
-                if let Some((_, Some(receipt))) = self.outgoing.remove(&pkid) {
-                    receipt.acknowledged();
+                if let Some(Sent::Published { publish, .. }) = self.outgoing.get(&pkid) {
+                    if publish.qos == 1 {
+                        self.done(pkid);
+                    }
                 }
             }
             Inbound::PubRec(pkid) => {
-                // We never send QoS 2, but answer per the spec.
+                if let Some(sent) = self.outgoing.get_mut(&pkid) {
+                    if let Sent::Published { publish, receipt } = sent {
+                        if publish.qos == 2 {
+                            let receipt = receipt.take();
+                            *sent = Sent::Released { receipt };
+                        }
+                    }
+                }
                 self.codec.write(Outbound::PubRel(pkid), &mut self.out);
             }
-            Inbound::PubComp(_) => {}
+            Inbound::PubComp(pkid) => {
+                if let Some(Sent::Released { .. }) = self.outgoing.get(&pkid) {
+                    self.done(pkid);
+                }
+            }
             Inbound::PubRel(pkid) => {
                 self.qos2_received.remove(&pkid);
                 self.codec.write(Outbound::PubComp(pkid), &mut self.out);
@@ -780,7 +845,7 @@ impl Session {
                         granted.push(Err(SubRefusal::NotAuthorized));
                     } else {
                         // Deliveries are at most QoS 1: granting less is allowed.
-                        let q = qos.min(1);
+                        let q = qos.min(2);
                         granted.push(Ok(q));
                         accepted.push((filter, q));
                     }
@@ -808,8 +873,10 @@ impl Session {
                     .write(Outbound::UnsubAck { pkid, count }, &mut self.out);
             }
             Inbound::PingReq => self.codec.write(Outbound::PingResp, &mut self.out),
-            Inbound::Disconnect => {
-                self.will = None;
+            Inbound::Disconnect { with_will } => {
+                if !with_will {
+                    self.will = None;
+                }
                 return Err(SessionEnd::Disconnect);
             }
         }
@@ -827,24 +894,39 @@ impl Session {
         }
     }
 
-    /// Sends a message to this client (QoS 1 tracked until its PUBACK).
+    /// Sends a message to this client (QoS 1 tracked until its PUBACK,
+    /// QoS 2 until its PUBCOMP).
     fn deliver(&mut self, d: Delivery) {
         let mut p = Publish {
             topic: d.topic,
             payload: d.payload,
-            qos: d.qos,
+            qos: d.qos.min(2),
             retain: d.retain,
             dup: d.dup,
             pkid: 0,
         };
         if p.qos > 0 {
-            p.qos = 1;
             p.pkid = self.alloc_pkid();
-            self.outgoing.insert(p.pkid, (p.clone(), d.receipt));
+            let sent = Sent::Published {
+                publish: p.clone(),
+                receipt: d.receipt,
+            };
+            self.outgoing.insert(p.pkid, sent);
         } else if let Some(receipt) = d.receipt {
             receipt.acknowledged();
         }
         self.codec.write(Outbound::Publish(p), &mut self.out);
+    }
+
+    /// The client has the delivery `pkid` (its PUBACK, its PUBCOMP).
+    fn done(&mut self, pkid: u16) {
+        let receipt = match self.outgoing.remove(&pkid) {
+            Some(Sent::Published { receipt, .. } | Sent::Released { receipt }) => receipt,
+            None => None,
+        };
+        if let Some(receipt) = receipt {
+            receipt.acknowledged();
+        }
     }
 
     fn alloc_pkid(&mut self) -> u16 {
@@ -870,26 +952,34 @@ impl Session {
             };
             router.dispatch(local, upstream).await;
         }
-        let mut sent: Vec<(Publish, Option<Receipt>)> =
-            self.outgoing.drain().map(|(_, p)| p).collect();
-        sent.sort_by_key(|(p, _)| p.pkid);
-        let mut unacked: Vec<Delivery> = sent
-            .into_iter()
-            .map(|(p, receipt)| Delivery {
-                topic: p.topic,
-                payload: p.payload,
-                qos: p.qos,
-                retain: p.retain,
-                dup: p.dup,
-                receipt,
-            })
-            .collect();
+        // Not done yet: a PUBLISH goes again, a released QoS 2 delivery
+        // gets its PUBREL again.
+        let mut sent: Vec<(u16, Sent)> = self.outgoing.drain().collect();
+        sent.sort_by_key(|(pkid, _)| *pkid);
+        let mut unacked = Vec::new();
+        let mut released = Vec::new();
+        for (pkid, s) in sent {
+            match s {
+                Sent::Published {
+                    publish: p,
+                    receipt,
+                } => unacked.push(Delivery {
+                    topic: p.topic,
+                    payload: p.payload,
+                    qos: p.qos,
+                    retain: p.retain,
+                    dup: p.dup,
+                    receipt,
+                }),
+                Sent::Released { receipt } => released.push((pkid, receipt)),
+            }
+        }
         while let Ok(d) = self.outbox.try_recv() {
             unacked.push(d);
         }
         self.ctx
             .broker
-            .disconnect(&self.client_id, self.conn_id, unacked)
+            .disconnect(&self.client_id, self.conn_id, unacked, released)
             .await;
     }
 }

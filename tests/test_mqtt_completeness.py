@@ -1,0 +1,354 @@
+"""The local broker speaks the whole of MQTT that clients rely on:
+
+- an MQTT 5 DISCONNECT of remaining length 0 (MQTT 5 3.14.2.1: reason 0x00,
+  no properties; paho 2.x sends it) is a normal disconnect: no will, no
+  "malformed" log line; a DISCONNECT with reason 0x04 (disconnect with will
+  message) does publish the will;
+- at ``mqtt.max_connections`` a new client is refused at once (MQTT 3.1.1
+  CONNACK 0x03 server unavailable, MQTT 5 CONNACK 0x97 quota exceeded), the
+  connection closed and the refusal logged with the limit; a freed slot serves
+  a new client again;
+- a subscriber that asks for QoS 2 gets QoS 2 deliveries (PUBLISH, PUBREC,
+  PUBREL, PUBCOMP) of QoS 2 publishes, min(publish QoS, granted QoS) in
+  general; a persistent session keeps a QoS 2 message while it is away and
+  delivers it at QoS 2, and a QoS 2 delivery interrupted after PUBREC goes on
+  with PUBREL when the session resumes.
+
+Nothing here sleeps: a will that must not come is checked against a sentinel
+published, on a new connection, once the hub counts the dying connection as
+gone (``edgehub_clients_connected``); the hub publishes a will as it ends the
+session, before the sentinel's connection is even opened.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from authkit import log_since, log_size, subscribe_packet, wait_log
+from helpers import (
+    CONNACK,
+    PUBLISH,
+    SUBACK,
+    Publisher,
+    RawClient,
+    Subscriber,
+    WaitTimeout,
+    connect_packet,
+    packet,
+    publish_packet,
+    wait_until,
+)
+
+PUBREC, PUBREL, PUBCOMP, PINGRESP = 5, 6, 7, 13
+PROTOCOLS = [mqtt.MQTTv311, mqtt.MQTTv5]
+PROTOCOL_IDS = ["v311", "v5"]
+
+
+@pytest.fixture
+def hub(hub_factory):
+    return hub_factory(None, edge_id="edge-mqtt")
+
+
+def sub(hub, clients, **kw) -> Subscriber:
+    s = Subscriber(hub.port, **kw)
+    clients.append(s)
+    return s.connect()
+
+
+def pub(hub, clients, **kw) -> Publisher:
+    p = Publisher(hub.port, **kw)
+    clients.append(p)
+    return p.connect()
+
+
+def raw(hub, clients, timeout: float = 10.0) -> RawClient:
+    r = RawClient(hub.port, timeout=timeout)
+    clients.append(r)
+    return r
+
+
+def packet_id(body: bytes) -> int:
+    return struct.unpack("!H", body[:2])[0]
+
+
+def ack(ptype: int, pid: int) -> bytes:
+    """PUBREC / PUBREL (flags 0b0010, MQTT 3.1.1 3.6.1) / PUBCOMP for ``pid``."""
+    return packet(ptype, 0x02 if ptype == PUBREL else 0, struct.pack("!H", pid))
+
+
+def parse_publish(flags: int, body: bytes) -> tuple[str, int, int | None, bytes]:
+    """(topic, qos, packet id, payload) of an MQTT 3.1.1 PUBLISH."""
+    qos = (flags >> 1) & 0x03
+    n = struct.unpack("!H", body[:2])[0]
+    topic, i = body[2:2 + n].decode(), 2 + n
+    pid = None
+    if qos:
+        pid, i = packet_id(body[i:]), i + 2
+    return topic, qos, pid, body[i:]
+
+
+def expect(r: RawClient, ptype: int, what: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """The next packet from the hub, which must be of type ``ptype``: (flags, body)."""
+    p = r.read_packet(timeout)
+    assert p is not None, f"the hub closed the connection instead of sending {what}"
+    assert p[0] == ptype, f"expected {what} (type {ptype}), got packet type {p[0]} {p[2]!r}"
+    return p[1], p[2]
+
+
+def raw_subscribe(r: RawClient, topic_filter: str, qos: int, pid: int = 1) -> int:
+    """SUBSCRIBE (MQTT 3.1.1) to one filter; returns the granted QoS."""
+    r.send(subscribe_packet([topic_filter], packet_id=pid, qos=qos))
+    _, body = expect(r, SUBACK, "SUBACK")
+    assert packet_id(body) == pid
+    return body[2]
+
+
+# --------------------------------------------------------------------------
+# the MQTT 5 DISCONNECT of remaining length 0
+# --------------------------------------------------------------------------
+
+
+def leave_raw(hub, clients, will_topic: str, disconnect: bytes) -> None:
+    """An MQTT 5 client with a will sends ``disconnect``; returns once the hub closed it."""
+    r = raw(hub, clients)
+    _, _, body = r.connect(client_id=f"leaver-{uuid.uuid4().hex[:6]}", level=5, will=(will_topic, b"gone", 1))
+    assert body[1] == 0, f"CONNACK reason {body[1]:#x}"
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 2, 10, "== 2 (the watcher and the leaver)")
+    assert r.send(disconnect)
+    try:
+        r.read_until_closed(10)
+    except WaitTimeout:
+        raise AssertionError(f"the hub did not close the connection within 10 s of DISCONNECT {disconnect!r}") from None
+
+
+def leave_paho(hub, clients, will_topic: str) -> None:
+    """paho 2.x over MQTT 5 with a will calls disconnect() (a DISCONNECT of length 0)."""
+    p = pub(hub, clients, protocol=mqtt.MQTTv5, will=(will_topic, b"gone", 1))
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 2, 10, "== 2 (the watcher and the leaver)")
+    p.client.disconnect()
+    assert p.disconnected.wait(10), "paho did not finish its disconnect"
+    p.client.loop_stop()
+
+
+@pytest.mark.parametrize("client", ["raw socket", "paho 2"])
+def test_an_mqtt5_disconnect_of_length_zero_ends_the_session_normally_without_the_will(hub, clients, client):
+    watcher = sub(hub, clients)
+    watcher.subscribe("local/will/#", qos=1)
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 1, 10, "== 1 (the will watcher)")
+    offset = log_size(hub)
+
+    will_topic = "local/will/zero-length"
+    if client == "raw socket":
+        leave_raw(hub, clients, will_topic, b"\xe0\x00")
+    else:
+        leave_paho(hub, clients, will_topic)
+    # the session has ended once the hub no longer counts the connection
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 1, 10, "== 1 (the leaver is gone)")
+
+    assert pub(hub, clients).publish_and_wait("local/will/sentinel", b"sentinel") < 0x80
+    watcher.wait_topic("local/will/sentinel")
+    assert will_topic not in {t for t, _ in watcher.received()}, \
+        "the will was published after an MQTT 5 DISCONNECT of length 0 (a normal disconnect)"
+    log = log_since(hub, offset)
+    assert "malformed" not in log.lower(), f"an MQTT 5 DISCONNECT of length 0 was logged as malformed:\n{log}"
+
+
+def test_an_mqtt5_disconnect_with_reason_0x04_publishes_the_will(hub, clients):
+    watcher = sub(hub, clients)
+    watcher.subscribe("local/will/#", qos=1)
+    # reason 0x04 (disconnect with will message) and no properties (3.14.2.2.1)
+    leave_raw(hub, clients, "local/will/with-will", b"\xe0\x01\x04")
+    assert watcher.wait_topic("local/will/with-will", timeout=10).payload == b"gone"
+
+
+# --------------------------------------------------------------------------
+# max_connections
+# --------------------------------------------------------------------------
+
+MAX_CONNECTIONS = 3
+LIMIT_LOG = r"max[_ -]?connections|connection limit"
+# (MQTT level, CONNACK code): 3.1.1 return code 3 "server unavailable", MQTT 5 0x97 "quota exceeded"
+REFUSALS = [(4, 0x03), (5, 0x97)]
+
+
+def connack_code(hub, clients, level: int, timeout: float = 5.0) -> int | None:
+    """A raw CONNECT: the CONNACK code, or None if the hub closed without one.
+    A hub that neither answers nor closes fails the test (no hanging)."""
+    r = raw(hub, clients, timeout=timeout)
+    assert r.send(connect_packet(f"c-{uuid.uuid4().hex[:8]}", level=level))
+    try:
+        p = r.read_packet(timeout)
+    except WaitTimeout:
+        raise AssertionError(f"no CONNACK and no close within {timeout}s: the hub left the client hanging") from None
+    if p is None:
+        return None
+    assert p[0] == CONNACK, f"expected CONNACK, got packet type {p[0]}"
+    code = p[2][1]
+    if code != 0:
+        try:
+            rest = r.read_until_closed(timeout)
+        except WaitTimeout:
+            raise AssertionError(f"CONNACK {code:#x} but the connection stayed open for {timeout}s") from None
+        assert not rest, f"packets after a refusing CONNACK: {rest}"
+    return code
+
+
+@pytest.mark.parametrize("level,code", REFUSALS, ids=["v311-connack-3", "v5-connack-0x97"])
+def test_a_client_beyond_max_connections_is_refused_at_once_and_served_once_a_slot_frees(
+    hub_factory, clients, level, code
+):
+    hub = hub_factory(None, edge_id="edge-limit", extra_args=["--max-connections", str(MAX_CONNECTIONS)])
+    served = []
+    for i in range(MAX_CONNECTIONS):
+        r = raw(hub, clients)
+        _, _, body = r.connect(client_id=f"held-{i}", level=level)
+        assert body[1] == 0, f"connection {i + 1} of {MAX_CONNECTIONS} refused: {body[1]:#x}"
+        served.append(r)
+
+    offset = log_size(hub)
+    got = connack_code(hub, clients, level)
+    assert got == code, f"connection {MAX_CONNECTIONS + 1}: CONNACK {got!r}, expected {code:#x}"
+    wait_log(hub, offset, LIMIT_LOG, 10, "a log line naming the connection limit")
+
+    # the ones served still are
+    for r in served:
+        assert r.send(b"\xc0\x00")  # PINGREQ
+        expect(r, PINGRESP, "PINGRESP")
+
+    served[0].send(b"\xe0\x00")
+    served[0].read_until_closed(10)
+    wait_until(lambda: connack_code(hub, clients, level) == 0, 10, "a client served once a slot is free")
+    # and the limit still holds with the new client counted
+    got = connack_code(hub, clients, level)
+    assert got == code, f"connection {MAX_CONNECTIONS + 1} after the slot was reused: CONNACK {got!r}"
+    assert hub.alive()
+
+
+# --------------------------------------------------------------------------
+# QoS 2
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
+def test_each_subscriber_gets_a_message_at_the_lesser_of_the_publish_qos_and_its_granted_qos_up_to_2(
+    hub, clients, protocol
+):
+    subs = {}
+    for q in (0, 1, 2):
+        s = sub(hub, clients, protocol=protocol)
+        granted = s.subscribe("local/qos/#", qos=q)
+        assert granted == q, f"subscription at QoS {q} granted QoS {granted}"
+        subs[q] = s
+
+    p = pub(hub, clients, protocol=protocol)
+    p.publish("local/qos/pub0", b"at most once", qos=0)
+    assert p.publish_and_wait("local/qos/pub1", b"at least once", qos=1) < 0x80
+    assert p.publish_and_wait("local/qos/pub2", b"exactly once", qos=2) < 0x80
+
+    topics = {f"local/qos/pub{q}" for q in (0, 1, 2)}
+    for sq, s in subs.items():
+        msgs = s.wait_for(lambda ms: {m.topic for m in ms} >= topics, 10, "the three messages")
+        got = {m.topic: m.qos for m in msgs}
+        want = {f"local/qos/pub{pq}": min(pq, sq) for pq in (0, 1, 2)}
+        assert got == want, f"subscriber at QoS {sq}: delivered at {got}, expected {want}"
+        assert len(msgs) == 3, f"subscriber at QoS {sq} got duplicates: {[(m.topic, m.qos) for m in msgs]}"
+
+
+def test_a_qos2_message_goes_through_pubrec_pubrel_pubcomp_on_both_sides_and_arrives_once(hub, clients):
+    s = raw(hub, clients)
+    assert s.connect(client_id="q2-raw-sub")[2][1] == 0
+    assert raw_subscribe(s, "local/q2raw/#", qos=2) == 2
+
+    p = raw(hub, clients)
+    assert p.connect(client_id="q2-raw-pub")[2][1] == 0
+
+    def publish_exactly_once(topic: str, payload: bytes, pid: int) -> None:
+        p.send(publish_packet(topic, payload, qos=2, packet_id=pid))
+        _, body = expect(p, PUBREC, "PUBREC")
+        assert packet_id(body) == pid
+        p.send(ack(PUBREL, pid))
+        _, body = expect(p, PUBCOMP, "PUBCOMP")
+        assert packet_id(body) == pid
+
+    def receive_exactly_once() -> tuple[str, bytes]:
+        flags, body = expect(s, PUBLISH, "PUBLISH")
+        topic, qos, pid, payload = parse_publish(flags, body)
+        assert qos == 2, f"{topic} delivered at QoS {qos} to a QoS 2 subscription"
+        s.send(ack(PUBREC, pid))
+        flags, body = expect(s, PUBREL, "PUBREL (the hub's answer to PUBREC)")
+        assert flags == 0x02, f"PUBREL with flags {flags:#x}"
+        assert packet_id(body) == pid, f"PUBREL for {packet_id(body)}, PUBREC was for {pid}"
+        s.send(ack(PUBCOMP, pid))
+        return topic, payload
+
+    publish_exactly_once("local/q2raw/a", b"exactly once", 7)
+    assert receive_exactly_once() == ("local/q2raw/a", b"exactly once")
+    # the flow is complete: the next delivery is the next message, not the first again
+    publish_exactly_once("local/q2raw/sentinel", b"sentinel", 8)
+    assert receive_exactly_once() == ("local/q2raw/sentinel", b"sentinel")
+
+
+def test_a_persistent_session_away_keeps_a_qos2_message_and_gets_it_at_qos2_when_it_comes_back(hub, clients):
+    cid = "q2-away"
+    s1 = Subscriber(hub.port, client_id=cid, clean=False)
+    clients.append(s1.connect())
+    assert s1.subscribe("local/q2away/#", qos=2) == 2
+    s1.close()
+
+    p = pub(hub, clients)
+    assert p.publish_and_wait("local/q2away/a", b"kept at QoS 2", qos=2) < 0x80
+    assert p.publish_and_wait("local/q2away/b", b"kept at QoS 1", qos=1) < 0x80
+
+    s2 = sub(hub, clients, client_id=cid, clean=False)
+    assert s2.session_present, "the persistent session was not kept"
+    msgs = s2.wait_for(lambda ms: len(ms) >= 2, 10, "the two messages kept while it was away")
+    # (MQTT orders messages per QoS level only: compared as a set)
+    assert sorted((m.topic, bytes(m.payload), m.qos) for m in msgs) == [
+        ("local/q2away/a", b"kept at QoS 2", 2),
+        ("local/q2away/b", b"kept at QoS 1", 1),
+    ]
+    assert p.publish_and_wait("local/q2away/sentinel", b"sentinel", qos=2) < 0x80
+    s2.wait_topic("local/q2away/sentinel")
+    assert len(s2.received()) == 3, f"duplicates: {s2.received()}"
+
+
+def test_a_qos2_delivery_interrupted_after_pubrec_goes_on_with_pubrel_when_the_session_resumes(hub, clients):
+    """MQTT 3.1.1 4.4: on resumption the server re-sends unacknowledged PUBREL
+    packets with their packet ids; the message was received (PUBREC), so it is
+    not sent again."""
+    cid = "q2-resume"
+    s1 = raw(hub, clients)
+    assert s1.connect(client_id=cid, clean=False)[2][1] == 0
+    assert raw_subscribe(s1, "local/q2resume/#", qos=2) == 2
+
+    p = pub(hub, clients)
+    assert p.publish_and_wait("local/q2resume/a", b"once only", qos=2) < 0x80
+    flags, body = expect(s1, PUBLISH, "PUBLISH")
+    topic, qos, pid, payload = parse_publish(flags, body)
+    assert (topic, qos, payload) == ("local/q2resume/a", 2, b"once only")
+    s1.send(ack(PUBREC, pid))
+    expect(s1, PUBREL, "PUBREL")
+    s1.close(abort=True)  # gone before its PUBCOMP
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 1, 10, "== 1 (the publisher)")
+
+    s2 = raw(hub, clients)
+    _, _, body = s2.connect(client_id=cid, clean=False)
+    assert body == b"\x01\x00", f"CONNACK {body!r}, expected session present and accepted"
+    flags, body = expect(s2, PUBREL, "the PUBREL re-sent on resumption")
+    assert packet_id(body) == pid, f"PUBREL for {packet_id(body)}, the interrupted delivery was {pid}"
+    s2.send(ack(PUBCOMP, pid))
+
+    assert p.publish_and_wait("local/q2resume/sentinel", b"sentinel", qos=2) < 0x80
+    flags, body = expect(s2, PUBLISH, "the sentinel")
+    topic, qos, pid2, payload = parse_publish(flags, body)
+    assert (topic, payload) == ("local/q2resume/sentinel", b"sentinel"), \
+        f"after the PUBREL the hub sent {topic!r} {payload!r}, expected the sentinel"
+    s2.send(ack(PUBREC, pid2))
+    expect(s2, PUBREL, "PUBREL")
+    s2.send(ack(PUBCOMP, pid2))
+    s2.send(b"\xe0\x00")
+    assert [pk for pk in s2.read_until_closed(10) if pk[0] == PUBLISH] == []
