@@ -349,6 +349,36 @@ pub struct StoreConfig {
     /// Longest topic the hub stores, bytes (1..=65535).
     #[arg(long)]
     pub max_topic_bytes: usize,
+    /// Cloud-to-device messages one device's queue holds.
+    #[arg(long)]
+    pub c2d_max_messages: usize,
+    /// Bytes one device's cloud-to-device queue holds.
+    #[arg(long)]
+    pub c2d_max_bytes: usize,
+    /// Messages one module input's queue holds.
+    #[arg(long)]
+    pub module_input_max_messages: usize,
+    /// Bytes one module input's queue holds.
+    #[arg(long)]
+    pub module_input_max_bytes: usize,
+}
+
+impl StoreConfig {
+    /// How much each child device's cloud-to-device queue holds.
+    pub fn c2d_bounds(&self) -> crate::mailbox::Bounds {
+        crate::mailbox::Bounds {
+            messages: self.c2d_max_messages,
+            bytes: self.c2d_max_bytes,
+        }
+    }
+
+    /// How much each module input's queue holds.
+    pub fn module_input_bounds(&self) -> crate::mailbox::Bounds {
+        crate::mailbox::Bounds {
+            messages: self.module_input_max_messages,
+            bytes: self.module_input_max_bytes,
+        }
+    }
 }
 
 /// The downstream MQTT server (section `[mqtt]`).
@@ -439,6 +469,10 @@ impl Default for StoreConfig {
             max_queue_bytes: 1 << 30,
             max_batch: 4096,
             max_topic_bytes: crate::topic::MAX_LEN,
+            c2d_max_messages: crate::c2d::DEFAULT_BOUNDS.messages,
+            c2d_max_bytes: crate::c2d::DEFAULT_BOUNDS.bytes,
+            module_input_max_messages: crate::inputs::DEFAULT_BOUNDS.messages,
+            module_input_max_bytes: crate::inputs::DEFAULT_BOUNDS.bytes,
         }
     }
 }

@@ -16,11 +16,12 @@ use crate::auth::{Auth, CacheError};
 use crate::broker;
 use crate::c2d::CloudToDevice;
 use crate::config::Config;
+use crate::inputs::ModuleInputs;
 use crate::methods::Methods;
 use crate::metrics::{self, Metrics};
 use crate::mqtt::{listener, session::SessionContext, tls};
 use crate::plugins::{self, PluginEngine, PluginPool, Registry};
-use crate::routing::{PluginHost, Router, Routes};
+use crate::routing::{PluginHost, Router, Routes, Sinks};
 use crate::store::{self, Store};
 use crate::twin::{self, HubTwin};
 use crate::twins::Twins;
@@ -146,10 +147,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         registry.clone(),
     );
     let (pool, pool_threads) = PluginPool::start(config.plugins.workers, metrics.clone());
+    let (inputs, settler) = ModuleInputs::open(
+        &store,
+        broker.clone(),
+        default_ttl_ms.clone(),
+        config.store.module_input_bounds(),
+        metrics.clone(),
+    )?;
+    tasks.spawn(settler.run(shutdown.clone()));
+    let sinks = Sinks {
+        appender: appender.clone(),
+        broker: broker.clone(),
+        inputs: inputs.clone(),
+    };
     let router = Router::new(
         config.mqtt.forward_topics.clone(),
-        appender.clone(),
-        broker.clone(),
+        sinks,
         &config.edge_id,
         routes.clone(),
         Some(PluginHost {
@@ -166,6 +179,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         broker.clone(),
         appender.clone(),
         default_ttl_ms.clone(),
+        config.store.c2d_bounds(),
         metrics.clone(),
     )?;
     tasks.spawn(completions.run(shutdown.clone()));
@@ -176,6 +190,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         twins: twins.clone(),
         methods: methods.clone(),
         c2d: c2d.clone(),
+        inputs,
         metrics: metrics.clone(),
         max_message_bytes: config.mqtt.max_message_bytes,
         session_expiry_secs: config.mqtt.session_expiry_secs,

@@ -42,6 +42,8 @@ pub enum DropReason {
     /// A cloud-to-device message refused: its device's queue was full (or
     /// it was not for a device of the scope).
     DeviceQueueFull,
+    /// A message routed to a module input whose queue was full.
+    ModuleInputFull,
 }
 
 impl DropReason {
@@ -60,6 +62,7 @@ impl DropReason {
             DropReason::OfflineQueueFull => "offline_queue_full",
             DropReason::CorruptRecord => "corrupt_record",
             DropReason::DeviceQueueFull => "device_queue_full",
+            DropReason::ModuleInputFull => "module_input_full",
         }
     }
 }
@@ -118,6 +121,7 @@ pub struct Metrics {
     dead_letters: Family<ReasonLabels, Counter>,
     dead_letter_depth: Gauge,
     c2d_queued: Gauge,
+    module_inputs_queued: Gauge,
     broker_stored: Family<KindLabels, Gauge>,
     invalid_topics: Family<InvalidTopicLabels, Counter>,
 }
@@ -174,6 +178,7 @@ impl Metrics {
             dead_letters: reg(&mut r, "dead_letters", "Messages moved to the store's dead-letter area, by reason (upstream_refused, ...)"),
             dead_letter_depth: reg(&mut r, "dead_letter_depth", "Messages in the store's dead-letter area"),
             c2d_queued: reg(&mut r, "c2d_queued", "Cloud-to-device messages stored for devices, not yet acknowledged by them"),
+            module_inputs_queued: reg(&mut r, "module_inputs_queued", "Messages routed to module inputs, stored and not yet acknowledged by a module"),
             broker_stored: reg(&mut r, "broker_stored", "What the local broker has made durable, by kind: sessions (persistent), queued (messages kept for sessions away), retained"),
             invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
             registry: r,
@@ -260,6 +265,9 @@ impl Metrics {
     }
     pub fn set_c2d_queued(&self, n: usize) {
         self.c2d_queued.set(n as i64);
+    }
+    pub fn set_module_inputs_queued(&self, n: usize) {
+        self.module_inputs_queued.set(n as i64);
     }
     pub fn set_broker_stored(&self, kind: &'static str, n: usize) {
         self.broker_stored

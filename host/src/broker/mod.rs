@@ -180,6 +180,10 @@ enum Command {
         delivery: Delivery,
         reply: oneshot::Sender<bool>,
     },
+    Offer {
+        delivery: Delivery,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 #[derive(Clone)]
@@ -300,6 +304,21 @@ impl BrokerHandle {
             reply,
         };
         if self.tx.send(cmd).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Publishes a message its owner keeps (with a receipt) to every
+    /// matching subscriber; returns whether a connected one took it.
+    pub async fn offer(&self, delivery: Delivery) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Offer { delivery, reply })
+            .await
+            .is_err()
+        {
             return false;
         }
         rx.await.unwrap_or(false)
@@ -456,7 +475,10 @@ fn start(
                     None => break,
                 },
             };
-            let changes = !matches!(cmd, Command::Publish(_) | Command::SendTo { .. });
+            let changes = !matches!(
+                cmd,
+                Command::Publish(_) | Command::SendTo { .. } | Command::Offer { .. }
+            );
             let subscribing = matches!(cmd, Command::Subscribe { .. });
             broker.handle(cmd);
             if changes {
@@ -713,6 +735,9 @@ impl Broker {
                     self.publish(msg);
                 }
             }
+            Command::Offer { delivery, reply } => {
+                let _ = reply.send(self.publish(delivery));
+            }
             Command::SendTo {
                 client_id,
                 delivery,
@@ -735,12 +760,15 @@ impl Broker {
         }
     }
 
-    fn publish(&mut self, msg: Delivery) {
+    /// Delivers `msg` to every matching client; returns whether a
+    /// connected one took it.
+    fn publish(&mut self, msg: Delivery) -> bool {
         if msg.retain {
             self.retain(&msg);
         }
+        let mut taken = false;
         for (client_id, client) in self.clients.iter_mut() {
-            let _ = deliver(
+            taken |= deliver(
                 client_id,
                 client,
                 msg.clone(),
@@ -750,6 +778,7 @@ impl Broker {
                 &self.metrics,
             );
         }
+        taken
     }
 
     /// Keeps (or clears, for an empty payload) the retained message of

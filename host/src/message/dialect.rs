@@ -76,6 +76,22 @@ impl<'a> Telemetry<'a> {
     }
 }
 
+/// A cloud-to-device topic: `devices/{d}/messages/devicebound/{properties}`.
+pub struct DeviceBound;
+
+impl DeviceBound {
+    /// When a message on `topic` expires (Unix ms): its `$.exp` property,
+    /// an RFC 3339 time (as IoT Hub sends it); `None` when absent or not a
+    /// time.
+    pub fn expiry_ms(topic: &str) -> Option<u64> {
+        let (_, bag) = topic.split_once("/messages/devicebound/")?;
+        let (_, exp) = url::form_urlencoded::parse(bag.as_bytes()).find(|(k, _)| k == "$.exp")?;
+        let rfc3339 = &time::format_description::well_known::Rfc3339;
+        let at = time::OffsetDateTime::parse(&exp, rfc3339).ok()?;
+        u64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok()
+    }
+}
+
 /// The headers of a message published on `topic` by `publisher`. A plain
 /// (non IoT Hub) topic gets the publisher's device as source and no
 /// properties.
@@ -312,6 +328,20 @@ mod tests {
         assert_eq!(
             module_input_topic("edge", "alerts", "in1", &m),
             "devices/edge/modules/alerts/inputs/in1/a=1"
+        );
+    }
+
+    #[test]
+    fn a_device_bound_message_expires_at_its_own_exp_and_a_bad_one_has_none() {
+        let topic = "devices/d1/messages/devicebound/%24.mid=1&%24.exp=2026-11-29T12%3A00%3A00.5000000Z&k=v";
+        assert_eq!(DeviceBound::expiry_ms(topic), Some(1_795_953_600_500));
+        assert_eq!(
+            DeviceBound::expiry_ms("devices/d1/messages/devicebound/k=v"),
+            None
+        );
+        assert_eq!(
+            DeviceBound::expiry_ms("devices/d1/messages/devicebound/%24.exp=soon"),
+            None
         );
     }
 }

@@ -50,6 +50,8 @@ pub struct SessionContext {
     pub methods: Arc<Methods>,
     /// Cloud-to-device messages waiting for their devices.
     pub c2d: Arc<CloudToDevice>,
+    /// Messages routed to module inputs, waiting for their modules.
+    pub inputs: Arc<crate::inputs::ModuleInputs>,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
     /// How long an MQTT 3.1.1 persistent session outlives its connection.
@@ -146,10 +148,13 @@ pub async fn serve<S>(
         None => return,
     };
     ctx.metrics.client_connected(1);
-    if session.resumed && session.device_inbox().is_some() {
-        // A resumed session kept its subscriptions: its device's waiting
-        // cloud-to-device messages go out now.
-        ctx.c2d.push(&session.client_id).await;
+    if session.resumed {
+        // A resumed session kept its subscriptions: what waits for it (its
+        // device's cloud-to-device messages, module inputs) goes out now.
+        if session.device_inbox().is_some() {
+            ctx.c2d.push(&session.client_id).await;
+        }
+        ctx.inputs.push_all().await;
     }
     let end = session.run(&mut stream, &mut buf, &shutdown).await;
     ctx.metrics.client_connected(-1);
@@ -865,6 +870,8 @@ impl Session {
                     // Messages the cloud sent while the device was away.
                     self.ctx.c2d.push(&self.client_id).await;
                 }
+                // Module inputs that waited for a subscriber.
+                self.ctx.inputs.push_all().await;
             }
             Inbound::Unsubscribe { pkid, filters } => {
                 let count = filters.len();

@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use self::fields::MessageFields;
 use self::rules::{OnError, Route, Sink};
 use crate::broker::{BrokerHandle, Delivery};
+use crate::inputs::ModuleInputs;
 use crate::message::dialect::{self, Telemetry};
 use crate::message::{Headers, Message};
 use crate::metrics::Metrics;
@@ -54,6 +55,7 @@ pub struct Router {
     forward_topics: Arc<Vec<String>>,
     appender: Appender,
     broker: BrokerHandle,
+    inputs: Arc<ModuleInputs>,
     edge_id: Arc<str>,
     routes: Routes,
     plugins: Option<PluginHost>,
@@ -68,27 +70,40 @@ struct Deliveries {
     records: Vec<Record>,
     /// Every message of the batch, for local subscribers.
     local: Vec<Delivery>,
-    /// What routes and plugins sent to module inputs.
-    module_inputs: Vec<Delivery>,
+    /// What routes and plugins sent to module inputs: (endpoint, record).
+    module_inputs: Vec<(String, Record)>,
     /// Messages a plugin worker never answered for (it died): the batch is
     /// then refused, so the publisher sends it again.
     unanswered: usize,
 }
 
+/// Where routed messages go: the upstream queue, local subscribers,
+/// module inputs.
+pub struct Sinks {
+    pub appender: Appender,
+    pub broker: BrokerHandle,
+    pub inputs: Arc<ModuleInputs>,
+}
+
 impl Router {
     pub fn new(
         forward_topics: Vec<String>,
-        appender: Appender,
-        broker: BrokerHandle,
+        sinks: Sinks,
         edge_id: &str,
         routes: Routes,
         plugins: Option<PluginHost>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let Sinks {
+            appender,
+            broker,
+            inputs,
+        } = sinks;
         Self {
             forward_topics: Arc::new(forward_topics),
             appender,
             broker,
+            inputs,
             edge_id: edge_id.into(),
             routes,
             plugins,
@@ -131,23 +146,47 @@ impl Router {
             }
             return Some(rx);
         }
-        let mut local = out.local;
-        local.extend(out.module_inputs);
-        if !local.is_empty() {
-            self.broker.publish(local).await;
+        if !out.local.is_empty() {
+            self.broker.publish(out.local).await;
         }
-        if out.records.is_empty() {
-            return None;
-        }
-        match self.appender.append_later(out.records).await {
-            Ok(rx) => Some(rx),
-            Err(e) => {
-                // The caller accounts for the refusal, as for a late one.
-                let (tx, rx) = oneshot::channel();
-                let _ = tx.send(Err(e));
-                Some(rx)
-            }
-        }
+        // Reserved now, so a sender's module inputs keep its order.
+        let inputs = (!out.module_inputs.is_empty()).then(|| {
+            let reservation = self.inputs.reserve(out.module_inputs);
+            let inputs = self.inputs.clone();
+            tokio::spawn(async move { inputs.store(reservation).await })
+        });
+        let upstream = if out.records.is_empty() {
+            None
+        } else {
+            Some(match self.appender.append_later(out.records).await {
+                Ok(rx) => rx,
+                Err(e) => {
+                    // The caller accounts for the refusal, as for a late one.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = tx.send(Err(e));
+                    rx
+                }
+            })
+        };
+        let Some(inputs) = inputs else {
+            return upstream;
+        };
+        // Durable once both the queue and the module inputs are.
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let stored = match inputs.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(AppendError::Storage(e.to_string())),
+                Err(e) => Err(AppendError::Storage(e.to_string())),
+            };
+            let outcome = match (stored, upstream) {
+                (Err(e), _) => Err(e),
+                (Ok(()), None) => Ok(()),
+                (Ok(()), Some(upstream)) => upstream.await.unwrap_or(Err(AppendError::Closed)),
+            };
+            let _ = tx.send(outcome);
+        });
+        Some(rx)
     }
 
     /// Everything a batch becomes: records for the store (as the route table
@@ -195,7 +234,7 @@ impl Router {
                         if !sent_inputs.contains(&(module.as_str(), input.as_str())) =>
                     {
                         sent_inputs.push((module, input));
-                        self.to_module(&mut out, module, input, m);
+                        self.to_module(&mut out, module, input, m, route.ttl_secs);
                     }
                     Sink::Plugin { .. } => {
                         match jobs.iter_mut().find(|(r, _)| std::ptr::eq(*r, route)) {
@@ -290,7 +329,7 @@ impl Router {
                     match d {
                         Destination::Upstream => self.to_upstream(out, route, &input),
                         Destination::ModuleInput { module, input: i } => {
-                            self.to_module(out, &module, &i, &input)
+                            self.to_module(out, &module, &i, &input, route.ttl_secs)
                         }
                         Destination::Drop => self.metrics.filtered_out(1),
                     }
@@ -340,7 +379,9 @@ impl Router {
     async fn deliver(&self, out: &mut Deliveries, route: &Route, sink: &Sink, m: Message) {
         match sink {
             Sink::Upstream => self.to_upstream(out, route, &m),
-            Sink::ModuleInput { module, input } => self.to_module(out, module, input, &m),
+            Sink::ModuleInput { module, input } => {
+                self.to_module(out, module, input, &m, route.ttl_secs)
+            }
             Sink::Plugin { name, .. } => {
                 let answers = self.submit(name, vec![m]).await;
                 out.unanswered += 1 - answers.len();
@@ -391,19 +432,26 @@ impl Router {
         }
     }
 
-    fn to_module(&self, out: &mut Deliveries, module: &str, input: &str, m: &Message) {
+    fn to_module(
+        &self,
+        out: &mut Deliveries,
+        module: &str,
+        input: &str,
+        m: &Message,
+        ttl_secs: Option<u32>,
+    ) {
         if !dialect::valid_segment(module) || !dialect::valid_segment(input) {
             tracing::warn!(module, input, "not a deliverable module input (wildcards or slashes); message not delivered there");
             return;
         }
-        out.module_inputs.push(Delivery {
+        let record = Record {
+            enqueued_ms: m.enqueued_ms,
             topic: dialect::module_input_topic(&self.edge_id, module, input, m),
             payload: m.body.clone(),
-            qos: 1,
-            retain: false,
-            dup: false,
-            receipt: None,
-        });
+            ttl_secs,
+        };
+        out.module_inputs
+            .push((crate::inputs::endpoint(module, input), record));
     }
 
     /// The dead-letter form of `m`: stored and sent upstream as telemetry of
@@ -473,20 +521,21 @@ mod tests {
     /// A router over a real store writer and broker, with `routes`.
     fn router_with(routes: Option<&str>) -> (Router, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let (appender, _writer) =
-            store::writer::spawn(Store::open(dir.path()).unwrap(), u64::MAX, 64);
+        let store = Store::open(dir.path()).unwrap();
+        let (appender, _writer) = store::writer::spawn(store.clone(), u64::MAX, 64);
         let metrics = Arc::new(Metrics::new());
         let (broker, _) = broker::spawn(16, metrics.clone());
+        let ttl = Arc::new(std::sync::atomic::AtomicU64::new(3_600_000));
+        let bounds = crate::inputs::DEFAULT_BOUNDS;
+        let (inputs, _settler) =
+            ModuleInputs::open(&store, broker.clone(), ttl, bounds, metrics.clone()).unwrap();
         let table = routes.map(|r| rules::RouteTable::new(vec![Route::parse("r", r).unwrap()]));
-        let router = Router::new(
-            Vec::new(),
+        let sinks = Sinks {
             appender,
             broker,
-            "edge",
-            Routes::new(table),
-            None,
-            metrics,
-        );
+            inputs,
+        };
+        let router = Router::new(Vec::new(), sinks, "edge", Routes::new(table), None, metrics);
         (router, dir)
     }
 
@@ -521,9 +570,9 @@ mod tests {
         assert!(out.records.is_empty());
         assert_eq!(out.module_inputs.len(), 1);
         assert_eq!(
-            out.module_inputs[0].topic,
+            out.module_inputs[0].1.topic,
             "devices/edge/modules/alerts/inputs/in1/a=1"
         );
-        assert_eq!(out.module_inputs[0].payload.as_ptr(), body.as_ptr());
+        assert_eq!(out.module_inputs[0].1.payload.as_ptr(), body.as_ptr());
     }
 }
