@@ -216,3 +216,70 @@ def test_an_sdk_device_that_reconnects_by_itself_after_a_hub_restart_gets_the_me
     assert len(connacks) >= 2 and connacks[-1] == ("1", "0"), \
         f"the SDK's reconnect was not told its session is present: CONNACK (flags, code) {connacks}"
     gateway.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "both acknowledged by the SDK")
+
+
+def iothub_time(at) -> str:
+    """An RFC 3339 UTC time as IoT Hub writes `$.exp` (seven fractional
+    digits), percent-encoded for a property bag."""
+    from urllib.parse import quote
+
+    return quote(at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z", safe="")
+
+
+def test_a_message_past_its_expiry_is_not_delivered_to_a_device_that_connects_and_one_still_valid_is(
+    upstream, hub_factory, clients
+):
+    from datetime import datetime, timedelta, timezone
+
+    from helpers import wait_until
+
+    child1 = Identity.child("child1")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    cloud = Cloud(upstream)
+    try:
+        expired_before = hub.metric("edgehub_messages_expired_total")
+        now = datetime.now(timezone.utc)
+        cloud.send("child1", b"stale", f"%24.mid=old&%24.exp={iothub_time(now - timedelta(hours=1))}")
+        cloud.send("child1", b"fresh", f"%24.mid=new&%24.exp={iothub_time(now + timedelta(hours=1))}")
+
+        def taken_in() -> bool:
+            # each either stored or already dropped as expired
+            m = hub.metrics()
+            return m["edgehub_c2d_queued"] + m["edgehub_messages_expired_total"] - expired_before == 2
+
+        wait_until(taken_in, 15, "both messages taken in")
+        rc, d1 = try_connect(hub.port, clients, **child1.credentials())
+        assert rc == 0 and d1.subscribe_result(["devices/child1/messages/devicebound/#"]) == [1]
+        prefix = "devices/child1/messages/devicebound/"
+        d1._wait(lambda: b"fresh" in received(d1, prefix), 15, "the message still valid")
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "nothing left for child1")
+        assert hub.metric("edgehub_messages_expired_total") == expired_before + 1, "the stale one counted as expired"
+        assert received(d1, prefix) == [b"fresh"], "the expired message was delivered"
+        cloud.sub.wait_for(lambda ms: len(cloud.completions("child1")) >= 1, 30, "a completion upstream")
+        assert ["%24.mid=new" in c["topic"] for c in cloud.completions("child1")] == [True]
+    finally:
+        cloud.close()
+
+
+def test_the_bound_of_a_devices_queue_is_configured_by_c2d_max_messages(upstream, hub_factory, clients):
+    child1 = Identity.child("child1")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=[*auth_args(), "--c2d-max-messages", "3"])
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    cloud = Cloud(upstream)
+    try:
+        for i in range(5):
+            cloud.send("child1", f"bounded-{i}".encode())
+        hub.wait_metric("edgehub_messages_dropped_total", lambda v: v == 2, 20, "two refused")
+        assert 'edgehub_messages_dropped_total{reason="device_queue_full"} 2' in hub.metrics_text()
+        assert hub.metric("edgehub_c2d_queued") == 3
+        rc, d1 = try_connect(hub.port, clients, **child1.credentials())
+        assert rc == 0 and d1.subscribe_result(["devices/child1/messages/devicebound/#"]) == [1]
+        prefix = "devices/child1/messages/devicebound/"
+        d1._wait(lambda: len(received(d1, prefix)) >= 3, 15, "the kept messages")
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "all acknowledged")
+        assert received(d1, prefix) == [f"bounded-{i}".encode() for i in range(3)]
+    finally:
+        cloud.close()

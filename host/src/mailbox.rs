@@ -90,9 +90,15 @@ pub struct Mailboxes {
     /// Sets the gauge of messages held (all recipients).
     gauge: fn(&Metrics, usize),
     queues: Mutex<HashMap<String, Queue>>,
+    /// One push at a time, so a queue's messages go out in order.
+    pushing: tokio::sync::Mutex<()>,
     next_seq: AtomicU64,
     fates: mpsc::UnboundedSender<Fate>,
 }
+
+/// Messages of one queue out with clients at once: the rest follow as
+/// these are acknowledged (a client's outbox is not flooded).
+const MAX_OUT: usize = 256;
 
 fn key(recipient: &str, seq: u64) -> String {
     format!("{recipient}/{seq:016x}")
@@ -145,6 +151,7 @@ impl Mailboxes {
             metrics: setup.metrics,
             gauge: setup.gauge,
             queues: Mutex::new(queues),
+            pushing: tokio::sync::Mutex::new(()),
             next_seq: AtomicU64::new(last + 1),
             fates: tx,
         };
@@ -231,6 +238,7 @@ impl Mailboxes {
     /// client yet, if one can take it; stops at the first that no client
     /// takes. Drops expired messages first.
     pub async fn push(&self, recipient: &str) {
+        let _one = self.pushing.lock().await;
         let now = store::now_ms();
         let ttl = self.ttl_ms.load(Ordering::Relaxed);
         let (due, expired) = {
@@ -250,11 +258,13 @@ impl Mailboxes {
                 }
                 q.sent.remove(s);
             }
+            let room = MAX_OUT.saturating_sub(q.sent.len());
             let due: Vec<(u64, Record)> = q
                 .pending
                 .iter()
                 .take_while(|(s, _)| !q.unstored.contains(s))
                 .filter(|(s, _)| !q.sent.contains(s))
+                .take(room)
                 .map(|(s, r)| (*s, r.clone()))
                 .collect();
             q.sent.extend(due.iter().map(|(s, _)| *s));
@@ -290,11 +300,13 @@ impl Mailboxes {
                 Reach::Client => self.broker.send_to(recipient, delivery).await,
                 Reach::Subscribers => self.broker.offer(delivery).await,
             };
-            // Not taken: its receipt is dropped, so it is marked not sent;
-            // the ones after it were never tried.
+            // Not taken (no client, or its outbox is full): neither it nor
+            // the ones after it are out; an acknowledgement, a subscription
+            // or a new message tries again.
             if !taken {
                 let mut queues = self.queues.lock().unwrap();
                 if let Some(q) = queues.get_mut(recipient) {
+                    q.sent.remove(&seq);
                     for (s, _) in due {
                         q.sent.remove(&s);
                     }
@@ -305,7 +317,8 @@ impl Mailboxes {
     }
 
     /// Applies what became of a delivery: a lost one is marked to be sent
-    /// again; an acknowledged one leaves the store and is returned.
+    /// again; an acknowledged one leaves the store and is returned, and
+    /// what waited behind it goes out.
     pub async fn settle(&self, fate: Fate) -> Option<(String, Record)> {
         match fate {
             Fate::Lost(recipient, seq) => {
@@ -316,16 +329,20 @@ impl Mailboxes {
                 None
             }
             Fate::Acknowledged(recipient, seq) => {
-                let record = {
+                let (record, waiting) = {
                     let mut queues = self.queues.lock().unwrap();
                     let q = queues.get_mut(&recipient)?;
                     q.sent.remove(&seq);
                     let record = q.pending.remove(&seq)?;
                     q.bytes -= record.encoded_len();
+                    let waiting = q.pending.len() > q.sent.len();
                     self.count(&queues);
-                    record
+                    (record, waiting)
                 };
                 self.remove(&recipient, &[seq]).await;
+                if waiting {
+                    self.push(&recipient).await;
+                }
                 Some((recipient, record))
             }
         }

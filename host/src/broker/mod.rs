@@ -901,11 +901,16 @@ fn deliver(
         }
         return false;
     };
-    if outbox.try_send(out).is_err() {
-        metrics.messages_dropped(DropReason::SlowSubscriber, 1);
-        return false;
+    match outbox.try_send(out) {
+        Ok(()) => true,
+        Err(refused) => {
+            // A message its owner keeps is not lost: the owner sends it again.
+            if refused.into_inner().receipt.is_none() {
+                metrics.messages_dropped(DropReason::SlowSubscriber, 1);
+            }
+            false
+        }
     }
-    true
 }
 
 #[cfg(test)]

@@ -39,6 +39,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// QoS 1 deliveries to this client awaiting its PUBACK.
 const MAX_OUTGOING_INFLIGHT: usize = 256;
 
+/// A connection's read buffer: this small while the client is quiet,
+/// doubling on demand up to [`READ_MAX`] bytes per read while it is busy,
+/// and back to this once it is quiet again (10,000 idle clients cost
+/// little).
+const READ_MIN: usize = 512;
+const READ_MAX: usize = 64 * 1024;
+/// An answer buffer larger than this is let go once written.
+const WRITE_KEEP: usize = 4096;
+
 /// What every session shares.
 pub struct SessionContext {
     pub auth: Arc<Auth>,
@@ -118,7 +127,7 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_MIN);
     let connect = match read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await {
         Ok(c) => c,
         Err(e) => {
@@ -203,6 +212,18 @@ where
     );
     let _ = stream.write_all(&out).await;
     let _ = stream.shutdown().await;
+}
+
+/// Grows `buf` when the last read (of `last_read` bytes) nearly filled it,
+/// and lets a large one go when the client has gone quiet.
+fn size_read_buffer(buf: &mut BytesMut, last_read: usize) {
+    let spare = buf.capacity() - buf.len();
+    if buf.is_empty() && last_read < READ_MIN && buf.capacity() > 2 * READ_MIN {
+        *buf = BytesMut::with_capacity(READ_MIN);
+    } else if spare < READ_MIN || last_read >= spare {
+        let grow = (2 * last_read).max(buf.len()).clamp(READ_MIN, READ_MAX);
+        buf.reserve(grow);
+    }
 }
 
 fn disconnect_reason(end: &SessionEnd) -> Option<DisconnectReason> {
@@ -434,6 +455,7 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let far = Duration::from_secs(86400 * 365);
+        let mut last_read = 0;
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
         loop {
             let awaiting_store = self.pending.front().is_some_and(|p| p.durable.is_some());
@@ -467,7 +489,8 @@ impl Session {
                 }
                 read = stream.read_buf(buf) => match read {
                     Ok(0) => return SessionEnd::Closed,
-                    Ok(_) => {
+                    Ok(n) => {
+                        last_read = n;
                         deadline = Instant::now() + self.keep_alive.unwrap_or(far);
                         self.on_bytes(buf).await
                     }
@@ -480,13 +503,14 @@ impl Session {
                     return SessionEnd::Io(e);
                 }
                 self.out.clear();
+                if self.out.capacity() > WRITE_KEEP {
+                    self.out = BytesMut::new();
+                }
             }
             if let Err(end) = step {
                 return end;
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(64 * 1024);
-            }
+            size_read_buffer(buf, last_read);
         }
     }
 
