@@ -60,6 +60,7 @@ from helpers import (
     WaitTimeout,
     mqtt_str,
     packet,
+    paho_client,
     port_accepts,
     publish_packet,
     tail,
@@ -376,16 +377,15 @@ class DeviceClient:
     stays closed (``closed`` is set)."""
 
     def __init__(self, port: int, client_id: str, username: str | None = None, password: str | None = None,
-                 protocol=mqtt.MQTTv311, ssl_context: ssl.SSLContext | None = None, server_hostname: str = LOOPBACK):
+                 protocol=mqtt.MQTTv311, ssl_context: ssl.SSLContext | None = None, server_hostname: str = LOOPBACK,
+                 transport: str = "tcp"):
         self.port = port
         self.protocol = protocol
         self.client_id = client_id
         kwargs = {"clean_session": True} if protocol != mqtt.MQTTv5 else {}
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
+        c = paho_client(client_id, protocol, transport, ssl_context, **kwargs)
         if username is not None or password is not None:
             c.username_pw_set(username, password)
-        if ssl_context is not None:
-            c.tls_set_context(ssl_context)
         self.server_hostname = server_hostname
         c.max_queued_messages_set(0)
         self.cond = threading.Condition()
@@ -643,7 +643,8 @@ try:
     retry = args.get("retry_secs")  # None: a lost connection stays lost
     client = cls.create_from_connection_string(
         args["cs"], server_verification_cert=ca, connection_retry=bool(retry),
-        connection_retry_interval=retry or 10, keep_alive=30)
+        connection_retry_interval=retry or 10, keep_alive=30,
+        websockets=bool(args.get("websockets")))
     try:
         t0 = time.monotonic()
         client.connect()
@@ -744,7 +745,7 @@ def ensure_sdk_venv(base: Path) -> Path:
 
 def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, messages: list[str] = (),
             properties: dict | None = None, log: Path | None = None, timeout: float = 90.0,
-            steps: list[dict] = (), retry_secs: int | None = None) -> dict:
+            steps: list[dict] = (), retry_secs: int | None = None, websockets: bool = False) -> dict:
     """Runs the SDK driver for one identity; returns its JSON result (plus
     ``stderr`` and ``log`` for messages). ``steps`` run after the messages:
     ``{"op": "get"}`` (the twin), ``{"op": "patch", "patch": {...}}``
@@ -754,7 +755,8 @@ def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, 
     messages), ``{"op": "wait_desired", "timeout": s}`` (the first desired
     patch); their results are in ``out["steps"]``. ``retry_secs``: the SDK
     reconnects by itself after a lost connection, trying every ``retry_secs``
-    (its ``connection_retry``); by default it does not."""
+    (its ``connection_retry``); by default it does not. ``websockets``: MQTT
+    over a secure WebSocket, which the SDK opens on port 443 only."""
     args = {
         "steps": list(steps),
         "cs": ident.connection_string(key=key),
@@ -764,6 +766,7 @@ def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, 
         "properties": properties or {},
         "log": str(log) if log else None,
         "retry_secs": retry_secs,
+        "websockets": websockets,
     }
     driver = Path(python).parent.parent / "sdk_driver.py"
     try:
