@@ -24,7 +24,8 @@ Every subprocess run has a deadline.
 
 The SDK has no port setting: it always connects to port 8883 of
 ``GatewayHostName``, so the SDK tests give the hub ``--tls-listen
-127.0.0.1:8883`` and fail at once with a clear message if 8883 is taken.
+127.0.0.1:8883`` and fail at once with a clear message if 8883 is taken
+(with its websockets option, 443: see test_websockets.py).
 """
 
 from __future__ import annotations
@@ -337,24 +338,31 @@ def make_certs(d: Path) -> dict[str, Path]:
     """A throw-away CA and a server certificate (SAN DNS:localhost, IP:127.0.0.1)."""
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
-
-    def run(*args):
-        r = subprocess.run(["openssl", *args], capture_output=True, cwd=d, timeout=60)
-        assert r.returncode == 0, f"openssl {' '.join(args)} failed:\n{r.stderr.decode(errors='replace')}"
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgehub auth test CA",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
-        "-out", "server.csr")
+    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgehub auth test CA",
+             "-keyout", "ca.key", "-out", "ca.pem")
     (d / "san.ext").write_text(
         "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
         "basicConstraints=CA:FALSE\n"
         "keyUsage=digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
     )
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "dir": d}
+    cert, key = issue_server_cert(d, "server")
+    return {"ca": d / "ca.pem", "cert": cert, "key": key, "dir": d}
+
+
+def issue_server_cert(d: Path, name: str) -> tuple[Path, Path]:
+    """Another server certificate (``<name>.pem``, fresh key ``<name>.key``)
+    from the CA that ``make_certs`` made in ``d``: a renewal."""
+    _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr")
+    _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", "san.ext", "-out", f"{name}.pem")
+    return d / f"{name}.pem", d / f"{name}.key"
+
+
+def _openssl(d: Path, *args: str) -> None:
+    r = subprocess.run(["openssl", *args], capture_output=True, cwd=d, timeout=60)
+    assert r.returncode == 0, f"openssl {' '.join(args)} failed:\n{r.stderr.decode(errors='replace')}"
 
 
 def client_ssl_context(ca: Path, version: ssl.TLSVersion | None = None) -> ssl.SSLContext:

@@ -222,10 +222,12 @@ pub struct TlsConfig {
     /// with their websockets option), with the same certificate.
     #[arg(id = "tls-ws-listen", long, value_delimiter = ',')]
     pub ws_listen: Vec<SocketAddr>,
-    /// PEM server certificate chain of the TLS listeners.
+    /// PEM server certificate chain of the TLS listeners (read again when
+    /// the file changes: new connections get the new certificate).
     #[arg(id = "tls-cert", long)]
     pub cert_file: Option<PathBuf>,
-    /// PEM private key of the TLS listeners' certificate.
+    /// PEM private key of the TLS listeners' certificate (read again with
+    /// the certificate).
     #[arg(id = "tls-key", long)]
     pub key_file: Option<PathBuf>,
     /// HTTPS listener addresses of the hub's API for modules (direct
