@@ -24,7 +24,8 @@ Every subprocess run has a deadline.
 
 The SDK has no port setting: it always connects to port 8883 of
 ``GatewayHostName``, so the SDK tests give the hub ``--tls-listen
-127.0.0.1:8883`` and fail at once with a clear message if 8883 is taken.
+127.0.0.1:8883`` and fail at once with a clear message if 8883 is taken
+(with its websockets option, 443: see test_websockets.py).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from helpers import (
     WaitTimeout,
     mqtt_str,
     packet,
+    paho_client,
     port_accepts,
     publish_packet,
     tail,
@@ -336,24 +338,31 @@ def make_certs(d: Path) -> dict[str, Path]:
     """A throw-away CA and a server certificate (SAN DNS:localhost, IP:127.0.0.1)."""
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
-
-    def run(*args):
-        r = subprocess.run(["openssl", *args], capture_output=True, cwd=d, timeout=60)
-        assert r.returncode == 0, f"openssl {' '.join(args)} failed:\n{r.stderr.decode(errors='replace')}"
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgehub auth test CA",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
-        "-out", "server.csr")
+    _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=edgehub auth test CA",
+             "-keyout", "ca.key", "-out", "ca.pem")
     (d / "san.ext").write_text(
         "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
         "basicConstraints=CA:FALSE\n"
         "keyUsage=digitalSignature,keyEncipherment\n"
         "extendedKeyUsage=serverAuth\n"
     )
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-days", "2", "-extfile", "san.ext", "-out", "server.pem")
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key", "dir": d}
+    cert, key = issue_server_cert(d, "server")
+    return {"ca": d / "ca.pem", "cert": cert, "key": key, "dir": d}
+
+
+def issue_server_cert(d: Path, name: str) -> tuple[Path, Path]:
+    """Another server certificate (``<name>.pem``, fresh key ``<name>.key``)
+    from the CA that ``make_certs`` made in ``d``: a renewal."""
+    _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr")
+    _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", "san.ext", "-out", f"{name}.pem")
+    return d / f"{name}.pem", d / f"{name}.key"
+
+
+def _openssl(d: Path, *args: str) -> None:
+    r = subprocess.run(["openssl", *args], capture_output=True, cwd=d, timeout=60)
+    assert r.returncode == 0, f"openssl {' '.join(args)} failed:\n{r.stderr.decode(errors='replace')}"
 
 
 def client_ssl_context(ca: Path, version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
@@ -376,16 +385,15 @@ class DeviceClient:
     stays closed (``closed`` is set)."""
 
     def __init__(self, port: int, client_id: str, username: str | None = None, password: str | None = None,
-                 protocol=mqtt.MQTTv311, ssl_context: ssl.SSLContext | None = None, server_hostname: str = LOOPBACK):
+                 protocol=mqtt.MQTTv311, ssl_context: ssl.SSLContext | None = None, server_hostname: str = LOOPBACK,
+                 transport: str = "tcp"):
         self.port = port
         self.protocol = protocol
         self.client_id = client_id
         kwargs = {"clean_session": True} if protocol != mqtt.MQTTv5 else {}
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
+        c = paho_client(client_id, protocol, transport, ssl_context, **kwargs)
         if username is not None or password is not None:
             c.username_pw_set(username, password)
-        if ssl_context is not None:
-            c.tls_set_context(ssl_context)
         self.server_hostname = server_hostname
         c.max_queued_messages_set(0)
         self.cond = threading.Condition()
@@ -643,7 +651,8 @@ try:
     retry = args.get("retry_secs")  # None: a lost connection stays lost
     client = cls.create_from_connection_string(
         args["cs"], server_verification_cert=ca, connection_retry=bool(retry),
-        connection_retry_interval=retry or 10, keep_alive=30)
+        connection_retry_interval=retry or 10, keep_alive=30,
+        websockets=bool(args.get("websockets")))
     try:
         t0 = time.monotonic()
         client.connect()
@@ -744,7 +753,7 @@ def ensure_sdk_venv(base: Path) -> Path:
 
 def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, messages: list[str] = (),
             properties: dict | None = None, log: Path | None = None, timeout: float = 90.0,
-            steps: list[dict] = (), retry_secs: int | None = None) -> dict:
+            steps: list[dict] = (), retry_secs: int | None = None, websockets: bool = False) -> dict:
     """Runs the SDK driver for one identity; returns its JSON result (plus
     ``stderr`` and ``log`` for messages). ``steps`` run after the messages:
     ``{"op": "get"}`` (the twin), ``{"op": "patch", "patch": {...}}``
@@ -754,7 +763,8 @@ def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, 
     messages), ``{"op": "wait_desired", "timeout": s}`` (the first desired
     patch); their results are in ``out["steps"]``. ``retry_secs``: the SDK
     reconnects by itself after a lost connection, trying every ``retry_secs``
-    (its ``connection_retry``); by default it does not."""
+    (its ``connection_retry``); by default it does not. ``websockets``: MQTT
+    over a secure WebSocket, which the SDK opens on port 443 only."""
     args = {
         "steps": list(steps),
         "cs": ident.connection_string(key=key),
@@ -764,6 +774,7 @@ def run_sdk(python: Path, ident: Identity, ca: Path, *, key: str | None = None, 
         "properties": properties or {},
         "log": str(log) if log else None,
         "retry_secs": retry_secs,
+        "websockets": websockets,
     }
     driver = Path(python).parent.parent / "sdk_driver.py"
     try:

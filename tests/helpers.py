@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -541,12 +542,25 @@ def queue_stats(binary: str, storage: Path, as_json: bool = False, timeout: floa
 # --------------------------------------------------------------------------
 
 
+def paho_client(client_id: str, protocol, transport: str = "tcp", ssl_context: ssl.SSLContext | None = None,
+                **kwargs) -> mqtt.Client:
+    """A paho 2.x client over ``transport`` ("tcp" or "websockets", paho's
+    default path /mqtt and subprotocol mqtt), with TLS when ``ssl_context``
+    is given."""
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, transport=transport,
+                    **kwargs)
+    if ssl_context is not None:
+        c.tls_set_context(ssl_context)
+    return c
+
+
 class Publisher:
     """A paho client connected to the hub that records which publishes got
     their acknowledgement and with which reason code."""
 
     def __init__(self, port: int, protocol=mqtt.MQTTv311, client_id: str | None = None, inflight: int = 100,
-                 clean: bool = True, will: tuple[str, bytes, int] | None = None):
+                 clean: bool = True, will: tuple[str, bytes, int] | None = None, transport: str = "tcp",
+                 ssl_context: ssl.SSLContext | None = None):
         self.port = port
         self.protocol = protocol
         self.client_id = client_id or f"pub-{uuid.uuid4().hex[:10]}"
@@ -554,7 +568,7 @@ class Publisher:
         if protocol != mqtt.MQTTv5:
             kwargs["clean_session"] = clean
         self._clean = clean
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol, **kwargs)
+        c = paho_client(self.client_id, protocol, transport, ssl_context, **kwargs)
         c.max_inflight_messages_set(inflight)
         c.max_queued_messages_set(0)
         if will:
@@ -670,7 +684,8 @@ class Publisher:
 class Subscriber:
     """A paho client connected to the hub that records what it receives."""
 
-    def __init__(self, port: int, protocol=mqtt.MQTTv311, client_id: str | None = None, clean: bool = True):
+    def __init__(self, port: int, protocol=mqtt.MQTTv311, client_id: str | None = None, clean: bool = True,
+                 transport: str = "tcp", ssl_context: ssl.SSLContext | None = None):
         self.port = port
         self.protocol = protocol
         self.client_id = client_id or f"sub-{uuid.uuid4().hex[:10]}"
@@ -678,7 +693,7 @@ class Subscriber:
         kwargs = {}
         if protocol != mqtt.MQTTv5:
             kwargs["clean_session"] = clean
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=protocol, **kwargs)
+        c = paho_client(self.client_id, protocol, transport, ssl_context, **kwargs)
         self.cond = threading.Condition()
         self.messages: list[mqtt.MQTTMessage] = []
         self.connected = threading.Event()

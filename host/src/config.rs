@@ -217,10 +217,17 @@ pub struct TlsConfig {
     /// device SDKs use 8883).
     #[arg(id = "tls-listen", long, value_delimiter = ',')]
     pub listen: Vec<SocketAddr>,
-    /// PEM server certificate chain of the TLS listener.
+    /// MQTT over secure WebSocket listener addresses (`wss://`, subprotocol
+    /// `mqtt`, any path), e.g. 0.0.0.0:443 (the IoT Hub device SDKs' port
+    /// with their websockets option), with the same certificate.
+    #[arg(id = "tls-ws-listen", long, value_delimiter = ',')]
+    pub ws_listen: Vec<SocketAddr>,
+    /// PEM server certificate chain of the TLS listeners (read again when
+    /// the file changes: new connections get the new certificate).
     #[arg(id = "tls-cert", long)]
     pub cert_file: Option<PathBuf>,
-    /// PEM private key of the TLS listener's certificate.
+    /// PEM private key of the TLS listeners' certificate (read again with
+    /// the certificate).
     #[arg(id = "tls-key", long)]
     pub key_file: Option<PathBuf>,
     /// HTTPS listener addresses of the hub's API for modules (direct
@@ -228,6 +235,13 @@ pub struct TlsConfig {
     /// 443), with the same certificate.
     #[arg(id = "api-listen", long, value_delimiter = ',')]
     pub api_listen: Vec<SocketAddr>,
+}
+
+impl TlsConfig {
+    /// Whether any listener needs the certificate.
+    pub fn is_used(&self) -> bool {
+        !(self.listen.is_empty() && self.ws_listen.is_empty() && self.api_listen.is_empty())
+    }
 }
 
 /// The cloud broker (section `[upstream]`).
@@ -409,6 +423,10 @@ pub struct MqttConfig {
     /// Bytes of retained messages kept (topic and payload).
     #[arg(long)]
     pub max_retained_bytes: usize,
+    /// MQTT-over-WebSocket listener addresses (`ws://`, subprotocol `mqtt`,
+    /// any path), e.g. 0.0.0.0:80; the TLS ones are `tls.ws_listen`.
+    #[arg(long, value_delimiter = ',')]
+    pub ws_listen: Vec<SocketAddr>,
 }
 
 impl MqttConfig {
@@ -487,6 +505,7 @@ impl Default for MqttConfig {
             session_expiry_secs: 7 * 24 * 3600,
             max_retained: crate::broker::Limits::with_offline_queue(0).retained_messages,
             max_retained_bytes: crate::broker::Limits::with_offline_queue(0).retained_bytes,
+            ws_listen: Vec::new(),
         }
     }
 }
@@ -918,10 +937,11 @@ impl Config {
         if self.upstream.cert_file.is_some() != self.upstream.key_file.is_some() {
             return bad("upstream.cert_file and upstream.key_file go together".into());
         }
-        if !(self.tls.listen.is_empty() && self.tls.api_listen.is_empty())
-            && (self.tls.cert_file.is_none() || self.tls.key_file.is_none())
-        {
-            return bad("tls.listen and tls.api_listen need tls.cert_file and tls.key_file".into());
+        if self.tls.is_used() && (self.tls.cert_file.is_none() || self.tls.key_file.is_none()) {
+            return bad(
+                "tls.listen, tls.ws_listen and tls.api_listen need tls.cert_file and tls.key_file"
+                    .into(),
+            );
         }
         self.route_table()?;
         Ok(())
@@ -1216,6 +1236,25 @@ mod tests {
         assert_eq!(c.auth.master_key_file, Some(PathBuf::from("m.key")));
         assert_eq!(c.tls.key_file, Some(PathBuf::from("k.pem")));
         assert_eq!(c.store.max_queue_bytes, 99);
+    }
+
+    #[test]
+    fn websocket_listeners_come_from_the_file_the_environment_and_flags() {
+        let file =
+            "[mqtt]\nws_listen = [\"127.0.0.1:80\"]\n[tls]\nws_listen = [\"127.0.0.1:443\"]\n\
+            cert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        let c = layered(file, &[], "").unwrap();
+        assert_eq!(c.mqtt.ws_listen[0].port(), 80);
+        assert_eq!(c.tls.ws_listen[0].port(), 443);
+        let vars = [
+            ("EDGEHUB_WS_LISTEN", "127.0.0.1:81,127.0.0.1:82"),
+            ("EDGEHUB_TLS_WS_LISTEN", "127.0.0.1:444"),
+        ];
+        let c = layered(file, &vars, "--tls-ws-listen 127.0.0.1:445").unwrap();
+        assert_eq!(c.mqtt.ws_listen.len(), 2);
+        assert_eq!(c.tls.ws_listen[0].port(), 445);
+        let err = layered("", &[], "--tls-ws-listen 127.0.0.1:443").unwrap_err();
+        assert!(err.to_string().contains("tls.ws_listen"), "{err}");
     }
 
     #[test]

@@ -100,9 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         metrics.clone(),
     )?);
     let tls_acceptor = match (&config.tls.cert_file, &config.tls.key_file) {
-        (Some(cert), Some(key))
-            if !(config.tls.listen.is_empty() && config.tls.api_listen.is_empty()) =>
-        {
+        (Some(cert), Some(key)) if config.tls.is_used() => {
             Some(TlsAcceptor::from(tls::server_config(cert, key)?))
         }
         _ => None,
@@ -214,28 +212,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         }
     }
     let limit = Arc::new(Semaphore::new(config.mqtt.max_connections));
-    let plain = config.listen.iter().map(|a| (a, None));
-    let secure = config.tls.listen.iter().map(|a| (a, tls_acceptor.clone()));
-    for (addr, tls) in plain.chain(secure) {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| HubError::Bind {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let kind = if tls.is_some() {
-            "MQTT over TLS"
-        } else {
-            "MQTT"
-        };
-        tracing::info!(addr = %l.local_addr().unwrap_or(*addr), kind, "listener ready");
-        tasks.spawn(listener::run(
-            l,
-            tls,
-            ctx.clone(),
-            limit.clone(),
-            shutdown.clone(),
-        ));
+    let layers = |tls: &Option<TlsAcceptor>, websocket| listener::Transport {
+        tls: tls.clone(),
+        websocket,
+    };
+    let listeners = [
+        (&config.listen, layers(&None, false)),
+        (&config.tls.listen, layers(&tls_acceptor, false)),
+        (&config.mqtt.ws_listen, layers(&None, true)),
+        (&config.tls.ws_listen, layers(&tls_acceptor, true)),
+    ];
+    for (addrs, transport) in listeners {
+        for addr in addrs {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| HubError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            tracing::info!(addr = %l.local_addr().unwrap_or(*addr), kind = transport.kind(), "listener ready");
+            tasks.spawn(listener::run(
+                l,
+                transport.clone(),
+                ctx.clone(),
+                limit.clone(),
+                shutdown.clone(),
+            ));
+        }
     }
     if let Some(addr) = config.metrics {
         let l = metrics::bind(addr).await.map_err(|source| HubError::Bind {

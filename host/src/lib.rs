@@ -12,7 +12,8 @@
 //! `config` and `metrics` serve them all; `control` is the operator's
 //! socket into a running hub's store (dead letters); `durable_file`
 //! (crash-safe file replacement), `iothub` (each connection's own
-//! `$iothub/...` topics), `pem` (certificates and keys), `topic`
+//! `$iothub/...` topics), `pem` (certificates and keys), `websocket` (MQTT over WebSocket, both
+//! sides), `topic`
 //! (MQTT topic names and filters) and `packet_id` (MQTT packet ids) are
 //! shared helpers.
 
@@ -40,3 +41,4 @@ pub mod topic;
 pub mod twin;
 pub mod twins;
 pub mod upstream;
+pub mod websocket;

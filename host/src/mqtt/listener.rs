@@ -1,11 +1,13 @@
-//! The accept loop: one task per connection (after the TLS handshake on a
-//! TLS listener), capped (a connection past the cap is refused with a
-//! CONNACK, never left waiting), stopped by the shutdown token and awaited
-//! before the hub exits.
+//! The accept loop: one task per connection, capped (a connection past the
+//! cap is refused with a CONNACK, never left waiting), stopped by the
+//! shutdown token and awaited before the hub exits. Each listener has a
+//! [`Transport`]: TCP, then TLS when it has an acceptor, then a WebSocket
+//! when it is a `ws`/`wss` one; the session gets the resulting byte stream,
+//! whichever it is.
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -13,18 +15,85 @@ use tokio_util::task::TaskTracker;
 
 use super::session::{self, SessionContext};
 
+/// How long a client may take over its TLS handshake and WebSocket upgrade.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Connections beyond the limit answered with a refusal at once; past
 /// these, a connection is closed without a word.
 const REFUSING: usize = 64;
 
-/// Accepts connections on `listener` (TLS ones when `tls` is set), at
-/// most as many at once as `limit` has permits (shared by all listeners).
-/// A client beyond the limit gets a CONNACK refusal, never a wait.
+/// The layers between a listener's TCP connections and MQTT.
+#[derive(Clone, Default)]
+pub struct Transport {
+    /// TLS over TCP (the client's certificate, if it sends one, goes to
+    /// the session for X.509 authentication).
+    pub tls: Option<TlsAcceptor>,
+    /// A WebSocket over TCP or TLS (`ws`, `wss`).
+    pub websocket: bool,
+}
+
+impl Transport {
+    /// What the listener serves, for the log.
+    pub fn kind(&self) -> &'static str {
+        match (self.tls.is_some(), self.websocket) {
+            (false, false) => "MQTT",
+            (true, false) => "MQTT over TLS",
+            (false, true) => "MQTT over WebSocket",
+            (true, true) => "MQTT over secure WebSocket",
+        }
+    }
+
+    /// Opens the layers on a new connection: its byte stream for MQTT and
+    /// the certificate chain the client presented (TLS only; else empty).
+    async fn open(
+        &self,
+        socket: TcpStream,
+        max_packet: usize,
+    ) -> Result<(Box<dyn Stream>, Vec<Vec<u8>>), OpenError> {
+        let (stream, certs): (Box<dyn Stream>, _) = match &self.tls {
+            None => (Box::new(socket), Vec::new()),
+            Some(acceptor) => {
+                let stream = acceptor.accept(socket).await.map_err(OpenError::Tls)?;
+                let certs = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|chain| chain.iter().map(|c| c.to_vec()).collect())
+                    .unwrap_or_default();
+                (Box::new(stream), certs)
+            }
+        };
+        if !self.websocket {
+            return Ok((stream, certs));
+        }
+        let stream = crate::websocket::accept(stream, max_packet)
+            .await
+            .map_err(OpenError::WebSocket)?;
+        Ok((Box::new(stream), certs))
+    }
+}
+
+/// A connection's byte stream, whatever carries it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Why a connection did not reach MQTT.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("WebSocket upgrade failed: {0}")]
+    WebSocket(tokio_tungstenite::tungstenite::Error),
+    #[error("TLS handshake or WebSocket upgrade timed out")]
+    TimedOut,
+}
+
+/// Accepts connections on `listener` through `transport`, at most as many
+/// at once as `limit` has permits (shared by all listeners). A client
+/// beyond the limit gets a CONNACK refusal, never a wait.
 pub async fn run(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    transport: Transport,
     ctx: Arc<SessionContext>,
     limit: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -57,30 +126,16 @@ pub async fn run(
         let _ = socket.set_nodelay(true);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        let tls = tls.clone();
+        let transport = transport.clone();
         sessions.spawn(async move {
             let peer = peer.to_string();
-            match tls {
-                None => {
-                    permit
-                        .serve(socket, Vec::new(), peer, ctx, max, shutdown)
-                        .await
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-                        Ok(Ok(stream)) => {
-                            let cert = stream
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .map(|chain| chain.iter().map(|c| c.to_vec()).collect::<Vec<_>>())
-                                .unwrap_or_default();
-                            permit.serve(stream, cert, peer, ctx, max, shutdown).await
-                        }
-                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
-                    }
-                }
+            let opening = transport.open(socket, ctx.max_message_bytes);
+            let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
+                .await
+                .unwrap_or(Err(OpenError::TimedOut));
+            match opened {
+                Ok((stream, certs)) => permit.serve(stream, certs, peer, ctx, max, shutdown).await,
+                Err(e) => tracing::warn!(%peer, kind = transport.kind(), error = %e, "connection not opened"),
             }
         });
     }

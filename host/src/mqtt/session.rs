@@ -146,7 +146,7 @@ pub async fn serve<S>(
                     },
                     &mut out,
                 );
-                let _ = stream.write_all(&out).await;
+                let _ = send(&mut stream, &out).await;
             }
             return;
         }
@@ -176,10 +176,20 @@ pub async fn serve<S>(
     if let Some(reason) = disconnect_reason(&end) {
         let mut out = BytesMut::new();
         session.codec.write(Outbound::Disconnect(reason), &mut out);
-        let _ = stream.write_all(&out).await;
+        let _ = send(&mut stream, &out).await;
     }
     let _ = stream.shutdown().await;
     session.finish(&end).await;
+}
+
+/// Writes `bytes` and flushes them: a TLS or WebSocket stream may hold
+/// written bytes until it is flushed (a TCP stream's flush does nothing).
+async fn send<S>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 /// Answers a connection beyond the hub's limit: its CONNECT gets a refusal
@@ -210,7 +220,7 @@ where
         },
         &mut out,
     );
-    let _ = stream.write_all(&out).await;
+    let _ = send(&mut stream, &out).await;
     let _ = stream.shutdown().await;
 }
 
@@ -332,7 +342,7 @@ impl Session {
                     "empty client id needs a clean session",
                     &mut out,
                 );
-                let _ = stream.write_all(&out).await;
+                let _ = send(stream, &out).await;
                 return None;
             }
             let id = format!("edgehub-{conn_id}");
@@ -357,7 +367,7 @@ impl Session {
                     Refusal::NotAuthorized(why) => (ConnAckCode::NotAuthorized, why),
                 };
                 refuse(code, why, &mut out);
-                let _ = stream.write_all(&out).await;
+                let _ = send(stream, &out).await;
                 return None;
             }
         };
@@ -372,7 +382,7 @@ impl Session {
             };
             if let Some(why) = why {
                 refuse(ConnAckCode::NotAuthorized, why, &mut out);
-                let _ = stream.write_all(&out).await;
+                let _ = send(stream, &out).await;
                 return None;
             }
         }
@@ -437,7 +447,7 @@ impl Session {
         for p in attached.queued {
             session.deliver(p);
         }
-        if stream.write_all(&session.out).await.is_err() {
+        if send(stream, &session.out).await.is_err() {
             return None;
         }
         session.out.clear();
@@ -499,7 +509,7 @@ impl Session {
             };
             // Write what is owed even when the step failed (acks before a close).
             if !self.out.is_empty() {
-                if let Err(e) = stream.write_all(&self.out).await {
+                if let Err(e) = send(stream, &self.out).await {
                     return SessionEnd::Io(e);
                 }
                 self.out.clear();

@@ -1,25 +1,19 @@
-//! MQTT over WebSocket: the client handshake (subprotocol `mqtt`) on an open
-//! stream, and an adapter that makes the message stream a byte stream again
-//! (each write becomes binary frames, binary frames are read back as bytes).
+//! MQTT over WebSocket upstream: the client side of the upgrade
+//! (subprotocol `mqtt`) on an open stream; the byte stream over it is
+//! [`crate::websocket::byte_stream`], shared with the hub's own WebSocket
+//! listeners.
 //!
-//! Owns the WebSocket layer only, using tokio-tungstenite. It does not open
+//! Owns the client handshake only, using tokio-tungstenite. It does not open
 //! the TCP or TLS stream under it (the transport does) nor frame MQTT packets
 //! (the connection does).
 
-use bytes::Bytes;
-use futures_util::future::ready;
-use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_util::io::{CopyToBytes, SinkWriter, StreamReader};
 
 use super::error::UpstreamError;
 use super::transport::Io;
 use crate::config::UpstreamAddr;
-
-/// The WebSocket subprotocol of MQTT 3.1.1 and 5.
-const SUBPROTOCOL: &str = "mqtt";
+use crate::websocket::{byte_stream, SUBPROTOCOL};
 
 /// Upgrades `io` (already through any proxy and TLS) to a WebSocket at
 /// `path` on `addr`, and returns it as a byte stream.
@@ -43,31 +37,17 @@ pub async fn open(
     let (ws, _response) = tokio_tungstenite::client_async(request, io)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let (sink, stream) = ws.split();
-    let reader = StreamReader::new(stream.filter_map(|message| {
-        ready(match message {
-            Ok(Message::Binary(bytes)) => Some(Ok(bytes)),
-            Ok(Message::Text(_)) => Some(Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "a text frame (MQTT over WebSocket uses binary frames)",
-            ))),
-            // Pings are answered by tungstenite; a close frame ends the stream.
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => None,
-            Err(e) => Some(Err(std::io::Error::other(e))),
-        })
-    }));
-    let writer = SinkWriter::new(CopyToBytes::new(
-        sink.with(|bytes: Bytes| ready(Ok::<_, tungstenite::Error>(Message::Binary(bytes))))
-            .sink_map_err(std::io::Error::other),
-    ));
-    Ok(Box::new(Box::pin(tokio::io::join(reader, writer))))
+    Ok(Box::new(byte_stream(ws)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use futures_util::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::Message;
 
     /// A WebSocket server on the far end of an in-memory stream that checks
     /// the upgrade request, then echoes binary frames back doubled.
