@@ -363,6 +363,9 @@ class Hub:
         self.name = name
         self.port = port or free_port()
         self.metrics_port = (metrics_port or free_port()) if metrics else None
+        # Ports picked here may be taken by another process before the hub
+        # binds them; a first start that finds one taken tries fresh ones.
+        self._picked_ports = port is None and (metrics_port is None or not metrics)
         self.storage = Path(storage) if storage else self.workdir / f"{name}-storage"
         self.upstream = upstream
         self.log_path = self.workdir / f"{name}-{self.port}.stderr.log"
@@ -394,6 +397,26 @@ class Hub:
         self.starts = 0
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> "Hub":
+        for attempt in range(3):
+            try:
+                return self._start(wait_ready, timeout)
+            except AssertionError as e:
+                taken = "Address already in use" in str(e)
+                if not (taken and self._picked_ports and self.starts == attempt + 1 and attempt < 2):
+                    raise
+                self._repick_ports()
+        raise AssertionError("unreachable")
+
+    def _repick_ports(self) -> None:
+        old = [f"{LOOPBACK}:{self.port}", f"{LOOPBACK}:{self.metrics_port}"]
+        self.port = free_port()
+        if self.metrics_port:
+            self.metrics_port = free_port()
+        new = [f"{LOOPBACK}:{self.port}", f"{LOOPBACK}:{self.metrics_port}"]
+        self.args = [new[old.index(a)] if a in old else a for a in self.args]
+        self.log_path = self.workdir / f"{self.name}-{self.port}.stderr.log"
+
+    def _start(self, wait_ready: bool, timeout: float) -> "Hub":
         assert not self.alive(), "hub already running"
         self.starts += 1
         with open(self.log_path, "ab") as log:

@@ -20,6 +20,7 @@ from authkit import (
     auth_args,
     publish_scope,
     try_connect,
+    wait_message,
     wait_scope,
 )
 
@@ -29,8 +30,9 @@ MOD_X, MOD_Y = Identity.module("modX"), Identity.module("modY")
 OWN_PUBLISH = {
     "devA": ["devices/devA/messages/events/", "devices/devA/messages/events/temp=21&unit=C",
              "$iothub/twin/GET/?$rid=1", "$iothub/twin/PATCH/properties/reported/?$rid=2",
-             "$iothub/methods/res/200/?$rid=3"],
-    "modX": [f"devices/{EDGE_ID}/modules/modX/messages/events/", "$iothub/twin/GET/?$rid=4"],
+             "$iothub/methods/res/200/?$rid=3", "local/devA/temp", "local/devA"],
+    "modX": [f"devices/{EDGE_ID}/modules/modX/messages/events/", "$iothub/twin/GET/?$rid=4",
+             f"local/{EDGE_ID}/modX/state"],
 }
 FOREIGN_PUBLISH = {
     "devA": [
@@ -43,6 +45,10 @@ FOREIGN_PUBLISH = {
         "plain/topic",                                            # a plain topic
         "devices/devAB/messages/events/",                         # a device id with devA as prefix
         "devices/devA/messages/eventsX",                          # not the telemetry topic
+        "local/devB/temp",                                        # device B's local topics
+        "local/devAB/temp",                                       # a device id with devA as prefix
+        "local/alarm",                                            # outside any identity's corner
+        f"local/{EDGE_ID}/modX/state",                            # a module's local topics
     ],
     "modX": [
         f"devices/{EDGE_ID}/modules/modY/messages/events/",       # as another module
@@ -51,6 +57,8 @@ FOREIGN_PUBLISH = {
         "devices/devA/messages/events/",
         "plain/topic",
         f"devices/{EDGE_ID}/modules/modXY/messages/events/",      # a module id with modX as prefix
+        "local/devA/temp",                                        # a device's local topics
+        f"local/{EDGE_ID}/modY/state",                            # another module's
     ],
 }
 # (filter, allowed)
@@ -69,6 +77,9 @@ SUBSCRIPTIONS = {
         ("devices/devAB/messages/devicebound/#", False),
         ("+/devA/messages/devicebound/#", False),
         ("$iothub/#", False),
+        ("local/#", True),
+        ("local/+/temp", True),
+        ("+/devB/temp", False),
     ],
     "modX": [
         (f"devices/{EDGE_ID}/modules/modX/inputs/#", True),
@@ -79,6 +90,7 @@ SUBSCRIPTIONS = {
         ("devices/devA/messages/devicebound/#", False),
         ("#", False),
         (f"devices/{EDGE_ID}/modules/modXY/inputs/#", False),
+        ("local/#", True),
     ],
 }
 WHO = {"devA": DEV_A, "modX": MOD_X}
@@ -192,4 +204,26 @@ def test_subscribing_outside_its_own_topics_is_refused_per_filter(scoped_hub, cl
     assert not wrong, f"{who} {'v5' if proto == mqtt.MQTTv5 else 'v3.1.1'} SUBACK: " + "; ".join(wrong)
     # still connected and allowed to publish its own telemetry
     assert c.publish_result(own_telemetry(who), b"after subscribe") == 0
+
+
+@pytest.mark.parametrize("proto", [mqtt.MQTTv311, mqtt.MQTTv5], ids=["v311", "v5"])
+def test_children_of_one_scope_talk_to_each_other_offline_on_local_topics_out_of_the_box(
+    scoped_hub, upstream, clients, proto
+):
+    """No grant configured: device B and module X read what device A
+    publishes under its own `local/devA/...`, while the upstream is down."""
+    hub, _ = scoped_hub
+    upstream.stop()
+    readers = []
+    for ident in (DEV_B, MOD_X):
+        rc, c = try_connect(hub.port, clients, protocol=proto, **ident.credentials())
+        assert rc == 0, f"CONNACK {rc:#x}"
+        assert c.subscribe_result(["local/#"]) == [1], "local/# refused"
+        readers.append(c)
+    rc, a = try_connect(hub.port, clients, protocol=proto, **DEV_A.credentials())
+    assert rc == 0
+    assert a.publish_result("local/devA/temp", b"21.5") == 0
+    for r in readers:
+        got = wait_message(r, b"21.5", 20)
+        assert ("local/devA/temp", b"21.5") in got, got
 

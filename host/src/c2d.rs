@@ -177,21 +177,8 @@ mod tests {
         )
         .await
         .unwrap();
-        let (outbox, mut inbox) = mpsc::channel(8);
-        broker
-            .connect(
-                "d1",
-                1,
-                crate::broker::SESSION_ENDS,
-                false,
-                outbox,
-                CancellationToken::new(),
-            )
-            .await
-            .unwrap();
-        broker
-            .subscribe("d1", vec![("devices/d1/messages/devicebound/#".into(), 1)])
-            .await;
+        let filters = [("devices/d1/messages/devicebound/#", 1)];
+        let mut inbox = crate::broker::subscribed_client(&broker, "d1", 1, &filters).await;
         c2d.push("d1").await;
         let first = inbox.recv().await.unwrap();
         assert_eq!(&first.payload[..], b"a");

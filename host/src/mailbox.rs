@@ -368,8 +368,6 @@ impl Mailboxes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::SESSION_ENDS;
-    use tokio_util::sync::CancellationToken;
 
     fn record(payload: &'static [u8]) -> Record {
         Record {
@@ -397,19 +395,7 @@ mod tests {
             gauge: Metrics::set_module_inputs_queued,
         };
         let (mailboxes, _fates) = Mailboxes::open(&store, broker.clone(), setup).unwrap();
-        let (outbox, mut inbox) = mpsc::channel(16);
-        broker
-            .connect(
-                "m",
-                1,
-                SESSION_ENDS,
-                false,
-                outbox,
-                CancellationToken::new(),
-            )
-            .await
-            .unwrap();
-        broker.subscribe("m", vec![("in/#".into(), 1)]).await;
+        let mut inbox = crate::broker::subscribed_client(&broker, "m", 1, &[("in/#", 1)]).await;
 
         let first = mailboxes.reserve(vec![("e".into(), record(b"1"))]);
         let second =

@@ -213,25 +213,9 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use tokio::sync::mpsc;
-    use tokio_util::sync::CancellationToken;
 
     async fn connected(broker: &BrokerHandle, id: &str) -> mpsc::Receiver<Delivery> {
-        let (outbox, inbox) = mpsc::channel(8);
-        broker
-            .connect(
-                id,
-                1,
-                crate::broker::SESSION_ENDS,
-                false,
-                outbox,
-                CancellationToken::new(),
-            )
-            .await
-            .unwrap();
-        broker
-            .subscribe(id, vec![("$iothub/methods/POST/#".into(), 0)])
-            .await;
-        inbox
+        crate::broker::subscribed_client(broker, id, 1, &[("$iothub/methods/POST/#", 0)]).await
     }
 
     #[tokio::test]

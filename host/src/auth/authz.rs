@@ -1,6 +1,8 @@
 //! What an authenticated client may publish and subscribe to.
 //!
-//! A device (or module) may use only its own IoT Hub topics, plus the plain
+//! A device (or module) may use only its own IoT Hub topics, its own
+//! corner of [`LOCAL`] (every identity of the scope reads all of it, so
+//! children talk to each other offline out of the box), plus the plain
 //! topics the config grants it; an anonymous client (allowed by config once
 //! a scope exists) only plain topics; before any scope exists everything is
 //! open, except `$iothub/...`.
@@ -13,6 +15,11 @@
 use super::Principal;
 use crate::iothub;
 use crate::topic;
+
+/// The plain topics identities share: each publishes under
+/// `local/{device}/...` (a module: `local/{edge}/{module}/...`) and may
+/// subscribe to anything under `local/`.
+pub const LOCAL: &str = "local";
 
 /// Topics under these roots belong to identities, never to anonymous clients.
 const IDENTITY_ROOTS: [&str; 2] = ["devices/", iothub::ROOT];
@@ -27,11 +34,19 @@ pub fn may_publish(p: &Principal, edge_id: &str, name: &str) -> bool {
         Principal::Open => true,
         Principal::Anonymous => !in_identity_root(name),
         Principal::Identity(id, grant) => {
-            let own = match &id.module_id {
-                None => format!("devices/{}/messages/events", id.device_id),
-                Some(m) => format!("devices/{edge_id}/modules/{m}/messages/events"),
+            let (own, local) = match &id.module_id {
+                None => (
+                    format!("devices/{}/messages/events", id.device_id),
+                    format!("{LOCAL}/{}", id.device_id),
+                ),
+                Some(m) => (
+                    format!("devices/{edge_id}/modules/{m}/messages/events"),
+                    format!("{LOCAL}/{edge_id}/{m}"),
+                ),
             };
-            under(name, &own) || (!in_identity_root(name) && granted(&grant.publish, name))
+            under(name, &own)
+                || under(name, &local)
+                || (!in_identity_root(name) && granted(&grant.publish, name))
         }
     }
 }
@@ -67,6 +82,7 @@ pub fn may_subscribe(p: &Principal, edge_id: &str, filter: &str) -> bool {
                 Some(m) => format!("devices/{edge_id}/modules/{m}/inputs"),
             };
             under(filter, &own)
+                || under(filter, LOCAL)
                 || (!reaches_identity_roots(filter) && grant.subscribe.iter().any(|g| g == filter))
         }
     }
@@ -107,6 +123,24 @@ mod tests {
             },
             Grant::default(),
         )
+    }
+
+    #[test]
+    fn identities_write_only_their_own_local_corner_and_read_all_of_local() {
+        let (d1, m1) = (device("d1"), module("m1"));
+        assert!(may_publish(&d1, "edge", "local/d1/temp"));
+        assert!(may_publish(&d1, "edge", "local/d1"));
+        assert!(!may_publish(&d1, "edge", "local/d2/temp"));
+        assert!(!may_publish(&d1, "edge", "local/d10/temp"));
+        assert!(!may_publish(&d1, "edge", "local/alarm"));
+        assert!(may_publish(&m1, "edge", "local/edge/m1/state"));
+        assert!(!may_publish(&m1, "edge", "local/edge/m2/state"));
+        for p in [&d1, &m1] {
+            assert!(may_subscribe(p, "edge", "local/#"));
+            assert!(may_subscribe(p, "edge", "local/+/temp"));
+            assert!(!may_subscribe(p, "edge", "+/d1/temp"));
+            assert!(!may_subscribe(p, "edge", "localx/#"));
+        }
     }
 
     #[test]

@@ -913,6 +913,24 @@ fn deliver(
     }
 }
 
+/// A clean-session client attached to `broker` and subscribed to
+/// `filters`: what it receives (for tests of the broker's users).
+#[cfg(test)]
+pub(crate) async fn subscribed_client(
+    broker: &BrokerHandle,
+    id: &str,
+    conn: u64,
+    filters: &[(&str, u8)],
+) -> mpsc::Receiver<Delivery> {
+    let (outbox, inbox) = mpsc::channel(16);
+    let kick = CancellationToken::new();
+    let attached = broker.connect(id, conn, SESSION_ENDS, false, outbox, kick);
+    attached.await.expect("the broker is running");
+    let filters = filters.iter().map(|(f, q)| (f.to_string(), *q)).collect();
+    broker.subscribe(id, filters).await;
+    inbox
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,17 +954,9 @@ mod tests {
             .publish(vec![delivery("a/1", false), delivery("a/r", true)])
             .await;
         let (outbox, mut inbox) = mpsc::channel(16);
-        broker
-            .connect(
-                "c",
-                1,
-                SESSION_ENDS,
-                false,
-                outbox,
-                CancellationToken::new(),
-            )
-            .await
-            .unwrap();
+        let kick = CancellationToken::new();
+        let attached = broker.connect("c", 1, SESSION_ENDS, false, outbox, kick);
+        attached.await.unwrap();
         let retained = broker.subscribe("c", vec![("a/#".into(), 1)]).await;
         assert_eq!(
             retained
@@ -974,22 +984,8 @@ mod tests {
         let (broker, task) = spawn(16, Arc::default());
         let mut inboxes = Vec::new();
         for (conn, c) in ["a", "b"].into_iter().enumerate() {
-            let (outbox, inbox) = mpsc::channel(16);
-            broker
-                .connect(
-                    c,
-                    conn as u64,
-                    SESSION_ENDS,
-                    false,
-                    outbox,
-                    CancellationToken::new(),
-                )
-                .await
-                .unwrap();
-            broker
-                .subscribe(c, vec![("$iothub/twin/res/#".into(), 1)])
-                .await;
-            inboxes.push(inbox);
+            let filters = [("$iothub/twin/res/#", 1)];
+            inboxes.push(subscribed_client(&broker, c, conn as u64, &filters).await);
         }
         broker
             .publish(vec![delivery("$iothub/twin/res/200/?$rid=1", true)])
