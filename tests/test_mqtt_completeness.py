@@ -352,3 +352,39 @@ def test_a_qos2_delivery_interrupted_after_pubrec_goes_on_with_pubrel_when_the_s
     s2.send(ack(PUBCOMP, pid2))
     s2.send(b"\xe0\x00")
     assert [pk for pk in s2.read_until_closed(10) if pk[0] == PUBLISH] == []
+
+
+# --------------------------------------------------------------------------
+# taking a session over
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [4, 5], ids=["v311", "v5"])
+def test_a_second_connection_with_the_same_client_id_takes_over_and_the_first_is_closed(hub, clients, level):
+    """MQTT 3.1.4-3: the server closes the existing connection of a client id
+    that connects again (MQTT 5: DISCONNECT 0x8E, session taken over); the
+    new connection is served and gets what is published afterwards."""
+    client_id = f"taker-{uuid.uuid4().hex[:6]}"
+    first = raw(hub, clients)
+    _, _, body = first.connect(client_id=client_id, level=level)
+    assert body[1] == 0, f"first CONNACK {body[1]:#x}"
+
+    second = raw(hub, clients)
+    _, _, body = second.connect(client_id=client_id, level=level)
+    assert body[1] == 0, f"second CONNACK {body[1]:#x}"
+
+    before_close = first.read_until_closed(10)
+    assert first.closed, "the first connection is still open 10 s after the takeover"
+    if level == 5:
+        reasons = [p[2][:1] for p in before_close if p[0] == 14]
+        assert reasons == [b"\x8e"], f"expected DISCONNECT 0x8E before the close, got {before_close!r}"
+
+    assert second.send(b"\xc0\x00")  # PINGREQ
+    expect(second, PINGRESP, "PINGRESP on the connection that took over")
+    if level == 4:
+        raw_subscribe(second, "local/takeover/#", 1)
+        p = pub(hub, clients)
+        assert p.publish_and_wait("local/takeover/x", b"after", qos=1) < 0x80
+        flags, body = expect(second, PUBLISH, "the message published after the takeover")
+        assert parse_publish(flags, body)[0] == "local/takeover/x"
+    assert hub.alive()

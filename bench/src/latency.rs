@@ -292,7 +292,9 @@ async fn measure_into(
 /// Connects the timing subscriber (clean session) and waits for its SUBACK.
 async fn subscribe(addr: SocketAddr, deadline: Instant) -> Result<Conn> {
     let mut conn = Conn::connect_retry(addr, SUBSCRIBER_ID, true, deadline).await?;
-    conn.queue(Packet::Subscribe(load::subscribe_packet()))?;
+    conn.queue(Packet::Subscribe(load::subscribe_packet(
+        load::SUBSCRIBER_FILTER,
+    )))?;
     conn.flush().await?;
     let mut packets = Vec::new();
     if !conn

@@ -390,7 +390,7 @@ impl SubscriberStats {
 /// subscriber reconnects.
 pub async fn seed_subscriber_session(addr: SocketAddr, deadline: Instant) -> Result<()> {
     let mut conn = Conn::connect_retry(addr, SUBSCRIBER_ID, false, deadline).await?;
-    conn.queue(Packet::Subscribe(subscribe_packet()))?;
+    conn.queue(Packet::Subscribe(subscribe_packet(SUBSCRIBER_FILTER)))?;
     conn.flush().await?;
     let mut packets = Vec::new();
     if !conn
@@ -406,17 +406,20 @@ pub async fn seed_subscriber_session(addr: SocketAddr, deadline: Instant) -> Res
     conn.disconnect().await
 }
 
-pub fn subscribe_packet() -> Subscribe {
-    let mut subscribe = Subscribe::new(SUBSCRIBER_FILTER, QoS::AtLeastOnce);
+/// SUBSCRIBE to `filter` at QoS 1.
+pub fn subscribe_packet(filter: &str) -> Subscribe {
+    let mut subscribe = Subscribe::new(filter, QoS::AtLeastOnce);
     subscribe.pkid = 1;
     subscribe
 }
 
-/// Counts QoS 1 deliveries (acknowledging each one) until all `expected`
+/// Subscribes to `filter` at QoS 1, then counts deliveries (acknowledging
+/// each one) until all `expected`
 /// sequence numbers arrived, nothing new arrived for `idle` after the first
 /// message, or `deadline` passed. `subscribed` fires on SUBACK.
 pub async fn run_subscriber(
     mut conn: Conn,
+    filter: &'static str,
     expected: u64,
     deadline: Instant,
     idle: Duration,
@@ -433,7 +436,8 @@ pub async fn run_subscriber(
         end: SubscriberEnd::Timeout,
         error: None,
     };
-    if let Err(e) = subscribe_loop(&mut conn, deadline, idle, subscribed, &mut stats).await {
+    if let Err(e) = subscribe_loop(&mut conn, filter, deadline, idle, subscribed, &mut stats).await
+    {
         stats.error = Some(format!("{e:#}"));
     } else {
         let _ = conn.disconnect().await;
@@ -443,6 +447,7 @@ pub async fn run_subscriber(
 
 async fn subscribe_loop(
     conn: &mut Conn,
+    filter: &str,
     deadline: Instant,
     idle: Duration,
     mut subscribed: Option<oneshot::Sender<()>>,
@@ -451,7 +456,7 @@ async fn subscribe_loop(
     let mut seen = vec![0u64; (stats.expected as usize).div_ceil(64)];
     let mut pending_acks = 0usize;
     let mut packets = Vec::new();
-    conn.queue(Packet::Subscribe(subscribe_packet()))?;
+    conn.queue(Packet::Subscribe(subscribe_packet(filter)))?;
     conn.flush().await?;
 
     while stats.distinct < stats.expected {

@@ -11,6 +11,7 @@
 
 mod latency;
 mod load;
+mod local;
 mod plugin_calls;
 mod report;
 mod rss;
@@ -93,6 +94,18 @@ struct Args {
     /// not measured).
     #[arg(long, default_value_t = 5000)]
     latency_messages: u64,
+    /// Instead of the comparison: the local broker against a plain
+    /// Mosquitto (idle connections' memory, one-to-many and many-to-one
+    /// fan-out).
+    #[arg(long)]
+    local: bool,
+    /// Idle clients of the local comparison [default: 10000, or 1000 with --quick].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Subscribers (one-to-many) and publishers (many-to-one) of the local
+    /// comparison [default: 1000, or 100 with --quick].
+    #[arg(long)]
+    fanout: Option<usize>,
     /// Keep the working directory (configs, logs, stores) afterwards.
     #[arg(long)]
     keep: bool,
@@ -204,7 +217,19 @@ async fn run(args: Args) -> Result<()> {
         warmup: LATENCY_WARMUP,
         payload: args.payload.max(latency::STAMP_BYTES),
     };
-    let comparison = !(args.plugin_calls || rss_mode);
+    let comparison = !(args.plugin_calls || rss_mode || args.local);
+    if args.local {
+        let local = local::LocalSettings {
+            connections: args
+                .connections
+                .unwrap_or(if args.quick { 1000 } else { 10_000 }),
+            fanout: args.fanout.unwrap_or(if args.quick { 100 } else { 1000 }),
+            one_to_many_messages: if args.quick { 200 } else { 1000 },
+            rounds: if args.quick { 20 } else { 100 },
+        };
+        local::compare(&settings, &local, args.repeat).await;
+        return Ok(());
+    }
     report::print_header(
         &settings,
         &edgehub_bin,

@@ -240,6 +240,7 @@ pub async fn ceiling(s: &Settings) -> SystemResult {
             let deadline = s.deadline();
             let subscriber = tokio::spawn(load::run_subscriber(
                 sub,
+                load::SUBSCRIBER_FILTER,
                 s.messages,
                 deadline,
                 s.idle_timeout,
@@ -427,7 +428,15 @@ async fn run_outage(
             deadline,
         )
         .await?;
-        let stats = load::run_subscriber(sub, s.messages, deadline, s.idle_timeout, None).await;
+        let stats = load::run_subscriber(
+            sub,
+            load::SUBSCRIBER_FILTER,
+            s.messages,
+            deadline,
+            s.idle_timeout,
+            None,
+        )
+        .await;
         let drain_end = Instant::now();
         result.drain_cpu = cpu_since(proc.pid, cpu_before);
         result.loadgen_cpu.1 = cpu_since(std::process::id(), own_before);

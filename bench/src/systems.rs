@@ -186,6 +186,11 @@ fn common_config(port: u16, dir: &Path, as_root: bool) -> String {
     c
 }
 
+/// A plain Mosquitto broker without persistence (the local-broker peer).
+pub fn plain_config(port: u16, dir: &Path, as_root: bool) -> String {
+    common_config(port, dir, as_root)
+}
+
 /// The upstream broker. Persistence is on only so the subscriber's session
 /// survives the restart between "seed the session" and "drain"; autosave is
 /// effectively off (snapshots happen only at shutdown).

@@ -212,9 +212,8 @@ fn answer_payload(body: &[u8]) -> Value {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use tokio::sync::mpsc;
 
-    async fn connected(broker: &BrokerHandle, id: &str) -> mpsc::Receiver<Delivery> {
+    async fn connected(broker: &BrokerHandle, id: &str) -> crate::broker::Outbox {
         crate::broker::subscribed_client(broker, id, 1, &[("$iothub/methods/POST/#", 0)]).await
     }
 

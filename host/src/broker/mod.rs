@@ -17,6 +17,8 @@
 //! [`BrokerHandle::send_to`].
 
 mod durable;
+mod index;
+mod outbox;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,10 +27,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 pub use durable::JournalError;
 use durable::{Change, Journal, Restored, StoredSession};
+pub use outbox::{channel as outbox, Outbox, OutboxSender};
 
 use crate::iothub;
 use crate::metrics::{DropReason, Metrics};
@@ -155,8 +157,7 @@ enum Command {
         /// ([`SESSION_ENDS`], [`SESSION_NEVER_EXPIRES`]).
         expiry_secs: u32,
         resume: bool,
-        outbox: mpsc::Sender<Delivery>,
-        kick: CancellationToken,
+        outbox: OutboxSender,
         reply: oneshot::Sender<Attached>,
     },
     Disconnect {
@@ -218,8 +219,7 @@ impl BrokerHandle {
         conn_id: u64,
         expiry_secs: u32,
         resume: bool,
-        outbox: mpsc::Sender<Delivery>,
-        kick: CancellationToken,
+        outbox: OutboxSender,
     ) -> Option<Attached> {
         let (reply, rx) = oneshot::channel();
         let cmd = Command::Connect {
@@ -228,7 +228,6 @@ impl BrokerHandle {
             expiry_secs,
             resume,
             outbox,
-            kick,
             reply,
         };
         self.tx.send(cmd).await.ok()?;
@@ -330,8 +329,8 @@ struct Client {
     expiry_secs: u32,
     /// When its client went away (Unix ms); `None` while connected.
     away_since_ms: Option<u64>,
-    outbox: Option<mpsc::Sender<Delivery>>,
-    kick: Option<CancellationToken>,
+    /// Dropped, it tells the session its connection is over (taken over).
+    outbox: Option<OutboxSender>,
     subscriptions: HashMap<String, u8>,
     /// Messages kept while away, by sequence number (their order).
     offline: BTreeMap<u64, Delivery>,
@@ -351,6 +350,15 @@ impl Client {
             }
             _ => false,
         }
+    }
+
+    /// The QoS of its best subscription matching `topic`, if any.
+    fn granted(&self, topic: &str) -> Option<u8> {
+        self.subscriptions
+            .iter()
+            .filter(|(f, _)| topic::matches(f, topic))
+            .map(|(_, q)| *q)
+            .max()
     }
 
     fn stored(&self) -> StoredSession {
@@ -382,6 +390,8 @@ struct Requeue {
 struct Broker {
     interest: Arc<Interest>,
     clients: HashMap<String, Client>,
+    /// The clients' subscriptions by filter (kept in step with them).
+    index: index::Index,
     retained: HashMap<String, Delivery>,
     retained_bytes: usize,
     limits: Limits,
@@ -443,6 +453,7 @@ fn start(
     let mut broker = Broker {
         interest: interest.clone(),
         clients: HashMap::new(),
+        index: index::Index::default(),
         retained: HashMap::new(),
         retained_bytes: 0,
         limits,
@@ -455,8 +466,10 @@ fn start(
         broker.restore(restored);
         broker.journal = Some(journal);
     }
-    let held = broker.clients.values().map(|c| c.subscriptions.len()).sum();
-    broker.interest.held.store(held, Ordering::Release);
+    broker
+        .interest
+        .held
+        .store(broker.index.len(), Ordering::Release);
     let join = tokio::spawn(async move {
         let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
         loop {
@@ -482,8 +495,10 @@ fn start(
             let subscribing = matches!(cmd, Command::Subscribe { .. });
             broker.handle(cmd);
             if changes {
-                let held = broker.clients.values().map(|c| c.subscriptions.len()).sum();
-                broker.interest.held.store(held, Ordering::Release);
+                broker
+                    .interest
+                    .held
+                    .store(broker.index.len(), Ordering::Release);
             }
             if subscribing {
                 broker.interest.pending.fetch_sub(1, Ordering::AcqRel);
@@ -494,6 +509,24 @@ fn start(
 }
 
 impl Broker {
+    /// Adds a client and its subscriptions to the index.
+    fn insert_client(&mut self, client_id: String, client: Client) {
+        self.remove_client(&client_id);
+        for (filter, &qos) in &client.subscriptions {
+            self.index.insert(filter, &client_id, qos);
+        }
+        self.clients.insert(client_id, client);
+    }
+
+    /// Removes a client and its subscriptions from the index.
+    fn remove_client(&mut self, client_id: &str) -> Option<Client> {
+        let client = self.clients.remove(client_id)?;
+        for filter in client.subscriptions.keys() {
+            self.index.remove(filter, client_id);
+        }
+        Some(client)
+    }
+
     fn record(&self, change: Change) {
         if let Some(journal) = &self.journal {
             journal.record(change);
@@ -518,12 +551,11 @@ impl Broker {
                 expiry_secs: session.expiry_secs,
                 away_since_ms: Some(session.away_since_ms.unwrap_or(now)),
                 outbox: None,
-                kick: None,
                 subscriptions: session.subscriptions.into_iter().collect(),
                 offline: queued.into_iter().collect(),
                 released: session.released.into_iter().map(|p| (p, None)).collect(),
             };
-            self.clients.insert(client_id, client);
+            self.insert_client(client_id, client);
         }
         for message in restored.retained {
             self.retained_bytes += message.topic.len() + message.payload.len();
@@ -541,7 +573,7 @@ impl Broker {
             .map(|(id, _)| id.clone())
             .collect();
         for client_id in expired {
-            if let Some(client) = self.clients.remove(&client_id) {
+            if let Some(client) = self.remove_client(&client_id) {
                 tracing::info!(client = %client_id, queued = client.offline.len(), "persistent session expired");
             }
             self.record(Change::Session(client_id, None));
@@ -591,13 +623,13 @@ impl Broker {
                 expiry_secs,
                 resume,
                 outbox,
-                kick,
                 reply,
             } => {
-                let previous = self.clients.remove(&client_id);
-                if let Some(old) = previous.as_ref().and_then(|c| c.kick.as_ref()) {
-                    old.cancel();
-                }
+                // Dropping an older connection's outbox kicks it.
+                let previous = self.remove_client(&client_id).map(|old| Client {
+                    outbox: None,
+                    ..old
+                });
                 let now = crate::store::now_ms();
                 let kept = previous.filter(|old| old.persistent() && !old.expired(now));
                 let had_stored = kept.is_some();
@@ -613,7 +645,6 @@ impl Broker {
                     expiry_secs,
                     away_since_ms: None,
                     outbox: Some(outbox),
-                    kick: Some(kick),
                     subscriptions,
                     offline: BTreeMap::new(),
                     released: Vec::new(),
@@ -644,7 +675,7 @@ impl Broker {
                         Delivery { receipt, ..d }
                     })
                     .collect();
-                self.clients.insert(client_id, client);
+                self.insert_client(client_id, client);
                 let _ = reply.send(Attached {
                     session_present,
                     queued,
@@ -665,7 +696,6 @@ impl Broker {
                 }
                 if client.persistent() {
                     client.outbox = None;
-                    client.kick = None;
                     client.away_since_ms = Some(crate::store::now_ms());
                     client.released = released;
                     let stored = client.stored();
@@ -684,7 +714,7 @@ impl Broker {
                         client.offline.insert(seq, p);
                     }
                 } else {
-                    self.clients.remove(&client_id);
+                    self.remove_client(&client_id);
                 }
             }
             Command::Subscribe {
@@ -704,6 +734,7 @@ impl Broker {
                                 });
                             }
                         }
+                        self.index.insert(&filter, &client_id, qos);
                         client.subscriptions.insert(filter, qos);
                     }
                     if let (true, Some(journal)) = (client.persistent(), &self.journal) {
@@ -716,7 +747,9 @@ impl Broker {
             Command::Unsubscribe { client_id, filters } => {
                 if let Some(client) = self.clients.get_mut(&client_id) {
                     for f in filters {
-                        client.subscriptions.remove(&f);
+                        if client.subscriptions.remove(&f).is_some() {
+                            self.index.remove(&f, &client_id);
+                        }
                     }
                     if client.persistent() {
                         let stored = client.stored();
@@ -743,17 +776,20 @@ impl Broker {
                 delivery,
                 reply,
             } => {
-                let taken = match self.clients.get_mut(&client_id) {
-                    Some(client) => deliver(
+                let client = self.clients.get_mut(&client_id);
+                let granted = client.as_ref().and_then(|c| c.granted(&delivery.topic));
+                let taken = match (client, granted) {
+                    (Some(client), Some(granted)) => deliver(
                         &client_id,
                         client,
+                        granted,
                         delivery,
                         &mut self.next_seq,
                         &self.journal,
                         self.limits.offline_queue,
                         &self.metrics,
                     ),
-                    None => false,
+                    _ => false,
                 };
                 let _ = reply.send(taken);
             }
@@ -766,11 +802,17 @@ impl Broker {
         if msg.retain {
             self.retain(&msg);
         }
+        let mut matched = HashMap::new();
+        self.index.matches(&msg.topic, &mut matched);
         let mut taken = false;
-        for (client_id, client) in self.clients.iter_mut() {
+        for (client_id, granted) in matched {
+            let Some(client) = self.clients.get_mut(client_id) else {
+                continue;
+            };
             taken |= deliver(
                 client_id,
                 client,
+                granted,
                 msg.clone(),
                 &mut self.next_seq,
                 &self.journal,
@@ -850,26 +892,18 @@ fn resumed_receipt(
 }
 
 /// Hands `msg` to a client at the QoS its best matching subscription
-/// grants; nothing when none matches. Returns whether the connected client
-/// took it.
+/// grants. Returns whether the connected client took it.
+#[allow(clippy::too_many_arguments)]
 fn deliver(
     client_id: &str,
     client: &mut Client,
+    granted: u8,
     msg: Delivery,
     next_seq: &mut u64,
     journal: &Option<Journal>,
     offline_cap: usize,
     metrics: &Metrics,
 ) -> bool {
-    let granted = client
-        .subscriptions
-        .iter()
-        .filter(|(f, _)| topic::matches(f, &msg.topic))
-        .map(|(_, q)| *q)
-        .max();
-    let Some(granted) = granted else {
-        return false;
-    };
     let out = Delivery {
         qos: msg.qos.min(granted),
         retain: false,
@@ -905,7 +939,7 @@ fn deliver(
         Ok(()) => true,
         Err(refused) => {
             // A message its owner keeps is not lost: the owner sends it again.
-            if refused.into_inner().receipt.is_none() {
+            if refused.receipt.is_none() {
                 metrics.messages_dropped(DropReason::SlowSubscriber, 1);
             }
             false
@@ -921,10 +955,9 @@ pub(crate) async fn subscribed_client(
     id: &str,
     conn: u64,
     filters: &[(&str, u8)],
-) -> mpsc::Receiver<Delivery> {
-    let (outbox, inbox) = mpsc::channel(16);
-    let kick = CancellationToken::new();
-    let attached = broker.connect(id, conn, SESSION_ENDS, false, outbox, kick);
+) -> Outbox {
+    let (outbox, inbox) = outbox(16);
+    let attached = broker.connect(id, conn, SESSION_ENDS, false, outbox);
     attached.await.expect("the broker is running");
     let filters = filters.iter().map(|(f, q)| (f.to_string(), *q)).collect();
     broker.subscribe(id, filters).await;
@@ -953,9 +986,8 @@ mod tests {
         broker
             .publish(vec![delivery("a/1", false), delivery("a/r", true)])
             .await;
-        let (outbox, mut inbox) = mpsc::channel(16);
-        let kick = CancellationToken::new();
-        let attached = broker.connect("c", 1, SESSION_ENDS, false, outbox, kick);
+        let (outbox, mut inbox) = outbox(16);
+        let attached = broker.connect("c", 1, SESSION_ENDS, false, outbox);
         attached.await.unwrap();
         let retained = broker.subscribe("c", vec![("a/#".into(), 1)]).await;
         assert_eq!(
@@ -1008,8 +1040,8 @@ mod tests {
         );
         drop(broker);
         task.await.unwrap();
-        let a: Vec<_> = std::iter::from_fn(|| inboxes[0].try_recv().ok()).collect();
-        let b: Vec<_> = std::iter::from_fn(|| inboxes[1].try_recv().ok()).collect();
+        let a: Vec<_> = std::iter::from_fn(|| inboxes[0].try_recv()).collect();
+        let b: Vec<_> = std::iter::from_fn(|| inboxes[1].try_recv()).collect();
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].topic, "$iothub/twin/res/200/?$rid=2");
         assert!(
@@ -1018,15 +1050,10 @@ mod tests {
         );
     }
 
-    async fn attach(
-        broker: &BrokerHandle,
-        id: &str,
-        conn: u64,
-        expiry: u32,
-    ) -> (Attached, mpsc::Receiver<Delivery>) {
-        let (outbox, inbox) = mpsc::channel(16);
+    async fn attach(broker: &BrokerHandle, id: &str, conn: u64, expiry: u32) -> (Attached, Outbox) {
+        let (outbox, inbox) = outbox(16);
         let attached = broker
-            .connect(id, conn, expiry, true, outbox, CancellationToken::new())
+            .connect(id, conn, expiry, true, outbox)
             .await
             .unwrap();
         (attached, inbox)
@@ -1103,16 +1130,9 @@ mod tests {
         }
         broker.publish(vec![delivery("a/1", false)]).await;
         // A clean start throws the kept session away.
-        let (outbox, _inbox) = mpsc::channel(16);
+        let (outbox, _inbox) = outbox(16);
         let attached = broker
-            .connect(
-                "clean",
-                2,
-                SESSION_ENDS,
-                false,
-                outbox,
-                CancellationToken::new(),
-            )
+            .connect("clean", 2, SESSION_ENDS, false, outbox)
             .await
             .unwrap();
         assert!(!attached.session_present && attached.queued.is_empty());
@@ -1128,6 +1148,7 @@ mod tests {
         let mut broker_state = Broker {
             interest: Arc::default(),
             clients: HashMap::new(),
+            index: index::Index::default(),
             retained: HashMap::new(),
             retained_bytes: 0,
             limits,
@@ -1141,7 +1162,6 @@ mod tests {
             expiry_secs: 1,
             away_since_ms: Some(1_000),
             outbox: None,
-            kick: None,
             subscriptions: HashMap::new(),
             offline: BTreeMap::new(),
             released: Vec::new(),

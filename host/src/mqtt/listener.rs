@@ -129,7 +129,7 @@ pub async fn run(
         let transport = transport.clone();
         sessions.spawn(async move {
             let peer = peer.to_string();
-            let opening = transport.open(socket, ctx.max_message_bytes);
+            let opening = Box::pin(transport.open(socket, ctx.max_message_bytes));
             let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
                 .await
                 .unwrap_or(Err(OpenError::TimedOut));

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -39,14 +38,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// QoS 1 deliveries to this client awaiting its PUBACK.
 const MAX_OUTGOING_INFLIGHT: usize = 256;
 
-/// A connection's read buffer: this small while the client is quiet,
+/// A connection's read buffer: none while the client is quiet (a read
+/// then takes a few dozen bytes), at least this once it sends more,
 /// doubling on demand up to [`READ_MAX`] bytes per read while it is busy,
-/// and back to this once it is quiet again (10,000 idle clients cost
-/// little).
+/// and let go once it is quiet again (10,000 idle clients cost little).
 const READ_MIN: usize = 512;
 const READ_MAX: usize = 64 * 1024;
-/// An answer buffer larger than this is let go once written.
-const WRITE_KEEP: usize = 4096;
 
 /// What every session shares.
 pub struct SessionContext {
@@ -128,7 +125,9 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_MIN);
-    let connect = match read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await {
+    // What runs once per connection is boxed: the future that waits on an
+    // idle connection holds only the session and its loop.
+    let connect = match Box::pin(read_connect(&mut stream, &mut buf, ctx.max_message_bytes)).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "connection refused");
@@ -151,19 +150,22 @@ pub async fn serve<S>(
             return;
         }
     };
-    let mut session = match Session::accept(connect, &client_certs, &peer, &ctx, &mut stream).await
-    {
+    let accepting = Session::accept(connect, &client_certs, &peer, &ctx, &mut stream);
+    let mut session = match Box::pin(accepting).await {
         Some(s) => s,
         None => return,
     };
+    drop(client_certs);
+    // The CONNECT's buffer: an idle connection holds none.
+    size_read_buffer(&mut buf, 0);
     ctx.metrics.client_connected(1);
     if session.resumed {
         // A resumed session kept its subscriptions: what waits for it (its
         // device's cloud-to-device messages, module inputs) goes out now.
         if session.device_inbox().is_some() {
-            ctx.c2d.push(&session.client_id).await;
+            Box::pin(ctx.c2d.push(&session.client_id)).await;
         }
-        ctx.inputs.push_all().await;
+        Box::pin(ctx.inputs.push_all()).await;
     }
     let end = session.run(&mut stream, &mut buf, &shutdown).await;
     ctx.metrics.client_connected(-1);
@@ -179,7 +181,7 @@ pub async fn serve<S>(
         let _ = send(&mut stream, &out).await;
     }
     let _ = stream.shutdown().await;
-    session.finish(&end).await;
+    Box::pin(session.finish(&end)).await;
 }
 
 /// Writes `bytes` and flushes them: a TLS or WebSocket stream may hold
@@ -225,12 +227,14 @@ where
 }
 
 /// Grows `buf` when the last read (of `last_read` bytes) nearly filled it,
-/// and lets a large one go when the client has gone quiet.
+/// and lets it go when the client has gone quiet.
 fn size_read_buffer(buf: &mut BytesMut, last_read: usize) {
+    if buf.is_empty() && last_read < READ_MIN {
+        *buf = BytesMut::new();
+        return;
+    }
     let spare = buf.capacity() - buf.len();
-    if buf.is_empty() && last_read < READ_MIN && buf.capacity() > 2 * READ_MIN {
-        *buf = BytesMut::with_capacity(READ_MIN);
-    } else if spare < READ_MIN || last_read >= spare {
+    if spare < READ_MIN || last_read >= spare {
         let grow = (2 * last_read).max(buf.len()).clamp(READ_MIN, READ_MAX);
         buf.reserve(grow);
     }
@@ -273,15 +277,16 @@ struct Session {
     /// Shared with every message this client publishes (their publisher).
     client_id: Arc<str>,
     /// Who this session acts for; checked again whenever the scope changes.
-    principal: Principal,
+    principal: Box<Principal>,
     scope: tokio::sync::watch::Receiver<Option<Arc<Scope>>>,
     conn_id: u64,
     codec: codec::Codec,
     keep_alive: Option<Duration>,
-    will: Option<Publish>,
+    /// Boxed, as `principal`: a session held by an idle connection stays small.
+    will: Option<Box<Publish>>,
     ctx: Arc<SessionContext>,
-    outbox: mpsc::Receiver<Delivery>,
-    kick: CancellationToken,
+    /// Deliveries from the broker; closed when the connection is taken over.
+    outbox: crate::broker::Outbox,
     /// Acks owed, in the order the publishes arrived.
     pending: VecDeque<Pending>,
     /// QoS 2 packet ids received and not yet released by PUBREL.
@@ -391,38 +396,31 @@ impl Session {
             Protocol::V4 => ctx.session_expiry_secs.max(1),
             Protocol::V5 => connect.session_expiry.unwrap_or(0),
         };
-        let (tx, rx) = mpsc::channel(OUTBOX);
-        let kick = CancellationToken::new();
+        let (tx, rx) = crate::broker::outbox(OUTBOX);
         let attached = ctx
             .broker
-            .connect(
-                &client_id,
-                conn_id,
-                expiry_secs,
-                !connect.clean_start,
-                tx,
-                kick.clone(),
-            )
+            .connect(&client_id, conn_id, expiry_secs, !connect.clean_start, tx)
             .await?;
         let mut session = Session {
             client_id,
-            principal,
             scope: ctx.auth.watch(),
             conn_id,
             codec,
             keep_alive: (connect.keep_alive > 0)
                 .then(|| Duration::from_millis(connect.keep_alive as u64 * 1500)),
-            will: connect.will.map(|w| Publish {
-                topic: w.topic,
-                payload: w.payload,
-                qos: w.qos.min(2),
-                retain: w.retain,
-                dup: false,
-                pkid: 0,
+            principal: Box::new(principal),
+            will: connect.will.map(|w| {
+                Box::new(Publish {
+                    topic: w.topic,
+                    payload: w.payload,
+                    qos: w.qos.min(2),
+                    retain: w.retain,
+                    dup: false,
+                    pkid: 0,
+                })
             }),
             ctx: ctx.clone(),
             outbox: rx,
-            kick,
             pending: VecDeque::new(),
             qos2_received: HashSet::new(),
             outgoing: HashMap::new(),
@@ -472,7 +470,6 @@ impl Session {
             let can_deliver = self.outgoing.len() < MAX_OUTGOING_INFLIGHT;
             let step: Result<(), SessionEnd> = tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-                _ = self.kick.cancelled() => return SessionEnd::TakenOver,
                 Ok(()) = self.scope.changed() => {
                     let scope = self.scope.borrow_and_update().clone();
                     match self.ctx.auth.still_allowed(&self.principal, scope.as_deref()) {
@@ -487,12 +484,15 @@ impl Session {
                     front.outcome = Some(outcome.unwrap_or(Err(AppendError::Closed)));
                     self.release_acks()
                 }
-                Some(p) = self.outbox.recv(), if can_deliver => {
+                next = self.outbox.next(can_deliver) => {
+                    let Some(p) = next else {
+                        return SessionEnd::TakenOver;
+                    };
                     self.deliver(p);
                     while self.outgoing.len() < MAX_OUTGOING_INFLIGHT {
                         match self.outbox.try_recv() {
-                            Ok(p) => self.deliver(p),
-                            Err(_) => break,
+                            Some(p) => self.deliver(p),
+                            None => break,
                         }
                     }
                     Ok(())
@@ -502,7 +502,7 @@ impl Session {
                     Ok(n) => {
                         last_read = n;
                         deadline = Instant::now() + self.keep_alive.unwrap_or(far);
-                        self.on_bytes(buf).await
+                        Box::pin(self.on_bytes(buf)).await
                     }
                     Err(e) => return SessionEnd::Io(e),
                 },
@@ -512,10 +512,8 @@ impl Session {
                 if let Err(e) = send(stream, &self.out).await {
                     return SessionEnd::Io(e);
                 }
-                self.out.clear();
-                if self.out.capacity() > WRITE_KEEP {
-                    self.out = BytesMut::new();
-                }
+                // Let go: an idle connection holds no write buffer.
+                self.out = BytesMut::new();
             }
             if let Err(end) = step {
                 return end;
@@ -574,7 +572,7 @@ impl Session {
         acks: &mut Vec<Ack>,
         requests: &mut Vec<(Request, bytes::Bytes)>,
     ) -> Result<(), SessionEnd> {
-        let request = match (&self.principal, Request::parse(&p.topic)) {
+        let request = match (&*self.principal, Request::parse(&p.topic)) {
             (Principal::Identity(..), Ok(r)) => Ok(r),
             (Principal::Identity(..), Err(e)) => Err(e.to_string()),
             _ => Err("$iothub requests need a device or module identity".into()),
@@ -604,7 +602,7 @@ impl Session {
     /// Answers this connection's `$iothub` requests, in order, on its own
     /// `$iothub/...` subscriptions.
     async fn answer(&mut self, requests: &mut Vec<(Request, bytes::Bytes)>) {
-        let Principal::Identity(id, _) = &self.principal else {
+        let Principal::Identity(id, _) = &*self.principal else {
             requests.clear();
             return;
         };
@@ -927,7 +925,7 @@ impl Session {
     /// `devices/{d}/messages/devicebound` when this session is child device
     /// `d` (cloud-to-device messages are for devices, not modules).
     fn device_inbox(&self) -> Option<String> {
-        match &self.principal {
+        match &*self.principal {
             Principal::Identity(id, _) if id.module_id.is_none() => {
                 Some(format!("devices/{}/messages/devicebound", id.device_id))
             }
@@ -984,7 +982,12 @@ impl Session {
         if let (Some(will), false) = (self.will.take(), matches!(end, SessionEnd::Shutdown)) {
             let router = &self.ctx.router;
             let publisher = self.client_id.clone();
-            let (topic, body, now) = (will.topic, will.payload, store::now_ms());
+            let Publish {
+                topic,
+                payload: body,
+                ..
+            } = *will;
+            let now = store::now_ms();
             let will = Message::published(publisher, topic, body, will.qos, will.retain, now);
             let (local, upstream) = if router.upstream_bound(&will.topic) {
                 (Vec::new(), vec![will])
@@ -1015,7 +1018,7 @@ impl Session {
                 Sent::Released { receipt } => released.push((pkid, receipt)),
             }
         }
-        while let Ok(d) = self.outbox.try_recv() {
+        while let Some(d) = self.outbox.try_recv() {
             unacked.push(d);
         }
         self.ctx
