@@ -40,11 +40,11 @@ EXPIRED = "edgehub_messages_expired_total"
 # --------------------------------------------------------------------------
 
 
-def inputs_hub(hub_factory, tmp_path, routes: dict, upstream=None, extra_args=(), **kw):
+def inputs_hub(hub_factory, tmp_path, routes: dict, upstream=None, extra_args=(), store: str = "", **kw):
     """A hub (edge id EDGE, no device scope: anonymous clients) whose config
-    file holds ``routes``."""
+    file holds ``routes`` (and ``store``, lines of its ``[store]`` table)."""
     cfg = tmp_path / f"routes-{uuid.uuid4().hex[:8]}.toml"
-    cfg.write_text(hub_config_text(routes=routes))
+    cfg.write_text(hub_config_text(routes=routes) + (f"\n[store]\n{store}\n" if store else ""))
     return hub_factory(upstream, edge_id=EDGE, extra_args=["--config", str(cfg), *extra_args], **kw)
 
 
@@ -88,7 +88,8 @@ def wait_payloads(hub, sub: Subscriber, n: int, timeout: float, desc: str) -> li
         raise WaitTimeout(
             f"timed out after {timeout}s waiting for {desc}: {len(got)} distinct received"
             f" (the last {got[-1:]}); {QUEUED} = {hub.metric(QUEUED)},"
-            f" dropped as slow_subscriber: {dropped(hub, 'slow_subscriber')}"
+            f" dropped as slow_subscriber: {dropped(hub, 'slow_subscriber')},"
+            f" as module_input_full: {dropped(hub, 'module_input_full')}"
         ) from None
     return payloads(sub)
 
@@ -252,9 +253,12 @@ def test_a_module_that_subscribes_while_a_device_streams_receives_every_message_
 ):
     """The module subscribes with thousands of messages waiting while the
     device keeps publishing (pipelined, 100 in flight): the waiting messages
-    and the new ones reach it in one order, the device's."""
-    hub = inputs_hub(hub_factory, tmp_path, {"to-filter": TO_INPUT})
+    and the new ones reach it in one order, the device's. The input's bound
+    is above the whole stream: a module slower than the device would
+    otherwise see the newest dropped once 10,000 wait (the bound has a test
+    of its own)."""
     n = 20_000
+    hub = inputs_hub(hub_factory, tmp_path, {"to-filter": TO_INPUT}, store=f"module_input_max_messages = {2 * n}")
     items = [reading(i) for i in range(n)]
     pub = Publisher(hub.port, inflight=100)
     clients.append(pub.connect())
