@@ -354,6 +354,64 @@ def test_a_qos2_delivery_interrupted_after_pubrec_goes_on_with_pubrel_when_the_s
     assert [pk for pk in s2.read_until_closed(10) if pk[0] == PUBLISH] == []
 
 
+@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+def test_a_queued_qos2_message_received_before_a_restart_gets_its_pubrel_again_and_never_the_publish(
+    hub, clients, how
+):
+    """A persistent QoS 2 subscriber away gets a message kept for it, receives
+    it (PUBREC; the hub answers PUBREL) and goes before its PUBCOMP; the hub
+    stops (SIGTERM, or kill -9 once a SUBACK says what came before is durable)
+    and starts again; on resumption the subscriber gets the PUBREL again and
+    never the PUBLISH: exactly once."""
+    cid = "q2-restart"
+    s1 = raw(hub, clients)
+    assert s1.connect(client_id=cid, clean=False)[2][1] == 0
+    assert raw_subscribe(s1, "local/q2restart/#", qos=2) == 2
+    s1.send(b"\xe0\x00")
+    s1.read_until_closed(10)
+
+    p = pub(hub, clients)
+    assert p.publish_and_wait("local/q2restart/a", b"once only", qos=2) < 0x80
+    p.close()
+
+    s2 = raw(hub, clients)
+    assert s2.connect(client_id=cid, clean=False)[2] == b"\x01\x00"
+    flags, body = expect(s2, PUBLISH, "the kept message")
+    topic, qos, pid, payload = parse_publish(flags, body)
+    assert (topic, qos, payload) == ("local/q2restart/a", 2, b"once only")
+    s2.send(ack(PUBREC, pid))
+    expect(s2, PUBREL, "PUBREL")
+    s2.close(abort=True)  # gone before its PUBCOMP
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 0, 10, "== 0")
+
+    if how == "kill9":
+        # The broker's journal is written in order: a persistent session's
+        # SUBACK (sent once durable) says the PUBREC before it is too.
+        marker = raw(hub, clients)
+        assert marker.connect(client_id=f"{cid}-marker", clean=False)[2][1] == 0
+        raw_subscribe(marker, "local/q2restart-marker", qos=1)
+        hub.kill9()
+    else:
+        assert hub.terminate() == 0, "the hub did not exit cleanly on SIGTERM"
+    hub.start()
+
+    s3 = raw(hub, clients)
+    assert s3.connect(client_id=cid, clean=False)[2] == b"\x01\x00", "the session was not kept"
+    flags, body = expect(s3, PUBREL, "the PUBREL re-sent after the restart")
+    assert packet_id(body) == pid
+    s3.send(ack(PUBCOMP, pid))
+    p2 = pub(hub, clients)
+    assert p2.publish_and_wait("local/q2restart/sentinel", b"sentinel", qos=1) < 0x80
+    seen = []
+    while True:
+        flags, body = expect(s3, PUBLISH, "the sentinel")
+        seen.append(parse_publish(flags, body))
+        if seen[-1][0] == "local/q2restart/sentinel":
+            break
+        s3.send(ack(PUBREC, seen[-1][2]))
+    assert [t for t, *_ in seen] == ["local/q2restart/sentinel"], f"sent again after the restart: {seen}"
+
+
 # --------------------------------------------------------------------------
 # taking a session over
 # --------------------------------------------------------------------------

@@ -50,6 +50,10 @@ pub enum Change {
     /// A message queued for a session away (by its sequence number), or
     /// removed from that queue (delivered and acknowledged, or dropped).
     Queued(String, u64, Option<Delivery>),
+    /// A queued message its client received (QoS 2 PUBREC) under this
+    /// packet id: from now on it is kept as that id only (its PUBREL goes
+    /// again after a restart, never the message).
+    Received(String, u64, u16),
     /// A retained message set, or cleared.
     Retained(String, Option<Delivery>),
 }
@@ -71,6 +75,9 @@ pub struct RestoredSession {
     pub session: StoredSession,
     /// Its queued messages by sequence number, in order.
     pub queued: Vec<(u64, Delivery)>,
+    /// Queued messages it received (QoS 2 PUBREC) and did not complete:
+    /// (sequence number, packet id).
+    pub received: Vec<(u64, u16)>,
 }
 
 /// The broker's side of the writer: cheap to clone (receipts hold one).
@@ -206,6 +213,14 @@ fn apply(spaces: &Keyspaces, counts: &mut Counts, change: Change) -> Result<(), 
                 None => {}
             }
         }
+        Change::Received(client, seq, pkid) => {
+            let key = queue_key(&client, seq);
+            // (Acknowledged and removed already: nothing to keep.)
+            if spaces.queue.contains(&key)? {
+                let [hi, lo] = pkid.to_be_bytes();
+                spaces.queue.insert(&key, &[RECEIVED, hi, lo])?;
+            }
+        }
         Change::Retained(topic, message) => {
             let present = spaces.retained.contains(topic.as_bytes())?;
             match message {
@@ -227,14 +242,24 @@ fn apply(spaces: &Keyspaces, counts: &mut Counts, change: Change) -> Result<(), 
 fn restore(spaces: &Keyspaces) -> Result<Restored, StoreError> {
     let mut restored = Restored::default();
     let mut queued: std::collections::HashMap<String, Vec<(u64, Delivery)>> = Default::default();
+    let mut received: std::collections::HashMap<String, Vec<(u64, u16)>> = Default::default();
     for (key, value) in spaces.queue.entries()? {
-        match (parse_queue_key(&key), decode(&value)) {
-            (Some((client, seq)), Some(m)) => queued.entry(client).or_default().push((seq, m)),
-            _ => {
-                tracing::warn!(key = %String::from_utf8_lossy(&key), "a corrupt message queued for a session is skipped");
-                spaces.queue.delete(&key)?;
+        match (parse_queue_key(&key), &value[..]) {
+            (Some((client, seq)), &[RECEIVED, hi, lo]) => {
+                let pkid = u16::from_be_bytes([hi, lo]);
+                received.entry(client).or_default().push((seq, pkid));
+                continue;
             }
+            (Some((client, seq)), _) => {
+                if let Some(m) = decode(&value) {
+                    queued.entry(client).or_default().push((seq, m));
+                    continue;
+                }
+            }
+            (None, _) => {}
         }
+        tracing::warn!(key = %String::from_utf8_lossy(&key), "a corrupt message queued for a session is skipped");
+        spaces.queue.delete(&key)?;
     }
     for (key, value) in spaces.sessions.entries()? {
         let client = String::from_utf8_lossy(&key).into_owned();
@@ -242,10 +267,13 @@ fn restore(spaces: &Keyspaces) -> Result<Restored, StoreError> {
             Ok(session) => {
                 let mut queued = queued.remove(&client).unwrap_or_default();
                 queued.sort_by_key(|(seq, _)| *seq);
+                let mut received = received.remove(&client).unwrap_or_default();
+                received.sort_by_key(|(seq, _)| *seq);
                 restored.sessions.push(RestoredSession {
                     client_id: client,
                     session,
                     queued,
+                    received,
                 });
             }
             Err(e) => {
@@ -256,8 +284,16 @@ fn restore(spaces: &Keyspaces) -> Result<Restored, StoreError> {
     }
     // Queued messages whose session is gone (removed before a crash made
     // the removal durable) go too.
-    for (client, q) in queued {
-        for (seq, _) in q {
+    let orphans = queued
+        .into_iter()
+        .map(|(c, q)| (c, q.into_iter().map(|(s, _)| s).collect::<Vec<_>>()));
+    let orphans = orphans.chain(
+        received
+            .into_iter()
+            .map(|(c, r)| (c, r.into_iter().map(|(s, _)| s).collect())),
+    );
+    for (client, seqs) in orphans {
+        for seq in seqs {
             spaces.queue.delete(&queue_key(&client, seq))?;
         }
     }
@@ -298,6 +334,10 @@ fn parse_queue_key(key: &[u8]) -> Option<(String, u64)> {
     let seq = u64::from_be_bytes(key[split + 1..].try_into().ok()?);
     Some((client, seq))
 }
+
+/// The first byte of a queued entry its client received (QoS 2 PUBREC),
+/// followed by the packet id big-endian; a message's first byte is its QoS.
+const RECEIVED: u8 = 0xFF;
 
 /// A message kept: its QoS, then the queue's record (topic and payload).
 fn encode(m: &Delivery) -> Vec<u8> {
@@ -346,7 +386,8 @@ mod tests {
     }
 
     #[test]
-    fn what_the_broker_keeps_is_read_back_after_a_reopen_in_order() {
+    fn what_the_broker_keeps_is_read_back_after_a_reopen_in_order_and_a_received_message_as_its_packet_id(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         {
             let (journal, restored, join) = reopen(dir.path());
@@ -366,6 +407,15 @@ mod tests {
                 Some(message("a/3", b"three")),
             ));
             journal.record(Change::Queued("c1".into(), 3, None));
+            // received (QoS 2 PUBREC): kept as its packet id only; one
+            // removed already stays removed
+            journal.record(Change::Queued(
+                "c1".into(),
+                4,
+                Some(message("a/4", b"four")),
+            ));
+            journal.record(Change::Received("c1".into(), 4, 9));
+            journal.record(Change::Received("c1".into(), 3, 5));
             journal.record(Change::Retained(
                 "r/1".into(),
                 Some(message("r/1", b"kept")),
@@ -391,6 +441,7 @@ mod tests {
             .map(|(s, m)| (*s, m.payload.clone()))
             .collect();
         assert_eq!(order, vec![(1, "one".into()), (2, "two".into())]);
+        assert_eq!(kept.received, vec![(4, 9)]);
         let retained: Vec<_> = restored.retained.iter().map(|m| m.topic.as_str()).collect();
         assert_eq!(retained, vec!["r/1"]);
     }

@@ -69,6 +69,9 @@ struct ReceiptInner {
     acknowledged: std::sync::atomic::AtomicBool,
     /// `true`: acknowledged; `false`: lost.
     tell: Box<dyn Fn(bool) + Send + Sync>,
+    /// QoS 2: told the packet id once the client has the message (its
+    /// PUBREC), before the PUBREL goes.
+    release: Option<Box<dyn Fn(u16) + Send + Sync>>,
 }
 
 impl Receipt {
@@ -76,7 +79,28 @@ impl Receipt {
         Receipt(Arc::new(ReceiptInner {
             acknowledged: std::sync::atomic::AtomicBool::new(false),
             tell: Box::new(tell),
+            release: None,
         }))
+    }
+
+    /// A receipt also told when a QoS 2 delivery is received (PUBREC).
+    fn releasing(
+        tell: impl Fn(bool) + Send + Sync + 'static,
+        release: impl Fn(u16) + Send + Sync + 'static,
+    ) -> Self {
+        Receipt(Arc::new(ReceiptInner {
+            acknowledged: std::sync::atomic::AtomicBool::new(false),
+            tell: Box::new(tell),
+            release: Some(Box::new(release)),
+        }))
+    }
+
+    /// QoS 2: the client has the message (PUBREC) under `pkid`; from now
+    /// on only its PUBREL may go again, never the PUBLISH.
+    pub fn released(&self, pkid: u16) {
+        if let Some(release) = &self.0.release {
+            release(pkid)
+        }
     }
 
     pub fn acknowledged(&self) {
@@ -385,6 +409,9 @@ struct Requeue {
     conn_id: u64,
     seq: u64,
     delivery: Delivery,
+    /// QoS 2: the packet id it was received under (PUBREC) before the
+    /// connection was lost: only its PUBREL goes again.
+    released: Option<u16>,
 }
 
 struct Broker {
@@ -463,8 +490,8 @@ fn start(
         next_seq: 1,
     };
     if let Some((journal, restored)) = durable {
-        broker.restore(restored);
         broker.journal = Some(journal);
+        broker.restore(restored);
     }
     broker
         .interest
@@ -541,10 +568,23 @@ impl Broker {
             client_id,
             session,
             queued,
+            received,
         } in restored.sessions
         {
-            if let Some((last, _)) = queued.last() {
+            let last = queued.iter().map(|(seq, _)| *seq);
+            if let Some(last) = last.chain(received.iter().map(|(seq, _)| *seq)).max() {
                 self.next_seq = self.next_seq.max(last + 1);
+            }
+            // Kept messages the client received (PUBREC): their PUBREL goes
+            // again, and their PUBCOMP removes them from the store.
+            let mut released: Vec<Released> = session
+                .released
+                .into_iter()
+                .filter(|p| !received.iter().any(|(_, r)| r == p))
+                .map(|p| (p, None))
+                .collect();
+            for (seq, pkid) in received {
+                released.push((pkid, received_receipt(&self.journal, &client_id, seq)));
             }
             let client = Client {
                 conn_id: 0,
@@ -553,7 +593,7 @@ impl Broker {
                 outbox: None,
                 subscriptions: session.subscriptions.into_iter().collect(),
                 offline: queued.into_iter().collect(),
-                released: session.released.into_iter().map(|p| (p, None)).collect(),
+                released,
             };
             self.insert_client(client_id, client);
         }
@@ -585,6 +625,13 @@ impl Broker {
             return;
         };
         if !client.persistent() {
+            return;
+        }
+        if let Some(pkid) = lost.released {
+            // Received (PUBREC) before it was lost: its PUBREL goes again on
+            // the next resumption, never the PUBLISH.
+            let receipt = received_receipt(&self.journal, &lost.client_id, lost.seq);
+            client.released.push((pkid, receipt));
             return;
         }
         match &client.outbox {
@@ -697,7 +744,9 @@ impl Broker {
                 if client.persistent() {
                     client.outbox = None;
                     client.away_since_ms = Some(crate::store::now_ms());
-                    client.released = released;
+                    // (What it holds while connected was lost by an older
+                    // connection after its PUBREC.)
+                    client.released.extend(released);
                     let stored = client.stored();
                     if let Some(journal) = &self.journal {
                         journal.record(Change::Session(client_id.clone(), Some(stored)));
@@ -877,16 +926,44 @@ fn resumed_receipt(
         receipt: None,
         ..delivery.clone()
     };
-    Some(Receipt::new(move |acknowledged| {
+    // 0: not received; else the packet id it was received under, plus one.
+    let received = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let release = {
+        let (journal, client_id, received) = (journal.clone(), client_id.clone(), received.clone());
+        move |pkid: u16| {
+            received.store(u32::from(pkid) + 1, Ordering::Release);
+            journal.record(Change::Received(client_id.clone(), seq, pkid));
+        }
+    };
+    let tell = move |acknowledged| {
         if acknowledged {
             journal.record(Change::Queued(client_id.clone(), seq, None));
         } else {
+            let released = match received.load(Ordering::Acquire) {
+                0 => None,
+                n => u16::try_from(n - 1).ok(),
+            };
             let _ = requeue.send(Requeue {
                 client_id: client_id.clone(),
                 conn_id,
                 seq,
                 delivery: again.clone(),
+                released,
             });
+        }
+    };
+    Some(Receipt::releasing(tell, release))
+}
+
+/// The receipt of a kept message its client received (PUBREC) and has not
+/// completed: its PUBCOMP removes it from the store; lost, it stays there
+/// (and its PUBREL goes again after a restart).
+fn received_receipt(journal: &Option<Journal>, client_id: &str, seq: u64) -> Option<Receipt> {
+    let journal = journal.clone()?;
+    let client_id = client_id.to_string();
+    Some(Receipt::new(move |acknowledged| {
+        if acknowledged {
+            journal.record(Change::Queued(client_id.clone(), seq, None));
         }
     }))
 }

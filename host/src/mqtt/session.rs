@@ -44,6 +44,10 @@ const MAX_OUTGOING_INFLIGHT: usize = 256;
 /// and let go once it is quiet again (10,000 idle clients cost little).
 const READ_MIN: usize = 512;
 const READ_MAX: usize = 64 * 1024;
+/// A write buffer is let go after a write smaller than this, or once it
+/// has grown larger than [`WRITE_KEEP`].
+const WRITE_SMALL: usize = 256;
+const WRITE_KEEP: usize = 4096;
 
 /// What every session shares.
 pub struct SessionContext {
@@ -157,7 +161,7 @@ pub async fn serve<S>(
     };
     drop(client_certs);
     // The CONNECT's buffer: an idle connection holds none.
-    size_read_buffer(&mut buf, 0);
+    size_read_buffer(&mut buf, 0, false);
     ctx.metrics.client_connected(1);
     if session.resumed {
         // A resumed session kept its subscriptions: what waits for it (its
@@ -228,8 +232,9 @@ where
 
 /// Grows `buf` when the last read (of `last_read` bytes) nearly filled it,
 /// and lets it go when the client has gone quiet.
-fn size_read_buffer(buf: &mut BytesMut, last_read: usize) {
-    if buf.is_empty() && last_read < READ_MIN {
+/// `filled`: the read took all the room there was (more is likely waiting).
+fn size_read_buffer(buf: &mut BytesMut, last_read: usize, filled: bool) {
+    if buf.is_empty() && !filled && last_read < READ_MIN {
         *buf = BytesMut::new();
         return;
     }
@@ -463,11 +468,13 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let far = Duration::from_secs(86400 * 365);
-        let mut last_read = 0;
+        let (mut last_read, mut filled) = (0, false);
         let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
         loop {
             let awaiting_store = self.pending.front().is_some_and(|p| p.durable.is_some());
             let can_deliver = self.outgoing.len() < MAX_OUTGOING_INFLIGHT;
+            // (An empty buffer takes a first read of 64 bytes.)
+            let room = (buf.capacity() - buf.len()).max(64);
             let step: Result<(), SessionEnd> = tokio::select! {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 Ok(()) = self.scope.changed() => {
@@ -500,7 +507,7 @@ impl Session {
                 read = stream.read_buf(buf) => match read {
                     Ok(0) => return SessionEnd::Closed,
                     Ok(n) => {
-                        last_read = n;
+                        (last_read, filled) = (n, n >= room);
                         deadline = Instant::now() + self.keep_alive.unwrap_or(far);
                         Box::pin(self.on_bytes(buf)).await
                     }
@@ -512,13 +519,18 @@ impl Session {
                 if let Err(e) = send(stream, &self.out).await {
                     return SessionEnd::Io(e);
                 }
-                // Let go: an idle connection holds no write buffer.
-                self.out = BytesMut::new();
+                // Let go after a small write (an idle connection holds no
+                // write buffer) or a large one; a busy one keeps its own.
+                if self.out.len() < WRITE_SMALL || self.out.capacity() > WRITE_KEEP {
+                    self.out = BytesMut::new();
+                } else {
+                    self.out.clear();
+                }
             }
             if let Err(end) = step {
                 return end;
             }
-            size_read_buffer(buf, last_read);
+            size_read_buffer(buf, last_read, filled);
         }
     }
 
@@ -850,6 +862,9 @@ impl Session {
                     if let Sent::Published { publish, receipt } = sent {
                         if publish.qos == 2 {
                             let receipt = receipt.take();
+                            if let Some(r) = &receipt {
+                                r.released(pkid);
+                            }
                             *sent = Sent::Released { receipt };
                         }
                     }
