@@ -98,12 +98,14 @@ async fn check(
     scope: Option<&Scope>,
     link: &LinkHandle,
 ) -> Option<(MethodCallTopic, MethodRequest)> {
-    let call = MethodCallTopic::parse(&msg.topic)
-        .filter(|c| scope.is_some_and(|s| s.get(&c.identity).is_some()));
-    let Some(call) = call else {
-        tracing::warn!(topic = %msg.topic, "a method call for an identity outside the device scope; ignored");
+    let Some(call) = MethodCallTopic::parse(&msg.topic) else {
+        tracing::warn!(topic = %msg.topic, "not a method call topic; ignored");
         return None;
     };
+    if scope.is_none_or(|s| s.get(&call.identity).is_none()) {
+        tracing::warn!(topic = %msg.topic, "a method call for an identity outside the device scope; ignored");
+        return None;
+    }
     let request = serde_json::from_slice::<MethodRequest>(&msg.payload)
         .map_err(|e| format!("the call's body is not a method request: {e}"))
         .and_then(|r| r.check().map(|()| r));
