@@ -62,6 +62,18 @@ def logged_upstream(upstream_factory):
     return up
 
 
+def scoped_hub(upstream_factory, hub_factory):
+    """A logged upstream, and a hub whose scope (published there and
+    received) is two child devices and a module: (upstream, hub,
+    (child1, child2, mod1))."""
+    up = logged_upstream(upstream_factory)
+    identities = Identity.child("child1"), Identity.child("child2"), Identity.module("mod1")
+    hub = hub_factory(up, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(up, list(identities))
+    wait_scope(hub, 3)
+    return up, hub, identities
+
+
 def hub_subscriptions(up) -> set[str]:
     """Every filter the hub (client id = the edge id) subscribed to on the
     upstream broker, from Mosquitto's ``<time>: <client> <qos> <filter>``
@@ -171,11 +183,7 @@ def test_a_malformed_desired_document_from_the_cloud_is_refused_and_logged_and_t
 def test_a_desired_document_for_an_identity_outside_the_scope_reaches_no_one_and_the_hub_never_subscribes_to_it(
     upstream_factory, hub_factory, clients
 ):
-    up = logged_upstream(upstream_factory)
-    child1, child2, mod1 = Identity.child("child1"), Identity.child("child2"), Identity.module("mod1")
-    hub = hub_factory(up, edge_id=EDGE_ID, extra_args=auth_args())
-    publish_scope(up, [child1, child2, mod1])
-    wait_scope(hub, 3)
+    up, hub, (child1, child2, mod1) = scoped_hub(upstream_factory, hub_factory)
     devices = {}
     for ident in (child1, child2, mod1):
         rc, c = try_connect(hub.port, clients, **ident.credentials())
@@ -227,11 +235,7 @@ def test_a_desired_document_for_an_identity_outside_the_scope_reaches_no_one_and
 def test_a_cloud_call_outside_the_scope_is_answered_by_no_one_and_reaches_no_client_and_one_to_an_identity_away_is_404(
     upstream_factory, hub_factory, clients
 ):
-    up = logged_upstream(upstream_factory)
-    child1, child2, mod1 = Identity.child("child1"), Identity.child("child2"), Identity.module("mod1")
-    hub = hub_factory(up, edge_id=EDGE_ID, extra_args=auth_args())
-    publish_scope(up, [child1, child2, mod1])
-    wait_scope(hub, 3)
+    up, hub, (child1, child2, mod1) = scoped_hub(upstream_factory, hub_factory)
     devices = {}
     for ident in (child1, child2):
         rc, c = try_connect(hub.port, clients, **ident.credentials())
