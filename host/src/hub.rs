@@ -93,6 +93,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     tracing::info!(storage = %config.storage.display(), depth = stats.depth, bytes = stats.bytes, "store opened");
 
     let metrics = Arc::new(Metrics::default());
+    metrics.store_recovered(store.recovery());
     let auth = Arc::new(Auth::open(
         &config.edge_id,
         &config.storage,

@@ -124,6 +124,8 @@ pub struct Metrics {
     module_inputs_queued: Gauge,
     broker_stored: Family<KindLabels, Gauge>,
     invalid_topics: Family<InvalidTopicLabels, Counter>,
+    store_recovered: Counter,
+    store_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -181,6 +183,8 @@ impl Metrics {
             module_inputs_queued: reg(&mut r, "module_inputs_queued", "Messages routed to module inputs, stored and not yet acknowledged by a module"),
             broker_stored: reg(&mut r, "broker_stored", "What the local broker has made durable, by kind: sessions (persistent), queued (messages kept for sessions away), retained"),
             invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
+            store_recovered: reg(&mut r, "store_recovered", "Records kept from a damaged store when the hub started (see docs/store.md)"),
+            store_lost: reg(&mut r, "store_lost", "Records a damaged store could not give back when the hub started (at least this many)"),
             registry: r,
         };
         // Every known reason is on the page from the start, at 0.
@@ -192,6 +196,11 @@ impl Metrics {
         m
     }
 
+    /// What opening the store found damaged and kept.
+    pub fn store_recovered(&self, recovery: &crate::store::Recovery) {
+        self.store_recovered.inc_by(recovery.recovered);
+        self.store_lost.inc_by(recovery.lost);
+    }
     pub fn client_connected(&self, delta: i64) {
         self.clients_connected.inc_by(delta);
     }

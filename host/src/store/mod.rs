@@ -18,6 +18,7 @@ pub mod dead_letters;
 pub mod documents;
 pub mod live;
 pub mod record;
+pub mod recovery;
 pub mod status;
 pub mod writer;
 
@@ -32,6 +33,7 @@ pub use dead_letters::{DeadLetter, Selection};
 pub use documents::Documents;
 pub use live::{LiveBatch, LiveFeed};
 pub use record::Record;
+pub use recovery::Recovery;
 pub use writer::{AppendError, Appender};
 
 const TAIL_KEY: &[u8] = b"tail";
@@ -44,6 +46,11 @@ pub enum StoreError {
     Fjall(#[from] fjall::Error),
     #[error(transparent)]
     Corrupt(#[from] record::CorruptRecord),
+    #[error("cannot recover the damaged store at {path}: {source}")]
+    Recovery {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// A cloneable handle on the queue. Appends go through an [`Appender`].
@@ -76,6 +83,8 @@ struct Inner {
     bytes: AtomicU64,
     /// Wakes the forwarder when `tail` moves.
     tail_tx: watch::Sender<u64>,
+    /// What opening found damaged and kept.
+    recovery: Recovery,
 }
 
 /// What `edgehub queue stats` and the metrics report.
@@ -112,16 +121,18 @@ impl Store {
         // Memory is bounded whatever the queue length: small memtables
         // (flushed to tables when full), a small block cache, and a journal
         // cap that forces flushes so old journals are deleted.
-        let db = Database::builder(path.join("queue"))
-            .cache_size(16 << 20)
-            .max_journaling_size(64 << 20)
-            .open()
-            .map_err(|e| match e {
-                fjall::Error::Locked => StoreError::Locked {
-                    path: path.display().to_string(),
-                },
-                e => StoreError::Fjall(e),
-            })?;
+        let open = |dir: &Path| {
+            Database::builder(dir)
+                .cache_size(16 << 20)
+                .max_journaling_size(64 << 20)
+                .open()
+        };
+        let (db, recovery) = recovery::open(&path.join("queue"), open).map_err(|e| match e {
+            StoreError::Fjall(fjall::Error::Locked) => StoreError::Locked {
+                path: path.display().to_string(),
+            },
+            e => e,
+        })?;
         let queue = db.keyspace("queue", || {
             KeyspaceCreateOptions::default().max_memtable_size(8 << 20)
         })?;
@@ -162,8 +173,14 @@ impl Store {
                 live: live::Tap::default(),
                 bytes: AtomicU64::new(bytes),
                 tail_tx,
+                recovery,
             }),
         })
+    }
+
+    /// What opening found damaged, set aside and kept.
+    pub fn recovery(&self) -> &Recovery {
+        &self.inner.recovery
     }
 
     pub fn head(&self) -> u64 {

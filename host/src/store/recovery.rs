@@ -1,0 +1,652 @@
+//! Opening a store that bit rot or a worn card damaged: the gateway starts
+//! anyway, with every record that can still be read.
+//!
+//! Owns the checks around opening the fjall database, and nothing about what
+//! its records mean:
+//! - before it opens, a scan of its journals. fjall refuses to open when a
+//!   batch's checksum fails, and cuts a journal at its first undecodable
+//!   byte, so one flipped byte would stop the hub or silently lose every
+//!   batch after it. A batch that is damaged but followed by intact ones is
+//!   cut out of its journal instead ([`journal`]); damage with nothing
+//!   intact after it is a torn last write, which fjall drops as it should;
+//! - after it opens, a read of every keyspace to its end. A keyspace that
+//!   cannot be read through (a damaged block in a table file) is copied, as
+//!   far as it reads from either end, into a new database that replaces the
+//!   damaged one;
+//! - a database that does not open at all (its version or a table's index
+//!   damaged) is replaced by an empty one.
+//!
+//! Whatever is damaged is first set aside, as it was, under `damaged/` in
+//! the storage folder, for the operator to inspect and delete.
+
+use std::path::{Path, PathBuf};
+
+use fjall::{Database, KeyspaceCreateOptions, PersistMode};
+
+use super::StoreError;
+
+/// What opening found and did; all zero for an intact store.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Recovery {
+    /// Records kept from a damaged store.
+    pub recovered: u64,
+    /// Records known to be lost (at least this many).
+    pub lost: u64,
+    /// Where the damaged files were set aside.
+    pub set_aside: Vec<PathBuf>,
+}
+
+impl Recovery {
+    pub fn found_damage(&self) -> bool {
+        !self.set_aside.is_empty()
+    }
+}
+
+/// Opens the database in `dir` with `open`, first repairing what damage it
+/// can; `open` is called again on the repaired or replaced database.
+pub fn open(
+    dir: &Path,
+    open: impl Fn(&Path) -> Result<Database, fjall::Error>,
+) -> Result<(Database, Recovery), StoreError> {
+    let mut recovery = Recovery::default();
+    let rebuild = rebuild_dir(dir);
+    if rebuild.exists() {
+        // A rebuild that was interrupted: the damaged store is still in place.
+        std::fs::remove_dir_all(&rebuild).map_err(|e| io(&rebuild, e))?;
+    }
+    let damaged = journal::find_damage(dir)?;
+    if !damaged.is_empty() {
+        let aside = set_aside(dir, true)?;
+        for (path, damage) in &damaged {
+            tracing::error!(
+                journal = %path.display(),
+                batches = damage.batches,
+                bytes = damage.bytes,
+                records = damage.records,
+                set_aside = %aside.display(),
+                "the store's journal is damaged; its damaged batches are cut out and every intact one is kept"
+            );
+            journal::cut(path, damage).map_err(|e| io(path, e))?;
+            recovery.lost += damage.records;
+        }
+        recovery.set_aside.push(aside);
+    }
+    let db = match open(dir) {
+        Ok(db) => db,
+        Err(e) if is_damage(&e) => {
+            let aside = set_aside(dir, false)?;
+            tracing::error!(
+                error = %e,
+                set_aside = %aside.display(),
+                "the store cannot be opened: it is damaged beyond what can be read record by record; it is set aside and the hub starts with an empty store"
+            );
+            recovery.lost += 1;
+            recovery.set_aside.push(aside);
+            return Ok((open(dir)?, recovery));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if readable(&db)? {
+        if recovery.found_damage() {
+            recovery.recovered = count(&db)?;
+        }
+        return Ok((db, recovery));
+    }
+    let (copied, lost) = copy_readable(&db, &rebuild, &open)?;
+    drop(db);
+    let aside = set_aside(dir, false)?;
+    std::fs::rename(&rebuild, dir).map_err(|e| io(dir, e))?;
+    tracing::error!(
+        recovered = copied,
+        lost,
+        set_aside = %aside.display(),
+        "the store has damaged blocks; every record that could be read was copied into a new store"
+    );
+    recovery.recovered = copied;
+    recovery.lost += lost;
+    recovery.set_aside.push(aside);
+    Ok((open(dir)?, recovery))
+}
+
+/// Whether an error opening or reading the database means damaged files (as
+/// opposed to a lock, a permission or a full disk, which are not repaired).
+fn is_damage(e: &fjall::Error) -> bool {
+    use std::io::ErrorKind;
+    let io_damage =
+        |e: &std::io::Error| matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::InvalidData);
+    match e {
+        fjall::Error::Io(e) => io_damage(e),
+        fjall::Error::Storage(fjall::LsmError::Io(e)) => io_damage(e),
+        fjall::Error::Storage(_)
+        | fjall::Error::JournalRecovery(_)
+        | fjall::Error::InvalidVersion(_)
+        | fjall::Error::Decompress(_)
+        | fjall::Error::InvalidTrailer
+        | fjall::Error::InvalidTag(_)
+        | fjall::Error::Unrecoverable => true,
+        _ => false,
+    }
+}
+
+/// Whether every keyspace reads to its end.
+fn readable(db: &Database) -> Result<bool, StoreError> {
+    for name in db.list_keyspace_names() {
+        let keyspace = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        for guard in keyspace.iter() {
+            match guard.into_inner() {
+                Ok(_) => {}
+                Err(e) if is_damage(&e) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn count(db: &Database) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for name in db.list_keyspace_names() {
+        n += db.keyspace(&name, KeyspaceCreateOptions::default)?.len()? as u64;
+    }
+    Ok(n)
+}
+
+/// Copies every record of `db` that reads into a new database at `to`:
+/// each keyspace forwards until a damaged block, then backwards from its end
+/// down to that block. Returns the records copied and an estimate of those
+/// lost: the keys between the two ends for queues (8-byte sequence keys),
+/// else one per damaged keyspace.
+fn copy_readable(
+    db: &Database,
+    to: &Path,
+    open: &impl Fn(&Path) -> Result<Database, fjall::Error>,
+) -> Result<(u64, u64), StoreError> {
+    let new = open(to)?;
+    let (mut copied, mut lost) = (0u64, 0u64);
+    for name in db.list_keyspace_names() {
+        let old = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        let target = new.keyspace(&name, KeyspaceCreateOptions::default)?;
+        let mut batch = new.batch();
+        let mut last_forward: Option<fjall::Slice> = None;
+        let mut broken = false;
+        for guard in old.iter() {
+            match guard.into_inner() {
+                Ok((k, v)) => {
+                    batch.insert(&target, k.clone(), v);
+                    last_forward = Some(k);
+                    copied += 1;
+                }
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+            if batch.len() >= 4096 {
+                std::mem::replace(&mut batch, new.batch()).commit()?;
+            }
+        }
+        if broken {
+            let mut first_backward: Option<fjall::Slice> = None;
+            for guard in old.iter().rev() {
+                let Ok((k, v)) = guard.into_inner() else {
+                    break;
+                };
+                if last_forward.as_ref().is_some_and(|last| k <= *last) {
+                    break;
+                }
+                batch.insert(&target, k.clone(), v);
+                first_backward = Some(k);
+                copied += 1;
+                if batch.len() >= 4096 {
+                    std::mem::replace(&mut batch, new.batch()).commit()?;
+                }
+            }
+            lost += match (last_forward.as_deref(), first_backward.as_deref()) {
+                (Some(a), Some(b)) if a.len() == 8 && b.len() == 8 => {
+                    let key = |s: &[u8]| u64::from_be_bytes(s.try_into().unwrap_or_default());
+                    key(b).saturating_sub(key(a)).saturating_sub(1).max(1)
+                }
+                _ => 1,
+            };
+            tracing::warn!(keyspace = %name.as_ref(), "keyspace has a damaged block; what reads around it is kept");
+        }
+        batch.commit()?;
+    }
+    new.persist(PersistMode::SyncAll)?;
+    Ok((copied, lost))
+}
+
+fn rebuild_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".rebuild");
+    dir.with_file_name(name)
+}
+
+/// Moves (or, with `copy`, copies) `dir` to `damaged/<name>-<unix seconds>`
+/// beside it and returns where it went.
+fn set_aside(dir: &Path, copy: bool) -> Result<PathBuf, StoreError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let folder = parent.join("damaged");
+    std::fs::create_dir_all(&folder).map_err(|e| io(&folder, e))?;
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let secs = super::now_ms() / 1000;
+    let mut target = folder.join(format!("{name}-{secs}"));
+    let mut n = 1;
+    while target.exists() {
+        target = folder.join(format!("{name}-{secs}.{n}"));
+        n += 1;
+    }
+    if copy {
+        copy_dir(dir, &target).map_err(|e| io(&target, e))?;
+    } else {
+        std::fs::rename(dir, &target).map_err(|e| io(dir, e))?;
+    }
+    Ok(target)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn io(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Recovery {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// fjall's journal files, read as fjall 3 writes them: batches of
+/// `Start(count, seqno)`, `count` items, `End(xxh3 of the items, magic)`.
+pub(crate) mod journal {
+    use std::ops::Range;
+    use std::path::{Path, PathBuf};
+
+    use xxhash_rust::xxh3::xxh3_64;
+
+    use super::super::StoreError;
+
+    const START: u8 = 1;
+    const ITEM: u8 = 2;
+    const END: u8 = 3;
+    const CLEAR: u8 = 4;
+    const MAGIC: &[u8] = b"FJL\x03";
+
+    /// The damaged parts of one journal: byte ranges followed by an intact
+    /// batch.
+    #[derive(Debug, Default, PartialEq)]
+    pub struct Damage {
+        pub ranges: Vec<Range<usize>>,
+        pub batches: u64,
+        pub bytes: u64,
+        /// Records the damaged batches say they held (one for a batch whose
+        /// own header is unreadable).
+        pub records: u64,
+    }
+
+    /// The journals in `dir` that have damage followed by intact batches.
+    pub fn find_damage(dir: &Path) -> Result<Vec<(PathBuf, Damage)>, StoreError> {
+        let mut found = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(found);
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| super::io(dir, e))?.path();
+            if path.extension().is_none_or(|e| e != "jnl") {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(|e| super::io(&path, e))?;
+            let damage = scan(&bytes);
+            if !damage.ranges.is_empty() {
+                found.push((path, damage));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Rewrites the journal at `path` without its damaged ranges.
+    pub fn cut(path: &Path, damage: &Damage) -> std::io::Result<()> {
+        let bytes = std::fs::read(path)?;
+        let mut kept = Vec::with_capacity(bytes.len());
+        let mut from = 0;
+        for range in &damage.ranges {
+            kept.extend_from_slice(&bytes[from..range.start]);
+            from = range.end;
+        }
+        kept.extend_from_slice(&bytes[from..]);
+        crate::durable_file::replace(path, &kept)
+    }
+
+    /// Finds each run of bytes that is not an intact batch: damage followed
+    /// by an intact batch, or a last batch that is complete but does not
+    /// check (bit rot, not a crash). A torn last write (a batch that stops
+    /// where the journal's zeroed, unwritten space begins) is left alone:
+    /// fjall drops it, and it was never acknowledged.
+    pub fn scan(bytes: &[u8]) -> Damage {
+        let mut damage = Damage::default();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let parsed = parse(bytes, pos);
+            if let Parse::Intact(end) = parsed {
+                pos = end;
+                continue;
+            }
+            let next = (pos + 1..bytes.len())
+                .find(|&p| bytes[p] == START && matches!(parse(bytes, p), Parse::Intact(_)));
+            let end = match (next, parsed) {
+                (Some(next), _) => next,
+                (None, Parse::Torn) => break,
+                (None, _) => bytes.len(),
+            };
+            damage.batches += 1;
+            damage.bytes += (end - pos) as u64;
+            damage.records += claimed_count(bytes, pos, end);
+            damage.ranges.push(pos..end);
+            pos = end;
+        }
+        damage
+    }
+
+    /// The item count a damaged batch's header gives, if it is readable
+    /// and fits its bytes; else one.
+    fn claimed_count(bytes: &[u8], pos: usize, end: usize) -> u64 {
+        let mut r = Reader {
+            bytes,
+            pos,
+            short: false,
+        };
+        match (r.u8(), r.u32()) {
+            // An item takes at least 23 bytes.
+            (Some(START), Some(n)) if (n as usize) * 23 <= end - pos => u64::from(n.max(1)),
+            _ => 1,
+        }
+    }
+
+    enum Parse {
+        /// An intact batch, ending there.
+        Intact(usize),
+        /// Nothing but the unwritten end of the journal, or a batch that
+        /// runs into it or past the end of the file.
+        Torn,
+        Broken,
+    }
+
+    fn parse(bytes: &[u8], pos: usize) -> Parse {
+        let mut r = Reader {
+            bytes,
+            pos,
+            short: false,
+        };
+        match batch(&mut r) {
+            Some(Some(end)) => Parse::Intact(end),
+            Some(None) => Parse::Broken,
+            None if r.short || bytes[r.pos..].iter().all(|&b| b == 0) => Parse::Torn,
+            None => Parse::Broken,
+        }
+    }
+
+    /// Reads the batch at `r`: `Some(Some(end))` if intact, `Some(None)` if
+    /// complete but not intact, `None` where it stops making sense (`r` is
+    /// left there).
+    fn batch(r: &mut Reader<'_>) -> Option<Option<usize>> {
+        if r.u8()? != START {
+            r.pos -= 1;
+            return None;
+        }
+        let count = r.u32()?;
+        r.skip(8)?; // seqno
+        let body = r.pos;
+        let mut items = 0u32;
+        loop {
+            let at = r.pos;
+            match r.u8()? {
+                ITEM => {
+                    r.skip(1 + 1 + 8)?; // value type, compression, keyspace id
+                    let key = usize::from(r.u16()?);
+                    r.skip(4)?; // value length before compression
+                    let value = r.u32()? as usize;
+                    r.skip(key.checked_add(value)?)?;
+                    items = items.checked_add(1)?;
+                }
+                CLEAR => r.skip(8)?,
+                END => {
+                    let sum = r.u64()?;
+                    let magic = r.take(MAGIC.len())?;
+                    let intact =
+                        items == count && magic == MAGIC && xxh3_64(&r.bytes[body..at]) == sum;
+                    return Some(intact.then_some(r.pos));
+                }
+                _ => {
+                    r.pos = at;
+                    return None;
+                }
+            }
+        }
+    }
+
+    struct Reader<'a> {
+        bytes: &'a [u8],
+        pos: usize,
+        /// A read ran past the end of the journal.
+        short: bool,
+    }
+
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let s = self
+                .pos
+                .checked_add(n)
+                .and_then(|end| self.bytes.get(self.pos..end));
+            let Some(s) = s else {
+                self.short = true;
+                return None;
+            };
+            let end = self.pos + n;
+            self.pos = end;
+            Some(s)
+        }
+        fn skip(&mut self, n: usize) -> Option<()> {
+            self.take(n).map(drop)
+        }
+        fn u8(&mut self) -> Option<u8> {
+            self.take(1).map(|s| s[0])
+        }
+        fn u16(&mut self) -> Option<u16> {
+            self.take(2).map(|s| u16::from_le_bytes([s[0], s[1]]))
+        }
+        fn u32(&mut self) -> Option<u32> {
+            self.take(4)
+                .map(|s| u32::from_le_bytes(s.try_into().unwrap_or_default()))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            self.take(8)
+                .map(|s| u64::from_le_bytes(s.try_into().unwrap_or_default()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RECORDS: u64 = 3000;
+
+    fn open_db(dir: &Path) -> Result<Database, fjall::Error> {
+        Database::builder(dir).open()
+    }
+
+    /// A database with `RECORDS` records, one batch each, in its journal
+    /// (and, with `flush`, in a table file too).
+    fn fill(dir: &Path, flush: bool) {
+        let db = open_db(dir).unwrap();
+        let ks = db
+            .keyspace("queue", KeyspaceCreateOptions::default)
+            .unwrap();
+        for i in 0..RECORDS {
+            ks.insert(i.to_be_bytes(), vec![b'x'; 100]).unwrap();
+        }
+        if flush {
+            ks.rotate_memtable_and_wait().unwrap();
+        }
+        db.persist(PersistMode::SyncAll).unwrap();
+    }
+
+    fn files(dir: &Path, pick: &dyn Fn(&Path) -> bool) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(files(&path, pick));
+            } else if pick(&path) {
+                out.push(path);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Flips 4 bytes at `at` (a fraction) of the written part of `path`.
+    fn flip(path: &Path, at: f64) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let written = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+        let pos = (written as f64 * at) as usize;
+        for b in &mut bytes[pos..pos + 4] {
+            *b ^= 0xFF;
+        }
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn keys(db: &Database) -> Vec<u64> {
+        let ks = db
+            .keyspace("queue", KeyspaceCreateOptions::default)
+            .unwrap();
+        ks.iter()
+            .map(|g| u64::from_be_bytes(g.key().unwrap()[..].try_into().unwrap()))
+            .collect()
+    }
+
+    fn journal(dir: &Path) -> PathBuf {
+        files(dir, &|p| p.extension().is_some_and(|e| e == "jnl"))
+            .pop()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_intact_store_opens_with_nothing_recovered_or_set_aside() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, false);
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert_eq!(recovery, Recovery::default());
+        assert_eq!(keys(&db).len() as u64, RECORDS);
+        assert!(!root.path().join("damaged").exists());
+    }
+
+    #[test]
+    fn a_damaged_journal_batch_is_cut_out_and_every_batch_after_it_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, false);
+        flip(&journal(&dir), 0.5);
+        // As fjall alone sees it: the hub would not start, or would lose
+        // every batch after the damage.
+        let copy = root.path().join("copy");
+        copy_dir(&dir, &copy).unwrap();
+        let alone = open_db(&copy).map(|db| keys(&db).len() as u64);
+        assert!(!matches!(alone, Ok(n) if n >= RECORDS - 1), "{alone:?}");
+
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        let kept = keys(&db);
+        assert!(kept.len() as u64 >= RECORDS - 2, "kept {}", kept.len());
+        assert!(kept.contains(&0) && kept.contains(&(RECORDS - 1)));
+        assert!((1..=2).contains(&recovery.lost), "{recovery:?}");
+        assert_eq!(recovery.recovered, kept.len() as u64);
+        assert_eq!(recovery.set_aside.len(), 1);
+        assert!(recovery.set_aside[0].starts_with(root.path().join("damaged")));
+        assert!(journal(&recovery.set_aside[0]).exists());
+    }
+
+    #[test]
+    fn a_torn_last_write_is_not_damage() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, false);
+        let path = journal(&dir);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let written = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+        // The last batch stops half-way, the rest of the file unwritten.
+        for b in &mut bytes[written - 60..] {
+            *b = 0;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(journal::scan(&bytes), journal::Damage::default());
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert_eq!(recovery, Recovery::default());
+        assert_eq!(keys(&db).len() as u64, RECORDS - 1);
+    }
+
+    #[test]
+    fn a_damaged_last_batch_is_cut_and_counted() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, false);
+        flip(&journal(&dir), 0.9999);
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert_eq!(keys(&db).len() as u64, RECORDS - 1);
+        assert_eq!(recovery.lost, 1, "{recovery:?}");
+        assert_eq!(recovery.set_aside.len(), 1);
+    }
+
+    #[test]
+    fn a_damaged_table_block_is_read_around_into_a_new_store() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, true);
+        let tables = files(&dir, &|p| {
+            p.parent().is_some_and(|d| d.ends_with("tables"))
+                && std::fs::metadata(p).unwrap().len() > 100_000
+        });
+        assert_eq!(tables.len(), 1, "{tables:?}");
+        flip(&tables[0], 0.5);
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        let kept = keys(&db);
+        let missing = RECORDS - kept.len() as u64;
+        assert!((1..100).contains(&missing), "{missing} missing");
+        assert!(kept.contains(&0) && kept.contains(&(RECORDS - 1)));
+        assert_eq!(recovery.lost, missing, "{recovery:?}");
+        assert_eq!(recovery.recovered, kept.len() as u64);
+        assert_eq!(recovery.set_aside.len(), 1);
+        assert!(!rebuild_dir(&dir).exists());
+        // The new store is whole: it opens again with nothing to recover.
+        drop(db);
+        let (_, again) = open(&dir, open_db).unwrap();
+        assert_eq!(again, Recovery::default());
+    }
+
+    #[test]
+    fn a_store_that_cannot_open_is_set_aside_and_an_empty_one_starts() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, true);
+        for version in files(&dir, &|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with('v') && name[1..].parse::<u64>().is_ok()
+        }) {
+            flip(&version, 0.5);
+        }
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert!(keys(&db).is_empty());
+        assert_eq!(recovery.set_aside.len(), 1);
+        assert!(recovery.lost >= 1);
+        assert!(recovery.set_aside[0].join("keyspaces").exists());
+    }
+}
