@@ -357,6 +357,14 @@ pub struct StoreConfig {
     /// while it is reached.
     #[arg(long)]
     pub max_queue_bytes: u64,
+    /// Free bytes kept on the storage's file system: new upstream-bound
+    /// messages are refused while it has no more (0: no floor).
+    #[arg(long)]
+    pub min_free_bytes: u64,
+    /// Most bytes the store's files may take on disk, journals and tables
+    /// as allocated (0: no limit).
+    #[arg(long)]
+    pub max_disk_bytes: u64,
     /// Most messages written by one group commit.
     #[arg(long)]
     pub max_batch: usize,
@@ -485,6 +493,8 @@ impl Default for StoreConfig {
         Self {
             ttl_secs: DEFAULT_TTL_SECS,
             max_queue_bytes: 1 << 30,
+            min_free_bytes: 64 << 20,
+            max_disk_bytes: 0,
             max_batch: 4096,
             max_topic_bytes: crate::topic::MAX_LEN,
             c2d_max_messages: crate::c2d::DEFAULT_BOUNDS.messages,

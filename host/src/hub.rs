@@ -71,6 +71,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         source,
     })?;
     let store = Store::open(&config.storage)?;
+    store.limit_disk(config.store.min_free_bytes, config.store.max_disk_bytes);
     let addresses = config.upstream_addresses()?;
     let tls = match &config.upstream.ca_file {
         Some(ca) => {

@@ -814,7 +814,7 @@ impl Session {
             for ack in front.acks {
                 let reason = match (&refused, ack.stored) {
                     _ if ack.refused.is_some() => ack.refused.expect("some"),
-                    (Some(AppendError::QuotaExceeded { .. }), true) => PubReason::QuotaExceeded,
+                    (Some(e), true) if e.is_full() => PubReason::QuotaExceeded,
                     (Some(_), true) => PubReason::UnspecifiedError,
                     _ => PubReason::Success,
                 };
@@ -836,9 +836,10 @@ impl Session {
             if let Some(e) = refused {
                 // MQTT 3.1.1 cannot say "refused" in a PUBACK: close instead.
                 if self.codec.protocol == Protocol::V4 {
-                    return Err(match e {
-                        AppendError::QuotaExceeded { .. } => SessionEnd::Quota(e),
-                        e => SessionEnd::Storage(e),
+                    return Err(if e.is_full() {
+                        SessionEnd::Quota(e)
+                    } else {
+                        SessionEnd::Storage(e)
                     });
                 }
                 tracing::warn!(client = %self.client_id, error = %e, "publish refused");

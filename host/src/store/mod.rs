@@ -15,6 +15,7 @@
 //! ([`documents`]).
 
 pub mod dead_letters;
+pub mod disk;
 pub mod documents;
 pub mod live;
 pub mod record;
@@ -85,6 +86,8 @@ struct Inner {
     tail_tx: watch::Sender<u64>,
     /// What opening found damaged and kept.
     recovery: Recovery,
+    /// Room left on the storage's disk, checked at the intake.
+    room: disk::Room,
 }
 
 /// What `edgehub queue stats` and the metrics report.
@@ -174,8 +177,16 @@ impl Store {
                 bytes: AtomicU64::new(bytes),
                 tail_tx,
                 recovery,
+                room: disk::Room::new(path),
             }),
         })
+    }
+
+    /// Refuse new messages while the storage's file system has no more than
+    /// `floor` bytes free, or the store takes `max` bytes on disk (0: no
+    /// such limit).
+    pub fn limit_disk(&self, floor: u64, max: u64) {
+        self.inner.room.limit(floor, max);
     }
 
     /// What opening found damaged, set aside and kept.

@@ -30,6 +30,16 @@ pub enum AppendError {
     Closed,
     #[error("a record's topic is {0} bytes, more than a record can hold")]
     TopicTooLong(usize),
+    #[error(transparent)]
+    NoRoom(#[from] super::disk::NoRoom),
+}
+
+impl AppendError {
+    /// A refusal for want of room (quota, disk): the publisher may retry
+    /// later, and MQTT 5 calls it "quota exceeded".
+    pub fn is_full(&self) -> bool {
+        matches!(self, Self::QuotaExceeded { .. } | Self::NoRoom(_))
+    }
 }
 
 struct Request {
@@ -89,6 +99,7 @@ impl Appender {
                 quota: self.quota,
             });
         }
+        inner.room.check()?;
         inner.pending.fetch_add(size, Ordering::AcqRel);
         let first = *next;
         *next += records.len() as u64;
