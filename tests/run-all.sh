@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, then end-to-end tests that start the real
 # edgehub binary, a real Mosquitto and real MQTT clients on loopback.
-# Installs what it needs when missing (mosquitto, tinyproxy and nats-server from Debian's packages, the
+# Installs what it needs when missing (mosquitto, tinyproxy, nats-server and libfaketime from Debian's packages, the
 # Python packages of tests/requirements.txt), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,12 @@ if ! command -v nats-server >/dev/null; then
   echo "installing nats-server" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >/dev/null
+fi
+# libfaketime: the clock tests move the hub's wall clock.
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then
+  echo "installing libfaketime" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libfaketime >/dev/null
 fi
 if ! python3 -c 'import paho.mqtt, pytest' 2>/dev/null; then
   python3 -m pip install -q -r tests/requirements.txt

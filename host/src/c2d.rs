@@ -24,7 +24,7 @@ use crate::broker::BrokerHandle;
 use crate::mailbox::{Bounds, Fate, MailboxError, Mailboxes, Reach, Setup};
 use crate::message::dialect::DeviceBound;
 use crate::metrics::{DropReason, Metrics};
-use crate::store::{self, Appender, Record, Store, StoreError};
+use crate::store::{Appender, Record, Store, StoreError};
 
 /// Messages a device's queue holds (IoT Hub's own limit per device) and
 /// their bytes: the defaults of `store.c2d_max_messages` and
@@ -88,7 +88,7 @@ impl CloudToDevice {
         topic: String,
         payload: Bytes,
     ) -> Result<(), C2dError> {
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let ttl_secs = DeviceBound::expiry_ms(&topic)
             .map(|exp| u32::try_from(exp.saturating_sub(now) / 1000).unwrap_or(u32::MAX));
         let record = Record {
@@ -131,7 +131,7 @@ impl Completions {
     async fn completed(&self, device: &str, record: Record) {
         let body = json!({ "topic": record.topic, "enqueuedMs": record.enqueued_ms });
         let completion = Record {
-            enqueued_ms: store::now_ms(),
+            enqueued_ms: crate::clock::now_ms(),
             topic: format!("devices/{device}/messages/completed"),
             payload: Bytes::from(body.to_string()),
             ttl_secs: None,

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{self, Appender, DeadLetter, Selection, Store, StoreError};
+use crate::store::{Appender, DeadLetter, Selection, Store, StoreError};
 
 /// Longest request line read.
 const MAX_REQUEST: u64 = 1 << 20;
@@ -72,7 +72,7 @@ pub async fn execute(store: &Store, appender: &Appender, request: Request) -> An
             Request::ReplayDeadLetters { keys } => {
                 let which = selection(keys);
                 let found = store
-                    .dead_letter_records(&which, store::now_ms())
+                    .dead_letter_records(&which, crate::clock::now_ms())
                     .map_err(|e| e.to_string())?;
                 let keys: Vec<u64> = found.iter().map(|(k, _)| *k).collect();
                 let records = found.into_iter().map(|(_, r)| r).collect::<Vec<_>>();

@@ -21,9 +21,12 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod c2d;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod durable_file;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hub;
 pub mod inputs;
 pub mod iothub;

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::broker::{BrokerHandle, Delivery, Receipt};
 use crate::metrics::Metrics;
-use crate::store::{self, Documents, Record, Store, StoreError};
+use crate::store::{Documents, Record, Store, StoreError};
 
 /// How much one recipient's mailbox holds.
 #[derive(Debug, Clone, Copy)]
@@ -239,7 +239,7 @@ impl Mailboxes {
     /// takes. Drops expired messages first.
     pub async fn push(&self, recipient: &str) {
         let _one = self.pushing.lock().await;
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let ttl = self.ttl_ms.load(Ordering::Relaxed);
         let (due, expired) = {
             let mut queues = self.queues.lock().unwrap();
@@ -371,7 +371,7 @@ mod tests {
 
     fn record(payload: &'static [u8]) -> Record {
         Record {
-            enqueued_ms: store::now_ms(),
+            enqueued_ms: crate::clock::now_ms(),
             topic: "in/x".into(),
             payload: bytes::Bytes::from_static(payload),
             ttl_secs: None,

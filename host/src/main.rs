@@ -297,7 +297,7 @@ fn auth_command(command: AuthCommand) -> Result<()> {
                 Some(m) => format!("{hub}/devices/{device}/modules/{m}"),
                 None => format!("{hub}/devices/{device}"),
             };
-            let expiry = store::now_ms() / 1000 + ttl_secs;
+            let expiry = edgehub::clock::wall_ms() / 1000 + ttl_secs;
             println!(
                 "{}",
                 edgehub::auth::sas::make_token(&key, &resource, expiry)
@@ -414,7 +414,9 @@ fn queue_stats(storage: PathBuf, json: bool) -> Result<()> {
         }
         Err(e) => return Err(e).context("open the queue"),
     };
-    let age = oldest_ms.map_or(0.0, |ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0);
+    let age = oldest_ms.map_or(0.0, |ms| {
+        edgehub::clock::now_ms().saturating_sub(ms) as f64 / 1000.0
+    });
     if json {
         println!(
             "{}",

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{self, Store};
+use crate::store::Store;
 
 /// Why a message was dropped (the `reason` label of
 /// `edgehub_messages_dropped_total`).
@@ -308,7 +308,7 @@ impl Metrics {
         if let Ok(stats) = store.stats() {
             let age = stats
                 .oldest_ms
-                .map(|ms| store::now_ms().saturating_sub(ms) as f64 / 1000.0)
+                .map(|ms| crate::clock::now_ms().saturating_sub(ms) as f64 / 1000.0)
                 .unwrap_or(0.0);
             self.queue_depth
                 .set(i64::try_from(stats.depth).unwrap_or(i64::MAX));

@@ -285,8 +285,8 @@ impl Auth {
                 if !token.resource.eq_ignore_ascii_case(&resource) {
                     return bad(format!("token is for {}, not {resource}", token.resource));
                 }
-                let now = crate::store::now_ms() / 1000;
-                if token.expiry < now {
+                let now = crate::clock::wall_ms() / 1000;
+                if token.expiry + sas::CLOCK_SKEW_SECS < now {
                     return bad(format!("token expired {} s ago", now - token.expiry));
                 }
                 if !keys.iter().any(|k| sas::verify(&token, k)) {

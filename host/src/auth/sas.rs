@@ -13,6 +13,9 @@ use sha2::Sha256;
 
 /// Longest password looked at; SAS tokens are a few hundred bytes.
 pub const MAX_TOKEN_LEN: usize = 4096;
+/// How far past its expiry a device's token is still taken: the device's
+/// clock and the gateway's may disagree by this much (see docs/auth.md).
+pub const CLOCK_SKEW_SECS: u64 = 300;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Username {

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use super::Delivery;
 use crate::metrics::Metrics;
 use crate::store::record::RecordRef;
-use crate::store::{self, Documents, Record, Store, StoreError};
+use crate::store::{Documents, Record, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -325,7 +325,7 @@ fn queue_prefix(client: &str) -> Vec<u8> {
     key
 }
 
-fn parse_queue_key(key: &[u8]) -> Option<(String, u64)> {
+pub(crate) fn parse_queue_key(key: &[u8]) -> Option<(String, u64)> {
     let split = key.len().checked_sub(9)?;
     if key[split] != 0xFF {
         return None;
@@ -342,7 +342,7 @@ const RECEIVED: u8 = 0xFF;
 /// A message kept: its QoS, then the queue's record (topic and payload).
 fn encode(m: &Delivery) -> Vec<u8> {
     let record = Record {
-        enqueued_ms: store::now_ms(),
+        enqueued_ms: crate::clock::now_ms(),
         topic: m.topic.clone(),
         payload: m.payload.clone(),
         ttl_secs: None,
@@ -353,7 +353,7 @@ fn encode(m: &Delivery) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8]) -> Option<Delivery> {
+pub(crate) fn decode(bytes: &[u8]) -> Option<Delivery> {
     let (&qos, rest) = bytes.split_first()?;
     let record = RecordRef::parse(rest).ok()?;
     (qos <= 2).then(|| Delivery {

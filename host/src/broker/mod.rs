@@ -16,7 +16,7 @@
 //! there is not delivered, and the hub's answers to one client go through
 //! [`BrokerHandle::send_to`].
 
-mod durable;
+pub(crate) mod durable;
 mod index;
 mod outbox;
 
@@ -507,7 +507,7 @@ fn start(
                     continue;
                 }
                 _ = sweep.tick() => {
-                    broker.expire(crate::store::now_ms());
+                    broker.expire(crate::clock::now_ms());
                     continue;
                 }
                 cmd = rx.recv() => match cmd {
@@ -563,7 +563,7 @@ impl Broker {
     /// Takes back what the store kept: every session away (a session that
     /// was connected when the hub stopped is away since now).
     fn restore(&mut self, restored: Restored) {
-        let now = crate::store::now_ms();
+        let now = crate::clock::now_ms();
         for durable::RestoredSession {
             client_id,
             session,
@@ -677,7 +677,7 @@ impl Broker {
                     outbox: None,
                     ..old
                 });
-                let now = crate::store::now_ms();
+                let now = crate::clock::now_ms();
                 let kept = previous.filter(|old| old.persistent() && !old.expired(now));
                 let had_stored = kept.is_some();
                 let (session_present, subscriptions, offline, released) = match kept {
@@ -743,7 +743,7 @@ impl Broker {
                 }
                 if client.persistent() {
                     client.outbox = None;
-                    client.away_since_ms = Some(crate::store::now_ms());
+                    client.away_since_ms = Some(crate::clock::now_ms());
                     // (What it holds while connected was lost by an older
                     // connection after its PUBREC.)
                     client.released.extend(released);

@@ -29,7 +29,7 @@ use crate::message::Message;
 use crate::methods::{self, Methods};
 use crate::metrics::{DropReason, Metrics};
 use crate::routing::{Durable, Router};
-use crate::store::{self, AppendError};
+use crate::store::AppendError;
 use crate::topic;
 use crate::twins::Twins;
 
@@ -541,7 +541,7 @@ impl Session {
         let mut acks = Vec::new();
         let mut requests = Vec::new();
         // Every publish of one read is taken at the same time.
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let result = loop {
             let packet = match self.codec.read(buf) {
                 Ok(Some(p)) => p,
@@ -1003,7 +1003,7 @@ impl Session {
                 payload: body,
                 ..
             } = *will;
-            let now = store::now_ms();
+            let now = crate::clock::now_ms();
             let will = Message::published(publisher, topic, body, will.qos, will.retain, now);
             let (local, upstream) = if router.upstream_bound(&will.topic) {
                 (Vec::new(), vec![will])

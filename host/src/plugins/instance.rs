@@ -383,7 +383,7 @@ impl host_api::Host for PluginState {
     }
 
     fn now_ms(&mut self) -> u64 {
-        crate::store::now_ms()
+        crate::clock::wall_ms()
     }
 }
 
@@ -432,7 +432,7 @@ impl wasmtime_wasi::HostWallClock for CoarseWallClock {
         Duration::from_millis(1)
     }
     fn now(&self) -> Duration {
-        Duration::from_millis(crate::store::now_ms())
+        Duration::from_millis(crate::clock::wall_ms())
     }
 }
 

@@ -57,7 +57,7 @@ fn encode(reason: &str, dead_ms: u64, record: &[u8]) -> Vec<u8> {
     out
 }
 
-fn decode(bytes: &[u8]) -> Result<(String, u64, &[u8]), CorruptRecord> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<(String, u64, &[u8]), CorruptRecord> {
     let short = CorruptRecord("dead letter shorter than its header");
     let len = u16::from_be_bytes(bytes.get(..2).ok_or(short)?.try_into().expect("2")) as usize;
     let reason = bytes.get(2..2 + len).ok_or(short)?;
@@ -82,7 +82,7 @@ impl Store {
             return Ok(false);
         };
         let mut batch = inner.db.batch().durability(Some(PersistMode::SyncData));
-        let entry = encode(reason, super::now_ms(), &value);
+        let entry = encode(reason, crate::clock::now_ms(), &value);
         let entry_len = entry.len() as u64;
         batch.insert(&inner.dead, key.to_be_bytes(), entry);
         batch.remove_weak(&inner.queue, key.to_be_bytes());

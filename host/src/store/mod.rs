@@ -38,6 +38,8 @@ pub use recovery::Recovery;
 pub use writer::{AppendError, Appender};
 
 const TAIL_KEY: &[u8] = b"tail";
+/// The hub clock at the last write ([`crate::clock`]).
+const CLOCK_KEY: &[u8] = b"clock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -158,6 +160,9 @@ impl Store {
             bytes += v.len() as u64;
         }
         let saved_tail = meta.get(TAIL_KEY)?.map(|v| key_of(&v)).unwrap_or(1);
+        if let Some(v) = meta.get(CLOCK_KEY)? {
+            crate::clock::not_before(key_of(&v));
+        }
         let tail = saved_tail.max(last + 1);
         let head = head.unwrap_or(tail);
         let (tail_tx, _) = watch::channel(tail);
@@ -290,14 +295,6 @@ fn key_of(bytes: &[u8]) -> u64 {
     let n = bytes.len().min(8);
     k[8 - n..].copy_from_slice(&bytes[..n]);
     u64::from_be_bytes(k)
-}
-
-/// Milliseconds since the Unix epoch, the clock of `enqueued_ms`.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -229,7 +229,7 @@ fn set_aside(dir: &Path, copy: bool) -> Result<PathBuf, StoreError> {
     let folder = parent.join("damaged");
     std::fs::create_dir_all(&folder).map_err(|e| io(&folder, e))?;
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let secs = super::now_ms() / 1000;
+    let secs = crate::clock::wall_ms() / 1000;
     let mut target = folder.join(format!("{name}-{secs}"));
     let mut n = 1;
     while target.exists() {

@@ -29,7 +29,7 @@ pub fn write(storage: &Path, stats: QueueStats) -> std::io::Result<()> {
         depth: stats.depth,
         bytes: stats.bytes,
         oldest_ms: stats.oldest_ms,
-        written_ms: super::now_ms(),
+        written_ms: crate::clock::wall_ms(),
     };
     crate::durable_file::replace(
         &path(storage),

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use fjall::PersistMode;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Record, Store, TAIL_KEY};
+use super::{Record, Store, CLOCK_KEY, TAIL_KEY};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppendError {
@@ -185,6 +185,7 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
             }
         }
         batch.insert(&inner.meta, TAIL_KEY, tail.to_be_bytes());
+        batch.insert(&inner.meta, CLOCK_KEY, crate::clock::now_ms().to_be_bytes());
         match batch.commit() {
             Ok(()) => {
                 inner.bytes.fetch_add(added, Ordering::AcqRel);

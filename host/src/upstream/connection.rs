@@ -101,7 +101,7 @@ impl Connection {
             write_buf: BytesMut::with_capacity(64 * 1024),
             wire: Wire(login.version),
         };
-        let credentials = login.credentials(crate::store::now_ms() / 1000);
+        let credentials = login.credentials(crate::clock::wall_ms() / 1000);
         let encoded = match login.version {
             MqttVersion::V311 => {
                 let mut connect = v4::Connect::new(login.client_id.clone());

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::link::{LinkActor, LinkEvent, LinkHandle};
 use super::state::{Content, Outgoing};
 use crate::metrics::Metrics;
-use crate::store::{self, LiveFeed, Store, StoreError};
+use crate::store::{LiveFeed, Store, StoreError};
 
 /// How often expired messages are swept while offline.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -446,7 +446,7 @@ impl Forwarder {
             }
             return Ok(());
         }
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let default_ttl = self.ttl_ms.load(Ordering::Relaxed);
         while window.slots.len() < limit {
             if let Some((records, i)) = live.take(window.next) {
@@ -594,7 +594,7 @@ fn sweep_expired(store: &Store, default_ttl: u64) -> Result<u64, StoreError> {
     loop {
         let head = store.head();
         let batch = store.read_from(head, 1024)?;
-        let now = store::now_ms();
+        let now = crate::clock::now_ms();
         let mut end = head;
         let mut bytes = 0;
         for s in &batch {
@@ -779,7 +779,7 @@ mod tests {
         let records = topics
             .iter()
             .map(|t| Record {
-                enqueued_ms: store::now_ms(),
+                enqueued_ms: crate::clock::now_ms(),
                 topic: t.clone(),
                 payload: bytes::Bytes::from_static(b"x"),
                 ttl_secs: None,
@@ -910,7 +910,7 @@ mod tests {
 
         let durable = appender
             .append_later(vec![Record {
-                enqueued_ms: store::now_ms(),
+                enqueued_ms: crate::clock::now_ms(),
                 topic: "t/live".into(),
                 payload: bytes::Bytes::from_static(b"x"),
                 ttl_secs: None,
