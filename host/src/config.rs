@@ -294,6 +294,11 @@ pub struct UpstreamConfig {
     /// Ceiling of the reconnect back-off, milliseconds.
     #[arg(long = "upstream-max-backoff-ms")]
     pub max_backoff_ms: u64,
+    /// While connected to any upstream address but the first, probe the
+    /// first this often (seconds) and go back to it once two probes in a
+    /// row find it up (0: stay until the connection fails).
+    #[arg(long = "upstream-failback-secs")]
+    pub failback_secs: u64,
     /// How many times in a row the upstream may refuse the same message
     /// (drop the connection right after it, or answer it with an error)
     /// before it is moved to the dead-letter area (at least 1).
@@ -482,6 +487,7 @@ impl Default for UpstreamConfig {
             max_inflight: 1000,
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
+            failback_secs: 15,
             refusals_before_dead_letter: 3,
             mqtt_version: MqttVersion::V311,
         }

@@ -282,6 +282,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
                 version: config.upstream.mqtt_version,
             },
             max_backoff: Duration::from_millis(config.upstream.max_backoff_ms),
+            failback: (config.upstream.failback_secs > 0)
+                .then(|| Duration::from_secs(config.upstream.failback_secs)),
         },
         Arc::new(Transport { tls, proxy }),
         metrics.clone(),

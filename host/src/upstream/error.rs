@@ -31,6 +31,8 @@ pub enum UpstreamError {
     Timeout,
     #[error("upstream closed the connection")]
     Closed,
+    #[error("left for the first upstream address, {0}, which is back")]
+    FailBack(String),
     #[error("upstream sent a bad packet: {0}")]
     Protocol(String),
     #[error(transparent)]

@@ -1,7 +1,8 @@
 //! The upstream link: one actor that owns the connection to the cloud.
 //!
-//! Owns the socket (through [`Connection`]), the cluster's addresses and
-//! failover between them, the reconnect back-off, keepalive, packet ids
+//! Owns the socket (through [`Connection`]), the cluster's addresses,
+//! failover between them and fail-back to the first (probed while connected
+//! elsewhere; see [`LinkConfig::failback`]), the reconnect back-off, keepalive, packet ids
 //! (through [`LinkState`]), the cloud-side subscriptions, and the documents
 //! kept published (re-sent after every reconnect). Everything else talks to
 //! it through a [`LinkHandle`] and the channels [`Link::spawn`] returns:
@@ -177,7 +178,19 @@ pub struct LinkConfig {
     pub addresses: Vec<UpstreamAddr>,
     pub login: Login,
     pub max_backoff: Duration,
+    /// While connected to any address but the first, the first is probed
+    /// (its transport opened and closed) this often; after
+    /// [`FAILBACK_PROBES`] probes in a row find it up, the link disconnects
+    /// cleanly and connects to it. `None`: stay until the connection fails.
+    pub failback: Option<Duration>,
 }
+
+/// Probes in a row that must find the first address up before failing
+/// back to it: one node that restarts and falls again is not chased.
+pub const FAILBACK_PROBES: u32 = 2;
+
+/// How long a fail-back probe may take to open the transport.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The link before it runs: consumers subscribe here.
 pub struct Link {
@@ -316,7 +329,10 @@ impl Actor {
                             generation,
                             address: addr.to_string(),
                         });
-                        let result = self.session(conn, &shutdown).await;
+                        let failback = (!attempt.is_multiple_of(self.config.addresses.len()))
+                            .then(|| self.config.addresses[0].clone())
+                            .zip(self.config.failback);
+                        let result = self.session(conn, failback, &shutdown).await;
                         self.metrics.set_upstream_connected(false);
                         let error = match &result {
                             Ok(()) => "shut down".to_string(),
@@ -327,6 +343,10 @@ impl Actor {
                             .send(LinkEvent::Disconnected { generation, error });
                         match result {
                             Ok(()) => return,
+                            Err(UpstreamError::FailBack(first)) => {
+                                tracing::info!(upstream = %addr, first = %first, "the first upstream address is back: failing back to it");
+                                attempt = 0;
+                            }
                             Err(e) => {
                                 self.metrics.upstream_reconnects();
                                 tracing::warn!(upstream = %addr, error = %e, "upstream connection lost")
@@ -396,10 +416,11 @@ impl Actor {
     async fn session(
         &mut self,
         conn: Connection,
+        failback: Option<(UpstreamAddr, Duration)>,
         shutdown: &CancellationToken,
     ) -> Result<(), UpstreamError> {
         let mut state = LinkState::new(self.generation, conn.wire());
-        let result = self.serve(conn, &mut state, shutdown).await;
+        let result = self.serve(conn, &mut state, failback, shutdown).await;
         // The cloud may never have seen them: unsubscribe on the next one,
         // unless a consumer wants the filter again by then.
         for f in state.unanswered_unsubscribes() {
@@ -415,6 +436,7 @@ impl Actor {
         &mut self,
         mut conn: Connection,
         state: &mut LinkState,
+        failback: Option<(UpstreamAddr, Duration)>,
         shutdown: &CancellationToken,
     ) -> Result<(), UpstreamError> {
         // Messages waiting for consumers came from the previous connection:
@@ -437,8 +459,10 @@ impl Actor {
         }
         let keep_alive = Duration::from_secs(self.config.login.keep_alive.max(1) as u64);
         let mut ping_due = Instant::now() + keep_alive;
+        let mut probe = Probe::new(failback);
         loop {
             conn.flush().await?;
+            let probe_due = probe.due;
             let reading = self.waiting.len() < MAX_WAITING;
             let front = self
                 .waiting
@@ -494,6 +518,14 @@ impl Actor {
                 _ = tokio::time::sleep_until(ping_due) => {
                     state.keepalive_due(&mut conn.write_buf)?;
                     ping_due = Instant::now() + keep_alive;
+                }
+                _ = tokio::time::sleep_until(probe_due), if probe.idle() => probe.start(&self.connector),
+                up = probe.result(), if probe.running() => {
+                    if let Some(first) = probe.finished(up) {
+                        conn.wire().disconnect(&mut conn.write_buf);
+                        let _ = conn.flush().await;
+                        return Err(UpstreamError::FailBack(first.to_string()));
+                    }
                 }
             }
         }
@@ -615,6 +647,65 @@ impl Actor {
     }
 }
 
+/// Fail-back probes of the first address while connected to another.
+struct Probe {
+    target: Option<(UpstreamAddr, Duration)>,
+    due: Instant,
+    running: Option<tokio::task::JoinHandle<bool>>,
+    /// Probes in a row that found the first address up.
+    streak: u32,
+}
+
+impl Probe {
+    fn new(target: Option<(UpstreamAddr, Duration)>) -> Self {
+        let every = target.as_ref().map_or(Duration::ZERO, |(_, every)| *every);
+        Self {
+            target,
+            due: Instant::now() + every,
+            running: None,
+            streak: 0,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.target.is_some() && self.running.is_none()
+    }
+
+    fn running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Opens the first address's transport on a task of its own, so the
+    /// connection keeps being served meanwhile.
+    fn start(&mut self, connector: &Arc<dyn Connect>) {
+        let Some((addr, _)) = self.target.clone() else {
+            return;
+        };
+        let connector = connector.clone();
+        self.running = Some(tokio::spawn(async move {
+            let opened = tokio::time::timeout(PROBE_TIMEOUT, connector.connect(&addr)).await;
+            matches!(opened, Ok(Ok(_)))
+        }));
+    }
+
+    async fn result(&mut self) -> bool {
+        match self.running.as_mut() {
+            Some(task) => task.await.unwrap_or(false),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Takes a probe's outcome; the address to fail back to once enough
+    /// probes in a row found it up.
+    fn finished(&mut self, up: bool) -> Option<&UpstreamAddr> {
+        self.running = None;
+        let (addr, every) = self.target.as_ref()?;
+        self.due = Instant::now() + *every;
+        self.streak = if up { self.streak + 1 } else { 0 };
+        (self.streak >= FAILBACK_PROBES).then_some(addr)
+    }
+}
+
 fn retained(topic: &str, payload: &Bytes) -> Outgoing {
     Outgoing {
         tag: 0,
@@ -660,6 +751,7 @@ pub(crate) mod fake {
                 version: crate::config::MqttVersion::V311,
             },
             max_backoff: std::time::Duration::from_millis(100),
+            failback: Some(std::time::Duration::from_millis(50)),
         }
     }
 
@@ -1014,6 +1106,63 @@ mod tests {
             "the old batch never reaches the new connection"
         );
         assert_eq!(within(events.recv()).await, Some(LinkEvent::Acked(vec![2])));
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_link_fails_back_to_the_first_address_once_probes_find_it_up_again() {
+        let (up, mut conns) = Upstream::new();
+        let up = Arc::new(up);
+        up.down.lock().unwrap().insert("a".into());
+        let link = Link::new(config(&["a", "b"]), up.clone(), Arc::default());
+        let shutdown = CancellationToken::new();
+        let (_handle, mut events, task) = link.spawn(shutdown.clone());
+
+        let (host, mut on_b) = within(conns.recv()).await.unwrap();
+        assert_eq!(host, "b");
+        on_b.accept().await;
+        assert!(
+            matches!(within(events.recv()).await, Some(LinkEvent::Connected { address, .. }) if address.contains("b:"))
+        );
+
+        // a returns: probes open its transport and close it without a
+        // CONNECT; after two in a row the link leaves b cleanly for a.
+        up.down.lock().unwrap().remove("a");
+        let mut probes = 0;
+        let mut on_a = loop {
+            let (host, mut peer) = within(conns.recv()).await.unwrap();
+            assert_eq!(host, "a", "only a is probed, and reconnected to");
+            match within(peer.read()).await {
+                None => probes += 1,
+                Some(v4::Packet::Connect(_)) => break peer,
+                Some(p) => panic!("unexpected {p:?}"),
+            }
+        };
+        assert!(probes >= FAILBACK_PROBES as usize, "{probes} probes");
+        assert!(matches!(
+            within(on_b.read()).await,
+            Some(v4::Packet::Disconnect)
+        ));
+        on_a.write(v4::Packet::ConnAck(v4::ConnAck::new(
+            v4::ConnectReturnCode::Success,
+            false,
+        )))
+        .await;
+        assert!(matches!(
+            within(events.recv()).await,
+            Some(LinkEvent::Disconnected { .. })
+        ));
+        assert!(
+            matches!(within(events.recv()).await, Some(LinkEvent::Connected { address, .. }) if address.contains("a:"))
+        );
+
+        // On the first address there is nothing to fail back to: no probes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            conns.try_recv().is_err(),
+            "probed while on the first address"
+        );
         shutdown.cancel();
         within(task).await.unwrap();
     }
