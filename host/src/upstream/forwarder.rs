@@ -179,9 +179,12 @@ impl Window {
 }
 
 /// Counts how often in a row the upstream refused the same message: by
-/// dropping the connection with it first in line unacknowledged (such a
-/// suspect is then sent alone, a window of one, until it is acknowledged, so
-/// the next drop is its own), or by answering it with an MQTT 5 error.
+/// dropping the connection while it was the only message in flight, or by
+/// answering it with an MQTT 5 error. A drop with a full window (a node
+/// that died, a network that failed) says nothing about which message is to
+/// blame: it only makes the first unacknowledged one a suspect, sent alone
+/// (a window of one) until it is acknowledged, so that the next drop is its
+/// own and counts.
 struct Refusals {
     limit: u32,
     suspect: Option<(u64, u32)>,
@@ -245,12 +248,13 @@ impl Refusals {
     }
 
     /// The connection dropped with `lowest_unacked` first in line: the key
-    /// to dead-letter, when it has been refused `limit` times in a row.
+    /// to dead-letter, when it has been refused `limit` times in a row. Only
+    /// a drop while it was a suspect (alone in flight) counts against it.
     fn connection_lost(&mut self, lowest_unacked: Option<u64>) -> Option<(u64, u32)> {
         let key = lowest_unacked?;
         let strikes = match self.suspect {
             Some((k, n)) if k == key => n + 1,
-            _ => 1,
+            _ => 0,
         };
         if strikes >= self.limit {
             self.suspect = None;
@@ -694,8 +698,10 @@ mod tests {
     fn a_message_refused_three_times_in_a_row_is_dead_lettered() {
         let mut r = Refusals::new(3);
         assert_eq!(r.window(256), 256);
+        // A drop with a full window only makes the first in line a suspect.
         assert_eq!(r.connection_lost(Some(40)), None);
         assert_eq!(r.window(256), 1, "a suspect is sent alone");
+        assert_eq!(r.connection_lost(Some(40)), None);
         assert_eq!(r.connection_lost(Some(40)), None);
         assert_eq!(r.connection_lost(Some(40)), Some((40, 3)));
         assert_eq!(r.window(256), 256, "the queue behind flows on");
@@ -712,7 +718,7 @@ mod tests {
         assert_eq!(
             r.connection_lost(Some(42)),
             None,
-            "a different message first in line starts again at one"
+            "a different message first in line starts a new count"
         );
         assert_eq!(
             r.connection_lost(None),
@@ -830,7 +836,10 @@ mod tests {
             first_copies, expected,
             "every other message, first copies in order"
         );
-        assert_eq!(drops, 3, "refused three times in a row, then set aside");
+        assert_eq!(
+            drops, 4,
+            "a suspect after the first drop, refused three times in a row alone, then set aside"
+        );
         let dead = store.dead_letters(10).unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].topic, "poison");
