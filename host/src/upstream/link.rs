@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Login};
 use super::error::UpstreamError;
-use super::state::{Content, Inbound, LinkState, Outgoing};
+use super::state::{Content, Inbound, LinkState, Outgoing, StateError};
 use super::transport::Connect;
 use super::wire::Incoming;
 use crate::config::UpstreamAddr;
@@ -349,7 +349,13 @@ impl Actor {
                             }
                             Err(e) => {
                                 self.metrics.upstream_reconnects();
-                                tracing::warn!(upstream = %addr, error = %e, "upstream connection lost")
+                                tracing::warn!(upstream = %addr, error = %e, "upstream connection lost");
+                                // A broker that takes connections but does
+                                // not answer (a cluster node stuck electing
+                                // leaders) is left for the next address.
+                                if matches!(e, UpstreamError::State(StateError::KeepAlive)) {
+                                    attempt += 1;
+                                }
                             }
                         }
                     }
