@@ -17,6 +17,7 @@ mod report;
 mod rss;
 mod scenario;
 mod systems;
+mod wan;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,11 +27,13 @@ use clap::{Parser, ValueEnum};
 
 use scenario::{Settings, Sut};
 use systems::BridgeSettings;
+use wan::LinkSpec;
 
 #[derive(Parser, Debug)]
 #[command(about = "Store-and-forward benchmark: edgehub vs. a Mosquitto bridge vs. the upstream")]
 struct Args {
-    /// Total messages per system [default: 200000, or 20000 with --quick].
+    /// Total messages per system [default: 200000, or 20000 with --quick,
+    /// or 100000 with --wan].
     #[arg(long)]
     messages: Option<u64>,
     /// Publisher connections.
@@ -48,7 +51,8 @@ struct Args {
     /// Systems to measure, comma separated.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [System::Edgehub, System::Bridge, System::Upstream])]
     systems: Vec<System>,
-    /// Global deadline per phase in seconds [default: 120, or 600 with --rss-messages].
+    /// Global deadline per phase in seconds [default: 120, or 600 with
+    /// --rss-messages, or 60 with --wan].
     #[arg(long)]
     timeout: Option<u64>,
     /// The subscriber stops after this many seconds without a new message.
@@ -68,10 +72,11 @@ struct Args {
     /// its whole in-memory store to disk; its default is 1800).
     #[arg(long, default_value_t = 1)]
     bridge_autosave: u32,
-    /// Bridge `max_inflight_messages` (0 = unlimited); 1000 matches edgehub's
-    /// default `upstream.max_inflight`.
-    #[arg(long, default_value_t = 1000)]
-    bridge_inflight: u32,
+    /// Bridge `max_inflight_messages` (0 = unlimited) [default: 1000; with
+    /// --wan, 20, Mosquitto's own default]. It bounds what Mosquitto sends
+    /// its clients, not what its bridge sends the upstream.
+    #[arg(long)]
+    bridge_inflight: Option<u32>,
     /// Run every system this many times (interleaved) and report medians.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
@@ -106,6 +111,17 @@ struct Args {
     /// comparison [default: 1000, or 100 with --quick].
     #[arg(long)]
     fanout: Option<usize>,
+    /// Instead of the comparison: the drain of edgehub and the Mosquitto
+    /// bridge, each with its default settings, over an emulated slow, far
+    /// link to the upstream (one run per round trip in --wan-rtt-ms).
+    #[arg(long)]
+    wan: bool,
+    /// Round trips of the WAN drain, in ms, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 500])]
+    wan_rtt_ms: Vec<u64>,
+    /// Bandwidth of the emulated link in kbit/s each way (0: not limited).
+    #[arg(long, default_value_t = 0)]
+    wan_kbit: u64,
     /// Keep the working directory (configs, logs, stores) afterwards.
     #[arg(long)]
     keep: bool,
@@ -178,11 +194,16 @@ async fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&work)?;
 
     let rss_mode = args.rss_messages.is_some();
-    let messages = args
-        .rss_messages
-        .or(args.messages)
-        .unwrap_or(if args.quick { 20_000 } else { 200_000 });
-    let timeout = args.timeout.unwrap_or(if rss_mode { 600 } else { 120 });
+    let messages = args.rss_messages.or(args.messages).unwrap_or(match () {
+        _ if args.quick => 20_000,
+        _ if args.wan => 100_000,
+        _ => 200_000,
+    });
+    let timeout = args.timeout.unwrap_or(match () {
+        _ if rss_mode => 600,
+        _ if args.wan => 60,
+        _ => 120,
+    });
     // Removes the working directory on every exit path unless --keep.
     let _cleanup = CleanUp {
         dir: work.clone(),
@@ -196,12 +217,14 @@ async fn run(args: Args) -> Result<()> {
         phase_timeout: Duration::from_secs(timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         settle: Duration::from_secs(2),
-        linger: Duration::from_secs(if rss_mode { 10 } else { 0 }),
+        linger: Duration::from_secs(if rss_mode { 60 } else { 0 }),
         mosquitto: args.mosquitto_bin.clone(),
         edgehub,
         bridge: BridgeSettings {
             autosave_interval: args.bridge_autosave,
-            max_inflight: args.bridge_inflight,
+            max_inflight: args
+                .bridge_inflight
+                .unwrap_or(if args.wan { 20 } else { 1000 }),
         },
         as_root: systems::running_as_root(),
         work: work.clone(),
@@ -210,6 +233,7 @@ async fn run(args: Args) -> Result<()> {
             .plugins
             .clone()
             .unwrap_or_else(|| workspace_dir().join("plugins/dist")),
+        link: None,
     };
     let latency = latency::LatencySettings {
         messages: args.latency_messages,
@@ -217,7 +241,7 @@ async fn run(args: Args) -> Result<()> {
         warmup: LATENCY_WARMUP,
         payload: args.payload.max(latency::STAMP_BYTES),
     };
-    let comparison = !(args.plugin_calls || rss_mode || args.local);
+    let comparison = !(args.plugin_calls || rss_mode || args.local || args.wan);
     if args.local {
         let local = local::LocalSettings {
             connections: args
@@ -240,7 +264,18 @@ async fn run(args: Args) -> Result<()> {
     if args.plugin_calls {
         return plugin_calls::run(&edgehub_bin, &settings.plugins, &work);
     }
-    if rss_mode {
+    if args.wan {
+        let bandwidth = (args.wan_kbit > 0).then_some(args.wan_kbit * 1000 / 8);
+        let links: Vec<LinkSpec> = args
+            .wan_rtt_ms
+            .iter()
+            .map(|&ms| LinkSpec {
+                rtt: Duration::from_millis(ms),
+                bytes_per_sec: bandwidth,
+            })
+            .collect();
+        wan_drain(&settings, &links, args.repeat).await;
+    } else if rss_mode {
         if settings.edgehub.is_none() {
             bail!("--rss-messages needs edgehub at {}", edgehub_bin.display());
         }
@@ -291,6 +326,51 @@ async fn throughput(settings: &Settings, systems: &[System], repeat: usize) {
     report::print_load("at end");
     report::print_table(settings, &groups);
 }
+
+/// The WAN drain: edgehub and the bridge over each emulated link,
+/// repetitions interleaved.
+async fn wan_drain(settings: &Settings, links: &[LinkSpec], repeat: usize) {
+    // What the upstream itself takes on loopback bounds every drain.
+    let ceiling = scenario::ceiling(&Settings {
+        work: settings.work.join("ceiling"),
+        ..settings.clone()
+    })
+    .await;
+    report::print_progress(&ceiling);
+    let suts = [Sut::Edgehub, Sut::Bridge];
+    let mut groups: Vec<(LinkSpec, Vec<Vec<scenario::SystemResult>>)> = links
+        .iter()
+        .map(|&l| (l, vec![Vec::new(); suts.len()]))
+        .collect();
+    for run in 0..repeat.max(1) {
+        for (link, group) in groups.iter_mut() {
+            for (sut, runs) in suts.iter().zip(group.iter_mut()) {
+                let settings = Settings {
+                    work: settings
+                        .work
+                        .join(format!("run{run}-rtt{}", link.rtt.as_millis())),
+                    link: Some(*link),
+                    ..settings.clone()
+                };
+                let result = scenario::store_and_forward(&settings, *sut).await;
+                print!("  {}: ", link.describe());
+                report::print_progress(&result);
+                runs.push(result);
+            }
+        }
+    }
+    report::print_load("at end");
+    // The bench does not set the hub's window: its default, unless the
+    // environment (which the hub reads) says otherwise.
+    let window = std::env::var("EDGEHUB_UPSTREAM_MAX_INFLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(EDGEHUB_MAX_INFLIGHT);
+    report::print_wan_table(settings, window, &ceiling, &groups);
+}
+
+/// edgehub's default `upstream.max_inflight`.
+const EDGEHUB_MAX_INFLIGHT: usize = 32_768;
 
 /// The latency phase, interleaved like the comparison.
 async fn latency_phase(

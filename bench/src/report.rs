@@ -7,6 +7,7 @@ use crate::latency::{self, LatencyRun, LatencySettings, Percentiles};
 use crate::load::SubscriberEnd;
 use crate::rss::mib;
 use crate::scenario::{RssProfile, Settings, SystemResult};
+use crate::wan::LinkSpec;
 
 /// `12345.6` -> `"12,346"`.
 fn thousands(v: f64) -> String {
@@ -422,6 +423,132 @@ fn print_markdown(header: &[&str], rows: &[Vec<String>]) {
     println!("|{}|", rule.join("|"));
     for row in rows {
         line(row);
+    }
+}
+
+/// The WAN drain: per link, each system's drain rate over what arrived
+/// before the deadline, and edgehub's as a share of what its window allows
+/// (`max_inflight` messages per round trip) or the upstream takes at all
+/// (`ceiling`, measured on loopback), whichever is lower.
+pub fn print_wan_table(
+    s: &Settings,
+    max_inflight: usize,
+    ceiling: &SystemResult,
+    groups: &[(LinkSpec, Vec<Vec<SystemResult>>)],
+) {
+    let upstream = Runs(std::slice::from_ref(ceiling)).delivery_rate();
+    let header = [
+        "link",
+        "system",
+        "drain msg/s",
+        "delivered by the deadline",
+        "lost",
+        "1st delivery after upstream start",
+        "bound msg/s: window / RTT, or the upstream's ceiling",
+        "drain / bound",
+    ];
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for (link, systems) in groups {
+        let mut edgehub_rate = None;
+        let mut bridge_rate = None;
+        for runs in systems.iter().filter(|r| !r.is_empty()) {
+            let label = runs[0].label.clone();
+            // Mosquitto's max_inflight_messages bounds what it sends its
+            // clients, not what its bridge sends the upstream: the bridge
+            // has no window to compare with.
+            let window = (label == "edgehub").then_some(max_inflight);
+            // The drain is cut at the phase deadline on a slow link: the
+            // rate is over what arrived, from the first delivery to the last.
+            let rate = median(
+                runs.iter()
+                    .filter_map(|r| {
+                        let d = r.delivery.as_ref()?;
+                        (d.end != SubscriberEnd::Idle && d.error.is_none())
+                            .then(|| d.rate())
+                            .flatten()
+                    })
+                    .collect(),
+            )
+            .filter(|_| runs.iter().all(|r| r.error.is_none()));
+            let by_window = window.map(|w| w as f64 / link.rtt.as_secs_f64().max(1e-3));
+            let bound = match (by_window, upstream) {
+                (Some(w), Some(u)) if u < w => Some((u, "ceiling")),
+                (Some(w), _) => Some((w, "window")),
+                _ => None,
+            };
+            let delivered = runs
+                .iter()
+                .filter_map(|r| r.delivery.as_ref())
+                .min_by_key(|d| d.distinct)
+                .map_or("-".into(), |d| format!("{}/{}", d.distinct, d.expected));
+            let lost: u64 = runs
+                .iter()
+                .filter_map(|r| r.delivery.as_ref())
+                .filter(|d| d.end == SubscriberEnd::Complete)
+                .map(|d| d.lost())
+                .max()
+                .unwrap_or(0);
+            let first = median(
+                runs.iter()
+                    .filter_map(|r| r.first_delivery_after.map(|t| t.as_secs_f64()))
+                    .collect(),
+            );
+            for r in runs.iter() {
+                if let Some(e) = &r.error {
+                    notes.push(format!("{} over {}: {e}", r.label, link.describe()));
+                }
+            }
+            if label == "edgehub" {
+                edgehub_rate = rate;
+            } else {
+                bridge_rate = rate;
+            }
+            rows.push(vec![
+                link.describe(),
+                match window {
+                    Some(w) => format!("{label} (window {w})"),
+                    None => format!("{label} (max_inflight_messages {})", s.bridge.max_inflight),
+                },
+                rate.map_or("-".into(), thousands),
+                delivered,
+                lost.to_string(),
+                first.map_or("-".into(), |t| format!("{t:.2} s")),
+                bound.map_or("-".into(), |(b, what)| format!("{} ({what})", thousands(b))),
+                match (rate, bound) {
+                    (Some(r), Some((b, _))) => format!("{:.2}", r / b),
+                    _ => "-".into(),
+                },
+            ]);
+        }
+        notes.push(format!(
+            "{}: edgehub / bridge drain {}",
+            link.describe(),
+            ratio(edgehub_rate, bridge_rate)
+        ));
+    }
+    let repeats = groups
+        .iter()
+        .flat_map(|(_, g)| g.iter().map(Vec::len))
+        .max()
+        .unwrap_or(1);
+    println!();
+    println!(
+        "WAN drain ({} messages x {} B queued during the outage, drain cut at {} s{}):",
+        thousands(s.messages as f64),
+        s.payload,
+        s.phase_timeout.as_secs(),
+        if repeats > 1 {
+            format!("; medians of {repeats} runs")
+        } else {
+            String::new()
+        }
+    );
+    println!();
+    print_markdown(&header, &rows);
+    println!();
+    for n in notes {
+        println!("  {n}");
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use crate::load::{self, Conn, PublisherSpec, SubscriberStats, SUBSCRIBER_ID};
 use crate::rss::{self, RssSampler, Window};
 use crate::systems::{self, BridgeSettings, Proc};
+use crate::wan::{self, LinkSpec};
 
 /// Everything a scenario needs to know.
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct Settings {
     pub rss_interval: Duration,
     /// Where the built example plugins are (for the plugin systems).
     pub plugins: PathBuf,
+    /// A slow, far link between the system under test and the upstream
+    /// (the WAN drain); `None`: loopback.
+    pub link: Option<LinkSpec>,
 }
 
 impl Settings {
@@ -380,11 +384,17 @@ async fn run_outage(
     let port = systems::free_port()?;
     // Reserved for the upstream but nobody listens there until the drain.
     let upstream_port = systems::free_port()?;
+    // The system under test reaches the upstream through the emulated link
+    // when there is one (it too listens only from the drain on).
+    let link_port = match s.link {
+        Some(_) => systems::free_port()?,
+        None => upstream_port,
+    };
     let Started {
         mut proc,
         store,
         metrics_port,
-    } = start_sut(s, sut, &dir, port, upstream_port).await?;
+    } = start_sut(s, sut, &dir, port, link_port).await?;
     let sampler = RssSampler::start(proc.pid, s.rss_interval);
     let mut upstream: Option<Proc> = None;
 
@@ -411,6 +421,17 @@ async fn run_outage(
 
         // Drain: start the upstream, reconnect the subscriber's session.
         let config = systems::upstream_config(upstream_port, &upstream_dir, s.as_root);
+        let _link = match s.link {
+            Some(spec) => Some(
+                wan::start(
+                    systems::loopback(link_port),
+                    systems::loopback(upstream_port),
+                    spec,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let upstream_start = Instant::now();
         let cpu_before = rss::cpu_time(proc.pid);
         let own_before = rss::cpu_time(std::process::id());

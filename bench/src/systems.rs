@@ -140,10 +140,14 @@ pub fn log_problems(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Size of a file, or total size of the regular files under a directory, in bytes.
+/// Bytes a file, or the regular files under a directory, take on disk.
 pub fn disk_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    // Allocated blocks, not lengths: fjall's journals are sparse files of
+    // their full size from the start.
+    let on_disk = |m: &std::fs::Metadata| m.blocks() * 512;
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => return m.len(),
+        Ok(m) if m.is_file() => return on_disk(&m),
         Ok(_) => {}
         Err(_) => return 0,
     }
@@ -154,7 +158,7 @@ pub fn disk_size(path: &Path) -> u64 {
         .flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => disk_size(&e.path()),
-            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Ok(_) => e.metadata().map(|m| on_disk(&m)).unwrap_or(0),
             Err(_) => 0,
         })
         .sum()
