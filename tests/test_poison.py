@@ -170,3 +170,35 @@ def test_a_device_topic_over_the_hubs_limit_is_refused_to_the_device_not_acknowl
     v3.client.loop_stop()
     assert hub.metric("edgehub_invalid_topics_total") == 2
     assert hub.alive()
+
+
+def test_an_mqtt5_upstreams_receive_maximum_and_packet_size_are_kept(
+    upstream_factory, collector_factory, hub_factory, clients
+):
+    # Mosquitto announces both in its CONNACK to an MQTT 5 client: Receive
+    # Maximum 5 (its max_inflight_messages) and Maximum Packet Size 2000.
+    up = upstream_factory(extra_conf=["max_inflight_messages 5", "max_packet_size 2000"])
+    up.start()
+    collector = collector_factory(up, filters=["plain/#"])
+    hub = hub_factory(
+        up, edge_id="edge-limits", forward_topics=["plain/#"],
+        extra_args=["--upstream-mqtt-version", "5"],
+    )
+    hub.wait_metric("edgehub_upstream_connected", lambda v: v == 1, 30, "the upstream connected")
+    pub = connect_publisher(hub.port, clients)
+    big = 150
+    items = [("plain/seq", f"seq={i} ".encode() + (b"x" * 3000 if i == big else b"")) for i in range(300)]
+    publish_all(pub, items, timeout=60)
+
+    good = [p for i, (_, p) in enumerate(items) if i != big]
+    msgs = collector.wait_for(lambda ms: set(good) <= {p for _, p in ms}, timeout=60, desc="every message but the big one")
+    assert first_occurrences(p for _, p in msgs) == good, "first copies in order, the big one never"
+
+    # The big one is set aside at once (never sent, so never refused), and
+    # the hub never exceeded what the upstream takes: not one reconnect.
+    hub.wait_metric("edgehub_dead_letters_total", lambda v: v == 1, 30, "the big message dead-lettered")
+    entries = listed(hub)
+    assert [e["payload_bytes"] for e in entries] == [len(items[big][1])], entries
+    assert "Maximum Packet Size of 2000" in entries[0]["reason"], entries
+    assert hub.metric("edgehub_upstream_reconnects_total") == 0
+    hub.wait_queue_depth(0, timeout=10)

@@ -299,6 +299,10 @@ pub struct UpstreamConfig {
     /// row find it up (0: stay until the connection fails).
     #[arg(long = "upstream-failback-secs")]
     pub failback_secs: u64,
+    /// Bytes of queued messages sent upstream a second at most, so a drain
+    /// after an outage leaves room on a metered or shared link (0: no cap).
+    #[arg(long = "upstream-max-bytes-per-sec")]
+    pub max_bytes_per_sec: u64,
     /// How many times in a row the upstream may refuse the same message
     /// (drop the connection right after it, or answer it with an error)
     /// before it is moved to the dead-letter area (at least 1).
@@ -484,10 +488,11 @@ impl Default for UpstreamConfig {
             hub_name: None,
             cert_file: None,
             key_file: None,
-            max_inflight: 1000,
+            max_inflight: 32_768,
             keep_alive_secs: 30,
             max_backoff_ms: 2000,
             failback_secs: 15,
+            max_bytes_per_sec: 0,
             refusals_before_dead_letter: 3,
             mqtt_version: MqttVersion::V311,
         }

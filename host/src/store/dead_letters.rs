@@ -85,7 +85,7 @@ impl Store {
         let entry = encode(reason, crate::clock::now_ms(), &value);
         let entry_len = entry.len() as u64;
         batch.insert(&inner.dead, key.to_be_bytes(), entry);
-        batch.remove_weak(&inner.queue, key.to_be_bytes());
+        batch.insert(&inner.meta, super::HEAD_KEY, (key + 1).to_be_bytes());
         batch.commit()?;
         inner.head.store(key + 1, Ordering::Release);
         let size = value.len() as u64;

@@ -108,6 +108,16 @@ impl Room {
 
 /// Bytes the files under `dir` take on disk (allocated blocks).
 pub fn allocated(dir: &Path) -> u64 {
+    allocated_where(dir, &|_| true)
+}
+
+/// Bytes the files under `dir` other than fjall's journals take on disk:
+/// the tables and their version files.
+pub fn allocated_tables(dir: &Path) -> u64 {
+    allocated_where(dir, &|p| p.extension().is_none_or(|e| e != "jnl"))
+}
+
+fn allocated_where(dir: &Path, counted: &dyn Fn(&Path) -> bool) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -115,9 +125,9 @@ pub fn allocated(dir: &Path) -> u64 {
     entries
         .flatten()
         .map(|entry| match entry.metadata() {
-            Ok(m) if m.is_dir() => allocated(&entry.path()),
-            Ok(m) => m.blocks() * 512,
-            Err(_) => 0,
+            Ok(m) if m.is_dir() => allocated_where(&entry.path(), counted),
+            Ok(m) if counted(&entry.path()) => m.blocks() * 512,
+            _ => 0,
         })
         .sum()
 }

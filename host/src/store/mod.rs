@@ -5,14 +5,17 @@
 //! which group-commits appends and fsyncs once per batch before anyone is
 //! told the messages are durable; meanwhile the live feed ([`live`]) may
 //! hand them to the forwarder from memory. Removal is done only by the upstream forwarder, always
-//! of a prefix (acknowledged or expired messages), with weak tombstones. The
-//! highest key ever assigned is kept in a meta keyspace so keys are never
-//! reused. What is sent, when, and to whom is not this module's concern.
+//! of a prefix (acknowledged or expired messages), by moving the head: no
+//! tombstones. What is below the head is dropped from disk a whole table
+//! at a time, and from tables that are compacted anyway by a compaction
+//! filter ([`Store::give_back`]). The highest key ever assigned is kept in
+//! a meta keyspace so keys are never reused. What is sent, when, and to
+//! whom is not this module's concern.
 //!
 //! Layout: `queue` keyspace `key -> record` ([`record`]), `meta` keyspace
-//! `"tail" -> next key`, `dead-letters` keyspace `key -> entry`
-//! ([`dead_letters`]), and small durable documents such as twins
-//! ([`documents`]).
+//! `"tail" -> next key` and `"head" -> first key not removed`,
+//! `dead-letters` keyspace `key -> entry` ([`dead_letters`]), and small
+//! durable documents such as twins ([`documents`]).
 
 pub mod dead_letters;
 pub mod disk;
@@ -27,7 +30,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::compaction::filter as compaction;
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
 
 pub use dead_letters::{DeadLetter, Selection};
@@ -38,6 +42,11 @@ pub use recovery::Recovery;
 pub use writer::{AppendError, Appender};
 
 const TAIL_KEY: &[u8] = b"tail";
+/// Everything below it is removed (sent, expired or dead-lettered).
+const HEAD_KEY: &[u8] = b"head";
+/// Bytes an empty queue may leave on disk before its memtables are
+/// flushed so the journals can be deleted.
+const EMPTY_SLACK: u64 = 4 << 20;
 /// The hub clock at the last write ([`crate::clock`]).
 const CLOCK_KEY: &[u8] = b"clock";
 
@@ -72,8 +81,9 @@ struct Inner {
     dead_count: AtomicU64,
     /// Bytes of the entries in `dead`, counted in the quota.
     dead_bytes: AtomicU64,
-    /// Lowest key that may still be present; everything below is removed.
-    head: AtomicU64,
+    /// Lowest key that may still be present; everything below is removed
+    /// (shared with the compaction filter that drops it).
+    head: Arc<AtomicU64>,
     /// Everything below is durable (or a gap the writer refused).
     tail: AtomicU64,
     /// The next key the intake gives; at or above `tail`.
@@ -90,6 +100,56 @@ struct Inner {
     recovery: Recovery,
     /// Room left on the storage's disk, checked at the intake.
     room: disk::Room,
+    /// What [`Store::give_back`] did last.
+    give_back: Mutex<GiveBack>,
+    /// The database's folder.
+    dir: std::path::PathBuf,
+}
+
+struct GiveBack {
+    /// The head the last table drop was up to.
+    dropped_below: u64,
+    step: Step,
+}
+
+/// Where giving back an empty queue's disk is.
+#[derive(Clone, Copy)]
+enum Step {
+    Idle,
+    /// Memtables are being flushed, so the journals can go.
+    Flushing,
+    /// Tables were dropped; their files go at the next rotation.
+    Collecting,
+}
+
+/// Drops the queue's records below the head whenever fjall compacts a
+/// table: what is removed leaves the disk without a tombstone.
+struct BelowHead(Arc<AtomicU64>);
+
+impl compaction::Factory for BelowHead {
+    fn name(&self) -> &str {
+        "below-head"
+    }
+
+    fn make_filter(&self, _: &compaction::Context) -> Box<dyn compaction::CompactionFilter> {
+        Box::new(BelowHeadFilter(self.0.load(Ordering::Acquire)))
+    }
+}
+
+struct BelowHeadFilter(u64);
+
+impl compaction::CompactionFilter for BelowHeadFilter {
+    fn filter_item(
+        &mut self,
+        item: compaction::ItemAccessor<'_>,
+        _: &compaction::Context,
+    ) -> compaction::CompactionFilterResult {
+        Ok(if key_of(item.key()) < self.0 {
+            compaction::Verdict::Remove
+        } else {
+            compaction::Verdict::Keep
+        })
+    }
 }
 
 /// What `edgehub queue stats` and the metrics report.
@@ -126,10 +186,17 @@ impl Store {
         // Memory is bounded whatever the queue length: small memtables
         // (flushed to tables when full), a small block cache, and a journal
         // cap that forces flushes so old journals are deleted.
+        // Nothing is dropped until the head is known.
+        let shared_head = Arc::new(AtomicU64::new(0));
+        let filter: Arc<dyn compaction::Factory> = Arc::new(BelowHead(shared_head.clone()));
         let open = |dir: &Path| {
+            let filter = filter.clone();
             Database::builder(dir)
-                .cache_size(16 << 20)
+                .cache_size(4 << 20)
                 .max_journaling_size(64 << 20)
+                .with_compaction_filter_factories(Arc::new(move |name: &str| {
+                    (name == "queue").then(|| filter.clone())
+                }))
                 .open()
         };
         let (db, recovery) = recovery::open(&path.join("queue"), open).map_err(|e| match e {
@@ -149,22 +216,30 @@ impl Store {
             dead_count += 1;
             dead_bytes += v.len() as u64;
         }
+        // Stores written before the head was kept removed with tombstones:
+        // their head is their first key.
+        let saved_head = meta.get(HEAD_KEY)?.map(|v| key_of(&v)).unwrap_or(0);
         let mut head = None;
         let mut last = 0;
         let mut bytes = 0u64;
-        for guard in queue.iter() {
+        for guard in queue.range(saved_head.to_be_bytes()..) {
             let (k, v) = guard.into_inner()?;
             let key = key_of(&k);
             head.get_or_insert(key);
             last = key;
             bytes += v.len() as u64;
         }
-        let saved_tail = meta.get(TAIL_KEY)?.map(|v| key_of(&v)).unwrap_or(1);
+        let saved_tail = meta
+            .get(TAIL_KEY)?
+            .map(|v| key_of(&v))
+            .unwrap_or(1)
+            .max(saved_head);
         if let Some(v) = meta.get(CLOCK_KEY)? {
             crate::clock::not_before(key_of(&v));
         }
         let tail = saved_tail.max(last + 1);
         let head = head.unwrap_or(tail);
+        shared_head.store(head, Ordering::Release);
         let (tail_tx, _) = watch::channel(tail);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -174,7 +249,7 @@ impl Store {
                 dead,
                 dead_count: AtomicU64::new(dead_count),
                 dead_bytes: AtomicU64::new(dead_bytes),
-                head: AtomicU64::new(head),
+                head: shared_head,
                 tail: AtomicU64::new(tail),
                 intake: Mutex::new(tail),
                 pending: AtomicU64::new(0),
@@ -183,6 +258,12 @@ impl Store {
                 tail_tx,
                 recovery,
                 room: disk::Room::new(path),
+                dir: path.join("queue"),
+                give_back: Mutex::new(GiveBack {
+                    // What an earlier run left below the head goes first.
+                    dropped_below: 0,
+                    step: Step::Idle,
+                }),
             }),
         })
     }
@@ -228,8 +309,10 @@ impl Store {
         self.inner.tail_tx.subscribe()
     }
 
-    /// Reads up to `max` messages with keys in `from..tail`, in key order.
+    /// Reads up to `max` messages with keys in `from..tail` (and not below
+    /// the head), in key order.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError> {
+        let from = from.max(self.head());
         let end = self.tail();
         let mut out = Vec::with_capacity(max.min((end.saturating_sub(from)) as usize));
         if from >= end {
@@ -251,18 +334,16 @@ impl Store {
     }
 
     /// Removes every message with a key below `end` (a prefix the forwarder
-    /// has had acknowledged or expired); `bytes` is their total size. Not
-    /// fsynced: after a crash they are sent again, which at-least-once allows.
+    /// has had acknowledged or expired) by moving the head there; `bytes` is
+    /// their total size. Not fsynced: after a crash they are sent again,
+    /// which at-least-once allows. (A compaction may drop them from disk
+    /// before the new head is durable: then the first key left is the head.)
     pub fn remove_before(&self, end: u64, bytes: u64) -> Result<(), StoreError> {
         let head = self.head();
         if end <= head {
             return Ok(());
         }
-        let mut batch = self.inner.db.batch();
-        for key in head..end {
-            batch.remove_weak(&self.inner.queue, key.to_be_bytes());
-        }
-        batch.commit()?;
+        self.inner.meta.insert(HEAD_KEY, end.to_be_bytes())?;
         self.inner.head.store(end, Ordering::Release);
         self.inner
             .bytes
@@ -282,6 +363,62 @@ impl Store {
             bytes: self.bytes(),
             oldest_ms,
         })
+    }
+
+    /// Gives back the disk that removed messages take. While the queue
+    /// drains, tables holding only removed messages are dropped whole. Once
+    /// it is empty, the memtables are flushed (so the journals, which hold
+    /// every message written, can be deleted) and the queue is compacted,
+    /// which the compaction filter empties of everything below the head and
+    /// which deletes the dropped tables' files. The forwarder calls it about
+    /// once a second.
+    pub fn give_back(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let head = self.head();
+        let mut state = inner.give_back.lock().expect("give back");
+        let drop_below = |head: u64| {
+            inner
+                .queue
+                .tree
+                .drop_range::<&[u8], _>(..&head.to_be_bytes()[..])
+                .map_err(fjall::Error::from)
+        };
+        if head != state.dropped_below && inner.queue.table_count() > 0 {
+            drop_below(head)?;
+            state.dropped_below = head;
+        }
+        state.step = match state.step {
+            Step::Idle
+                if head == self.tail() && disk::allocated_tables(&inner.dir) > EMPTY_SLACK =>
+            {
+                for keyspace in [&inner.queue, &inner.meta, &inner.dead] {
+                    keyspace.rotate_memtable()?;
+                }
+                Step::Flushing
+            }
+            Step::Flushing if inner.db.outstanding_flushes() == 0 => {
+                drop_below(head)?;
+                inner.queue.major_compact()?;
+                // fjall deletes the files of dropped tables once a newer
+                // write moves its sequence number past them, at the next
+                // rotation.
+                inner
+                    .meta
+                    .insert(CLOCK_KEY, crate::clock::now_ms().to_be_bytes())?;
+                Step::Collecting
+            }
+            Step::Collecting => {
+                inner.meta.rotate_memtable()?;
+                Step::Idle
+            }
+            step => step,
+        };
+        Ok(())
+    }
+
+    /// Bytes the queue's files (journals and tables) take on disk.
+    pub fn disk_space(&self) -> u64 {
+        disk::allocated(&self.inner.dir)
     }
 
     /// Flushes the journal; called on shutdown so removals are not replayed.
@@ -357,6 +494,70 @@ mod tests {
         assert_eq!(store.tail(), first_tail);
         assert_eq!(store.head(), first_tail);
         assert!(store.read_from(0, 100).unwrap().is_empty());
+    }
+
+    /// Reads and removes everything queued, as the forwarder does.
+    fn drain(store: &Store) -> u64 {
+        let mut n = 0;
+        loop {
+            let batch = store.read_from(store.head(), 500).unwrap();
+            let Some(last) = batch.last() else {
+                return n;
+            };
+            let bytes = batch.iter().map(|s| s.size()).sum();
+            store.remove_before(last.key + 1, bytes).unwrap();
+            n += batch.len() as u64;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_drained_queue_gives_its_disk_back_and_forgets_nothing_it_still_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (appender, join) = writer::spawn(store.clone(), u64::MAX, 4096);
+        let big = |i: u64| Record {
+            payload: Bytes::from(vec![b'x'; 1000 + (i % 7) as usize]),
+            ..rec(i)
+        };
+        for chunk in 0..30 {
+            appender
+                .append((chunk * 1000..(chunk + 1) * 1000).map(big).collect())
+                .await
+                .unwrap();
+        }
+        let full = disk::allocated_tables(&dir.path().join("queue"));
+        assert!(
+            full > 25_000_000,
+            "30,000 messages of 1 KB: {full} bytes in tables"
+        );
+        assert_eq!(drain(&store), 30_000);
+
+        // The journal is fjall's: it is deleted only once it reaches 64 MB.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while disk::allocated_tables(&dir.path().join("queue")) > full / 10
+            && std::time::Instant::now() < deadline
+        {
+            store.give_back().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let left = disk::allocated_tables(&dir.path().join("queue"));
+        assert!(
+            left <= full / 10,
+            "{left} of {full} bytes of tables left after the drain"
+        );
+
+        // What comes next is kept, across a reopen, and nothing removed
+        // comes back.
+        appender.append(vec![big(30_000)]).await.unwrap();
+        drop(appender);
+        join.join().unwrap();
+        store.sync().unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let all = store.read_from(0, 10).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(Record::decode(&all[0].value).unwrap(), big(30_000));
+        assert_eq!(store.stats().unwrap().depth, 1);
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::error::UpstreamError;
 use super::transport::{Connect, Io};
-use super::wire::{Incoming, Wire};
+use super::wire::{Incoming, Limits, Wire};
 use crate::config::{MqttVersion, UpstreamAddr};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +76,8 @@ pub struct Connection {
     /// What is queued to be sent by [`Connection::flush`].
     pub write_buf: BytesMut,
     wire: Wire,
+    /// What the broker's CONNACK asks the hub to keep to.
+    pub limits: Limits,
 }
 
 impl Connection {
@@ -100,6 +102,7 @@ impl Connection {
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(64 * 1024),
             wire: Wire(login.version),
+            limits: Limits::default(),
         };
         let credentials = login.credentials(crate::clock::wall_ms() / 1000);
         let encoded = match login.version {
@@ -139,8 +142,21 @@ impl Connection {
         }
         conn.flush().await?;
         match conn.next().await? {
-            Incoming::ConnAck { refused: None } => Ok(conn),
-            Incoming::ConnAck { refused: Some(why) } => Err(UpstreamError::Refused(why)),
+            Incoming::ConnAck {
+                refused: None,
+                limits,
+            } => {
+                // A Receive Maximum of 0 is a protocol error (MQTT 5
+                // 3.2.2.3.3): take it as no limit announced.
+                conn.limits = Limits {
+                    receive_max: limits.receive_max.filter(|&n| n > 0),
+                    ..limits
+                };
+                Ok(conn)
+            }
+            Incoming::ConnAck {
+                refused: Some(why), ..
+            } => Err(UpstreamError::Refused(why)),
             other => Err(UpstreamError::Protocol(format!(
                 "expected CONNACK, got {other:?}"
             ))),

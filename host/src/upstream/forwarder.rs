@@ -9,7 +9,8 @@
 //! acknowledged (or expired). After any disconnect it starts again from the
 //! lowest unacknowledged key, so a lost connection can cause duplicates but
 //! never a gap or a reordering of first deliveries. While no upstream is
-//! reachable it sweeps expired messages off the head of the queue.
+//! reachable it sweeps expired messages off the head of the queue; every
+//! second it has the store give back the disk removed messages took.
 //!
 //! While connected it follows the store's live feed: a message appended
 //! while the forwarder is caught up is sent from memory at once, in parallel
@@ -33,16 +34,25 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{LinkActor, LinkEvent, LinkHandle};
+use super::pace::Pace;
 use super::state::{Content, Outgoing};
+use super::wire::{Limits, Wire};
 use crate::metrics::Metrics;
 use crate::store::{LiveFeed, Store, StoreError};
 
-/// How often expired messages are swept while offline.
+/// How often expired messages are swept while offline, and the store's
+/// disk given back ([`Store::give_back`]).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Free window slots worth a store read.
 const REFILL_CHUNK: usize = 4;
 /// Acknowledged messages removed from the store in one batch.
 const REMOVE_CHUNK: u64 = 256;
+/// Most stored messages read at once.
+const READ_CHUNK: usize = 256;
+/// Most bytes of stored messages in flight (read, handed to the link, not
+/// yet acknowledged), whatever `max_inflight` allows: a window of large
+/// messages must not take the gateway's memory.
+const MAX_INFLIGHT_BYTES: u64 = 16 << 20;
 
 pub struct Forwarder {
     pub store: Store,
@@ -54,6 +64,8 @@ pub struct Forwarder {
     pub ttl_ms: Arc<AtomicU64>,
     /// Refusals in a row after which a message is dead-lettered.
     pub refusals_before_dead_letter: u32,
+    /// Bytes of stored messages sent a second at most (0: no cap).
+    pub max_bytes_per_sec: u64,
 }
 
 /// One stored message in the send window.
@@ -71,6 +83,8 @@ struct Window {
     /// Next store key to read.
     next: u64,
     slots: VecDeque<Slot>,
+    /// Sizes of the slots sent and not done.
+    inflight_bytes: u64,
     /// Done slots popped from the front but not yet removed from the store.
     removable: u64,
     removable_bytes: u64,
@@ -82,9 +96,16 @@ impl Window {
             base: head,
             next: head,
             slots: VecDeque::new(),
+            inflight_bytes: 0,
             removable: 0,
             removable_bytes: 0,
         }
+    }
+
+    /// Whether another message may be sent: fewer than `limit` in the
+    /// window and fewer than [`MAX_INFLIGHT_BYTES`] in flight.
+    fn has_room(&self, limit: usize) -> bool {
+        self.slots.len() < limit && self.inflight_bytes < MAX_INFLIGHT_BYTES
     }
 
     /// Appends the message stored under `key`, sent or (expired) not.
@@ -98,6 +119,9 @@ impl Window {
             self.next += 1;
         }
         self.slots.push_back(Slot { size, done: !sent });
+        if sent {
+            self.inflight_bytes += size;
+        }
         self.next = key + 1;
     }
 
@@ -110,6 +134,7 @@ impl Window {
         match self.slots.get_mut((key - self.base) as usize) {
             Some(slot) if !slot.done => {
                 slot.done = true;
+                self.inflight_bytes -= slot.size;
                 true
             }
             _ => false,
@@ -147,7 +172,8 @@ impl Window {
     fn should_refill(&mut self, max_inflight: usize, durable: u64) -> bool {
         self.pop_done(durable);
         let free = max_inflight.saturating_sub(self.slots.len());
-        free > 0 && (self.slots.is_empty() || free >= REFILL_CHUNK.min(max_inflight))
+        self.has_room(max_inflight)
+            && (self.slots.is_empty() || free >= REFILL_CHUNK.min(max_inflight))
     }
 
     /// Pops the done prefix of the window below `durable` (to be removed
@@ -293,19 +319,42 @@ struct Online {
     resend: BTreeSet<u64>,
     /// Refused keys to dead-letter once they are first in line, with why.
     condemned: BTreeMap<u64, String>,
-    /// No sending until then (the upstream is over its quota).
+    /// No sending until then (the upstream is over its quota, or the pace
+    /// of `upstream.max_bytes_per_sec` is reached).
     paused_until: Option<Instant>,
+    /// What the upstream's CONNACK asked for.
+    limits: Limits,
 }
 
 impl Online {
-    fn new(generation: u64, head: u64) -> Self {
+    fn new(generation: u64, head: u64, limits: Limits) -> Self {
         Self {
             generation,
             window: Window::new(head),
             resend: BTreeSet::new(),
             condemned: BTreeMap::new(),
             paused_until: None,
+            limits,
         }
+    }
+
+    /// How many messages may be in flight: the configured window, the
+    /// upstream's Receive Maximum, one while a suspect is being tried.
+    fn limit(&self, max_inflight: usize, refusals: &Refusals) -> usize {
+        refusals
+            .window(max_inflight)
+            .min(self.limits.receive_max.map_or(usize::MAX, usize::from))
+    }
+
+    /// Why the upstream cannot take a message of this topic and payload
+    /// (larger than its Maximum Packet Size), if it cannot.
+    fn too_large(&self, topic: &str, payload: &[u8]) -> Option<String> {
+        let max = self.limits.max_packet_size? as usize;
+        // Only an MQTT 5 broker announces a Maximum Packet Size.
+        let size = Wire(crate::config::MqttVersion::V5).publish_len(topic.len(), payload.len());
+        (size > max).then(|| {
+            format!("upstream_refused: the message is a {size}-byte packet, larger than the upstream's Maximum Packet Size of {max} bytes")
+        })
     }
 }
 
@@ -339,28 +388,31 @@ impl Forwarder {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut online: Option<Online> = None;
         let mut refusals = Refusals::new(self.refusals_before_dead_letter);
+        let mut pace = Pace::new(self.max_bytes_per_sec, Instant::now());
         let mut tail = self.store.watch_tail();
         let mut live = self.store.follow_live();
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         loop {
             if let Some(on) = &mut online {
                 self.bury(on).await;
-                let limit = refusals.window(self.max_inflight);
-                if let Err(e) = self.fill(on, &mut live, limit).await {
+                let limit = on.limit(self.max_inflight, &refusals);
+                if let Err(e) = self.fill(on, &mut live, &mut pace, limit).await {
                     tracing::error!(error = %e, "reading the queue failed");
                 }
+                // A message found too large on the way may be first in line.
+                self.bury(on).await;
                 self.remove(&mut on.window, false).await;
             }
             let room = online
                 .as_ref()
-                .is_some_and(|on| on.window.slots.len() < refusals.window(self.max_inflight));
+                .is_some_and(|on| on.window.has_room(on.limit(self.max_inflight, &refusals)));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.events.recv() => match event {
                     None => break,
-                    Some(LinkEvent::Connected { generation, .. }) => {
+                    Some(LinkEvent::Connected { generation, limits, .. }) => {
                         tracing::info!(queued = self.store.tail() - self.store.head(), "forwarding the queue upstream");
-                        online = Some(Online::new(generation, self.store.head()));
+                        online = Some(Online::new(generation, self.store.head(), limits));
                         live.want(true);
                     }
                     Some(LinkEvent::Acked(keys)) => {
@@ -407,11 +459,16 @@ impl Forwarder {
                         on.paused_until = None;
                     }
                 }
-                _ = sweep.tick(), if online.is_none() => {
-                    let ttl = self.ttl_ms.load(Ordering::Relaxed);
-                    match sweep_expired(&self.store, ttl) {
-                        Ok(n) => self.metrics.expired(n),
-                        Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+                _ = sweep.tick() => {
+                    if online.is_none() {
+                        let ttl = self.ttl_ms.load(Ordering::Relaxed);
+                        match sweep_expired(&self.store, ttl) {
+                            Ok(n) => self.metrics.expired(n),
+                            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+                        }
+                    }
+                    if let Err(e) = self.store.give_back() {
+                        tracing::warn!(error = %e, "giving the disk back failed; trying again in a second");
                     }
                 }
             }
@@ -430,6 +487,7 @@ impl Forwarder {
         &self,
         on: &mut Online,
         live: &mut LiveFeed,
+        pace: &mut Pace,
         limit: usize,
     ) -> Result<(), StoreError> {
         if on.paused_until.is_some() {
@@ -443,8 +501,7 @@ impl Forwarder {
                 batch.push(outgoing(key, Content::Stored(stored)));
             }
         }
-        let window = &mut on.window;
-        if !window.should_refill(limit, durable) {
+        if !on.window.should_refill(limit, durable) {
             if !batch.is_empty() {
                 self.link.publish(on.generation, batch).await;
             }
@@ -452,25 +509,34 @@ impl Forwarder {
         }
         let now = crate::clock::now_ms();
         let default_ttl = self.ttl_ms.load(Ordering::Relaxed);
-        while window.slots.len() < limit {
-            if let Some((records, i)) = live.take(window.next) {
+        let clock = Instant::now();
+        'fill: while on.window.has_room(limit) {
+            if let Some((records, i)) = live.take(on.window.next) {
                 let record = &records[i];
-                let key = window.next;
+                let key = on.window.next;
                 let fresh = !record.as_view().expired(now, default_ttl);
-                window.push(key, record.encoded_len() as u64, fresh);
+                let size = record.encoded_len() as u64;
                 if fresh {
-                    batch.push(outgoing(key, Content::Live(records, i)));
-                } else {
+                    if let Err(at) = pace.take(size, clock) {
+                        on.paused_until = Some(at);
+                        break 'fill;
+                    }
+                }
+                on.window.push(key, size, fresh);
+                if !fresh {
                     self.metrics.expired(1);
+                } else if let Some(why) = on.too_large(&record.topic, &record.payload) {
+                    on.condemned.insert(key, why);
+                } else {
+                    batch.push(outgoing(key, Content::Live(records, i)));
                 }
                 continue;
             }
-            if window.next >= self.store.tail() {
+            if on.window.next >= self.store.tail() {
                 break;
             }
-            let read = self
-                .store
-                .read_from(window.next, limit - window.slots.len())?;
+            let want = (limit - on.window.slots.len()).min(READ_CHUNK);
+            let read = self.store.read_from(on.window.next, want)?;
             if read.is_empty() {
                 break;
             }
@@ -482,15 +548,26 @@ impl Forwarder {
                         tracing::error!(key, error = %e, "dropping a corrupt queued message");
                         self.metrics
                             .messages_dropped(crate::metrics::DropReason::CorruptRecord, 1);
-                        window.push(key, size, false);
+                        on.window.push(key, size, false);
                     }
                     Ok(r) if r.expired(now, default_ttl) => {
                         self.metrics.expired(1);
-                        window.push(key, size, false);
+                        on.window.push(key, size, false);
                     }
-                    Ok(_) => {
-                        window.push(key, size, true);
-                        batch.push(outgoing(key, Content::Stored(stored)));
+                    Ok(r) => {
+                        if let Err(at) = pace.take(size, clock) {
+                            // Read again from here once the pace allows.
+                            on.paused_until = Some(at);
+                            break 'fill;
+                        }
+                        // In flight until it is dead-lettered from the head.
+                        on.window.push(key, size, true);
+                        match on.too_large(r.topic, r.payload) {
+                            Some(why) => {
+                                on.condemned.insert(key, why);
+                            }
+                            None => batch.push(outgoing(key, Content::Stored(stored))),
+                        }
                     }
                 }
             }
@@ -540,9 +617,11 @@ impl Forwarder {
             }
             on.window.pop_done(self.store.tail());
             self.remove(&mut on.window, true).await;
-            if self.store.head() != key {
-                // What is before it is not durable yet: the next tail
-                // change comes back here.
+            if self.store.head() != key || key >= self.store.tail() {
+                // It, or what is before it, is not durable yet (a message
+                // sent from the live feed can be refused, or found too
+                // large, before its write is done): the next tail change
+                // comes back here. Moving it now would find nothing to move.
                 return;
             }
             let (_, reason) = on.condemned.pop_first().expect("first");
@@ -692,6 +771,50 @@ mod tests {
         assert_eq!(w.lowest_unacked(), Some(3), "1 expired, 2 is a hole");
         w.pop_done(u64::MAX);
         assert_eq!(w.base, 3);
+    }
+
+    #[test]
+    fn the_window_holds_no_more_than_its_bytes_in_flight_whatever_the_count() {
+        let mut w = Window::new(1);
+        let big = MAX_INFLIGHT_BYTES / 4;
+        for k in 1..=4 {
+            assert!(w.has_room(1000));
+            w.push(k, big, true);
+        }
+        assert!(!w.has_room(1000), "16 MiB in flight in 4 messages");
+        assert!(!w.should_refill(1000, u64::MAX));
+        w.ack(2);
+        assert!(w.has_room(1000), "an acknowledgement frees its bytes");
+        w.push(5, 10, false);
+        w.forget(3);
+        assert_eq!(
+            w.inflight_bytes,
+            2 * big,
+            "expired and forgotten ones are not in flight"
+        );
+    }
+
+    #[test]
+    fn the_upstreams_receive_maximum_caps_the_window_and_its_packet_size_condemns() {
+        let refusals = Refusals::new(3);
+        let mut on = Online::new(1, 1, Limits::default());
+        assert_eq!(on.limit(1000, &refusals), 1000);
+        assert_eq!(
+            on.too_large("t", &[0; 100_000]),
+            None,
+            "3.1.1: no size announced"
+        );
+        on.limits = Limits {
+            receive_max: Some(10),
+            max_packet_size: Some(2000),
+        };
+        assert_eq!(on.limit(1000, &refusals), 10);
+        assert_eq!(on.limit(4, &refusals), 4, "the smaller of the two");
+        // 1 + 2 (length) + 2 + 1 (topic) + 2 (id) + 1 (properties) = 9 bytes
+        // besides the payload.
+        assert_eq!(on.too_large("t", &[0; 1991]), None);
+        let why = on.too_large("t", &[0; 1992]).expect("one byte over");
+        assert!(why.contains("2001-byte") && why.contains("2000"), "{why}");
     }
 
     #[test]
@@ -883,6 +1006,7 @@ mod tests {
             max_inflight: 8,
             ttl_ms: Arc::new(AtomicU64::new(u64::MAX)),
             refusals_before_dead_letter: 3,
+            max_bytes_per_sec: 0,
         };
         let fwd = tokio::spawn(forwarder.run(shutdown.clone()));
         (conns, shutdown, fwd, link_task)

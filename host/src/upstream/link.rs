@@ -40,7 +40,7 @@ use super::connection::{Connection, Login};
 use super::error::UpstreamError;
 use super::state::{Content, Inbound, LinkState, Outgoing, StateError};
 use super::transport::Connect;
-use super::wire::Incoming;
+use super::wire::{Incoming, Limits};
 use crate::config::UpstreamAddr;
 use crate::metrics::Metrics;
 use crate::topic;
@@ -54,8 +54,12 @@ const COMMAND_BATCH: usize = 64;
 /// What the link tells its publisher.
 #[derive(Debug, PartialEq)]
 pub enum LinkEvent {
-    /// A connection is up; publish with this generation.
-    Connected { generation: u64, address: String },
+    /// A connection is up; publish with this generation, within `limits`.
+    Connected {
+        generation: u64,
+        address: String,
+        limits: Limits,
+    },
     /// These tags are acknowledged by the cloud.
     Acked(Vec<u64>),
     /// The cloud refused the publish tagged `tag` (MQTT 5 reason code
@@ -323,11 +327,18 @@ impl Actor {
                         backoff = MIN_BACKOFF;
                         self.generation += 1;
                         let generation = self.generation;
-                        tracing::info!(upstream = %addr, generation, "upstream connected");
+                        tracing::info!(
+                            upstream = %addr,
+                            generation,
+                            receive_maximum = conn.limits.receive_max,
+                            maximum_packet_size = conn.limits.max_packet_size,
+                            "upstream connected"
+                        );
                         self.metrics.set_upstream_connected(true);
                         let _ = self.events.send(LinkEvent::Connected {
                             generation,
                             address: addr.to_string(),
+                            limits: conn.limits,
                         });
                         let failback = (!attempt.is_multiple_of(self.config.addresses.len()))
                             .then(|| self.config.addresses[0].clone())

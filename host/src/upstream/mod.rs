@@ -27,6 +27,7 @@ pub mod error;
 pub mod forwarder;
 pub mod link;
 pub mod methods;
+pub mod pace;
 pub mod protocol;
 pub mod proxy;
 pub mod scoped;

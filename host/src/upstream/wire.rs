@@ -22,6 +22,7 @@ pub enum Incoming {
     /// `refused`: why the broker refused the connection.
     ConnAck {
         refused: Option<String>,
+        limits: Limits,
     },
     /// `reason` is the v5 reason code (0 in 3.1.1); 0x80 and above: refused.
     PubAck {
@@ -49,6 +50,16 @@ pub enum Incoming {
     },
     /// Anything the link does not act on.
     Other,
+}
+
+/// What an MQTT 5 broker's CONNACK tells the client to keep to; an MQTT
+/// 3.1.1 broker says nothing (all `None`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Receive Maximum: QoS 1 publishes it takes unacknowledged at once.
+    pub receive_max: Option<u16>,
+    /// Maximum Packet Size, in bytes, of what it accepts.
+    pub max_packet_size: Option<u32>,
 }
 
 /// The encoding of one connection's packets: MQTT 3.1.1 or 5.
@@ -160,6 +171,20 @@ impl Wire {
         );
     }
 
+    /// The size on the wire of a QoS 1 PUBLISH of `topic_len` and
+    /// `payload_len` bytes, as [`Wire::publish`] writes it.
+    pub fn publish_len(self, topic_len: usize, payload_len: usize) -> usize {
+        let properties = usize::from(self.0 == MqttVersion::V5);
+        let remaining = 2 + topic_len + 2 + properties + payload_len;
+        let length_bytes = match remaining {
+            0..=127 => 1,
+            128..=16_383 => 2,
+            16_384..=2_097_151 => 3,
+            _ => 4,
+        };
+        1 + length_bytes + remaining
+    }
+
     /// A PUBLISH straight from borrowed bytes (the forwarder's hot path: no
     /// topic or payload copies). `pkid` 0 means QoS 0.
     pub fn publish(self, out: &mut BytesMut, topic: &str, payload: &[u8], pkid: u16, retain: bool) {
@@ -197,6 +222,7 @@ fn from_v4(p: v4::Packet) -> Incoming {
     match p {
         v4::Packet::ConnAck(a) => Incoming::ConnAck {
             refused: (a.code != v4::ConnectReturnCode::Success).then(|| format!("{:?}", a.code)),
+            limits: Limits::default(),
         },
         v4::Packet::PubAck(a) => Incoming::PubAck {
             pkid: a.pkid,
@@ -241,16 +267,23 @@ fn puback_code(r: v5::PubAckReason) -> u8 {
 
 fn from_v5(p: v5::Packet) -> Incoming {
     match p {
-        v5::Packet::ConnAck(a) => Incoming::ConnAck {
-            refused: (a.code != v5::ConnectReturnCode::Success).then(|| {
-                let why = a.properties.and_then(|p| p.reason_string);
-                format!(
-                    "{:?}{}",
-                    a.code,
-                    why.map(|w| format!(": {w}")).unwrap_or_default()
-                )
-            }),
-        },
+        v5::Packet::ConnAck(a) => {
+            let limits = a.properties.as_ref().map_or(Limits::default(), |p| Limits {
+                receive_max: p.receive_max,
+                max_packet_size: p.max_packet_size,
+            });
+            Incoming::ConnAck {
+                refused: (a.code != v5::ConnectReturnCode::Success).then(|| {
+                    let why = a.properties.and_then(|p| p.reason_string);
+                    format!(
+                        "{:?}{}",
+                        a.code,
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    )
+                }),
+                limits,
+            }
+        }
         v5::Packet::PubAck(a) => Incoming::PubAck {
             pkid: a.pkid,
             reason: puback_code(a.reason),
@@ -275,5 +308,80 @@ fn from_v5(p: v5::Packet) -> Incoming {
             reason: d.reason_code as u8,
         },
         _ => Incoming::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_mqtt5_connack_tells_the_receive_maximum_and_packet_size_and_a_311_one_nothing() {
+        let mut buf = BytesMut::new();
+        let properties = v5::ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: Some(5),
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: Some(2000),
+            assigned_client_identifier: None,
+            topic_alias_max: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        };
+        let connack = v5::ConnAck {
+            session_present: false,
+            code: v5::ConnectReturnCode::Success,
+            properties: Some(properties),
+        };
+        v5::Packet::ConnAck(connack).write(&mut buf, None).unwrap();
+        let limits = Limits {
+            receive_max: Some(5),
+            max_packet_size: Some(2000),
+        };
+        assert_eq!(
+            Wire(MqttVersion::V5).read(&mut buf).unwrap(),
+            Some(Incoming::ConnAck {
+                refused: None,
+                limits
+            })
+        );
+        v4::Packet::ConnAck(v4::ConnAck::new(v4::ConnectReturnCode::Success, false))
+            .write(&mut buf, usize::MAX)
+            .unwrap();
+        assert_eq!(
+            Wire(MqttVersion::V311).read(&mut buf).unwrap(),
+            Some(Incoming::ConnAck {
+                refused: None,
+                limits: Limits::default()
+            })
+        );
+    }
+
+    #[test]
+    fn the_announced_publish_length_is_the_length_written() {
+        for version in [MqttVersion::V311, MqttVersion::V5] {
+            let wire = Wire(version);
+            for payload_len in [
+                0, 100, 120, 123, 124, 125, 16_370, 16_380, 2_097_140, 2_097_150,
+            ] {
+                let payload = vec![b'x'; payload_len];
+                let mut out = BytesMut::new();
+                wire.publish(&mut out, "a/b", &payload, 7, false);
+                assert_eq!(
+                    wire.publish_len(3, payload_len),
+                    out.len(),
+                    "{version:?}, payload {payload_len}"
+                );
+            }
+        }
     }
 }
