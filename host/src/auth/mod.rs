@@ -450,6 +450,36 @@ mod tests {
     }
 
     #[test]
+    fn a_token_expired_within_the_clock_skew_tolerance_is_taken_and_one_beyond_it_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path(), AuthConfig::default());
+        a.apply(&scope_doc(b"primary")).unwrap();
+        let user = Some("hub.example/d1/?api-version=2019-10-01");
+        let now = crate::clock::wall_ms() / 1000;
+        // A device whose clock is behind the hub's signs tokens that look
+        // expired to the hub; a minute of margin keeps the test off the edge.
+        let within = now + 60 - sas::CLOCK_SKEW_SECS;
+        let beyond = now - 60 - sas::CLOCK_SKEW_SECS;
+        let within = login(
+            &a,
+            "d1",
+            user,
+            Some(&token(b"primary", "hub.example/devices/d1", within)),
+        );
+        assert!(matches!(within, Ok(Principal::Identity(..))), "{within:?}");
+        let beyond = login(
+            &a,
+            "d1",
+            user,
+            Some(&token(b"primary", "hub.example/devices/d1", beyond)),
+        );
+        assert!(
+            matches!(beyond, Err(Refusal::BadCredentials(ref why)) if why.contains("expired")),
+            "{beyond:?}"
+        );
+    }
+
+    #[test]
     fn wrong_keys_expired_tokens_other_resources_and_strangers_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let a = auth(

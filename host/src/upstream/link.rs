@@ -1128,6 +1128,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_broker_that_stops_answering_pings_is_left_for_the_next_address() {
+        let (up, mut conns) = Upstream::new();
+        let mut cfg = config(&["a", "b"]);
+        cfg.login.keep_alive = 1;
+        cfg.failback = None;
+        let mut link = Link::new(cfg, Arc::new(up), Arc::default());
+        let _scope = link.subscribe("s".into(), 4);
+        let shutdown = CancellationToken::new();
+        let (_handle, mut events, task) = link.spawn(shutdown.clone());
+
+        let (host, mut peer) = within(conns.recv()).await.unwrap();
+        assert_eq!(host, "a");
+        peer.accept().await;
+        until_subscribed(&mut peer).await;
+        // The broker keeps the connection open and never answers a ping
+        // (a cluster node stuck electing its leaders).
+        let Some(LinkEvent::Connected { generation, .. }) = within(events.recv()).await else {
+            panic!("expected Connected")
+        };
+        let Some(LinkEvent::Disconnected {
+            generation: gone,
+            error,
+        }) = within(events.recv()).await
+        else {
+            panic!("expected Disconnected")
+        };
+        assert_eq!(gone, generation);
+        assert!(error.contains("keep"), "{error}");
+        let (host, _peer) = within(conns.recv()).await.unwrap();
+        assert_eq!(host, "b", "the next connection goes to the next address");
+        drop(peer);
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn the_link_fails_back_to_the_first_address_once_probes_find_it_up_again() {
         let (up, mut conns) = Upstream::new();
         let up = Arc::new(up);
