@@ -160,7 +160,7 @@ impl LatencyRun {
 }
 
 /// Nanoseconds of `t` on the bench's monotonic clock.
-fn nanos(t: Instant) -> u64 {
+pub(crate) fn nanos(t: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     t.saturating_duration_since(epoch).as_nanos() as u64
@@ -210,7 +210,8 @@ async fn measure_into(
     let outcome = async {
         upstream.wait_ready(upstream_port, s.deadline()).await?;
         let deadline = s.deadline();
-        let sub = subscribe(systems::loopback(upstream_port), deadline).await?;
+        let addr = systems::loopback(upstream_port);
+        let sub = subscribe(addr, SUBSCRIBER_ID, load::SUBSCRIBER_FILTER, deadline).await?;
         let port = match target {
             Target::Upstream => upstream_port,
             Target::Sut(kind) => {
@@ -289,12 +290,16 @@ async fn measure_into(
     outcome
 }
 
-/// Connects the timing subscriber (clean session) and waits for its SUBACK.
-async fn subscribe(addr: SocketAddr, deadline: Instant) -> Result<Conn> {
-    let mut conn = Conn::connect_retry(addr, SUBSCRIBER_ID, true, deadline).await?;
-    conn.queue(Packet::Subscribe(load::subscribe_packet(
-        load::SUBSCRIBER_FILTER,
-    )))?;
+/// Connects a timing subscriber (clean session) to `filter` and waits for
+/// its SUBACK.
+pub(crate) async fn subscribe(
+    addr: SocketAddr,
+    client_id: &str,
+    filter: &str,
+    deadline: Instant,
+) -> Result<Conn> {
+    let mut conn = Conn::connect_retry(addr, client_id, true, deadline).await?;
+    conn.queue(Packet::Subscribe(load::subscribe_packet(filter)))?;
     conn.flush().await?;
     let mut packets = Vec::new();
     if !conn

@@ -494,8 +494,11 @@ async fn subscribe_loop(
                         conn.queue(Packet::PubAck(PubAck::new(publish.pkid)))?;
                         pending_acks += 1;
                     }
-                    // The hub's own twin reports (retained) are not load.
-                    if publish.topic.contains("/$edgeHub/twin/") {
+                    // The hub's own twin reports (retained) are not load,
+                    // nor the live messages of a WAN drain.
+                    if publish.topic.contains("/$edgeHub/twin/")
+                        || crate::live::is_live(&publish.topic)
+                    {
                         continue;
                     }
                     stats.received += 1;

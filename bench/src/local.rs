@@ -170,6 +170,7 @@ where
                 upstream,
                 systems::free_port()?,
                 Some(&config),
+                &[],
             )?
         }
         Broker::Mosquitto => {

@@ -10,6 +10,7 @@
 //! `cargo run --release -p edgehub-bench -- --help`
 
 mod latency;
+mod live;
 mod load;
 mod local;
 mod plugin_calls;
@@ -122,6 +123,17 @@ struct Args {
     /// Bandwidth of the emulated link in kbit/s each way (0: not limited).
     #[arg(long, default_value_t = 0)]
     wan_kbit: u64,
+    /// Live messages a second published by one more device while the WAN
+    /// drain runs, each timed to the upstream (0: none).
+    #[arg(long, default_value_t = 10)]
+    wan_live_rate: u32,
+    /// With live messages: a second edgehub with this
+    /// upstream.live_share_percent joins the WAN drain (0: none).
+    #[arg(long, default_value_t = 10)]
+    wan_live_share: u8,
+    /// The second edgehub's upstream.max_bytes_per_sec (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    wan_max_bytes_per_sec: u64,
     /// Keep the working directory (configs, logs, stores) afterwards.
     #[arg(long)]
     keep: bool,
@@ -234,6 +246,11 @@ async fn run(args: Args) -> Result<()> {
             .clone()
             .unwrap_or_else(|| workspace_dir().join("plugins/dist")),
         link: None,
+        live: (args.wan && args.wan_live_rate > 0).then_some(scenario::LiveSettings {
+            rate: args.wan_live_rate,
+            share: args.wan_live_share,
+            max_bytes_per_sec: args.wan_max_bytes_per_sec,
+        }),
     };
     let latency = latency::LatencySettings {
         messages: args.latency_messages,
@@ -337,7 +354,10 @@ async fn wan_drain(settings: &Settings, links: &[LinkSpec], repeat: usize) {
     })
     .await;
     report::print_progress(&ceiling);
-    let suts = [Sut::Edgehub, Sut::Bridge];
+    let mut suts = vec![Sut::Edgehub, Sut::Bridge];
+    if settings.live.is_some_and(|l| l.share > 0) {
+        suts.insert(1, Sut::EdgehubLive);
+    }
     let mut groups: Vec<(LinkSpec, Vec<Vec<scenario::SystemResult>>)> = links
         .iter()
         .map(|&l| (l, vec![Vec::new(); suts.len()]))

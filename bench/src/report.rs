@@ -2,6 +2,7 @@
 //! ratios, and the RSS profile.
 
 use std::path::Path;
+use std::time::Duration;
 
 use crate::latency::{self, LatencyRun, LatencySettings, Percentiles};
 use crate::load::SubscriberEnd;
@@ -446,6 +447,8 @@ pub fn print_wan_table(
         "1st delivery after upstream start",
         "bound msg/s: window / RTT, or the upstream's ceiling",
         "drain / bound",
+        "live messages received",
+        "live latency p50 / p99 s",
     ];
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -457,7 +460,7 @@ pub fn print_wan_table(
             // Mosquitto's max_inflight_messages bounds what it sends its
             // clients, not what its bridge sends the upstream: the bridge
             // has no window to compare with.
-            let window = (label == "edgehub").then_some(max_inflight);
+            let window = label.starts_with("edgehub").then_some(max_inflight);
             // The drain is cut at the phase deadline on a slow link: the
             // rate is over what arrived, from the first delivery to the last.
             let rate = median(
@@ -499,16 +502,53 @@ pub fn print_wan_table(
                     notes.push(format!("{} over {}: {e}", r.label, link.describe()));
                 }
             }
-            if label == "edgehub" {
-                edgehub_rate = rate;
-            } else {
-                bridge_rate = rate;
+            match label.as_str() {
+                "edgehub" => edgehub_rate = rate,
+                "mosquitto bridge" => bridge_rate = rate,
+                _ => {}
             }
+            // Live messages published once the system delivers again.
+            let live: Vec<(u64, u64, Option<Percentiles>)> = runs
+                .iter()
+                .filter_map(|r| Some(r.live.as_ref()?.since(r.delivery.as_ref()?.first?)))
+                .collect();
+            for l in runs.iter().filter_map(|r| r.live.as_ref()) {
+                if let Some(e) = &l.error {
+                    notes.push(format!("{label} over {}: {e}", link.describe()));
+                }
+            }
+            let live_received = live
+                .iter()
+                .min_by_key(|(_, received, _)| *received)
+                .map_or("-".into(), |(sent, received, _)| {
+                    format!("{received}/{sent}")
+                });
+            let live_latency = |pick: fn(&Percentiles) -> Duration| {
+                median(
+                    live.iter()
+                        .filter_map(|(_, _, p)| p.as_ref().map(|p| pick(p).as_secs_f64()))
+                        .collect(),
+                )
+            };
+            let live_latency = match (live_latency(|p| p.p50), live_latency(|p| p.p99)) {
+                (Some(a), Some(b)) => format!("{a:.2} / {b:.2}"),
+                _ => "-".into(),
+            };
             rows.push(vec![
                 link.describe(),
-                match window {
-                    Some(w) => format!("{label} (window {w})"),
-                    None => format!("{label} (max_inflight_messages {})", s.bridge.max_inflight),
+                match (window, s.live) {
+                    (Some(w), Some(l)) if label == "edgehub, live share" => format!(
+                        "{label} {} % (window {w}{})",
+                        l.share,
+                        match l.max_bytes_per_sec {
+                            0 => String::new(),
+                            b => format!(", {} B/s", thousands(b as f64)),
+                        }
+                    ),
+                    (Some(w), _) => format!("{label} (window {w})"),
+                    (None, _) => {
+                        format!("{label} (max_inflight_messages {})", s.bridge.max_inflight)
+                    }
                 },
                 rate.map_or("-".into(), thousands),
                 delivered,
@@ -519,6 +559,8 @@ pub fn print_wan_table(
                     (Some(r), Some((b, _))) => format!("{:.2}", r / b),
                     _ => "-".into(),
                 },
+                live_received,
+                live_latency,
             ]);
         }
         notes.push(format!(
@@ -544,6 +586,12 @@ pub fn print_wan_table(
             String::new()
         }
     );
+    if let Some(l) = s.live {
+        println!(
+            "Live messages: one more device publishes {} msg/s (QoS 1) from the upstream's start until the backlog has arrived; those published once the system delivers again are timed from their PUBLISH to the upstream subscriber.",
+            l.rate
+        );
+    }
     println!();
     print_markdown(&header, &rows);
     println!();

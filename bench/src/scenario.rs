@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -39,6 +41,20 @@ pub struct Settings {
     /// A slow, far link between the system under test and the upstream
     /// (the WAN drain); `None`: loopback.
     pub link: Option<LinkSpec>,
+    /// Live messages during the WAN drain, and the edgehub that keeps a
+    /// share of its window for them.
+    pub live: Option<LiveSettings>,
+}
+
+/// Live messages during the WAN drain ([`crate::live`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LiveSettings {
+    /// Messages a second.
+    pub rate: u32,
+    /// `upstream.live_share_percent` of [`Sut::EdgehubLive`].
+    pub share: u8,
+    /// `upstream.max_bytes_per_sec` of [`Sut::EdgehubLive`] (0: none).
+    pub max_bytes_per_sec: u64,
 }
 
 impl Settings {
@@ -61,6 +77,8 @@ pub enum Sut {
     EdgehubPassthrough,
     /// edgehub with every message routed through a Rust router plugin.
     EdgehubRouter,
+    /// edgehub keeping a share of its window for live messages.
+    EdgehubLive,
     Bridge,
 }
 
@@ -71,6 +89,7 @@ impl Sut {
             Sut::EdgehubFilter => "edgehub + Rust filter",
             Sut::EdgehubPassthrough => "edgehub + Rust pass-through",
             Sut::EdgehubRouter => "edgehub + Rust router",
+            Sut::EdgehubLive => "edgehub, live share",
             Sut::Bridge => "mosquitto bridge",
         }
     }
@@ -81,6 +100,7 @@ impl Sut {
             Sut::EdgehubFilter => "edgehub-filter",
             Sut::EdgehubPassthrough => "edgehub-passthrough",
             Sut::EdgehubRouter => "edgehub-router",
+            Sut::EdgehubLive => "edgehub-live",
             Sut::Bridge => "bridge",
         }
     }
@@ -117,6 +137,8 @@ pub struct SystemResult {
     pub delivery: Option<SubscriberStats>,
     /// Upstream start to first delivery (reconnect + back-off); not part of the drain rate.
     pub first_delivery_after: Option<Duration>,
+    /// Live messages published during a WAN drain, and their latency.
+    pub live: Option<crate::live::LiveOutcome>,
     pub peak_rss_kib: Option<u64>,
     /// Bytes of the store on disk when the upstream is started.
     pub store_bytes: Option<u64>,
@@ -145,6 +167,7 @@ impl SystemResult {
             ingest: None,
             delivery: None,
             first_delivery_after: None,
+            live: None,
             peak_rss_kib: None,
             store_bytes: None,
             store_bytes_drained: None,
@@ -284,7 +307,11 @@ pub(crate) async fn start_sut(
 ) -> Result<Started> {
     let mut metrics_port = None;
     let (mut proc, store) = match sut {
-        Sut::Edgehub | Sut::EdgehubFilter | Sut::EdgehubPassthrough | Sut::EdgehubRouter => {
+        Sut::Edgehub
+        | Sut::EdgehubFilter
+        | Sut::EdgehubPassthrough
+        | Sut::EdgehubRouter
+        | Sut::EdgehubLive => {
             let bin = s
                 .edgehub
                 .as_deref()
@@ -299,8 +326,17 @@ pub(crate) async fn start_sut(
                 Sut::EdgehubRouter => Some(systems::plugin_config(dir, &s.plugins, "router")?),
                 _ => None,
             };
+            let mut args = Vec::new();
+            if let (Sut::EdgehubLive, Some(live)) = (sut, s.live) {
+                args.push(format!("--upstream-live-share-percent={}", live.share));
+                args.push(format!(
+                    "--upstream-max-bytes-per-sec={}",
+                    live.max_bytes_per_sec
+                ));
+            }
+            let config = config.as_deref();
             let proc =
-                systems::start_edgehub(bin, dir, port, upstream_port, metrics, config.as_deref())?;
+                systems::start_edgehub(bin, dir, port, upstream_port, metrics, config, &args)?;
             (proc, dir.join("storage"))
         }
         Sut::Bridge => {
@@ -442,6 +478,19 @@ async fn run_outage(
             &config,
         )?);
         let deadline = s.deadline();
+        // Live messages during a WAN drain, on a task of their own.
+        let drained = Arc::new(AtomicBool::new(false));
+        let live = match (s.link, s.live) {
+            (Some(_), Some(l)) => Some(tokio::spawn(crate::live::during_drain(
+                systems::loopback(port),
+                systems::loopback(upstream_port),
+                l.rate,
+                s.payload.max(crate::latency::STAMP_BYTES),
+                drained.clone(),
+                deadline,
+            ))),
+            _ => None,
+        };
         let sub = Conn::connect_retry(
             systems::loopback(upstream_port),
             SUBSCRIBER_ID,
@@ -459,6 +508,10 @@ async fn run_outage(
         )
         .await;
         let drain_end = Instant::now();
+        drained.store(true, Ordering::Relaxed);
+        if let Some(live) = live {
+            result.live = live.await.ok();
+        }
         result.drain_cpu = cpu_since(proc.pid, cpu_before);
         result.loadgen_cpu.1 = cpu_since(std::process::id(), own_before);
         result.upstream_cpu = upstream.as_ref().and_then(|u| rss::cpu_time(u.pid));

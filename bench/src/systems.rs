@@ -259,6 +259,7 @@ pub fn start_edgehub(
     upstream_port: u16,
     metrics_port: u16,
     config: Option<&Path>,
+    args: &[String],
 ) -> Result<Proc> {
     let storage = dir.join("storage");
     std::fs::create_dir_all(&storage)?;
@@ -276,6 +277,7 @@ pub fn start_edgehub(
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }
+    cmd.args(args);
     // Only the command line configures the hub under test.
     for var in [
         "EDGEHUB_CONFIG",

@@ -96,6 +96,7 @@ impl CloudToDevice {
             topic,
             payload,
             ttl_secs,
+            priority: 0,
         };
         let mut reservation = self.mailboxes.reserve(vec![(device.to_string(), record)]);
         if let Some(refused) = reservation.refused.pop() {
@@ -135,6 +136,7 @@ impl Completions {
             topic: format!("devices/{device}/messages/completed"),
             payload: Bytes::from(body.to_string()),
             ttl_secs: None,
+            priority: 0,
         };
         if let Err(e) = self.c2d.appender.append_later(vec![completion]).await {
             self.c2d
@@ -195,7 +197,7 @@ mod tests {
         assert_eq!(&again.payload[..], b"a");
         again.receipt.as_ref().unwrap().acknowledged();
         let mut tail = store.watch_tail();
-        let completed = tail.wait_for(|t| *t == 2);
+        let completed = tail.wait_for(|_| store.tail(0) == 2);
         tokio::time::timeout(Duration::from_secs(10), completed)
             .await
             .expect("a completion is queued upstream")

@@ -303,6 +303,12 @@ pub struct UpstreamConfig {
     /// after an outage leaves room on a metered or shared link (0: no cap).
     #[arg(long = "upstream-max-bytes-per-sec")]
     pub max_bytes_per_sec: u64,
+    /// Percent of the window kept for messages stored since the upstream
+    /// connected while those stored before it drain, so fresh data does not
+    /// wait behind a backlog (0: none, every lane in store order; at most
+    /// 90).
+    #[arg(long = "upstream-live-share-percent")]
+    pub live_share_percent: u8,
     /// How many times in a row the upstream may refuse the same message
     /// (drop the connection right after it, or answer it with an error)
     /// before it is moved to the dead-letter area (at least 1).
@@ -493,6 +499,7 @@ impl Default for UpstreamConfig {
             max_backoff_ms: 2000,
             failback_secs: 15,
             max_bytes_per_sec: 0,
+            live_share_percent: 0,
             refusals_before_dead_letter: 3,
             mqtt_version: MqttVersion::V311,
         }
@@ -1003,6 +1010,9 @@ impl Config {
         if self.upstream.max_inflight == 0 || self.upstream.max_inflight > 32_768 {
             return bad("upstream.max_inflight must be within 1..=32768".into());
         }
+        if self.upstream.live_share_percent > 90 {
+            return bad("upstream.live_share_percent must be within 0..=90 (the backlog keeps at least 10 % of the window)".into());
+        }
         if self.upstream.refusals_before_dead_letter == 0 {
             return bad("upstream.refusals_before_dead_letter must be at least 1".into());
         }
@@ -1298,6 +1308,10 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("1..=32768"), "{err}");
+        let err = layered("", &[("EDGEHUB_UPSTREAM_LIVE_SHARE_PERCENT", "95")], "").unwrap_err();
+        assert!(err.to_string().contains("0..=90"), "{err}");
+        let ok = layered("", &[("EDGEHUB_UPSTREAM_LIVE_SHARE_PERCENT", "25")], "").unwrap();
+        assert_eq!(ok.upstream.live_share_percent, 25);
     }
 
     #[test]

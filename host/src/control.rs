@@ -211,9 +211,10 @@ mod tests {
             topic: t.into(),
             payload: bytes::Bytes::from_static(b"b"),
             ttl_secs: None,
+            priority: 0,
         };
         appender.append(vec![rec("a"), rec("b")]).await.unwrap();
-        let head = store.head();
+        let head = store.head(0);
         store.move_head_to_dead_letters(head, "why a").unwrap();
         store.move_head_to_dead_letters(head + 1, "why b").unwrap();
         let shutdown = CancellationToken::new();
@@ -238,7 +239,7 @@ mod tests {
             keys: Some(vec![head + 1]),
         };
         assert_eq!(ask(dir.path(), &replay).await.unwrap(), Answer::Replayed(1));
-        let queued = store.read_from(store.head(), 10).unwrap();
+        let queued = store.read_from(store.head(0), 10).unwrap();
         assert_eq!(queued.len(), 1, "b is queued again");
         assert_eq!(queued[0].record().unwrap().topic, "b");
         assert!(

@@ -137,6 +137,7 @@ mod tests {
                     topic: "devices/d/messages/events/".into(),
                     payload: bytes::Bytes::from_static(b"hi"),
                     ttl_secs: Some(5),
+                    priority: 0,
                 };
                 let mut delivery = vec![1u8];
                 delivery.extend_from_slice(&record.encode());

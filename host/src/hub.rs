@@ -319,6 +319,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         ttl_ms: default_ttl_ms.clone(),
         refusals_before_dead_letter: config.upstream.refusals_before_dead_letter,
         max_bytes_per_sec: config.upstream.max_bytes_per_sec,
+        live_share: config.upstream.live_share_percent,
     };
     let forwarder = forwarder
         .spawn(link_actor, shutdown.clone())

@@ -375,6 +375,7 @@ mod tests {
             topic: "in/x".into(),
             payload: bytes::Bytes::from_static(payload),
             ttl_secs: None,
+            priority: 0,
         }
     }
 

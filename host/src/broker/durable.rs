@@ -346,6 +346,7 @@ fn encode(m: &Delivery) -> Vec<u8> {
         topic: m.topic.clone(),
         payload: m.payload.clone(),
         ttl_secs: None,
+        priority: 0,
     };
     let mut out = Vec::with_capacity(1 + record.encoded_len());
     out.push(m.qos);

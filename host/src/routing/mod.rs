@@ -198,7 +198,7 @@ impl Router {
                 let mut out = Deliveries::default();
                 for m in &upstream {
                     let (topic, body) = (&m.topic, m.body.clone());
-                    self.store_upstream(&mut out, "", topic, body, m.enqueued_ms, None);
+                    self.store_upstream(&mut out, None, topic, body, m.enqueued_ms);
                 }
                 out
             }
@@ -226,9 +226,8 @@ impl Router {
                     // many routes lead there.
                     Sink::Upstream if !sent_upstream => {
                         sent_upstream = true;
-                        let (name, ttl) = (&route.name, route.ttl_secs);
                         let (topic, body) = (&m.topic, m.body.clone());
-                        self.store_upstream(&mut out, name, topic, body, m.enqueued_ms, ttl);
+                        self.store_upstream(&mut out, Some(route), topic, body, m.enqueued_ms);
                     }
                     Sink::ModuleInput { module, input }
                         if !sent_inputs.contains(&(module.as_str(), input.as_str())) =>
@@ -363,14 +362,8 @@ impl Router {
             OnError::DeadLetter => {
                 self.metrics.dead_lettered(1);
                 let dead = self.dead_letter(route, plugin, &input, &failure);
-                self.store_upstream(
-                    out,
-                    &route.name,
-                    &dead.topic,
-                    dead.payload,
-                    dead.enqueued_ms,
-                    dead.ttl_secs,
-                );
+                let (topic, payload) = (&dead.topic, dead.payload);
+                self.store_upstream(out, Some(route), topic, payload, dead.enqueued_ms);
             }
         }
     }
@@ -395,36 +388,32 @@ impl Router {
     fn to_upstream(&self, out: &mut Deliveries, route: &Route, m: &Message) {
         let topic = dialect::upstream_topic(m);
         let body = m.body.clone();
-        self.store_upstream(
-            out,
-            &route.name,
-            &topic,
-            body,
-            m.enqueued_ms,
-            route.ttl_secs,
-        );
+        self.store_upstream(out, Some(route), &topic, body, m.enqueued_ms);
     }
 
     /// Queues a record for the store, if its topic can be stored and sent
     /// upstream; otherwise the message is refused here, logged and counted,
-    /// so no message can poison the queue.
+    /// so no message can poison the queue. It waits in the lane of the
+    /// route's priority, with the route's time to live (with no route
+    /// table: lane 0, the hub's default).
     fn store_upstream(
         &self,
         out: &mut Deliveries,
-        route: &str,
+        route: Option<&Route>,
         topic: &str,
         payload: Bytes,
         enqueued_ms: u64,
-        ttl_secs: Option<u32>,
     ) {
         match topic::check_name(topic, self.max_topic_bytes) {
             Ok(()) => out.records.push(Record {
                 enqueued_ms,
                 topic: topic.to_string(),
                 payload,
-                ttl_secs,
+                ttl_secs: route.and_then(|r| r.ttl_secs),
+                priority: route.map_or(0, |r| r.priority),
             }),
             Err(e) => {
+                let route = route.map_or("", |r| r.name.as_str());
                 self.metrics.invalid_topic(e.reason(), route);
                 let shown: String = topic.chars().take(128).collect();
                 tracing::warn!(route, topic = %shown.escape_debug(), error = %e, "message not stored: its topic cannot be sent upstream");
@@ -449,6 +438,7 @@ impl Router {
             topic: dialect::module_input_topic(&self.edge_id, module, input, m),
             payload: m.body.clone(),
             ttl_secs,
+            priority: 0,
         };
         out.module_inputs
             .push((crate::inputs::endpoint(module, input), record));
@@ -496,6 +486,7 @@ impl Router {
             topic: dialect::upstream_topic(&dead),
             payload: dead.body,
             ttl_secs: route.ttl_secs,
+            priority: route.priority,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use fjall::PersistMode;
 
 use super::record::{CorruptRecord, Record};
-use super::{key_of, Store, StoreError};
+use super::{key_of, lane, Store, StoreError};
 
 /// One dead letter as listed.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -70,12 +70,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(String, u64, &[u8]), CorruptRecord
 }
 
 impl Store {
-    /// Moves the message at the head of the queue (which must be `key`) to
-    /// the dead-letter area, durably, and advances the head past it.
+    /// Moves the message at the head of its lane (which must be `key`) to
+    /// the dead-letter area, durably, and advances the lane's head past it.
     /// Returns false when `key` is not the head (nothing is moved).
     pub fn move_head_to_dead_letters(&self, key: u64, reason: &str) -> Result<bool, StoreError> {
         let inner = &self.inner;
-        if key != self.head() {
+        let lane = lane::lane_of(key);
+        if key != self.head(lane) {
             return Ok(false);
         }
         let Some(value) = inner.queue.get(key.to_be_bytes())? else {
@@ -85,9 +86,10 @@ impl Store {
         let entry = encode(reason, crate::clock::now_ms(), &value);
         let entry_len = entry.len() as u64;
         batch.insert(&inner.dead, key.to_be_bytes(), entry);
-        batch.insert(&inner.meta, super::HEAD_KEY, (key + 1).to_be_bytes());
+        let head = lane::meta_key(super::HEAD, lane);
+        batch.insert(&inner.meta, head, (key + 1).to_be_bytes());
         batch.commit()?;
-        inner.head.store(key + 1, Ordering::Release);
+        inner.head.set(lane, key + 1);
         let size = value.len() as u64;
         inner
             .bytes
@@ -127,7 +129,8 @@ impl Store {
     }
 
     /// The selected dead letters as records to queue again, enqueued at
-    /// `now_ms` (their time to live starts again), with their keys.
+    /// `now_ms` (their time to live starts again) in the lane they were
+    /// in, with their keys.
     pub fn dead_letter_records(
         &self,
         which: &Selection,
@@ -143,6 +146,7 @@ impl Store {
             let (_, _, record) = decode(&v)?;
             let mut record = Record::decode(record)?;
             record.enqueued_ms = now_ms;
+            record.priority = lane::lane_of(key) as u8;
             out.push((key, record));
         }
         Ok(out)
@@ -183,6 +187,7 @@ mod tests {
             topic: format!("t/{i}"),
             payload: Bytes::from(vec![b'x'; i as usize]),
             ttl_secs: None,
+            priority: 0,
         }
     }
 
@@ -195,10 +200,10 @@ mod tests {
             let (appender, join) = writer::spawn(store.clone(), quota, 64);
             appender.append((1..=3).map(rec).collect()).await.unwrap();
             assert!(store
-                .move_head_to_dead_letters(store.head(), "refused")
+                .move_head_to_dead_letters(store.head(0), "refused")
                 .unwrap());
             assert!(store
-                .move_head_to_dead_letters(store.head(), "refused")
+                .move_head_to_dead_letters(store.head(0), "refused")
                 .unwrap());
             assert!(store.dead_letter_bytes() > 2 * rec(1).encoded_len() as u64);
             let err = appender.append(vec![rec(4), rec(5)]).await.unwrap_err();
@@ -228,7 +233,7 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
             appender.append((1..=3).map(rec).collect()).await.unwrap();
-            let head = store.head();
+            let head = store.head(0);
             assert!(
                 !store
                     .move_head_to_dead_letters(head + 1, "not the head")
@@ -237,7 +242,7 @@ mod tests {
             );
             let bytes_before = store.bytes();
             assert!(store.move_head_to_dead_letters(head, "refused").unwrap());
-            assert_eq!(store.head(), head + 1);
+            assert_eq!(store.head(0), head + 1);
             assert_eq!(store.bytes(), bytes_before - rec(1).encoded_len() as u64);
             drop(appender);
             join.join().unwrap();
@@ -260,7 +265,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
         appender.append((1..=3).map(rec).collect()).await.unwrap();
-        let first = store.head();
+        let first = store.head(0);
         for key in first..first + 3 {
             assert!(store.move_head_to_dead_letters(key, "r").unwrap());
         }

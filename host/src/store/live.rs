@@ -6,9 +6,10 @@
 //! takes a message from it when it is the very next key it needs, and reads
 //! the store otherwise. So a batch the feed drops (the forwarder is behind,
 //! offline, or the channel is full) costs a store read later, never a
-//! message. Durability is not this module's concern: the device is still
-//! acknowledged after the fsync, and the forwarder removes only what is
-//! durable ([`super::Store::tail`]).
+//! message. Batches are kept per lane ([`super::lane`]): each lane's keys
+//! are taken in its own order. Durability is not this module's concern:
+//! the device is still acknowledged after the fsync, and the forwarder
+//! removes only what is durable ([`super::Store::tail`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,13 +17,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use super::lane::{lane_of, LANES};
 use super::Record;
 
 /// Batches the feed holds before it drops (the forwarder reads them from
 /// the store instead).
 const CAPACITY: usize = 256;
 
-/// Records appended together, the first under key `first`.
+/// Records of one lane appended together, the first under key `first`.
 #[derive(Debug, Clone)]
 pub struct LiveBatch {
     pub first: u64,
@@ -63,7 +65,8 @@ impl Tap {
         LiveFeed {
             rx,
             wanted: self.wanted.clone(),
-            pending: VecDeque::new(),
+            pending: Default::default(),
+            held: 0,
         }
     }
 }
@@ -72,8 +75,10 @@ impl Tap {
 pub struct LiveFeed {
     rx: mpsc::Receiver<LiveBatch>,
     wanted: Arc<AtomicBool>,
-    /// Received and not yet taken, in key order.
-    pending: VecDeque<LiveBatch>,
+    /// Received and not yet taken, per lane in key order.
+    pending: [VecDeque<LiveBatch>; LANES],
+    /// Batches in `pending`.
+    held: usize,
 }
 
 impl LiveFeed {
@@ -83,7 +88,8 @@ impl LiveFeed {
     pub fn want(&mut self, on: bool) {
         self.wanted.store(on, Ordering::Release);
         if !on {
-            self.pending.clear();
+            self.pending.iter_mut().for_each(VecDeque::clear);
+            self.held = 0;
             while self.rx.try_recv().is_ok() {}
         }
     }
@@ -91,31 +97,38 @@ impl LiveFeed {
     /// Waits for the next batch (forever once another follower took over).
     pub async fn recv(&mut self) {
         match self.rx.recv().await {
-            Some(b) => self.pending.push_back(b),
+            Some(b) => self.hold(b),
             None => std::future::pending().await,
         }
         self.receive();
+    }
+
+    fn hold(&mut self, batch: LiveBatch) {
+        self.pending[lane_of(batch.first)].push_back(batch);
+        self.held += 1;
     }
 
     /// Moves what has arrived into `pending`, up to [`CAPACITY`] batches
     /// (the rest wait in the channel, and what does not fit there is
     /// dropped: the follower is behind and reads the store).
     fn receive(&mut self) {
-        while self.pending.len() < CAPACITY {
+        while self.held < CAPACITY {
             match self.rx.try_recv() {
-                Ok(b) => self.pending.push_back(b),
+                Ok(b) => self.hold(b),
                 Err(_) => return,
             }
         }
     }
 
     /// The record appended under `key`, if the feed has it. Everything
-    /// before `key` is forgotten: the caller has moved past it.
+    /// of its lane before `key` is forgotten: the caller has moved past it.
     pub fn take(&mut self, key: u64) -> Option<(Arc<Vec<Record>>, usize)> {
         self.receive();
-        while let Some(b) = self.pending.front() {
+        let pending = &mut self.pending[lane_of(key)];
+        while let Some(b) = pending.front() {
             if b.first + b.records.len() as u64 <= key {
-                self.pending.pop_front();
+                pending.pop_front();
+                self.held -= 1;
                 continue;
             }
             if b.first > key {
@@ -140,6 +153,7 @@ mod tests {
                     topic: format!("t/{i}"),
                     payload: Bytes::new(),
                     ttl_secs: None,
+                    priority: 0,
                 })
                 .collect(),
         )
@@ -184,6 +198,27 @@ mod tests {
             "keys 8 and 9 never came: read them from the store"
         );
         assert!(feed.take(10).is_some());
+    }
+
+    #[test]
+    fn each_lane_is_taken_in_its_own_order() {
+        let tap = Tap::default();
+        let mut feed = tap.follow();
+        feed.want(true);
+        let five = crate::store::lane::start(5);
+        tap.offer(five + 1, &recs(2));
+        tap.offer(1, &recs(2));
+        tap.offer(five + 3, &recs(1));
+        assert!(
+            feed.take(five + 3).is_some(),
+            "lane 5 moved past its first batch"
+        );
+        assert!(
+            feed.take(1).is_some(),
+            "lane 0 is kept whatever lane 5 took"
+        );
+        assert!(feed.take(2).is_some());
+        assert!(feed.take(five + 1).is_none(), "forgotten in its own lane");
     }
 
     #[test]

@@ -1,25 +1,30 @@
-//! The durable upstream queue: messages bound upstream, in arrival order.
+//! The durable upstream queue: messages bound upstream, in arrival order
+//! within each lane (a route's priority, [`lane`]).
 //!
 //! Owns the fjall database under the storage folder. Keys are monotonic
-//! big-endian `u64`s given at the intake of the single writer ([`writer`]),
+//! big-endian `u64`s within their lane, given at the intake of the single
+//! writer ([`writer`]),
 //! which group-commits appends and fsyncs once per batch before anyone is
 //! told the messages are durable; meanwhile the live feed ([`live`]) may
-//! hand them to the forwarder from memory. Removal is done only by the upstream forwarder, always
-//! of a prefix (acknowledged or expired messages), by moving the head: no
-//! tombstones. What is below the head is dropped from disk a whole table
+//! hand them to the forwarder from memory. Removal is done only by the
+//! upstream forwarder, always of a lane's prefix (acknowledged or expired
+//! messages), by moving the lane's head: no tombstones. What is below a
+//! head is dropped from disk a whole table
 //! at a time, and from tables that are compacted anyway by a compaction
 //! filter ([`Store::give_back`]). The highest key ever assigned is kept in
 //! a meta keyspace so keys are never reused. What is sent, when, and to
 //! whom is not this module's concern.
 //!
 //! Layout: `queue` keyspace `key -> record` ([`record`]), `meta` keyspace
-//! `"tail" -> next key` and `"head" -> first key not removed`,
+//! `"tail" -> next key` and `"head" -> first key not removed` per lane
+//! (`"tail.3"` for lane 3),
 //! `dead-letters` keyspace `key -> entry` ([`dead_letters`]), and small
 //! durable documents such as twins ([`documents`]).
 
 pub mod dead_letters;
 pub mod disk;
 pub mod documents;
+pub mod lane;
 pub mod live;
 pub mod record;
 pub mod recovery;
@@ -36,14 +41,17 @@ use tokio::sync::watch;
 
 pub use dead_letters::{DeadLetter, Selection};
 pub use documents::Documents;
+pub use lane::LANES;
 pub use live::{LiveBatch, LiveFeed};
 pub use record::Record;
 pub use recovery::Recovery;
 pub use writer::{AppendError, Appender};
 
-const TAIL_KEY: &[u8] = b"tail";
-/// Everything below it is removed (sent, expired or dead-lettered).
-const HEAD_KEY: &[u8] = b"head";
+/// A lane's next key ([`lane::meta_key`]).
+const TAIL: &str = "tail";
+/// Everything in the lane below it is removed (sent, expired or
+/// dead-lettered).
+const HEAD: &str = "head";
 /// Bytes an empty queue may leave on disk before its memtables are
 /// flushed so the journals can be deleted.
 const EMPTY_SLACK: u64 = 4 << 20;
@@ -81,20 +89,21 @@ struct Inner {
     dead_count: AtomicU64,
     /// Bytes of the entries in `dead`, counted in the quota.
     dead_bytes: AtomicU64,
-    /// Lowest key that may still be present; everything below is removed
-    /// (shared with the compaction filter that drops it).
-    head: Arc<AtomicU64>,
-    /// Everything below is durable (or a gap the writer refused).
-    tail: AtomicU64,
-    /// The next key the intake gives; at or above `tail`.
-    intake: Mutex<u64>,
+    /// Per lane, the lowest key that may still be present; everything
+    /// below is removed (shared with the compaction filter that drops it).
+    head: Arc<lane::PerLane>,
+    /// Per lane, everything below is durable (or a gap the writer refused).
+    tail: lane::PerLane,
+    /// Per lane, the next key the intake gives; at or above `tail`.
+    intake: Mutex<[u64; LANES]>,
     /// Encoded bytes given keys and not yet written, for the quota.
     pending: AtomicU64,
     /// Appends offered to the forwarder before they are durable.
     live: live::Tap,
-    /// Sum of encoded record sizes in `head..tail`, for the quota.
+    /// Sum of encoded record sizes in every lane's `head..tail`, for the
+    /// quota.
     bytes: AtomicU64,
-    /// Wakes the forwarder when `tail` moves.
+    /// Wakes the forwarder when a `tail` moves: counts the commits.
     tail_tx: watch::Sender<u64>,
     /// What opening found damaged and kept.
     recovery: Recovery,
@@ -107,8 +116,8 @@ struct Inner {
 }
 
 struct GiveBack {
-    /// The head the last table drop was up to.
-    dropped_below: u64,
+    /// Per lane, the head the last table drop was up to.
+    dropped_below: [u64; LANES],
     step: Step,
 }
 
@@ -122,9 +131,9 @@ enum Step {
     Collecting,
 }
 
-/// Drops the queue's records below the head whenever fjall compacts a
-/// table: what is removed leaves the disk without a tombstone.
-struct BelowHead(Arc<AtomicU64>);
+/// Drops the queue's records below their lane's head whenever fjall
+/// compacts a table: what is removed leaves the disk without a tombstone.
+struct BelowHead(Arc<lane::PerLane>);
 
 impl compaction::Factory for BelowHead {
     fn name(&self) -> &str {
@@ -132,11 +141,11 @@ impl compaction::Factory for BelowHead {
     }
 
     fn make_filter(&self, _: &compaction::Context) -> Box<dyn compaction::CompactionFilter> {
-        Box::new(BelowHeadFilter(self.0.load(Ordering::Acquire)))
+        Box::new(BelowHeadFilter(self.0.all()))
     }
 }
 
-struct BelowHeadFilter(u64);
+struct BelowHeadFilter([u64; LANES]);
 
 impl compaction::CompactionFilter for BelowHeadFilter {
     fn filter_item(
@@ -144,7 +153,8 @@ impl compaction::CompactionFilter for BelowHeadFilter {
         item: compaction::ItemAccessor<'_>,
         _: &compaction::Context,
     ) -> compaction::CompactionFilterResult {
-        Ok(if key_of(item.key()) < self.0 {
+        let key = key_of(item.key());
+        Ok(if key < self.0[lane::lane_of(key)] {
             compaction::Verdict::Remove
         } else {
             compaction::Verdict::Keep
@@ -187,7 +197,7 @@ impl Store {
         // (flushed to tables when full), a small block cache, and a journal
         // cap that forces flushes so old journals are deleted.
         // Nothing is dropped until the head is known.
-        let shared_head = Arc::new(AtomicU64::new(0));
+        let shared_head = Arc::new(lane::PerLane::new([0; LANES]));
         let filter: Arc<dyn compaction::Factory> = Arc::new(BelowHead(shared_head.clone()));
         let open = |dir: &Path| {
             let filter = filter.clone();
@@ -216,31 +226,17 @@ impl Store {
             dead_count += 1;
             dead_bytes += v.len() as u64;
         }
-        // Stores written before the head was kept removed with tombstones:
-        // their head is their first key.
-        let saved_head = meta.get(HEAD_KEY)?.map(|v| key_of(&v)).unwrap_or(0);
-        let mut head = None;
-        let mut last = 0;
-        let mut bytes = 0u64;
-        for guard in queue.range(saved_head.to_be_bytes()..) {
-            let (k, v) = guard.into_inner()?;
-            let key = key_of(&k);
-            head.get_or_insert(key);
-            last = key;
-            bytes += v.len() as u64;
+        let (mut tails, mut bytes) = ([0; LANES], 0u64);
+        for (lane, tail) in tails.iter_mut().enumerate() {
+            let (head, t, b) = scan_lane(&queue, &meta, lane)?;
+            *tail = t;
+            bytes += b;
+            shared_head.set(lane, head);
         }
-        let saved_tail = meta
-            .get(TAIL_KEY)?
-            .map(|v| key_of(&v))
-            .unwrap_or(1)
-            .max(saved_head);
         if let Some(v) = meta.get(CLOCK_KEY)? {
             crate::clock::not_before(key_of(&v));
         }
-        let tail = saved_tail.max(last + 1);
-        let head = head.unwrap_or(tail);
-        shared_head.store(head, Ordering::Release);
-        let (tail_tx, _) = watch::channel(tail);
+        let (tail_tx, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -250,8 +246,8 @@ impl Store {
                 dead_count: AtomicU64::new(dead_count),
                 dead_bytes: AtomicU64::new(dead_bytes),
                 head: shared_head,
-                tail: AtomicU64::new(tail),
-                intake: Mutex::new(tail),
+                tail: lane::PerLane::new(tails),
+                intake: Mutex::new(tails),
                 pending: AtomicU64::new(0),
                 live: live::Tap::default(),
                 bytes: AtomicU64::new(bytes),
@@ -261,7 +257,7 @@ impl Store {
                 dir: path.join("queue"),
                 give_back: Mutex::new(GiveBack {
                     // What an earlier run left below the head goes first.
-                    dropped_below: 0,
+                    dropped_below: [0; LANES],
                     step: Step::Idle,
                 }),
             }),
@@ -280,12 +276,27 @@ impl Store {
         &self.inner.recovery
     }
 
-    pub fn head(&self) -> u64 {
-        self.inner.head.load(Ordering::Acquire)
+    /// The first key of `lane` not removed.
+    pub fn head(&self, lane: usize) -> u64 {
+        self.inner.head.get(lane)
     }
 
-    pub fn tail(&self) -> u64 {
-        self.inner.tail.load(Ordering::Acquire)
+    /// Every key of `lane` below it is durable.
+    pub fn tail(&self, lane: usize) -> u64 {
+        self.inner.tail.get(lane)
+    }
+
+    pub fn heads(&self) -> [u64; LANES] {
+        self.inner.head.all()
+    }
+
+    pub fn tails(&self) -> [u64; LANES] {
+        self.inner.tail.all()
+    }
+
+    /// Messages queued, in every lane.
+    pub fn depth(&self) -> u64 {
+        (0..LANES).map(|l| self.tail(l) - self.head(l)).sum()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -309,11 +320,12 @@ impl Store {
         self.inner.tail_tx.subscribe()
     }
 
-    /// Reads up to `max` messages with keys in `from..tail` (and not below
-    /// the head), in key order.
+    /// Reads up to `max` messages with keys in `from..tail` of `from`'s
+    /// lane (and not below its head), in key order.
     pub fn read_from(&self, from: u64, max: usize) -> Result<Vec<Stored>, StoreError> {
-        let from = from.max(self.head());
-        let end = self.tail();
+        let lane = lane::lane_of(from);
+        let from = from.max(self.head(lane));
+        let end = self.tail(lane);
         let mut out = Vec::with_capacity(max.min((end.saturating_sub(from)) as usize));
         if from >= end {
             return Ok(out);
@@ -333,33 +345,43 @@ impl Store {
         Ok(out)
     }
 
-    /// Removes every message with a key below `end` (a prefix the forwarder
-    /// has had acknowledged or expired) by moving the head there; `bytes` is
-    /// their total size. Not fsynced: after a crash they are sent again,
-    /// which at-least-once allows. (A compaction may drop them from disk
-    /// before the new head is durable: then the first key left is the head.)
+    /// Removes every message of `end`'s lane with a key below `end` (a
+    /// prefix the forwarder has had acknowledged or expired) by moving the
+    /// lane's head there; `bytes` is their total size. Not fsynced: after a
+    /// crash they are sent again, which at-least-once allows. (A compaction
+    /// may drop them from disk before the new head is durable: then the
+    /// first key left is the head.)
     pub fn remove_before(&self, end: u64, bytes: u64) -> Result<(), StoreError> {
-        let head = self.head();
-        if end <= head {
+        let lane = lane::lane_of(end);
+        if end <= self.head(lane) {
             return Ok(());
         }
-        self.inner.meta.insert(HEAD_KEY, end.to_be_bytes())?;
-        self.inner.head.store(end, Ordering::Release);
+        self.inner
+            .meta
+            .insert(lane::meta_key(HEAD, lane), end.to_be_bytes())?;
+        self.inner.head.set(lane, end);
         self.inner
             .bytes
             .fetch_sub(bytes.min(self.bytes()), Ordering::AcqRel);
         Ok(())
     }
 
-    /// Depth, bytes and the age of the oldest message.
+    /// Depth, bytes and the age of the oldest message, over every lane.
     pub fn stats(&self) -> Result<QueueStats, StoreError> {
-        let head = self.head();
-        let oldest_ms = match self.inner.queue.range(head.to_be_bytes()..).next() {
-            Some(guard) => Some(Record::enqueued_ms_of(&guard.value()?)?),
-            None => None,
-        };
+        let mut oldest_ms: Option<u64> = None;
+        for lane in 0..LANES {
+            let (head, tail) = (self.head(lane), self.tail(lane));
+            if head == tail {
+                continue;
+            }
+            let range = head.to_be_bytes()..tail.to_be_bytes();
+            if let Some(guard) = self.inner.queue.range(range).next() {
+                let ms = Record::enqueued_ms_of(&guard.value()?)?;
+                oldest_ms = Some(oldest_ms.map_or(ms, |o| o.min(ms)));
+            }
+        }
         Ok(QueueStats {
-            depth: self.tail() - head,
+            depth: self.depth(),
             bytes: self.bytes(),
             oldest_ms,
         })
@@ -374,30 +396,33 @@ impl Store {
     /// once a second.
     pub fn give_back(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let head = self.head();
+        let heads = self.heads();
         let mut state = inner.give_back.lock().expect("give back");
-        let drop_below = |head: u64| {
+        let drop_below = |lane: usize, head: u64| {
+            let (start, head) = (lane::start(lane).to_be_bytes(), head.to_be_bytes());
             inner
                 .queue
                 .tree
-                .drop_range::<&[u8], _>(..&head.to_be_bytes()[..])
+                .drop_range::<&[u8], _>(&start[..]..&head[..])
                 .map_err(fjall::Error::from)
         };
-        if head != state.dropped_below && inner.queue.table_count() > 0 {
-            drop_below(head)?;
-            state.dropped_below = head;
+        for (lane, &head) in heads.iter().enumerate() {
+            if head != state.dropped_below[lane] && inner.queue.table_count() > 0 {
+                drop_below(lane, head)?;
+                state.dropped_below[lane] = head;
+            }
         }
         state.step = match state.step {
-            Step::Idle
-                if head == self.tail() && disk::allocated_tables(&inner.dir) > EMPTY_SLACK =>
-            {
+            Step::Idle if self.depth() == 0 && disk::allocated_tables(&inner.dir) > EMPTY_SLACK => {
                 for keyspace in [&inner.queue, &inner.meta, &inner.dead] {
                     keyspace.rotate_memtable()?;
                 }
                 Step::Flushing
             }
             Step::Flushing if inner.db.outstanding_flushes() == 0 => {
-                drop_below(head)?;
+                for (lane, &head) in heads.iter().enumerate() {
+                    drop_below(lane, head)?;
+                }
                 inner.queue.major_compact()?;
                 // fjall deletes the files of dropped tables once a newer
                 // write moves its sequence number past them, at the next
@@ -427,6 +452,36 @@ impl Store {
     }
 }
 
+/// A lane's head, tail and bytes as the store holds them. A lane without a
+/// stored head (lane 0 of a store written before the head was kept, which
+/// removed with tombstones) has its first key as its head.
+fn scan_lane(
+    queue: &Keyspace,
+    meta: &Keyspace,
+    lane: usize,
+) -> Result<(u64, u64, u64), StoreError> {
+    let first = lane::start(lane) + 1;
+    let saved_head = match meta.get(lane::meta_key(HEAD, lane))? {
+        Some(v) => key_of(&v),
+        None => first,
+    };
+    let (mut head, mut last, mut bytes) = (None, None, 0u64);
+    for guard in queue.range(saved_head.to_be_bytes()..lane::end(lane).to_be_bytes()) {
+        let (k, v) = guard.into_inner()?;
+        let key = key_of(&k);
+        head.get_or_insert(key);
+        last = Some(key);
+        bytes += v.len() as u64;
+    }
+    let saved_tail = meta
+        .get(lane::meta_key(TAIL, lane))?
+        .map(|v| key_of(&v))
+        .unwrap_or(first)
+        .max(saved_head);
+    let tail = last.map_or(saved_tail, |last| saved_tail.max(last + 1));
+    Ok((head.unwrap_or(tail), tail, bytes))
+}
+
 fn key_of(bytes: &[u8]) -> u64 {
     let mut k = [0u8; 8];
     let n = bytes.len().min(8);
@@ -445,6 +500,7 @@ mod tests {
             topic: format!("devices/d/messages/events/n={i}"),
             payload: Bytes::from(i.to_string()),
             ttl_secs: None,
+            priority: 0,
         }
     }
 
@@ -464,7 +520,7 @@ mod tests {
             join.join().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        let all = store.read_from(store.head(), 1000).unwrap();
+        let all = store.read_from(store.head(0), 1000).unwrap();
         assert_eq!(all.len(), 100);
         for (i, s) in all.iter().enumerate() {
             assert_eq!(Record::decode(&s.value).unwrap(), rec(i as u64));
@@ -480,19 +536,19 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
             appender.append((0..10).map(rec).collect()).await.unwrap();
-            let all = store.read_from(store.head(), 100).unwrap();
+            let all = store.read_from(store.head(0), 100).unwrap();
             let bytes = all.iter().map(|s| s.size()).sum();
-            store.remove_before(store.tail(), bytes).unwrap();
+            store.remove_before(store.tail(0), bytes).unwrap();
             assert_eq!(store.stats().unwrap().depth, 0);
             assert_eq!(store.bytes(), 0);
             drop(appender);
             join.join().unwrap();
             store.sync().unwrap();
-            store.tail()
+            store.tail(0)
         };
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.tail(), first_tail);
-        assert_eq!(store.head(), first_tail);
+        assert_eq!(store.tail(0), first_tail);
+        assert_eq!(store.head(0), first_tail);
         assert!(store.read_from(0, 100).unwrap().is_empty());
     }
 
@@ -500,7 +556,7 @@ mod tests {
     fn drain(store: &Store) -> u64 {
         let mut n = 0;
         loop {
-            let batch = store.read_from(store.head(), 500).unwrap();
+            let batch = store.read_from(store.head(0), 500).unwrap();
             let Some(last) = batch.last() else {
                 return n;
             };
@@ -561,6 +617,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_priority_is_a_lane_of_its_own_kept_in_order_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |i: u64, priority: u8| Record { priority, ..rec(i) };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
+            appender
+                .append((0..4).map(|i| at(i, 5)).collect())
+                .await
+                .unwrap();
+            // One append of both priorities, interleaved.
+            appender
+                .append(
+                    (4..10)
+                        .map(|i| at(i, if i % 2 == 0 { 0 } else { 5 }))
+                        .collect(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(store.depth(), 10);
+            assert_eq!(
+                store.stats().unwrap().oldest_ms,
+                Some(1000),
+                "lane 5 holds the oldest"
+            );
+            // Lane 5's first two leave; lane 0 is untouched.
+            let five = store.read_from(store.head(5), 2).unwrap();
+            let bytes = five.iter().map(|s| s.size()).sum();
+            store.remove_before(five[1].key + 1, bytes).unwrap();
+            drop(appender);
+            join.join().unwrap();
+            store.sync().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let topics = |lane: usize| -> Vec<String> {
+            let read = store.read_from(lane::start(lane), 100).unwrap();
+            read.iter()
+                .map(|s| s.record().unwrap().topic.to_string())
+                .collect()
+        };
+        let names = |ns: &[u64]| -> Vec<String> { ns.iter().map(|&i| rec(i).topic).collect() };
+        assert_eq!(topics(0), names(&[4, 6, 8]));
+        assert_eq!(topics(5), names(&[2, 3, 5, 7, 9]));
+        assert_eq!(store.depth(), 8);
+        assert_eq!(store.stats().unwrap().bytes, store.bytes());
+        assert_eq!(lane::lane_of(store.head(5)), 5);
+        assert_eq!(store.tail(5) - store.head(5), 5);
+    }
+
+    #[tokio::test]
     async fn a_topic_too_long_for_a_record_is_refused_and_the_store_stays_readable() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -570,7 +676,7 @@ mod tests {
         let err = appender.append(vec![rec(0), long]).await.unwrap_err();
         assert!(matches!(err, AppendError::TopicTooLong(70_000)), "{err}");
         appender.append(vec![rec(2)]).await.unwrap();
-        let all = store.read_from(store.head(), 10).unwrap();
+        let all = store.read_from(store.head(0), 10).unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(Record::decode(&all[0].value).unwrap(), rec(2));
         drop(appender);

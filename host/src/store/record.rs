@@ -21,6 +21,10 @@ pub struct Record {
     pub payload: Bytes,
     /// The route's time to live; `None`: the hub's default.
     pub ttl_secs: Option<u32>,
+    /// The route's priority (0 first ... 9), which is the lane of the
+    /// upstream queue it waits in ([`super::lane`]). Not encoded: a stored
+    /// record's lane is its key's, and a decoded record says 0.
+    pub priority: u8,
 }
 
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -56,6 +60,7 @@ impl Record {
             topic: view.topic.to_string(),
             payload: Bytes::copy_from_slice(view.payload),
             ttl_secs: view.ttl_secs,
+            priority: 0,
         })
     }
 
@@ -138,6 +143,7 @@ mod tests {
             topic: "devices/d1/messages/events/a=b".into(),
             payload: Bytes::from_static(b"\x00hello\xff"),
             ttl_secs: None,
+            priority: 0,
         };
         let bytes = r.encode();
         assert_eq!(bytes.len(), r.encoded_len());
@@ -161,6 +167,7 @@ mod tests {
             topic: "t/opic".into(),
             payload: Bytes::new(),
             ttl_secs: Some(1),
+            priority: 0,
         };
         let bytes = r.encode();
         for cut in 0..bytes.len() - 1 {

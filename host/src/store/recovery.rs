@@ -154,8 +154,8 @@ fn count(db: &Database) -> Result<u64, StoreError> {
 /// Copies every record of `db` that reads into a new database at `to`:
 /// each keyspace forwards until a damaged block, then backwards from its end
 /// down to that block. Returns the records copied and an estimate of those
-/// lost: the keys between the two ends for queues (8-byte sequence keys),
-/// else one per damaged keyspace.
+/// lost: the keys between the two ends for queues (8-byte sequence keys,
+/// both ends in one lane), else one per damaged keyspace.
 fn copy_readable(
     db: &Database,
     to: &Path,
@@ -202,7 +202,8 @@ fn copy_readable(
                 }
             }
             lost += match (last_forward.as_deref(), first_backward.as_deref()) {
-                (Some(a), Some(b)) if a.len() == 8 && b.len() == 8 => {
+                (Some(a), Some(b)) if a.len() == 8 && b.len() == 8 && a[0] == b[0] => {
+                    // Keys of one lane ([`super::lane`]) are consecutive.
                     let key = |s: &[u8]| u64::from_be_bytes(s.try_into().unwrap_or_default());
                     key(b).saturating_sub(key(a)).saturating_sub(1).max(1)
                 }

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use fjall::PersistMode;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Record, Store, CLOCK_KEY, TAIL_KEY};
+use super::{lane, Record, Store, CLOCK_KEY, LANES, TAIL};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppendError {
@@ -43,12 +43,38 @@ impl AppendError {
 }
 
 struct Request {
-    /// Key of `records[0]`; the rest follow.
-    first: u64,
-    records: Arc<Vec<Record>>,
+    /// The records by lane, each run under consecutive keys from `first`.
+    runs: Vec<Run>,
     /// Encoded size of `records`, counted as pending until written.
     size: u64,
     done: oneshot::Sender<Result<(), AppendError>>,
+}
+
+/// Records of one lane under consecutive keys.
+struct Run {
+    /// Key of `records[0]`; the rest follow.
+    first: u64,
+    records: Arc<Vec<Record>>,
+}
+
+/// `records` split by lane, keeping their order within a lane (one run,
+/// not copied, when they share a lane, as they mostly do).
+fn by_lane(records: Vec<Record>) -> Vec<(usize, Vec<Record>)> {
+    let lane_of = |r: &Record| lane::of_priority(r.priority);
+    let first = records.first().map_or(0, lane_of);
+    if records.iter().all(|r| lane_of(r) == first) {
+        return vec![(first, records)];
+    }
+    let mut runs: Vec<(usize, Vec<Record>)> = Vec::new();
+    for r in records {
+        let lane = lane_of(&r);
+        match runs.iter_mut().find(|(l, _)| *l == lane) {
+            Some((_, run)) => run.push(r),
+            None => runs.push((lane, vec![r])),
+        }
+    }
+    runs.sort_by_key(|(lane, _)| *lane);
+    runs
 }
 
 /// Cloneable handle to hand records to the writer.
@@ -73,8 +99,9 @@ impl Appender {
     ///
     /// This is the intake: it checks the records (a topic a record can
     /// hold, the quota counting what is still being written), gives them
-    /// their keys and offers them to the live feed, all in one order under
-    /// one lock, so keys reach the writer in order.
+    /// their keys in the lanes of their priorities and offers them to the
+    /// live feed, all in one order under one lock, so keys reach the writer
+    /// in order.
     pub async fn append_later(
         &self,
         records: Vec<Record>,
@@ -101,16 +128,17 @@ impl Appender {
         }
         inner.room.check()?;
         inner.pending.fetch_add(size, Ordering::AcqRel);
-        let first = *next;
-        *next += records.len() as u64;
-        let records = Arc::new(records);
-        inner.live.offer(first, &records);
-        slot.send(Request {
-            first,
-            records,
-            size,
-            done,
-        });
+        let runs = by_lane(records)
+            .into_iter()
+            .map(|(lane, records)| {
+                let first = next[lane];
+                next[lane] += records.len() as u64;
+                let records = Arc::new(records);
+                inner.live.offer(first, &records);
+                Run { first, records }
+            })
+            .collect();
+        slot.send(Request { runs, size, done });
         Ok(rx)
     }
 }
@@ -153,12 +181,13 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
     let inner = &store.inner;
     let mut failed: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
+        let records = |r: &Request| r.runs.iter().map(|run| run.records.len()).sum::<usize>();
+        let mut count = records(&first);
         let mut requests = vec![first];
-        let mut count = requests[0].records.len();
         while count < max_batch {
             match rx.try_recv() {
                 Ok(r) => {
-                    count += r.records.len();
+                    count += records(&r);
                     requests.push(r);
                 }
                 Err(_) => break,
@@ -173,25 +202,34 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
             continue;
         }
 
-        let mut tail = store.tail();
+        let mut tails: [Option<u64>; LANES] = [None; LANES];
         let mut batch = inner.db.batch().durability(Some(PersistMode::SyncData));
-        for r in &requests {
+        for run in requests.iter().flat_map(|r| &r.runs) {
             // Keys come in order from the intake; `first` can only be above
-            // the tail after a refused batch left a gap.
-            tail = r.first;
-            for record in r.records.iter() {
-                batch.insert(&inner.queue, tail.to_be_bytes(), record.encode());
-                tail += 1;
+            // the lane's tail after a refused batch left a gap.
+            let mut key = run.first;
+            for record in run.records.iter() {
+                batch.insert(&inner.queue, key.to_be_bytes(), record.encode());
+                key += 1;
+            }
+            tails[lane::lane_of(run.first)] = Some(key);
+        }
+        for (lane, tail) in tails.iter().enumerate() {
+            if let Some(tail) = tail {
+                batch.insert(&inner.meta, lane::meta_key(TAIL, lane), tail.to_be_bytes());
             }
         }
-        batch.insert(&inner.meta, TAIL_KEY, tail.to_be_bytes());
         batch.insert(&inner.meta, CLOCK_KEY, crate::clock::now_ms().to_be_bytes());
         match batch.commit() {
             Ok(()) => {
                 inner.bytes.fetch_add(added, Ordering::AcqRel);
                 inner.pending.fetch_sub(added, Ordering::AcqRel);
-                inner.tail.store(tail, Ordering::Release);
-                inner.tail_tx.send_replace(tail);
+                for (lane, tail) in tails.iter().enumerate() {
+                    if let Some(tail) = *tail {
+                        inner.tail.set(lane, tail);
+                    }
+                }
+                inner.tail_tx.send_modify(|commits| *commits += 1);
                 for r in requests {
                     answer(r.done, Ok(()));
                 }

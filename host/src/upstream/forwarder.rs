@@ -1,14 +1,16 @@
-//! Sends the stored queue upstream, in store order, at least once.
+//! Sends the stored queue upstream, lane by lane in priority order and in
+//! store order within a lane, at least once.
 //!
-//! Owns the send window (which stored keys are in flight, which are done)
-//! and the refusal count that decides when a message the upstream will not
-//! take is moved to the dead-letter area. It reads the queue from its head,
-//! keeps at most `max_inflight` QoS 1 publishes unacknowledged (through the
-//! link, which owns the connection and its packet ids), and removes
-//! messages from the store only through the contiguous prefix that is
-//! acknowledged (or expired). After any disconnect it starts again from the
-//! lowest unacknowledged key, so a lost connection can cause duplicates but
-//! never a gap or a reordering of first deliveries. While no upstream is
+//! Owns the send windows ([`super::window`]) and the refusal count that
+//! decides when a message the upstream will not take is moved to the
+//! dead-letter area. It fills the window from the first lane (priority 0)
+//! that has messages to send, then the next, keeps at most `max_inflight`
+//! QoS 1 publishes unacknowledged over all lanes (through the link, which
+//! owns the connection and its packet ids), and removes messages from a
+//! lane only through the contiguous prefix that is acknowledged (or
+//! expired). After any disconnect it starts again from each lane's lowest
+//! unacknowledged key, so a lost connection can cause duplicates but never
+//! a gap or a reordering of first deliveries within a lane. While no upstream is
 //! reachable it sweeps expired messages off the head of the queue; every
 //! second it has the store give back the disk removed messages took.
 //!
@@ -23,7 +25,7 @@
 //! blocking pool instead cost about 2 us of CPU per forwarded message and
 //! 13 % of the drain rate.)
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,23 +38,18 @@ use tokio_util::sync::CancellationToken;
 use super::link::{LinkActor, LinkEvent, LinkHandle};
 use super::pace::Pace;
 use super::state::{Content, Outgoing};
+use super::window::{Part, Windows};
 use super::wire::{Limits, Wire};
 use crate::metrics::Metrics;
+use crate::store::lane::{lane_of, LANES};
+use crate::store::record::RecordRef;
 use crate::store::{LiveFeed, Store, StoreError};
 
 /// How often expired messages are swept while offline, and the store's
 /// disk given back ([`Store::give_back`]).
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Free window slots worth a store read.
-const REFILL_CHUNK: usize = 4;
-/// Acknowledged messages removed from the store in one batch.
-const REMOVE_CHUNK: u64 = 256;
 /// Most stored messages read at once.
 const READ_CHUNK: usize = 256;
-/// Most bytes of stored messages in flight (read, handed to the link, not
-/// yet acknowledged), whatever `max_inflight` allows: a window of large
-/// messages must not take the gateway's memory.
-const MAX_INFLIGHT_BYTES: u64 = 16 << 20;
 
 pub struct Forwarder {
     pub store: Store,
@@ -66,142 +63,9 @@ pub struct Forwarder {
     pub refusals_before_dead_letter: u32,
     /// Bytes of stored messages sent a second at most (0: no cap).
     pub max_bytes_per_sec: u64,
-}
-
-/// One stored message in the send window.
-struct Slot {
-    size: u64,
-    /// Acknowledged upstream, or expired and never sent.
-    done: bool,
-}
-
-/// The messages between the store's head and the next one to read: sent and
-/// awaiting acknowledgement, or done and awaiting removal from the store.
-struct Window {
-    /// Store key of `slots[0]`.
-    base: u64,
-    /// Next store key to read.
-    next: u64,
-    slots: VecDeque<Slot>,
-    /// Sizes of the slots sent and not done.
-    inflight_bytes: u64,
-    /// Done slots popped from the front but not yet removed from the store.
-    removable: u64,
-    removable_bytes: u64,
-}
-
-impl Window {
-    fn new(head: u64) -> Self {
-        Self {
-            base: head,
-            next: head,
-            slots: VecDeque::new(),
-            inflight_bytes: 0,
-            removable: 0,
-            removable_bytes: 0,
-        }
-    }
-
-    /// Whether another message may be sent: fewer than `limit` in the
-    /// window and fewer than [`MAX_INFLIGHT_BYTES`] in flight.
-    fn has_room(&self, limit: usize) -> bool {
-        self.slots.len() < limit && self.inflight_bytes < MAX_INFLIGHT_BYTES
-    }
-
-    /// Appends the message stored under `key`, sent or (expired) not.
-    fn push(&mut self, key: u64, size: u64, sent: bool) {
-        while self.next < key {
-            // A hole in the keys: nothing stored there to send.
-            self.slots.push_back(Slot {
-                size: 0,
-                done: true,
-            });
-            self.next += 1;
-        }
-        self.slots.push_back(Slot { size, done: !sent });
-        if sent {
-            self.inflight_bytes += size;
-        }
-        self.next = key + 1;
-    }
-
-    /// Marks the message stored under `key` as acknowledged; false when it
-    /// is not in the window or already done.
-    fn ack(&mut self, key: u64) -> bool {
-        if key < self.base {
-            return false;
-        }
-        match self.slots.get_mut((key - self.base) as usize) {
-            Some(slot) if !slot.done => {
-                slot.done = true;
-                self.inflight_bytes -= slot.size;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether `key` was sent and is not acknowledged yet.
-    fn is_in_flight(&self, key: u64) -> bool {
-        key >= self.base
-            && self
-                .slots
-                .get((key - self.base) as usize)
-                .is_some_and(|s| !s.done)
-    }
-
-    /// Marks `key` done with nothing left to remove (it was moved out of
-    /// the queue).
-    fn forget(&mut self, key: u64) {
-        if self.ack(key) {
-            self.slots[(key - self.base) as usize].size = 0;
-        }
-    }
-
-    /// The first sent message not yet acknowledged.
-    fn lowest_unacked(&self) -> Option<u64> {
-        self.slots
-            .iter()
-            .position(|s| !s.done)
-            .map(|i| self.base + i as u64)
-    }
-
-    /// Whether enough of the window is free to be worth a read. Pops the
-    /// done prefix below `durable` first, so room freed by the last acks
-    /// counts.
-    fn should_refill(&mut self, max_inflight: usize, durable: u64) -> bool {
-        self.pop_done(durable);
-        let free = max_inflight.saturating_sub(self.slots.len());
-        self.has_room(max_inflight)
-            && (self.slots.is_empty() || free >= REFILL_CHUNK.min(max_inflight))
-    }
-
-    /// Pops the done prefix of the window below `durable` (to be removed
-    /// from the store). A message sent from the live feed may be
-    /// acknowledged before it is durable: it stays until it is, as a
-    /// removal must never come before the write it removes.
-    fn pop_done(&mut self, durable: u64) {
-        while self.base < durable && self.slots.front().is_some_and(|s| s.done) {
-            self.removable_bytes += self.slots.pop_front().expect("front").size;
-            self.removable += 1;
-            self.base += 1;
-        }
-    }
-
-    /// The popped prefix to remove from the store now, as `(end, bytes)`:
-    /// in chunks, as removal is a batch of tombstones, or all of it when
-    /// `all` or idle.
-    fn take_removable(&mut self, all: bool) -> Option<(u64, u64)> {
-        let idle = self.slots.is_empty();
-        if self.removable >= REMOVE_CHUNK || (self.removable > 0 && (all || idle)) {
-            let out = (self.base, self.removable_bytes);
-            self.removable = 0;
-            self.removable_bytes = 0;
-            Some(out)
-        } else {
-            None
-        }
-    }
+    /// Percent of the window kept for messages stored since the connection
+    /// while those stored before it drain (0: none, one order per lane).
+    pub live_share: u8,
 }
 
 /// Counts how often in a row the upstream refused the same message: by
@@ -237,6 +101,11 @@ impl Refusals {
             suspect: None,
             answered: HashMap::new(),
         }
+    }
+
+    /// The lane of the message being tried alone: nothing else is sent.
+    fn suspect_lane(&self) -> Option<usize> {
+        self.suspect.map(|(key, _)| lane_of(key))
     }
 
     /// How many messages may be in flight now.
@@ -311,10 +180,19 @@ fn reason_name(code: u8) -> &'static str {
     }
 }
 
+/// What becomes of a message read to be sent: a message the upstream
+/// cannot take costs none of the pace.
+enum Fate {
+    Expired,
+    /// Larger than the upstream takes: dead-lettered once first in line.
+    TooLarge(String),
+    Send,
+}
+
 /// The connection the forwarder is sending on.
 struct Online {
     generation: u64,
-    window: Window,
+    windows: Windows,
     /// Refused keys to send again (once durable, read from the store).
     resend: BTreeSet<u64>,
     /// Refused keys to dead-letter once they are first in line, with why.
@@ -327,10 +205,10 @@ struct Online {
 }
 
 impl Online {
-    fn new(generation: u64, head: u64, limits: Limits) -> Self {
+    fn new(generation: u64, windows: Windows, limits: Limits) -> Self {
         Self {
             generation,
-            window: Window::new(head),
+            windows,
             resend: BTreeSet::new(),
             condemned: BTreeMap::new(),
             paused_until: None,
@@ -344,6 +222,17 @@ impl Online {
         refusals
             .window(max_inflight)
             .min(self.limits.receive_max.map_or(usize::MAX, usize::from))
+    }
+
+    /// What becomes of a message read to be sent.
+    fn fate(&self, r: &RecordRef<'_>, now_ms: u64, default_ttl_ms: u64) -> Fate {
+        if r.expired(now_ms, default_ttl_ms) {
+            return Fate::Expired;
+        }
+        match self.too_large(r.topic, r.payload) {
+            Some(why) => Fate::TooLarge(why),
+            None => Fate::Send,
+        }
     }
 
     /// Why the upstream cannot take a message of this topic and payload
@@ -396,30 +285,33 @@ impl Forwarder {
             if let Some(on) = &mut online {
                 self.bury(on).await;
                 let limit = on.limit(self.max_inflight, &refusals);
-                if let Err(e) = self.fill(on, &mut live, &mut pace, limit).await {
+                let lanes = refusals.suspect_lane();
+                if let Err(e) = self.fill(on, &mut live, &mut pace, limit, lanes).await {
                     tracing::error!(error = %e, "reading the queue failed");
                 }
                 // A message found too large on the way may be first in line.
                 self.bury(on).await;
-                self.remove(&mut on.window, false).await;
+                self.remove(&mut on.windows, false);
             }
-            let room = online
-                .as_ref()
-                .is_some_and(|on| on.window.has_room(on.limit(self.max_inflight, &refusals)));
+            let room = online.as_ref().is_some_and(|on| {
+                on.windows
+                    .has_room(on.limit(self.max_inflight, &refusals), Part::Live)
+            });
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = self.events.recv() => match event {
                     None => break,
                     Some(LinkEvent::Connected { generation, limits, .. }) => {
-                        tracing::info!(queued = self.store.tail() - self.store.head(), "forwarding the queue upstream");
-                        online = Some(Online::new(generation, self.store.head(), limits));
+                        tracing::info!(queued = self.store.depth(), "forwarding the queue upstream");
+                        let windows = Windows::new(self.store.heads(), self.store.tails(), self.live_share);
+                        online = Some(Online::new(generation, windows, limits));
                         live.want(true);
                     }
                     Some(LinkEvent::Acked(keys)) => {
                         if let Some(on) = &mut online {
                             let mut n = 0;
                             for key in keys {
-                                if on.window.ack(key) {
+                                if on.windows.ack(key) {
                                     refusals.acked(key);
                                     n += 1;
                                 }
@@ -429,7 +321,7 @@ impl Forwarder {
                     }
                     Some(LinkEvent::Refused { tag, reason }) => {
                         if let Some(on) = &mut online {
-                            if on.window.is_in_flight(tag) {
+                            if on.windows.is_in_flight(tag) {
                                 self.refused(on, &mut refusals, tag, reason);
                             }
                         }
@@ -437,12 +329,12 @@ impl Forwarder {
                     Some(LinkEvent::Disconnected { generation, .. }) => {
                         if let Some(mut on) = online.take_if(|on| on.generation == generation) {
                             live.want(false);
-                            let suspect = on.window.lowest_unacked();
+                            let suspect = on.windows.first_unacked();
                             // What was acknowledged (and is durable) leaves
                             // the store even though the link failed, so a
                             // reconnect resends only what was not.
-                            on.window.pop_done(self.store.tail());
-                            self.remove(&mut on.window, true).await;
+                            on.windows.pop_done(&self.store.tails());
+                            self.remove(&mut on.windows, true);
                             if let Some((key, strikes)) = refusals.connection_lost(suspect) {
                                 let reason = format!("upstream_refused: the upstream closed the connection after this message {strikes} times in a row");
                                 self.dead_letter(key, &reason).await;
@@ -474,69 +366,113 @@ impl Forwarder {
             }
         }
         if let Some(mut on) = online {
-            on.window.pop_done(self.store.tail());
-            self.remove(&mut on.window, true).await;
+            on.windows.pop_done(&self.store.tails());
+            self.remove(&mut on.windows, true);
         }
     }
 
-    /// Fills the window and hands the PUBLISHes to the link: the next key
-    /// from the live feed when it has it (caught up: no disk on the way),
-    /// else from the store, in chunks (a range read has a fixed cost, so it
-    /// waits until `REFILL_CHUNK` slots are free or the window is empty).
+    /// Fills the window and hands the PUBLISHes to the link, lane by lane
+    /// (`only` the suspect's lane while one is tried alone, its backlog
+    /// first): within a lane, its live messages first, then its backlog
+    /// (the same with no live share: one window from the head); within a
+    /// part, the next key from the live feed when it has it (caught up: no
+    /// disk on the way), else from the store, in chunks (a range read has a
+    /// fixed cost, so it waits until `REFILL_CHUNK` slots are free or the
+    /// window is empty).
     async fn fill(
         &self,
         on: &mut Online,
         live: &mut LiveFeed,
         pace: &mut Pace,
         limit: usize,
+        only: Option<usize>,
     ) -> Result<(), StoreError> {
         if on.paused_until.is_some() {
             return Ok(());
         }
         let mut batch = Vec::new();
-        let durable = self.store.tail();
-        while let Some(key) = on.resend.first().copied().filter(|k| *k < durable) {
+        let durable = self.store.tails();
+        while let Some(key) = on
+            .resend
+            .first()
+            .copied()
+            .filter(|k| *k < durable[lane_of(*k)])
+        {
             on.resend.pop_first();
             if let Some(stored) = self.store.read_from(key, 1)?.pop().filter(|s| s.key == key) {
                 batch.push(outgoing(key, Content::Stored(stored)));
             }
         }
-        if !on.window.should_refill(limit, durable) {
-            if !batch.is_empty() {
-                self.link.publish(on.generation, batch).await;
+        if on.windows.should_refill(limit, &durable) {
+            let lanes = only.map_or(0..LANES, |l| l..l + 1);
+            let parts = match only {
+                Some(_) => [Part::Backlog, Part::Live],
+                None => [Part::Live, Part::Backlog],
+            };
+            'lanes: for lane in lanes {
+                for part in parts {
+                    if !self.fill_part(on, (lane, part), live, pace, limit, &mut batch)? {
+                        break 'lanes;
+                    }
+                }
             }
-            return Ok(());
         }
+        if !batch.is_empty() {
+            self.link.publish(on.generation, batch).await;
+        }
+        Ok(())
+    }
+
+    /// Fills the window from one part of a lane into `batch`; false when
+    /// sending must stop (the pace is reached).
+    fn fill_part(
+        &self,
+        on: &mut Online,
+        (lane, part): (usize, Part),
+        live: &mut LiveFeed,
+        pace: &mut Pace,
+        limit: usize,
+        batch: &mut Vec<Outgoing>,
+    ) -> Result<bool, StoreError> {
         let now = crate::clock::now_ms();
         let default_ttl = self.ttl_ms.load(Ordering::Relaxed);
         let clock = Instant::now();
-        'fill: while on.window.has_room(limit) {
-            if let Some((records, i)) = live.take(on.window.next) {
-                let record = &records[i];
-                let key = on.window.next;
-                let fresh = !record.as_view().expired(now, default_ttl);
-                let size = record.encoded_len() as u64;
-                if fresh {
-                    if let Err(at) = pace.take(size, clock) {
-                        on.paused_until = Some(at);
-                        break 'fill;
-                    }
-                }
-                on.window.push(key, size, fresh);
-                if !fresh {
-                    self.metrics.expired(1);
-                } else if let Some(why) = on.too_large(&record.topic, &record.payload) {
-                    on.condemned.insert(key, why);
-                } else {
-                    batch.push(outgoing(key, Content::Live(records, i)));
+        let split = on.windows.split(lane);
+        loop {
+            let room = on.windows.room(limit, part);
+            if room == 0 {
+                break;
+            }
+            let next = on.windows.part(lane, part).next;
+            let taken = match part {
+                Part::Live => live.take(next),
+                Part::Backlog => None,
+            };
+            if let Some((records, i)) = taken {
+                let size = records[i].encoded_len() as u64;
+                let fate = on.fate(&records[i].as_view(), now, default_ttl);
+                let content = || Content::Live(records.clone(), i);
+                if !self.admit(
+                    on,
+                    (lane, part, next, size),
+                    fate,
+                    (pace, clock),
+                    batch,
+                    content,
+                ) {
+                    return Ok(false);
                 }
                 continue;
             }
-            if on.window.next >= self.store.tail() {
+            let end = match part {
+                Part::Live => self.store.tail(lane),
+                Part::Backlog => split,
+            };
+            if next >= end {
                 break;
             }
-            let want = (limit - on.window.slots.len()).min(READ_CHUNK);
-            let read = self.store.read_from(on.window.next, want)?;
+            let mut read = self.store.read_from(next, room.min(READ_CHUNK))?;
+            read.retain(|s| s.key < end);
             if read.is_empty() {
                 break;
             }
@@ -548,34 +484,60 @@ impl Forwarder {
                         tracing::error!(key, error = %e, "dropping a corrupt queued message");
                         self.metrics
                             .messages_dropped(crate::metrics::DropReason::CorruptRecord, 1);
-                        on.window.push(key, size, false);
-                    }
-                    Ok(r) if r.expired(now, default_ttl) => {
-                        self.metrics.expired(1);
-                        on.window.push(key, size, false);
+                        on.windows.part(lane, part).push(key, size, false);
                     }
                     Ok(r) => {
-                        if let Err(at) = pace.take(size, clock) {
-                            // Read again from here once the pace allows.
-                            on.paused_until = Some(at);
-                            break 'fill;
-                        }
-                        // In flight until it is dead-lettered from the head.
-                        on.window.push(key, size, true);
-                        match on.too_large(r.topic, r.payload) {
-                            Some(why) => {
-                                on.condemned.insert(key, why);
-                            }
-                            None => batch.push(outgoing(key, Content::Stored(stored))),
+                        let fate = on.fate(&r, now, default_ttl);
+                        let content = move || Content::Stored(stored);
+                        // Not admitted: read again from here once the pace allows.
+                        if !self.admit(
+                            on,
+                            (lane, part, key, size),
+                            fate,
+                            (pace, clock),
+                            batch,
+                            content,
+                        ) {
+                            return Ok(false);
                         }
                     }
                 }
             }
         }
-        if !batch.is_empty() {
-            self.link.publish(on.generation, batch).await;
+        Ok(true)
+    }
+
+    /// Takes the message `(lane, part, key, size)` into the window by its
+    /// `fate`: into `batch` to send (if the pace allows: false when it does
+    /// not, and nothing is taken), condemned (in flight until it is
+    /// dead-lettered from the head), or expired (done, never sent).
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        &self,
+        on: &mut Online,
+        (lane, part, key, size): (usize, Part, u64, u64),
+        fate: Fate,
+        (pace, clock): (&mut Pace, Instant),
+        batch: &mut Vec<Outgoing>,
+        content: impl FnOnce() -> Content,
+    ) -> bool {
+        if let Fate::Send = fate {
+            if let Err(at) = pace.take(size, clock) {
+                on.paused_until = Some(at);
+                return false;
+            }
         }
-        Ok(())
+        on.windows
+            .part(lane, part)
+            .push(key, size, !matches!(fate, Fate::Expired));
+        match fate {
+            Fate::Expired => self.metrics.expired(1),
+            Fate::TooLarge(why) => {
+                on.condemned.insert(key, why);
+            }
+            Fate::Send => batch.push(outgoing(key, content())),
+        }
+        true
     }
 
     /// The upstream answered the message at `key` with an error.
@@ -607,32 +569,36 @@ impl Forwarder {
         }
     }
 
-    /// Dead-letters the refused messages that are now first in line: the
-    /// dead-letter area takes a message from the head of the queue only,
-    /// so everything before it is removed first.
+    /// Dead-letters the refused messages that are now first in their
+    /// lane: the dead-letter area takes a message from the head of a lane
+    /// only, so everything before it is removed first.
     async fn bury(&self, on: &mut Online) {
-        while let Some((&key, _)) = on.condemned.first_key_value() {
-            if on.window.lowest_unacked() != Some(key) {
-                return;
-            }
-            on.window.pop_done(self.store.tail());
-            self.remove(&mut on.window, true).await;
-            if self.store.head() != key || key >= self.store.tail() {
+        let first_in_line = |on: &Online| {
+            on.condemned
+                .keys()
+                .copied()
+                .find(|&key| on.windows.is_first_in_line(key))
+        };
+        while let Some(key) = first_in_line(on) {
+            let lane = lane_of(key);
+            on.windows.pop_done(&self.store.tails());
+            self.remove(&mut on.windows, true);
+            if self.store.head(lane) != key || key >= self.store.tail(lane) {
                 // It, or what is before it, is not durable yet (a message
                 // sent from the live feed can be refused, or found too
                 // large, before its write is done): the next tail change
                 // comes back here. Moving it now would find nothing to move.
                 return;
             }
-            let (_, reason) = on.condemned.pop_first().expect("first");
+            let reason = on.condemned.remove(&key).expect("condemned");
             self.dead_letter(key, &reason).await;
-            on.window.forget(key);
+            on.windows.forget(key);
         }
     }
 
-    /// Removes what the window has done with from the store.
-    async fn remove(&self, window: &mut Window, all: bool) {
-        if let Some((end, bytes)) = window.take_removable(all) {
+    /// Removes from the store what the windows have done with.
+    fn remove(&self, windows: &mut Windows, all: bool) {
+        for (end, bytes) in windows.take_removable(all) {
             if let Err(e) = self.store.remove_before(end, bytes) {
                 tracing::error!(error = %e, "removing forwarded messages failed; they will be sent again");
             }
@@ -671,11 +637,19 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Removes the expired prefix of the queue; returns how many expired.
+/// Removes the expired prefix of every lane; returns how many expired.
 fn sweep_expired(store: &Store, default_ttl: u64) -> Result<u64, StoreError> {
     let mut total = 0;
+    for lane in 0..LANES {
+        total += sweep_lane(store, lane, default_ttl)?;
+    }
+    Ok(total)
+}
+
+fn sweep_lane(store: &Store, lane: usize, default_ttl: u64) -> Result<u64, StoreError> {
+    let mut total = 0;
     loop {
-        let head = store.head();
+        let head = store.head(lane);
         let batch = store.read_from(head, 1024)?;
         let now = crate::clock::now_ms();
         let mut end = head;
@@ -706,98 +680,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn acknowledgements_out_of_order_release_only_the_contiguous_prefix() {
-        let mut w = Window::new(10);
-        for key in 10..15 {
-            w.push(key, 100, true);
-        }
-        assert!(w.ack(11) && w.ack(12));
-        w.pop_done(u64::MAX);
-        assert_eq!(
-            (w.base, w.slots.len()),
-            (10, 5),
-            "key 10 is still unacknowledged"
-        );
-        assert!(w.ack(10));
-        w.pop_done(u64::MAX);
-        assert_eq!(
-            (w.base, w.slots.len(), w.removable, w.removable_bytes),
-            (13, 2, 3, 300)
-        );
-        assert!(!w.ack(10), "a repeated ack is ignored");
-        assert!(!w.ack(99), "an ack for a key never sent is ignored");
-    }
-
-    #[test]
-    fn a_window_whose_every_message_is_acknowledged_asks_for_more() {
-        // Regression: room freed by the last acknowledgements must count,
-        // or the forwarder waits for acks that will never come.
-        let mut w = Window::new(1);
-        for k in 1..=256 {
-            w.push(k, 1, true);
-        }
-        assert!(
-            !w.should_refill(256 + REFILL_CHUNK - 1, u64::MAX),
-            "fewer free slots than a chunk are not worth a read"
-        );
-        for k in 1..=256 {
-            w.ack(k);
-        }
-        assert!(w.should_refill(256 + REFILL_CHUNK - 1, u64::MAX));
-        assert!(w.slots.is_empty());
-        assert_eq!(w.next, 257);
-    }
-
-    #[test]
-    fn a_reconnect_resends_from_the_lowest_unacknowledged_key() {
-        let mut w = Window::new(5);
-        for k in 5..10 {
-            w.push(k, 1, true);
-        }
-        w.ack(5);
-        w.ack(7);
-        assert_eq!(w.lowest_unacked(), Some(6));
-        w.pop_done(u64::MAX);
-        assert_eq!(w.take_removable(true), Some((6, 1)));
-        // The store's head is now 6: a new window starts there, so 6..10
-        // are sent again (7 twice: at least once, never a gap).
-    }
-
-    #[test]
-    fn expired_messages_are_done_without_being_sent() {
-        let mut w = Window::new(1);
-        w.push(1, 10, false);
-        w.push(3, 10, true);
-        assert_eq!(w.lowest_unacked(), Some(3), "1 expired, 2 is a hole");
-        w.pop_done(u64::MAX);
-        assert_eq!(w.base, 3);
-    }
-
-    #[test]
-    fn the_window_holds_no_more_than_its_bytes_in_flight_whatever_the_count() {
-        let mut w = Window::new(1);
-        let big = MAX_INFLIGHT_BYTES / 4;
-        for k in 1..=4 {
-            assert!(w.has_room(1000));
-            w.push(k, big, true);
-        }
-        assert!(!w.has_room(1000), "16 MiB in flight in 4 messages");
-        assert!(!w.should_refill(1000, u64::MAX));
-        w.ack(2);
-        assert!(w.has_room(1000), "an acknowledgement frees its bytes");
-        w.push(5, 10, false);
-        w.forget(3);
-        assert_eq!(
-            w.inflight_bytes,
-            2 * big,
-            "expired and forgotten ones are not in flight"
-        );
-    }
-
-    #[test]
     fn the_upstreams_receive_maximum_caps_the_window_and_its_packet_size_condemns() {
         let refusals = Refusals::new(3);
-        let mut on = Online::new(1, 1, Limits::default());
+        let mut on = Online::new(
+            1,
+            Windows::new([1; LANES], [1; LANES], 0),
+            Limits::default(),
+        );
         assert_eq!(on.limit(1000, &refusals), 1000);
         assert_eq!(
             on.too_large("t", &[0; 100_000]),
@@ -872,30 +761,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_forgotten_key_is_done_with_nothing_to_remove() {
-        let mut w = Window::new(1);
-        for k in 1..=3 {
-            w.push(k, 10, true);
-        }
-        assert!(w.is_in_flight(2));
-        w.forget(1);
-        w.ack(2);
-        assert!(!w.is_in_flight(2));
-        w.pop_done(u64::MAX);
-        assert_eq!(w.take_removable(true), Some((3, 10)), "only key 2's bytes");
-    }
-
     /// The forwarder, the link and a real store, with an in-memory broker
     /// that drops the connection whenever it reads a publish on `poison`.
     #[tokio::test]
     async fn a_message_the_upstream_keeps_refusing_is_dead_lettered_and_the_rest_arrive_in_order() {
-        use crate::store::{writer, Record};
         use rumqttc::mqttbytes::v4;
 
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let (appender, writer) = writer::spawn(store.clone(), u64::MAX, 64);
+        let mut rig = Rig::new(0);
         let topics: Vec<String> = (0..40)
             .map(|i| {
                 if i == 17 {
@@ -905,18 +777,8 @@ mod tests {
                 }
             })
             .collect();
-        let records = topics
-            .iter()
-            .map(|t| Record {
-                enqueued_ms: crate::clock::now_ms(),
-                topic: t.clone(),
-                payload: bytes::Bytes::from_static(b"x"),
-                ttl_secs: None,
-            })
-            .collect();
-        appender.append(records).await.unwrap();
-
-        let (mut conns, shutdown, fwd, link_task) = start(&store);
+        let records = topics.iter().map(|t| record(t, 0)).collect();
+        rig.appender.append(records).await.unwrap();
 
         // The broker: acknowledges everything but `poison`, on which it
         // drops the connection (as a broker does with a packet it refuses).
@@ -924,7 +786,7 @@ mod tests {
         let mut drops = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while first_copies.len() < topics.len() - 1 {
-            let (_, mut peer) = tokio::time::timeout_at(deadline, conns.recv())
+            let (_, mut peer) = tokio::time::timeout_at(deadline, rig.conns.recv())
                 .await
                 .expect("the link reconnects")
                 .unwrap();
@@ -963,7 +825,7 @@ mod tests {
             drops, 4,
             "a suspect after the first drop, refused three times in a row alone, then set aside"
         );
-        let dead = store.dead_letters(10).unwrap();
+        let dead = rig.store.dead_letters(10).unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].topic, "poison");
         assert!(
@@ -971,21 +833,164 @@ mod tests {
             "{}",
             dead[0].reason
         );
+        rig.stop().await;
+    }
 
-        shutdown.cancel();
-        fwd.await.unwrap();
-        link_task.await.unwrap();
-        drop(appender);
-        writer.join().unwrap();
+    #[tokio::test]
+    async fn after_an_outage_every_priority_0_message_goes_before_the_priority_5_ones_stored_earlier(
+    ) {
+        use rumqttc::mqttbytes::v4;
+
+        let mut rig = Rig::new(0);
+        let low: Vec<String> = (0..30).map(|i| format!("low/{i}")).collect();
+        let high: Vec<String> = (0..30).map(|i| format!("high/{i}")).collect();
+        for (topics, priority) in [(&low, 5), (&high, 0)] {
+            for t in topics {
+                rig.appender
+                    .append(vec![record(t, priority)])
+                    .await
+                    .unwrap();
+            }
+        }
+
+        let (_, mut peer) = rig.conns.recv().await.unwrap();
+        peer.accept().await;
+        let mut arrived = Vec::new();
+        while arrived.len() < 60 {
+            let p = next_publish(&mut peer).await;
+            arrived.push(p.topic.clone());
+            peer.write(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                .await;
+        }
+        let expected: Vec<String> = high.iter().chain(&low).cloned().collect();
+        assert_eq!(arrived, expected, "priority 0 first, each lane in order");
+        until("both lanes are removed", || rig.store.depth() == 0).await;
+        rig.stop().await;
+    }
+
+    #[tokio::test]
+    async fn with_a_live_share_a_message_stored_after_the_connection_overtakes_the_backlog() {
+        use rumqttc::mqttbytes::v4;
+
+        // Window 8, half of it kept for live messages.
+        let mut rig = Rig::new(50);
+        let backlog: Vec<String> = (0..40).map(|i| format!("backlog/{i}")).collect();
+        let records = backlog.iter().map(|t| record(t, 0)).collect();
+        rig.appender.append(records).await.unwrap();
+
+        let (_, mut peer) = rig.conns.recv().await.unwrap();
+        peer.accept().await;
+        let mut unacked = Vec::new();
+        for want in &backlog[..4] {
+            let p = next_publish(&mut peer).await;
+            assert_eq!(&p.topic, want, "the backlog takes its half, in order");
+            unacked.push(p.pkid);
+        }
+        until("the forwarder follows the live feed", || {
+            rig.store.live_wanted()
+        })
+        .await;
+        rig.appender
+            .append(vec![record("live/0", 0)])
+            .await
+            .unwrap();
+        let p = next_publish(&mut peer).await;
+        assert_eq!(p.topic, "live/0", "sent while 36 of the backlog wait");
+        unacked.push(p.pkid);
+
+        let mut rest = Vec::new();
+        while rest.len() < 36 {
+            for pkid in unacked.drain(..) {
+                peer.write(v4::Packet::PubAck(v4::PubAck::new(pkid))).await;
+            }
+            let p = next_publish(&mut peer).await;
+            rest.push(p.topic.clone());
+            unacked.push(p.pkid);
+        }
+        for pkid in unacked.drain(..) {
+            peer.write(v4::Packet::PubAck(v4::PubAck::new(pkid))).await;
+        }
+        assert_eq!(rest, backlog[4..], "the rest of the backlog, in order");
+        until(
+            "everything is removed, the live message after the backlog",
+            || rig.store.depth() == 0,
+        )
+        .await;
+        rig.stop().await;
+    }
+
+    /// A store and its writer, with the forwarder and the link on it.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        store: Store,
+        appender: crate::store::Appender,
+        writer: std::thread::JoinHandle<()>,
+        conns: Connections,
+        shutdown: CancellationToken,
+        tasks: [tokio::task::JoinHandle<()>; 2],
+    }
+
+    impl Rig {
+        /// With a forwarder of window 8 and `live_share` percent.
+        fn new(live_share: u8) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let (appender, writer) = crate::store::writer::spawn(store.clone(), u64::MAX, 64);
+            let (conns, shutdown, fwd, link) = start(&store, live_share);
+            Self {
+                _dir: dir,
+                store,
+                appender,
+                writer,
+                conns,
+                shutdown,
+                tasks: [fwd, link],
+            }
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            for task in self.tasks {
+                task.await.unwrap();
+            }
+            drop(self.appender);
+            self.writer.join().unwrap();
+        }
+    }
+
+    fn record(topic: &str, priority: u8) -> crate::store::Record {
+        crate::store::Record {
+            enqueued_ms: crate::clock::now_ms(),
+            topic: topic.to_string(),
+            payload: bytes::Bytes::from_static(b"x"),
+            ttl_secs: None,
+            priority,
+        }
+    }
+
+    /// The next PUBLISH the forwarder sends (bounded wait).
+    async fn next_publish(
+        peer: &mut super::super::link::fake::Peer,
+    ) -> rumqttc::mqttbytes::v4::Publish {
+        use rumqttc::mqttbytes::v4;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), peer.read()).await {
+                Ok(Some(v4::Packet::Publish(p))) => return p,
+                Ok(Some(_)) => continue,
+                other => panic!("no publish: {other:?}"),
+            }
+        }
     }
 
     type Connections =
         tokio::sync::mpsc::UnboundedReceiver<(String, super::super::link::fake::Peer)>;
 
-    /// The forwarder (window 8, 3 refusals) and the link on `store`, to an
-    /// in-memory broker whose connections the test plays.
+    /// The forwarder (window 8, 3 refusals, `live_share` percent) and the
+    /// link on `store`, to an in-memory broker whose connections the test
+    /// plays.
     fn start(
         store: &Store,
+        live_share: u8,
     ) -> (
         Connections,
         CancellationToken,
@@ -1007,6 +1012,7 @@ mod tests {
             ttl_ms: Arc::new(AtomicU64::new(u64::MAX)),
             refusals_before_dead_letter: 3,
             max_bytes_per_sec: 0,
+            live_share,
         };
         let fwd = tokio::spawn(forwarder.run(shutdown.clone()));
         (conns, shutdown, fwd, link_task)
@@ -1026,14 +1032,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_appended_while_caught_up_is_sent_before_its_fsync_and_removed_only_after() {
-        use crate::store::{writer, Record};
+        use crate::store::writer;
         use rumqttc::mqttbytes::v4;
 
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         // The writer does not run yet: nothing appended becomes durable.
         let (appender, writer) = writer::channel(store.clone(), u64::MAX);
-        let (mut conns, shutdown, fwd, link_task) = start(&store);
+        let (mut conns, shutdown, fwd, link_task) = start(&store, 0);
         let (_, mut peer) = conns.recv().await.unwrap();
         peer.accept().await;
         until("the forwarder follows the live feed", || {
@@ -1042,31 +1048,20 @@ mod tests {
         .await;
 
         let durable = appender
-            .append_later(vec![Record {
-                enqueued_ms: crate::clock::now_ms(),
-                topic: "t/live".into(),
-                payload: bytes::Bytes::from_static(b"x"),
-                ttl_secs: None,
-            }])
+            .append_later(vec![record("t/live", 0)])
             .await
             .unwrap();
-        let publish = loop {
-            match tokio::time::timeout(Duration::from_secs(10), peer.read()).await {
-                Ok(Some(v4::Packet::Publish(p))) => break p,
-                Ok(Some(_)) => continue,
-                other => panic!("no publish: {other:?}"),
-            }
-        };
+        let publish = next_publish(&mut peer).await;
         assert_eq!(publish.topic, "t/live");
-        assert_eq!(store.tail(), 1, "sent while not yet durable");
+        assert_eq!(store.tail(0), 1, "sent while not yet durable");
         peer.write(v4::Packet::PubAck(v4::PubAck::new(publish.pkid)))
             .await;
 
         let writer = writer.spawn(64);
         durable.await.unwrap().unwrap();
-        assert_eq!(store.tail(), 2);
+        assert_eq!(store.tail(0), 2);
         until("the acknowledged message is removed once durable", || {
-            store.head() == 2
+            store.head(0) == 2
         })
         .await;
         assert!(

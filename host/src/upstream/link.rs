@@ -46,6 +46,10 @@ use crate::metrics::Metrics;
 use crate::topic;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// A connection that lasted this long was a recovery: the next failure is
+/// retried from the shortest back-off. One that a broker closes sooner
+/// (it takes connections, then drops them) keeps backing off.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Cloud messages waiting for slow consumers before the socket is not read.
 pub const MAX_WAITING: usize = 256;
 /// Commands taken in one go before the write buffer is flushed.
@@ -324,7 +328,7 @@ impl Actor {
                 };
                 match opened {
                     Ok(conn) => {
-                        backoff = MIN_BACKOFF;
+                        let connected_at = Instant::now();
                         self.generation += 1;
                         let generation = self.generation;
                         tracing::info!(
@@ -345,6 +349,9 @@ impl Actor {
                             .zip(self.config.failback);
                         let result = self.session(conn, failback, &shutdown).await;
                         self.metrics.set_upstream_connected(false);
+                        if connected_at.elapsed() >= STABLE_AFTER {
+                            backoff = MIN_BACKOFF;
+                        }
                         let error = match &result {
                             Ok(()) => "shut down".to_string(),
                             Err(e) => e.to_string(),
@@ -1123,6 +1130,55 @@ mod tests {
             "the old batch never reaches the new connection"
         );
         assert_eq!(within(events.recv()).await, Some(LinkEvent::Acked(vec![2])));
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_drops_every_connection_at_once_is_retried_ever_more_slowly() {
+        let (up, mut conns) = Upstream::new();
+        let mut cfg = config(&["a"]);
+        cfg.max_backoff = Duration::from_secs(60);
+        let link = Link::new(cfg, Arc::new(up), Arc::default());
+        let shutdown = CancellationToken::new();
+        let (_handle, _events, task) = link.spawn(shutdown.clone());
+        let mut arrivals = Vec::new();
+        for _ in 0..6 {
+            let (_, mut peer) = within(conns.recv()).await.unwrap();
+            arrivals.push(Instant::now());
+            peer.accept().await;
+            drop(peer);
+        }
+        let gaps: Vec<Duration> = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
+        for w in gaps.windows(2) {
+            assert!(w[1] >= w[0] * 2 - Duration::from_millis(5), "{gaps:?}");
+        }
+        assert!(gaps[4] >= Duration::from_millis(1600), "{gaps:?}");
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_held_is_retried_at_once_when_it_fails() {
+        let (up, mut conns) = Upstream::new();
+        let mut cfg = config(&["a"]);
+        cfg.max_backoff = Duration::from_secs(60);
+        let link = Link::new(cfg, Arc::new(up), Arc::default());
+        let shutdown = CancellationToken::new();
+        let (_handle, _events, task) = link.spawn(shutdown.clone());
+        for _ in 0..4 {
+            let (_, mut peer) = within(conns.recv()).await.unwrap();
+            peer.accept().await;
+            drop(peer);
+        }
+        // The fifth connection holds (within its keep-alive), then drops.
+        let (_, mut peer) = within(conns.recv()).await.unwrap();
+        peer.accept().await;
+        tokio::time::sleep(STABLE_AFTER).await;
+        drop(peer);
+        let dropped = Instant::now();
+        within(conns.recv()).await.unwrap();
+        assert!(dropped.elapsed() <= MIN_BACKOFF, "{:?}", dropped.elapsed());
         shutdown.cancel();
         within(task).await.unwrap();
     }

@@ -36,6 +36,7 @@ pub mod sync;
 pub mod transport;
 pub mod twins;
 pub mod websocket;
+pub mod window;
 pub mod wire;
 
 pub use connection::{EdgeSas, Login};
