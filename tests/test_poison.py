@@ -18,7 +18,7 @@ import subprocess
 import paho.mqtt.client as mqtt
 
 from helpers import Publisher, first_occurrences, hub_env, wait_until
-from pluginkit import connect_publisher, dead_letter_props, plugin_hub, plugins_dist, publish_all  # noqa: F401
+from pluginkit import LogWatch, connect_publisher, dead_letter_props, plugin_hub, plugins_dist, publish_all  # noqa: F401
 
 EDGE = "edge-poison"
 MAX_PACKET = 20_000
@@ -202,3 +202,37 @@ def test_an_mqtt5_upstreams_receive_maximum_and_packet_size_are_kept(
     assert "Maximum Packet Size of 2000" in entries[0]["reason"], entries
     assert hub.metric("edgehub_upstream_reconnects_total") == 0
     hub.wait_queue_depth(0, timeout=10)
+
+
+def test_an_upstream_announcing_a_tiny_maximum_packet_size_is_not_used_and_the_queue_waits_for_it_to_be_fixed(
+    upstream_factory, collector_factory, hub_factory, clients
+):
+    # The collector's session is made first; the same port keeps it.
+    first = upstream_factory()
+    first.start()
+    collector = collector_factory(first, filters=["plain/#"])
+    first.stop()
+    tiny = upstream_factory(port=first.port, extra_conf=["max_packet_size 100"])
+    tiny.start()
+    hub = hub_factory(
+        tiny, edge_id="edge-tiny", forward_topics=["plain/#"],
+        extra_args=["--upstream-mqtt-version", "5", "--upstream-max-backoff-ms", "500"],
+    )
+    log = LogWatch(hub)
+    log.wait(r"Maximum Packet Size of 100 bytes", 30, "the hub refuses the upstream, saying why")
+    pub = connect_publisher(hub.port, clients)
+    # Each larger than the 100 bytes the broker announces.
+    items = [("plain/seq", f"seq={i} ".encode() + b"x" * 200) for i in range(20)]
+    publish_all(pub, items, timeout=30)
+    hub.wait_queue_depth(len(items), 20)
+    assert hub.metric("edgehub_upstream_connected") == 0
+    assert hub.metrics().get("edgehub_dead_letters_total", 0) == 0, "nothing condemned by the broker's setting"
+
+    # The broker is fixed: everything queued arrives, in order.
+    tiny.stop()
+    fixed = upstream_factory(port=first.port)
+    fixed.start()
+    msgs = collector.wait_count(len(items), 60)
+    assert first_occurrences(p for _, p in msgs) == [p for _, p in items]
+    assert not collector.session_lost
+    hub.wait_queue_depth(0, 30)

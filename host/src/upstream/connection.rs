@@ -19,6 +19,21 @@ use super::wire::{Incoming, Limits, Wire};
 use crate::config::{MqttVersion, UpstreamAddr};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The smallest Maximum Packet Size an upstream may announce and be used.
+/// Below it the broker is misconfigured (or hostile): taking it at its word
+/// would move nearly every queued message to the dead-letter area, so the
+/// hub does not send to it and keeps the queue.
+pub const MIN_PACKET_SIZE: u32 = 1024;
+
+/// Refuses an upstream whose announced limits would condemn the queue.
+fn check_limits(limits: &Limits) -> Result<(), UpstreamError> {
+    match limits.max_packet_size {
+        Some(n) if n < MIN_PACKET_SIZE => Err(UpstreamError::Unusable(format!(
+            "it announces a Maximum Packet Size of {n} bytes, below the {MIN_PACKET_SIZE} the hub needs; the queue is kept until the broker takes larger packets"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 /// How to log in upstream.
 #[derive(Clone)]
@@ -152,6 +167,7 @@ impl Connection {
                     receive_max: limits.receive_max.filter(|&n| n > 0),
                     ..limits
                 };
+                check_limits(&conn.limits)?;
                 Ok(conn)
             }
             Incoming::ConnAck {
@@ -220,5 +236,17 @@ mod tests {
         assert_eq!(token.resource, "hub.example/devices/edge1");
         assert_eq!(token.expiry, 4_600);
         assert!(crate::auth::sas::verify(&token, b"edge-key"));
+    }
+
+    #[test]
+    fn an_upstream_announcing_a_tiny_maximum_packet_size_is_not_used() {
+        let limits = |n| Limits {
+            receive_max: None,
+            max_packet_size: n,
+        };
+        assert!(check_limits(&limits(None)).is_ok(), "3.1.1: none announced");
+        assert!(check_limits(&limits(Some(MIN_PACKET_SIZE))).is_ok());
+        let err = check_limits(&limits(Some(20))).unwrap_err().to_string();
+        assert!(err.contains("Maximum Packet Size of 20 bytes"), "{err}");
     }
 }

@@ -27,6 +27,8 @@ pub enum UpstreamError {
     WebSocket { addr: String, message: String },
     #[error("upstream refused CONNECT: {0}")]
     Refused(String),
+    #[error("upstream not used: {0}")]
+    Unusable(String),
     #[error("upstream handshake timed out")]
     Timeout,
     #[error("upstream closed the connection")]

@@ -377,6 +377,10 @@ impl Actor {
                             }
                         }
                     }
+                    Err(e @ UpstreamError::Unusable(_)) => {
+                        tracing::error!(upstream = %addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "upstream not used; check its settings");
+                        attempt += 1;
+                    }
                     Err(e) => {
                         tracing::warn!(upstream = %addr, error = %e, retry_in_ms = backoff.as_millis() as u64, "upstream unreachable");
                         attempt += 1;
