@@ -17,9 +17,9 @@
 //! `report`'s.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -27,12 +27,11 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 
-use crate::load::{self, Conn, MAX_PACKET, SEQ_DIGITS};
+use crate::load::{self, Conn, MAX_PACKET};
 use crate::scenario::{self, Settings, Started, Sut};
 use crate::systems::{self, Proc};
+use crate::timing::{nanos, parse_stamp, percentiles, stamped_payload, subscribe, Percentiles};
 
-/// Bytes of a stamped payload's header: sequence number, then send time.
-pub const STAMP_BYTES: usize = 2 * SEQ_DIGITS;
 /// Client id of the timing subscriber (clean session on the upstream).
 const SUBSCRIBER_ID: &str = "edgehub-bench-latency-sub";
 /// The publisher's client id and topic (a device, as in the throughput phase).
@@ -85,34 +84,6 @@ impl Target {
 /// Row label of the upstream floor.
 pub const UPSTREAM_LABEL: &str = "upstream alone (floor)";
 
-/// Latency percentiles of one run.
-#[derive(Debug, Clone, Copy)]
-pub struct Percentiles {
-    pub p50: Duration,
-    pub p90: Duration,
-    pub p99: Duration,
-    pub max: Duration,
-}
-
-/// Nearest-rank percentiles of some samples (nanoseconds); `None` if empty.
-pub fn percentiles(mut samples: Vec<u64>) -> Option<Percentiles> {
-    if samples.is_empty() {
-        return None;
-    }
-    samples.sort_unstable();
-    let n = samples.len();
-    let at = |p: f64| {
-        let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
-        Duration::from_nanos(samples[rank - 1])
-    };
-    Some(Percentiles {
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
-        max: Duration::from_nanos(samples[n - 1]),
-    })
-}
-
 /// Result of one system in one run (one cell group of the latency table).
 #[derive(Debug, Clone)]
 pub struct LatencyRun {
@@ -157,30 +128,6 @@ impl LatencyRun {
             .then_some(self.percentiles)
             .flatten()
     }
-}
-
-/// Nanoseconds of `t` on the bench's monotonic clock.
-pub(crate) fn nanos(t: Instant) -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    t.saturating_duration_since(epoch).as_nanos() as u64
-}
-
-/// `len` bytes: the sequence number and the send time (ns), each as
-/// `SEQ_DIGITS` ASCII digits, then filler.
-pub fn stamped_payload(seq: u64, sent_ns: u64, len: usize) -> Bytes {
-    let mut payload = BytesMut::from(&load::make_payload(seq, len.max(STAMP_BYTES))[..]);
-    let stamp = format!("{sent_ns:0width$}", width = SEQ_DIGITS);
-    payload[SEQ_DIGITS..STAMP_BYTES].copy_from_slice(stamp.as_bytes());
-    payload.freeze()
-}
-
-/// Reverse of [`stamped_payload`]: `(seq, sent_ns)`.
-pub fn parse_stamp(payload: &[u8]) -> Option<(u64, u64)> {
-    Some((
-        load::parse_seq(payload)?,
-        load::parse_seq(payload.get(SEQ_DIGITS..)?)?,
-    ))
 }
 
 /// One latency run against `target`: start the upstream and the subscriber,
@@ -288,30 +235,6 @@ async fn measure_into(
     }
     scenario::stop(&mut upstream, &mut run.warnings).await;
     outcome
-}
-
-/// Connects a timing subscriber (clean session) to `filter` and waits for
-/// its SUBACK.
-pub(crate) async fn subscribe(
-    addr: SocketAddr,
-    client_id: &str,
-    filter: &str,
-    deadline: Instant,
-) -> Result<Conn> {
-    let mut conn = Conn::connect_retry(addr, client_id, true, deadline).await?;
-    conn.queue(Packet::Subscribe(load::subscribe_packet(filter)))?;
-    conn.flush().await?;
-    let mut packets = Vec::new();
-    if !conn
-        .read_packets(&mut packets, Duration::from_secs(10))
-        .await?
-    {
-        bail!("no SUBACK within 10 s");
-    }
-    match packets.first() {
-        Some(Packet::SubAck(_)) => Ok(conn),
-        other => bail!("expected SUBACK, got {other:?}"),
-    }
 }
 
 /// What the timing subscriber saw.
@@ -585,29 +508,4 @@ fn read_acks(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_stamped_payload_gives_back_its_sequence_number_and_send_time() {
-        let p = stamped_payload(4_321, 987_654_321, 64);
-        assert_eq!(p.len(), 64);
-        assert_eq!(parse_stamp(&p), Some((4_321, 987_654_321)));
-        assert_eq!(stamped_payload(1, 2, 8).len(), STAMP_BYTES);
-        assert_eq!(parse_stamp(b"probe"), None);
-    }
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let p = percentiles((1..=1000).collect()).unwrap();
-        assert_eq!(p.p50, Duration::from_nanos(500));
-        assert_eq!(p.p90, Duration::from_nanos(900));
-        assert_eq!(p.p99, Duration::from_nanos(990));
-        assert_eq!(p.max, Duration::from_nanos(1000));
-        assert_eq!(percentiles(vec![7]).unwrap().p99, Duration::from_nanos(7));
-        assert!(percentiles(Vec::new()).is_none());
-    }
 }

@@ -5,7 +5,7 @@
 //! device publishes stamped QoS 1 messages at a fixed rate on a topic of its
 //! own, and a subscriber on the upstream (subscribed to that topic only)
 //! takes each one's receive − send time. The drain's subscriber leaves these
-//! out ([`is_live`]). Only messages published once the system under test
+//! out ([`load::LIVE_PREFIX`]). Only messages published once the system under test
 //! delivers again count ([`LiveOutcome::since`]): one published before is
 //! part of the backlog. Starting processes is `scenario`'s job; printing is
 //! `report`'s.
@@ -19,23 +19,18 @@ use anyhow::{bail, Result};
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use rumqttc::mqttbytes::QoS;
 
-use crate::latency::{self, parse_stamp, percentiles, stamped_payload, Percentiles};
 use crate::load::Conn;
+use crate::timing::{self, parse_stamp, percentiles, stamped_payload, Percentiles};
 
 const TOPIC: &str = "devices/live/messages/events/";
 const FILTER: &str = "devices/live/#";
 const PUBLISHER_ID: &str = "live";
 const SUBSCRIBER_ID: &str = "edgehub-bench-live-sub";
 
-/// Whether a delivery is one of the live messages (not the backlog's).
-pub fn is_live(topic: &str) -> bool {
-    topic.starts_with("devices/live/")
-}
-
 /// What the live messages saw.
 #[derive(Debug, Clone, Default)]
 pub struct LiveOutcome {
-    /// Send time of each message published ([`latency::nanos`]).
+    /// Send time of each message published ([`timing::nanos`]).
     pub sent_ns: Vec<u64>,
     /// Send time and latency of each message received (first copies).
     pub received: Vec<(u64, u64)>,
@@ -46,7 +41,7 @@ impl LiveOutcome {
     /// Of the messages published at or after `t0`: how many were sent, how
     /// many arrived, and their latency.
     pub fn since(&self, t0: Instant) -> (u64, u64, Option<Percentiles>) {
-        let t0 = latency::nanos(t0);
+        let t0 = timing::nanos(t0);
         let sent = self.sent_ns.iter().filter(|&&t| t >= t0).count() as u64;
         let samples: Vec<u64> = self
             .received
@@ -69,10 +64,11 @@ pub async fn during_drain(
     drained: Arc<AtomicBool>,
     deadline: Instant,
 ) -> LiveOutcome {
+    let payload = payload.max(timing::STAMP_BYTES);
     let sent = Arc::new(AtomicU64::new(0));
     let stopped = Arc::new(AtomicBool::new(false));
     let mut out = LiveOutcome::default();
-    let sub = match latency::subscribe(upstream, SUBSCRIBER_ID, FILTER, deadline).await {
+    let sub = match timing::subscribe(upstream, SUBSCRIBER_ID, FILTER, deadline).await {
         Ok(sub) => sub,
         Err(e) => {
             out.error = Some(format!("live subscriber: {e:#}"));
@@ -131,7 +127,7 @@ async fn publish_until(
     let mut seq = 0u64;
     while !drained.load(Ordering::Relaxed) && Instant::now() < deadline {
         tick.tick().await;
-        let stamp = latency::nanos(Instant::now());
+        let stamp = timing::nanos(Instant::now());
         let mut p = Publish::from_bytes(
             TOPIC,
             QoS::AtLeastOnce,
@@ -176,7 +172,7 @@ async fn receive(
             conn.keep_alive().await?;
             continue;
         }
-        let received = latency::nanos(Instant::now());
+        let received = timing::nanos(Instant::now());
         for packet in packets.drain(..) {
             match packet {
                 Packet::Publish(p) => {
@@ -194,5 +190,18 @@ async fn receive(
             }
         }
         conn.flush().await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::load;
+
+    #[test]
+    fn the_drains_subscriber_leaves_the_live_messages_out() {
+        assert!(TOPIC.starts_with(load::LIVE_PREFIX));
+        assert!(!"devices/bench0/messages/events/".starts_with(load::LIVE_PREFIX));
     }
 }

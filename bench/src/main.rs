@@ -18,6 +18,7 @@ mod report;
 mod rss;
 mod scenario;
 mod systems;
+mod timing;
 mod wan;
 
 use std::path::PathBuf;
@@ -256,7 +257,7 @@ async fn run(args: Args) -> Result<()> {
         messages: args.latency_messages,
         rate: args.latency_rate,
         warmup: LATENCY_WARMUP,
-        payload: args.payload.max(latency::STAMP_BYTES),
+        payload: args.payload.max(timing::STAMP_BYTES),
     };
     let comparison = !(args.plugin_calls || rss_mode || args.local || args.wan);
     if args.local {

@@ -4,10 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::latency::{self, LatencyRun, LatencySettings, Percentiles};
+use crate::latency::{self, LatencyRun, LatencySettings};
 use crate::load::SubscriberEnd;
 use crate::rss::mib;
 use crate::scenario::{RssProfile, Settings, SystemResult};
+use crate::timing::Percentiles;
 use crate::wan::LinkSpec;
 
 /// `12345.6` -> `"12,346"`.

@@ -485,7 +485,7 @@ async fn run_outage(
                 systems::loopback(port),
                 systems::loopback(upstream_port),
                 l.rate,
-                s.payload.max(crate::latency::STAMP_BYTES),
+                s.payload,
                 drained.clone(),
                 deadline,
             ))),

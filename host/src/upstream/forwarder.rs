@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::{LinkActor, LinkEvent, LinkHandle};
 use super::pace::Pace;
+use super::sleep_until;
 use super::state::{Content, Outgoing};
 use super::window::{Part, Windows};
 use super::wire::{Limits, Wire};
@@ -626,14 +627,6 @@ fn outgoing(key: u64, content: Content) -> Outgoing {
         content,
         qos: QoS::AtLeastOnce,
         retain: false,
-    }
-}
-
-/// Sleeps until `at`; forever when there is no `at`.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

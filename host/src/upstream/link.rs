@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Login};
 use super::error::UpstreamError;
+use super::sleep_until;
 use super::state::{Content, Inbound, LinkState, Outgoing, StateError};
 use super::transport::Connect;
 use super::wire::{Incoming, Limits};
@@ -50,6 +51,11 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// retried from the shortest back-off. One that a broker closes sooner
 /// (it takes connections, then drops them) keeps backing off.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A subscription the upstream refused is asked for again after this long,
+/// doubling up to [`RESUBSCRIBE_MAX`] (a cluster electing its leaders, an
+/// authorization not yet in place), for as long as a consumer wants it.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(5);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(60);
 /// Cloud messages waiting for slow consumers before the socket is not read.
 pub const MAX_WAITING: usize = 256;
 /// Commands taken in one go before the write buffer is flushed.
@@ -488,9 +494,11 @@ impl Actor {
         let keep_alive = Duration::from_secs(self.config.login.keep_alive.max(1) as u64);
         let mut ping_due = Instant::now() + keep_alive;
         let mut probe = Probe::new(failback);
+        let mut refused = Refused::default();
         loop {
             conn.flush().await?;
             let probe_due = probe.due;
+            let resubscribe_due = refused.due;
             let reading = self.waiting.len() < MAX_WAITING;
             let front = self
                 .waiting
@@ -533,7 +541,7 @@ impl Actor {
                                 "the upstream disconnected, reason 0x{reason:02x}"
                             )));
                         }
-                        self.receive(state, p, &mut acked, &mut conn);
+                        refused.add(self.receive(state, p, &mut acked, &mut conn));
                         if self.waiting.len() >= MAX_WAITING {
                             break;
                         }
@@ -546,6 +554,15 @@ impl Actor {
                 _ = tokio::time::sleep_until(ping_due) => {
                     state.keepalive_due(&mut conn.write_buf)?;
                     ping_due = Instant::now() + keep_alive;
+                }
+                _ = sleep_until(resubscribe_due), if resubscribe_due.is_some() => {
+                    let wanted: Vec<String> = refused
+                        .take()
+                        .filter(|f| self.consumers.iter().any(|c| c.filters.contains(f)))
+                        .collect();
+                    for chunk in wanted.chunks(FILTERS_PER_PACKET) {
+                        state.subscribe(chunk, &mut conn.write_buf);
+                    }
                 }
                 _ = tokio::time::sleep_until(probe_due), if probe.idle() => probe.start(&self.connector),
                 up = probe.result(), if probe.running() => {
@@ -602,13 +619,14 @@ impl Actor {
         Ok(())
     }
 
+    /// Takes one packet from the upstream; returns the filters it refused.
     fn receive(
         &mut self,
         state: &mut LinkState,
         packet: Incoming,
         acked: &mut Vec<u64>,
         conn: &mut Connection,
-    ) {
+    ) -> Vec<String> {
         match state.receive(packet) {
             Inbound::Acked(tag) => acked.push(tag),
             Inbound::Refused { tag, reason } => {
@@ -632,7 +650,7 @@ impl Actor {
                     if let Some(pkid) = pkid {
                         state.consumed(state.generation(), pkid, &mut conn.write_buf);
                     }
-                    return;
+                    return Vec::new();
                 };
                 let msg = CloudMessage {
                     topic,
@@ -647,12 +665,14 @@ impl Actor {
                 self.deliver_waiting();
             }
             Inbound::SubscribeRefused(filters) => {
-                for filter in filters {
-                    tracing::error!(%filter, "upstream refused the subscription");
+                for filter in &filters {
+                    tracing::error!(%filter, "upstream refused the subscription; asking again later");
                 }
+                return filters;
             }
             Inbound::Nothing => {}
         }
+        Vec::new()
     }
 
     /// Hands waiting cloud messages to their consumers while they have room,
@@ -672,6 +692,44 @@ impl Actor {
                 }
             }
         }
+    }
+}
+
+/// Subscriptions the upstream refused on this connection, to ask for again.
+struct Refused {
+    filters: BTreeSet<String>,
+    /// When to ask; `None` while nothing waits.
+    due: Option<Instant>,
+    /// The wait before the next ask.
+    delay: Duration,
+}
+
+impl Default for Refused {
+    fn default() -> Self {
+        Self {
+            filters: BTreeSet::new(),
+            due: None,
+            delay: RESUBSCRIBE_AFTER,
+        }
+    }
+}
+
+impl Refused {
+    fn add(&mut self, filters: Vec<String>) {
+        if filters.is_empty() {
+            return;
+        }
+        self.filters.extend(filters);
+        if self.due.is_none() {
+            self.due = Some(Instant::now() + self.delay);
+            self.delay = (self.delay * 2).min(RESUBSCRIBE_MAX);
+        }
+    }
+
+    /// The filters to ask for again now.
+    fn take(&mut self) -> impl Iterator<Item = String> {
+        self.due = None;
+        std::mem::take(&mut self.filters).into_iter()
     }
 }
 
@@ -1139,13 +1197,76 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_broker_that_drops_every_connection_at_once_is_retried_ever_more_slowly() {
+    async fn a_refused_subscription_is_asked_for_again_while_it_is_wanted() {
         let (up, mut conns) = Upstream::new();
+        let mut link = Link::new(config(&["a"]), Arc::new(up), Arc::default());
+        let _scope = link.subscribe("edges/edge1/scope".into(), 4);
+        let shutdown = CancellationToken::new();
+        let (_handle, _events, task) = link.spawn(shutdown.clone());
+        let (_, mut peer) = within(conns.recv()).await.unwrap();
+        peer.accept().await;
+        let mut asked = Vec::new();
+        // Refused twice (a cluster still electing), then taken.
+        for code in [None, None, Some(QoS::AtLeastOnce)] {
+            let s = loop {
+                let read = tokio::time::timeout(RESUBSCRIBE_MAX, peer.read()).await;
+                if let Some(v4::Packet::Subscribe(s)) = read.expect("asked again") {
+                    break s;
+                }
+            };
+            asked.push(Instant::now());
+            assert_eq!(s.filters[0].path, "edges/edge1/scope");
+            let code = code.map_or(
+                v4::SubscribeReasonCode::Failure,
+                v4::SubscribeReasonCode::Success,
+            );
+            peer.write(v4::Packet::SubAck(v4::SubAck::new(s.pkid, vec![code])))
+                .await;
+        }
+        let gaps: Vec<Duration> = asked.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps[0] >= RESUBSCRIBE_AFTER && gaps[1] >= RESUBSCRIBE_AFTER * 2,
+            "{gaps:?}"
+        );
+        // Taken: not asked again.
+        let quiet = tokio::time::timeout(RESUBSCRIBE_MAX * 2, async {
+            loop {
+                match peer.read().await {
+                    Some(v4::Packet::Subscribe(_)) | None => return,
+                    Some(v4::Packet::PingReq) => peer.write(v4::Packet::PingResp).await,
+                    Some(_) => {}
+                }
+            }
+        });
+        assert!(
+            quiet.await.is_err(),
+            "a subscription taken is not asked for again"
+        );
+        shutdown.cancel();
+        within(task).await.unwrap();
+    }
+
+    /// A link to `a` whose back-off may grow to 60 s, running (its handle
+    /// and events kept, or it stops).
+    #[allow(clippy::type_complexity)]
+    fn slow_backoff_link() -> (
+        tokio::sync::mpsc::UnboundedReceiver<(String, Peer)>,
+        CancellationToken,
+        JoinHandle<()>,
+        (LinkHandle, mpsc::UnboundedReceiver<LinkEvent>),
+    ) {
+        let (up, conns) = Upstream::new();
         let mut cfg = config(&["a"]);
         cfg.max_backoff = Duration::from_secs(60);
         let link = Link::new(cfg, Arc::new(up), Arc::default());
         let shutdown = CancellationToken::new();
-        let (_handle, _events, task) = link.spawn(shutdown.clone());
+        let (handle, events, task) = link.spawn(shutdown.clone());
+        (conns, shutdown, task, (handle, events))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_drops_every_connection_at_once_is_retried_ever_more_slowly() {
+        let (mut conns, shutdown, task, _link) = slow_backoff_link();
         let mut arrivals = Vec::new();
         for _ in 0..6 {
             let (_, mut peer) = within(conns.recv()).await.unwrap();
@@ -1164,12 +1285,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_held_is_retried_at_once_when_it_fails() {
-        let (up, mut conns) = Upstream::new();
-        let mut cfg = config(&["a"]);
-        cfg.max_backoff = Duration::from_secs(60);
-        let link = Link::new(cfg, Arc::new(up), Arc::default());
-        let shutdown = CancellationToken::new();
-        let (_handle, _events, task) = link.spawn(shutdown.clone());
+        let (mut conns, shutdown, task, _link) = slow_backoff_link();
         for _ in 0..4 {
             let (_, mut peer) = within(conns.recv()).await.unwrap();
             peer.accept().await;

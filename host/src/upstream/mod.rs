@@ -9,8 +9,10 @@
 //!   go wrong, for every layer.
 //! - `transport.rs`: the byte stream under it (TCP, TLS), with `proxy.rs`
 //!   (HTTP CONNECT tunnels) and `websocket.rs` (MQTT over WebSocket).
-//! - `forwarder.rs`: drains the store through the link, in order, and
-//!   dead-letters what the upstream refuses.
+//! - `forwarder.rs`: drains the store through the link, lane by lane and
+//!   in order, and dead-letters what the upstream refuses; `window.rs`:
+//!   what is in flight and what may leave the store; `pace.rs`: the drain's
+//!   bytes-per-second cap.
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
 //! - `protocol.rs`: the topics and bodies of identities' twins and
 //!   methods upstream (one definition, for the hub and cloud-side tools).
@@ -45,3 +47,11 @@ pub use forwarder::Forwarder;
 pub use link::{CloudMessage, Link, LinkConfig, LinkEvent, LinkHandle};
 pub use proxy::Proxy;
 pub use transport::{tls_config, Transport};
+
+/// Sleeps until `at`; forever when there is no `at`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
