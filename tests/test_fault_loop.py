@@ -140,7 +140,9 @@ class ClusterUpstream:
             down = rng.uniform(0.0, 2.0)
             node.kill9()
             time.sleep(down)  # the fault's length: the node stays dead this long
-            self.cluster.restart(node)
+            # A re-election after a kill can take NATS 2.9 over a minute
+            # when the meta leader itself was killed.
+            self.cluster.restart(node, timeout=120)
             return f"node_kill({node.name}, down {down:.2f}s)"
         if kind == "node_stall":
             secs = rng.uniform(0.5, 3.0 * self.keepalive)

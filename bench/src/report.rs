@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::latency::{self, LatencyRun, LatencySettings};
 use crate::load::SubscriberEnd;
-use crate::rss::mib;
+use crate::rss::{mib, Status};
 use crate::scenario::{RssProfile, Settings, SystemResult};
 use crate::timing::Percentiles;
 use crate::wan::LinkSpec;
@@ -430,8 +430,9 @@ fn print_markdown(header: &[&str], rows: &[Vec<String>]) {
 
 /// The WAN drain: per link, each system's drain rate over what arrived
 /// before the deadline, and edgehub's as a share of what its window allows
-/// (`max_inflight` messages per round trip) or the upstream takes at all
-/// (`ceiling`, measured on loopback), whichever is lower.
+/// (`max_inflight` messages per round trip), the upstream takes at all
+/// (`ceiling`, measured on loopback) or the link carries (`link`: its
+/// bandwidth over one PUBLISH of the workload), whichever is lowest.
 pub fn print_wan_table(
     s: &Settings,
     max_inflight: usize,
@@ -446,7 +447,7 @@ pub fn print_wan_table(
         "delivered by the deadline",
         "lost",
         "1st delivery after upstream start",
-        "bound msg/s: window / RTT, or the upstream's ceiling",
+        "bound msg/s: the lowest of window / RTT, the upstream's ceiling, the link's bandwidth",
         "drain / bound",
         "live messages received",
         "live latency p50 / p99 s",
@@ -476,11 +477,18 @@ pub fn print_wan_table(
             )
             .filter(|_| runs.iter().all(|r| r.error.is_none()));
             let by_window = window.map(|w| w as f64 / link.rtt.as_secs_f64().max(1e-3));
-            let bound = match (by_window, upstream) {
-                (Some(w), Some(u)) if u < w => Some((u, "ceiling")),
-                (Some(w), _) => Some((w, "window")),
-                _ => None,
-            };
+            // What the link carries at most: its bandwidth over one PUBLISH
+            // (fixed header, topic, packet id, payload) of the workload.
+            let by_link = link.bytes_per_sec.map(|b| {
+                let topic = "devices/bench0/messages/events/".len();
+                b as f64 / (2 + 2 + topic + 2 + s.payload) as f64
+            });
+            let bound = by_window.map(|w| {
+                [(upstream, "ceiling"), (by_link, "link")]
+                    .into_iter()
+                    .filter_map(|(v, what)| Some((v?, what)))
+                    .fold((w, "window"), |a, b| if b.0 < a.0 { b } else { a })
+            });
             let delivered = runs
                 .iter()
                 .filter_map(|r| r.delivery.as_ref())
@@ -659,6 +667,7 @@ pub fn print_rss_profile(s: &Settings, p: &RssProfile) {
         store(p.system.store_bytes_drained),
         s.linger.as_secs()
     );
+    let profile = |values: &[u64]| values.iter().map(|&k| mib(k)).collect::<Vec<_>>().join(" ");
     for ph in &p.phases {
         println!(
             "  {:<22} RSS min {} MiB, max {} MiB (anon max {} MiB; {} samples); at 0%,10%..100%: {}",
@@ -667,11 +676,32 @@ pub fn print_rss_profile(s: &Settings, p: &RssProfile) {
             mib(ph.window.max_kib),
             mib(ph.window.max_anon_kib),
             ph.window.samples,
-            ph.profile_kib
-                .iter()
-                .map(|&k| mib(k))
-                .collect::<Vec<_>>()
-                .join(" ")
+            profile(&ph.profile.iter().map(|st| st.rss_kib).collect::<Vec<_>>())
+        );
+        println!(
+            "  {:<22} of which anon at 0%,10%..100%: {}",
+            "",
+            profile(&ph.profile.iter().map(|st| st.anon_kib).collect::<Vec<_>>())
+        );
+    }
+    // Idle: the first sample, before any load; settled: the last.
+    let first = p.phases.first().and_then(|ph| ph.profile.first());
+    let last = p.phases.last().and_then(|ph| ph.profile.last());
+    if let (Some(idle), Some(end)) = (first, last) {
+        let split = |st: &Status| {
+            format!(
+                "{} MiB (anon {} + mapped files {})",
+                mib(st.rss_kib),
+                mib(st.anon_kib),
+                mib(st.rss_kib - st.anon_kib.min(st.rss_kib))
+            )
+        };
+        println!(
+            "  RSS idle before the load {}; at the end {}: {} MiB above idle ({} MiB of it anon)",
+            split(idle),
+            split(end),
+            mib(end.rss_kib.saturating_sub(idle.rss_kib)),
+            mib(end.anon_kib.saturating_sub(idle.anon_kib))
         );
     }
     if let Some(peak) = p.system.peak_rss_kib {

@@ -111,14 +111,14 @@ impl RssSampler {
         })
     }
 
-    /// The VmRSS sample nearest to `at`.
-    pub fn at(&self, at: Instant) -> Option<u64> {
+    /// The sample nearest to `at`.
+    pub fn at(&self, at: Instant) -> Option<Status> {
         let s = self.samples.lock().unwrap();
         let distance = |t: Instant| t.max(at) - t.min(at);
         s.rss
             .iter()
             .min_by_key(|&&(t, _)| distance(t))
-            .map(|&(_, st)| st.rss_kib)
+            .map(|&(_, st)| st)
     }
 }
 

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::oneshot;
 
 use crate::load::{self, Conn, PublisherSpec, SubscriberStats, SUBSCRIBER_ID};
-use crate::rss::{self, RssSampler, Window};
+use crate::rss::{self, RssSampler, Status, Window};
 use crate::systems::{self, BridgeSettings, Proc};
 use crate::wan::{self, LinkSpec};
 
@@ -557,7 +557,8 @@ async fn run_outage(
 pub struct PhaseRss {
     pub phase: &'static str,
     pub window: Window,
-    pub profile_kib: Vec<u64>,
+    /// Samples at 0 %, 10 %, ... 100 % of the phase.
+    pub profile: Vec<Status>,
 }
 
 /// Result of `--rss-messages`.
@@ -586,13 +587,13 @@ pub async fn rss_profile(s: &Settings) -> RssProfile {
             ];
             for (phase, from, to) in windows {
                 if let Some(window) = sampler.window(from, to) {
-                    let profile_kib = (0..=10)
+                    let profile = (0..=10)
                         .filter_map(|i| sampler.at(from + (to - from) * i / 10))
                         .collect();
                     phases.push(PhaseRss {
                         phase,
                         window,
-                        profile_kib,
+                        profile,
                     });
                 }
             }

@@ -22,6 +22,7 @@ pub mod auth;
 pub mod broker;
 pub mod c2d;
 pub mod clock;
+pub mod cloud;
 pub mod config;
 pub mod control;
 pub mod durable_file;

@@ -55,6 +55,9 @@ enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// Be the cloud on your own broker: provision identities, deploy routes,
+    /// twins, direct methods, cloud-to-device messages, telemetry.
+    Cloud(edgehub::cloud::CloudArgs),
     /// Work with Wasm plugins without a hub.
     Plugin {
         #[command(subcommand)]
@@ -234,6 +237,7 @@ fn real_main() -> Result<()> {
             command,
         ),
         Command::Auth { command } => auth_command(command),
+        Command::Cloud(args) => cloud_command(args),
         Command::Plugin {
             command: PluginCommand::Test(args),
         } => plugin_test(args),
@@ -321,24 +325,33 @@ fn auth_command(command: AuthCommand) -> Result<()> {
             module,
             parent,
         } => {
-            let key = || {
-                use rand::RngCore;
-                let mut k = [0u8; 32];
-                rand::thread_rng().fill_bytes(&mut k);
-                b64.encode(k)
+            use edgehub::auth::scope::{new_key, AuthDoc, IdentityDoc};
+            let entry = IdentityDoc {
+                device_id: device,
+                module_id: module,
+                edge: false,
+                parent,
+                auth: AuthDoc::Sas {
+                    primary_key: new_key(),
+                    secondary_key: Some(new_key()),
+                },
             };
-            let mut entry = serde_json::json!({
-                "deviceId": device,
-                "auth": {"type": "sas", "primaryKey": key(), "secondaryKey": key()},
-            });
-            if let Some(m) = module {
-                entry["moduleId"] = m.into();
-            }
-            if let Some(p) = parent {
-                entry["parent"] = p.into();
-            }
             println!("{}", serde_json::to_string_pretty(&entry)?);
         }
+    }
+    Ok(())
+}
+
+/// `edgehub cloud ...`: one command on the cloud's broker; exits with the
+/// command's status (1 for a method answered with an error status).
+fn cloud_command(args: edgehub::cloud::CloudArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let status = runtime.block_on(edgehub::cloud::run(args))?;
+    if status != 0 {
+        std::process::exit(i32::from(status));
     }
     Ok(())
 }

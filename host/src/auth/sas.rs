@@ -120,12 +120,19 @@ pub fn verify(token: &SasToken, key: &[u8]) -> bool {
     mac.verify_slice(&token.signature).is_ok()
 }
 
-/// A complete token for `resource` (e.g. `hub/devices/d1`), as the device SDKs make it.
+/// A complete token for `resource` (e.g. `hub/devices/d1`), as the device
+/// SDKs make it: URL-encoded but for the unreserved characters (`-._~`), as
+/// Python's `quote(s, safe="")` does, so `hub.example` stays as it is.
 pub fn make_token(key: &[u8], resource: &str, expiry: u64) -> String {
-    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
-    let sr = utf8_percent_encode(resource, NON_ALPHANUMERIC).to_string();
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const ENCODED: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let sr = utf8_percent_encode(resource, ENCODED).to_string();
     let sig = base64::engine::general_purpose::STANDARD.encode(sign(key, &sr, expiry));
-    let sig = utf8_percent_encode(&sig, NON_ALPHANUMERIC).to_string();
+    let sig = utf8_percent_encode(&sig, ENCODED).to_string();
     format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}")
 }
 

@@ -15,7 +15,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use base64::Engine;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Identity;
 
@@ -25,42 +25,64 @@ pub enum ScopeError {
     Invalid(String),
 }
 
-#[derive(Deserialize)]
+/// The scope document as the cloud publishes it: the hub reads it, the
+/// cloud side (`edgehub cloud`) writes it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Document {
-    version: u64,
-    identities: Vec<IdentityDoc>,
+pub struct Document {
+    pub version: u64,
+    pub identities: Vec<IdentityDoc>,
 }
 
-#[derive(Deserialize)]
+/// One identity of a scope document.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct IdentityDoc {
-    device_id: String,
-    #[serde(default)]
-    module_id: Option<String>,
-    #[serde(default)]
-    edge: bool,
-    #[serde(default)]
-    parent: Option<String>,
-    auth: AuthDoc,
+pub struct IdentityDoc {
+    pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_id: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edge: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub auth: AuthDoc,
 }
 
-#[derive(Deserialize)]
+impl IdentityDoc {
+    /// `{device}` or `{device}/{module}`: the client id it connects with.
+    pub fn name(&self) -> String {
+        match &self.module_id {
+            Some(m) => format!("{}/{m}", self.device_id),
+            None => self.device_id.clone(),
+        }
+    }
+}
+
+/// How an identity of a scope document authenticates.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
-enum AuthDoc {
+pub enum AuthDoc {
     #[serde(rename_all = "camelCase")]
     Sas {
         primary_key: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         secondary_key: Option<String>,
     },
     #[serde(rename_all = "camelCase")]
     X509Thumbprint {
         primary_thumbprint: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         secondary_thumbprint: Option<String>,
     },
     X509Ca,
+}
+
+/// A fresh random symmetric key (32 bytes, base64), as IoT Hub makes them.
+pub fn new_key() -> String {
+    use rand::RngCore;
+    let mut k = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut k);
+    base64::engine::general_purpose::STANDARD.encode(k)
 }
 
 /// How one identity authenticates.
@@ -119,7 +141,9 @@ impl Scope {
     }
 }
 
-fn check(edge_id: &str, e: &IdentityDoc) -> Result<Credentials, String> {
+/// Whether `e` may be in the scope of `edge_id` (the parent/child rules, ids,
+/// keys and thumbprints), and its credentials if so; else why not.
+pub fn check(edge_id: &str, e: &IdentityDoc) -> Result<Credentials, String> {
     let valid_id = |s: &str| !s.is_empty() && s.len() <= 128 && !s.contains(['/', '+', '#', '\0']);
     if !valid_id(&e.device_id) || e.module_id.as_deref().is_some_and(|m| !valid_id(m)) {
         return Err("invalid device or module id".into());

@@ -142,18 +142,21 @@ pub fn headers(topic: &str, publisher: &str) -> Headers {
     }
 }
 
+/// Appends `k=v` to a property bag, URL-encoded as the IoT Hub SDKs do.
+pub fn push_property(bag: &mut String, k: &str, v: &str) {
+    if !bag.is_empty() {
+        bag.push('&');
+    }
+    bag.extend(utf8_percent_encode(k, BAG));
+    bag.push('=');
+    bag.extend(utf8_percent_encode(v, BAG));
+}
+
 /// The property bag of `m` (application and system properties, except the
 /// connection ones, which the topic carries).
 fn bag(m: &Message) -> String {
     let mut out = String::new();
-    let mut push = |k: &str, v: &str| {
-        if !out.is_empty() {
-            out.push('&');
-        }
-        out.extend(utf8_percent_encode(k, BAG));
-        out.push('=');
-        out.extend(utf8_percent_encode(v, BAG));
-    };
+    let mut push = |k: &str, v: &str| push_property(&mut out, k, v);
     for (k, v) in m.system_properties() {
         if k == "$connectionDeviceId" || k == "$connectionModuleId" {
             continue;

@@ -168,6 +168,12 @@ impl HubTwin {
         Ok(())
     }
 
+    /// Checks a desired document as [`HubTwin::apply`] would, applying
+    /// nothing (the cloud side checks a deployment before publishing it).
+    pub fn validate(payload: &[u8]) -> Result<(), TwinError> {
+        Self::check(payload).map(|_| ())
+    }
+
     /// Checks a desired document without applying anything.
     fn check(payload: &[u8]) -> Result<Desired, TwinError> {
         let doc: Value =

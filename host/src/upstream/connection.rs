@@ -114,8 +114,8 @@ impl Connection {
     async fn handshake(io: Box<dyn Io>, login: &Login) -> Result<Self, UpstreamError> {
         let mut conn = Connection {
             io,
-            read_buf: BytesMut::with_capacity(64 * 1024),
-            write_buf: BytesMut::with_capacity(64 * 1024),
+            read_buf: BytesMut::with_capacity(BUF_BYTES),
+            write_buf: BytesMut::with_capacity(BUF_BYTES),
             wire: Wire(login.version),
             limits: Limits::default(),
         };
@@ -187,6 +187,7 @@ impl Connection {
         if !self.write_buf.is_empty() {
             self.io.write_all(&self.write_buf).await?;
             self.write_buf.clear();
+            give_back(&mut self.write_buf);
             // Framed transports (WebSocket) send on flush.
             self.io.flush().await?;
         }
@@ -207,13 +208,42 @@ impl Connection {
 
     /// A packet already buffered, if any.
     pub fn try_next(&mut self) -> Result<Option<Incoming>, UpstreamError> {
-        Ok(self.wire.read(&mut self.read_buf)?)
+        let packet = self.wire.read(&mut self.read_buf)?;
+        give_back(&mut self.read_buf);
+        Ok(packet)
+    }
+}
+
+/// Size of a connection's buffers, and what they may grow to and keep.
+const BUF_BYTES: usize = 64 * 1024;
+const BUF_KEEP_BYTES: usize = 1 << 20;
+
+/// Replaces an empty buffer that grew past [`BUF_KEEP_BYTES`] (the first
+/// fill of a far cloud's window writes megabytes at once) with a fresh one,
+/// so a drained hub gives that memory back.
+fn give_back(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > BUF_KEEP_BYTES {
+        *buf = BytesMut::with_capacity(BUF_BYTES);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_emptied_buffer_that_grew_past_a_mebibyte_is_given_back_and_a_small_one_kept() {
+        let mut big = BytesMut::with_capacity(4 << 20);
+        big.extend_from_slice(b"x");
+        give_back(&mut big);
+        assert!(big.capacity() >= 4 << 20, "not empty: kept");
+        big.clear();
+        give_back(&mut big);
+        assert_eq!(big.capacity(), BUF_BYTES);
+        let mut small = BytesMut::with_capacity(BUF_BYTES * 2);
+        give_back(&mut small);
+        assert_eq!(small.capacity(), BUF_BYTES * 2);
+    }
 
     #[test]
     fn the_edge_signs_in_with_a_fresh_sas_token_for_its_own_identity() {

@@ -864,7 +864,7 @@ pub(crate) mod fake {
                 if self.down.lock().unwrap().contains(&addr.host) {
                     return Err(UpstreamError::Connect {
                         addr: addr.to_string(),
-                        source: std::io::ErrorKind::ConnectionRefused.into(),
+                        error: std::io::ErrorKind::ConnectionRefused.into(),
                     });
                 }
                 let (link_end, broker_end) = tokio::io::duplex(1 << 20);

@@ -94,6 +94,9 @@ pub enum StateError {
     Corrupt(String),
 }
 
+/// Entries the in-flight map keeps allocated once it empties.
+const KEEP_INFLIGHT: usize = 1024;
+
 /// One connection's protocol state. A new connection starts a new state
 /// with the next generation.
 pub struct LinkState {
@@ -185,11 +188,19 @@ impl LinkState {
     /// What a packet from the cloud means.
     pub fn receive(&mut self, packet: Incoming) -> Inbound {
         match packet {
-            Incoming::PubAck { pkid, reason } => match self.inflight.remove(&pkid) {
-                Some(tag) if reason >= 0x80 => Inbound::Refused { tag, reason },
-                Some(tag) => Inbound::Acked(tag),
-                None => Inbound::Nothing,
-            },
+            Incoming::PubAck { pkid, reason } => {
+                let tag = self.inflight.remove(&pkid);
+                // All acknowledged: give back what a full window's map took
+                // (32768 entries are about 1 MiB).
+                if self.inflight.is_empty() && self.inflight.capacity() > KEEP_INFLIGHT {
+                    self.inflight.shrink_to(KEEP_INFLIGHT);
+                }
+                match tag {
+                    Some(tag) if reason >= 0x80 => Inbound::Refused { tag, reason },
+                    Some(tag) => Inbound::Acked(tag),
+                    None => Inbound::Nothing,
+                }
+            }
             Incoming::PingResp => {
                 self.ping_outstanding = false;
                 Inbound::Nothing

@@ -45,15 +45,15 @@ impl Connect for Transport {
             let tcp = match proxy {
                 Some(p) => TcpStream::connect((p.addr.host.as_str(), p.addr.port))
                     .await
-                    .map_err(|source| UpstreamError::Connect {
+                    .map_err(|error| UpstreamError::Connect {
                         addr: format!("proxy {}", p.addr),
-                        source,
+                        error,
                     }),
                 None => TcpStream::connect((addr.host.as_str(), addr.port))
                     .await
-                    .map_err(|source| UpstreamError::Connect {
+                    .map_err(|error| UpstreamError::Connect {
                         addr: addr.to_string(),
-                        source,
+                        error,
                     }),
             };
             let mut tcp = tcp?;

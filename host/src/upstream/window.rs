@@ -31,6 +31,9 @@ struct Slot {
     done: bool,
 }
 
+/// Slots an empty window keeps allocated.
+const KEEP_SLOTS: usize = 1024;
+
 /// The messages of one lane between the store's head and the next one to
 /// read: sent and awaiting acknowledgement, or done and awaiting removal
 /// from the store.
@@ -126,6 +129,11 @@ impl Window {
             self.removable_bytes += self.slots.pop_front().expect("front").size;
             self.removable += 1;
             self.base += 1;
+        }
+        // A drained window gives back what a full one took (32768 slots
+        // of a far cloud's window are half a MiB per lane).
+        if self.slots.is_empty() && self.slots.capacity() > KEEP_SLOTS {
+            self.slots.shrink_to(KEEP_SLOTS);
         }
     }
 
