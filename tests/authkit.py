@@ -411,6 +411,12 @@ class DeviceClient:
         self.client = c
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # paho writes from the calling thread when its own loop thread is
+        # not used, and an ssl socket read in one thread while written in
+        # another can crash the interpreter: every use of the socket holds
+        # this lock, and the loop thread steps aside while a caller waits.
+        self._io = threading.Lock()
+        self._callers = 0
 
     # callbacks
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -442,9 +448,27 @@ class DeviceClient:
             self.messages.append((msg.topic, bytes(msg.payload)))
             self.cond.notify_all()
 
+    def _socket(self):
+        """Holds the socket for a caller (see ``_io``)."""
+        outer = self
+
+        class Hold:
+            def __enter__(self):
+                outer._callers += 1
+                outer._io.acquire()
+
+            def __exit__(self, *exc):
+                outer._io.release()
+                outer._callers -= 1
+
+        return Hold()
+
     def _loop(self):
         while not self._stop.is_set():
-            rc = self.client.loop(timeout=0.05)
+            with self._io:
+                rc = self.client.loop(timeout=0.05)
+            while self._callers and not self._stop.is_set():
+                time.sleep(0.001)
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 with self.cond:
                     self.closed.set()
@@ -475,8 +499,9 @@ class DeviceClient:
             raise AssertionError(f"{self.client_id}: the hub closed the connection without a CONNACK")
         return self.connack
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> int:
-        info = self.client.publish(topic, payload, qos=qos)
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        with self._socket():
+            info = self.client.publish(topic, payload, qos=qos, retain=retain)
         return info.mid
 
     def publish_result(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0):
@@ -491,7 +516,8 @@ class DeviceClient:
 
     def subscribe_result(self, filters: list[str], qos: int = 1, timeout: float = 10.0) -> list[int] | None:
         """Per-filter SUBACK codes of one SUBSCRIBE, or None if the hub closed."""
-        result, mid = self.client.subscribe([(f, qos) for f in filters])
+        with self._socket():
+            result, mid = self.client.subscribe([(f, qos) for f in filters])
         assert result == mqtt.MQTT_ERR_SUCCESS, f"paho subscribe failed: {result}"
         self._wait(lambda: mid in self.subacks or self.closed.is_set(), timeout, f"SUBACK for {filters}")
         with self.cond:
@@ -503,7 +529,8 @@ class DeviceClient:
     def close(self) -> None:
         try:
             if not self.closed.is_set():
-                self.client.disconnect()
+                with self._socket():
+                    self.client.disconnect()
                 deadline = time.monotonic() + 2
                 while not self.closed.is_set() and time.monotonic() < deadline:
                     self.closed.wait(0.05)
@@ -811,10 +838,10 @@ def publish_outcome(c: DeviceClient, topic: str, payload: bytes, *, retain: bool
                     timeout: float = 10.0) -> int | None:
     """One QoS 1 publish (retained or not): the PUBACK reason code, or None
     if the hub closed the connection instead of acknowledging."""
-    info = c.client.publish(topic, payload, qos=1, retain=retain)
-    c._wait(lambda: info.mid in c.pubacks or c.closed.is_set(), timeout, f"PUBACK or close after {topic!r}")
+    mid = c.publish(topic, payload, qos=1, retain=retain)
+    c._wait(lambda: mid in c.pubacks or c.closed.is_set(), timeout, f"PUBACK or close after {topic!r}")
     with c.cond:
-        return c.pubacks.get(info.mid)
+        return c.pubacks.get(mid)
 
 
 def wait_message(c: DeviceClient, payload: bytes, timeout: float = 10.0) -> list[tuple[str, bytes]]:

@@ -31,6 +31,12 @@ if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libfaketime >/dev/null
 fi
+# A headless chromium: the status page tests look at the page in a real browser.
+if ! command -v chromium >/dev/null; then
+  echo "installing chromium" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 if ! python3 -c 'import paho.mqtt, pytest' 2>/dev/null; then
   python3 -m pip install -q -r tests/requirements.txt
 fi

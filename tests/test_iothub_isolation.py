@@ -265,7 +265,7 @@ def test_a_publish_to_another_identitys_iothub_or_devicebound_topic_is_refused_c
             if qos == 1:
                 code = publish_outcome(a, topic, payload, retain=retain)
             else:
-                a.client.publish(topic, payload, qos=0, retain=retain)
+                a.publish(topic, payload, qos=0, retain=retain)
                 # A QoS 1 publish on a granted topic right after it: its PUBACK
                 # says the hub has handled the QoS 0 probe (MQTT 5); over 3.1.1
                 # the connection is closed before it is acknowledged.

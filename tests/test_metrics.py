@@ -83,13 +83,15 @@ def test_every_drop_reason_is_a_labelled_series_from_the_start(hub_factory):
     assert text.rstrip().endswith("# EOF"), "not a complete OpenMetrics page"
 
 
-def test_a_path_other_than_metrics_is_not_found(hub_factory):
+def test_a_path_other_than_metrics_the_status_page_and_its_json_is_not_found(hub_factory):
     hub = hub_factory(None)
     base = f"http://{LOOPBACK}:{hub.metrics_port}"
-    for path in ["/", "/metricsx", "/favicon.ico", "/metrics/extra"]:
+    for path in ["/metricsx", "/favicon.ico", "/metrics/extra", "/status", "/status.json/x"]:
         status, _ = http_status(base + path)
         assert status == 404, f"GET {path} answered {status}"
     assert http_status(base + "/metrics?format=text")[0] == 200
+    assert http_status(base + "/")[0] == 200
+    assert http_status(base + "/status.json")[0] == 200
 
 
 def test_a_method_other_than_get_on_metrics_is_not_allowed(hub_factory):

@@ -62,8 +62,8 @@ pub struct Config {
     /// The one folder holding everything durable.
     #[arg(long, env = "storageFolder")]
     pub storage: PathBuf,
-    /// Address of the Prometheus endpoint (`/metrics`), e.g. 127.0.0.1:9600;
-    /// off when absent.
+    /// Address of the Prometheus endpoint (`/metrics`) and the status page
+    /// (`/`), e.g. 127.0.0.1:9600; off when absent.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     #[command(flatten)]

@@ -18,7 +18,8 @@ use crate::c2d::CloudToDevice;
 use crate::config::Config;
 use crate::inputs::ModuleInputs;
 use crate::methods::Methods;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
+use crate::monitor;
 use crate::mqtt::{listener, session::SessionContext, tls};
 use crate::plugins::{self, PluginEngine, PluginPool, Registry};
 use crate::routing::{PluginHost, Router, Routes, Sinks};
@@ -243,17 +244,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         }
     }
     if let Some(addr) = config.metrics {
-        let l = metrics::bind(addr).await.map_err(|source| HubError::Bind {
+        let l = monitor::bind(addr).await.map_err(|source| HubError::Bind {
             addr: addr.to_string(),
             source,
         })?;
-        tracing::info!(%addr, "metrics endpoint ready");
-        tasks.spawn(metrics::serve(
-            l,
+        tracing::info!(%addr, "metrics and status page ready");
+        let seen = monitor::Seen::new(
             metrics.clone(),
             store.clone(),
-            shutdown.clone(),
-        ));
+            config.edge_id.clone(),
+            addresses.iter().map(ToString::to_string).collect(),
+            Some(registry.clone()),
+        );
+        tasks.spawn(monitor::serve(l, Arc::new(seen), shutdown.clone()));
     }
     let mut link = Link::new(
         LinkConfig {

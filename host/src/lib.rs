@@ -35,6 +35,7 @@ pub mod mailbox;
 pub mod message;
 pub mod methods;
 pub mod metrics;
+pub mod monitor;
 pub mod mqtt;
 pub mod packet_id;
 pub mod pem;

@@ -1,28 +1,23 @@
-//! The hub's metrics, declared once in a `prometheus-client` registry, and
-//! the `/metrics` endpoint that serves them.
+//! The hub's metrics, declared once in a `prometheus-client` registry.
 //!
 //! Owns the metric families (name, type, help, labels: each declared in
-//! [`Metrics::new`] and nowhere else) and the tiny HTTP/1.1 responder.
-//! Does not own what is counted: each module calls the method for its event.
-//! Queue depth, bytes and age are read from the store at scrape time.
+//! [`Metrics::new`] and nowhere else), their OpenMetrics text and a
+//! [`Snapshot`] of their values for the status page. Does not own what is
+//! counted (each module calls the method for its event) or the listener
+//! that serves them (`monitor`). Queue depth, bytes and age are read from
+//! the store at scrape time.
 //!
 //! The page is OpenMetrics text (counters get the `_total` suffix, the
 //! registry prefixes every name with `edgehub_`). The names, types and labels
 //! are listed in docs/architecture.md ("Metrics").
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
 
@@ -302,9 +297,52 @@ impl Metrics {
         self.upstream_reconnects.inc();
     }
 
-    /// The OpenMetrics text of every metric, with the queue gauges read from
-    /// `store` now. Reads the store: call it off the async runtime.
-    pub fn render(&self, store: &Store) -> String {
+    /// The values the status page shows, with the queue gauges read from
+    /// `store` now; `plugins`: the loaded plugins, whose failures it gives.
+    /// Reads the store: call it off the async runtime.
+    pub fn snapshot(&self, store: &Store, plugins: &[String]) -> Snapshot {
+        self.read_store(store);
+        Snapshot {
+            clients: self.clients_connected.get().max(0) as u64,
+            queue_depth: self.queue_depth.get().max(0) as u64,
+            queue_bytes: self.queue_bytes.get().max(0) as u64,
+            queue_oldest_age_seconds: self.queue_oldest_age.get(),
+            dead_letters: self.dead_letter_depth.get().max(0) as u64,
+            upstream_connected: self.upstream_connected.get() == 1,
+            upstream_reconnects: self.upstream_reconnects.get(),
+            scope_identities: self.scope_identities.get().max(0) as u64,
+            received: self.received.get(),
+            forwarded: self.forwarded.get(),
+            expired: self.expired.get(),
+            dropped: DropReason::ALL
+                .iter()
+                .map(|r| {
+                    self.dropped
+                        .get_or_create(&DropLabels { reason: r.as_str() })
+                        .get()
+                })
+                .sum(),
+            refused: self.refused.get(),
+            auth_refused: self.auth_refused.get(),
+            authz_refused: self.authz_refused.get(),
+            connections_refused: self.connections_refused.get(),
+            plugin_calls: self.plugin_calls.get(),
+            filtered: self.filtered_out.get(),
+            plugin_failures: plugins
+                .iter()
+                .map(|p| {
+                    (
+                        p.clone(),
+                        self.plugin_failures.get_or_create(&plugin_labels(p)).get(),
+                    )
+                })
+                .collect(),
+            c2d_queued: self.c2d_queued.get().max(0) as u64,
+            module_inputs_queued: self.module_inputs_queued.get().max(0) as u64,
+        }
+    }
+
+    fn read_store(&self, store: &Store) {
         if let Ok(stats) = store.stats() {
             let age = stats
                 .oldest_ms
@@ -317,6 +355,12 @@ impl Metrics {
             self.queue_oldest_age.set(age);
         }
         self.set_dead_letter_depth(store.dead_letter_count());
+    }
+
+    /// The OpenMetrics text of every metric, with the queue gauges read from
+    /// `store` now. Reads the store: call it off the async runtime.
+    pub fn render(&self, store: &Store) -> String {
+        self.read_store(store);
         self.encode()
     }
 
@@ -328,136 +372,39 @@ impl Metrics {
     }
 }
 
+/// The metrics' values at one moment, as the status page shows them.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub clients: u64,
+    pub queue_depth: u64,
+    pub queue_bytes: u64,
+    pub queue_oldest_age_seconds: f64,
+    pub dead_letters: u64,
+    pub upstream_connected: bool,
+    pub upstream_reconnects: u64,
+    pub scope_identities: u64,
+    pub received: u64,
+    pub forwarded: u64,
+    pub expired: u64,
+    /// Every reason of `edgehub_messages_dropped_total`, summed.
+    pub dropped: u64,
+    pub refused: u64,
+    pub auth_refused: u64,
+    pub authz_refused: u64,
+    pub connections_refused: u64,
+    pub plugin_calls: u64,
+    pub filtered: u64,
+    /// Failed calls of each loaded plugin.
+    pub plugin_failures: std::collections::BTreeMap<String, u64>,
+    pub c2d_queued: u64,
+    pub module_inputs_queued: u64,
+}
+
 fn plugin_labels(plugin: &str) -> PluginLabels {
     PluginLabels {
         plugin: plugin.to_owned(),
     }
-}
-
-/// The content type of the OpenMetrics text format.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// The longest request head (request line and headers) read.
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// How long a client has to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Headers parsed at most (more is a bad request).
-const MAX_HEADERS: usize = 32;
-
-/// What the responder answers to a request head.
-#[derive(Debug, PartialEq, Eq)]
-enum Answer {
-    Metrics,
-    NotFound,
-    MethodNotAllowed,
-    BadRequest,
-    TooLarge,
-}
-
-/// Reads one request head (bounded in size) and decides the answer;
-/// `None` when more bytes are needed.
-fn answer_for(head: &[u8]) -> Option<Answer> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
-        Ok(httparse::Status::Partial) if head.len() >= MAX_REQUEST_HEAD => Some(Answer::TooLarge),
-        Ok(httparse::Status::Partial) => None,
-        Err(_) => Some(Answer::BadRequest),
-        Ok(httparse::Status::Complete(_)) => {
-            let path = req.path.unwrap_or("");
-            let path = path.split_once('?').map_or(path, |(p, _)| p);
-            Some(if path != "/metrics" {
-                Answer::NotFound
-            } else if req.method != Some("GET") {
-                Answer::MethodNotAllowed
-            } else {
-                Answer::Metrics
-            })
-        }
-    }
-}
-
-/// Answers one connection: one request, one response, then close.
-async fn respond(mut sock: TcpStream, metrics: Arc<Metrics>, store: Store) {
-    let mut head = Vec::with_capacity(1024);
-    let read = async {
-        let mut buf = [0u8; 1024];
-        loop {
-            let n = sock.read(&mut buf).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            let room = MAX_REQUEST_HEAD - head.len();
-            head.extend_from_slice(&buf[..n.min(room)]);
-            if let Some(answer) = answer_for(&head) {
-                return Some(answer);
-            }
-        }
-    };
-    let Ok(Some(answer)) = tokio::time::timeout(REQUEST_TIMEOUT, read).await else {
-        return;
-    };
-    let (status, content_type, extra, body) = match answer {
-        Answer::Metrics => {
-            let Ok(body) = tokio::task::spawn_blocking(move || metrics.render(&store)).await else {
-                return;
-            };
-            ("200 OK", CONTENT_TYPE, "", body)
-        }
-        Answer::NotFound => (
-            "404 Not Found",
-            "text/plain",
-            "",
-            "not found: this server serves /metrics only\n".to_string(),
-        ),
-        Answer::MethodNotAllowed => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "Allow: GET\r\n",
-            "method not allowed: use GET\n".to_string(),
-        ),
-        Answer::BadRequest => (
-            "400 Bad Request",
-            "text/plain",
-            "",
-            "bad request\n".to_string(),
-        ),
-        Answer::TooLarge => (
-            "431 Request Header Fields Too Large",
-            "text/plain",
-            "",
-            "request head too large\n".to_string(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = sock.write_all(response.as_bytes()).await;
-    let _ = sock.shutdown().await;
-}
-
-/// Serves `/metrics` on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    store: Store,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (sock, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => { tracing::warn!(error = %e, "metrics accept failed"); continue; }
-            },
-        };
-        tokio::spawn(respond(sock, metrics.clone(), store.clone()));
-    }
-}
-
-/// Binds the metrics address (so a bad address fails start-up, not later).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]
@@ -568,74 +515,19 @@ mod tests {
     }
 
     #[test]
-    fn only_get_of_the_metrics_path_is_answered_with_metrics() {
-        let a = |req: &str| answer_for(req.as_bytes());
-        assert_eq!(
-            a("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Some(Answer::Metrics)
-        );
-        assert_eq!(
-            a("GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Some(Answer::Metrics)
-        );
-        assert_eq!(a("GET / HTTP/1.1\r\n\r\n"), Some(Answer::NotFound));
-        assert_eq!(a("GET /metricsx HTTP/1.1\r\n\r\n"), Some(Answer::NotFound));
-        assert_eq!(
-            a("POST /metrics HTTP/1.1\r\n\r\n"),
-            Some(Answer::MethodNotAllowed)
-        );
-        assert_eq!(
-            a("GET /metrics HTTP/1.1\r\nHost: x\r\n"),
-            None,
-            "head not finished yet"
-        );
-        assert_eq!(a("GET /met"), None);
-        assert_eq!(a("\x00\x01 nonsense\r\n\r\n"), Some(Answer::BadRequest));
-        let long = format!(
-            "GET /metrics HTTP/1.1\r\nX: {}",
-            "a".repeat(MAX_REQUEST_HEAD)
-        );
-        assert_eq!(
-            answer_for(&long.as_bytes()[..MAX_REQUEST_HEAD]),
-            Some(Answer::TooLarge)
-        );
-    }
-
-    async fn http(addr: SocketAddr, request: &str) -> String {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(request.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    }
-
-    #[tokio::test]
-    async fn the_endpoint_serves_metrics_and_refuses_other_paths_and_methods() {
+    fn a_snapshot_reads_the_counters_the_page_shows_and_each_plugins_failures() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let metrics = Arc::new(Metrics::new());
-        metrics.received(3);
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, metrics, store, shutdown.clone()));
-
-        let ok = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
-        assert!(
-            ok.contains("Content-Type: application/openmetrics-text"),
-            "{ok}"
-        );
-        assert!(ok.contains("\nedgehub_messages_received_total 3\n"), "{ok}");
-        let missing = http(addr, "GET /favicon.ico HTTP/1.1\r\n\r\n").await;
-        assert!(missing.starts_with("HTTP/1.1 404 "), "{missing}");
-        let post = http(addr, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
-        assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
-        assert!(post.contains("Allow: GET\r\n"), "{post}");
-        let bad = http(addr, "hello\r\n\r\n").await;
-        assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
-
-        shutdown.cancel();
-        server.await.unwrap();
+        let m = Metrics::new();
+        m.received(5);
+        m.messages_dropped(DropReason::SlowSubscriber, 2);
+        m.messages_dropped(DropReason::StoreRefused, 1);
+        m.plugin_failed("a");
+        m.set_upstream_connected(true);
+        let s = m.snapshot(&store, &["a".into(), "b".into()]);
+        assert_eq!((s.received, s.dropped, s.queue_depth), (5, 3, 0));
+        assert!(s.upstream_connected);
+        assert_eq!(s.plugin_failures["a"], 1);
+        assert_eq!(s.plugin_failures["b"], 0);
     }
 }

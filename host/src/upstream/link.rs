@@ -345,6 +345,9 @@ impl Actor {
                             "upstream connected"
                         );
                         self.metrics.set_upstream_connected(true);
+                        if generation > 1 {
+                            self.metrics.upstream_reconnects();
+                        }
                         let _ = self.events.send(LinkEvent::Connected {
                             generation,
                             address: addr.to_string(),
@@ -372,7 +375,6 @@ impl Actor {
                                 attempt = 0;
                             }
                             Err(e) => {
-                                self.metrics.upstream_reconnects();
                                 tracing::warn!(upstream = %addr, error = %e, "upstream connection lost");
                                 // A broker that takes connections but does
                                 // not answer (a cluster node stuck electing

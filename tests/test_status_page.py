@@ -1,0 +1,393 @@
+"""The status page: `GET /` on the `--metrics` listener, seen in a real
+headless browser (Debian's chromium).
+
+The hub's upstream is an address nobody listens on, so the page must show it
+not connected and the telemetry the devices send piling up in the queue. The
+browser runs with every host but loopback made unreachable (a dead proxy for
+everything else, and no name resolution), so the page is also shown to work
+on a gateway with no Internet: it needs nothing but the hub.
+
+`/status.json`, which the page draws, is checked on its own with urllib.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import time
+import urllib.request
+import uuid
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from helpers import LOOPBACK, Publisher, free_port, wait_until
+from pluginkit import plugin_hub, plugins_dist  # noqa: F401
+
+TELEMETRY_TOPIC = "devices/d1/messages/events/"
+WINDOW = (1280, 900)
+# Virtual time the page gets after loading: enough for its first fetch of
+# /status.json and the drawing (the refresh after that comes at 5 s).
+BUDGET_MS = 3000
+
+
+# --------------------------------------------------------------------------
+# the browser
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("chromium is not installed (apt-get install chromium)", pytrace=False)
+    return path
+
+
+def run_chromium(chromium: str, workdir: Path, url: str, *args: str, timeout: float = 60.0) -> str:
+    """Loads ``url`` in a fresh headless chromium that can reach loopback
+    only; returns its stdout (the DOM with ``--dump-dom``)."""
+    profile = workdir / f"chromium-profile-{uuid.uuid4().hex[:8]}"
+    cmd = [
+        chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check",
+        "--disable-extensions", "--disable-sync", "--disable-background-networking",
+        "--disable-component-update",
+        # Offline but for the hub: every host other than loopback goes to a
+        # proxy nobody runs (chromium never proxies loopback) and no name
+        # resolves, so anything the page fetched from elsewhere would fail.
+        f"--proxy-server=http://{LOOPBACK}:9",
+        f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE {LOOPBACK}",
+        f"--virtual-time-budget={BUDGET_MS}",
+        *args, url,
+    ]
+    r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, (
+        f"chromium exited {r.returncode}\nstderr:\n{r.stderr.decode('utf-8', 'replace')[-4000:]}"
+    )
+    return r.stdout.decode("utf-8", "replace")
+
+
+def page_dom(chromium: str, workdir: Path, url: str) -> "Node":
+    """The DOM of ``url`` after its script ran, parsed."""
+    html = run_chromium(chromium, workdir, url, "--dump-dom")
+    assert "<html" in html, f"chromium dumped no document:\n{html[:2000]}"
+    return parse_html(html)
+
+
+def screenshot(chromium: str, workdir: Path, url: str, path: Path) -> bytes:
+    """A PNG of ``url`` in a 1280x900 window; returns its bytes."""
+    run_chromium(chromium, workdir, url, f"--screenshot={path}", f"--window-size={WINDOW[0]},{WINDOW[1]}")
+    assert path.is_file(), f"chromium wrote no screenshot at {path}"
+    return path.read_bytes()
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG; fails unless ``data`` starts like one."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"not a PNG: starts with {data[:8]!r}"
+    assert data[12:16] == b"IHDR", "PNG without an IHDR chunk first"
+    return struct.unpack(">II", data[16:24])
+
+
+# --------------------------------------------------------------------------
+# a small DOM, from the HTML chromium dumps
+# --------------------------------------------------------------------------
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs, parent: "Node | None"):
+        self.tag = tag
+        self.attrs = dict(attrs)
+        self.parent = parent
+        self.children: list = []  # Node or str, in document order
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def iter(self):
+        yield self
+        for c in self.children:
+            if isinstance(c, Node):
+                yield from c.iter()
+
+    def find_all(self, tag: str) -> list["Node"]:
+        return [n for n in self.iter() if n.tag == tag and n is not self]
+
+    def by_id(self, ident: str) -> "Node":
+        found = [n for n in self.iter() if n.attrs.get("id") == ident]
+        assert found, f"no element with id {ident!r} on the page"
+        assert len(found) == 1, f"{len(found)} elements with id {ident!r}"
+        return found[0]
+
+    def classes(self) -> set[str]:
+        return set((self.attrs.get("class") or "").split())
+
+
+class _TreeBuilder(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", [], None)
+        self.cur = self.root
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, attrs, self.cur)
+        self.cur.children.append(node)
+        if tag not in VOID:
+            self.cur = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.cur.children.append(Node(tag, attrs, self.cur))
+
+    def handle_endtag(self, tag):
+        n = self.cur
+        while n is not None and n.tag != tag:
+            n = n.parent
+        if n is not None and n.parent is not None:
+            self.cur = n.parent
+
+    def handle_data(self, data):
+        self.cur.children.append(data)
+
+
+def parse_html(html: str) -> Node:
+    b = _TreeBuilder()
+    b.feed(html)
+    b.close()
+    return b.root
+
+
+def table_rows(table: Node) -> list[list[str]]:
+    return [[cell.text().strip() for cell in tr.iter() if cell.tag in ("td", "th")] for tr in table.find_all("tr")]
+
+
+def polyline_points(svg: Node) -> list[list[tuple[float, float]]]:
+    """The points of each series drawn in ``svg``: a polyline, or a dot for
+    a series of one point."""
+    out = []
+    for line in svg.find_all("polyline"):
+        pts = []
+        for pair in (line.attrs.get("points") or "").split():
+            x, y = pair.split(",")
+            pts.append((float(x), float(y)))
+        out.append(pts)
+    for dot in svg.find_all("circle"):
+        out.append([(float(dot.attrs["cx"]), float(dot.attrs["cy"]))])
+    return out
+
+
+# --------------------------------------------------------------------------
+# the hub
+# --------------------------------------------------------------------------
+
+
+def dead_upstream() -> str:
+    """An upstream address on a loopback port nobody listens on."""
+    return f"mqtt://{LOOPBACK}:{free_port()}"
+
+
+def base_url(hub) -> str:
+    return f"http://{LOOPBACK}:{hub.metrics_port}"
+
+
+def get(url: str) -> tuple[int, dict, bytes]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.status, dict(r.headers), r.read()
+
+
+def status_json(hub) -> dict:
+    status, headers, body = get(base_url(hub) + "/status.json")
+    assert status == 200, f"GET /status.json answered {status}"
+    return json.loads(body)
+
+
+def publish_telemetry(port: int, clients: list, n: int) -> Publisher:
+    """Publishes ``n`` QoS 1 telemetry messages as device d1, every one
+    acknowledged; the publisher stays connected."""
+    pub = Publisher(port, client_id="d1", inflight=100)
+    clients.append(pub.connect())
+    for i in range(n):
+        pub.publish(TELEMETRY_TOPIC, f'{{"seq": {i}, "temperature": 21.5}}'.encode(), qos=1, key=i)
+    pub.wait_results(n, 60)
+    refused = {k: rc for k, rc in pub.results.items() if rc >= 0x80}
+    assert not refused, f"publishes refused: {refused}"
+    return pub
+
+
+def en_us(n: int) -> str:
+    """``n`` as the page formats it (toLocaleString en-US)."""
+    return f"{n:,}"
+
+
+# --------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------
+
+
+def test_the_status_page_shows_the_edge_its_unreachable_upstream_and_the_queue_it_holds_in_a_browser(
+    chromium, hub_factory, clients, tmp_path
+):
+    n = 1500
+    upstream = dead_upstream()
+    hub = hub_factory(upstream, edge_id="edge-status-page")
+    publish_telemetry(hub.port, clients, n)
+
+    # The history is sampled every 10 s (the first sample when the hub
+    # starts): wait for a sample that saw the whole queue, so the charts
+    # have something to draw.
+    wait_until(
+        lambda: any(s["depth"] == n for s in status_json(hub)["history"]), 25,
+        f"a history sample with the queue at {n}", interval=0.2,
+    )
+    before = status_json(hub)
+    dom = page_dom(chromium, tmp_path, base_url(hub) + "/")
+    after = status_json(hub)
+
+    # the header: which hub, and its upstream, not connected
+    assert dom.by_id("edge").text() == "edgehub · edge-status-page"
+    assert dom.find_all("title")[0].text() == "edgehub edge-status-page"
+    assert dom.by_id("upstate").text() == "upstream not connected: storing"
+    assert "down" in dom.by_id("updot").classes() and "up" not in dom.by_id("updot").classes()
+    assert dom.by_id("upaddr").text() == upstream
+    assert dom.by_id("version").text().startswith(f"v{after['version']}, up ")
+    assert dom.by_id("error").attrs.get("style", "").replace(" ", "") in ("", "display:none;"), \
+        "the page says the hub is not answering"
+
+    # the tiles: the queue holds every message, one client is connected
+    for tile in ("queue-depth", "oldest", "bytes", "clients", "dead-letters", "scope", "c2d", "inputs"):
+        assert dom.by_id(f"tile-{tile}").text().strip(), f"tile {tile} is empty"
+    assert dom.by_id("tile-queue-depth").text() == en_us(n)
+    assert dom.by_id("tile-bytes").text() == en_us(after["now"]["queueBytes"])
+    assert after["now"]["queueBytes"] > 0
+    assert dom.by_id("tile-clients").text() == "1"
+    assert dom.by_id("tile-dead-letters").text() == "0"
+    assert re.fullmatch(r"[\d,.]+ (s|min)", dom.by_id("tile-oldest").text()), dom.by_id("tile-oldest").text()
+
+    # the counters since start: n received, none forwarded
+    counters = {row[0]: row[1] for row in table_rows(dom.by_id("counters")) if len(row) == 2}
+    assert counters.get("received from devices") == en_us(n), counters
+    assert counters.get("forwarded upstream") == "0", counters
+    assert counters.get("dropped") == "0", counters
+
+    # the charts: one point per history sample; the newest sample saw the
+    # largest queue, so the depth line ends at its top
+    depth_lines = polyline_points(dom.by_id("depth"))
+    assert len(depth_lines) == 1, f"the depth chart has {len(depth_lines)} lines"
+    points = depth_lines[0]
+    assert len(before["history"]) <= len(points) <= len(after["history"]), (
+        f"{len(points)} points for {len(before['history'])}..{len(after['history'])} samples"
+    )
+    axis_y = 160 - 16  # the x axis of the 600x160 viewBox
+    assert points[-1][1] == min(y for _, y in points) < axis_y / 2, f"the newest depth is not the highest: {points}"
+    assert "no samples yet" not in dom.by_id("depth").text()
+    assert polyline_points(dom.by_id("age")), "the oldest-age chart draws no line"
+
+    # and a picture of it
+    png = screenshot(chromium, tmp_path, base_url(hub) + "/", tmp_path / "status-page.png")
+    assert len(png) > 10_000, f"a {len(png)}-byte screenshot is too small to show the page"
+    assert png_size(png) == WINDOW
+
+
+def test_status_json_reports_the_hub_and_its_queue_and_the_page_needs_nothing_but_the_hub(
+    hub_factory, clients
+):
+    n = 250
+    upstream = dead_upstream()
+    hub = hub_factory(upstream, edge_id="edge-status-json")
+    publish_telemetry(hub.port, clients, n)
+    wait_until(lambda: status_json(hub)["now"]["queueDepth"] == n, 10, f"queueDepth == {n}", interval=0.05)
+    wait_until(lambda: status_json(hub)["history"], 10, "the first history sample", interval=0.05)
+
+    status, headers, body = get(base_url(hub) + "/status.json")
+    assert status == 200
+    assert headers.get("Content-Type", "").startswith("application/json"), headers
+    assert headers.get("Cache-Control") == "no-store", headers
+    s = json.loads(body)
+    assert set(s) == {"edgeId", "version", "time", "uptimeSeconds", "upstream", "now", "plugins",
+                      "sampleEverySeconds", "history"}, sorted(s)
+    assert s["edgeId"] == "edge-status-json"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", s["version"]), s["version"]
+    assert abs(s["time"] - time.time() * 1000) < 60_000, "time is not the wall clock in Unix ms"
+    assert 0 <= s["uptimeSeconds"] < 120
+    assert s["upstream"] == {"addresses": [upstream]}
+    assert s["sampleEverySeconds"] == 10
+    assert s["plugins"] == {}, s["plugins"]  # no plugin files
+
+    now = s["now"]
+    expected_now = {
+        "clients", "queueDepth", "queueBytes", "queueOldestAgeSeconds", "deadLetters", "upstreamConnected",
+        "upstreamReconnects", "scopeIdentities", "received", "forwarded", "expired", "dropped", "refused",
+        "authRefused", "authzRefused", "connectionsRefused", "pluginCalls", "filtered", "pluginFailures",
+        "c2dQueued", "moduleInputsQueued",
+    }
+    assert set(now) == expected_now, f"missing {expected_now - set(now)}, extra {set(now) - expected_now}"
+    assert now["queueDepth"] == n
+    assert now["received"] == n
+    assert now["forwarded"] == 0
+    assert now["upstreamConnected"] is False
+    assert now["clients"] == 1
+    assert now["queueBytes"] > 0
+    assert now["queueOldestAgeSeconds"] >= 0
+    assert now["deadLetters"] == 0 and now["dropped"] == 0 and now["expired"] == 0
+    assert now["pluginFailures"] == {}
+    # the same numbers as /metrics
+    m = hub.metrics()
+    assert m["edgehub_messages_received_total"] == now["received"]
+    assert m["edgehub_queue_depth"] == now["queueDepth"]
+    assert m["edgehub_queue_bytes"] == now["queueBytes"]
+
+    history = s["history"]
+    assert 1 <= len(history) <= 360
+    for sample in history:
+        assert set(sample) == {"t", "depth", "oldestAgeSeconds", "connected", "received", "forwarded"}, sample
+        assert sample["connected"] is False and sample["forwarded"] == 0, sample
+        assert 0 <= sample["depth"] <= n and 0 <= sample["received"] <= n, sample
+        assert sample["t"] <= s["time"], sample
+    ts = [sample["t"] for sample in history]
+    assert ts == sorted(ts), "history is not oldest first"
+
+    # The page is one self-contained file: no script, style, font or image
+    # from elsewhere, only its relative /status.json.
+    status, headers, page = get(base_url(hub) + "/")
+    assert status == 200
+    assert headers.get("Content-Type", "").startswith("text/html"), headers
+    html = page.decode("utf-8")
+    assert "<script>" in html and "<style>" in html, "the script and style are not inline"
+    assert not re.findall(r"https?:|//[a-z0-9.-]+\.[a-z]{2,}", html, re.I), \
+        f"the page names other hosts: {re.findall(r'.{0,40}(?:https?:|//[a-z0-9.-]+[.][a-z]{2,}).{0,40}', html, re.I)}"
+    assert not re.search(r"<(script|img|iframe)[^>]*\ssrc=|<link\b|@import|url\(", html, re.I), \
+        "the page loads a resource"
+    assert re.search(r"""fetch\(\s*["']/status\.json""", html), "the page does not fetch /status.json"
+
+
+def test_the_plugins_table_shows_a_loaded_plugin_and_why_a_refused_one_was_refused(
+    chromium, plugin_hub, plugins_dist, tmp_path  # noqa: F811
+):
+    ph = plugin_hub(
+        dead_upstream(),
+        edge_id="edge-status-plugins",
+        plugins={"field-filter": plugins_dist / "field-filter.wasm",
+                 "wrong-world": plugins_dist / "wrong-world.wasm"},
+    )
+    hub = ph.hub
+
+    def plugins_settled():
+        p = status_json(hub)["plugins"] or {}
+        return p if p.get("field-filter", {}).get("version") and p.get("wrong-world", {}).get("error") else None
+
+    plugins = wait_until(plugins_settled, 60, "field-filter loaded and wrong-world refused", interval=0.1)
+    dom = page_dom(chromium, tmp_path, base_url(hub) + "/")
+    rows = table_rows(dom.by_id("plugins"))
+    assert rows[0] == ["plugin", "kind", "version", "failed calls", "last refusal"], rows
+    by_name = {r[0]: r for r in rows[1:]}
+    assert set(by_name) == {"field-filter", "wrong-world"}, rows
+    ff = plugins["field-filter"]
+    assert by_name["field-filter"] == ["field-filter", ff["kind"], ff["version"], "0", ""], rows
+    ww = by_name["wrong-world"]
+    assert ww[1:4] == ["–", "–", "0"], rows
+    assert ww[4] == plugins["wrong-world"]["error"] and "exports none of the worlds" in ww[4], rows
