@@ -104,6 +104,7 @@ def test_a_flood_to_a_device_away_keeps_its_first_messages_and_refuses_the_rest_
             cloud.send("child1", f"flood-{i}".encode())
         hub.wait_metric("edgehub_messages_dropped_total", lambda v: v == before + 5, 20, "five refused")
         assert 'edgehub_messages_dropped_total{reason="device_queue_full"} 5' in hub.metrics_text()
+        assert 'edgehub_cloud_refused_total{kind="c2d",reason="queue_full"} 5\n' in hub.metrics_text()
         assert hub.metric("edgehub_c2d_queued") == BOUND
         rc, d1 = try_connect(hub.port, clients, **child1.credentials())
         assert rc == 0 and d1.subscribe_result(["devices/child1/messages/devicebound/#"]) == [1]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,98 +38,36 @@ from authkit import (
     V3_NOT_AUTHORIZED,
     auth_args,
     log_size,
+    publish_retained,
     sas_token,
     try_connect,
-    username_for,
     wait_log,
     wait_scope,
+)
+from cloudkit import (  # noqa: F401 (_cloud_binary: the autouse fixture)
+    CLI_TIMEOUT,
+    _BIN,
+    Tail,
+    _cloud_binary,
+    cloud,
+    cloud_cmd,
+    connection_string,
+    creds,
+    describe,
+    published_version,
+    scope_list,
+    token,
+    twin_get,
+    wait_twin,
 )
 from helpers import Subscriber, WaitTimeout, hub_env, tail, wait_until
 from pluginkit import connect_publisher, parse_bag
 
 EDGE2 = "edge2"
-CLI_TIMEOUT = 60.0
-
-_BIN: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _cloud_binary(edgehub_bin):
-    """The binary `cloud(...)` runs: the one the hub fixtures use."""
-    _BIN[:] = [edgehub_bin]
-
 
 # --------------------------------------------------------------------------
-# running the CLI
+# the hub
 # --------------------------------------------------------------------------
-
-
-def cloud_cmd(upstream, *args: str) -> list[str]:
-    return [_BIN[0], "cloud", "--broker", upstream.url, *args]
-
-
-def describe(r: subprocess.CompletedProcess) -> str:
-    return f"`{' '.join(r.args)}` exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-
-
-def cloud(upstream, *args: str, rc: int | None = 0, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    """Runs `edgehub cloud --broker <upstream> ARGS...` (text output); asserts
-    its exit status is ``rc`` unless ``rc`` is None."""
-    r = subprocess.run(cloud_cmd(upstream, *args), capture_output=True, text=True, timeout=timeout,
-                       env=hub_env(), stdin=subprocess.DEVNULL)
-    if rc is not None:
-        assert r.returncode == rc, f"expected exit {rc}: {describe(r)}"
-    return r
-
-
-def published_version(r: subprocess.CompletedProcess, edge: str) -> int:
-    """The scope version the CLI says it published for ``edge``."""
-    m = re.findall(rf"^{re.escape(edge)}: scope version (\d+) published$", r.stderr, re.MULTILINE)
-    assert len(m) == 1, f"expected one `{edge}: scope version N published` line: {describe(r)}"
-    return int(m[0])
-
-
-def scope_list(upstream, *args: str) -> list[dict]:
-    r = cloud(upstream, "scope", "list", *args)
-    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
-
-
-def connection_string(upstream, identity: str, *args: str) -> dict[str, str]:
-    r = cloud(upstream, "connection-string", identity, "--hub", HUB_NAME, *args)
-    line = r.stdout.strip()
-    assert "\n" not in line, describe(r)
-    return dict(part.split("=", 1) for part in line.split(";"))
-
-
-def token(upstream, identity: str, *args: str) -> str:
-    return cloud(upstream, "token", identity, "--hub", HUB_NAME, *args).stdout.strip()
-
-
-def creds(identity: str, password: str) -> dict:
-    """Client id, username and password of ``d`` or ``edge/module``."""
-    device, _, module = identity.partition("/")
-    return {"client_id": identity, "username": username_for(device, module or None), "password": password}
-
-
-def twin_get(upstream, identity: str) -> dict:
-    r = cloud(upstream, "twin", "get", identity)
-    doc = json.loads(r.stdout)
-    assert set(doc) == {"desired", "reported"}, describe(r)
-    return doc
-
-
-def wait_twin(upstream, identity: str, pred, timeout: float, desc: str) -> dict:
-    box: dict = {}
-
-    def check():
-        box["twin"] = twin_get(upstream, identity)
-        return pred(box["twin"])
-
-    try:
-        wait_until(check, timeout, desc, interval=0.1)
-    except WaitTimeout as exc:
-        raise WaitTimeout(f"{exc}; last `twin get {identity}`: {json.dumps(box.get('twin'))}") from None
-    return box["twin"]
 
 
 def wait_applied(hub, offset: int, version: int) -> None:
@@ -176,46 +113,6 @@ def connect(hub, up, clients, identity: str, subscribe: list[str] = ()):
     if subscribe:
         assert c.subscribe_result(list(subscribe)) == [1] * len(subscribe)
     return c
-
-
-class Tail:
-    """`edgehub cloud tail ...` running in the background; ``listening`` is
-    set once it says so on stderr."""
-
-    def __init__(self, upstream, *args: str):
-        self.proc = subprocess.Popen(cloud_cmd(upstream, "tail", *args), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=hub_env(), stdin=subprocess.DEVNULL)
-        self.listening = threading.Event()
-        self.stderr: list[str] = []
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self._reader.start()
-
-    def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            if line.strip() == "listening":
-                self.listening.set()
-
-    def wait_listening(self, timeout: float = 15.0) -> None:
-        if not self.listening.wait(timeout):
-            self.proc.kill()
-            raise AssertionError(f"tail never said `listening`; stderr: {''.join(self.stderr)!r}")
-
-    def finish(self, timeout: float = 30.0) -> tuple[int, list[dict]]:
-        """Exit status and the JSON lines printed, once it exits by itself."""
-        try:
-            out, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate(timeout=10)
-            raise AssertionError(f"tail did not exit within {timeout}s; printed {out!r}") from None
-        self._reader.join(5)
-        return self.proc.returncode, [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 # --------------------------------------------------------------------------
@@ -308,7 +205,8 @@ def test_identities_added_with_the_cli_sign_in_at_the_hub_and_rotate_key_remove_
     after = connection_string(up, "child1")
     assert after["SharedAccessKey"] == key_before, "set-parent changed the device's key"
     assert after["GatewayHostName"] == EDGE2, after
-    assert [(e["edge"], e["identity"], e["parent"]) for e in scope_list(up)] == [(EDGE2, "child1", EDGE2)]
+    assert [(e["edge"], e["identity"], e["parent"]) for e in scope_list(up)] == [
+        (EDGE2, "child1", EDGE2), (EDGE_ID, None, None)], "an edge with no identity is listed as such"
     assert hub.alive()
 
 
@@ -396,6 +294,70 @@ def test_refused_scope_changes_exit_1_with_the_reason_and_publish_nothing(upstre
     assert by_env.returncode == 0, describe(by_env)
     assert sorted(json.loads(ln)["identity"] for ln in by_env.stdout.splitlines()) == ["child2", "child3"], \
         describe(by_env)
+
+
+def retained_raw(up, edge: str) -> bytes:
+    """The bytes the broker holds retained on ``edge``'s scope topic."""
+    watcher = Subscriber(up.port).connect()
+    try:
+        watcher.subscribe(f"edges/{edge}/scope")
+        msgs = watcher.wait_for(lambda ms: len(ms) >= 1, 10, f"the retained scope of {edge}")
+        return bytes(msgs[0].payload)
+    finally:
+        watcher.close()
+
+
+def retained_scope(up, edge: str) -> dict:
+    """The scope document the broker holds retained for ``edge``."""
+    return json.loads(retained_raw(up, edge))
+
+
+def test_an_interrupted_set_parent_is_finished_by_running_it_again_and_a_garbled_scope_blocks_only_its_own_edge(
+    upstream,
+):
+    up = upstream
+    cloud(up, "scope", "add-edge", "edge1")
+    cloud(up, "scope", "add-edge", EDGE2)
+    cloud(up, "scope", "add", "child1", "--parent", "edge1")
+    # an edge with no identity is listed too
+    empty = {"edge": EDGE2, "version": 1, "identity": None, "parent": None, "auth": None}
+    assert empty in scope_list(up), scope_list(up)
+
+    # A set-parent that published the new parent's document and not the
+    # old one's: child1 is in both scopes, with the same keys.
+    edge1 = retained_scope(up, "edge1")
+    entry = dict(next(i for i in edge1["identities"] if i["deviceId"] == "child1"), parent=EDGE2)
+    publish_retained(up.port, f"edges/{EDGE2}/scope", json.dumps({"version": 2, "identities": [entry]}).encode())
+    listed = [(e["edge"], e["identity"]) for e in scope_list(up)]
+    assert listed == [("edge1", "child1"), (EDGE2, "child1")], listed
+
+    for args in (("scope", "rotate-key", "child1"), ("scope", "set-parent", "child1", "edge3")):
+        r = cloud(up, *args, rc=1)
+        assert "edge1 and edge2" in r.stderr and "set-parent child1" in r.stderr, describe(r)
+    r = cloud(up, "scope", "set-parent", "child1", EDGE2)
+    assert published_version(r, "edge1") == edge1["version"] + 1
+    assert f"{EDGE2}: scope version" not in r.stderr, describe(r)
+    listed = [(e["edge"], e["identity"]) for e in scope_list(up)]
+    assert listed == [("edge1", None), (EDGE2, "child1")], listed
+    kept = next(i for i in retained_scope(up, EDGE2)["identities"] if i["deviceId"] == "child1")
+    assert kept["auth"] == entry["auth"], "the device lost its keys in the move"
+
+    # Whatever sits retained on an edge's scope topic: its edge is named as
+    # unreadable, edits of it are refused, the other edges are unaffected.
+    publish_retained(up.port, "edges/bad/scope", b"\xff{ not json")
+    r = cloud(up, "scope", "list", rc=1)
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    assert [ln["edge"] for ln in lines] == ["edge1", EDGE2, "bad"], describe(r)
+    assert lines[-1]["error"], describe(r)
+    assert "mosquitto_pub -r -n -t edges/bad/scope" in r.stderr, describe(r)
+    for args in (("scope", "add", "child9", "--parent", "bad"), ("scope", "add", "bad/mod1"),
+                 ("scope", "add-edge", "bad")):
+        r = cloud(up, *args, rc=1)
+        assert "edges/bad/scope is not valid" in r.stderr and not r.stdout, describe(r)
+    assert retained_raw(up, "bad") == b"\xff{ not json", "a refused edit published over the garbled document"
+    r = cloud(up, "scope", "add", "child9", "--parent", "edge1")
+    assert published_version(r, "edge1") == edge1["version"] + 2
+    assert ("edge1", "child9") in [(e["edge"], e.get("identity")) for e in scope_list(up, "--edge", "edge1")]
 
 
 # --------------------------------------------------------------------------

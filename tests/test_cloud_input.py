@@ -163,6 +163,8 @@ def test_a_malformed_desired_document_from_the_cloud_is_refused_and_logged_and_t
         wait_log(hub, offset, line_with("desired properties refused", "identity=child1", reason), 15,
                  f"the refusal of {doc[:60]!r} ({reason})")
     assert hub.alive(), "the hub exited on a malformed desired document"
+    refused = f'edgehub_cloud_refused_total{{kind="desired",reason="invalid"}} {len(MALFORMED_DESIRED)}\n'
+    assert refused in hub.metrics_text(), "the refused desired documents are not counted as such"
     assert not c.closed.is_set(), "the device lost its connection"
     assert on_topic(c, DESIRED) == [], "a refused document was pushed to the device"
     assert get_twin(c, "after-refusals")["desired"] == {"rate": 5, "mode": "eco", "$version": 2}, \
@@ -276,6 +278,10 @@ def test_a_cloud_call_outside_the_scope_is_answered_by_no_one_and_reaches_no_cli
         assert not c.closed.is_set()
     log = log_since(hub, offset)
     assert not re.search(r"stranger|ghost", log), f"the hub saw a call outside its scope:\n{log}"
+    counted = hub.metrics_text()
+    assert 'edgehub_cloud_refused_total{kind="method",reason="not_for_the_hub"} 2\n' in counted, \
+        "the two messages that are not calls are not counted as ignored"
+    assert 'reason="outside_scope"' not in counted, "a call outside the scope reached the hub"
     subscribed = hub_subscriptions(up)
     method_filters = {f for f in subscribed if "/methods/" in f}
     assert method_filters == in_scope, \

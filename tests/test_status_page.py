@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LOOPBACK, Publisher, free_port, wait_until
+from authkit import EDGE_ID, V3_ACCEPTED, Identity, auth_args, publish_scope, scope_doc, try_connect, wait_scope
+from helpers import LOOPBACK, Publisher, Subscriber, free_port, wait_until
 from pluginkit import plugin_hub, plugins_dist  # noqa: F401
 
 TELEMETRY_TOPIC = "devices/d1/messages/events/"
@@ -224,6 +225,23 @@ def en_us(n: int) -> str:
     return f"{n:,}"
 
 
+def labelled_samples(text: str, name: str) -> dict[tuple, float]:
+    """The samples of metric ``name`` in Prometheus text: sorted (label,
+    value) pairs -> value (``()`` for a sample without labels)."""
+    out: dict[tuple, float] = {}
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})?\s+(\S+)$", line.strip())
+        if m:
+            labels = tuple(sorted(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(1) or "")))
+            out[labels] = float(m.group(2))
+    return out
+
+
+# A latency as the page shows it, and its 99th percentile (an upper bound).
+LATENCY = r"[\d,.]+ (µs|ms|s)"
+P99 = rf"≤ {LATENCY}|> 10 s"
+
+
 # --------------------------------------------------------------------------
 # tests
 # --------------------------------------------------------------------------
@@ -267,6 +285,16 @@ def test_the_status_page_shows_the_edge_its_unreachable_upstream_and_the_queue_i
     assert dom.by_id("tile-clients").text() == "1"
     assert dom.by_id("tile-dead-letters").text() == "0"
     assert re.fullmatch(r"[\d,.]+ (s|min)", dom.by_id("tile-oldest").text()), dom.by_id("tile-oldest").text()
+    assert dom.by_id("tile-scope-age").text() == "no scope yet"
+
+    # the sessions: the publisher d1, connected; no route table
+    assert dom.by_id("sessions-count").text() == "1 connected, 0 away"
+    sessions = table_rows(dom.by_id("sessions"))
+    assert sessions[0] == ["client id", "state", "since", "subscriptions", "held"], sessions
+    assert [r[:2] for r in sessions[1:]] == [["d1", "connected"]], sessions
+    assert re.fullmatch(r"[\d,.]+ (s|min)", sessions[1][2]) and sessions[1][3:] == ["0", "0"], sessions
+    assert len([tr for tr in dom.by_id("sessions").find_all("tr") if "session" in tr.classes()]) == 1
+    assert table_rows(dom.by_id("routes")) == [["no routes: every upstream-bound message goes upstream"]]
 
     # the counters since start: n received, none forwarded
     counters = {row[0]: row[1] for row in table_rows(dom.by_id("counters")) if len(row) == 2}
@@ -308,8 +336,8 @@ def test_status_json_reports_the_hub_and_its_queue_and_the_page_needs_nothing_bu
     assert headers.get("Content-Type", "").startswith("application/json"), headers
     assert headers.get("Cache-Control") == "no-store", headers
     s = json.loads(body)
-    assert set(s) == {"edgeId", "version", "time", "uptimeSeconds", "upstream", "now", "plugins",
-                      "sampleEverySeconds", "history"}, sorted(s)
+    assert set(s) == {"edgeId", "version", "time", "uptimeSeconds", "upstream", "now", "plugins", "routes",
+                      "sessions", "sampleEverySeconds", "history"}, sorted(s)
     assert s["edgeId"] == "edge-status-json"
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", s["version"]), s["version"]
     assert abs(s["time"] - time.time() * 1000) < 60_000, "time is not the wall clock in Unix ms"
@@ -317,29 +345,44 @@ def test_status_json_reports_the_hub_and_its_queue_and_the_page_needs_nothing_bu
     assert s["upstream"] == {"addresses": [upstream]}
     assert s["sampleEverySeconds"] == 10
     assert s["plugins"] == {}, s["plugins"]  # no plugin files
+    assert s["routes"] == [], s["routes"]  # no route table
+
+    # the sessions: the publisher, connected, holding nothing
+    sessions = s["sessions"]
+    assert set(sessions) == {"connected", "away", "sessions"}, sessions
+    assert sessions["connected"] == 1 and sessions["away"] == 0, sessions
+    assert len(sessions["sessions"]) == 1, sessions
+    d1 = sessions["sessions"][0]
+    assert set(d1) == {"clientId", "connected", "sinceMs", "persistent", "subscriptions", "queued"}, d1
+    assert d1["clientId"] == "d1" and d1["connected"] is True, d1
+    assert d1["persistent"] is False and d1["subscriptions"] == 0 and d1["queued"] == 0, d1
+    assert 0 <= s["time"] - d1["sinceMs"] < 120_000, f"sinceMs {d1['sinceMs']} is not when d1 connected"
 
     now = s["now"]
     expected_now = {
         "clients", "queueDepth", "queueBytes", "queueOldestAgeSeconds", "deadLetters", "upstreamConnected",
-        "upstreamReconnects", "scopeIdentities", "received", "forwarded", "expired", "dropped", "refused",
-        "authRefused", "authzRefused", "connectionsRefused", "pluginCalls", "filtered", "pluginFailures",
-        "c2dQueued", "moduleInputsQueued",
+        "upstreamAddress", "upstreamReconnects", "scopeIdentities", "scopeVersion", "scopeSyncedMs", "received",
+        "forwarded", "expired", "dropped", "refused", "authRefused", "authzRefused", "connectionsRefused",
+        "pluginCalls", "filtered", "plugins", "routes", "c2dQueued", "moduleInputsQueued",
     }
     assert set(now) == expected_now, f"missing {expected_now - set(now)}, extra {set(now) - expected_now}"
     assert now["queueDepth"] == n
     assert now["received"] == n
     assert now["forwarded"] == 0
     assert now["upstreamConnected"] is False
+    assert now["upstreamAddress"] is None
+    assert now["scopeVersion"] == 0 and now["scopeSyncedMs"] is None
     assert now["clients"] == 1
     assert now["queueBytes"] > 0
     assert now["queueOldestAgeSeconds"] >= 0
     assert now["deadLetters"] == 0 and now["dropped"] == 0 and now["expired"] == 0
-    assert now["pluginFailures"] == {}
+    assert now["plugins"] == {} and now["routes"] == [], (now["plugins"], now["routes"])
     # the same numbers as /metrics
     m = hub.metrics()
     assert m["edgehub_messages_received_total"] == now["received"]
     assert m["edgehub_queue_depth"] == now["queueDepth"]
     assert m["edgehub_queue_bytes"] == now["queueBytes"]
+    assert m["edgehub_scope_version"] == 0 and m["edgehub_scope_synced_timestamp_seconds"] == 0
 
     history = s["history"]
     assert 1 <= len(history) <= 360
@@ -381,13 +424,173 @@ def test_the_plugins_table_shows_a_loaded_plugin_and_why_a_refused_one_was_refus
         return p if p.get("field-filter", {}).get("version") and p.get("wrong-world", {}).get("error") else None
 
     plugins = wait_until(plugins_settled, 60, "field-filter loaded and wrong-world refused", interval=0.1)
+    # the numbers of the loaded plugin only: nothing handed to it yet
+    now_plugins = status_json(hub)["now"]["plugins"]
+    assert set(now_plugins) == {"field-filter"}, now_plugins
+    assert now_plugins["field-filter"]["failures"] == 0, now_plugins
+    assert now_plugins["field-filter"]["took"]["count"] == 0, now_plugins
     dom = page_dom(chromium, tmp_path, base_url(hub) + "/")
     rows = table_rows(dom.by_id("plugins"))
-    assert rows[0] == ["plugin", "kind", "version", "failed calls", "last refusal"], rows
+    assert rows[0] == ["plugin", "kind", "version", "messages", "time, mean", "p99", "failed calls",
+                       "last refusal"], rows
     by_name = {r[0]: r for r in rows[1:]}
     assert set(by_name) == {"field-filter", "wrong-world"}, rows
     ff = plugins["field-filter"]
-    assert by_name["field-filter"] == ["field-filter", ff["kind"], ff["version"], "0", ""], rows
+    # no message sent: nothing handed to it, no time to show
+    assert by_name["field-filter"] == ["field-filter", ff["kind"], ff["version"], "0", "–", "–", "0", ""], rows
     ww = by_name["wrong-world"]
-    assert ww[1:4] == ["–", "–", "0"], rows
-    assert ww[4] == plugins["wrong-world"]["error"] and "exports none of the worlds" in ww[4], rows
+    assert ww[1:7] == ["–", "–", "0", "–", "–", "0"], rows
+    assert ww[7] == plugins["wrong-world"]["error"] and "exports none of the worlds" in ww[7], rows
+
+
+HOT_ROUTE = "FROM /messages/devices/* WHERE $connectionDeviceId = 'sensor1' INTO plugin(\"field-filter\") THEN $upstream"
+METER_ROUTE = "FROM /messages/devices/meter1 INTO $upstream"
+
+
+def test_the_status_page_shows_what_each_route_carried_how_long_its_plugin_took_the_synced_scope_and_the_sessions(
+    chromium, upstream, collector_factory, plugin_hub, plugins_dist, clients, tmp_path  # noqa: F811
+):
+    sensor, meter, parked = Identity.child("sensor1"), Identity.child("meter1"), Identity.child("parked1")
+    collector = collector_factory(upstream)
+    ph = plugin_hub(
+        upstream,
+        edge_id=EDGE_ID,
+        extra_args=auth_args(),
+        plugins={"field-filter": plugins_dist / "field-filter.wasm"},
+        settings={"field-filter": {"config": {"field": "temperature", "above": 25}}},
+        # named so that the table order (priority, then name) is not the
+        # order of the names
+        routes={
+            "a-meters": {"route": METER_ROUTE, "priority": 2},
+            "hot": {"route": HOT_ROUTE, "onError": "drop"},
+        },
+    )
+    hub = ph.hub
+
+    # the cloud's device scope, retained upstream
+    scope_version = 7
+    publish_scope(upstream, scope_doc([sensor, meter, parked], version=scope_version))
+    wait_scope(hub, 3)
+    wait_until(lambda: (status_json(hub)["plugins"].get("field-filter") or {}).get("version"), 60,
+               "field-filter loaded", interval=0.1)
+
+    # a persistent session with one subscription that goes away
+    away = Subscriber(hub.port, client_id=parked.client_id, clean=False)
+    away.client.username_pw_set(parked.username, parked.token())
+    clients.append(away.connect())
+    away.subscribe(f"devices/{parked.device_id}/messages/devicebound/#", qos=1)
+    away.close()
+    wait_until(lambda: status_json(hub)["sessions"]["away"] == 1, 10, "parked1's session away", interval=0.05)
+
+    # two devices that stay connected and send
+    devices = {}
+    for ident in (sensor, meter):
+        rc, c = try_connect(hub.port, clients, **ident.credentials())
+        assert rc == V3_ACCEPTED, f"{ident.device_id} with its key: CONNACK {rc}"
+        devices[ident.device_id] = c
+    temperatures = [20, 30.5, 26, 10, 40, 25]  # above 25: 30.5, 26 and 40 pass field-filter
+    hot = [json.dumps({"temperature": t, "seq": i}).encode() for i, t in enumerate(temperatures)]
+    readings = [json.dumps({"kwh": i}).encode() for i in range(4)]
+    k, j = len(hot), len(readings)
+    for payload in hot:
+        assert devices["sensor1"].publish_result("devices/sensor1/messages/events/", payload) == 0
+    for payload in readings:
+        assert devices["meter1"].publish_result("devices/meter1/messages/events/", payload) == 0
+    passed = [p for p, t in zip(hot, temperatures) if t > 25]
+    want_upstream = set(passed + readings)
+    got = collector.wait_for(lambda ms: want_upstream <= {p for _, p in ms}, 30, "what the routes let through")
+    assert sorted(p for _, p in got) == sorted(want_upstream), f"upstream got {got}"
+
+    def counted():
+        s = status_json(hub)
+        n = s["now"]
+        done = ([r["messages"] for r in n["routes"]] == [k, j] and n["forwarded"] == len(want_upstream)
+                and n["plugins"]["field-filter"]["took"]["count"] == k and n["upstreamConnected"])
+        return s if done else None
+
+    s = wait_until(counted, 20, f"the routes counting {k} and {j} messages, all forwarded", interval=0.05)
+    now = s["now"]
+    summary = json.dumps({key: s[key] for key in ("routes", "sessions", "plugins")} | {"now": now}, indent=1)
+
+    # the routes, in table order, and what each carried
+    assert s["routes"] == [
+        {"name": "hot", "text": HOT_ROUTE, "priority": 0},
+        {"name": "a-meters", "text": METER_ROUTE, "priority": 2},
+    ], summary
+    hot_n, meters_n = now["routes"]
+    assert hot_n["name"] == "hot" and meters_n["name"] == "a-meters", summary
+    assert hot_n["messages"] == k and meters_n["messages"] == j, summary
+    wait = hot_n["pluginWait"]
+    assert wait["count"] == k and wait["meanSeconds"] > 0, summary
+    assert wait["p99Seconds"] is None or wait["p99Seconds"] >= wait["meanSeconds"], summary
+    assert meters_n["pluginWait"]["count"] == 0, summary
+
+    # the plugin: every message of its route handed to it, none failed
+    assert set(now["plugins"]) == {"field-filter"}, summary
+    ff = now["plugins"]["field-filter"]
+    assert ff["failures"] == 0 and ff["took"]["count"] == k and ff["took"]["meanSeconds"] > 0, summary
+    assert ff["took"]["p99Seconds"] is None or ff["took"]["p99Seconds"] >= ff["took"]["meanSeconds"], summary
+    assert now["pluginCalls"] == k and now["filtered"] == k - len(passed), summary
+    assert now["received"] == k + j, summary
+
+    # the upstream it is connected to, and the scope it synced from there
+    assert now["upstreamConnected"] is True and now["upstreamAddress"] == upstream.url, summary
+    assert now["scopeIdentities"] == 3 and now["scopeVersion"] == scope_version, summary
+    assert now["scopeSyncedMs"] is not None, summary
+    assert 0 <= s["time"] - now["scopeSyncedMs"] < 60_000, summary
+    assert abs(now["scopeSyncedMs"] - time.time() * 1000) < 60_000, summary
+
+    # the sessions: connected ones first, each group by client id
+    ss = s["sessions"]
+    assert ss["connected"] == 2 and ss["away"] == 1, summary
+    assert [(c["clientId"], c["connected"], c["persistent"]) for c in ss["sessions"]] == [
+        ("meter1", True, False), ("sensor1", True, False), ("parked1", False, True),
+    ], summary
+    assert ss["sessions"][2]["subscriptions"] == 1, summary
+
+    # the same numbers on /metrics
+    text = hub.metrics_text()
+    assert labelled_samples(text, "edgehub_route_messages_total") == {
+        (("route", "hot"),): k, (("route", "a-meters"),): j,
+    }, text
+    waits = labelled_samples(text, "edgehub_route_plugin_wait_seconds_count")
+    assert waits.get((("route", "hot"),)) == k and waits.get((("route", "a-meters"),), 0) == 0, waits
+    assert labelled_samples(text, "edgehub_plugin_seconds_count").get((("plugin", "field-filter"),)) == k, text
+    assert labelled_samples(text, "edgehub_upstream_address") == {(("address", upstream.url),): 1}, text
+    assert labelled_samples(text, "edgehub_scope_version") == {(): scope_version}, text
+    synced = labelled_samples(text, "edgehub_scope_synced_timestamp_seconds")
+    assert set(synced) == {()} and abs(synced[()] * 1000 - now["scopeSyncedMs"]) < 2, (synced, now["scopeSyncedMs"])
+
+    # and in the browser
+    dom = page_dom(chromium, tmp_path, base_url(hub) + "/")
+    assert dom.by_id("upstate").text() == "upstream connected"
+    assert "up" in dom.by_id("updot").classes() and "down" not in dom.by_id("updot").classes()
+    assert dom.by_id("upaddr").text() == f"to {upstream.url}"
+    assert dom.by_id("tile-scope").text() == "3"
+    assert re.fullmatch(r"[\d,.]+ (s|min) ago", dom.by_id("tile-scope-age").text()), dom.by_id("tile-scope-age").text()
+
+    routes = table_rows(dom.by_id("routes"))
+    assert routes[0] == ["route", "statement", "priority", "messages", "plugin wait, mean", "p99"], routes
+    assert [r[:4] for r in routes[1:]] == [
+        ["hot", HOT_ROUTE, "0", en_us(k)], ["a-meters", METER_ROUTE, "2", en_us(j)],
+    ], routes
+    assert re.fullmatch(LATENCY, routes[1][4]) and re.fullmatch(P99, routes[1][5]), routes
+    assert routes[2][4:] == ["–", "–"], routes
+
+    plugins = table_rows(dom.by_id("plugins"))
+    by_name = {r[0]: r for r in plugins[1:]}
+    assert set(by_name) == {"field-filter"}, plugins
+    row = by_name["field-filter"]
+    info = s["plugins"]["field-filter"]
+    assert row[:4] == ["field-filter", info["kind"], info["version"], en_us(k)], plugins
+    assert re.fullmatch(LATENCY, row[4]) and re.fullmatch(P99, row[5]), plugins
+    assert row[6:] == ["0", ""], plugins
+
+    assert dom.by_id("sessions-count").text() == "2 connected, 1 away"
+    sessions = table_rows(dom.by_id("sessions"))
+    assert sessions[0] == ["client id", "state", "since", "subscriptions", "held"], sessions
+    assert [r[:2] for r in sessions[1:]] == [["meter1", "connected"], ["sensor1", "connected"],
+                                             ["parked1", "away"]], sessions
+    assert sessions[3][3] == "1", sessions
+    for r in sessions[1:]:
+        assert re.fullmatch(r"[\d,.]+ (s|min)", r[2]), sessions

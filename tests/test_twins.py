@@ -17,13 +17,16 @@ from authkit import (
     Identity,
     auth_args,
     describe_sdk,
+    log_size,
     make_certs,
     publish_retained,
     publish_scope,
     require_port_free,
     run_sdk,
+    scope_doc,
     start_gateway,
     try_connect,
+    wait_log,
     wait_scope,
     wait_tls_listener,
 )
@@ -134,6 +137,52 @@ def test_a_bad_reported_patch_is_answered_400_with_its_reason_and_changes_nothin
     c.publish_result("$iothub/twin/PATCH/properties/reported/?$rid=ok", b'{"ok": true}')
     assert answer("ok")[0] == "$iothub/twin/res/204/?$rid=ok&$version=2"
     assert not c.closed.is_set(), "the hub kept the connection through every bad patch"
+
+
+def twin_request(c, topic: str, body: bytes, rid: str) -> tuple[str, dict | None]:
+    """Sends a twin request and returns its answer's topic and JSON body."""
+    assert c.publish_result(topic.format(rid=rid), body) == 0
+    prefix = "$iothub/twin/res/"
+    c._wait(lambda: any(t.startswith(prefix) and f"$rid={rid}" in t for t, _ in c.messages), 10,
+            f"the answer to request {rid}")
+    with c.cond:
+        t, p = next((t, p) for t, p in c.messages if t.startswith(prefix) and f"$rid={rid}" in t)
+    return t, (json.loads(p) if p else None)
+
+
+def test_the_twin_of_an_identity_removed_from_the_scope_is_deleted_and_it_starts_afresh_when_added_again(
+    upstream, hub_factory, clients
+):
+    child1, child2 = Identity.child("child1"), Identity.child("child2")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, scope_doc([child1, child2], version=1))
+    wait_scope(hub, 2)
+    for ident in (child1, child2):
+        rc, c = try_connect(hub.port, clients, **ident.credentials())
+        assert rc == 0 and c.subscribe_result(["$iothub/twin/res/#"]) == [1]
+        topic, _ = twin_request(c, "$iothub/twin/PATCH/properties/reported/?$rid={rid}",
+                                json.dumps({"who": ident.device_id}).encode(), f"r-{ident.device_id}")
+        assert topic == f"$iothub/twin/res/204/?$rid=r-{ident.device_id}&$version=2", topic
+        c.close()
+
+    offset = log_size(hub)
+    publish_scope(upstream, scope_doc([child1], version=2))
+    wait_log(hub, offset, r"twins of identities removed from the device scope deleted\b.*\btwins=1\b", 20,
+             "child2's twin deleted with it")
+    # gone for good: not back after a restart, nor when child2 is added again
+    assert hub.terminate() == 0
+    hub.start()
+    publish_scope(upstream, scope_doc([child1, child2], version=3))
+    wait_scope(hub, 2)
+    docs = {}
+    for ident in (child1, child2):
+        rc, c = try_connect(hub.port, clients, **ident.credentials())
+        assert rc == 0 and c.subscribe_result(["$iothub/twin/res/#"]) == [1]
+        topic, docs[ident.device_id] = twin_request(c, "$iothub/twin/GET/?$rid={rid}", b"", f"g-{ident.device_id}")
+        assert topic == f"$iothub/twin/res/200/?$rid=g-{ident.device_id}", topic
+    assert docs["child1"]["reported"] == {"who": "child1", "$version": 2}, docs
+    assert docs["child2"]["reported"] == {"$version": 1}, f"child2's old twin came back: {docs}"
+    assert hub.alive()
 
 
 # --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{sas, Auth, ClientCredentials, Principal};
 use crate::methods::{self, Methods};
-use crate::upstream::protocol::{MethodRequest, MethodResponse};
+use crate::protocol::{MethodRequest, MethodResponse};
 
 /// The largest request body (a payload of 128 KiB and its envelope).
 const MAX_BODY: usize = methods::MAX_PAYLOAD + 4096;

@@ -249,13 +249,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
             source,
         })?;
         tracing::info!(%addr, "metrics and status page ready");
-        let seen = monitor::Seen::new(
-            metrics.clone(),
-            store.clone(),
-            config.edge_id.clone(),
-            addresses.iter().map(ToString::to_string).collect(),
-            Some(registry.clone()),
-        );
+        let sources = monitor::Sources {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            broker: broker.clone(),
+            routes: routes.clone(),
+            plugins: Some(registry.clone()),
+        };
+        let upstream = addresses.iter().map(ToString::to_string).collect();
+        let seen = monitor::Seen::new(sources, config.edge_id.clone(), upstream);
         tasks.spawn(monitor::serve(l, Arc::new(seen), shutdown.clone()));
     }
     let mut link = Link::new(
@@ -297,8 +299,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     let c2d_sync = C2dSync::subscribe(&mut link);
     let (link, link_events, link_actor) = link.start();
     tasks.spawn(cloud.run(auth.clone(), hub_twin, shutdown.clone()));
-    tasks.spawn(twin_sync.run(link.clone(), auth.clone(), twins, broker, shutdown.clone()));
-    tasks.spawn(method_sync.run(link.clone(), auth.clone(), methods, shutdown.clone()));
+    let twin_sync = twin_sync.run(
+        link.clone(),
+        auth.clone(),
+        twins,
+        broker,
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    tasks.spawn(twin_sync);
+    let method_sync = method_sync.run(
+        link.clone(),
+        auth.clone(),
+        methods,
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    tasks.spawn(method_sync);
     tasks.spawn(c2d_sync.run(
         link.clone(),
         auth.clone(),

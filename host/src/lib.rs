@@ -40,6 +40,7 @@ pub mod mqtt;
 pub mod packet_id;
 pub mod pem;
 pub mod plugins;
+pub mod protocol;
 pub mod routing;
 pub mod store;
 pub mod topic;

@@ -161,6 +161,13 @@ impl ScopeCache {
         }
     }
 
+    /// When the cached document was saved (Unix ms), if there is one.
+    pub fn saved_ms(&self) -> Option<u64> {
+        let modified = std::fs::metadata(&self.path).ok()?.modified().ok()?;
+        let since = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        u64::try_from(since.as_millis()).ok()
+    }
+
     /// The master key's sealer, for other secrets kept at rest.
     pub fn sealer(&self) -> Sealer {
         self.sealer.clone()
@@ -191,6 +198,8 @@ mod tests {
         let raw = std::fs::read(storage.join(CACHE_FILE)).unwrap();
         assert!(!raw.windows(8).any(|w| w == b"c2VjcmV0"));
         let again = ScopeCache::open(&storage, None).unwrap();
+        let saved = again.saved_ms().expect("a saved cache has a time");
+        assert!(saved.abs_diff(crate::clock::wall_ms()) < 60_000, "{saved}");
         assert_eq!(
             again.load().unwrap().unwrap(),
             b"{\"secret\": \"c2VjcmV0a2V5\"}"

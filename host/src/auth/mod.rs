@@ -155,6 +155,9 @@ impl Auth {
             None => None,
         };
         metrics.set_scope_identities(scope.as_ref().map_or(0, |s| s.identities.len()));
+        if let (Some(s), Some(saved)) = (&scope, cache.saved_ms()) {
+            metrics.set_scope_synced(s.version, saved);
+        }
         let (scope, _) = watch::channel(scope);
         Ok(Self {
             edge_id: edge_id.to_string(),
@@ -196,6 +199,8 @@ impl Auth {
         // line finds the new scope applied to the next CONNECT.
         self.scope.send_replace(Some(Arc::new(scope)));
         self.metrics.set_scope_identities(n);
+        self.metrics
+            .set_scope_synced(version, crate::clock::wall_ms());
         tracing::info!(
             identities = n,
             rejected = rejected.len(),

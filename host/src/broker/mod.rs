@@ -209,6 +209,36 @@ enum Command {
         delivery: Delivery,
         reply: oneshot::Sender<bool>,
     },
+    Clients {
+        limit: usize,
+        reply: oneshot::Sender<Clients>,
+    },
+}
+
+/// The sessions the broker holds, as the status page lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Clients {
+    /// Clients connected now.
+    pub connected: usize,
+    /// Persistent sessions whose client is away.
+    pub away: usize,
+    /// Connected ones first, each group by client id; at most the limit asked.
+    pub sessions: Vec<ClientView>,
+}
+
+/// One session of [`Clients`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientView {
+    pub client_id: String,
+    pub connected: bool,
+    /// Connected since, or away since (Unix ms on the hub clock).
+    pub since_ms: u64,
+    pub persistent: bool,
+    pub subscriptions: usize,
+    /// Messages kept for it while away.
+    pub queued: usize,
 }
 
 #[derive(Clone)]
@@ -332,6 +362,20 @@ impl BrokerHandle {
         rx.await.unwrap_or(false)
     }
 
+    /// The sessions held: counts, and the first `limit` of them.
+    pub async fn clients(&self, limit: usize) -> Clients {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Command::Clients { limit, reply })
+            .await
+            .is_err()
+        {
+            return Clients::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Publishes a message its owner keeps (with a receipt) to every
     /// matching subscriber; returns whether a connected one took it.
     pub async fn offer(&self, delivery: Delivery) -> bool {
@@ -351,6 +395,8 @@ impl BrokerHandle {
 struct Client {
     conn_id: u64,
     expiry_secs: u32,
+    /// When its latest connection was made (Unix ms; 0: restored away).
+    connected_ms: u64,
     /// When its client went away (Unix ms); `None` while connected.
     away_since_ms: Option<u64>,
     /// Dropped, it tells the session its connection is over (taken over).
@@ -517,7 +563,10 @@ fn start(
             };
             let changes = !matches!(
                 cmd,
-                Command::Publish(_) | Command::SendTo { .. } | Command::Offer { .. }
+                Command::Publish(_)
+                    | Command::SendTo { .. }
+                    | Command::Offer { .. }
+                    | Command::Clients { .. }
             );
             let subscribing = matches!(cmd, Command::Subscribe { .. });
             broker.handle(cmd);
@@ -589,6 +638,7 @@ impl Broker {
             let client = Client {
                 conn_id: 0,
                 expiry_secs: session.expiry_secs,
+                connected_ms: 0,
                 away_since_ms: Some(session.away_since_ms.unwrap_or(now)),
                 outbox: None,
                 subscriptions: session.subscriptions.into_iter().collect(),
@@ -690,6 +740,7 @@ impl Broker {
                 let client = Client {
                     conn_id,
                     expiry_secs,
+                    connected_ms: now,
                     away_since_ms: None,
                     outbox: Some(outbox),
                     subscriptions,
@@ -820,6 +871,9 @@ impl Broker {
             Command::Offer { delivery, reply } => {
                 let _ = reply.send(self.publish(delivery));
             }
+            Command::Clients { limit, reply } => {
+                let _ = reply.send(self.list(limit));
+            }
             Command::SendTo {
                 client_id,
                 delivery,
@@ -842,6 +896,46 @@ impl Broker {
                 };
                 let _ = reply.send(taken);
             }
+        }
+    }
+
+    /// Counts the sessions and lists the first `limit` (connected ones
+    /// first, each group by client id).
+    fn list(&self, limit: usize) -> Clients {
+        let connected = self
+            .clients
+            .values()
+            .filter(|c| c.away_since_ms.is_none())
+            .count();
+        let mut ids: Vec<(bool, &String)> = self
+            .clients
+            .iter()
+            .map(|(id, c)| (c.away_since_ms.is_some(), id))
+            .collect();
+        let limit = limit.min(ids.len());
+        if limit > 0 && limit < ids.len() {
+            ids.select_nth_unstable(limit - 1);
+        }
+        ids.truncate(limit);
+        ids.sort_unstable();
+        let sessions = ids
+            .into_iter()
+            .map(|(away, id)| {
+                let c = &self.clients[id];
+                ClientView {
+                    client_id: id.clone(),
+                    connected: !away,
+                    since_ms: c.away_since_ms.unwrap_or(c.connected_ms),
+                    persistent: c.persistent(),
+                    subscriptions: c.subscriptions.len(),
+                    queued: c.offline.len(),
+                }
+            })
+            .collect();
+        Clients {
+            connected,
+            away: self.clients.len() - connected,
+            sessions,
         }
     }
 
@@ -1137,6 +1231,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_session_list_counts_everyone_and_shows_the_connected_first_up_to_its_limit() {
+        let (broker, _task) = spawn(16, Arc::new(Metrics::default()));
+        let (_, _b) = attach(&broker, "b", 1, SESSION_ENDS).await;
+        let (_, _a) = attach(&broker, "a", 2, SESSION_NEVER_EXPIRES).await;
+        let (_, _z) = attach(&broker, "z", 3, SESSION_NEVER_EXPIRES).await;
+        broker.subscribe("z", vec![("t/#".into(), 1)]).await;
+        broker.disconnect("a", 2, Vec::new(), Vec::new()).await;
+        broker.disconnect("z", 3, Vec::new(), Vec::new()).await;
+        broker.publish(vec![delivery("t/1", false)]).await;
+        broker.disconnect("b", 1, Vec::new(), Vec::new()).await;
+        let (_, _c) = attach(&broker, "c", 4, SESSION_ENDS).await;
+
+        let all = broker.clients(10).await;
+        assert_eq!((all.connected, all.away), (1, 2), "{all:?}");
+        let shown: Vec<(&str, bool)> = all
+            .sessions
+            .iter()
+            .map(|c| (c.client_id.as_str(), c.connected))
+            .collect();
+        assert_eq!(shown, [("c", true), ("a", false), ("z", false)]);
+        let z = &all.sessions[2];
+        assert_eq!((z.persistent, z.subscriptions, z.queued), (true, 1, 1));
+        let first = broker.clients(2).await;
+        assert_eq!((first.connected, first.away), (1, 2));
+        assert_eq!(first.sessions.len(), 2);
+        assert_eq!(first.sessions[0].client_id, "c");
+        assert_eq!(first.sessions[1].client_id, "a");
+    }
+
+    #[tokio::test]
     async fn a_persistent_session_and_a_retained_message_outlive_the_broker_and_a_kept_message_leaves_the_store_once_acknowledged(
     ) {
         let dir = tempfile::tempdir().unwrap();
@@ -1237,6 +1361,7 @@ mod tests {
         let brief = Client {
             conn_id: 0,
             expiry_secs: 1,
+            connected_ms: 0,
             away_since_ms: Some(1_000),
             outbox: None,
             subscriptions: HashMap::new(),

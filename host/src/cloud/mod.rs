@@ -5,7 +5,7 @@
 //! prints the telemetry that arrives.
 //!
 //! Owns the commands and what they print. Topics, bodies and validation are
-//! the hub's own (`upstream::protocol`, `auth::scope`, `twins::document`,
+//! the hub's own (`protocol`, `auth::scope`, `twins::document`,
 //! `twin`): what this tool publishes is checked by the same code that will
 //! read it. The MQTT session is `client`; the registry rules `registry`;
 //! manifests `manifest`. Docs: docs/cloud.md.
@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use crate::auth::scope::AuthDoc;
 use crate::message::dialect::{self, Telemetry};
+use crate::protocol::{self, MethodRequest, MethodResponse};
 use crate::twins::document;
-use crate::upstream::protocol::{self, MethodRequest, MethodResponse};
 use crate::upstream::UpstreamError;
 use client::{BrokerArgs, CloudClient};
 use registry::{Registry, Which};
@@ -261,7 +261,8 @@ async fn command(cloud: &mut CloudClient, command: CloudCommand) -> Result<u8, C
                 // takes routes too, and registering an edge gives it one.
                 eprintln!("note: {edge} has no scope on this broker (a typo?); deploying anyway");
             }
-            let version = publish_desired(cloud, &format!("{edge}/$edgeHub"), desired).await?;
+            let version =
+                publish_desired(cloud, &protocol::hub_twin_identity(&edge), desired).await?;
             eprintln!("deployed to {edge} as $version {version}");
             Ok(0)
         }
@@ -328,8 +329,10 @@ fn split(identity: &str) -> (&str, Option<&str>) {
 }
 
 async fn read_registry(cloud: &mut CloudClient) -> Result<Registry, CloudError> {
-    let docs = cloud.retained(&registry::scope_topic("+")).await?;
-    Registry::read(docs.iter().map(|m| (m.topic.as_str(), &m.payload[..])))
+    let docs = cloud.retained(&protocol::scope_topic("+")).await?;
+    Ok(Registry::read(
+        docs.iter().map(|m| (m.topic.as_str(), &m.payload[..])),
+    ))
 }
 
 fn sas_key<'r>(
@@ -363,15 +366,16 @@ async fn scope(broker: &BrokerArgs, command: ScopeCommand) -> Result<u8, CloudEr
             let registry = read_registry(&mut cloud).await;
             cloud.close().await;
             let registry = registry?;
-            if let Some(e) = edge
-                .as_deref()
-                .filter(|e| !registry.scopes.contains_key(*e))
-            {
+            let known =
+                |e: &str| registry.scopes.contains_key(e) || registry.unreadable.contains_key(e);
+            if let Some(e) = edge.as_deref().filter(|e| !known(e)) {
                 return Err(CloudError::NotFound(format!("no edge {e}")));
             }
-            for (e, doc) in &registry.scopes {
-                if edge.as_deref().is_some_and(|want| want != e) {
-                    continue;
+            let wanted = |e: &str| edge.as_deref().is_none_or(|want| want == e);
+            for (e, doc) in registry.scopes.iter().filter(|(e, _)| wanted(e)) {
+                if doc.identities.is_empty() {
+                    let line = json!({"edge": e, "version": doc.version, "identity": null, "parent": null, "auth": null});
+                    println!("{line}");
                 }
                 for entry in &doc.identities {
                     let auth = match entry.auth {
@@ -384,7 +388,13 @@ async fn scope(broker: &BrokerArgs, command: ScopeCommand) -> Result<u8, CloudEr
                     println!("{line}");
                 }
             }
-            return Ok(0);
+            let mut status = 0;
+            for (e, why) in registry.unreadable.iter().filter(|(e, _)| wanted(e)) {
+                println!("{}", json!({"edge": e, "error": why}));
+                eprintln!("{}", registry.check_readable(e).unwrap_err());
+                status = 1;
+            }
+            return Ok(status);
         }
         ScopeCommand::AddEdge { edge } => (
             edge.clone(),
@@ -431,7 +441,7 @@ async fn scope(broker: &BrokerArgs, command: ScopeCommand) -> Result<u8, CloudEr
         ),
         ScopeCommand::Remove { identity } => (
             identity.clone(),
-            Box::new(move |r: &mut Registry| Ok(vec![r.remove(&identity)?])),
+            Box::new(move |r: &mut Registry| r.remove(&identity)),
         ),
     };
     edit_scopes(broker, &name, edit).await
@@ -499,12 +509,15 @@ async fn edit_once(
         return Ok(0);
     }
     let changed = edit(&mut registry)?;
+    for edge in &changed {
+        registry.check_readable(edge)?;
+    }
     *wanted = Some(registry.clone());
     for edge in changed {
         let doc = &registry.scopes[&edge];
         let body = serde_json::to_vec(doc).expect("a scope document serialises");
         cloud
-            .publish(&registry::scope_topic(&edge), &body, true)
+            .publish(&protocol::scope_topic(&edge), &body, true)
             .await?;
         eprintln!("{edge}: scope version {} published", doc.version);
     }

@@ -4,12 +4,17 @@
 //!
 //! Owns the rules of an edit (a device has one parent, an edge device is
 //! nobody's child, ids and keys as the hub takes them) and which documents
-//! an edit changes. Pure: reading and publishing the documents is the
-//! caller's; the hub applies them with the same types (`auth::scope`).
+//! an edit changes. A document that does not parse is kept aside with its
+//! reason: edits of other edges go on, edits of that edge are refused. An
+//! identity found in two scopes (a `set-parent` interrupted between its two
+//! publishes) can only be moved to one of them or removed. Pure: reading
+//! and publishing the documents is the caller's; the hub applies them with
+//! the same types (`auth::scope`).
 
 use std::collections::BTreeMap;
 
 use crate::auth::scope::{self, AuthDoc, Document, IdentityDoc};
+use crate::protocol::{edge_of_scope, scope_topic};
 
 use super::CloudError;
 
@@ -25,35 +30,51 @@ pub enum Which {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Registry {
     pub scopes: BTreeMap<String, Document>,
-}
-
-/// The topic of an edge's scope document.
-pub fn scope_topic(edge: &str) -> String {
-    format!("edges/{edge}/scope")
-}
-
-/// The edge a scope topic names.
-pub fn edge_of(topic: &str) -> Option<&str> {
-    topic
-        .strip_prefix("edges/")?
-        .strip_suffix("/scope")
-        .filter(|e| !e.is_empty() && !e.contains('/'))
+    /// Edges whose retained document does not parse, with the reason.
+    pub unreadable: BTreeMap<String, String>,
 }
 
 impl Registry {
-    /// Reads the documents retained under `edges/+/scope`.
-    pub fn read<'a>(
-        documents: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ) -> Result<Self, CloudError> {
-        let mut scopes = BTreeMap::new();
+    /// Reads the documents retained under `edges/+/scope`; one that does
+    /// not parse goes to [`Registry::unreadable`].
+    pub fn read<'a>(documents: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Self {
+        let mut r = Registry::default();
         for (topic, body) in documents {
-            let Some(edge) = edge_of(topic) else { continue };
-            let doc: Document = serde_json::from_slice(body).map_err(|e| {
-                CloudError::Invalid(format!("the scope document on {topic} is not valid: {e}"))
-            })?;
-            scopes.insert(edge.to_string(), doc);
+            let Some(edge) = edge_of_scope(topic) else {
+                continue;
+            };
+            match serde_json::from_slice::<Document>(body) {
+                Ok(doc) => {
+                    r.scopes.insert(edge.to_string(), doc);
+                }
+                Err(e) => {
+                    r.unreadable.insert(edge.to_string(), e.to_string());
+                }
+            }
         }
-        Ok(Registry { scopes })
+        r
+    }
+
+    /// Refuses an edit that would publish `edge`'s document over one that
+    /// does not parse (what it held would be lost).
+    pub fn check_readable(&self, edge: &str) -> Result<(), CloudError> {
+        match self.unreadable.get(edge) {
+            None => Ok(()),
+            Some(why) => Err(CloudError::Refused(format!(
+                "the scope document of edge {edge} on {topic} is not valid ({why}): fix it, or clear it with `mosquitto_pub -r -n -t {topic}` and add the edge again",
+                topic = scope_topic(edge)
+            ))),
+        }
+    }
+
+    /// The edges whose scope holds `name` (more than one only after an
+    /// interrupted `set-parent`).
+    fn edges_of(&self, name: &str) -> Vec<String> {
+        self.scopes
+            .iter()
+            .filter(|(_, doc)| doc.identities.iter().any(|e| e.name() == name))
+            .map(|(edge, _)| edge.clone())
+            .collect()
     }
 
     /// The edge whose scope holds `name` (`{device}` or `{edge}/{module}`),
@@ -67,7 +88,17 @@ impl Registry {
         })
     }
 
+    /// `name`'s edge and entry, for a change of that one entry: refused
+    /// while `name` is in two scopes.
     fn find_mut(&mut self, name: &str) -> Result<(String, &mut IdentityDoc), CloudError> {
+        let edges = self.edges_of(name);
+        if edges.len() > 1 {
+            return Err(CloudError::Refused(format!(
+                "{name} is in the scopes of {} (a set-parent was interrupted): `edgehub cloud scope set-parent {name} {}` finishes it",
+                edges.join(" and "),
+                edges[0]
+            )));
+        }
         self.scopes
             .iter_mut()
             .find_map(|(edge, doc)| {
@@ -164,6 +195,7 @@ impl Registry {
             )));
         }
         if !self.scopes.contains_key(&edge) {
+            self.check_readable(&edge)?;
             return Err(CloudError::NotFound(format!(
                 "no edge {edge}: `edgehub cloud scope add-edge {edge}` registers it"
             )));
@@ -183,6 +215,17 @@ impl Registry {
             return Err(CloudError::Refused(format!(
                 "{device} is a module: it belongs to its edge"
             )));
+        }
+        let edges = self.edges_of(device);
+        if edges.len() > 1 && edges.iter().any(|e| e == parent) {
+            // Finishing an interrupted move: it stays where it was going.
+            let others: Vec<String> = edges.into_iter().filter(|e| e != parent).collect();
+            for edge in &others {
+                let doc = self.scopes.get_mut(edge).expect("found above");
+                doc.identities.retain(|e| e.name() != device);
+                self.bump(edge);
+            }
+            return Ok(others);
         }
         let (old, entry) = self.find_mut(device)?;
         if old == parent {
@@ -218,13 +261,21 @@ impl Registry {
         Ok(edge)
     }
 
-    /// Removes an identity. Returns the edge to publish.
-    pub fn remove(&mut self, name: &str) -> Result<String, CloudError> {
-        let (edge, _) = self.find_mut(name)?;
-        let doc = self.scopes.get_mut(&edge).expect("found above");
-        doc.identities.retain(|e| e.name() != name);
-        self.bump(&edge);
-        Ok(edge)
+    /// Removes an identity (from every scope that holds it). Returns the
+    /// edges to publish.
+    pub fn remove(&mut self, name: &str) -> Result<Vec<String>, CloudError> {
+        let edges = self.edges_of(name);
+        if edges.is_empty() {
+            return Err(CloudError::NotFound(format!(
+                "{name} is in no edge's scope"
+            )));
+        }
+        for edge in &edges {
+            let doc = self.scopes.get_mut(edge).expect("found above");
+            doc.identities.retain(|e| e.name() != name);
+            self.bump(edge);
+        }
+        Ok(edges)
     }
 }
 
@@ -343,9 +394,54 @@ mod tests {
     }
 
     #[test]
-    fn scope_topics_name_their_edge() {
-        assert_eq!(edge_of(&scope_topic("e1")), Some("e1"));
-        assert_eq!(edge_of("edges/a/b/scope"), None);
-        assert_eq!(edge_of("edges//scope"), None);
+    fn an_unreadable_document_is_set_aside_and_only_edits_of_its_edge_are_refused() {
+        let good = serde_json::to_vec(&registry().scopes["edge1"]).unwrap();
+        let r = Registry::read([
+            ("edges/edge1/scope", &good[..]),
+            ("edges/edge2/scope", &b"{\"version\": \"x\"}"[..]),
+            ("edges/edge3/scope", &b"\xff\xfe not json"[..]),
+            ("edges/a/b/scope", &b"ignored"[..]),
+        ]);
+        assert_eq!(r.scopes.keys().collect::<Vec<_>>(), ["edge1"]);
+        assert_eq!(r.unreadable.keys().collect::<Vec<_>>(), ["edge2", "edge3"]);
+        assert!(r.find("child1").is_some());
+        assert!(r.check_readable("edge1").is_ok());
+        let e = r.check_readable("edge2").unwrap_err().to_string();
+        assert!(
+            e.contains("edges/edge2/scope") && e.contains("mosquitto_pub -r -n"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_move_is_finished_by_set_parent_and_refused_by_other_edits() {
+        let mut r = registry();
+        // The new parent's document was published, the old one's was not.
+        let mut moved = r.clone();
+        moved.set_parent("child1", "edge2").unwrap();
+        r.scopes
+            .insert("edge2".into(), moved.scopes["edge2"].clone());
+        assert_eq!(r.edges_of("child1"), ["edge1", "edge2"]);
+
+        let e = r.rotate("child1", Which::Both).unwrap_err().to_string();
+        assert!(
+            e.contains("edge1 and edge2") && e.contains("set-parent child1"),
+            "{e}"
+        );
+        let e = r.set_parent("child1", "edge3").unwrap_err().to_string();
+        assert!(e.contains("interrupted"), "{e}");
+
+        let version = r.scopes["edge1"].version;
+        assert_eq!(r.set_parent("child1", "edge2").unwrap(), ["edge1"]);
+        assert_eq!(r.edges_of("child1"), ["edge2"]);
+        assert_eq!(r.scopes["edge1"].version, version + 1);
+
+        // removing a duplicated identity removes every copy
+        let mut twice = moved.clone();
+        twice
+            .scopes
+            .insert("edge1".into(), registry().scopes["edge1"].clone());
+        assert_eq!(twice.remove("child1").unwrap(), ["edge1", "edge2"]);
+        assert!(twice.find("child1").is_none());
     }
 }

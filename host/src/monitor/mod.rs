@@ -2,8 +2,8 @@
 //! serving the Prometheus metrics (`/metrics`), a status page (`/`: one
 //! HTML file with its script, no build step and nothing fetched from
 //! elsewhere, so it works on a gateway with no Internet) and the JSON the
-//! page draws (`/status.json`, with the last hour of the queue sampled
-//! every 10 s by `status`).
+//! page draws (`/status.json`: the numbers, routes, plugins and sessions,
+//! with the last hour of the queue sampled every 10 s by `status`).
 //!
 //! Owns the tiny HTTP/1.1 responder and the page. Does not count anything
 //! (`metrics` does) or hold the queue (`store`).
@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-pub use status::{Seen, SAMPLE_EVERY};
+pub use status::{Seen, Sources, SAMPLE_EVERY, SESSIONS_LISTED};
 
 /// The status page.
 const PAGE: &str = include_str!("page.html");
@@ -102,7 +102,9 @@ async fn respond(mut sock: TcpStream, seen: Arc<Seen>) {
         }
         Answer::Page => ("200 OK", "text/html; charset=utf-8", "", PAGE.to_string()),
         Answer::Status => {
-            let Ok(body) = tokio::task::spawn_blocking(move || seen.status_json()).await else {
+            let sessions = seen.broker.clients(SESSIONS_LISTED).await;
+            let status = move || seen.status_json(sessions);
+            let Ok(body) = tokio::task::spawn_blocking(status).await else {
                 return;
             };
             (
@@ -235,7 +237,15 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let metrics = Arc::new(Metrics::new());
         metrics.received(3);
-        let seen = Arc::new(Seen::new(metrics, store, "edge1".into(), vec![], None));
+        let (broker, _) = crate::broker::spawn(16, metrics.clone());
+        let sources = Sources {
+            metrics,
+            store,
+            broker,
+            routes: Default::default(),
+            plugins: None,
+        };
+        let seen = Arc::new(Seen::new(sources, "edge1".into(), vec![]));
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();

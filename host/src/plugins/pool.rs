@@ -141,8 +141,15 @@ impl Worker {
         let (messages, replies): (Vec<Vec<Message>>, Vec<_>) =
             group.into_iter().map(|j| (j.messages, j.reply)).unzip();
         let messages: Vec<Message> = messages.into_iter().flatten().collect();
-        metrics.plugin_calls(messages.len() as u64);
-        let mut answers = self.answer(&plugin, messages, metrics).into_iter();
+        let n = messages.len() as u64;
+        metrics.plugin_calls(n);
+        let started = std::time::Instant::now();
+        let answers = self.answer(&plugin, messages, metrics);
+        if n > 0 {
+            let each = started.elapsed() / u32::try_from(n).unwrap_or(u32::MAX);
+            metrics.plugin_took(&plugin.name, each, n);
+        }
+        let mut answers = answers.into_iter();
         for (reply, n) in replies.into_iter().zip(sizes) {
             let _ = reply.send(answers.by_ref().take(n).collect());
         }

@@ -215,12 +215,15 @@ impl Router {
         let mut out = Deliveries::default();
         // Per plugin route (in table order): the messages it takes.
         let mut jobs: Vec<(&Route, Vec<Message>)> = Vec::new();
+        // Messages each route matched (by its index in the table).
+        let mut matched = vec![0u64; table.routes().len()];
         for m in upstream {
             let fields = MessageFields::new(m);
             let mut sent_upstream = false;
             let mut sent_inputs: Vec<(&str, &str)> = Vec::new();
-            let matching = table.routes().iter();
-            for route in matching.filter(|r| r.matches(m.source(), &fields)) {
+            let matching = table.routes().iter().zip(matched.iter_mut());
+            for (route, count) in matching.filter(|(r, _)| r.matches(m.source(), &fields)) {
+                *count += 1;
                 match &route.sink {
                     // The same message to the same endpoint once, however
                     // many routes lead there.
@@ -245,6 +248,12 @@ impl Router {
                 }
             }
         }
+        for (route, n) in table.routes().iter().zip(matched) {
+            if n > 0 {
+                self.metrics.route_matched(&route.name, n);
+            }
+        }
+        let submitted = std::time::Instant::now();
         let pending: Vec<_> = jobs
             .into_iter()
             .map(|(route, messages)| {
@@ -256,6 +265,8 @@ impl Router {
             .collect();
         for (route, sent, answers) in pending {
             let answers = answers.await;
+            self.metrics
+                .route_waited(&route.name, submitted.elapsed(), sent as u64);
             out.unanswered += sent - answers.len();
             for (m, answer) in answers {
                 self.after_plugin(&mut out, route, &route.sink, m, answer)

@@ -17,17 +17,18 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::plugins::Registry;
+use crate::protocol;
 use crate::routing::rules::RouteTable;
 use crate::routing::Routes;
 
 /// The cloud topic of the hub's desired properties.
 pub fn desired_topic(edge_id: &str) -> String {
-    format!("devices/{edge_id}/modules/$edgeHub/twin/desired")
+    protocol::twin_topic(&protocol::hub_twin_identity(edge_id), "desired")
 }
 
 /// The cloud topic of the hub's reported properties.
 pub fn reported_topic(edge_id: &str) -> String {
-    format!("devices/{edge_id}/modules/$edgeHub/twin/reported")
+    protocol::twin_topic(&protocol::hub_twin_identity(edge_id), "reported")
 }
 
 #[derive(Debug, thiserror::Error)]

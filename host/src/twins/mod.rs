@@ -116,8 +116,8 @@ pub struct Twins {
     /// Every twin, by identity (`device` or `device/module`).
     twins: Mutex<HashMap<String, Twin>>,
     /// Stored twins the key could not open or that are not a twin: never
-    /// overwritten, answered with an error.
-    unreadable: HashSet<String>,
+    /// overwritten, answered with an error (removed with their identity).
+    unreadable: std::sync::Mutex<HashSet<String>>,
     /// Identities whose reported properties changed and are not yet handed
     /// to the upstream ([`Twins::next_reported`]).
     reported_dirty: std::sync::Mutex<BTreeSet<String>>,
@@ -158,7 +158,7 @@ impl Twins {
             docs,
             sealer,
             twins: Mutex::new(twins),
-            unreadable,
+            unreadable: std::sync::Mutex::new(unreadable),
             reported_dirty: std::sync::Mutex::new(dirty),
             reported_changed: Notify::new(),
         })
@@ -240,8 +240,39 @@ impl Twins {
         Ok(version)
     }
 
+    /// Deletes the twins of every identity `keep` says no to (identities
+    /// removed from the device scope), in memory and in the store; returns
+    /// how many.
+    pub async fn forget_all_but(&self, keep: impl Fn(&str) -> bool) -> Result<usize, TwinsError> {
+        let mut twins = self.twins.lock().await;
+        let gone: Vec<String> = {
+            let unreadable = self.unreadable.lock().unwrap();
+            twins
+                .keys()
+                .chain(unreadable.iter())
+                .filter(|id| !keep(id))
+                .cloned()
+                .collect()
+        };
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let (docs, ids) = (self.docs.clone(), gone.clone());
+        tokio::task::spawn_blocking(move || ids.iter().try_for_each(|id| docs.remove(id)))
+            .await
+            .map_err(|e| TwinsError::Invalid(format!("twin removal failed: {e}")))??;
+        let mut unreadable = self.unreadable.lock().unwrap();
+        let mut dirty = self.reported_dirty.lock().unwrap();
+        for id in &gone {
+            twins.remove(id);
+            unreadable.remove(id);
+            dirty.remove(id);
+        }
+        Ok(gone.len())
+    }
+
     fn readable(&self, id: &str) -> Result<(), TwinsError> {
-        if self.unreadable.contains(id) {
+        if self.unreadable.lock().unwrap().contains(id) {
             return Err(TwinsError::Unreadable(id.into()));
         }
         Ok(())
@@ -423,6 +454,40 @@ mod tests {
             2,
             "all again after a start"
         );
+    }
+
+    #[tokio::test]
+    async fn the_twins_of_identities_no_longer_kept_are_deleted_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = sealer(dir.path());
+        {
+            let store = Store::open(&dir.path().join("store")).unwrap();
+            let twins = Twins::open(&store, sealer.clone()).unwrap();
+            for id in ["a", "b", "e/m"] {
+                twins.patch_reported(id, br#"{"x": 1}"#).await.unwrap();
+            }
+            let gone = twins.forget_all_but(|id| id == "a").await.unwrap();
+            assert_eq!(gone, 2);
+            assert_eq!(twins.get("b").await.unwrap()["reported"]["$version"], 1);
+            let reported: Vec<String> = twins
+                .next_reported()
+                .await
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            assert_eq!(
+                reported,
+                ["a"],
+                "a removed twin's reported document still goes up"
+            );
+            assert_eq!(twins.forget_all_but(|id| id == "a").await.unwrap(), 0);
+        }
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let twins = Twins::open(&store, sealer).unwrap();
+        assert_eq!(twins.get("a").await.unwrap()["reported"]["x"], 1);
+        assert!(twins.get("e/m").await.unwrap()["reported"]
+            .get("x")
+            .is_none());
     }
 
     fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

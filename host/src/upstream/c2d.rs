@@ -13,11 +13,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, Link, LinkHandle};
-use super::protocol::{identity_root, per_identity, split_identity};
 use super::scoped::ScopedConsumer;
 use crate::auth::{Auth, Scope};
 use crate::c2d::{C2dError, CloudToDevice};
 use crate::metrics::{DropReason, Metrics};
+use crate::protocol::{identity_root, per_identity, split_identity};
 use crate::topic;
 
 pub struct C2dSync(ScopedConsumer);
@@ -49,12 +49,12 @@ impl C2dSync {
                     scoped.apply().await;
                 }
                 Some(msg) = self.0.messages.recv() => {
-                    match take(&msg, scoped.scope(), &c2d, max_message_bytes).await {
-                        Ok(()) => {}
-                        Err(why) => {
+                    if let Err((reason, why)) = take(&msg, scoped.scope(), &c2d, max_message_bytes).await {
+                        if reason == "queue_full" {
                             metrics.messages_dropped(DropReason::DeviceQueueFull, 1);
-                            tracing::warn!(topic = %msg.topic, reason = %why, "cloud-to-device message refused");
                         }
+                        metrics.cloud_refused("c2d", reason);
+                        tracing::warn!(topic = %msg.topic, reason = %why, "cloud-to-device message refused");
                     }
                     msg.ack();
                 }
@@ -80,22 +80,30 @@ async fn take(
     scope: Option<&Scope>,
     c2d: &CloudToDevice,
     max_message_bytes: usize,
-) -> Result<(), String> {
+) -> Result<(), (&'static str, String)> {
     let device = match split_identity(&msg.topic) {
         Some((d, rest)) if !d.contains('/') && rest.starts_with("messages/devicebound") => d,
-        _ => return Err("not a cloud-to-device topic".into()),
+        _ => return Err(("not_for_the_hub", "not a cloud-to-device topic".into())),
     };
     if scope.is_none_or(|s| s.get(&device).is_none()) {
-        return Err(format!("{device} is not a device of the scope"));
+        let why = format!("{device} is not a device of the scope");
+        return Err(("outside_scope", why));
     }
-    topic::check_name(&msg.topic, topic::MAX_LEN).map_err(|e| e.to_string())?;
+    let invalid = |why: String| ("invalid", why);
+    topic::check_name(&msg.topic, topic::MAX_LEN).map_err(|e| invalid(e.to_string()))?;
     if msg.payload.len() > max_message_bytes {
-        return Err(format!(
+        return Err(invalid(format!(
             "{} bytes, over mqtt.max_message_bytes ({max_message_bytes})",
             msg.payload.len()
-        ));
+        )));
     }
     c2d.accept(&device, msg.topic.clone(), msg.payload.clone())
         .await
-        .map_err(|e: C2dError| e.to_string())
+        .map_err(|e: C2dError| {
+            let reason = match e {
+                C2dError::Full { .. } => "queue_full",
+                _ => "not_stored",
+            };
+            (reason, e.to_string())
+        })
 }

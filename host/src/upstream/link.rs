@@ -235,6 +235,8 @@ struct Actor {
 
 impl Link {
     pub fn new(config: LinkConfig, connector: Arc<dyn Connect>, metrics: Arc<Metrics>) -> Self {
+        let addresses: Vec<String> = config.addresses.iter().map(ToString::to_string).collect();
+        metrics.upstream_addresses(&addresses);
         Self {
             config,
             connector,
@@ -344,7 +346,7 @@ impl Actor {
                             maximum_packet_size = conn.limits.max_packet_size,
                             "upstream connected"
                         );
-                        self.metrics.set_upstream_connected(true);
+                        self.metrics.set_upstream(Some(&addr.to_string()));
                         if generation > 1 {
                             self.metrics.upstream_reconnects();
                         }
@@ -357,7 +359,7 @@ impl Actor {
                             .then(|| self.config.addresses[0].clone())
                             .zip(self.config.failback);
                         let result = self.session(conn, failback, &shutdown).await;
-                        self.metrics.set_upstream_connected(false);
+                        self.metrics.set_upstream(None);
                         if connected_at.elapsed() >= STABLE_AFTER {
                             backoff = MIN_BACKOFF;
                         }

@@ -16,12 +16,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, Link, LinkHandle};
-use super::protocol::{
-    method_calls_filter, per_identity, MethodCallTopic, MethodRequest, MethodResponse,
-};
 use super::scoped::ScopedConsumer;
 use crate::auth::{Auth, Scope};
 use crate::methods::{Methods, Outcome};
+use crate::metrics::Metrics;
+use crate::protocol::{
+    method_calls_filter, per_identity, MethodCallTopic, MethodRequest, MethodResponse,
+};
 
 /// Calls in flight at once; beyond, a call is answered 429 at once.
 pub const MAX_CALLS: usize = 64;
@@ -40,6 +41,7 @@ impl MethodSync {
         link: LinkHandle,
         auth: Arc<Auth>,
         methods: Arc<Methods>,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) {
         let mut scoped = self.0.follow(link.clone(), &auth, filters).await;
@@ -56,12 +58,13 @@ impl MethodSync {
                 }
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 Some(msg) = self.0.messages.recv() => {
-                    let Some((call, request)) = check(&msg, scoped.scope(), &link).await else {
+                    let Some((call, request)) = check(&msg, scoped.scope(), &link, &metrics).await else {
                         msg.ack();
                         continue;
                     };
                     msg.ack();
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        metrics.cloud_refused("method", "busy");
                         let busy = Outcome::hub(429, format!("{MAX_CALLS} method calls are already in flight"));
                         answer(&link, &call, busy).await;
                         continue;
@@ -97,13 +100,16 @@ async fn check(
     msg: &CloudMessage,
     scope: Option<&Scope>,
     link: &LinkHandle,
+    metrics: &Metrics,
 ) -> Option<(MethodCallTopic, MethodRequest)> {
     let Some(call) = MethodCallTopic::parse(&msg.topic) else {
         tracing::warn!(topic = %msg.topic, "not a method call topic; ignored");
+        metrics.cloud_refused("method", "not_for_the_hub");
         return None;
     };
     if scope.is_none_or(|s| s.get(&call.identity).is_none()) {
         tracing::warn!(topic = %msg.topic, "a method call for an identity outside the device scope; ignored");
+        metrics.cloud_refused("method", "outside_scope");
         return None;
     }
     let request = serde_json::from_slice::<MethodRequest>(&msg.payload)
@@ -113,6 +119,7 @@ async fn check(
         Ok(r) => Some((call, r)),
         Err(why) => {
             tracing::warn!(topic = %msg.topic, reason = %why, "method call refused");
+            metrics.cloud_refused("method", "invalid");
             let bad = Outcome::hub(400, why);
             answer(link, &call, bad).await;
             None

@@ -14,8 +14,6 @@
 //!   what is in flight and what may leave the store; `pace.rs`: the drain's
 //!   bytes-per-second cap.
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
-//! - `protocol.rs`: the topics and bodies of identities' twins and
-//!   methods upstream (one definition, for the hub and cloud-side tools).
 //! - `scoped.rs`: a consumer whose filters follow the device scope (one
 //!   subscription per identity), for the three below.
 //! - `methods.rs`: direct method calls from the cloud, answered back.
@@ -30,7 +28,6 @@ pub mod forwarder;
 pub mod link;
 pub mod methods;
 pub mod pace;
-pub mod protocol;
 pub mod proxy;
 pub mod scoped;
 pub mod state;

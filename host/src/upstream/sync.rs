@@ -16,15 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, Link, LinkHandle};
 use crate::auth::Auth;
+use crate::protocol::scope_topic;
 use crate::twin::{self, HubTwin};
 
 /// Cloud messages a consumer's channel holds before the link waits.
 const CHANNEL: usize = 16;
-
-/// The cloud topic carrying this hub's device scope.
-pub fn scope_topic(edge_id: &str) -> String {
-    format!("edges/{edge_id}/scope")
-}
 
 /// The consumers of what the cloud sends to this hub.
 pub struct CloudSync {

@@ -1,6 +1,7 @@
-//! The upstream protocol's topics and bodies for identities' twins and
-//! direct methods, in one place: the hub uses them, and a cloud-side tool
-//! can too (docs/upstream-protocol.md describes them).
+//! The upstream protocol's topics and bodies, in one place: each edge's
+//! device scope, identities' twins (the hub's own `$edgeHub` twin among
+//! them) and direct methods. The hub uses them, and so does the cloud's
+//! side (`edgehub cloud`); docs/upstream-protocol.md describes them.
 //!
 //! An identity is `{d}` (a child device) or `{edge}/{m}` (a module of this
 //! edge); its topics are `devices/{d}/...` or `devices/{edge}/modules/{m}/...`.
@@ -8,6 +9,24 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// The topic of an edge's device scope document (retained).
+pub fn scope_topic(edge: &str) -> String {
+    format!("edges/{edge}/scope")
+}
+
+/// The edge a scope topic names.
+pub fn edge_of_scope(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix("edges/")?
+        .strip_suffix("/scope")
+        .filter(|e| !e.is_empty() && !e.contains('/'))
+}
+
+/// The identity of an edge's own hub twin, `{edge}/$edgeHub`.
+pub fn hub_twin_identity(edge: &str) -> String {
+    format!("{edge}/$edgeHub")
+}
 
 /// The topic root of an identity: `devices/{d}` or `devices/{edge}/modules/{m}`.
 pub fn identity_root(identity: &str) -> String {
@@ -147,6 +166,17 @@ pub struct MethodResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scope_topics_name_their_edge_and_the_hub_twin_is_a_module_of_it() {
+        assert_eq!(edge_of_scope(&scope_topic("e1")), Some("e1"));
+        assert_eq!(edge_of_scope("edges/a/b/scope"), None);
+        assert_eq!(edge_of_scope("edges//scope"), None);
+        assert_eq!(
+            twin_topic(&hub_twin_identity("e1"), "desired"),
+            "devices/e1/modules/$edgeHub/twin/desired"
+        );
+    }
 
     #[test]
     fn identity_topics_are_built_and_read_back() {

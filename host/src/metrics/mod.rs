@@ -10,8 +10,14 @@
 //! The page is OpenMetrics text (counters get the `_total` suffix, the
 //! registry prefixes every name with `edgehub_`). The names, types and labels
 //! are listed in docs/architecture.md ("Metrics").
+//!
+//! - `latency.rs`: the latency histogram of routes and plugins.
 
+mod latency;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +26,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::store::Store;
+pub use latency::{Latency, LatencySummary};
 
 /// Why a message was dropped (the `reason` label of
 /// `edgehub_messages_dropped_total`).
@@ -42,12 +49,13 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::StoreRefused,
         DropReason::SlowSubscriber,
         DropReason::OfflineQueueFull,
         DropReason::CorruptRecord,
         DropReason::DeviceQueueFull,
+        DropReason::ModuleInputFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +91,22 @@ struct PluginLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloudRefusedLabels {
+    kind: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AddressLabels {
+    address: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InvalidTopicLabels {
     reason: String,
     route: String,
@@ -101,8 +125,11 @@ pub struct Metrics {
     dropped: Family<DropLabels, Counter>,
     refused: Counter,
     upstream_connected: Gauge,
+    upstream_address: Family<AddressLabels, Gauge>,
     upstream_reconnects: Counter,
     scope_identities: Gauge,
+    scope_version: Gauge,
+    scope_synced: Gauge<f64, AtomicU64>,
     auth_refused: Counter,
     connections_refused: Counter,
     authz_refused: Counter,
@@ -111,6 +138,9 @@ pub struct Metrics {
     plugin_reloads: Counter,
     plugin_rejected: Counter,
     plugin_log_dropped: Family<PluginLabels, Counter>,
+    plugin_seconds: Family<PluginLabels, Latency>,
+    route_messages: Family<RouteLabels, Counter>,
+    route_seconds: Family<RouteLabels, Latency>,
     filtered_out: Counter,
     dead_lettered: Counter,
     dead_letters: Family<ReasonLabels, Counter>,
@@ -119,8 +149,11 @@ pub struct Metrics {
     module_inputs_queued: Gauge,
     broker_stored: Family<KindLabels, Gauge>,
     invalid_topics: Family<InvalidTopicLabels, Counter>,
+    cloud_refused: Family<CloudRefusedLabels, Counter>,
     store_recovered: Counter,
     store_lost: Counter,
+    /// The configured upstream addresses (the labels of `upstream_address`).
+    addresses: std::sync::RwLock<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -140,28 +173,38 @@ fn reg<M: prometheus_client::registry::Metric + Clone + Default>(
     m
 }
 
+/// As [`reg`], for a metric in seconds (its name gets `_seconds`).
+fn reg_seconds<M: prometheus_client::registry::Metric + Clone + Default>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+) -> M {
+    let m = M::default();
+    r.register_with_unit(name, help, Unit::Seconds, m.clone());
+    m
+}
+
 impl Metrics {
     /// The registry: every metric's name, type and help text is here.
     /// (Help texts get their full stop from the registry.)
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("edgehub");
-        let queue_oldest_age = Gauge::<f64, AtomicU64>::default();
         let m = Metrics {
             clients_connected: reg(&mut r, "clients_connected", "Downstream MQTT connections"),
             received: reg(&mut r, "messages_received", "PUBLISH packets received from downstream clients"),
             queue_depth: reg(&mut r, "queue_depth", "Messages in the upstream queue"),
             queue_bytes: reg(&mut r, "queue_bytes", "Bytes of queued messages (the quota counts these)"),
-            queue_oldest_age: {
-                r.register_with_unit("queue_oldest_age", "Age of the oldest queued message", Unit::Seconds, queue_oldest_age.clone());
-                queue_oldest_age
-            },
+            queue_oldest_age: reg_seconds(&mut r, "queue_oldest_age", "Age of the oldest queued message"),
             forwarded: reg(&mut r, "messages_forwarded", "Messages acknowledged by the upstream broker"),
             expired: reg(&mut r, "messages_expired", "Messages dropped because they outlived their time-to-live"),
-            dropped: reg(&mut r, "messages_dropped", "Messages dropped, by reason: store_refused (QoS 0 the store did not take), slow_subscriber, offline_queue_full, corrupt_record, device_queue_full (a cloud-to-device message refused)"),
+            dropped: reg(&mut r, "messages_dropped", "Messages dropped, by reason: store_refused (QoS 0 the store did not take), slow_subscriber, offline_queue_full, corrupt_record, device_queue_full (a cloud-to-device message refused: its device's queue was full), module_input_full"),
             refused: reg(&mut r, "messages_refused", "Publishes refused because the storage quota was full"),
             upstream_connected: reg(&mut r, "upstream_connected", "1 while connected to the upstream broker"),
+            upstream_address: reg(&mut r, "upstream_address", "Each configured upstream address: 1 for the one the hub is connected to, 0 for the others"),
             upstream_reconnects: reg(&mut r, "upstream_reconnects", "Connections to the upstream broker made after the first one"),
             scope_identities: reg(&mut r, "scope_identities", "Identities in the device scope (0: no scope yet)"),
+            scope_version: reg(&mut r, "scope_version", "Version of the device scope in force (0: no scope yet)"),
+            scope_synced: reg_seconds(&mut r, "scope_synced_timestamp", "When the device scope in force came from the cloud, Unix time (0: no scope yet)"),
             auth_refused: reg(&mut r, "auth_refused", "Connections refused by authentication"),
             connections_refused: reg(&mut r, "connections_refused", "Connections refused because the hub served max_connections clients already"),
             authz_refused: reg(&mut r, "authz_refused", "Publishes and subscriptions refused by authorization"),
@@ -170,6 +213,9 @@ impl Metrics {
             plugin_reloads: reg(&mut r, "plugin_reloads", "Plugins loaded, replaced or unloaded while running"),
             plugin_rejected: reg(&mut r, "plugin_rejected", "Plugin files refused (corrupt, wrong world, cannot start)"),
             plugin_log_dropped: reg(&mut r, "plugin_log_dropped", "Lines a plugin logged beyond its log rate limit, by plugin"),
+            plugin_seconds: reg_seconds(&mut r, "plugin", "Time a plugin took per message, by plugin (a batch call's time shared among its messages); its count is the messages it was handed"),
+            route_messages: reg(&mut r, "route_messages", "Messages each route matched, by route"),
+            route_seconds: reg_seconds(&mut r, "route_plugin_wait", "Time messages of a plugin route waited for its plugin's answer (queueing for a worker and the call), by route"),
             filtered_out: reg(&mut r, "messages_filtered", "Messages dropped by a filter plugin, a router plugin or a route's drop policy"),
             dead_lettered: reg(&mut r, "messages_dead_lettered", "Messages sent to the dead-letter topic after a plugin failure"),
             dead_letters: reg(&mut r, "dead_letters", "Messages moved to the store's dead-letter area, by reason (upstream_refused, ...)"),
@@ -178,9 +224,11 @@ impl Metrics {
             module_inputs_queued: reg(&mut r, "module_inputs_queued", "Messages routed to module inputs, stored and not yet acknowledged by a module"),
             broker_stored: reg(&mut r, "broker_stored", "What the local broker has made durable, by kind: sessions (persistent), queued (messages kept for sessions away), retained"),
             invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
+            cloud_refused: reg(&mut r, "cloud_refused", "Messages from the cloud the hub refused or ignored, by kind (desired, method, c2d) and reason (outside_scope, invalid, not_for_the_hub, busy, queue_full, not_stored)"),
             store_recovered: reg(&mut r, "store_recovered", "Records kept from a damaged store when the hub started (see docs/store.md)"),
             store_lost: reg(&mut r, "store_lost", "Records a damaged store could not give back when the hub started (at least this many)"),
             registry: r,
+            addresses: Default::default(),
         };
         // Every known reason is on the page from the start, at 0.
         for reason in DropReason::ALL {
@@ -221,6 +269,13 @@ impl Metrics {
     pub fn set_scope_identities(&self, n: usize) {
         self.scope_identities.set(n as i64);
     }
+    /// The scope in force: its version and when it came from the cloud
+    /// (Unix ms).
+    pub fn set_scope_synced(&self, version: u64, synced_ms: u64) {
+        self.scope_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.scope_synced.set(synced_ms as f64 / 1000.0);
+    }
     pub fn authz_refused(&self, n: u64) {
         self.authz_refused.inc_by(n);
     }
@@ -245,6 +300,7 @@ impl Metrics {
         let labels = plugin_labels(plugin);
         let _ = self.plugin_failures.get_or_create(&labels);
         let _ = self.plugin_log_dropped.get_or_create(&labels);
+        let _ = self.plugin_seconds.get_or_create(&labels);
     }
     pub fn plugin_rejected(&self) {
         self.plugin_rejected.inc();
@@ -253,6 +309,24 @@ impl Metrics {
         self.plugin_log_dropped
             .get_or_create(&plugin_labels(plugin))
             .inc_by(n);
+    }
+    /// `n` messages took `each` in `plugin`.
+    pub fn plugin_took(&self, plugin: &str, each: Duration, n: u64) {
+        self.plugin_seconds
+            .get_or_create(&plugin_labels(plugin))
+            .observe_n(each, n);
+    }
+    /// Route `route` matched `n` messages.
+    pub fn route_matched(&self, route: &str, n: u64) {
+        self.route_messages
+            .get_or_create(&route_labels(route))
+            .inc_by(n);
+    }
+    /// `n` messages of plugin route `route` waited `each` for its plugin.
+    pub fn route_waited(&self, route: &str, each: Duration, n: u64) {
+        self.route_seconds
+            .get_or_create(&route_labels(route))
+            .observe_n(each, n);
     }
     pub fn filtered_out(&self, n: u64) {
         self.filtered_out.inc_by(n);
@@ -290,18 +364,42 @@ impl Metrics {
             })
             .inc();
     }
-    pub fn set_upstream_connected(&self, up: bool) {
-        self.upstream_connected.set(up as i64);
+    /// Every configured upstream address, each at 0 until connected to.
+    pub fn upstream_addresses(&self, addresses: &[String]) {
+        for a in addresses {
+            let _ = self.upstream_address.get_or_create(&address_labels(a));
+        }
+        *self.addresses.write().expect("addresses") = addresses.to_vec();
+    }
+    /// Connected to `address`, or (`None`) to no upstream.
+    /// A message from the cloud refused or ignored: `kind` (desired,
+    /// method, c2d), `reason` (outside_scope, invalid, not_for_the_hub,
+    /// busy, queue_full, not_stored).
+    pub fn cloud_refused(&self, kind: &'static str, reason: &'static str) {
+        self.cloud_refused
+            .get_or_create(&CloudRefusedLabels { kind, reason })
+            .inc();
+    }
+    pub fn set_upstream(&self, address: Option<&str>) {
+        for a in self.addresses.read().expect("addresses").iter() {
+            let up = Some(a.as_str()) == address;
+            self.upstream_address
+                .get_or_create(&address_labels(a))
+                .set(up as i64);
+        }
+        self.upstream_connected.set(address.is_some() as i64);
     }
     pub fn upstream_reconnects(&self) {
         self.upstream_reconnects.inc();
     }
 
     /// The values the status page shows, with the queue gauges read from
-    /// `store` now; `plugins`: the loaded plugins, whose failures it gives.
-    /// Reads the store: call it off the async runtime.
-    pub fn snapshot(&self, store: &Store, plugins: &[String]) -> Snapshot {
+    /// `store` now; `plugins` and `routes`: the loaded plugins and the
+    /// routes in force (in table order), whose numbers it gives. Reads the
+    /// store: call it off the async runtime.
+    pub fn snapshot(&self, store: &Store, plugins: &[String], routes: &[String]) -> Snapshot {
         self.read_store(store);
+        let synced = self.scope_synced.get();
         Snapshot {
             clients: self.clients_connected.get().max(0) as u64,
             queue_depth: self.queue_depth.get().max(0) as u64,
@@ -309,8 +407,21 @@ impl Metrics {
             queue_oldest_age_seconds: self.queue_oldest_age.get(),
             dead_letters: self.dead_letter_depth.get().max(0) as u64,
             upstream_connected: self.upstream_connected.get() == 1,
+            upstream_address: self
+                .addresses
+                .read()
+                .expect("addresses")
+                .iter()
+                .find(|a| {
+                    self.upstream_address
+                        .get(&address_labels(a))
+                        .is_some_and(|g| g.get() == 1)
+                })
+                .cloned(),
             upstream_reconnects: self.upstream_reconnects.get(),
             scope_identities: self.scope_identities.get().max(0) as u64,
+            scope_version: self.scope_version.get().max(0) as u64,
+            scope_synced_ms: (synced > 0.0).then_some((synced * 1000.0) as u64),
             received: self.received.get(),
             forwarded: self.forwarded.get(),
             expired: self.expired.get(),
@@ -328,13 +439,26 @@ impl Metrics {
             connections_refused: self.connections_refused.get(),
             plugin_calls: self.plugin_calls.get(),
             filtered: self.filtered_out.get(),
-            plugin_failures: plugins
+            plugin_numbers: plugins
                 .iter()
                 .map(|p| {
-                    (
-                        p.clone(),
-                        self.plugin_failures.get_or_create(&plugin_labels(p)).get(),
-                    )
+                    let labels = plugin_labels(p);
+                    let numbers = PluginNumbers {
+                        failures: self.plugin_failures.get_or_create(&labels).get(),
+                        took: self.plugin_seconds.get_or_create(&labels).summary(),
+                    };
+                    (p.clone(), numbers)
+                })
+                .collect(),
+            routes: routes
+                .iter()
+                .map(|r| {
+                    let labels = route_labels(r);
+                    RouteNumbers {
+                        name: r.clone(),
+                        messages: self.route_messages.get_or_create(&labels).get(),
+                        plugin_wait: self.route_seconds.get_or_create(&labels).summary(),
+                    }
                 })
                 .collect(),
             c2d_queued: self.c2d_queued.get().max(0) as u64,
@@ -382,8 +506,13 @@ pub struct Snapshot {
     pub queue_oldest_age_seconds: f64,
     pub dead_letters: u64,
     pub upstream_connected: bool,
+    /// The address connected to.
+    pub upstream_address: Option<String>,
     pub upstream_reconnects: u64,
     pub scope_identities: u64,
+    pub scope_version: u64,
+    /// When the scope in force came from the cloud (Unix ms).
+    pub scope_synced_ms: Option<u64>,
     pub received: u64,
     pub forwarded: u64,
     pub expired: u64,
@@ -395,10 +524,47 @@ pub struct Snapshot {
     pub connections_refused: u64,
     pub plugin_calls: u64,
     pub filtered: u64,
-    /// Failed calls of each loaded plugin.
-    pub plugin_failures: std::collections::BTreeMap<String, u64>,
+    /// Each loaded plugin's numbers.
+    #[serde(rename = "plugins")]
+    pub plugin_numbers: BTreeMap<String, PluginNumbers>,
+    /// Each route's numbers, in table order.
+    pub routes: Vec<RouteNumbers>,
     pub c2d_queued: u64,
     pub module_inputs_queued: u64,
+}
+
+/// A plugin's numbers on the status page.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PluginNumbers {
+    /// Calls that failed.
+    pub failures: u64,
+    /// Time per message (its count: the messages it was handed).
+    pub took: LatencySummary,
+}
+
+/// A route's numbers on the status page.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteNumbers {
+    pub name: String,
+    /// Messages it matched.
+    pub messages: u64,
+    /// Waiting for its plugin's answer, per message (a route without a
+    /// plugin: no observation).
+    pub plugin_wait: LatencySummary,
+}
+
+fn route_labels(route: &str) -> RouteLabels {
+    RouteLabels {
+        route: route.to_owned(),
+    }
+}
+
+fn address_labels(address: &str) -> AddressLabels {
+    AddressLabels {
+        address: address.to_owned(),
+    }
 }
 
 fn plugin_labels(plugin: &str) -> PluginLabels {
@@ -475,13 +641,29 @@ mod tests {
         let m = Metrics::new();
         m.client_connected(2);
         m.client_connected(-1);
-        m.set_upstream_connected(true);
+        m.upstream_addresses(&["mqtt://a:1883".into(), "mqtt://cloud:1883".into()]);
+        m.set_upstream(Some("mqtt://cloud:1883"));
         m.set_dead_letter_depth(5);
         m.upstream_reconnects();
         m.plugin_log_dropped("noisy", 10);
         let s = samples(&m.encode());
         assert_eq!(s["edgehub_clients_connected"], 1.0);
         assert_eq!(s["edgehub_upstream_connected"], 1.0);
+        assert_eq!(
+            s["edgehub_upstream_address{address=\"mqtt://cloud:1883\"}"],
+            1.0
+        );
+        assert_eq!(
+            s["edgehub_upstream_address{address=\"mqtt://a:1883\"}"],
+            0.0
+        );
+        m.set_upstream(None);
+        let after = samples(&m.encode());
+        assert_eq!(
+            after["edgehub_upstream_address{address=\"mqtt://cloud:1883\"}"],
+            0.0
+        );
+        assert_eq!(after["edgehub_upstream_connected"], 0.0);
         assert_eq!(s["edgehub_dead_letter_depth"], 5.0);
         assert_eq!(s["edgehub_upstream_reconnects_total"], 1.0);
         assert_eq!(
@@ -523,11 +705,35 @@ mod tests {
         m.messages_dropped(DropReason::SlowSubscriber, 2);
         m.messages_dropped(DropReason::StoreRefused, 1);
         m.plugin_failed("a");
-        m.set_upstream_connected(true);
-        let s = m.snapshot(&store, &["a".into(), "b".into()]);
+        m.upstream_addresses(&["mqtt://other:1883".into(), "mqtt://cloud:1883".into()]);
+        m.set_upstream(Some("mqtt://cloud:1883"));
+        m.plugin_took("a", Duration::from_micros(30), 4);
+        m.route_matched("r1", 4);
+        m.route_waited("r1", Duration::from_millis(2), 4);
+        m.set_scope_synced(7, 1_700_000_000_123);
+        let s = m.snapshot(
+            &store,
+            &["a".into(), "b".into()],
+            &["r1".into(), "r2".into()],
+        );
         assert_eq!((s.received, s.dropped, s.queue_depth), (5, 3, 0));
         assert!(s.upstream_connected);
-        assert_eq!(s.plugin_failures["a"], 1);
-        assert_eq!(s.plugin_failures["b"], 0);
+        assert_eq!(s.upstream_address.as_deref(), Some("mqtt://cloud:1883"));
+        assert_eq!(s.plugin_numbers["a"].failures, 1);
+        assert_eq!(s.plugin_numbers["a"].took.count, 4);
+        assert_eq!(s.plugin_numbers["b"], PluginNumbers::default());
+        assert_eq!(s.routes[0].name, "r1");
+        assert_eq!(
+            (s.routes[0].messages, s.routes[0].plugin_wait.count),
+            (4, 4)
+        );
+        assert_eq!(
+            (s.routes[1].messages, s.routes[1].plugin_wait.count),
+            (0, 0)
+        );
+        assert_eq!(
+            (s.scope_version, s.scope_synced_ms),
+            (7, Some(1_700_000_000_123))
+        );
     }
 }
