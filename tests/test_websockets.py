@@ -188,3 +188,61 @@ def test_the_azure_iot_sdk_with_websockets_sends_telemetry_through_the_wss_liste
     topics = {t for t, p in got if p in want}
     assert topics and all(t.startswith("devices/child1/messages/events/") and "marker=sdk-ws" in t
                           for t in topics), topics
+
+
+def upgrade_status(port: int, origin: str | None) -> tuple[int, str]:
+    """Sends a WebSocket upgrade for /mqtt (subprotocol mqtt), with an
+    ``Origin`` header when given; returns the HTTP status and the body."""
+    head = (f"GET /mqtt HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: mqtt\r\n")
+    if origin is not None:
+        head += f"Origin: {origin}\r\n"
+    with socket.create_connection((LOOPBACK, port), timeout=10) as s:
+        s.sendall((head + "\r\n").encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer and len(answer) < 65536:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        status = int(answer.split(b" ", 2)[1])
+        body = b""
+        if status != 101:
+            s.settimeout(5)
+            try:
+                while len(body) < 65536 and (chunk := s.recv(4096)):
+                    body += chunk
+            except OSError:
+                pass
+        return status, (answer.split(b"\r\n\r\n", 1)[1] + body).decode(errors="replace")
+
+
+def test_a_web_page_from_an_origin_not_allowed_is_refused_with_403_and_an_allowed_one_or_a_non_browser_is_served(
+    certs, upstream, hub_factory, clients
+):
+    allowed = "https://dash.plant.example"
+    hub, ws_port, wss_port = ws_hub(hub_factory, upstream, certs, edge_id="edge-ws-origin",
+                                    extra_args=["--ws-allowed-origin", allowed])
+    assert upgrade_status(ws_port, None)[0] == 101, "a client that is not a browser (no Origin) was refused"
+    assert upgrade_status(ws_port, allowed)[0] == 101, "the allowed origin was refused"
+    assert upgrade_status(ws_port, "HTTPS://DASH.PLANT.EXAMPLE")[0] == 101, "origins compare without case"
+    for origin in ("https://evil.example", "https://dash.plant.example.evil.example", "null", "http://dash.plant.example"):
+        status, body = upgrade_status(ws_port, origin)
+        assert status == 403, f"{origin}: {status}"
+        assert "mqtt.ws_allowed_origins" in body, body
+    # the hub serves on: a paho client (no Origin header) still connects
+    pub = Publisher(ws_port, transport="websockets")
+    clients.append(pub)
+    pub.connect()
+    assert pub.publish_and_wait("plant/line1/temp", b"21", qos=1) == 0
+    assert hub.alive()
+
+
+def test_with_no_origin_allowed_every_other_sites_page_is_refused(certs, upstream, hub_factory):
+    hub, ws_port, _ = ws_hub(hub_factory, upstream, certs, edge_id="edge-ws-no-origin")
+    assert upgrade_status(ws_port, f"http://{LOOPBACK}:{hub.port}")[0] == 403, "a page on another port"
+    assert upgrade_status(ws_port, "https://intranet.example")[0] == 403
+    assert upgrade_status(ws_port, None)[0] == 101
+    # the hub's own address, as paho sends it
+    assert upgrade_status(ws_port, f"http://{LOOPBACK}:{ws_port}")[0] == 101

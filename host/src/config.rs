@@ -450,6 +450,13 @@ pub struct MqttConfig {
     /// any path), e.g. 0.0.0.0:80; the TLS ones are `tls.ws_listen`.
     #[arg(long, value_delimiter = ',')]
     pub ws_listen: Vec<SocketAddr>,
+    /// Web pages of other sites allowed to open MQTT-over-WebSocket
+    /// connections, by their origin (`https://dashboard.plant.example`,
+    /// repeatable; `*`: any). A request with no `Origin` header, or with the
+    /// hub's own address as its origin (what paho and the SDKs send), is
+    /// always served; with none listed, other sites' pages are refused.
+    #[arg(long = "ws-allowed-origin", value_delimiter = ',')]
+    pub ws_allowed_origins: Vec<String>,
 }
 
 impl MqttConfig {
@@ -534,6 +541,7 @@ impl Default for MqttConfig {
             max_retained: crate::broker::Limits::with_offline_queue(0).retained_messages,
             max_retained_bytes: crate::broker::Limits::with_offline_queue(0).retained_bytes,
             ws_listen: Vec::new(),
+            ws_allowed_origins: Vec::new(),
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::upstream::methods::MethodSync;
 use crate::upstream::sync::CloudSync;
 use crate::upstream::twins::TwinSync;
 use crate::upstream::{self, Forwarder, Link, LinkConfig, Login, Transport};
+use crate::websocket::AllowedOrigins;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -215,9 +216,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         }
     }
     let limit = Arc::new(Semaphore::new(config.mqtt.max_connections));
-    let layers = |tls: &Option<TlsAcceptor>, websocket| listener::Transport {
+    let origins = Arc::new(AllowedOrigins::new(&config.mqtt.ws_allowed_origins));
+    let layers = |tls: &Option<TlsAcceptor>, websocket: bool| listener::Transport {
         tls: tls.clone(),
-        websocket,
+        websocket: websocket.then(|| origins.clone()),
     };
     let listeners = [
         (&config.listen, layers(&None, false)),

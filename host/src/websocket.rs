@@ -13,7 +13,10 @@
 //! A server accepts any request path (paho asks for `/mqtt`, the Azure IoT
 //! device SDKs for `/$iothub/websocket`) and answers with the `mqtt`
 //! subprotocol; a client that offers subprotocols without `mqtt` is refused
-//! with 400, one that offers none is served.
+//! with 400, one that offers none is served. A request from a web page (it
+//! carries an `Origin` header) is refused with 403 unless its origin is
+//! allowed ([`AllowedOrigins`]): otherwise any page a browser on the plant
+//! network opens could talk MQTT to the hub with that browser.
 
 use bytes::Bytes;
 use futures_util::future::ready;
@@ -40,12 +43,50 @@ const WRITE_BUFFER: usize = 8 * 1024;
 /// may send several packets, or a packet and the start of the next, in one.
 const MESSAGE_SLACK: usize = 64 * 1024;
 
+/// The web pages allowed to open a WebSocket to the hub, by origin
+/// (`scheme://host[:port]`, compared without regard to case); `*` allows
+/// any. A request without an `Origin` header, or whose origin is the hub's
+/// own address as the request names it (`Host`), is not a page of another
+/// site (paho and the SDKs built on it send the latter) and is always
+/// allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedOrigins {
+    any: bool,
+    origins: Vec<String>,
+}
+
+impl AllowedOrigins {
+    pub fn new(origins: &[String]) -> Self {
+        let norm = |o: &String| o.trim().trim_end_matches('/').to_ascii_lowercase();
+        AllowedOrigins {
+            any: origins.iter().any(|o| o.trim() == "*"),
+            origins: origins.iter().map(norm).collect(),
+        }
+    }
+
+    /// Whether a request with this `Origin` header (if any) and this `Host`
+    /// header is served.
+    pub fn allows(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        let Some(origin) = origin.map(str::trim) else {
+            return true;
+        };
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        let same_site = authority
+            .zip(host)
+            .is_some_and(|(a, h)| a.eq_ignore_ascii_case(h.trim()));
+        same_site || self.any || self.origins.iter().any(|a| a.eq_ignore_ascii_case(origin))
+    }
+}
+
 /// Completes the server side of the upgrade on `io` (a fresh TCP or TLS
 /// stream), and returns the connection as a byte stream. A message larger
 /// than `max_packet` (plus some slack) ends the connection.
 pub async fn accept<S>(
     io: S,
     max_packet: usize,
+    origins: std::sync::Arc<AllowedOrigins>,
 ) -> Result<impl AsyncRead + AsyncWrite + Unpin + Send, tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -56,9 +97,38 @@ where
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(io, choose_subprotocol, Some(config))
-        .await?;
+    #[allow(clippy::result_large_err)] // tungstenite's callback type
+    let answer = move |request: &Request, response| upgrade(request, response, &origins);
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(io, answer, Some(config)).await?;
     Ok(byte_stream(ws))
+}
+
+/// Refuses a page whose origin is not allowed (403), then chooses the
+/// subprotocol.
+#[allow(clippy::result_large_err)] // tungstenite's callback type
+fn upgrade(
+    request: &Request,
+    response: Response,
+    origins: &AllowedOrigins,
+) -> Result<Response, ErrorResponse> {
+    let text = |name| {
+        let value = request.headers().get(name);
+        value.map(|v: &HeaderValue| v.to_str().unwrap_or("?"))
+    };
+    let origin = text(header::ORIGIN);
+    if !origins.allows(origin, text(header::HOST)) {
+        let origin = origin.unwrap_or_default();
+        tracing::warn!(
+            origin,
+            "WebSocket upgrade refused: a page of another site whose origin is not in mqtt.ws_allowed_origins"
+        );
+        let mut refusal = ErrorResponse::new(Some(format!(
+            "the origin {origin} may not open MQTT connections here (mqtt.ws_allowed_origins)\n"
+        )));
+        *refusal.status_mut() = StatusCode::FORBIDDEN;
+        return Err(refusal);
+    }
+    choose_subprotocol(request, response)
 }
 
 /// Answers the upgrade with the `mqtt` subprotocol when the client offers
@@ -141,9 +211,18 @@ mod tests {
 
     /// Starts a server on one end of an in-memory pipe; returns the other.
     fn server(max_packet: usize) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<Vec<u8>>) {
+        server_for(max_packet, &["https://dash.example".to_string()])
+    }
+
+    /// As [`server`], allowing the pages of `origins`.
+    fn server_for(
+        max_packet: usize,
+        origins: &[String],
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<Vec<u8>>) {
         let (near, far) = tokio::io::duplex(256 * 1024);
+        let origins = std::sync::Arc::new(AllowedOrigins::new(origins));
         let task = tokio::spawn(async move {
-            let mut io = match accept(far, max_packet).await {
+            let mut io = match accept(far, max_packet, origins).await {
                 Ok(io) => io,
                 Err(_) => return Vec::new(),
             };
@@ -224,6 +303,53 @@ mod tests {
             other => panic!("expected an HTTP refusal, got {other}"),
         }
         assert!(task.await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_listed_origins_are_allowed_and_a_request_without_one_or_from_the_hub_itself_always_is()
+    {
+        let listed = AllowedOrigins::new(&[
+            "https://Dash.example/".into(),
+            "http://10.0.0.5:8080".into(),
+        ]);
+        let host = Some("gw.plant:8080");
+        assert!(listed.allows(None, host));
+        assert!(listed.allows(Some("https://dash.example"), host));
+        assert!(listed.allows(Some("http://10.0.0.5:8080"), host));
+        assert!(!listed.allows(Some("http://10.0.0.5"), host));
+        assert!(!listed.allows(Some("https://dash.example.evil.test"), host));
+        assert!(!listed.allows(Some("null"), host));
+        // what paho sends: its own idea of the hub's address
+        assert!(listed.allows(Some("http://GW.plant:8080"), host));
+        assert!(listed.allows(Some("https://gw.plant:8080"), host));
+        assert!(!listed.allows(Some("http://gw.plant:8081"), host));
+        assert!(!listed.allows(Some("http://gw.plant:8080"), None));
+        let none = AllowedOrigins::new(&[]);
+        assert!(none.allows(None, host) && !none.allows(Some("https://dash.example"), host));
+        assert!(AllowedOrigins::new(&["*".into()]).allows(Some("https://anything.test"), host));
+    }
+
+    #[tokio::test]
+    async fn a_web_page_of_another_origin_is_refused_with_403_and_a_listed_one_is_served() {
+        for (origin, served) in [("https://evil.test", false), ("https://dash.example", true)] {
+            let (near, task) = server(1024);
+            let mut req = request("/mqtt", Some("mqtt"));
+            req.headers_mut()
+                .insert(header::ORIGIN, HeaderValue::from_static(origin));
+            match tokio_tungstenite::client_async(req, near).await {
+                Ok((mut ws, _)) => {
+                    assert!(served, "{origin} was served");
+                    ws.close(None).await.unwrap();
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+                Err(tungstenite::Error::Http(response)) => {
+                    assert!(!served, "{origin} was refused");
+                    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+                }
+                Err(other) => panic!("{origin}: {other}"),
+            }
+            task.await.unwrap();
+        }
     }
 
     #[tokio::test]

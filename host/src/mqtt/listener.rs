@@ -5,6 +5,7 @@
 //! when it is a `ws`/`wss` one; the session gets the resulting byte stream,
 //! whichever it is.
 
+use crate::websocket::AllowedOrigins;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -28,14 +29,15 @@ pub struct Transport {
     /// TLS over TCP (the client's certificate, if it sends one, goes to
     /// the session for X.509 authentication).
     pub tls: Option<TlsAcceptor>,
-    /// A WebSocket over TCP or TLS (`ws`, `wss`).
-    pub websocket: bool,
+    /// A WebSocket over TCP or TLS (`ws`, `wss`), with the web pages
+    /// allowed to open one.
+    pub websocket: Option<Arc<AllowedOrigins>>,
 }
 
 impl Transport {
     /// What the listener serves, for the log.
     pub fn kind(&self) -> &'static str {
-        match (self.tls.is_some(), self.websocket) {
+        match (self.tls.is_some(), self.websocket.is_some()) {
             (false, false) => "MQTT",
             (true, false) => "MQTT over TLS",
             (false, true) => "MQTT over WebSocket",
@@ -63,10 +65,10 @@ impl Transport {
                 (Box::new(stream), certs)
             }
         };
-        if !self.websocket {
+        let Some(origins) = &self.websocket else {
             return Ok((stream, certs));
-        }
-        let stream = crate::websocket::accept(stream, max_packet)
+        };
+        let stream = crate::websocket::accept(stream, max_packet, origins.clone())
             .await
             .map_err(OpenError::WebSocket)?;
         Ok((Box::new(stream), certs))
