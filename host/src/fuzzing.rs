@@ -1,6 +1,7 @@
 //! Fuzz targets: each takes arbitrary bytes and hands them to one parser of
-//! untrusted input, as the hub uses it (bytes from devices, the cloud,
-//! plugins' route text, and what the store reads back from disk). Whatever
+//! untrusted input, as the hub uses it (bytes from devices, the cloud's
+//! documents and the cloud broker's packets, plugins' route text, and what
+//! the store reads back from disk). Whatever
 //! the bytes, a target must return: no panic, no hang, no unbounded
 //! allocation.
 //!
@@ -25,6 +26,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("twin", twin),
     ("iothub_topic", iothub_topic),
     ("stored_record", stored_record),
+    ("upstream_reader", upstream_reader),
 ];
 
 /// Packet size limit the targets read with (the hub's default is larger;
@@ -100,6 +102,33 @@ pub fn stored_record(data: &[u8]) {
     let _ = crate::broker::durable::parse_queue_key(data);
 }
 
+/// What the cloud broker sends the hub's upstream connection, as the link
+/// reads it: packets of MQTT 3.1.1 and of 5, each taken by a connection's
+/// protocol state (a subscription pending, so a SUBACK has one to match),
+/// and every QoS 1 publish acknowledged as its consumer would.
+pub fn upstream_reader(data: &[u8]) {
+    use crate::config::MqttVersion;
+    use crate::upstream::state::{Inbound, LinkState};
+    use crate::upstream::wire::Wire;
+    for version in [MqttVersion::V311, MqttVersion::V5] {
+        let wire = Wire(version);
+        let mut state = LinkState::new(1, wire);
+        let mut out = BytesMut::new();
+        state.subscribe(&["devices/d/#".to_string()], &mut out);
+        let mut buf = BytesMut::from(data);
+        // Each packet takes at least two bytes, so this ends.
+        while let Ok(Some(packet)) = wire.read(&mut buf) {
+            if let Inbound::Cloud {
+                pkid: Some(pkid), ..
+            } = state.receive(packet)
+            {
+                state.consumed(1, pkid, &mut out);
+            }
+            out.clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +172,13 @@ mod tests {
                 delivery.extend_from_slice(&record.encode());
                 vec![record.encode().to_vec(), delivery]
             }
+            "upstream_reader" => vec![
+                // 3.1.1: CONNACK, SUBACK (granted 1), PUBLISH QoS 1, PUBACK, PINGRESP
+                b"\x20\x02\x00\x00\x90\x03\x00\x01\x01\x32\x09\x00\x03a/b\x00\x01hi\x40\x02\x00\x01\xd0\x00".to_vec(),
+                // 5: CONNACK (receive maximum 10, maximum packet size 4096),
+                // PUBLISH QoS 1, PUBACK 0x97, SUBACK 0x80, DISCONNECT 0x8e
+                b"\x20\x0b\x00\x00\x08\x21\x00\x0a\x27\x00\x00\x10\x00\x32\x0a\x00\x03a/b\x00\x01\x00hi\x40\x04\x00\x01\x97\x00\x90\x04\x00\x01\x00\x80\xe0\x02\x8e\x00".to_vec(),
+            ],
             _ => vec![Vec::new()],
         }
     }
@@ -181,6 +217,24 @@ mod tests {
                 }
                 _ => input.truncate(rng.below(len + 1)),
             }
+        }
+    }
+
+    #[test]
+    fn the_upstream_reader_seeds_are_whole_packets_of_their_version() {
+        use crate::config::MqttVersion;
+        use crate::upstream::wire::Wire;
+        let seeds = seeds("upstream_reader");
+        for (seed, version, packets) in [
+            (&seeds[0], MqttVersion::V311, 5),
+            (&seeds[1], MqttVersion::V5, 5),
+        ] {
+            let mut buf = BytesMut::from(&seed[..]);
+            let mut n = 0;
+            while let Ok(Some(_)) = Wire(version).read(&mut buf) {
+                n += 1;
+            }
+            assert_eq!((n, buf.len()), (packets, 0), "{version:?}");
         }
     }
 
