@@ -327,7 +327,7 @@ impl Forwarder {
                             }
                         }
                     }
-                    Some(LinkEvent::Disconnected { generation, .. }) => {
+                    Some(LinkEvent::Disconnected { generation, by_upstream, .. }) => {
                         if let Some(mut on) = online.take_if(|on| on.generation == generation) {
                             live.want(false);
                             let suspect = on.windows.first_unacked();
@@ -336,7 +336,11 @@ impl Forwarder {
                             // reconnect resends only what was not.
                             on.windows.pop_done(&self.store.tails());
                             self.remove(&mut on.windows, true);
-                            if let Some((key, strikes)) = refusals.connection_lost(suspect) {
+                            // Only the upstream's own closing counts against
+                            // the message first in line: not the hub leaving
+                            // over the broker's bad bytes or a fail-back.
+                            let lost = by_upstream.then(|| refusals.connection_lost(suspect)).flatten();
+                            if let Some((key, strikes)) = lost {
                                 let reason = format!("upstream_refused: the upstream closed the connection after this message {strikes} times in a row");
                                 self.dead_letter(key, &reason).await;
                             }

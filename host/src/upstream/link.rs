@@ -77,8 +77,13 @@ pub enum LinkEvent {
     /// delivered, the publisher decides what next.
     Refused { tag: u64, reason: u8 },
     /// The connection of `generation` ended; nothing sent on it that was not
-    /// acknowledged will be.
-    Disconnected { generation: u64, error: String },
+    /// acknowledged will be. `by_upstream`: the upstream ended it (see
+    /// [`UpstreamError::closed_by_upstream`]), not the hub.
+    Disconnected {
+        generation: u64,
+        error: String,
+        by_upstream: bool,
+    },
 }
 
 /// A publish from the cloud, for the consumer whose filter it matched.
@@ -193,9 +198,13 @@ pub struct LinkConfig {
     pub login: Login,
     pub max_backoff: Duration,
     /// While connected to any address but the first, the first is probed
-    /// (its transport opened and closed) this often; after
-    /// [`FAILBACK_PROBES`] probes in a row find it up, the link disconnects
-    /// cleanly and connects to it. `None`: stay until the connection fails.
+    /// this often: a CONNECT as `{client id}-probe` with a clean session,
+    /// then a DISCONNECT. It is up when it answers with a CONNACK that is
+    /// not "server unavailable" or "busy" (a refusal of the probe's
+    /// identity still shows an MQTT server at work; a node that accepts
+    /// TCP but has no storage ready does not). After [`FAILBACK_PROBES`]
+    /// probes in a row find it up, the link disconnects cleanly and
+    /// connects to it. `None`: stay until the connection fails.
     pub failback: Option<Duration>,
 }
 
@@ -203,7 +212,8 @@ pub struct LinkConfig {
 /// back to it: one node that restarts and falls again is not chased.
 pub const FAILBACK_PROBES: u32 = 2;
 
-/// How long a fail-back probe may take to open the transport.
+/// How long a fail-back probe may take, from opening the transport to the
+/// CONNACK.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The link before it runs: consumers subscribe here.
@@ -363,13 +373,15 @@ impl Actor {
                         if connected_at.elapsed() >= STABLE_AFTER {
                             backoff = MIN_BACKOFF;
                         }
-                        let error = match &result {
-                            Ok(()) => "shut down".to_string(),
-                            Err(e) => e.to_string(),
+                        let (error, by_upstream) = match &result {
+                            Ok(()) => ("shut down".to_string(), false),
+                            Err(e) => (e.to_string(), e.closed_by_upstream()),
                         };
-                        let _ = self
-                            .events
-                            .send(LinkEvent::Disconnected { generation, error });
+                        let _ = self.events.send(LinkEvent::Disconnected {
+                            generation,
+                            error,
+                            by_upstream,
+                        });
                         match result {
                             Ok(()) => return,
                             Err(UpstreamError::FailBack(first)) => {
@@ -497,7 +509,7 @@ impl Actor {
         }
         let keep_alive = Duration::from_secs(self.config.login.keep_alive.max(1) as u64);
         let mut ping_due = Instant::now() + keep_alive;
-        let mut probe = Probe::new(failback);
+        let mut probe = Probe::new(failback, &self.config.login);
         let mut refused = Refused::default();
         loop {
             conn.flush().await?;
@@ -541,9 +553,7 @@ impl Actor {
                     let mut packet = Some(packet?);
                     while let Some(p) = packet {
                         if let Incoming::Disconnect { reason } = p {
-                            return Err(UpstreamError::Protocol(format!(
-                                "the upstream disconnected, reason 0x{reason:02x}"
-                            )));
+                            return Err(UpstreamError::Disconnected(reason));
                         }
                         refused.add(self.receive(state, p, &mut acked, &mut conn));
                         if self.waiting.len() >= MAX_WAITING {
@@ -740,6 +750,9 @@ impl Refused {
 /// Fail-back probes of the first address while connected to another.
 struct Probe {
     target: Option<(UpstreamAddr, Duration)>,
+    /// The hub's login under a client id of the probe's own (never taking
+    /// the hub's session over), with a clean session.
+    login: Login,
     due: Instant,
     running: Option<tokio::task::JoinHandle<bool>>,
     /// Probes in a row that found the first address up.
@@ -747,10 +760,16 @@ struct Probe {
 }
 
 impl Probe {
-    fn new(target: Option<(UpstreamAddr, Duration)>) -> Self {
+    fn new(target: Option<(UpstreamAddr, Duration)>, login: &Login) -> Self {
         let every = target.as_ref().map_or(Duration::ZERO, |(_, every)| *every);
+        let login = Login {
+            client_id: format!("{}-probe", login.client_id),
+            clean_session: true,
+            ..login.clone()
+        };
         Self {
             target,
+            login,
             due: Instant::now() + every,
             running: None,
             streak: 0,
@@ -765,16 +784,24 @@ impl Probe {
         self.running.is_some()
     }
 
-    /// Opens the first address's transport on a task of its own, so the
+    /// Connects to the first address on a task of its own, so the
     /// connection keeps being served meanwhile.
     fn start(&mut self, connector: &Arc<dyn Connect>) {
         let Some((addr, _)) = self.target.clone() else {
             return;
         };
-        let connector = connector.clone();
+        let (connector, login) = (connector.clone(), self.login.clone());
         self.running = Some(tokio::spawn(async move {
-            let opened = tokio::time::timeout(PROBE_TIMEOUT, connector.connect(&addr)).await;
-            matches!(opened, Ok(Ok(_)))
+            let opened = Connection::open(&*connector, &addr, &login);
+            match tokio::time::timeout(PROBE_TIMEOUT, opened).await {
+                Ok(Ok(mut conn)) => {
+                    conn.wire().disconnect(&mut conn.write_buf);
+                    let _ = conn.flush().await;
+                    true
+                }
+                Ok(Err(UpstreamError::Refused(r))) => !r.unavailable,
+                _ => false,
+            }
         }));
     }
 
@@ -1330,12 +1357,14 @@ mod tests {
         let Some(LinkEvent::Disconnected {
             generation: gone,
             error,
+            by_upstream,
         }) = within(events.recv()).await
         else {
             panic!("expected Disconnected")
         };
         assert_eq!(gone, generation);
         assert!(error.contains("keep"), "{error}");
+        assert!(!by_upstream, "the hub left; the broker did not close");
         let (host, _peer) = within(conns.recv()).await.unwrap();
         assert_eq!(host, "b", "the next connection goes to the next address");
         drop(peer);
@@ -1344,7 +1373,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_link_fails_back_to_the_first_address_once_probes_find_it_up_again() {
+    async fn the_link_fails_back_to_the_first_address_once_probes_find_it_serving_again_not_just_listening(
+    ) {
         let (up, mut conns) = Upstream::new();
         let up = Arc::new(up);
         up.down.lock().unwrap().insert("a".into());
@@ -1359,20 +1389,49 @@ mod tests {
             matches!(within(events.recv()).await, Some(LinkEvent::Connected { address, .. }) if address.contains("b:"))
         );
 
-        // a returns: probes open its transport and close it without a
-        // CONNECT; after two in a row the link leaves b cleanly for a.
+        // a accepts TCP again but is not serving yet: probes (a CONNECT of
+        // their own, clean session) get "server unavailable", and the link
+        // stays on b however many there are.
         up.down.lock().unwrap().remove("a");
+        for _ in 0..FAILBACK_PROBES + 2 {
+            let (host, mut peer) = within(conns.recv()).await.unwrap();
+            assert_eq!(host, "a", "only a is probed");
+            let Some(v4::Packet::Connect(c)) = within(peer.read()).await else {
+                panic!("expected a probe's CONNECT")
+            };
+            let unavailable = v4::ConnectReturnCode::ServiceUnavailable;
+            peer.write(v4::Packet::ConnAck(v4::ConnAck::new(unavailable, false)))
+                .await;
+            assert_eq!(
+                c.client_id, "edge1-probe",
+                "a probe under the hub's client id"
+            );
+            assert!(c.clean_session, "a probe leaves no session behind");
+        }
+        // a serves: after two probes in a row find it up, the link leaves
+        // b cleanly for a.
         let mut probes = 0;
         let mut on_a = loop {
             let (host, mut peer) = within(conns.recv()).await.unwrap();
             assert_eq!(host, "a", "only a is probed, and reconnected to");
             match within(peer.read()).await {
-                None => probes += 1,
+                Some(v4::Packet::Connect(c)) if c.client_id == "edge1-probe" => {
+                    peer.write(v4::Packet::ConnAck(v4::ConnAck::new(
+                        v4::ConnectReturnCode::Success,
+                        false,
+                    )))
+                    .await;
+                    assert!(matches!(
+                        within(peer.read()).await,
+                        Some(v4::Packet::Disconnect)
+                    ));
+                    probes += 1;
+                }
                 Some(v4::Packet::Connect(_)) => break peer,
-                Some(p) => panic!("unexpected {p:?}"),
+                other => panic!("unexpected {other:?}"),
             }
         };
-        assert!(probes >= FAILBACK_PROBES as usize, "{probes} probes");
+        assert_eq!(probes, FAILBACK_PROBES as usize, "{probes} probes");
         assert!(matches!(
             within(on_b.read()).await,
             Some(v4::Packet::Disconnect)

@@ -21,7 +21,7 @@ const MAX_INCOMING: usize = 16 * 1024 * 1024;
 pub enum Incoming {
     /// `refused`: why the broker refused the connection.
     ConnAck {
-        refused: Option<String>,
+        refused: Option<Refusal>,
         limits: Limits,
     },
     /// `reason` is the v5 reason code (0 in 3.1.1); 0x80 and above: refused.
@@ -52,6 +52,22 @@ pub enum Incoming {
     Other,
 }
 
+/// Why a broker refused a CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub why: String,
+    /// "Server unavailable" or "busy": the broker is there but not serving
+    /// (a cluster node whose storage is not ready), not a refusal of who
+    /// connects.
+    pub unavailable: bool,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// What an MQTT 5 broker's CONNACK tells the client to keep to; an MQTT
 /// 3.1.1 broker says nothing (all `None`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,7 +91,7 @@ impl Wire {
                 Err(e) => Err(Malformed(format!("{e:?}"))),
             },
             MqttVersion::V5 => match v5::Packet::read(buf, Some(MAX_INCOMING as u32)) {
-                Ok(p) => Ok(Some(from_v5(p))),
+                Ok(p) => checked_v5(&p).map(|()| Some(from_v5(p))),
                 Err(m5::Error::InsufficientBytes(_)) => Ok(None),
                 Err(e) => Err(Malformed(format!("{e:?}"))),
             },
@@ -221,7 +237,10 @@ impl Wire {
 fn from_v4(p: v4::Packet) -> Incoming {
     match p {
         v4::Packet::ConnAck(a) => Incoming::ConnAck {
-            refused: (a.code != v4::ConnectReturnCode::Success).then(|| format!("{:?}", a.code)),
+            refused: (a.code != v4::ConnectReturnCode::Success).then(|| Refusal {
+                why: format!("{:?}", a.code),
+                unavailable: a.code == v4::ConnectReturnCode::ServiceUnavailable,
+            }),
             limits: Limits::default(),
         },
         v4::Packet::PubAck(a) => Incoming::PubAck {
@@ -265,6 +284,24 @@ fn puback_code(r: v5::PubAckReason) -> u8 {
     }
 }
 
+/// What the v5 codec lets through and MQTT 5 does not: a PUBLISH topic
+/// that is not UTF-8 (3.1.1's codec refuses it itself), and a Topic Alias,
+/// which the hub never allows (its CONNECT sets no Topic Alias Maximum).
+fn checked_v5(p: &v5::Packet) -> Result<(), Malformed> {
+    let v5::Packet::Publish(publish) = p else {
+        return Ok(());
+    };
+    if std::str::from_utf8(&publish.topic).is_err() {
+        return Err(Malformed("TopicNotUtf8".into()));
+    }
+    if let Some(alias) = publish.properties.as_ref().and_then(|p| p.topic_alias) {
+        return Err(Malformed(format!(
+            "a Topic Alias ({alias}), which the hub does not allow"
+        )));
+    }
+    Ok(())
+}
+
 fn from_v5(p: v5::Packet) -> Incoming {
     match p {
         v5::Packet::ConnAck(a) => {
@@ -275,11 +312,19 @@ fn from_v5(p: v5::Packet) -> Incoming {
             Incoming::ConnAck {
                 refused: (a.code != v5::ConnectReturnCode::Success).then(|| {
                     let why = a.properties.and_then(|p| p.reason_string);
-                    format!(
-                        "{:?}{}",
+                    let unavailable = matches!(
                         a.code,
-                        why.map(|w| format!(": {w}")).unwrap_or_default()
-                    )
+                        v5::ConnectReturnCode::ServerUnavailable
+                            | v5::ConnectReturnCode::ServerBusy
+                    );
+                    Refusal {
+                        why: format!(
+                            "{:?}{}",
+                            a.code,
+                            why.map(|w| format!(": {w}")).unwrap_or_default()
+                        ),
+                        unavailable,
+                    }
                 }),
                 limits,
             }
@@ -314,6 +359,22 @@ fn from_v5(p: v5::Packet) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_mqtt5_publish_with_a_topic_not_utf8_or_a_topic_alias_is_malformed() {
+        // PUBLISH QoS 0, topic "a\xff", no properties, payload "x"
+        let mut bad_topic = BytesMut::from(&b"\x30\x06\x00\x02a\xff\x00x"[..]);
+        assert!(Wire(MqttVersion::V5).read(&mut bad_topic).is_err());
+        // PUBLISH QoS 0, topic "a", Topic Alias 0 (0x23 0x0000), payload "x"
+        let mut alias = BytesMut::from(&b"\x30\x08\x00\x01a\x03\x23\x00\x00x"[..]);
+        let err = Wire(MqttVersion::V5).read(&mut alias).unwrap_err();
+        assert!(err.0.contains("Topic Alias"), "{err:?}");
+        let mut fine = BytesMut::from(&b"\x30\x05\x00\x01a\x00x"[..]);
+        assert!(matches!(
+            Wire(MqttVersion::V5).read(&mut fine),
+            Ok(Some(Incoming::Publish { .. }))
+        ));
+    }
 
     #[test]
     fn an_mqtt5_connack_tells_the_receive_maximum_and_packet_size_and_a_311_one_nothing() {
