@@ -2,7 +2,9 @@
 (`devices/{d}[/modules/{m}]/methods/{name}/{rid}`) reaches the connected
 identity on its own `$iothub/methods/POST/...`, and its answer comes back on
 `.../methods/res/{status}/{rid}`; not connected -> 404, silent -> 504, a bad
-call -> 400; an answer from anyone but the identity called is ignored. With
+call -> 400; an answer from anyone but the identity called is ignored; an
+answer given while the upstream is down reaches the caller once the link is
+back (the hub publishes answers at QoS 1 until the cloud has them). With
 paho for the exact topics, and the unchanged Azure IoT device SDK for Python
 answering a call."""
 
@@ -27,6 +29,7 @@ from authkit import (
     wait_scope,
 )
 from helpers import LOOPBACK, Subscriber
+from test_twins import hub_publishes
 
 import paho.mqtt.client as mqtt
 
@@ -34,8 +37,14 @@ import paho.mqtt.client as mqtt
 class Cloud:
     """The cloud side on the upstream broker: publishes calls, reads answers."""
 
-    def __init__(self, upstream):
-        self.sub = Subscriber(upstream.port).connect()
+    def __init__(self, upstream, persistent: bool = False):
+        """``persistent``: the caller's session (clean session off, its
+        subscriptions to answers at QoS 1) outlives a restart of the upstream
+        broker, which keeps the answers that come while the caller is away;
+        it reconnects by itself."""
+        self.sub = Subscriber(upstream.port, clean=not persistent)
+        self.sub.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)
+        self.sub.connect()
         self.sub.subscribe("devices/+/methods/res/#")
         self.sub.subscribe("devices/+/modules/+/methods/res/#")
         self.pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"cloud-{uuid.uuid4().hex[:8]}")
@@ -50,15 +59,27 @@ class Cloud:
         return rid
 
     def answer(self, root: str, rid: str, timeout: float) -> tuple[int, dict]:
+        """(status, payload) of the first answer to call ``rid``."""
+        self.sub.wait_for(lambda ms: any(self._answers_to(root, rid, [m]) for m in ms), timeout,
+                          f"the answer to call {rid}")
+        return self.answers(root, rid)[0]
+
+    def answers(self, root: str, rid: str) -> list[tuple[int, dict]]:
+        """(status, payload) of every answer to call ``rid`` received so far."""
+        with self.sub.cond:
+            return self._answers_to(root, rid, self.sub.messages)
+
+    @staticmethod
+    def _answers_to(root: str, rid: str, msgs) -> list[tuple[int, dict]]:
         prefix = f"{root}/methods/res/"
-        msgs = self.sub.wait_for(
-            lambda ms: any(m.topic.startswith(prefix) and m.topic.endswith(f"/{rid}") for m in ms),
-            timeout, f"the answer to call {rid}")
-        m = next(m for m in msgs if m.topic.startswith(prefix) and m.topic.endswith(f"/{rid}"))
-        status = int(m.topic[len(prefix):].split("/")[0])
-        body = json.loads(m.payload)
-        assert body["status"] == status, (m.topic, body)
-        return status, body["payload"]
+        out = []
+        for m in msgs:
+            if m.topic.startswith(prefix) and m.topic.endswith(f"/{rid}"):
+                status = int(m.topic[len(prefix):].split("/")[0])
+                body = json.loads(m.payload)
+                assert body["status"] == status, (m.topic, body)
+                out.append((status, body["payload"]))
+        return out
 
     def close(self):
         self.sub.close()
@@ -166,3 +187,42 @@ def test_an_sdk_device_answers_a_cloud_call_through_the_gateway(
     assert status == 200, payload
     assert payload == {"echo": {"verbose": True}, "name": "getStatus"}, describe_sdk(result)
     assert result["steps"][0]["ok"], describe_sdk(result)
+
+
+def test_an_answer_given_while_the_upstream_is_down_reaches_the_caller_once_the_link_is_back(
+    upstream_factory, hub_factory, clients
+):
+    """The call is taken, the upstream broker stops, and only then does the
+    device answer: the hub keeps the answer (QoS 1) and sends it once it is
+    connected again. The caller's persistent session on the broker (which
+    keeps its sessions across the restart) holds the answer for it. The
+    broker logs every packet, so the test sees the QoS of the hub's answer."""
+    upstream = upstream_factory(extra_conf=["log_type all"])
+    upstream.start()
+    child1 = Identity.child("child1")
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    rc, d1 = try_connect(hub.port, clients, **child1.credentials())
+    assert rc == 0 and d1.subscribe_result(["$iothub/methods/POST/#"]) in ([0], [1])
+    caller = Cloud(upstream, persistent=True)
+    clients.append(caller)
+
+    rid = caller.call("devices/child1", "reboot", {"payload": {"delay": 5}, "responseTimeoutInSeconds": 120})
+    method, hub_rid, payload = call_received(d1)
+    assert (method, json.loads(payload)) == ("reboot", {"delay": 5})
+
+    upstream.stop()
+    hub.wait_metric("edgehub_upstream_connected", lambda v: v == 0, 15, "== 0 (the upstream gone)")
+    assert d1.publish_result(f"$iothub/methods/res/201/?$rid={hub_rid}", b'{"rebooted": true}') == 0
+    upstream.start()
+
+    device_answer = (201, {"rebooted": True})
+    assert caller.answer("devices/child1", rid, 60) == device_answer
+    # QoS 1 may bring it twice, never anything else (a 504 from the hub)
+    others = [a for a in caller.answers("devices/child1", rid) if a != device_answer]
+    assert others == [], f"the caller got another answer too: {others}"
+    sent = hub_publishes(upstream, f"devices/child1/methods/res/201/{rid}")
+    assert sent and {(qos, retain) for qos, retain, _ in sent} == {(1, 0)}, \
+        f"the answer did not go up at QoS 1, not retained: (QoS, retain, mid) {sent}"
+    assert hub.alive() and not d1.closed.is_set()

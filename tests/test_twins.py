@@ -2,11 +2,18 @@
 Azure IoT device SDK for Python (get_twin, patch_twin_reported_properties)
 and with paho for the exact topics and bodies: offline, after a restart
 while offline, each identity its own twin, and bad patches refused with a
-reason while the twin stays as it was."""
+reason while the twin stays as it was. With the cloud: reported documents go
+up retained at QoS 1 and only until the cloud acknowledged them, a newer one
+the cloud holds is read back, and the one of an identity removed from the
+scope is cleared there. What the cloud holds is read as a fresh subscriber
+on the upstream broker sees it (``retained_doc``); what the hub sent, from
+the upstream Mosquitto's own log (``log_type all``)."""
 
 from __future__ import annotations
 
 import json
+import re
+import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -30,7 +37,9 @@ from authkit import (
     wait_scope,
     wait_tls_listener,
 )
-from helpers import Relay, Subscriber
+from helpers import Relay, Subscriber, WaitTimeout, wait_until
+
+PATCH_REPORTED = "$iothub/twin/PATCH/properties/reported/?$rid={rid}"
 
 
 
@@ -150,6 +159,72 @@ def twin_request(c, topic: str, body: bytes, rid: str) -> tuple[str, dict | None
     return t, (json.loads(p) if p else None)
 
 
+def wait_twin(c, pred, timeout: float, desc: str) -> dict:
+    """Asks for the twin (GET, a fresh $rid each time) until ``pred`` holds
+    for it; returns it."""
+    box: dict = {}
+
+    def check():
+        _, box["twin"] = twin_request(c, "$iothub/twin/GET/?$rid={rid}", b"", f"poll{uuid.uuid4().hex[:8]}")
+        return pred(box["twin"])
+
+    try:
+        wait_until(check, timeout, desc, interval=0.1)
+    except WaitTimeout as exc:
+        raise WaitTimeout(f"{exc}; the last twin: {box.get('twin')}") from None
+    return box["twin"]
+
+
+def retained_doc(up, topic: str, timeout: float = 10.0) -> dict | None:
+    """The JSON document the upstream broker holds retained on ``topic``, as
+    a fresh subscriber gets it; None when it holds none. The subscriber then
+    publishes a sentinel to itself: the broker sends it after any retained
+    message, so "none" needs no waiting for something that never comes."""
+    w = Subscriber(up.port).connect()
+    try:
+        sentinel = f"sentinel/{uuid.uuid4().hex}"
+        w.subscribe(topic)
+        w.subscribe(sentinel)
+        w.client.publish(sentinel, b"s", qos=1)
+        w.wait_topic(sentinel, timeout)
+        with w.cond:
+            held = [bytes(m.payload) for m in w.messages if m.topic == topic and m.retain]
+    finally:
+        w.close()
+    return json.loads(held[-1]) if held else None
+
+
+def wait_retained(up, topic: str, pred, timeout: float, desc: str) -> dict | None:
+    """Reads ``retained_doc`` until ``pred`` holds for it; returns it."""
+    box: dict = {}
+
+    def check():
+        box["doc"] = retained_doc(up, topic)
+        return pred(box["doc"])
+
+    try:
+        wait_until(check, timeout, desc, interval=0.2)
+    except WaitTimeout as exc:
+        raise WaitTimeout(f"{exc}; the broker holds {box.get('doc')!r} on {topic}") from None
+    return box["doc"]
+
+
+def broker_log(up, since: int = 0) -> str:
+    """The upstream Mosquitto's log from byte ``since`` on."""
+    with open(up.log_path, "rb") as f:
+        f.seek(since)
+        return f.read().decode("utf-8", "replace")
+
+
+def hub_publishes(up, topic: str, since: int = 0) -> list[tuple[int, int, int]]:
+    """(QoS, retain, message id) of every PUBLISH the hub (client id = the
+    edge id) made on ``topic``, as the upstream Mosquitto logged it (it
+    needs ``log_type all``) from byte ``since`` of its log on."""
+    rx = re.compile(rf"^\d+: Received PUBLISH from {re.escape(EDGE_ID)} \(d\d, q(\d), r(\d), m(\d+), '([^']*)',")
+    return [(int(m[1]), int(m[2]), int(m[3]))
+            for m in map(rx.match, broker_log(up, since).splitlines()) if m and m[4] == topic]
+
+
 def test_the_twin_of_an_identity_removed_from_the_scope_is_deleted_and_it_starts_afresh_when_added_again(
     upstream, hub_factory, clients
 ):
@@ -164,11 +239,19 @@ def test_the_twin_of_an_identity_removed_from_the_scope_is_deleted_and_it_starts
                                 json.dumps({"who": ident.device_id}).encode(), f"r-{ident.device_id}")
         assert topic == f"$iothub/twin/res/204/?$rid=r-{ident.device_id}&$version=2", topic
         c.close()
+    for ident in (child1, child2):
+        doc = wait_retained(upstream, f"devices/{ident.device_id}/twin/reported", lambda d: d is not None, 15,
+                            f"{ident.device_id}'s reported document on the cloud")
+        assert doc == {"who": ident.device_id, "$version": 2}, doc
 
     offset = log_size(hub)
     publish_scope(upstream, scope_doc([child1], version=2))
     wait_log(hub, offset, r"twins of identities removed from the device scope deleted\b.*\btwins=1\b", 20,
              "child2's twin deleted with it")
+    # the document the hub published for child2 is cleared on the cloud too, child1's stays
+    wait_retained(upstream, "devices/child2/twin/reported", lambda d: d is None, 20,
+                  "child2's reported document cleared on the cloud")
+    assert retained_doc(upstream, "devices/child1/twin/reported") == {"who": "child1", "$version": 2}
     # gone for good: not back after a restart, nor when child2 is added again
     assert hub.terminate() == 0
     hub.start()
@@ -295,6 +378,84 @@ def test_after_an_outage_desired_changed_in_the_cloud_reaches_a_connected_device
         assert doc["offline"] is True
     finally:
         relay.close()
+
+
+def test_a_reported_document_the_cloud_acknowledged_is_not_sent_again_after_a_restart_but_an_unacknowledged_one_is(
+    upstream_factory, hub_factory, clients
+):
+    """child1 reports with the upstream up (the cloud acknowledges its
+    document), child2 with the upstream down; the hub restarts before the
+    upstream is back. Then only child2's document goes up: the upstream
+    Mosquitto logs every packet, so its log shows each PUBLISH of the hub."""
+    up = upstream_factory(extra_conf=["log_type all"])
+    up.start()
+    child1, child2 = Identity.child("child1"), Identity.child("child2")
+    hub = hub_factory(up, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(up, [child1, child2])
+    wait_scope(hub, 2)
+    devices = {}
+    for ident in (child1, child2):
+        rc, c = try_connect(hub.port, clients, **ident.credentials())
+        assert rc == 0 and c.subscribe_result(["$iothub/twin/res/#"]) == [1]
+        devices[ident.device_id] = c
+    topic1, topic2 = "devices/child1/twin/reported", "devices/child2/twin/reported"
+
+    topic, _ = twin_request(devices["child1"], PATCH_REPORTED, b'{"fw": "1.0"}', "online")
+    assert topic == "$iothub/twin/res/204/?$rid=online&$version=2", topic
+    sent = wait_until(lambda: hub_publishes(up, topic1), 15, "child1's reported document upstream")
+    assert [(qos, retain) for qos, retain, _ in sent] == [(1, 1)], \
+        f"child1's document did not go up once, retained at QoS 1: (QoS, retain, mid) {sent}"
+    wait_until(lambda: f"Sending PUBACK to {EDGE_ID} (m{sent[0][2]}, rc0)" in broker_log(up), 10,
+               "the broker's PUBACK of child1's document")
+    assert retained_doc(up, topic1) == {"fw": "1.0", "$version": 2}
+
+    up.stop()
+    hub.wait_metric("edgehub_upstream_connected", lambda v: v == 0, 15, "== 0 (the upstream gone)")
+    since = up.log_path.stat().st_size
+    topic, _ = twin_request(devices["child2"], PATCH_REPORTED, b'{"fw": "2.0"}', "offline")
+    assert topic == "$iothub/twin/res/204/?$rid=offline&$version=2", topic
+    assert hub.terminate() == 0
+    hub.start()
+    up.start()
+
+    doc = wait_retained(up, topic2, lambda d: d is not None, 30,
+                        "child2's unacknowledged document sent after the restart")
+    assert doc == {"fw": "2.0", "$version": 2}
+    again = hub_publishes(up, topic2, since)
+    assert again and {(qos, retain) for qos, retain, _ in again} == {(1, 1)}, again
+    assert hub_publishes(up, topic1, since) == [], \
+        "child1's document, which the cloud had acknowledged, was sent again after the restart"
+    assert retained_doc(up, topic1) == {"fw": "1.0", "$version": 2}
+    assert hub.alive()
+
+
+def test_a_newer_reported_document_on_the_cloud_is_read_back_and_the_next_patch_continues_its_version(
+    upstream, hub_factory, clients
+):
+    """child1 reported through another edge before it moved to this one: the
+    cloud holds its reported document at version 7 before this hub ever
+    connects."""
+    child1 = Identity.child("child1")
+    topic = "devices/child1/twin/reported"
+    publish_retained(upstream.port, topic, b'{"fw": "9.9", "$version": 7}')
+    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(upstream, [child1])
+    wait_scope(hub, 1)
+    rc, c = try_connect(hub.port, clients, **child1.credentials())
+    assert rc == 0 and c.subscribe_result(["$iothub/twin/res/#"]) == [1]
+
+    twin = wait_twin(c, lambda t: t["reported"] != {"$version": 1}, 20,
+                     "the twin to take the cloud's reported document")
+    assert twin == {"desired": {"$version": 1}, "reported": {"fw": "9.9", "$version": 7}}, twin
+
+    topic_204, _ = twin_request(c, PATCH_REPORTED, b'{"mode": "eco"}', "next")
+    assert topic_204 == "$iothub/twin/res/204/?$rid=next&$version=8", topic_204
+    doc = wait_retained(upstream, topic, lambda d: d != {"fw": "9.9", "$version": 7}, 20,
+                        "the cloud's reported document after the patch")
+    assert doc == {"fw": "9.9", "mode": "eco", "$version": 8}, doc
+    _, twin = twin_request(c, "$iothub/twin/GET/?$rid={rid}", b"", "after")
+    assert twin["reported"] == {"fw": "9.9", "mode": "eco", "$version": 8}, twin
+    assert hub.alive()
 
 
 def test_an_sdk_device_receives_a_desired_patch_set_in_the_cloud(

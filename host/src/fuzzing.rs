@@ -78,7 +78,7 @@ pub fn scope(data: &[u8]) {
 pub fn twin(data: &[u8]) {
     use crate::twins::document;
     let patch = document::reported_patch(data);
-    if let Ok((mut desired, _)) = document::desired_document(data) {
+    if let Ok((mut desired, _)) = document::versioned_document(data) {
         if let Ok(patch) = &patch {
             document::merge(&mut desired, patch);
             let _ = document::diff(&desired, patch);

@@ -67,11 +67,26 @@ pub fn twin_topic(identity: &str, section: &str) -> String {
     format!("{}/twin/{section}", identity_root(identity))
 }
 
-/// The identity whose desired document `topic` carries.
-pub fn identity_of_desired(topic: &str) -> Option<String> {
-    match split_identity(topic)? {
-        (id, "twin/desired") => Some(id),
-        _ => None,
+/// A twin document's topic read back: whose twin, and which section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TwinTopic {
+    Desired(String),
+    Reported(String),
+}
+
+impl TwinTopic {
+    pub fn parse(topic: &str) -> Option<Self> {
+        match split_identity(topic)? {
+            (id, "twin/desired") => Some(TwinTopic::Desired(id)),
+            (id, "twin/reported") => Some(TwinTopic::Reported(id)),
+            _ => None,
+        }
+    }
+
+    pub fn identity(&self) -> &str {
+        match self {
+            TwinTopic::Desired(id) | TwinTopic::Reported(id) => id,
+        }
     }
 }
 
@@ -186,19 +201,19 @@ mod tests {
             "devices/edge/modules/m1/twin/reported"
         );
         assert_eq!(
-            identity_of_desired("devices/d1/twin/desired").as_deref(),
-            Some("d1")
+            TwinTopic::parse("devices/d1/twin/desired"),
+            Some(TwinTopic::Desired("d1".into()))
         );
         assert_eq!(
-            identity_of_desired("devices/edge/modules/m1/twin/desired").as_deref(),
-            Some("edge/m1")
+            TwinTopic::parse("devices/edge/modules/m1/twin/reported"),
+            Some(TwinTopic::Reported("edge/m1".into()))
         );
         for t in [
-            "devices/d1/twin/reported",
+            "devices/d1/twin/other",
             "devices/a/b/twin/desired",
             "edges/e/scope",
         ] {
-            assert_eq!(identity_of_desired(t), None, "{t}");
+            assert_eq!(TwinTopic::parse(t), None, "{t}");
         }
     }
 

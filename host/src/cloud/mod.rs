@@ -602,7 +602,7 @@ async fn publish_desired(
     let checked = if identity.ends_with("/$edgeHub") {
         crate::twin::HubTwin::validate(&body).map_err(|e| e.to_string())
     } else {
-        document::desired_document(&body).map(|_| ())
+        document::versioned_document(&body).map(|_| ())
     };
     checked.map_err(|e| CloudError::Invalid(format!("{identity}'s desired properties: {e}")))?;
     cloud.publish(&topic, &body, true).await?;

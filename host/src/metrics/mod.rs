@@ -224,7 +224,7 @@ impl Metrics {
             module_inputs_queued: reg(&mut r, "module_inputs_queued", "Messages routed to module inputs, stored and not yet acknowledged by a module"),
             broker_stored: reg(&mut r, "broker_stored", "What the local broker has made durable, by kind: sessions (persistent), queued (messages kept for sessions away), retained"),
             invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
-            cloud_refused: reg(&mut r, "cloud_refused", "Messages from the cloud the hub refused or ignored, by kind (desired, method, c2d) and reason (outside_scope, invalid, not_for_the_hub, busy, queue_full, not_stored)"),
+            cloud_refused: reg(&mut r, "cloud_refused", "Messages from the cloud the hub refused or ignored, by kind (desired, reported, method, c2d) and reason (outside_scope, invalid, not_for_the_hub, busy, queue_full, not_stored)"),
             store_recovered: reg(&mut r, "store_recovered", "Records kept from a damaged store when the hub started (see docs/store.md)"),
             store_lost: reg(&mut r, "store_lost", "Records a damaged store could not give back when the hub started (at least this many)"),
             registry: r,

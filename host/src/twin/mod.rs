@@ -332,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn the_example_desired_document_is_valid() {
+    fn the_example_versioned_document_is_valid() {
         let d = HubTwin::check(include_bytes!("../../../examples/hub-twin-desired.json")).unwrap();
         assert_eq!(d.version, Some(1));
         assert_eq!(d.routes.unwrap().1.routes().len(), 2);
@@ -341,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn every_problem_of_a_desired_document_is_named() {
+    fn every_problem_of_a_versioned_document_is_named() {
         let e = error_of(
             r#"{"routes":{"r1":"FROM /messages/* INTO $nowhere"},"storeAndForwardConfiguration":{"timeToLiveSecs":0},"plugins":{"p":{"limits":1}},"extra":1}"#,
         );

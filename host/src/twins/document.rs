@@ -123,11 +123,11 @@ fn shown(path: &str) -> &str {
     }
 }
 
-/// Parses and checks a desired document from the cloud: a JSON object
-/// within the same limits as a reported patch, whose `$version` is a whole
-/// number of at least 1. Returns the properties (without `$version`) and
+/// Parses and checks a whole document from the cloud (desired, or a
+/// reported one read back): a JSON object within the same limits as a
+/// reported patch, whose `$version` is a whole number of at least 1. Returns the properties (without `$version`) and
 /// the version.
-pub fn desired_document(body: &[u8]) -> Result<(Map<String, Value>, u64), String> {
+pub fn versioned_document(body: &[u8]) -> Result<(Map<String, Value>, u64), String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the document is not JSON: {e}"))?;
     let Value::Object(mut doc) = value else {
@@ -258,8 +258,8 @@ mod tests {
     }
 
     #[test]
-    fn a_desired_document_needs_a_version_and_keeps_the_limits() {
-        let (doc, v) = desired_document(br#"{"rate":5,"$version":3}"#).unwrap();
+    fn a_versioned_document_needs_a_version_and_keeps_the_limits() {
+        let (doc, v) = versioned_document(br#"{"rate":5,"$version":3}"#).unwrap();
         assert_eq!((Value::Object(doc), v), (json!({"rate":5}), 3));
         for (body, why) in [
             (r#"{"rate":5}"#, "no $version"),
@@ -268,7 +268,7 @@ mod tests {
             (r#"{"$version":2,"a.b":1}"#, "'.'"),
             ("[]", "not a JSON object"),
         ] {
-            let e = desired_document(body.as_bytes()).unwrap_err();
+            let e = versioned_document(body.as_bytes()).unwrap_err();
             assert!(e.contains(why), "{body}: {e}");
         }
     }

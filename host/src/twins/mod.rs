@@ -6,8 +6,10 @@
 //! master key: a reported patch is acknowledged only once it is durable.
 //! It answers a GET from what it holds and checks and merges reported
 //! patches ([`document`]); it takes desired documents from the cloud (the
-//! cloud owns desired, the device owns reported) and says what changed, and
-//! which reported documents the cloud has yet to get. It does not speak MQTT (the session turns
+//! cloud owns desired, the device owns reported) and says what changed; it
+//! says which reported documents the cloud has yet to acknowledge (and
+//! which to clear there, of identities that left the scope), and reads
+//! back the cloud's own reported documents so versions never go back. It does not speak MQTT (the session turns
 //! requests and answers into packets, see `crate::iothub`). The hub's own
 //! `$edgeHub` twin, which configures the hub, is `crate::twin`.
 
@@ -64,6 +66,13 @@ struct Twin {
     desired_from_cloud: bool,
     reported: Map<String, Value>,
     reported_version: u64,
+    /// The last reported version the cloud acknowledged.
+    #[serde(default)]
+    reported_acked: u64,
+    /// The identity left the scope: the twin is gone, and kept only until
+    /// the cloud has cleared the reported document published for it.
+    #[serde(default)]
+    removed: bool,
 }
 
 impl Default for Twin {
@@ -75,6 +84,8 @@ impl Default for Twin {
             desired_from_cloud: false,
             reported: Map::new(),
             reported_version: 1,
+            reported_acked: 0,
+            removed: false,
         }
     }
 }
@@ -93,6 +104,32 @@ impl Twin {
     fn reported_document(&self) -> Value {
         with_version(&self.reported, self.reported_version)
     }
+
+    /// Whether the cloud has yet to acknowledge something of this twin: a
+    /// reported document (a new twin has none), or its clearing.
+    fn unacknowledged(&self) -> bool {
+        self.removed || (self.reported_version > 1 && self.reported_acked < self.reported_version)
+    }
+}
+
+/// The twin of `id` as it stands: a new one if there is none or its
+/// identity left the scope.
+fn current(twins: &HashMap<String, Twin>, id: &str) -> Twin {
+    twins
+        .get(id)
+        .filter(|t| !t.removed)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A reported document for the cloud, retained on the identity's
+/// reported topic: `doc` at `version`, or, with `doc` `None`, the
+/// identity left the scope and the document there is to be cleared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToCloud {
+    pub id: String,
+    pub version: u64,
+    pub doc: Option<Value>,
 }
 
 /// `props` with `"$version": v` added.
@@ -147,11 +184,10 @@ impl Twins {
         if !twins.is_empty() {
             tracing::info!(twins = twins.len(), "twins loaded from the store");
         }
-        // After a start, every reported document goes up again: the cloud
-        // may not have had the last one.
+        // After a start, what the cloud had not acknowledged goes up again.
         let dirty = twins
             .iter()
-            .filter(|(_, t)| t.reported_version > 1)
+            .filter(|(_, t)| t.unacknowledged())
             .map(|(id, _)| id.clone())
             .collect();
         Ok(Twins {
@@ -173,9 +209,9 @@ impl Twins {
         body: &[u8],
     ) -> Result<Option<DesiredChange>, TwinsError> {
         self.readable(id)?;
-        let (desired, version) = document::desired_document(body).map_err(TwinsError::Invalid)?;
+        let (desired, version) = document::versioned_document(body).map_err(TwinsError::Invalid)?;
         let mut twins = self.twins.lock().await;
-        let mut twin = twins.get(id).cloned().unwrap_or_default();
+        let mut twin = current(&twins, id);
         if twin.desired_from_cloud && version <= twin.desired_version {
             return Ok(None);
         }
@@ -188,9 +224,9 @@ impl Twins {
         Ok((!patch.is_empty()).then_some(DesiredChange { version, patch }))
     }
 
-    /// Waits until some identity's reported properties changed, and returns
-    /// each such identity with its reported document (`$version` included).
-    pub async fn next_reported(&self) -> Vec<(String, Value)> {
+    /// Waits until the cloud has something to get (a reported document
+    /// that changed, or one to clear), and returns each.
+    pub async fn next_reported(&self) -> Vec<ToCloud> {
         loop {
             let notified = self.reported_changed.notified();
             if !self.reported_dirty.lock().unwrap().is_empty() {
@@ -201,8 +237,10 @@ impl Twins {
                 return ids
                     .into_iter()
                     .filter_map(|id| {
-                        let doc = twins.get(&id)?.reported_document();
-                        Some((id, doc))
+                        let t = twins.get(&id)?;
+                        let doc = (!t.removed).then(|| t.reported_document());
+                        let version = if t.removed { 0 } else { t.reported_version };
+                        Some(ToCloud { id, version, doc })
                     })
                     .collect();
             }
@@ -210,11 +248,76 @@ impl Twins {
         }
     }
 
+    /// The cloud acknowledged what [`Twins::next_reported`] handed out for
+    /// `id` at `version`: remembered, so it is not sent again after a
+    /// restart; a cleared document (version 0) lets a removed twin go.
+    pub async fn acknowledged(&self, id: &str, version: u64) -> Result<(), TwinsError> {
+        let mut twins = self.twins.lock().await;
+        let Some(twin) = twins.get(id) else {
+            return Ok(());
+        };
+        if twin.removed && version == 0 {
+            let (docs, key) = (self.docs.clone(), id.to_string());
+            tokio::task::spawn_blocking(move || docs.remove(&key))
+                .await
+                .map_err(|e| TwinsError::Invalid(format!("twin removal failed: {e}")))??;
+            twins.remove(id);
+            return Ok(());
+        }
+        if twin.removed || version <= twin.reported_acked {
+            return Ok(());
+        }
+        let mut twin = twin.clone();
+        twin.reported_acked = version;
+        self.save(id, &twin).await?;
+        twins.insert(id.to_string(), twin);
+        Ok(())
+    }
+
+    /// A reported document of `id` read back from the cloud. One the hub
+    /// sent, or older, changes nothing. A newer one (the identity reported
+    /// through another edge before it moved here, or this hub lost its
+    /// store) is taken as the twin's reported properties when the hub has
+    /// nothing unsent; otherwise what the device reported here since wins,
+    /// renumbered above the cloud's so versions never go back. Returns
+    /// whether the twin changed.
+    pub async fn cloud_reported(&self, id: &str, body: &[u8]) -> Result<bool, TwinsError> {
+        self.readable(id)?;
+        if body.is_empty() {
+            // A cleared document: nothing to read back.
+            return Ok(false);
+        }
+        let (reported, version) = document::versioned_document(body).map_err(TwinsError::Invalid)?;
+        let mut twins = self.twins.lock().await;
+        if twins.get(id).is_some_and(|t| t.removed) {
+            return Ok(false);
+        }
+        let mut twin = current(&twins, id);
+        if version <= twin.reported_version {
+            return Ok(false);
+        }
+        let unsent = twin.reported_version > 1 && twin.reported_acked < twin.reported_version;
+        if unsent {
+            twin.reported_version = version + 1;
+        } else {
+            twin.reported = reported;
+            twin.reported_version = version;
+            twin.reported_acked = version;
+        }
+        self.save(id, &twin).await?;
+        twins.insert(id.to_string(), twin);
+        if unsent {
+            self.reported_dirty.lock().unwrap().insert(id.to_string());
+            self.reported_changed.notify_one();
+        }
+        Ok(true)
+    }
+
     /// The twin of `id` as a GET answers it.
     pub async fn get(&self, id: &str) -> Result<Value, TwinsError> {
         self.readable(id)?;
         let twins = self.twins.lock().await;
-        Ok(twins.get(id).cloned().unwrap_or_default().document())
+        Ok(current(&twins, id).document())
     }
 
     /// Checks a reported patch, merges it into the twin of `id` and stores
@@ -223,7 +326,7 @@ impl Twins {
         self.readable(id)?;
         let patch = document::reported_patch(body).map_err(TwinsError::Invalid)?;
         let mut twins = self.twins.lock().await;
-        let mut twin = twins.get(id).cloned().unwrap_or_default();
+        let mut twin = current(&twins, id);
         document::merge(&mut twin.reported, &patch);
         let size = serde_json::to_vec(&twin.reported).map_or(0, |v| v.len());
         if size > MAX_REPORTED_BYTES {
@@ -242,32 +345,55 @@ impl Twins {
 
     /// Deletes the twins of every identity `keep` says no to (identities
     /// removed from the device scope), in memory and in the store; returns
-    /// how many.
+    /// how many. One that may have a reported document on the cloud (or
+    /// that could not be read) is kept as a removed twin until the cloud
+    /// has cleared that document ([`Twins::next_reported`]).
     pub async fn forget_all_but(&self, keep: impl Fn(&str) -> bool) -> Result<usize, TwinsError> {
         let mut twins = self.twins.lock().await;
-        let gone: Vec<String> = {
+        let gone: Vec<(String, bool)> = {
             let unreadable = self.unreadable.lock().unwrap();
-            twins
-                .keys()
-                .chain(unreadable.iter())
-                .filter(|id| !keep(id))
-                .cloned()
+            let known = twins
+                .iter()
+                .filter(|(_, t)| !t.removed)
+                .map(|(id, t)| (id, t.reported_version > 1));
+            known
+                .chain(unreadable.iter().map(|id| (id, true)))
+                .filter(|(id, _)| !keep(id))
+                .map(|(id, published)| (id.clone(), published))
                 .collect()
         };
         if gone.is_empty() {
             return Ok(0);
         }
+        let removed = Twin {
+            removed: true,
+            ..Twin::default()
+        };
+        let sealed = self
+            .sealer
+            .seal(&serde_json::to_vec(&removed).expect("a twin serializes"));
         let (docs, ids) = (self.docs.clone(), gone.clone());
-        tokio::task::spawn_blocking(move || ids.iter().try_for_each(|id| docs.remove(id)))
-            .await
-            .map_err(|e| TwinsError::Invalid(format!("twin removal failed: {e}")))??;
+        tokio::task::spawn_blocking(move || {
+            ids.iter().try_for_each(|(id, published)| match published {
+                true => docs.put(id, &sealed),
+                false => docs.remove(id),
+            })
+        })
+        .await
+        .map_err(|e| TwinsError::Invalid(format!("twin removal failed: {e}")))??;
         let mut unreadable = self.unreadable.lock().unwrap();
         let mut dirty = self.reported_dirty.lock().unwrap();
-        for id in &gone {
-            twins.remove(id);
+        for (id, published) in &gone {
             unreadable.remove(id);
-            dirty.remove(id);
+            if *published {
+                twins.insert(id.clone(), removed.clone());
+                dirty.insert(id.clone());
+            } else {
+                twins.remove(id);
+                dirty.remove(id);
+            }
         }
+        self.reported_changed.notify_one();
         Ok(gone.len())
     }
 
@@ -426,8 +552,16 @@ mod tests {
         );
     }
 
+    fn to_cloud(id: &str, version: u64, doc: Option<Value>) -> ToCloud {
+        ToCloud {
+            id: id.into(),
+            version,
+            doc,
+        }
+    }
+
     #[tokio::test]
-    async fn every_reported_change_is_handed_on_once_and_again_after_a_reopen() {
+    async fn every_reported_change_is_handed_on_once_and_again_after_a_reopen_until_the_cloud_has_it() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
@@ -439,25 +573,72 @@ mod tests {
             assert_eq!(
                 got,
                 vec![
-                    ("d1".to_string(), json!({"a":1,"b":2,"$version":3})),
-                    ("d2".to_string(), json!({"c":3,"$version":2}))
+                    to_cloud("d1", 3, Some(json!({"a":1,"b":2,"$version":3}))),
+                    to_cloud("d2", 2, Some(json!({"c":3,"$version":2})))
                 ]
             );
             let pending =
                 tokio::time::timeout(std::time::Duration::from_millis(50), twins.next_reported());
             assert!(pending.await.is_err(), "nothing more until a change");
+            // The cloud acknowledged d1's document, not d2's; an older
+            // acknowledgement changes nothing.
+            twins.acknowledged("d1", 3).await.unwrap();
+            twins.acknowledged("d1", 2).await.unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let twins = Twins::open(&store, sealer(dir.path())).unwrap();
         assert_eq!(
-            twins.next_reported().await.len(),
-            2,
-            "all again after a start"
+            twins.next_reported().await,
+            vec![to_cloud("d2", 2, Some(json!({"c":3,"$version":2})))],
+            "after a start, only what the cloud did not acknowledge"
         );
     }
 
     #[tokio::test]
-    async fn the_twins_of_identities_no_longer_kept_are_deleted_for_good() {
+    async fn a_newer_reported_document_read_back_from_the_cloud_is_taken_and_versions_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let twins = Twins::open(&store, sealer(dir.path())).unwrap();
+        // Nothing held: the cloud's document (reported through another
+        // edge, say) is taken as it is.
+        assert!(twins
+            .cloud_reported("d1", br#"{"fw":"1.2","$version":7}"#)
+            .await
+            .unwrap());
+        assert_eq!(
+            twins.get("d1").await.unwrap()["reported"],
+            json!({"fw":"1.2","$version":7})
+        );
+        // Its own echo, and older ones, change nothing.
+        twins.patch_reported("d1", br#"{"rssi":-70}"#).await.unwrap();
+        assert!(!twins
+            .cloud_reported("d1", br#"{"fw":"1.2","rssi":-70,"$version":8}"#)
+            .await
+            .unwrap());
+        assert!(!twins.cloud_reported("d1", br#"{"$version":3}"#).await.unwrap());
+        // A newer one while d1's version 8 is unsent: what the device
+        // reported here wins, above the cloud's version.
+        assert!(twins.cloud_reported("d1", br#"{"$version":20}"#).await.unwrap());
+        let got = twins.next_reported().await;
+        assert_eq!(got.last().unwrap().version, 21);
+        assert_eq!(
+            twins.get("d1").await.unwrap()["reported"],
+            json!({"fw":"1.2","rssi":-70,"$version":21})
+        );
+        // What the cloud sends is checked like any document.
+        assert_eq!(
+            twins
+                .cloud_reported("d1", br#"{"x":1}"#)
+                .await
+                .unwrap_err()
+                .status(),
+            400
+        );
+        assert!(!twins.cloud_reported("d1", b"").await.unwrap(), "a cleared document");
+    }
+
+    #[tokio::test]
+    async fn the_twins_of_identities_no_longer_kept_are_deleted_for_good_once_the_cloud_cleared_them() {
         let dir = tempfile::tempdir().unwrap();
         let sealer = sealer(dir.path());
         {
@@ -466,21 +647,27 @@ mod tests {
             for id in ["a", "b", "e/m"] {
                 twins.patch_reported(id, br#"{"x": 1}"#).await.unwrap();
             }
-            let gone = twins.forget_all_but(|id| id == "a").await.unwrap();
-            assert_eq!(gone, 2);
-            assert_eq!(twins.get("b").await.unwrap()["reported"]["$version"], 1);
-            let reported: Vec<String> = twins
-                .next_reported()
+            twins
+                .apply_desired("never-reported", br#"{"r":1,"$version":2}"#)
                 .await
-                .into_iter()
-                .map(|(id, _)| id)
-                .collect();
+                .unwrap();
+            let gone = twins
+                .forget_all_but(|id| id == "a")
+                .await
+                .unwrap();
+            assert_eq!(gone, 3);
+            assert_eq!(twins.get("b").await.unwrap()["reported"]["$version"], 1);
             assert_eq!(
-                reported,
-                ["a"],
-                "a removed twin's reported document still goes up"
+                twins.next_reported().await,
+                vec![
+                    to_cloud("a", 2, Some(json!({"x":1,"$version":2}))),
+                    to_cloud("b", 0, None),
+                    to_cloud("e/m", 0, None),
+                ],
+                "a kept twin's document goes up, a removed one's is cleared"
             );
             assert_eq!(twins.forget_all_but(|id| id == "a").await.unwrap(), 0);
+            twins.acknowledged("b", 0).await.unwrap();
         }
         let store = Store::open(&dir.path().join("store")).unwrap();
         let twins = Twins::open(&store, sealer).unwrap();
@@ -488,6 +675,18 @@ mod tests {
         assert!(twins.get("e/m").await.unwrap()["reported"]
             .get("x")
             .is_none());
+        assert_eq!(
+            twins.next_reported().await,
+            vec![to_cloud("a", 2, Some(json!({"x":1,"$version":2}))), to_cloud("e/m", 0, None)],
+            "a clearing the cloud did not acknowledge is sent again after a restart"
+        );
+        // Added again before the cloud cleared it: a new twin.
+        assert_eq!(twins.patch_reported("e/m", br#"{"y":2}"#).await.unwrap(), 2);
+        twins.acknowledged("e/m", 0).await.unwrap();
+        assert_eq!(
+            twins.get("e/m").await.unwrap()["reported"],
+            json!({"y":2,"$version":2})
+        );
     }
 
     fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -3,8 +3,9 @@
 //! Owns the socket (through [`Connection`]), the cluster's addresses,
 //! failover between them and fail-back to the first (probed while connected
 //! elsewhere; see [`LinkConfig::failback`]), the reconnect back-off, keepalive, packet ids
-//! (through [`LinkState`]), the cloud-side subscriptions, and the documents
-//! kept published (re-sent after every reconnect). Everything else talks to
+//! (through [`LinkState`]), the cloud-side subscriptions, and its own QoS 1
+//! publishes ([`Reliable`]: method answers, twin documents), sent on every
+//! connection until acknowledged. Everything else talks to
 //! it through a [`LinkHandle`] and the channels [`Link::spawn`] returns:
 //!
 //! - publishers hand it [`Outgoing`] batches for the connection generation
@@ -25,13 +26,12 @@
 //! It does not know what is stored or why a message is sent (the forwarder
 //! does), nor what a cloud message means (its consumer does).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::QoS;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,8 @@ use tokio_util::sync::CancellationToken;
 use super::connection::{Connection, Login};
 use super::error::UpstreamError;
 use super::sleep_until;
-use super::state::{Content, Inbound, LinkState, Outgoing, StateError};
+use super::reliable::{self, Delivered, Pending, Reliable};
+use super::state::{Inbound, LinkState, Outgoing, StateError};
 use super::transport::Connect;
 use super::wire::{Incoming, Limits};
 use crate::config::UpstreamAddr;
@@ -128,17 +129,13 @@ enum Command {
         generation: u64,
         batch: Vec<Outgoing>,
     },
-    Keep {
-        topic: String,
-        payload: Option<Bytes>,
+    Deliver {
+        msg: Reliable,
+        done: Option<oneshot::Sender<Delivered>>,
     },
     Filters {
         consumer: usize,
         filters: Vec<String>,
-    },
-    Send {
-        topic: String,
-        payload: Bytes,
     },
 }
 
@@ -159,17 +156,20 @@ impl LinkHandle {
         let _ = self.tx.send(Command::Publish { generation, batch }).await;
     }
 
-    /// Keeps `payload` published, retained at QoS 0, on `topic`: now if
-    /// connected and again after every reconnect. `None` stops re-sending.
-    pub async fn keep_published(&self, topic: String, payload: Option<Bytes>) {
-        let _ = self.tx.send(Command::Keep { topic, payload }).await;
-    }
-
-    /// Publishes `payload` on `topic` at QoS 0 on the current connection;
-    /// dropped when there is none (an answer whose caller would have timed
-    /// out anyway).
-    pub async fn send(&self, topic: String, payload: Bytes) {
-        let _ = self.tx.send(Command::Send { topic, payload }).await;
+    /// Publishes `msg` at QoS 1 on the current connection and, if that
+    /// one ends first, on the next ones, until the cloud acknowledges it
+    /// or its time runs out; the receiver hears how it ended (nothing if
+    /// the link stops first).
+    pub async fn deliver(&self, msg: Reliable) -> oneshot::Receiver<Delivered> {
+        let (done, rx) = oneshot::channel();
+        let _ = self
+            .tx
+            .send(Command::Deliver {
+                msg,
+                done: Some(done),
+            })
+            .await;
+        rx
     }
 
     /// Replaces the filters of `consumer`: new ones are subscribed and gone
@@ -234,7 +234,8 @@ struct Actor {
     events: mpsc::UnboundedSender<LinkEvent>,
     acks_tx: mpsc::UnboundedSender<(u64, u16)>,
     acks: mpsc::UnboundedReceiver<(u64, u16)>,
-    kept: BTreeMap<String, Bytes>,
+    /// Own publishes not yet acknowledged.
+    pending: Pending,
     /// Filters dropped while disconnected: unsubscribed on the next
     /// connection (the cloud keeps a persistent session's subscriptions).
     dropped: BTreeSet<String>,
@@ -296,7 +297,7 @@ impl Link {
             events,
             acks_tx,
             acks,
-            kept: BTreeMap::new(),
+            pending: Pending::default(),
             dropped: BTreeSet::new(),
             waiting: VecDeque::new(),
             generation: 0,
@@ -363,7 +364,7 @@ impl Actor {
                         let _ = self.events.send(LinkEvent::Connected {
                             generation,
                             address: addr.to_string(),
-                            limits: conn.limits,
+                            limits: publisher_limits(conn.limits),
                         });
                         let failback = (!attempt.is_multiple_of(self.config.addresses.len()))
                             .then(|| self.config.addresses[0].clone())
@@ -417,15 +418,15 @@ impl Actor {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep_until(until), if !self.config.addresses.is_empty() => break,
                     cmd = self.commands.recv() => match cmd {
-                        Some(Command::Keep { topic, payload }) => self.keep(topic, payload),
+                        Some(Command::Deliver { msg, done }) => {
+                            self.pending.push(msg, done);
+                            self.pending.expire(Instant::now());
+                        }
                         Some(Command::Filters { consumer, filters }) => {
                             let (_, gone) = self.set_filters(consumer, filters);
                             self.dropped.extend(gone);
                         }
                         Some(Command::Publish { .. }) => {}
-                        Some(Command::Send { topic, .. }) => {
-                            tracing::debug!(%topic, "upstream not connected; QoS 0 message dropped")
-                        }
                         None => return,
                     },
                 }
@@ -455,11 +456,16 @@ impl Actor {
         (added, gone)
     }
 
-    fn keep(&mut self, topic: String, payload: Option<Bytes>) {
-        match payload {
-            Some(p) => self.kept.insert(topic, p),
-            None => self.kept.remove(&topic),
-        };
+    /// Sends what of the own publishes the connection has room for.
+    fn send_pending(
+        &mut self,
+        state: &mut LinkState,
+        conn: &mut Connection,
+    ) -> Result<(), UpstreamError> {
+        for o in self.pending.due(Instant::now()) {
+            state.publish(&o, &mut conn.write_buf)?;
+        }
+        Ok(())
     }
 
     /// Runs one connection until it fails (`Err`) or `shutdown` (`Ok`).
@@ -504,9 +510,8 @@ impl Actor {
         for chunk in dropped.chunks(FILTERS_PER_PACKET) {
             state.unsubscribe(chunk, &mut conn.write_buf);
         }
-        for (topic, payload) in &self.kept {
-            state.publish(&retained(topic, payload), &mut conn.write_buf)?;
-        }
+        self.pending.connected(own_in_flight(conn.limits));
+        self.send_pending(state, &mut conn)?;
         let keep_alive = Duration::from_secs(self.config.login.keep_alive.max(1) as u64);
         let mut ping_due = Instant::now() + keep_alive;
         let mut probe = Probe::new(failback, &self.config.login);
@@ -564,6 +569,8 @@ impl Actor {
                     if !acked.is_empty() {
                         let _ = self.events.send(LinkEvent::Acked(acked));
                     }
+                    // Acknowledgements made room for more.
+                    self.send_pending(state, &mut conn)?;
                 }
                 _ = tokio::time::sleep_until(ping_due) => {
                     state.keepalive_due(&mut conn.write_buf)?;
@@ -605,20 +612,9 @@ impl Actor {
                     state.publish(o, &mut conn.write_buf)?;
                 }
             }
-            Command::Keep { topic, payload } => {
-                if let Some(p) = &payload {
-                    state.publish(&retained(&topic, p), &mut conn.write_buf)?;
-                }
-                self.keep(topic, payload);
-            }
-            Command::Send { topic, payload } => {
-                let o = Outgoing {
-                    tag: 0,
-                    content: Content::Owned { topic, payload },
-                    qos: QoS::AtMostOnce,
-                    retain: false,
-                };
-                state.publish(&o, &mut conn.write_buf)?;
+            Command::Deliver { msg, done } => {
+                self.pending.push(msg, done);
+                self.send_pending(state, conn)?;
             }
             Command::Filters { consumer, filters } => {
                 let (added, gone) = self.set_filters(consumer, filters);
@@ -642,6 +638,11 @@ impl Actor {
         conn: &mut Connection,
     ) -> Vec<String> {
         match state.receive(packet) {
+            Inbound::Acked(tag) if Pending::owns(tag) => self.pending.answered(tag, None),
+            Inbound::Refused { tag, reason } if Pending::owns(tag) => {
+                tracing::error!(reason, "the upstream refused a publish of the hub's own");
+                self.pending.answered(tag, Some(reason));
+            }
             Inbound::Acked(tag) => acked.push(tag),
             Inbound::Refused { tag, reason } => {
                 // Acknowledgements before it go first: order is kept.
@@ -823,15 +824,26 @@ impl Probe {
     }
 }
 
-fn retained(topic: &str, payload: &Bytes) -> Outgoing {
-    Outgoing {
-        tag: 0,
-        content: Content::Owned {
-            topic: topic.to_string(),
-            payload: payload.clone(),
-        },
-        qos: QoS::AtMostOnce,
-        retain: true,
+/// The link's own publishes in flight at once under `limits`: a share of
+/// the upstream's receive maximum, half of it at most.
+fn own_in_flight(limits: Limits) -> usize {
+    match limits.receive_max {
+        Some(max) => (usize::from(max) / 2).clamp(1, reliable::MAX_IN_FLIGHT),
+        None => reliable::MAX_IN_FLIGHT,
+    }
+}
+
+/// `limits` as the publisher sees them: the receive maximum less what the
+/// link's own publishes may take (an upstream that allows a single one
+/// in flight is shared: one more may then be in flight).
+fn publisher_limits(limits: Limits) -> Limits {
+    let receive_max = limits.receive_max.map(|max| {
+        let own = own_in_flight(limits) as u16;
+        max.saturating_sub(own).max(1)
+    });
+    Limits {
+        receive_max,
+        ..limits
     }
 }
 
@@ -955,7 +967,8 @@ pub(crate) mod fake {
 mod tests {
     use super::fake::{config, Peer, Upstream};
     use super::*;
-    use rumqttc::mqttbytes::v4;
+    use crate::upstream::state::Content;
+    use rumqttc::mqttbytes::{v4, QoS};
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(10);
@@ -1166,8 +1179,13 @@ mod tests {
         let _scope = link.subscribe("s".into(), 4);
         let shutdown = CancellationToken::new();
         let (handle, mut events, task) = link.spawn(shutdown.clone());
-        handle
-            .keep_published("twin/reported".into(), Some(Bytes::from_static(b"{}")))
+        let mut delivered = handle
+            .deliver(Reliable {
+                topic: "twin/reported".into(),
+                payload: Bytes::from_static(b"{}"),
+                retain: true,
+                until: None,
+            })
             .await;
 
         let (host, mut peer) = within(conns.recv()).await.unwrap();
@@ -1186,7 +1204,7 @@ mod tests {
         if !retained_seen(&seen) {
             seen.push(within(peer.read()).await.unwrap());
         }
-        assert!(retained_seen(&seen), "the kept document is published");
+        assert!(retained_seen(&seen), "the document is published");
 
         drop(peer);
         assert!(matches!(
@@ -1215,7 +1233,18 @@ mod tests {
             }
             seen.push(p);
         }
-        assert!(retained_seen(&seen), "re-sent after the reconnect");
+        assert!(retained_seen(&seen), "not acknowledged: sent again after the reconnect");
+        assert!(delivered.try_recv().is_err(), "not acknowledged yet");
+        for p in &seen {
+            if let v4::Packet::Publish(p) = p {
+                if p.topic == "twin/reported" {
+                    assert_eq!(p.qos, QoS::AtLeastOnce);
+                    peer.write(v4::Packet::PubAck(v4::PubAck::new(p.pkid)))
+                        .await;
+                }
+            }
+        }
+        assert_eq!(within(delivered).await, Ok(Delivered::Acked));
         assert!(
             !seen
                 .iter()

@@ -3,7 +3,9 @@
 //! - `link.rs`: the actor that owns the connection (addresses, failover,
 //!   keepalive, subscriptions); everything else talks to it through a handle.
 //! - `state.rs`: the MQTT session as a pure state machine (packet ids,
-//!   acknowledgements), driven by the link.
+//!   acknowledgements), driven by the link; `reliable.rs`: the link's own
+//!   QoS 1 publishes (method answers, twin documents), kept until
+//!   acknowledged.
 //! - `connection.rs`: MQTT handshake and packet framing of one connection;
 //!   `wire.rs`: the packets' bytes, MQTT 3.1.1 or 5; `error.rs`: what can
 //!   go wrong, for every layer.
@@ -29,6 +31,7 @@ pub mod link;
 pub mod methods;
 pub mod pace;
 pub mod proxy;
+pub mod reliable;
 pub mod scoped;
 pub mod state;
 pub mod sync;
@@ -43,6 +46,7 @@ pub use error::UpstreamError;
 pub use forwarder::Forwarder;
 pub use link::{CloudMessage, Link, LinkConfig, LinkEvent, LinkHandle};
 pub use proxy::Proxy;
+pub use reliable::{Delivered, Reliable};
 pub use transport::{tls_config, Transport};
 
 /// Sleeps until `at`; forever when there is no `at`.

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, Link, LinkHandle};
+use super::reliable::Reliable;
 use crate::auth::Auth;
 use crate::protocol::scope_topic;
 use crate::twin::{self, HubTwin};
@@ -85,8 +86,9 @@ async fn apply<E: std::fmt::Display + Send + 'static>(
     msg.ack();
 }
 
-/// Keeps the hub twin's reported document published upstream (retained),
-/// re-sent by the link after every reconnect.
+/// Publishes the hub twin's reported document upstream (retained, QoS 1)
+/// at start and whenever it changes; the link sends it until the cloud
+/// has it, and a newer one replaces one not yet sent.
 pub async fn report(
     link: LinkHandle,
     topic: String,
@@ -96,8 +98,13 @@ pub async fn report(
     loop {
         let doc = reported.borrow_and_update().clone();
         if let Some(doc) = doc {
-            link.keep_published(topic.clone(), Some(Bytes::from(doc.to_string())))
-                .await;
+            let msg = Reliable {
+                topic: topic.clone(),
+                payload: Bytes::from(doc.to_string()),
+                retain: true,
+                until: None,
+            };
+            drop(link.deliver(msg).await);
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

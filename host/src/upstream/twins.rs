@@ -1,28 +1,31 @@
 //! Device and module twins between the hub and the cloud: each identity's
 //! desired document comes in on its own subscription, its reported document
-//! goes out retained.
+//! goes out retained (and is read back: the cloud's may be newer).
 //!
-//! Owns the link consumer for desired documents (its filters follow the
-//! device scope: one per identity), handing each document to `twins` and
-//! pushing what changed to the identity's connections, keeping every
-//! reported document published, and deleting the twins of identities the
-//! scope no longer has. It does not hold twins (`twins` does) nor
-//! speak to the socket (the link does).
+//! Owns the link consumer for twin documents (its filters follow the
+//! device scope: desired and reported, per identity), handing each
+//! document to `twins` and pushing what changed to the identity's
+//! connections; publishing reported documents (QoS 1, retained) and
+//! telling `twins` which the cloud acknowledged; clearing the documents of
+//! identities the scope no longer has. It does not hold twins (`twins`
+//! does) nor speak to the socket (the link does).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::Value;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, Link, LinkHandle};
+use super::reliable::{Delivered, Reliable};
 use super::scoped::ScopedConsumer;
 use crate::auth::{Auth, Scope};
 use crate::broker::{BrokerHandle, Delivery};
 use crate::iothub;
 use crate::metrics::Metrics;
-use crate::protocol::{identity_of_desired, per_identity, twin_topic};
-use crate::twins::{self, Twins};
+use crate::protocol::{per_identity, twin_topic, TwinTopic};
+use crate::twins::{self, ToCloud, Twins};
 
 pub struct TwinSync(ScopedConsumer);
 
@@ -45,6 +48,8 @@ impl TwinSync {
     ) {
         let mut scoped = self.0.follow(link.clone(), &auth, filters).await;
         forget_removed(scoped.scope(), &twins).await;
+        // Reported documents on their way: (identity, version, outcome).
+        let mut sending = JoinSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -56,12 +61,36 @@ impl TwinSync {
                     forget_removed(scoped.scope(), &twins).await;
                 }
                 Some(msg) = self.0.messages.recv() => {
-                    desired(msg, scoped.scope(), &twins, &broker, &metrics).await;
+                    let twin = TwinTopic::parse(&msg.topic)
+                        .filter(|t| scoped.scope().is_some_and(|s| s.get(t.identity()).is_some()));
+                    match twin {
+                        Some(TwinTopic::Desired(id)) => desired(msg, &id, &twins, &broker, &metrics).await,
+                        Some(TwinTopic::Reported(id)) => read_back(msg, &id, &twins, &metrics).await,
+                        None => {
+                            tracing::warn!(topic = %msg.topic, "a twin document for an identity outside the device scope; ignored");
+                            metrics.cloud_refused("desired", "outside_scope");
+                            msg.ack();
+                        }
+                    }
                 }
                 reported = twins.next_reported() => {
-                    for (id, doc) in reported {
-                        let body = Bytes::from(doc.to_string());
-                        link.keep_published(twin_topic(&id, "reported"), Some(body)).await;
+                    for doc in reported {
+                        let done = link.deliver(reliable(&doc)).await;
+                        sending.spawn(async move { (doc.id, doc.version, done.await) });
+                    }
+                }
+                Some(Ok((id, version, how))) = sending.join_next(), if !sending.is_empty() => {
+                    match how {
+                        Ok(Delivered::Acked) => {
+                            if let Err(e) = twins.acknowledged(&id, version).await {
+                                tracing::error!(identity = %id, error = %e, "the cloud's acknowledgement of a reported document could not be stored");
+                            }
+                        }
+                        Ok(Delivered::Refused(reason)) => {
+                            tracing::error!(identity = %id, version, reason, "the upstream refused a reported document; sent again at the next change or start");
+                        }
+                        // Replaced by a newer one, or the link stopped.
+                        _ => {}
                     }
                 }
             }
@@ -83,9 +112,40 @@ async fn forget_removed(scope: Option<&Scope>, twins: &Twins) {
     }
 }
 
-/// One desired-document subscription per identity of the scope.
+/// The reported document to publish, or its clearing (an empty retained
+/// message).
+fn reliable(doc: &ToCloud) -> Reliable {
+    Reliable {
+        topic: twin_topic(&doc.id, "reported"),
+        payload: doc
+            .doc
+            .as_ref()
+            .map_or_else(Bytes::new, |d| Bytes::from(d.to_string())),
+        retain: true,
+        until: None,
+    }
+}
+
+/// Two subscriptions per identity of the scope: its desired document, and
+/// its reported one read back.
 fn filters(scope: &Scope) -> Vec<String> {
-    per_identity(scope.identities.keys(), |id| twin_topic(id, "desired"))
+    let mut f = per_identity(scope.identities.keys(), |id| twin_topic(id, "desired"));
+    f.extend(per_identity(scope.identities.keys(), |id| twin_topic(id, "reported")));
+    f
+}
+
+/// Takes a reported document read back from the cloud (see
+/// [`Twins::cloud_reported`]); acknowledged whatever came of it.
+async fn read_back(msg: CloudMessage, id: &str, twins: &Twins, metrics: &Metrics) {
+    match twins.cloud_reported(id, &msg.payload).await {
+        Ok(true) => tracing::info!(identity = %id, "a newer reported document read back from the cloud"),
+        Ok(false) => {}
+        Err(e) => {
+            metrics.cloud_refused("reported", "invalid");
+            tracing::error!(identity = %id, error = %e, "a reported document read back from the cloud refused")
+        }
+    }
+    msg.ack();
 }
 
 /// Takes one desired document: stored, then the change pushed to the
@@ -94,20 +154,12 @@ fn filters(scope: &Scope) -> Vec<String> {
 /// refused again).
 async fn desired(
     msg: CloudMessage,
-    scope: Option<&Scope>,
+    id: &str,
     twins: &Twins,
     broker: &BrokerHandle,
     metrics: &Metrics,
 ) {
-    let id =
-        identity_of_desired(&msg.topic).filter(|id| scope.is_some_and(|s| s.get(id).is_some()));
-    let Some(id) = id else {
-        tracing::warn!(topic = %msg.topic, "desired properties for an identity outside the device scope; ignored");
-        metrics.cloud_refused("desired", "outside_scope");
-        msg.ack();
-        return;
-    };
-    match twins.apply_desired(&id, &msg.payload).await {
+    match twins.apply_desired(id, &msg.payload).await {
         Ok(Some(change)) => {
             tracing::info!(identity = %id, version = change.version, "desired properties changed");
             let body = twins::with_version(&change.patch, change.version);
@@ -119,7 +171,7 @@ async fn desired(
                 dup: false,
                 receipt: None,
             };
-            broker.send_to(&id, patch).await;
+            broker.send_to(id, patch).await;
         }
         Ok(None) => {}
         Err(e) => {
