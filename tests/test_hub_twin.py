@@ -1,7 +1,7 @@
 """The hub twin: routes, the default time to live and plugin settings from
 the desired properties the cloud keeps (retained) on
 `devices/{edge}/modules/$edgeHub/twin/desired`, applied whole or not at all,
-cached in `<storage>/hub-twin.json` for offline restarts, and reported back
+kept in the store (encrypted, with every twin) for offline restarts, and reported back
 (retained) on `devices/{edge}/modules/$edgeHub/twin/reported`."""
 
 from __future__ import annotations
@@ -244,10 +244,11 @@ def test_routes_from_the_twin_survive_a_restart_without_the_cloud(
     desired = {"$version": 5, "routes": {"hot": OVER_30}}
     cloud.apply(desired)
 
-    cache = first.storage / "hub-twin.json"
-    assert cache.is_file(), f"no {cache} after the twin was applied"
-    assert json.loads(cache.read_bytes()) == desired, cache.read_text()
+    # kept in the store with every twin, encrypted: no file in plain text
+    assert not (first.storage / "hub-twin.json").exists()
     assert first.terminate() == 0
+    in_plain = [p for p in first.storage.rglob("*") if p.is_file() and OVER_30.encode() in p.read_bytes()]
+    assert in_plain == [], f"the hub twin is stored in plain text in {in_plain}"
     upstream.stop()
 
     # A fresh cloud broker that never had the desired document (only the
@@ -349,9 +350,9 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
     doc = cloud.wait(lambda d: d["lastDesiredVersion"] == 9, 15, "version 9 reported")
     assert doc["lastDesiredStatus"]["code"] == 200, doc
     assert doc["routes"]["ff"].get("warning") == 'plugin "absent" is not loaded', doc
-    cloud.publish_desired({"$version": 1, "routes": {"ff": route}})
-    cloud.wait(lambda d: d["lastDesiredVersion"] == 1 and "warning" not in d["routes"]["ff"], 15,
-               "version 1 back, without the warning")
+    cloud.publish_desired({"$version": 10, "routes": {"ff": route}})
+    cloud.wait(lambda d: d["lastDesiredVersion"] == 10 and "warning" not in d["routes"]["ff"], 15,
+               "version 10, the first route back, without the warning")
 
     pub = connect_publisher(ph.port, clients)
 
@@ -375,7 +376,7 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
     assert passed("default") == [28, 40]
 
     cloud.apply({
-        "$version": 2,
+        "$version": 11,
         "routes": {"ff": route},
         "plugins": {"field-filter": {"config": {"above": 30}}},
     })
@@ -385,7 +386,7 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
     assert passed("raised") == [31, 45], "28 passed the filter after the twin raised `above` to 30"
 
     # without `plugins` the plugin falls back to its default settings (above 25)
-    cloud.apply({"$version": 3, "routes": {"ff": route}})
+    cloud.apply({"$version": 12, "routes": {"ff": route}})
     back = batch("back", [20, 28, 31])
     send_all(pub, back)
     telemetry.wait_distinct_payloads({back[1][1], back[2][1]}, 15)

@@ -138,8 +138,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         })?;
     tracing::info!(folder = %plugin_folder.display(), loaded = ?registry.names(), "plugins folder watched");
     let default_ttl_ms = Arc::new(AtomicU64::new(config.store.ttl_secs.saturating_mul(1000)));
+    let twins = Arc::new(Twins::open(&store, auth.sealer())?);
     let (hub_twin, reported) = HubTwin::open(
         &config.storage,
+        &config.edge_id,
+        twins.clone(),
         twin::Baseline {
             routes: config.route_table()?,
             ttl_secs: config.store.ttl_secs,
@@ -147,7 +150,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         routes.clone(),
         default_ttl_ms.clone(),
         registry.clone(),
-    );
+    )
+    .await;
     let (pool, pool_threads) = PluginPool::start(config.plugins.workers, metrics.clone());
     let (inputs, settler) = ModuleInputs::open(
         &store,
@@ -174,7 +178,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
         metrics.clone(),
     )
     .with_max_topic_bytes(config.store.max_topic_bytes);
-    let twins = Arc::new(Twins::open(&store, auth.sealer())?);
     let methods = Arc::new(Methods::new(broker.clone()));
     let (c2d, completions) = CloudToDevice::open(
         &store,

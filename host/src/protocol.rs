@@ -28,6 +28,12 @@ pub fn hub_twin_identity(edge: &str) -> String {
     format!("{edge}/$edgeHub")
 }
 
+/// Whether `identity` is a hub's own twin (no identity of a scope has a
+/// `$` in its name).
+pub fn is_hub_twin(identity: &str) -> bool {
+    identity.ends_with("/$edgeHub")
+}
+
 /// The topic root of an identity: `devices/{d}` or `devices/{edge}/modules/{m}`.
 pub fn identity_root(identity: &str) -> String {
     match identity.split_once('/') {

@@ -148,6 +148,11 @@ pub fn check(edge_id: &str, e: &IdentityDoc) -> Result<Credentials, String> {
     if !valid_id(&e.device_id) || e.module_id.as_deref().is_some_and(|m| !valid_id(m)) {
         return Err("invalid device or module id".into());
     }
+    if e.module_id.as_deref().is_some_and(|m| m.starts_with('$')) {
+        // `$edgeHub` is the hub itself (its twin is the hub's), `$edgeAgent`
+        // the runtime's: as in IoT Hub, no module of a scope takes such a name.
+        return Err("module ids starting with $ are the system's ($edgeHub, $edgeAgent)".into());
+    }
     match &e.module_id {
         Some(_) if e.device_id != edge_id => {
             return Err(format!(
@@ -217,7 +222,8 @@ mod tests {
         {"deviceId": "elsewhere", "parent": "other", "auth": {"type": "sas", "primaryKey": "a2V5NA=="}},
         {"deviceId": "other", "moduleId": "m", "auth": {"type": "sas", "primaryKey": "a2V5NA=="}},
         {"deviceId": "badkey", "parent": "edge", "auth": {"type": "sas", "primaryKey": "***"}},
-        {"deviceId": "cert1", "parent": "edge", "auth": {"type": "x509Thumbprint", "primaryThumbprint": "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01"}}
+        {"deviceId": "cert1", "parent": "edge", "auth": {"type": "x509Thumbprint", "primaryThumbprint": "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01"}},
+        {"deviceId": "edge", "moduleId": "$edgeHub", "auth": {"type": "sas", "primaryKey": "a2V5NQ=="}}
     ]}"#;
 
     #[test]
@@ -231,7 +237,10 @@ mod tests {
             scope.get("child1").unwrap().1,
             Credentials::Sas(vec![b"key1".to_vec(), b"key2".to_vec()])
         );
-        assert_eq!(rejected.len(), 5, "{rejected:?}");
+        assert_eq!(rejected.len(), 6, "{rejected:?}");
+        assert!(rejected
+            .iter()
+            .any(|r| r.contains("module ids starting with $ are the system's")));
         assert!(rejected
             .iter()
             .any(|r| r.starts_with("edge2: an edge device cannot be a child")));

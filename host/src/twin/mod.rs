@@ -2,14 +2,19 @@
 //! routes, the default time to live and plugin settings, set from the cloud.
 //!
 //! Owns applying a desired document (all of it or none of it: a document
-//! with any error is refused and the previous settings stay), caching the
-//! last applied one durably so an offline restart comes back with it, and
-//! the reported document (what is applied, and why the last desired one was
-//! refused, if it was). It does not talk to the cloud: `upstream::sync`
-//! hands it desired documents and the forwarder publishes what it reports.
+//! with any error is refused and the previous settings stay) and the
+//! reported document (what is applied, and why the last desired one was
+//! refused, if it was). The document in force is kept by `twins`, as the
+//! desired properties of the identity `{edge}/$edgeHub`, like every twin's:
+//! encrypted in the store, checked with the same limits, and only ever
+//! replaced by a newer `$version`, so an offline restart comes back with it
+//! and an old document delivered again (a cluster node's stale retained
+//! copy) never rolls the settings back. It does not talk to the cloud:
+//! `upstream::sync` hands it desired documents and publishes what it
+//! reports.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +25,7 @@ use crate::plugins::Registry;
 use crate::protocol;
 use crate::routing::rules::RouteTable;
 use crate::routing::Routes;
+use crate::twins::{Twins, TwinsError};
 
 /// The cloud topic of the hub's desired properties.
 pub fn desired_topic(edge_id: &str) -> String {
@@ -37,11 +43,18 @@ pub enum TwinError {
     NotJson(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("cannot cache the hub twin in {path}: {source}")]
-    Cache {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Twins(#[from] TwinsError),
+}
+
+impl TwinError {
+    /// The code reported for it.
+    fn status(&self) -> u16 {
+        match self {
+            TwinError::Twins(e) => e.status(),
+            _ => 400,
+        }
+    }
 }
 
 /// What the hub runs with when the twin says nothing.
@@ -60,7 +73,9 @@ struct Desired {
 }
 
 pub struct HubTwin {
-    cache_path: PathBuf,
+    /// `{edge}/$edgeHub`, its name in `twins`.
+    identity: String,
+    twins: Arc<Twins>,
     baseline: Baseline,
     routes: Routes,
     ttl_ms: Arc<AtomicU64>,
@@ -77,18 +92,24 @@ struct State {
 }
 
 impl HubTwin {
-    /// Builds the twin and applies the cached desired document, if any. A
-    /// cache that no longer applies is reported and ignored.
-    pub fn open(
+    /// Builds the twin and puts in force the desired document `twins`
+    /// holds for it, if any. One that no longer applies (settings of an
+    /// older hub) is reported and ignored. A `hub-twin.json` an older hub
+    /// left in `storage` is moved into `twins` first.
+    pub async fn open(
         storage: &Path,
+        edge_id: &str,
+        twins: Arc<Twins>,
         baseline: Baseline,
         routes: Routes,
         ttl_ms: Arc<AtomicU64>,
         registry: Arc<Registry>,
     ) -> (Arc<HubTwin>, watch::Receiver<Option<Value>>) {
         let (reported, rx) = watch::channel(None);
+        let identity = protocol::hub_twin_identity(edge_id);
         let twin = Arc::new(HubTwin {
-            cache_path: storage.join("hub-twin.json"),
+            identity,
+            twins,
             baseline,
             routes,
             ttl_ms,
@@ -99,74 +120,82 @@ impl HubTwin {
             }),
             reported,
         });
-        match std::fs::read(&twin.cache_path) {
-            Ok(bytes) => match HubTwin::check(&bytes) {
-                Ok(desired) => {
-                    tracing::info!(version = ?desired.version, "hub twin restored from cache");
-                    twin.put_in_force(desired, &bytes);
+        twin.adopt_legacy_cache(&storage.join("hub-twin.json")).await;
+        match twin.twins.desired_from_cloud(&twin.identity).await {
+            Ok(Some(doc)) => {
+                let bytes = serde_json::to_vec(&doc).expect("a document serializes");
+                match HubTwin::check(&bytes) {
+                    Ok(desired) => {
+                        tracing::info!(version = ?desired.version, "hub twin restored from the store");
+                        twin.put_in_force(desired, &bytes);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the stored hub twin no longer applies; the configured settings stay");
+                        let mut state = twin.state.lock().unwrap();
+                        state.status = (400, e.to_string());
+                        state.version = doc.get("$version").and_then(Value::as_i64);
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(path = %twin.cache_path.display(), error = %e, "cached hub twin refused");
-                    let mut state = twin.state.lock().unwrap();
-                    state.status = (400, e.to_string());
-                    state.version = serde_json::from_slice::<Value>(&bytes)
-                        .ok()
-                        .and_then(|v| v.get("$version").and_then(Value::as_i64));
-                }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            }
+            Ok(None) => {}
             Err(e) => {
-                tracing::error!(path = %twin.cache_path.display(), error = %e, "cannot read cached hub twin")
+                tracing::error!(error = %e, "cannot read the stored hub twin; the configured settings stay");
+                twin.state.lock().unwrap().status = (e.status(), e.to_string());
             }
         }
         twin.report();
         (twin, rx)
     }
 
-    /// Applies a desired document from the cloud, caches it, and reports.
-    pub fn apply(&self, payload: &[u8]) -> Result<(), TwinError> {
-        let desired = match Self::check(payload) {
-            Ok(d) => d,
-            Err(e) => {
-                let version = serde_json::from_slice::<Value>(payload)
-                    .ok()
-                    .and_then(|v| v.get("$version").and_then(Value::as_i64));
-                let mut state = self.state.lock().unwrap();
-                state.status = (400, e.to_string());
-                state.version = version.or(state.version);
-                drop(state);
-                self.report();
-                return Err(e);
-            }
+    /// Moves the plain-text cache of an older hub into `twins`.
+    async fn adopt_legacy_cache(&self, path: &Path) {
+        let Ok(bytes) = std::fs::read(path) else {
+            return;
         };
-        if self.state.lock().unwrap().applied.as_ref()
-            == serde_json::from_slice::<Value>(payload).ok().as_ref()
-        {
-            // The document in force again (a reconnect, or a refused one
-            // taken back): nothing changes but the status.
-            let mut state = self.state.lock().unwrap();
-            state.status = (200, String::new());
-            state.version = desired.version;
-            drop(state);
-            self.report();
-            return Ok(());
+        let held = self.twins.desired_from_cloud(&self.identity).await;
+        if matches!(held, Ok(None)) {
+            if let Err(e) = self.twins.apply_desired(&self.identity, &bytes).await {
+                tracing::error!(path = %path.display(), error = %e, "an older hub's twin cache cannot be taken over; it is left as it is");
+                return;
+            }
         }
-        if let Err(source) = crate::durable_file::replace(&self.cache_path, payload) {
-            let e = TwinError::Cache {
-                path: self.cache_path.clone(),
-                source,
-            };
-            let mut state = self.state.lock().unwrap();
-            state.status = (500, e.to_string());
-            state.version = desired.version;
-            drop(state);
-            self.report();
-            return Err(e);
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(path = %path.display(), "an older hub's twin cache moved into the store"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "an older hub's twin cache cannot be removed"),
         }
-        tracing::info!(version = ?desired.version, "hub twin desired properties applied");
-        self.put_in_force(desired, payload);
+    }
+
+    /// Applies a desired document from the cloud: checked, kept by `twins`
+    /// (which takes only a newer `$version` than the one in force), put in
+    /// force, and reported. A refused one is reported with why, and the
+    /// settings in force stay.
+    pub async fn apply(&self, payload: &[u8]) -> Result<(), TwinError> {
+        let result = self.take(payload).await;
+        if let Err(e) = &result {
+            let version = serde_json::from_slice::<Value>(payload)
+                .ok()
+                .and_then(|v| v.get("$version").and_then(Value::as_i64));
+            let mut state = self.state.lock().unwrap();
+            state.status = (e.status(), e.to_string());
+            state.version = version.or(state.version);
+        }
         self.report();
-        Ok(())
+        result
+    }
+
+    async fn take(&self, payload: &[u8]) -> Result<(), TwinError> {
+        let desired = Self::check(payload)?;
+        match self.twins.apply_desired(&self.identity, payload).await {
+            Ok(Some(_)) => {
+                tracing::info!(version = ?desired.version, "hub twin desired properties applied");
+                self.put_in_force(desired, payload);
+                Ok(())
+            }
+            // The one in force delivered again (a reconnect), or an older
+            // one: nothing changes.
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Checks a desired document as [`HubTwin::apply`] would, applying
@@ -323,6 +352,84 @@ impl HubTwin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    use crate::plugins::{Limits, PluginEngine};
+    use crate::store::Store;
+
+    /// A hub twin over the store in `dir` (kept alive by the caller).
+    async fn open(dir: &Path) -> (Store, Arc<HubTwin>, Arc<AtomicU64>) {
+        let store = Store::open(&dir.join("store")).unwrap();
+        let sealer = crate::auth::ScopeCache::open(&dir.join("keys"), None)
+            .unwrap()
+            .sealer();
+        let twins = Arc::new(Twins::open(&store, sealer).unwrap());
+        let engine = PluginEngine::new(None).unwrap();
+        let registry =
+            Registry::new(engine, HashMap::new(), Limits::default(), Arc::default()).unwrap();
+        let ttl_ms = Arc::new(AtomicU64::new(60_000));
+        let baseline = Baseline {
+            routes: None,
+            ttl_secs: 60,
+        };
+        let (twin, _) = HubTwin::open(
+            dir,
+            "edge",
+            twins,
+            baseline,
+            Routes::new(None),
+            ttl_ms.clone(),
+            Arc::new(registry),
+        )
+        .await;
+        (store, twin, ttl_ms)
+    }
+
+    fn ttl(v: u64, secs: u64) -> Vec<u8> {
+        json!({"$version": v, "storeAndForwardConfiguration": {"timeToLiveSecs": secs}})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn the_document_in_force_comes_back_after_a_restart_and_an_older_one_never_rolls_it_back(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_store, twin, ttl_ms) = open(dir.path()).await;
+            twin.apply(&ttl(2, 100)).await.unwrap();
+            assert_eq!(ttl_ms.load(Ordering::Relaxed), 100_000);
+            // A stale copy delivered again (an older version) changes nothing.
+            twin.apply(&ttl(1, 5)).await.unwrap();
+            assert_eq!(ttl_ms.load(Ordering::Relaxed), 100_000);
+            let e = twin.apply(br#"{"$version": 3, "colour": 1}"#).await;
+            assert!(e.unwrap_err().to_string().contains("colour"));
+            let reported = twin.reported_document();
+            assert_eq!(reported["lastDesiredVersion"], 3);
+            assert_eq!(reported["lastDesiredStatus"]["code"], 400);
+            // Past the twin limits every twin has: refused the same way.
+            let deep = br#"{"$version": 4, "plugins": {"p": {"config": {"a.b": 1}}}}"#;
+            assert_eq!(twin.apply(deep).await.unwrap_err().status(), 400);
+        }
+        let (_store, twin, ttl_ms) = open(dir.path()).await;
+        assert_eq!(ttl_ms.load(Ordering::Relaxed), 100_000, "restored");
+        assert_eq!(twin.reported_document()["lastDesiredVersion"], 2);
+        assert!(!dir.path().join("hub-twin.json").exists());
+    }
+
+    #[tokio::test]
+    async fn an_older_hubs_plain_text_cache_is_moved_into_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("hub-twin.json");
+        std::fs::write(&legacy, ttl(4, 7)).unwrap();
+        {
+            let (_store, _twin, ttl_ms) = open(dir.path()).await;
+            assert_eq!(ttl_ms.load(Ordering::Relaxed), 7_000);
+            assert!(!legacy.exists(), "the plain-text cache is gone");
+        }
+        let (_store, _twin, ttl_ms) = open(dir.path()).await;
+        assert_eq!(ttl_ms.load(Ordering::Relaxed), 7_000, "and kept in the store");
+    }
 
     fn error_of(doc: &str) -> String {
         match HubTwin::check(doc.as_bytes()) {
@@ -332,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn the_example_versioned_document_is_valid() {
+    fn the_example_desired_document_is_valid() {
         let d = HubTwin::check(include_bytes!("../../../examples/hub-twin-desired.json")).unwrap();
         assert_eq!(d.version, Some(1));
         assert_eq!(d.routes.unwrap().1.routes().len(), 2);
@@ -341,7 +448,7 @@ mod tests {
     }
 
     #[test]
-    fn every_problem_of_a_versioned_document_is_named() {
+    fn every_problem_of_a_desired_document_is_named() {
         let e = error_of(
             r#"{"routes":{"r1":"FROM /messages/* INTO $nowhere"},"storeAndForwardConfiguration":{"timeToLiveSecs":0},"plugins":{"p":{"limits":1}},"extra":1}"#,
         );

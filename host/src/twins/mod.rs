@@ -140,7 +140,8 @@ pub fn with_version(props: &Map<String, Value>, v: u64) -> Value {
 }
 
 /// What a desired document from the cloud changed: the patch to push to
-/// the identity's connections (never empty), at `version`.
+/// the identity's connections (empty when only the version moved), at
+/// `version`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredChange {
     pub version: u64,
@@ -201,8 +202,8 @@ impl Twins {
     }
 
     /// Takes a desired document from the cloud for `id`: checked, stored,
-    /// and what changed returned (`None` when nothing did, or when it is
-    /// older than the one held).
+    /// and what changed returned (`None` when it is not newer than the one
+    /// held from the cloud: nothing is stored).
     pub async fn apply_desired(
         &self,
         id: &str,
@@ -221,7 +222,18 @@ impl Twins {
         twin.desired_from_cloud = true;
         self.save(id, &twin).await?;
         twins.insert(id.to_string(), twin);
-        Ok((!patch.is_empty()).then_some(DesiredChange { version, patch }))
+        Ok(Some(DesiredChange { version, patch }))
+    }
+
+    /// The desired document of `id` with its `$version`, if one came from
+    /// the cloud.
+    pub async fn desired_from_cloud(&self, id: &str) -> Result<Option<Value>, TwinsError> {
+        self.readable(id)?;
+        let twins = self.twins.lock().await;
+        let twin = current(&twins, id);
+        Ok(twin
+            .desired_from_cloud
+            .then(|| with_version(&twin.desired, twin.desired_version)))
     }
 
     /// Waits until the cloud has something to get (a reported document
@@ -540,8 +552,16 @@ mod tests {
                 .apply_desired("d1", br#"{"rate":7,"$version":5}"#)
                 .await
                 .unwrap(),
-            None
+            Some(DesiredChange {
+                version: 5,
+                patch: Map::new()
+            })
         );
+        assert_eq!(
+            twins.desired_from_cloud("d1").await.unwrap(),
+            Some(json!({"rate":7,"$version":5}))
+        );
+        assert_eq!(twins.desired_from_cloud("d2").await.unwrap(), None);
         assert_eq!(
             twins.get("d1").await.unwrap()["desired"],
             json!({"rate":7,"$version":5})

@@ -57,9 +57,11 @@ impl CloudSync {
                     apply(msg, move |doc| auth.apply(doc).map(|_| ()), "device scope", &topic).await;
                 }
                 Some(msg) = self.desired.recv() => {
-                    let t = hub_twin.clone();
-                    let topic = msg.topic.clone();
-                    apply(msg, move |doc| t.apply(doc), "hub twin desired properties", &topic).await;
+                    // Stored by `twins` off the runtime, then put in force.
+                    if let Err(e) = hub_twin.apply(&msg.payload).await {
+                        tracing::error!(topic = %msg.topic, error = %e, "hub twin desired properties refused; the previous one stays");
+                    }
+                    msg.ack();
                 }
                 else => return,
             }

@@ -24,7 +24,7 @@ use crate::auth::{Auth, Scope};
 use crate::broker::{BrokerHandle, Delivery};
 use crate::iothub;
 use crate::metrics::Metrics;
-use crate::protocol::{per_identity, twin_topic, TwinTopic};
+use crate::protocol::{self, per_identity, twin_topic, TwinTopic};
 use crate::twins::{self, ToCloud, Twins};
 
 pub struct TwinSync(ScopedConsumer);
@@ -102,7 +102,9 @@ impl TwinSync {
 /// the hub is an open broker and keeps every twin).
 async fn forget_removed(scope: Option<&Scope>, twins: &Twins) {
     let Some(scope) = scope else { return };
-    match twins.forget_all_but(|id| scope.get(id).is_some()).await {
+    // The hub's own twin is no identity of the scope, and stays.
+    let keep = |id: &str| scope.get(id).is_some() || protocol::is_hub_twin(id);
+    match twins.forget_all_but(keep).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
             twins = n,
@@ -160,6 +162,9 @@ async fn desired(
     metrics: &Metrics,
 ) {
     match twins.apply_desired(id, &msg.payload).await {
+        Ok(Some(change)) if change.patch.is_empty() => {
+            tracing::debug!(identity = %id, version = change.version, "desired properties unchanged but for their version");
+        }
         Ok(Some(change)) => {
             tracing::info!(identity = %id, version = change.version, "desired properties changed");
             let body = twins::with_version(&change.patch, change.version);
