@@ -871,3 +871,19 @@ def start_gateway(hub_factory, upstream, certs, **kw):
     hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args(tls=certs, tls_port=SDK_PORT), **kw)
     wait_tls_listener(hub, SDK_PORT)
     return hub
+
+
+def broker_log(up, since: int = 0) -> str:
+    """The upstream Mosquitto's log from byte ``since`` on."""
+    with open(up.log_path, "rb") as f:
+        f.seek(since)
+        return f.read().decode("utf-8", "replace")
+
+
+def hub_publishes(up, topic: str, since: int = 0) -> list[tuple[int, int, int]]:
+    """(QoS, retain, message id) of every PUBLISH the hub (client id = the
+    edge id) made on ``topic``, as the upstream Mosquitto logged it (it
+    needs ``log_type all``) from byte ``since`` of its log on."""
+    rx = re.compile(rf"^\d+: Received PUBLISH from {re.escape(EDGE_ID)} \(d\d, q(\d), r(\d), m(\d+), '([^']*)',")
+    return [(int(m[1]), int(m[2]), int(m[3]))
+            for m in map(rx.match, broker_log(up, since).splitlines()) if m and m[4] == topic]

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from authkit import HUB_NAME, username_for
-from helpers import WaitTimeout, hub_env, wait_until
+from helpers import hub_env, wait_value
 
 CLI_TIMEOUT = 60.0
 
@@ -84,17 +84,8 @@ def twin_get(upstream, identity: str) -> dict:
 
 
 def wait_twin(upstream, identity: str, pred, timeout: float, desc: str) -> dict:
-    box: dict = {}
-
-    def check():
-        box["twin"] = twin_get(upstream, identity)
-        return pred(box["twin"])
-
-    try:
-        wait_until(check, timeout, desc, interval=0.1)
-    except WaitTimeout as exc:
-        raise WaitTimeout(f"{exc}; last `twin get {identity}`: {json.dumps(box.get('twin'))}") from None
-    return box["twin"]
+    return wait_value(lambda: twin_get(upstream, identity), pred, timeout, desc,
+                      shown=f"last `twin get {identity}`")
 
 
 class Tail:

@@ -70,6 +70,23 @@ def wait_until(pred: Callable[[], object], timeout: float, desc: str, interval: 
         time.sleep(interval)
 
 
+def wait_value(get: Callable[[], object], pred: Callable[[object], object], timeout: float, desc: str,
+               interval: float = 0.1, shown: str = "the last value"):
+    """Reads ``get()`` until ``pred`` holds for it and returns it; on timeout
+    the message shows the last value read (as ``shown``)."""
+    box: dict = {}
+
+    def check():
+        box["v"] = get()
+        return pred(box["v"])
+
+    try:
+        wait_until(check, timeout, desc, interval=interval)
+    except WaitTimeout as exc:
+        raise WaitTimeout(f"{exc}; {shown}: {box.get('v')!r}") from None
+    return box["v"]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))

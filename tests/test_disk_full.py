@@ -3,16 +3,22 @@ size-limited tmpfs the test mounts) that fills up while the cloud is away.
 
 Publishers get a clear refusal (MQTT 5: PUBACK 0x97 quota exceeded; 3.1.1: the
 connection closes), the hub keeps running and answering, nothing acknowledged
-is lost, and it takes messages again by itself as soon as space returns."""
+is lost, and it takes messages again by itself as soon as space returns.
+The other writers of new messages keep the same floor: a message routed to a
+module input is refused like an upstream-bound one, a QoS 1 message for a
+persistent session that is away is dropped (and counted), and a retained
+message is delivered but not kept; all are taken again once space returns."""
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 
-from helpers import Publisher, assert_strictly_increasing, first_occurrences, wait_until
+from helpers import Publisher, Subscriber, assert_strictly_increasing, first_occurrences, wait_until
+from pluginkit import hub_config_text
 
 TOPIC = "devices/d1/messages/events/"
 DISK_MIB = 64
@@ -114,3 +120,172 @@ def test_a_full_disk_refuses_publishers_keeps_what_is_stored_and_takes_messages_
     assert b"while full" not in {p for _, p in msgs}
     assert_strictly_increasing(first_occurrences(seqs), "first-occurrence order upstream")
     assert hub.metric("edgehub_store_lost_total") == 0
+
+
+# --------------------------------------------------------------------------
+# the other writers of new messages keep the same floor
+# --------------------------------------------------------------------------
+
+EDGE = "edge-floor"
+MODULE_INPUT_FILTER = f"devices/{EDGE}/modules/filter/inputs/#"
+TO_INPUT = "devices/d1/messages/events/kind=input"  # routed to the module input only
+TO_CLOUD = "devices/d1/messages/events/kind=cloud"  # routed upstream only
+AWAY_TOPIC = "local/away"
+RETAINED_TOPIC = "local/retained"
+NOT_KEPT = "the disk is at the floor kept free: this retained message is delivered, not kept"
+
+
+def sample(hub, name: str, **labels: str) -> float:
+    """The value of ``name{labels...}`` on /metrics (0 when the sample is absent)."""
+    for line in hub.metrics_text().splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    return 0.0
+
+
+def wait_sample(hub, name: str, want: float, timeout: float, **labels: str) -> None:
+    box = {}
+
+    def check():
+        box["v"] = sample(hub, name, **labels)
+        return box["v"] == want
+
+    try:
+        wait_until(check, timeout, f"{name}{labels} == {want}", interval=0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last value {box.get('v')}") from None
+
+
+def publish_retained(pub: Publisher, payload: bytes) -> int:
+    """A retained QoS 1 publish on RETAINED_TOPIC; returns its reason code."""
+    key = object()
+    pub.publish(RETAINED_TOPIC, payload, qos=1, key=key, retain=True)
+    wait_until(lambda: key in pub.results, 10, f"the PUBACK of {payload!r}")
+    return pub.results[key]
+
+
+def fill_to_below(mnt: Path, free: int) -> Path:
+    """A file that takes the disk's free space down to about ``free`` bytes."""
+    filler = mnt / "filler"
+    todo = free_bytes(mnt) - free
+    assert todo > 0, f"only {free_bytes(mnt)} bytes free before filling"
+    with open(filler, "wb") as f:
+        while todo > 0:
+            n = min(todo, 1 << 20)
+            f.write(b"\0" * n)
+            todo -= n
+        f.flush()
+        os.fsync(f.fileno())
+    return filler
+
+
+def test_at_the_disk_floor_module_inputs_away_sessions_and_retained_messages_are_not_stored_and_are_again_once_space_returns(
+    small_disk, offline_upstream, hub_factory, clients, tmp_path
+):
+    up, _collector = offline_upstream()  # the cloud stays away: nothing drains
+    cfg = tmp_path / "routes.toml"
+    cfg.write_text(hub_config_text(routes={
+        "to-input": 'FROM /messages/* WHERE kind = \'input\' INTO BrokeredEndpoint("/modules/filter/inputs/in1")',
+        "to-cloud": "FROM /messages/* WHERE NOT IS_DEFINED(kind) OR kind != 'input' INTO $upstream",
+    }))
+    hub = hub_factory(
+        up, edge_id=EDGE, storage=small_disk / "storage",
+        extra_args=["--config", str(cfg), "--min-free-bytes", str(FLOOR)],
+    )
+    pub = Publisher(hub.port, protocol=mqtt.MQTTv5)
+    clients.append(pub.connect())
+
+    # Before the floor, each of them is stored: a message for the module
+    # input (the module is away), a QoS 1 message for a persistent session
+    # that is away, a retained message.
+    assert pub.publish_and_wait(TO_INPUT, b"input before") == 0
+    wait_until(lambda: hub.metric("edgehub_module_inputs_queued") == 1, 10, "the module input message stored")
+    away = Subscriber(hub.port, client_id="away-session", clean=False)
+    away.connect()
+    away.subscribe(AWAY_TOPIC, qos=1)
+    away.close()
+    assert pub.publish_and_wait(AWAY_TOPIC, b"away before") == 0
+    wait_sample(hub, "edgehub_broker_stored", 1, 10, kind="queued")
+    assert publish_retained(pub, b"retained before") == 0
+    wait_sample(hub, "edgehub_broker_stored", 1, 10, kind="retained")
+    watcher = Subscriber(hub.port)  # a current subscriber of the retained topic
+    clients.append(watcher.connect())
+    watcher.subscribe(RETAINED_TOPIC, qos=1)
+    watcher.wait_for(lambda ms: any(m.payload == b"retained before" for m in ms), 10, "the retained message")
+    assert sample(hub, "edgehub_messages_dropped_total", reason="no_room") == 0
+
+    # Another file takes the disk below the floor (with a few MiB still
+    # free, so nothing meets a full disk).
+    filler = fill_to_below(small_disk, FLOOR - (2 << 20))
+    assert FLOOR - (4 << 20) < free_bytes(small_disk) < FLOOR
+    wait_until(lambda: pub.publish_and_wait(TO_CLOUD, b"cloud at the floor") == 0x97, 10,
+               "an upstream-bound publish refused at the floor", interval=0.1)
+
+    # (1) A message the routes send only to the module input is refused to
+    # its sender, like an upstream-bound one.
+    rc = pub.publish_and_wait(TO_INPUT, b"input at the floor")
+    assert rc == 0x97, f"a module input message at the floor got {rc:#x}, not 0x97 quota exceeded"
+    assert hub.metric("edgehub_module_inputs_queued") == 1
+
+    # (2) A QoS 1 message for the persistent session that is away is not
+    # kept: dropped and counted as no_room.
+    assert pub.publish_and_wait(AWAY_TOPIC, b"away at the floor") == 0
+    wait_sample(hub, "edgehub_messages_dropped_total", 1, 10, reason="no_room")
+    assert sample(hub, "edgehub_broker_stored", kind="queued") == 1
+
+    # (3) A retained message reaches the current subscriber but is not
+    # kept, and the one kept before it is cleared (it is stale now): a new
+    # subscriber gets no retained message.
+    assert publish_retained(pub, b"retained at the floor") == 0
+    watcher.wait_for(lambda ms: any(m.payload == b"retained at the floor" for m in ms), 10,
+                     "the retained message published at the floor, live")
+    wait_until(lambda: NOT_KEPT in hub.log_path.read_text(errors="replace"), 10, f"the warning {NOT_KEPT!r}")
+    wait_sample(hub, "edgehub_broker_stored", 0, 10, kind="retained")
+    late = Subscriber(hub.port)
+    clients.append(late.connect())
+    late.subscribe(RETAINED_TOPIC, qos=1)
+    # The broker sends retained messages before a later live one: once the
+    # sentinel is in, anything retained would be too.
+    late.subscribe("local/sentinel", qos=1)
+    assert pub.publish_and_wait("local/sentinel", b"s") == 0
+    late.wait_topic("local/sentinel")
+    with late.cond:
+        got = [bytes(m.payload) for m in late.messages if m.topic == RETAINED_TOPIC]
+    assert got == [], f"a new subscriber got {got} as the retained message"
+    assert hub.alive(), "the hub died at the floor"
+
+    # Space returns: each of them is taken again, by itself.
+    filler.unlink()
+    assert free_bytes(small_disk) > FLOOR + (16 << 20)
+    wait_until(lambda: pub.publish_and_wait(TO_INPUT, b"input after") == 0, 10,
+               "a module input message taken once space returned", interval=0.3)
+    wait_until(lambda: hub.metric("edgehub_module_inputs_queued") == 2, 10, "the module input message stored")
+
+    assert pub.publish_and_wait(AWAY_TOPIC, b"away after") == 0
+    wait_sample(hub, "edgehub_broker_stored", 2, 10, kind="queued")
+
+    assert publish_retained(pub, b"retained after") == 0
+    watcher.wait_for(lambda ms: any(m.payload == b"retained after" for m in ms), 10, "the new retained message, live")
+    newer = Subscriber(hub.port)
+    clients.append(newer.connect())
+    newer.subscribe(RETAINED_TOPIC, qos=1)
+    m = newer.wait_topic(RETAINED_TOPIC)
+    assert bytes(m.payload) == b"retained after", f"a new subscriber got {bytes(m.payload)!r} as the retained message"
+
+    module = Subscriber(hub.port, client_id="filter")
+    clients.append(module.connect())
+    module.subscribe(MODULE_INPUT_FILTER, qos=1)
+    module.wait_for(lambda ms: any(m.payload == b"input after" for m in ms), 15, "the module input message")
+    assert first_occurrences(p for _, p in module.received()) == [b"input before", b"input after"]
+
+    back = Subscriber(hub.port, client_id="away-session", clean=False)
+    clients.append(back.connect())
+    assert back.session_present, "the persistent session was lost"
+    back.wait_for(lambda ms: any(m.payload == b"away after" for m in ms), 15, "the message kept for the session")
+    assert first_occurrences(p for _, p in back.received()) == [b"away before", b"away after"]
+    assert sample(hub, "edgehub_messages_dropped_total", reason="no_room") == 1
+    assert hub.alive()

@@ -21,6 +21,7 @@ from authkit import (
     Identity,
     auth_args,
     describe_sdk,
+    hub_publishes,
     make_certs,
     publish_scope,
     run_sdk,
@@ -29,7 +30,6 @@ from authkit import (
     wait_scope,
 )
 from helpers import LOOPBACK, Subscriber
-from test_twins import hub_publishes
 
 import paho.mqtt.client as mqtt
 

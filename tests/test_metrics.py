@@ -20,7 +20,8 @@ ALL_METRICS = [
     "edgehub_dead_letter_depth",
 ]
 
-DROP_REASONS = ["store_refused", "slow_subscriber", "offline_queue_full", "corrupt_record"]
+DROP_REASONS = ["store_refused", "slow_subscriber", "offline_queue_full", "corrupt_record", "device_queue_full",
+                "module_input_full", "no_room"]
 
 
 def http_status(url: str, method: str = "GET") -> tuple[int, dict]:

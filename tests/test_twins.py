@@ -23,7 +23,9 @@ from authkit import (
     SDK_PORT,
     Identity,
     auth_args,
+    broker_log,
     describe_sdk,
+    hub_publishes,
     log_size,
     make_certs,
     publish_retained,
@@ -37,7 +39,7 @@ from authkit import (
     wait_scope,
     wait_tls_listener,
 )
-from helpers import Relay, Subscriber, WaitTimeout, wait_until
+from helpers import Relay, Subscriber, wait_until, wait_value
 
 PATCH_REPORTED = "$iothub/twin/PATCH/properties/reported/?$rid={rid}"
 
@@ -162,17 +164,10 @@ def twin_request(c, topic: str, body: bytes, rid: str) -> tuple[str, dict | None
 def wait_twin(c, pred, timeout: float, desc: str) -> dict:
     """Asks for the twin (GET, a fresh $rid each time) until ``pred`` holds
     for it; returns it."""
-    box: dict = {}
+    def get():
+        return twin_request(c, "$iothub/twin/GET/?$rid={rid}", b"", f"poll{uuid.uuid4().hex[:8]}")[1]
 
-    def check():
-        _, box["twin"] = twin_request(c, "$iothub/twin/GET/?$rid={rid}", b"", f"poll{uuid.uuid4().hex[:8]}")
-        return pred(box["twin"])
-
-    try:
-        wait_until(check, timeout, desc, interval=0.1)
-    except WaitTimeout as exc:
-        raise WaitTimeout(f"{exc}; the last twin: {box.get('twin')}") from None
-    return box["twin"]
+    return wait_value(get, pred, timeout, desc, shown="the last twin")
 
 
 def retained_doc(up, topic: str, timeout: float = 10.0) -> dict | None:
@@ -196,33 +191,8 @@ def retained_doc(up, topic: str, timeout: float = 10.0) -> dict | None:
 
 def wait_retained(up, topic: str, pred, timeout: float, desc: str) -> dict | None:
     """Reads ``retained_doc`` until ``pred`` holds for it; returns it."""
-    box: dict = {}
-
-    def check():
-        box["doc"] = retained_doc(up, topic)
-        return pred(box["doc"])
-
-    try:
-        wait_until(check, timeout, desc, interval=0.2)
-    except WaitTimeout as exc:
-        raise WaitTimeout(f"{exc}; the broker holds {box.get('doc')!r} on {topic}") from None
-    return box["doc"]
-
-
-def broker_log(up, since: int = 0) -> str:
-    """The upstream Mosquitto's log from byte ``since`` on."""
-    with open(up.log_path, "rb") as f:
-        f.seek(since)
-        return f.read().decode("utf-8", "replace")
-
-
-def hub_publishes(up, topic: str, since: int = 0) -> list[tuple[int, int, int]]:
-    """(QoS, retain, message id) of every PUBLISH the hub (client id = the
-    edge id) made on ``topic``, as the upstream Mosquitto logged it (it
-    needs ``log_type all``) from byte ``since`` of its log on."""
-    rx = re.compile(rf"^\d+: Received PUBLISH from {re.escape(EDGE_ID)} \(d\d, q(\d), r(\d), m(\d+), '([^']*)',")
-    return [(int(m[1]), int(m[2]), int(m[3]))
-            for m in map(rx.match, broker_log(up, since).splitlines()) if m and m[4] == topic]
+    return wait_value(lambda: retained_doc(up, topic), pred, timeout, desc, interval=0.2,
+                      shown=f"the broker holds on {topic}")
 
 
 def test_the_twin_of_an_identity_removed_from_the_scope_is_deleted_and_it_starts_afresh_when_added_again(
@@ -499,8 +469,6 @@ def test_an_sdk_device_subscribed_to_desired_patches_gets_one_set_in_the_cloud_a
     back, so the patch can only reach it on the subscription the hub kept."""
     import re
     import threading
-
-    from helpers import wait_until
 
     child1 = Identity.child("child1")
     hub = start_gateway(hub_factory, upstream, certs)

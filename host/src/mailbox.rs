@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::broker::{BrokerHandle, Delivery, Receipt};
 use crate::metrics::Metrics;
+use crate::store::disk::NoRoom;
 use crate::store::{Documents, Record, Store, StoreError};
 
 /// How much one recipient's mailbox holds.
@@ -51,6 +52,8 @@ pub enum MailboxError {
     Storage(#[from] StoreError),
     #[error("the message could not be stored: {0}")]
     Blocking(String),
+    #[error("the message is refused: {0}")]
+    NoRoom(#[from] NoRoom),
 }
 
 /// What became of a delivery; feed each to [`Mailboxes::settle`].
@@ -80,6 +83,7 @@ pub struct Reservation {
 }
 
 pub struct Mailboxes {
+    store: Store,
     docs: Documents,
     broker: BrokerHandle,
     reach: Reach,
@@ -143,6 +147,7 @@ impl Mailboxes {
         }
         let (tx, fates) = mpsc::unbounded_channel();
         let mailboxes = Mailboxes {
+            store: store.clone(),
             docs,
             broker,
             reach: setup.reach,
@@ -198,15 +203,18 @@ impl Mailboxes {
             return Ok(Vec::new());
         }
         let docs = self.docs.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            for (k, v) in &entries {
-                docs.insert(k.as_bytes(), v)?;
-            }
-            docs.commit()
-        })
-        .await
-        .map_err(|e| MailboxError::Blocking(e.to_string()))
-        .and_then(|r| r.map_err(MailboxError::from));
+        let written = match self.store.room() {
+            Err(no_room) => Err(MailboxError::NoRoom(no_room)),
+            Ok(()) => tokio::task::spawn_blocking(move || {
+                for (k, v) in &entries {
+                    docs.insert(k.as_bytes(), v)?;
+                }
+                docs.commit()
+            })
+            .await
+            .map_err(|e| MailboxError::Blocking(e.to_string()))
+            .and_then(|r| r.map_err(MailboxError::from)),
+        };
         let mut queues = self.queues.lock().unwrap();
         let mut filled = Vec::new();
         for (recipient, seq) in taken {

@@ -84,6 +84,7 @@ pub struct RestoredSession {
 #[derive(Clone)]
 pub struct Journal {
     tx: std_mpsc::Sender<Op>,
+    store: Store,
 }
 
 struct Keyspaces {
@@ -124,7 +125,18 @@ impl Journal {
             .name("edgehub-broker-journal".into())
             .spawn(move || write_loop(spaces, rx, counts, metrics))
             .map_err(JournalError::Thread)?;
-        Ok((Journal { tx }, restored, join))
+        let journal = Journal {
+            tx,
+            store: store.clone(),
+        };
+        Ok((journal, restored, join))
+    }
+
+    /// Whether new messages may be kept (see [`Store::room`]): below the
+    /// disk's floor the broker keeps no more, so the store's other writers
+    /// never meet a full disk.
+    pub fn has_room(&self) -> bool {
+        self.store.room().is_ok()
     }
 
     pub fn record(&self, change: Change) {

@@ -979,6 +979,17 @@ impl Broker {
             }
             return;
         }
+        if self.journal.as_ref().is_some_and(|j| !j.has_room()) {
+            tracing::warn!(topic = %msg.topic, "the disk is at the floor kept free: this retained message is delivered, not kept");
+            // The one kept before is older than what was just said: a new
+            // subscriber gets nothing rather than a stale value.
+            if let Some(old) = old {
+                self.retained.remove(&msg.topic);
+                self.retained_bytes -= old;
+                self.record(Change::Retained(msg.topic.clone(), None));
+            }
+            return;
+        }
         let bytes = self.retained_bytes - old.unwrap_or(0) + size(msg);
         let count = self.retained.len() + usize::from(old.is_none());
         if count > self.limits.retained_messages || bytes > self.limits.retained_bytes {
@@ -1085,6 +1096,10 @@ fn deliver(
         // Away: a persistent session keeps QoS 1 messages (not those with
         // a receipt: their owner delivers them again).
         if out.qos > 0 && out.receipt.is_none() {
+            if journal.as_ref().is_some_and(|j| !j.has_room()) {
+                metrics.messages_dropped(DropReason::NoRoom, 1);
+                return false;
+            }
             if client.offline.len() >= offline_cap {
                 if let Some((oldest, _)) = client.offline.pop_first() {
                     if let Some(journal) = journal {

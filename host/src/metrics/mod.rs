@@ -46,16 +46,20 @@ pub enum DropReason {
     DeviceQueueFull,
     /// A message routed to a module input whose queue was full.
     ModuleInputFull,
+    /// A message for a persistent session that is away, not kept: the
+    /// disk is at the floor kept free (or the store at its size limit).
+    NoRoom,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::StoreRefused,
         DropReason::SlowSubscriber,
         DropReason::OfflineQueueFull,
         DropReason::CorruptRecord,
         DropReason::DeviceQueueFull,
         DropReason::ModuleInputFull,
+        DropReason::NoRoom,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +70,7 @@ impl DropReason {
             DropReason::CorruptRecord => "corrupt_record",
             DropReason::DeviceQueueFull => "device_queue_full",
             DropReason::ModuleInputFull => "module_input_full",
+            DropReason::NoRoom => "no_room",
         }
     }
 }
@@ -224,7 +229,7 @@ impl Metrics {
             module_inputs_queued: reg(&mut r, "module_inputs_queued", "Messages routed to module inputs, stored and not yet acknowledged by a module"),
             broker_stored: reg(&mut r, "broker_stored", "What the local broker has made durable, by kind: sessions (persistent), queued (messages kept for sessions away), retained"),
             invalid_topics: reg(&mut r, "invalid_topics", "Messages whose topic could not be stored (empty, NUL, wildcard, too long, ...), by reason and route"),
-            cloud_refused: reg(&mut r, "cloud_refused", "Messages from the cloud the hub refused or ignored, by kind (desired, reported, method, c2d) and reason (outside_scope, invalid, not_for_the_hub, busy, queue_full, not_stored)"),
+            cloud_refused: reg(&mut r, "cloud_refused", "Messages from the cloud the hub refused or ignored, by kind (desired, reported, method, c2d) and reason (outside_scope, invalid, not_for_the_hub, busy, queue_full, no_room, not_stored)"),
             store_recovered: reg(&mut r, "store_recovered", "Records kept from a damaged store when the hub started (see docs/store.md)"),
             store_lost: reg(&mut r, "store_lost", "Records a damaged store could not give back when the hub started (at least this many)"),
             registry: r,
@@ -374,7 +379,7 @@ impl Metrics {
     /// Connected to `address`, or (`None`) to no upstream.
     /// A message from the cloud refused or ignored: `kind` (desired,
     /// method, c2d), `reason` (outside_scope, invalid, not_for_the_hub,
-    /// busy, queue_full, not_stored).
+    /// busy, queue_full, no_room, not_stored).
     pub fn cloud_refused(&self, kind: &'static str, reason: &'static str) {
         self.cloud_refused
             .get_or_create(&CloudRefusedLabels { kind, reason })

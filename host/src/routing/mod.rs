@@ -30,6 +30,7 @@ use self::fields::MessageFields;
 use self::rules::{OnError, Route, Sink};
 use crate::broker::{BrokerHandle, Delivery};
 use crate::inputs::ModuleInputs;
+use crate::mailbox::MailboxError;
 use crate::message::dialect::{self, Telemetry};
 use crate::message::{Headers, Message};
 use crate::metrics::Metrics;
@@ -176,6 +177,7 @@ impl Router {
         tokio::spawn(async move {
             let stored = match inputs.await {
                 Ok(Ok(())) => Ok(()),
+                Ok(Err(MailboxError::NoRoom(no_room))) => Err(AppendError::NoRoom(no_room)),
                 Ok(Err(e)) => Err(AppendError::Storage(e.to_string())),
                 Err(e) => Err(AppendError::Storage(e.to_string())),
             };

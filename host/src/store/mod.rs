@@ -271,6 +271,14 @@ impl Store {
         self.inner.room.limit(floor, max);
     }
 
+    /// Whether new messages may be stored (the disk's floor and the
+    /// store's size on disk, see [`Store::limit_disk`]). Every writer of
+    /// new messages asks: a write that meets a full disk would stop them
+    /// all.
+    pub fn room(&self) -> Result<(), disk::NoRoom> {
+        self.inner.room.check()
+    }
+
     /// What opening found damaged, set aside and kept.
     pub fn recovery(&self) -> &Recovery {
         &self.inner.recovery

@@ -126,7 +126,7 @@ impl Appender {
                 quota: self.quota,
             });
         }
-        inner.room.check()?;
+        self.store.room()?;
         inner.pending.fetch_add(size, Ordering::AcqRel);
         let runs = by_lane(records)
             .into_iter()

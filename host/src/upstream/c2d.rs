@@ -102,6 +102,7 @@ async fn take(
         .map_err(|e: C2dError| {
             let reason = match e {
                 C2dError::Full { .. } => "queue_full",
+                C2dError::NoRoom(_) => "no_room",
                 _ => "not_stored",
             };
             (reason, e.to_string())
