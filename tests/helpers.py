@@ -817,6 +817,33 @@ class Subscriber:
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, DISCONNECT = 1, 2, 3, 4, 8, 9, 14
 
 
+def decode_varint(data: bytes, i: int) -> tuple[int, int] | None:
+    """The MQTT variable byte integer at ``data[i:]``: (value, the index
+    after it); None when ``data`` ends first. Raises when it runs past four
+    bytes (malformed)."""
+    value, mult = 0, 1
+    for _ in range(4):
+        if i >= len(data):
+            return None
+        b = data[i]
+        i += 1
+        value += (b & 0x7F) * mult
+        mult *= 128
+        if not b & 0x80:
+            return value, i
+    raise AssertionError(f"a malformed variable byte integer: {data[:8]!r}")
+
+
+def split_packet(buf: bytes) -> tuple[int, bytes, bytes] | None:
+    """(header byte, body, the rest) of the first whole MQTT packet in
+    ``buf``; None when it has not all arrived yet."""
+    got = decode_varint(buf, 1) if buf else None
+    if got is None or len(buf) < got[1] + got[0]:
+        return None
+    length, i = got
+    return buf[0], buf[i:i + length], buf[i + length:]
+
+
 def encode_varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -905,22 +932,10 @@ class RawClient:
         """Returns (type, flags, body) or None if the connection closed."""
         deadline = time.monotonic() + timeout
         while True:
-            if len(self.buf) >= 2:
-                mult, length, i = 1, 0, 1
-                complete = False
-                while i < len(self.buf) and i <= 4:
-                    b = self.buf[i]
-                    length += (b & 0x7F) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 0x80:
-                        complete = True
-                        break
-                if complete and len(self.buf) >= i + length:
-                    header = self.buf[0]
-                    body = self.buf[i:i + length]
-                    self.buf = self.buf[i + length:]
-                    return header >> 4, header & 0x0F, body
+            got = split_packet(self.buf)
+            if got is not None:
+                header, body, self.buf = got
+                return header >> 4, header & 0x0F, body
             if self.closed or not self._fill(deadline):
                 return None
 

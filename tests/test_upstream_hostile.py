@@ -41,7 +41,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LOOPBACK, Publisher, WaitTimeout, encode_varint, first_occurrences, hub_env, wait_until
+from helpers import (LOOPBACK, Publisher, WaitTimeout, decode_varint, encode_varint, first_occurrences, hub_env,
+                     split_packet, wait_until)
 
 EDGE = "edge-hostile"
 DEVICE = "d1"
@@ -141,22 +142,10 @@ class Reader:
         """(header byte, body), None when ``deadline`` passed; raises
         PeerClosed when the peer closed or reset the connection."""
         while True:
-            if len(self.buf) >= 2:
-                length, mult, i = 0, 1, 1
-                while i < len(self.buf) and i <= 4:
-                    b = self.buf[i]
-                    length += (b & 0x7F) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 0x80:
-                        if len(self.buf) >= i + length:
-                            header, body = self.buf[0], self.buf[i:i + length]
-                            self.buf = self.buf[i + length:]
-                            return header, body
-                        break
-                else:
-                    if i > 4:
-                        raise AssertionError(f"the hub sent a malformed remaining length: {self.buf[:8]!r}")
+            got = split_packet(self.buf)
+            if got is not None:
+                header, body, self.buf = got
+                return header, body
             if time.monotonic() >= deadline:
                 return None
             self.sock.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
@@ -172,15 +161,9 @@ class Reader:
 
 
 def read_varint(data: bytes, i: int) -> tuple[int, int]:
-    value, mult = 0, 1
-    for _ in range(4):
-        b = data[i]
-        i += 1
-        value += (b & 0x7F) * mult
-        mult *= 128
-        if not b & 0x80:
-            return value, i
-    raise AssertionError(f"the hub sent a malformed variable byte integer: {data!r}")
+    got = decode_varint(data, i)
+    assert got is not None, f"the hub sent a truncated variable byte integer: {data!r}"
+    return got
 
 
 @dataclass
