@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from authkit import EDGE_ID, V3_ACCEPTED, Identity, auth_args, publish_scope, scope_doc, try_connect, wait_scope
-from helpers import LOOPBACK, Publisher, Subscriber, free_port, wait_until
+from helpers import LOOPBACK, Publisher, Subscriber, free_port, wait_until, wait_value
 from pluginkit import plugin_hub, plugins_dist  # noqa: F401
 
 TELEMETRY_TOPIC = "devices/d1/messages/events/"
@@ -594,3 +594,141 @@ def test_the_status_page_shows_what_each_route_carried_how_long_its_plugin_took_
     assert sessions[3][3] == "1", sessions
     for r in sessions[1:]:
         assert re.fullmatch(r"[\d,.]+ (s|min)", r[2]), sessions
+
+
+# Client ids, a route name and a route statement written to break out of the
+# page's markup: each would add an element (and most would set the title or
+# run a handler) if the page put it in as HTML rather than as text.
+HOSTILE_CONNECTED = [
+    """<img src=x onerror="document.title='pwned'">""",
+    """</td></tr><script>document.title='pwned2'</script>""",
+    """"'><svg onload="document.title='pwned3'">""",
+    "&lt;b&gt;",  # already escaped: must show as these 10 characters, not as <b>
+]
+HOSTILE_AWAY = """<iframe srcdoc="<script>parent.document.title='pwned4'</script>"></iframe>"""
+# Any TOML key is a route name (the rules check the route text, not its name).
+HOSTILE_ROUTE_NAME = """r<img src=x onerror="document.title='pwned-route'">"""
+# The statement shows in the table too: a string literal of the route
+# language may hold any character but its own quote.
+HOSTILE_ROUTE_TEXT = (
+    "FROM /messages/* WHERE $connectionDeviceId = "
+    """'</code></td><script>document.title="pwned5"</script><img src=x onerror="document.title=`pwned6`">'"""
+    " INTO $upstream"
+)
+
+
+def only_text(node: Node) -> bool:
+    """Whether ``node`` holds text and no element."""
+    return all(isinstance(c, str) for c in node.children)
+
+
+# Every element the page itself puts in those two tables (tbody: the parser's).
+SESSION_TABLE_TAGS = {"tbody", "tr", "th", "td", "span"}
+ROUTE_TABLE_TAGS = {"tbody", "tr", "th", "td", "code"}
+
+
+def test_hostile_client_ids_and_route_names_are_shown_as_text_on_the_status_page_never_as_markup(
+    chromium, plugin_hub, clients, tmp_path  # noqa: F811
+):
+    edge_id = "edge-status-hostile"
+    # no --auth, no scope: an open broker, any client id connects without credentials
+    ph = plugin_hub(
+        dead_upstream(),
+        edge_id=edge_id,
+        routes={HOSTILE_ROUTE_NAME: {"route": HOSTILE_ROUTE_TEXT, "priority": 3}},
+    )
+    hub = ph.hub
+
+    # a persistent session with one subscription whose client goes away
+    away = Subscriber(hub.port, client_id=HOSTILE_AWAY, clean=False)
+    clients.append(away.connect())
+    away.subscribe("status/hostile/#", qos=1)
+    away.close()
+    wait_until(lambda: status_json(hub)["sessions"]["away"] == 1, 10, "the hostile persistent session away",
+               interval=0.05)
+    # and clients that stay connected
+    for cid in HOSTILE_CONNECTED:
+        pub = Publisher(hub.port, client_id=cid)
+        clients.append(pub.connect())
+
+    all_ids = {*HOSTILE_CONNECTED, HOSTILE_AWAY}
+    s = wait_value(
+        lambda: status_json(hub), lambda s: {c["clientId"] for c in s["sessions"]["sessions"]} == all_ids
+        and (s["sessions"]["connected"], s["sessions"]["away"]) == (len(HOSTILE_CONNECTED), 1),
+        10, "every hostile session listed in /status.json", interval=0.05, shown="the last /status.json",
+    )
+
+    # /status.json carries the strings unchanged: valid JSON (strict: no raw
+    # control characters) that decodes to exactly what was sent
+    _, _, body = get(base_url(hub) + "/status.json")
+    s = json.loads(body.decode("utf-8"), strict=True)
+    ss = s["sessions"]
+    by_id = {c["clientId"]: c for c in ss["sessions"]}
+    assert set(by_id) == all_ids, ss
+    for cid in HOSTILE_CONNECTED:
+        assert by_id[cid]["connected"] is True and by_id[cid]["persistent"] is False, by_id[cid]
+    assert by_id[HOSTILE_AWAY]["connected"] is False and by_id[HOSTILE_AWAY]["persistent"] is True, by_id
+    assert by_id[HOSTILE_AWAY]["subscriptions"] == 1, by_id
+    assert s["routes"] == [{"name": HOSTILE_ROUTE_NAME, "text": HOSTILE_ROUTE_TEXT, "priority": 3}], s["routes"]
+    assert [r["name"] for r in s["now"]["routes"]] == [HOSTILE_ROUTE_NAME], s["now"]["routes"]
+
+    # The page, after its script drew /status.json. `sessions-count` is set
+    # by textContent just before the tables, whatever the ids hold, so a
+    # filled one means render() ran.
+    counts = f"{len(HOSTILE_CONNECTED)} connected, 1 away"
+    dom = wait_value(
+        lambda: page_dom(chromium, tmp_path, base_url(hub) + "/"),
+        lambda d: d.by_id("sessions-count").text() == counts,
+        120, "the page drawing the sessions", interval=0.1, shown="the page's session count",
+    )
+
+    # The title is the one render() set: none of the handlers ran.
+    titles = dom.find_all("title")
+    assert [t.text() for t in titles] == [f"edgehub {edge_id}"], [t.text() for t in titles]
+
+    # Nothing came from the strings: no handler attribute anywhere, only
+    # the page's own script, style and chart svgs, no img, iframe or b.
+    handlers = [(n.tag, k) for n in dom.iter() for k in n.attrs if k.lower().startswith("on")]
+    assert not handlers, f"elements with event handlers on the page: {handlers}"
+    assert len(dom.find_all("script")) == 1, "a script element besides the page's own"
+    assert len(dom.find_all("style")) == 1, "a style element besides the page's own"
+    assert [n.attrs.get("id") for n in dom.find_all("svg")] == ["depth", "age", "rates"], \
+        [n.attrs for n in dom.find_all("svg")]
+    for tag in ("img", "iframe", "b", "object", "embed"):
+        assert not dom.find_all(tag), f"a <{tag}> on the page: {[n.attrs for n in dom.find_all(tag)]}"
+
+    # The sessions table: one row of five cells per session, in the order of
+    # /status.json, the id the plain text of its first cell.
+    table = dom.by_id("sessions")
+    tags = {n.tag for n in table.iter() if n is not table}
+    assert tags <= SESSION_TABLE_TAGS, \
+        f"elements in the sessions table the page does not make: {tags - SESSION_TABLE_TAGS}"
+    rows = table.find_all("tr")
+    assert table_rows(table)[0] == ["client id", "state", "since", "subscriptions", "held"], table_rows(table)
+    session_rows = rows[1:]
+    assert all("session" in tr.classes() for tr in session_rows), [tr.attrs for tr in session_rows]
+    cells = [[c for c in tr.children if isinstance(c, Node) and c.tag == "td"] for tr in session_rows]
+    assert [len(c) for c in cells] == [5] * len(ss["sessions"]), table_rows(table)
+    shown = [c[0].text() for c in cells]
+    assert shown == [c["clientId"] for c in ss["sessions"]], f"client ids shown {shown!r}"
+    for c in cells:
+        assert only_text(c[0]), f"markup in a client id cell: {c[0].children}"
+    state = {c[0].text(): c[1].text() for c in cells}
+    assert state == {**{cid: "connected" for cid in HOSTILE_CONNECTED}, HOSTILE_AWAY: "away"}, state
+    assert "&lt;b&gt;" in shown and "<b>" not in shown, shown  # not decoded once more
+
+    # The routes table: its name and statement as text.
+    table = dom.by_id("routes")
+    tags = {n.tag for n in table.iter() if n is not table}
+    assert tags <= ROUTE_TABLE_TAGS, \
+        f"elements in the routes table the page does not make: {tags - ROUTE_TABLE_TAGS}"
+    routes = table_rows(table)
+    assert routes[0] == ["route", "statement", "priority", "messages", "plugin wait, mean", "p99"], routes
+    assert [r[:4] for r in routes[1:]] == [[HOSTILE_ROUTE_NAME, HOSTILE_ROUTE_TEXT, "3", "0"]], routes
+    route_row = [tr for tr in table.find_all("tr") if "route" in tr.classes()]
+    assert len(route_row) == 1, routes
+    name_cell, text_cell = [c for c in route_row[0].children if isinstance(c, Node) and c.tag == "td"][:2]
+    assert only_text(name_cell) and name_cell.text() == HOSTILE_ROUTE_NAME, name_cell.children
+    codes = [c for c in text_cell.children if isinstance(c, Node)]
+    assert [c.tag for c in codes] == ["code"], text_cell.children
+    assert only_text(codes[0]) and codes[0].text() == HOSTILE_ROUTE_TEXT, codes[0].children
