@@ -3,9 +3,11 @@
 //! Owns the socket (through [`Connection`]), the cluster's addresses,
 //! failover between them and fail-back to the first (probed while connected
 //! elsewhere; see [`LinkConfig::failback`]), the reconnect back-off, keepalive, packet ids
-//! (through [`LinkState`]), the cloud-side subscriptions, and its own QoS 1
-//! publishes ([`Reliable`]: method answers, twin documents), sent on every
-//! connection until acknowledged. Everything else talks to
+//! (through [`LinkState`]), the cloud-side subscriptions, its own QoS 1
+//! publishes ([`Reliable`]: method answers, device twin documents), sent on
+//! every connection until acknowledged, and documents kept published at
+//! QoS 0 (the hub twin's status, re-sent after every reconnect). Everything
+//! else talks to
 //! it through a [`LinkHandle`] and the channels [`Link::spawn`] returns:
 //!
 //! - publishers hand it [`Outgoing`] batches for the connection generation
@@ -26,11 +28,12 @@
 //! It does not know what is stored or why a message is sent (the forwarder
 //! does), nor what a cloud message means (its consumer does).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -40,7 +43,7 @@ use super::connection::{Connection, Login};
 use super::error::UpstreamError;
 use super::sleep_until;
 use super::reliable::{self, Delivered, Pending, Reliable};
-use super::state::{Inbound, LinkState, Outgoing, StateError};
+use super::state::{Content, Inbound, LinkState, Outgoing, StateError};
 use super::transport::Connect;
 use super::wire::{Incoming, Limits};
 use crate::config::UpstreamAddr;
@@ -133,6 +136,10 @@ enum Command {
         msg: Reliable,
         done: Option<oneshot::Sender<Delivered>>,
     },
+    Keep {
+        topic: String,
+        payload: Bytes,
+    },
     Filters {
         consumer: usize,
         filters: Vec<String>,
@@ -154,6 +161,16 @@ impl LinkHandle {
     /// [`LinkEvent::Connected`]); dropped if that connection is gone.
     pub async fn publish(&self, generation: u64, batch: Vec<Outgoing>) {
         let _ = self.tx.send(Command::Publish { generation, batch }).await;
+    }
+
+    /// Keeps `payload` published, retained at QoS 0, on `topic`: now if
+    /// connected and again after every reconnect. For a status whose loss
+    /// costs nothing: a broker may hold a connection up until a QoS 1
+    /// retained publish is stored (NATS waits for its retained-message
+    /// stream's leader), which [`LinkHandle::deliver`] would wait for on
+    /// every connection.
+    pub async fn keep_published(&self, topic: String, payload: Bytes) {
+        let _ = self.tx.send(Command::Keep { topic, payload }).await;
     }
 
     /// Publishes `msg` at QoS 1 on the current connection and, if that
@@ -236,6 +253,8 @@ struct Actor {
     acks: mpsc::UnboundedReceiver<(u64, u16)>,
     /// Own publishes not yet acknowledged.
     pending: Pending,
+    /// Documents kept published at QoS 0, by topic.
+    kept: BTreeMap<String, Bytes>,
     /// Filters dropped while disconnected: unsubscribed on the next
     /// connection (the cloud keeps a persistent session's subscriptions).
     dropped: BTreeSet<String>,
@@ -298,6 +317,7 @@ impl Link {
             acks_tx,
             acks,
             pending: Pending::default(),
+            kept: BTreeMap::new(),
             dropped: BTreeSet::new(),
             waiting: VecDeque::new(),
             generation: 0,
@@ -422,6 +442,9 @@ impl Actor {
                             self.pending.push(msg, done);
                             self.pending.expire(Instant::now());
                         }
+                        Some(Command::Keep { topic, payload }) => {
+                            self.kept.insert(topic, payload);
+                        }
                         Some(Command::Filters { consumer, filters }) => {
                             let (_, gone) = self.set_filters(consumer, filters);
                             self.dropped.extend(gone);
@@ -509,6 +532,9 @@ impl Actor {
         let dropped: Vec<String> = std::mem::take(&mut self.dropped).into_iter().collect();
         for chunk in dropped.chunks(FILTERS_PER_PACKET) {
             state.unsubscribe(chunk, &mut conn.write_buf);
+        }
+        for (topic, payload) in &self.kept {
+            state.publish(&kept(topic, payload), &mut conn.write_buf)?;
         }
         self.pending.connected(own_in_flight(conn.limits));
         self.send_pending(state, &mut conn)?;
@@ -615,6 +641,10 @@ impl Actor {
             Command::Deliver { msg, done } => {
                 self.pending.push(msg, done);
                 self.send_pending(state, conn)?;
+            }
+            Command::Keep { topic, payload } => {
+                state.publish(&kept(&topic, &payload), &mut conn.write_buf)?;
+                self.kept.insert(topic, payload);
             }
             Command::Filters { consumer, filters } => {
                 let (added, gone) = self.set_filters(consumer, filters);
@@ -824,6 +854,19 @@ impl Probe {
     }
 }
 
+/// A kept document's publish: retained, QoS 0.
+fn kept(topic: &str, payload: &Bytes) -> Outgoing {
+    Outgoing {
+        tag: 0,
+        content: Content::Owned {
+            topic: topic.to_string(),
+            payload: payload.clone(),
+        },
+        qos: QoS::AtMostOnce,
+        retain: true,
+    }
+}
+
 /// The link's own publishes in flight at once under `limits`: a share of
 /// the upstream's receive maximum, half of it at most.
 fn own_in_flight(limits: Limits) -> usize {
@@ -967,8 +1010,7 @@ pub(crate) mod fake {
 mod tests {
     use super::fake::{config, Peer, Upstream};
     use super::*;
-    use crate::upstream::state::Content;
-    use rumqttc::mqttbytes::{v4, QoS};
+    use rumqttc::mqttbytes::v4;
     use std::time::Duration;
 
     const WAIT: Duration = Duration::from_secs(10);

@@ -15,7 +15,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::link::{CloudMessage, Link, LinkHandle};
-use super::reliable::Reliable;
 use crate::auth::Auth;
 use crate::protocol::scope_topic;
 use crate::twin::{self, HubTwin};
@@ -88,9 +87,10 @@ async fn apply<E: std::fmt::Display + Send + 'static>(
     msg.ack();
 }
 
-/// Publishes the hub twin's reported document upstream (retained, QoS 1)
-/// at start and whenever it changes; the link sends it until the cloud
-/// has it, and a newer one replaces one not yet sent.
+/// Keeps the hub twin's reported document published upstream (retained,
+/// QoS 0, re-sent by the link after every reconnect): a status, sent again
+/// rather than acknowledged, so a broker slow to store retained QoS 1
+/// messages never holds the link up for it.
 pub async fn report(
     link: LinkHandle,
     topic: String,
@@ -100,13 +100,8 @@ pub async fn report(
     loop {
         let doc = reported.borrow_and_update().clone();
         if let Some(doc) = doc {
-            let msg = Reliable {
-                topic: topic.clone(),
-                payload: Bytes::from(doc.to_string()),
-                retain: true,
-                until: None,
-            };
-            drop(link.deliver(msg).await);
+            link.keep_published(topic.clone(), Bytes::from(doc.to_string()))
+                .await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
