@@ -120,7 +120,8 @@ impl HubTwin {
             }),
             reported,
         });
-        twin.adopt_legacy_cache(&storage.join("hub-twin.json")).await;
+        twin.adopt_legacy_cache(&storage.join("hub-twin.json"))
+            .await;
         match twin.twins.desired_from_cloud(&twin.identity).await {
             Ok(Some(doc)) => {
                 let bytes = serde_json::to_vec(&doc).expect("a document serializes");
@@ -160,8 +161,12 @@ impl HubTwin {
             }
         }
         match std::fs::remove_file(path) {
-            Ok(()) => tracing::info!(path = %path.display(), "an older hub's twin cache moved into the store"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "an older hub's twin cache cannot be removed"),
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "an older hub's twin cache moved into the store")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "an older hub's twin cache cannot be removed")
+            }
         }
     }
 
@@ -392,8 +397,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_document_in_force_comes_back_after_a_restart_and_an_older_one_never_rolls_it_back(
-    ) {
+    async fn the_document_in_force_comes_back_after_a_restart_and_an_older_one_never_rolls_it_back()
+    {
         let dir = tempfile::tempdir().unwrap();
         {
             let (_store, twin, ttl_ms) = open(dir.path()).await;
@@ -428,7 +433,11 @@ mod tests {
             assert!(!legacy.exists(), "the plain-text cache is gone");
         }
         let (_store, _twin, ttl_ms) = open(dir.path()).await;
-        assert_eq!(ttl_ms.load(Ordering::Relaxed), 7_000, "and kept in the store");
+        assert_eq!(
+            ttl_ms.load(Ordering::Relaxed),
+            7_000,
+            "and kept in the store"
+        );
     }
 
     fn error_of(doc: &str) -> String {

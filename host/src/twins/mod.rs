@@ -299,7 +299,8 @@ impl Twins {
             // A cleared document: nothing to read back.
             return Ok(false);
         }
-        let (reported, version) = document::versioned_document(body).map_err(TwinsError::Invalid)?;
+        let (reported, version) =
+            document::versioned_document(body).map_err(TwinsError::Invalid)?;
         let mut twins = self.twins.lock().await;
         if twins.get(id).is_some_and(|t| t.removed) {
             return Ok(false);
@@ -581,7 +582,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_reported_change_is_handed_on_once_and_again_after_a_reopen_until_the_cloud_has_it() {
+    async fn every_reported_change_is_handed_on_once_and_again_after_a_reopen_until_the_cloud_has_it(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
@@ -615,7 +617,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_newer_reported_document_read_back_from_the_cloud_is_taken_and_versions_never_go_back() {
+    async fn a_newer_reported_document_read_back_from_the_cloud_is_taken_and_versions_never_go_back(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let twins = Twins::open(&store, sealer(dir.path())).unwrap();
@@ -630,15 +633,24 @@ mod tests {
             json!({"fw":"1.2","$version":7})
         );
         // Its own echo, and older ones, change nothing.
-        twins.patch_reported("d1", br#"{"rssi":-70}"#).await.unwrap();
+        twins
+            .patch_reported("d1", br#"{"rssi":-70}"#)
+            .await
+            .unwrap();
         assert!(!twins
             .cloud_reported("d1", br#"{"fw":"1.2","rssi":-70,"$version":8}"#)
             .await
             .unwrap());
-        assert!(!twins.cloud_reported("d1", br#"{"$version":3}"#).await.unwrap());
+        assert!(!twins
+            .cloud_reported("d1", br#"{"$version":3}"#)
+            .await
+            .unwrap());
         // A newer one while d1's version 8 is unsent: what the device
         // reported here wins, above the cloud's version.
-        assert!(twins.cloud_reported("d1", br#"{"$version":20}"#).await.unwrap());
+        assert!(twins
+            .cloud_reported("d1", br#"{"$version":20}"#)
+            .await
+            .unwrap());
         let got = twins.next_reported().await;
         assert_eq!(got.last().unwrap().version, 21);
         assert_eq!(
@@ -654,11 +666,15 @@ mod tests {
                 .status(),
             400
         );
-        assert!(!twins.cloud_reported("d1", b"").await.unwrap(), "a cleared document");
+        assert!(
+            !twins.cloud_reported("d1", b"").await.unwrap(),
+            "a cleared document"
+        );
     }
 
     #[tokio::test]
-    async fn the_twins_of_identities_no_longer_kept_are_deleted_for_good_once_the_cloud_cleared_them() {
+    async fn the_twins_of_identities_no_longer_kept_are_deleted_for_good_once_the_cloud_cleared_them(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let sealer = sealer(dir.path());
         {
@@ -671,10 +687,7 @@ mod tests {
                 .apply_desired("never-reported", br#"{"r":1,"$version":2}"#)
                 .await
                 .unwrap();
-            let gone = twins
-                .forget_all_but(|id| id == "a")
-                .await
-                .unwrap();
+            let gone = twins.forget_all_but(|id| id == "a").await.unwrap();
             assert_eq!(gone, 3);
             assert_eq!(twins.get("b").await.unwrap()["reported"]["$version"], 1);
             assert_eq!(
@@ -697,7 +710,10 @@ mod tests {
             .is_none());
         assert_eq!(
             twins.next_reported().await,
-            vec![to_cloud("a", 2, Some(json!({"x":1,"$version":2}))), to_cloud("e/m", 0, None)],
+            vec![
+                to_cloud("a", 2, Some(json!({"x":1,"$version":2}))),
+                to_cloud("e/m", 0, None)
+            ],
             "a clearing the cloud did not acknowledge is sent again after a restart"
         );
         // Added again before the cloud cleared it: a new twin.

@@ -41,8 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Login};
 use super::error::UpstreamError;
-use super::sleep_until;
 use super::reliable::{self, Delivered, Pending, Reliable};
+use super::sleep_until;
 use super::state::{Content, Inbound, LinkState, Outgoing, StateError};
 use super::transport::Connect;
 use super::wire::{Incoming, Limits};
@@ -1275,7 +1275,10 @@ mod tests {
             }
             seen.push(p);
         }
-        assert!(retained_seen(&seen), "not acknowledged: sent again after the reconnect");
+        assert!(
+            retained_seen(&seen),
+            "not acknowledged: sent again after the reconnect"
+        );
         assert!(delivered.try_recv().is_err(), "not acknowledged yet");
         for p in &seen {
             if let v4::Packet::Publish(p) = p {

@@ -199,7 +199,9 @@ mod tests {
         p.connected(2);
         let first = p.due(now);
         assert_eq!(first.len(), 2);
-        assert!(first.iter().all(|o| Pending::owns(o.tag) && o.qos == QoS::AtLeastOnce));
+        assert!(first
+            .iter()
+            .all(|o| Pending::owns(o.tag) && o.qos == QoS::AtLeastOnce));
         assert!(p.due(now).is_empty(), "the cap is full");
         p.answered(first[0].tag, None);
         assert_eq!(done[0].try_recv(), Ok(Delivered::Acked));
@@ -221,7 +223,11 @@ mod tests {
         p.answered(sent[0].tag, None);
         p.connected(8);
         let again = p.due(now);
-        assert_eq!(tags(&again), vec![sent[1].tag], "only the unacknowledged one");
+        assert_eq!(
+            tags(&again),
+            vec![sent[1].tag],
+            "only the unacknowledged one"
+        );
         // An acknowledgement for a tag of the old connection that is gone
         // does not count against the new one.
         p.answered(sent[0].tag, None);
@@ -234,7 +240,10 @@ mod tests {
         let now = Instant::now();
         let mut p = Pending::default();
         let (tx, mut rx) = oneshot::channel();
-        p.push(msg("late", false, Some(now + Duration::from_secs(1))), Some(tx));
+        p.push(
+            msg("late", false, Some(now + Duration::from_secs(1))),
+            Some(tx),
+        );
         p.push(msg("forever", false, None), None);
         p.expire(now + Duration::from_secs(2));
         assert_eq!(rx.try_recv(), Ok(Delivered::Expired));
@@ -257,7 +266,10 @@ mod tests {
         let (tx3, _rx3) = oneshot::channel();
         p.push(msg("doc", true, None), Some(tx3));
         assert_eq!(rx2.try_recv(), Ok(Delivered::Replaced));
-        assert!(rx1.try_recv().is_err(), "the one in flight is still awaited");
+        assert!(
+            rx1.try_recv().is_err(),
+            "the one in flight is still awaited"
+        );
         assert_eq!(p.len(), 2);
         p.answered(in_flight[0].tag, None);
         assert_eq!(rx1.try_recv(), Ok(Delivered::Acked));

@@ -132,7 +132,9 @@ fn reliable(doc: &ToCloud) -> Reliable {
 /// its reported one read back.
 fn filters(scope: &Scope) -> Vec<String> {
     let mut f = per_identity(scope.identities.keys(), |id| twin_topic(id, "desired"));
-    f.extend(per_identity(scope.identities.keys(), |id| twin_topic(id, "reported")));
+    f.extend(per_identity(scope.identities.keys(), |id| {
+        twin_topic(id, "reported")
+    }));
     f
 }
 
@@ -140,7 +142,9 @@ fn filters(scope: &Scope) -> Vec<String> {
 /// [`Twins::cloud_reported`]); acknowledged whatever came of it.
 async fn read_back(msg: CloudMessage, id: &str, twins: &Twins, metrics: &Metrics) {
     match twins.cloud_reported(id, &msg.payload).await {
-        Ok(true) => tracing::info!(identity = %id, "a newer reported document read back from the cloud"),
+        Ok(true) => {
+            tracing::info!(identity = %id, "a newer reported document read back from the cloud")
+        }
         Ok(false) => {}
         Err(e) => {
             metrics.cloud_refused("reported", "invalid");
