@@ -123,3 +123,44 @@ def test_a_store_whose_files_cannot_be_opened_is_set_aside_and_the_hub_starts_em
     clients.append(pub.connect())
     assert pub.publish_and_wait(TOPIC, b"after", qos=1) == 0
     wait_until(lambda: hub.queue_stats()["depth"] == 1, 10, "the new message queued")
+
+
+def test_damage_found_while_the_hub_runs_is_repaired_by_opening_the_store_again_without_a_restart(
+    offline_upstream, hub_factory, clients
+):
+    """Bytes flipped in a table file while the hub runs are found when the
+    forwarder reads the queue: the hub stops everything, opens the store
+    again (which repairs it) and goes on, in the same process. Before, the
+    forwarder's read failed and was retried for ever, and nothing more was
+    delivered until someone restarted the hub."""
+    up, collector = offline_upstream()
+    hub = hub_factory(up, edge_id="edge-rot")
+    fill(hub, clients, payload_bytes=600)
+    hub.wait_queue_depth(N)
+    wait_until(lambda: tables(hub), 30, "the queue flushed to a table file")
+    target = max(tables(hub), key=lambda p: p.stat().st_size)
+    flip_middle(target)
+    pid = hub.proc.pid
+
+    up.start()
+    wait_until(lambda: "opened again to repair it" in hub.log_path.read_text(), 60,
+               "the damage found while running")
+    wait_until(lambda: hub.log_path.read_text().count("store opened") == 2, 60, "the store opened again")
+    hub.wait_ready()
+    assert hub.alive() and hub.proc.pid == pid, "the hub process itself must not have ended"
+    lost = hub.wait_metric("edgehub_store_lost_total", lambda v: v >= 1, 10, ">= 1")
+    assert lost <= N // 10, f"lost {lost}"
+    assert list((hub.storage / "damaged").iterdir()), "nothing set aside under damaged/"
+
+    # It keeps serving, and delivers everything but the damaged stretch, in order.
+    pub = Publisher(hub.port)
+    clients.append(pub.connect())
+    assert pub.publish_and_wait(TOPIC, b"after", qos=1) == 0
+    collector.wait_payload(b"after", timeout=120)
+    hub.wait_queue_depth(0, timeout=60)
+    seqs = [int(p.split(b" ")[0]) for t, p in collector.snapshot() if p != b"after"]
+    missing = sorted(set(range(N)) - set(seqs))
+    assert missing, "nothing is missing, so the damaged block was never read"
+    assert len(missing) <= lost, f"{len(missing)} missing but {lost} counted lost: {missing[:10]}"
+    assert missing == list(range(missing[0], missing[-1] + 1)), f"missing is not one stretch: {missing[:20]}"
+    assert_strictly_increasing(first_occurrences(seqs), "first-occurrence order upstream")

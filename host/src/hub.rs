@@ -65,8 +65,23 @@ pub enum HubError {
     Watch { path: String, source: notify::Error },
 }
 
-/// Runs the hub until `shutdown` is cancelled, then stops every task.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubError> {
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// `shutdown` was cancelled.
+    Shutdown,
+    /// The store was found damaged, or a write to it failed, while running
+    /// ([`Store::broken`]): everything was stopped so that the store can be
+    /// opened again, which repairs it. Run the hub again.
+    StoreBroken,
+}
+
+/// Runs the hub until `shutdown` is cancelled or its store breaks, then
+/// stops every task.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped, HubError> {
+    // Every part stops on this token: cancelled with `shutdown`, or when the
+    // store breaks.
+    let (outer, shutdown) = (shutdown.clone(), shutdown.child_token());
     config.validate()?;
     std::fs::create_dir_all(&config.storage).map_err(|source| HubError::Storage {
         path: config.storage.display().to_string(),
@@ -374,8 +389,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     ));
     drop(ctx);
 
-    shutdown.cancelled().await;
-    tracing::info!("shutting down");
+    let stopped = tokio::select! {
+        _ = outer.cancelled() => Stopped::Shutdown,
+        _ = store.broken() => Stopped::StoreBroken,
+    };
+    shutdown.cancel();
+    tracing::info!(reason = ?stopped, "shutting down");
     tasks.close();
     tasks.wait().await;
     // Sessions are gone: the last router/broker handles drop, so the
@@ -389,10 +408,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), HubE
     })
     .await;
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    store.sync()?;
-    let _ = store::status::write(&config.storage, store.stats()?);
+    match store.sync().and_then(|()| store.stats()) {
+        Ok(stats) => {
+            let _ = store::status::write(&config.storage, stats);
+        }
+        // A broken store may refuse this too: opening it again repairs it.
+        Err(e) if stopped == Stopped::StoreBroken => {
+            tracing::warn!(error = %e, "the broken store was not synced on the way out")
+        }
+        Err(e) => return Err(e.into()),
+    }
     tracing::info!("stopped");
-    Ok(())
+    Ok(stopped)
 }
 
 /// Keeps `<storage>/queue-stats.json` fresh for `edgehub queue stats`:

@@ -1,10 +1,12 @@
 //! The `edgehub` command: run the hub, check a config, inspect a queue.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use edgehub::config::{self, Config};
+use edgehub::hub::{HubError, Stopped};
 use edgehub::store::{self, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -270,11 +272,54 @@ fn run(config: Config) -> Result<()> {
             wait_for_signal().await;
             signals.cancel();
         });
-        edgehub::hub::run(config, shutdown)
-            .await
-            .context("hub failed")
+        let mut pause = Duration::ZERO;
+        // After a repair: starts refused because the old store is still held.
+        let mut locked = None::<u32>;
+        loop {
+            let started = std::time::Instant::now();
+            let stopped = match edgehub::hub::run(config.clone(), shutdown.clone()).await {
+                Ok(stopped) => stopped,
+                // A request still being answered when the store broke (a
+                // metrics scrape, a control call) may hold it a moment longer.
+                Err(HubError::Store(StoreError::Locked { .. }))
+                    if locked.is_some_and(|n| n < LOCKED_RETRIES) =>
+                {
+                    locked = locked.map(|n| n + 1);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => return Err(e).context("hub failed"),
+            };
+            locked = Some(0);
+            if stopped == Stopped::Shutdown {
+                return Ok(());
+            }
+            // The store broke while running: start again, which opens and
+            // repairs it. A store that breaks again soon after is given
+            // longer each time (a disk that keeps failing writes), up to a
+            // minute.
+            pause = if started.elapsed() > REPAIRED_AFTER {
+                Duration::ZERO
+            } else {
+                (pause * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+            };
+            tracing::warn!(
+                pause_ms = pause.as_millis() as u64,
+                "starting again to repair the store"
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
     })
 }
+
+/// A hub that ran this long since its store was last repaired starts again
+/// at once when the store breaks.
+const REPAIRED_AFTER: Duration = Duration::from_secs(300);
+/// Seconds a start after a repair waits for the old store to be let go.
+const LOCKED_RETRIES: u32 = 30;
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use fjall::compaction::filter as compaction;
 use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub use dead_letters::{DeadLetter, Selection};
 pub use documents::Documents;
@@ -113,6 +114,9 @@ struct Inner {
     give_back: Mutex<GiveBack>,
     /// The database's folder.
     dir: std::path::PathBuf,
+    /// Cancelled once damage or a failed write is found while running
+    /// ([`Store::broken`]).
+    broken: CancellationToken,
 }
 
 struct GiveBack {
@@ -255,6 +259,7 @@ impl Store {
                 recovery,
                 room: disk::Room::new(path),
                 dir: path.join("queue"),
+                broken: CancellationToken::new(),
                 give_back: Mutex::new(GiveBack {
                     // What an earlier run left below the head goes first.
                     dropped_below: [0; LANES],
@@ -277,6 +282,36 @@ impl Store {
     /// all.
     pub fn room(&self) -> Result<(), disk::NoRoom> {
         self.inner.room.check()
+    }
+
+    /// Resolves once damage (a block whose checksum fails, say) or a
+    /// failed write has been found while the hub runs. The database cannot
+    /// be trusted until it is opened again, and opening repairs what can
+    /// be repaired ([`recovery`]): its owner stops everything that holds
+    /// the store and opens it again.
+    pub fn broken(&self) -> WaitForCancellationFutureOwned {
+        self.inner.broken.clone().cancelled_owned()
+    }
+
+    /// Says the store is broken ([`Store::broken`]), once, with why.
+    pub(crate) fn report_broken(&self, what: &str, error: &dyn std::fmt::Display) {
+        if !self.inner.broken.is_cancelled() {
+            tracing::error!(%error, "{what}: the store is damaged or cannot be written, and is opened again to repair it");
+            self.inner.broken.cancel();
+        }
+    }
+
+    /// Passes `result` on, first reporting the store broken when its error
+    /// says the data on disk is damaged (a checksum, a block that does not
+    /// decode) or the database refuses everything (poisoned by a failed
+    /// write). Any other error (a lock, a full disk) is passed on only.
+    fn checked<T>(&self, what: &str, result: Result<T, fjall::Error>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            if recovery::is_damage(&e) || matches!(e, fjall::Error::Poisoned) {
+                self.report_broken(what, &e);
+            }
+            StoreError::Fjall(e)
+        })
     }
 
     /// What opening found damaged, set aside and kept.
@@ -344,7 +379,7 @@ impl Store {
             .range(from.to_be_bytes()..end.to_be_bytes())
             .take(max)
         {
-            let (k, v) = guard.into_inner()?;
+            let (k, v) = self.checked("reading the queue", guard.into_inner())?;
             out.push(Stored {
                 key: key_of(&k),
                 value: v,
@@ -510,6 +545,30 @@ mod tests {
             ttl_secs: None,
             priority: 0,
         }
+    }
+
+    #[test]
+    fn damage_or_a_poisoned_database_marks_the_store_broken_and_other_errors_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let broken = || store.inner.broken.is_cancelled();
+        for e in [
+            fjall::Error::Io(std::io::Error::other("no space left")),
+            fjall::Error::Locked,
+        ] {
+            assert!(store.checked("reading", Err::<(), _>(e)).is_err());
+            assert!(!broken());
+        }
+        assert!(store.checked("reading", Ok(())).is_ok());
+        assert!(!broken());
+        let damage = fjall::Error::InvalidTrailer;
+        assert!(store.checked("reading", Err::<(), _>(damage)).is_err());
+        assert!(broken());
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let poisoned = fjall::Error::Poisoned;
+        assert!(store.checked("writing", Err::<(), _>(poisoned)).is_err());
+        assert!(store.inner.broken.is_cancelled());
     }
 
     #[tokio::test]

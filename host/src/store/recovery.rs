@@ -110,7 +110,7 @@ pub fn open(
 
 /// Whether an error opening or reading the database means damaged files (as
 /// opposed to a lock, a permission or a full disk, which are not repaired).
-fn is_damage(e: &fjall::Error) -> bool {
+pub(super) fn is_damage(e: &fjall::Error) -> bool {
     use std::io::ErrorKind;
     let io_damage =
         |e: &std::io::Error| matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::InvalidData);

@@ -236,8 +236,9 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
             }
             Err(e) => {
                 // A failed journal write poisons fjall: refuse everything from
-                // now on; what was stored before stays, and a restart recovers.
-                tracing::error!(error = %e, "store write failed; refusing further messages");
+                // now on; what was stored before stays, and opening the store
+                // again (the hub does it at once) recovers.
+                store.report_broken("store write failed; refusing further messages", &e);
                 inner.pending.fetch_sub(added, Ordering::AcqRel);
                 let reason = e.to_string();
                 for r in requests {
