@@ -324,7 +324,9 @@ class Collector:
         return self.wait_for(pred, timeout, f"{len(want)} distinct payloads upstream (have {len(state['seen'])})")
 
     def wait_payload(self, payload: bytes, timeout: float) -> list[tuple[str, bytes]]:
-        return self.wait_for(lambda m: any(p == payload for _, p in m), timeout, f"payload {payload!r} upstream")
+        # Looks only at what arrived since the last wake-up: a scan of every
+        # message at each of 20,000 arrivals took 25 s.
+        return self.wait_distinct_payloads({payload}, timeout)
 
 
 def first_occurrences(values: Iterable) -> list:

@@ -41,10 +41,12 @@ if ! python3 -c 'import paho.mqtt, pytest' 2>/dev/null; then
   python3 -m pip install -q -r tests/requirements.txt
 fi
 
-cargo build --release --workspace --locked
+# One cargo run builds the binaries and every test target: the host crate's
+# library and its test build are compiled side by side on two cores.
+cargo build --release --workspace --locked --all-targets
 cargo test --release --workspace --locked
 # The example plugins, from source, in every language (installs each
 # language's toolchain when missing); the tests then require all of them.
 bash plugins/build.sh
 EDGEHUB_BIN="$PWD/target/release/edgehub" EDGEHUB_PLUGINS="$PWD/plugins/dist" \
-  EDGEHUB_REQUIRE_ALL_LANGS=1 python3 -m pytest tests -q -ra "$@"
+  EDGEHUB_REQUIRE_ALL_LANGS=1 python3 -m pytest tests -q -ra --durations=25 "$@"

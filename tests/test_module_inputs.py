@@ -81,8 +81,16 @@ def payloads(sub: Subscriber) -> list[bytes]:
 def wait_payloads(hub, sub: Subscriber, n: int, timeout: float, desc: str) -> list[bytes]:
     """Waits until ``sub`` received ``n`` distinct payloads; returns every
     payload it received, in order."""
+    seen: set[bytes] = set()
+    looked = [0]  # messages already looked at: each wake-up looks only at new ones
+
+    def enough(ms) -> bool:
+        seen.update(bytes(m.payload) for m in ms[looked[0]:])
+        looked[0] = len(ms)
+        return len(seen) >= n
+
     try:
-        sub.wait_for(lambda ms: len(first_occurrences(m.payload for m in ms)) >= n, timeout, desc)
+        sub.wait_for(enough, timeout, desc)
     except WaitTimeout:
         got = first_occurrences(payloads(sub))
         raise WaitTimeout(
