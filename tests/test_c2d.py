@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from authkit import (
     EDGE_ID,
@@ -23,6 +24,7 @@ from authkit import (
     wait_scope,
 )
 from helpers import LOOPBACK, Subscriber
+from test_cloud_cli import wait_hub_subscribed
 
 BOUND = 50  # c2d::MAX_PER_DEVICE
 
@@ -53,14 +55,31 @@ def received(c, prefix: str) -> list[bytes]:
         return [p for t, p in c.messages if t.startswith(prefix)]
 
 
+@pytest.fixture
+def sub_upstream(upstream_factory):
+    """A running upstream broker that logs every subscription."""
+    up = upstream_factory(extra_conf=["log_type subscribe"])
+    up.start()
+    return up
+
+
+def wait_devicebound_subscribed(up, device: str) -> None:
+    """Waits until the hub has subscribed upstream (``up``: a `sub_upstream`)
+    to ``device``'s cloud-to-device topics, which it does only after it
+    applied the scope: a message the cloud sends before that is dropped by
+    the broker (no subscriber)."""
+    wait_hub_subscribed(up, f"devices/{device}/messages/devicebound/#")
+
+
 def test_messages_for_a_device_away_wait_across_a_kill_and_arrive_in_order_and_complete_upstream(
-    upstream, hub_factory, clients
+    sub_upstream, hub_factory, clients
 ):
     child1, child2 = Identity.child("child1"), Identity.child("child2")
-    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
-    publish_scope(upstream, [child1, child2])
+    hub = hub_factory(sub_upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(sub_upstream, [child1, child2])
     wait_scope(hub, 2)
-    cloud = Cloud(upstream)
+    wait_devicebound_subscribed(sub_upstream, "child1")
+    cloud = Cloud(sub_upstream)
     try:
         rc, d2 = try_connect(hub.port, clients, **child2.credentials())
         assert rc == 0 and d2.subscribe_result(["devices/child2/messages/devicebound/#"]) == [1]
@@ -90,13 +109,14 @@ def test_messages_for_a_device_away_wait_across_a_kill_and_arrive_in_order_and_c
 
 
 def test_a_flood_to_a_device_away_keeps_its_first_messages_and_refuses_the_rest_with_a_count(
-    upstream, hub_factory, clients
+    sub_upstream, hub_factory, clients
 ):
     child1 = Identity.child("child1")
-    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
-    publish_scope(upstream, [child1])
+    hub = hub_factory(sub_upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(sub_upstream, [child1])
     wait_scope(hub, 1)
-    cloud = Cloud(upstream)
+    wait_devicebound_subscribed(sub_upstream, "child1")
+    cloud = Cloud(sub_upstream)
     try:
         # (summed over reasons; nothing else is dropped here)
         before = hub.metric("edgehub_messages_dropped_total")
@@ -118,14 +138,15 @@ def test_a_flood_to_a_device_away_keeps_its_first_messages_and_refuses_the_rest_
 
 
 def test_an_sdk_device_receives_the_messages_stored_for_it_with_their_properties(
-    sdk_python, upstream, hub_factory, tmp_path_factory, tmp_path
+    sdk_python, sub_upstream, hub_factory, tmp_path_factory, tmp_path
 ):
     certs = make_certs(tmp_path_factory.mktemp("c2d-certs"))
     child1 = Identity.child("child1")
-    hub = start_gateway(hub_factory, upstream, certs)
-    publish_scope(upstream, [child1])
+    hub = start_gateway(hub_factory, sub_upstream, certs)
+    publish_scope(sub_upstream, [child1])
     wait_scope(hub, 1)
-    cloud = Cloud(upstream)
+    wait_devicebound_subscribed(sub_upstream, "child1")
+    cloud = Cloud(sub_upstream)
     try:
         cloud.send("child1", b'{"cmd": "on"}', "%24.mid=m1&color=red")
         cloud.send("child1", b'{"cmd": "off"}', "%24.mid=m2&color=blue")
@@ -145,7 +166,7 @@ def test_an_sdk_device_receives_the_messages_stored_for_it_with_their_properties
 
 
 def test_an_sdk_device_that_reconnects_by_itself_after_a_hub_restart_gets_the_messages_stored_while_it_was_away_without_subscribing_again(
-    sdk_python, upstream, hub_factory, tmp_path_factory, tmp_path
+    sdk_python, sub_upstream, hub_factory, tmp_path_factory, tmp_path
 ):
     """The unchanged SDK subscribes to its cloud-to-device topic when its
     handler is set, once per client: a fresh SDK process always subscribes
@@ -167,10 +188,13 @@ def test_an_sdk_device_that_reconnects_by_itself_after_a_hub_restart_gets_the_me
 
     certs = make_certs(tmp_path_factory.mktemp("c2d-restart-certs"))
     child1 = Identity.child("child1")
-    gateway = start_gateway(hub_factory, upstream, certs)
-    publish_scope(upstream, [child1])
+    gateway = start_gateway(hub_factory, sub_upstream, certs)
+    publish_scope(sub_upstream, [child1])
     wait_scope(gateway, 1)
-    unreachable = hub_factory(upstream, start=False, edge_id=EDGE_ID, extra_args=auth_args(),
+    # The hub's upstream session is persistent (same client id for both hubs
+    # here): this subscription stays on the broker across the kill -9 below.
+    wait_devicebound_subscribed(sub_upstream, "child1")
+    unreachable = hub_factory(sub_upstream, start=False, edge_id=EDGE_ID, extra_args=auth_args(),
                               storage=gateway.storage, name="hub-without-8883")
     log = tmp_path / "sdk-c2d-restart.log"
 
@@ -189,11 +213,11 @@ def test_an_sdk_device_that_reconnects_by_itself_after_a_hub_restart_gets_the_me
         gateway.kill9()  # the device is away from here on
         unreachable.start()
         wait_scope(unreachable, 1)
-        cloud = Cloud(upstream)
+        cloud = Cloud(sub_upstream)
         cloud.send("child1", b'{"cmd": "on"}', "%24.mid=m1&color=red")
         cloud.send("child1", b'{"cmd": "off"}', "%24.mid=m2&color=blue")
         unreachable.wait_metric("edgehub_c2d_queued", lambda v: v == 2, 15, "two messages stored for child1")
-        upstream.stop()
+        sub_upstream.stop()
         unreachable.kill9()
         require_port_free(SDK_PORT)
         gateway.start()
@@ -228,17 +252,18 @@ def iothub_time(at) -> str:
 
 
 def test_a_message_past_its_expiry_is_not_delivered_to_a_device_that_connects_and_one_still_valid_is(
-    upstream, hub_factory, clients
+    sub_upstream, hub_factory, clients
 ):
     from datetime import datetime, timedelta, timezone
 
     from helpers import wait_until
 
     child1 = Identity.child("child1")
-    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=auth_args())
-    publish_scope(upstream, [child1])
+    hub = hub_factory(sub_upstream, edge_id=EDGE_ID, extra_args=auth_args())
+    publish_scope(sub_upstream, [child1])
     wait_scope(hub, 1)
-    cloud = Cloud(upstream)
+    wait_devicebound_subscribed(sub_upstream, "child1")
+    cloud = Cloud(sub_upstream)
     try:
         expired_before = hub.metric("edgehub_messages_expired_total")
         now = datetime.now(timezone.utc)
@@ -264,12 +289,13 @@ def test_a_message_past_its_expiry_is_not_delivered_to_a_device_that_connects_an
         cloud.close()
 
 
-def test_the_bound_of_a_devices_queue_is_configured_by_c2d_max_messages(upstream, hub_factory, clients):
+def test_the_bound_of_a_devices_queue_is_configured_by_c2d_max_messages(sub_upstream, hub_factory, clients):
     child1 = Identity.child("child1")
-    hub = hub_factory(upstream, edge_id=EDGE_ID, extra_args=[*auth_args(), "--c2d-max-messages", "3"])
-    publish_scope(upstream, [child1])
+    hub = hub_factory(sub_upstream, edge_id=EDGE_ID, extra_args=[*auth_args(), "--c2d-max-messages", "3"])
+    publish_scope(sub_upstream, [child1])
     wait_scope(hub, 1)
-    cloud = Cloud(upstream)
+    wait_devicebound_subscribed(sub_upstream, "child1")
+    cloud = Cloud(sub_upstream)
     try:
         for i in range(5):
             cloud.send("child1", f"bounded-{i}".encode())

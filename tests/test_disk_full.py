@@ -6,8 +6,10 @@ connection closes), the hub keeps running and answering, nothing acknowledged
 is lost, and it takes messages again by itself as soon as space returns.
 The other writers of new messages keep the same floor: a message routed to a
 module input is refused like an upstream-bound one, a QoS 1 message for a
-persistent session that is away is dropped (and counted), and a retained
-message is delivered but not kept; all are taken again once space returns."""
+persistent session that is away is dropped (and counted), a retained
+message is delivered but not kept, and a cloud-to-device message from the
+cloud is refused (counted, logged and acknowledged upstream, so it is gone);
+all are taken again once space returns."""
 
 import os
 import re
@@ -17,8 +19,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from authkit import EDGE_ID, Identity, auth_args, publish_scope, try_connect, wait_scope
 from helpers import Publisher, Subscriber, assert_strictly_increasing, first_occurrences, wait_until
 from pluginkit import hub_config_text
+from test_c2d import Cloud, received
+from test_cloud_cli import wait_hub_subscribed
 
 TOPIC = "devices/d1/messages/events/"
 DISK_MIB = 64
@@ -183,6 +188,14 @@ def fill_to_below(mnt: Path, free: int) -> Path:
     return filler
 
 
+def fill_below_the_floor(mnt: Path) -> Path:
+    """Takes the disk below FLOOR with a few MiB still free (so nothing
+    meets a full disk); returns the file that did it."""
+    filler = fill_to_below(mnt, FLOOR - (2 << 20))
+    assert FLOOR - (4 << 20) < free_bytes(mnt) < FLOOR
+    return filler
+
+
 def test_at_the_disk_floor_module_inputs_away_sessions_and_retained_messages_are_not_stored_and_are_again_once_space_returns(
     small_disk, offline_upstream, hub_factory, clients, tmp_path
 ):
@@ -220,8 +233,7 @@ def test_at_the_disk_floor_module_inputs_away_sessions_and_retained_messages_are
 
     # Another file takes the disk below the floor (with a few MiB still
     # free, so nothing meets a full disk).
-    filler = fill_to_below(small_disk, FLOOR - (2 << 20))
-    assert FLOOR - (4 << 20) < free_bytes(small_disk) < FLOOR
+    filler = fill_below_the_floor(small_disk)
     wait_until(lambda: pub.publish_and_wait(TO_CLOUD, b"cloud at the floor") == 0x97, 10,
                "an upstream-bound publish refused at the floor", interval=0.1)
 
@@ -289,3 +301,85 @@ def test_at_the_disk_floor_module_inputs_away_sessions_and_retained_messages_are
     assert first_occurrences(p for _, p in back.received()) == [b"away before", b"away after"]
     assert sample(hub, "edgehub_messages_dropped_total", reason="no_room") == 1
     assert hub.alive()
+
+
+# --------------------------------------------------------------------------
+# a cloud-to-device message from the cloud at the floor
+# --------------------------------------------------------------------------
+
+DEVICEBOUND = "devices/child1/messages/devicebound/"
+PROBE_TOPIC = "devices/child2/messages/events/"  # upstream-bound telemetry: tells when the hub sees the floor
+
+
+def acked_upstream(up, mid_prop: str) -> bool:
+    """Whether the upstream Mosquitto (``log_type all``) sent the hub the
+    cloud-to-device message whose property bag holds ``mid_prop`` and the
+    hub acknowledged it (a PUBACK of its message id after it)."""
+    log = Path(up.log_path).read_text(errors="replace")
+    sent = re.search(rf"Sending PUBLISH to {re.escape(EDGE_ID)} \(d\d, q1, r\d, m(\d+), "
+                     rf"'{re.escape(DEVICEBOUND)}[^']*{re.escape(mid_prop)}[^']*'", log)
+    return bool(sent) and re.search(
+        rf"Received PUBACK from {re.escape(EDGE_ID)} \(Mid: {sent[1]}\b", log[sent.end():]) is not None
+
+
+def test_at_the_disk_floor_a_cloud_to_device_message_is_refused_and_counted_and_one_sent_once_space_returns_reaches_its_device(
+    small_disk, upstream_factory, hub_factory, clients
+):
+    up = upstream_factory(extra_conf=["log_type all"])  # logs the hub's SUBSCRIBEs and PUBACKs
+    up.start()
+    child1, child2 = Identity.child("child1"), Identity.child("child2")
+    hub = hub_factory(
+        up, edge_id=EDGE_ID, storage=small_disk / "storage",
+        extra_args=[*auth_args(), "--min-free-bytes", str(FLOOR)],
+    )
+    publish_scope(up, [child1, child2])
+    wait_scope(hub, 2)
+    wait_hub_subscribed(up, DEVICEBOUND + "#")
+    cloud = Cloud(up)
+    try:
+        # Before the floor, a message for child1 (away) is stored.
+        cloud.send("child1", b"c2d before", "%24.mid=before")
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 1, 15, "the message stored for child1")
+        # child2 only publishes telemetry, to see when the hub meets the floor.
+        rc, probe = try_connect(hub.port, clients, protocol=mqtt.MQTTv5, **child2.credentials())
+        assert rc == 0
+        assert probe.publish_result(PROBE_TOPIC, b"telemetry before") == 0
+        assert sample(hub, "edgehub_cloud_refused_total", kind="c2d", reason="no_room") == 0
+
+        filler = fill_below_the_floor(small_disk)
+        wait_until(lambda: probe.publish_result(PROBE_TOPIC, b"telemetry at the floor") == 0x97, 10,
+                   "an upstream-bound publish refused at the floor", interval=0.1)
+
+        # At the floor, a message from the cloud for child1 is refused: not
+        # stored, counted, logged, and acknowledged to the cloud (gone).
+        cloud.send("child1", b"c2d at the floor", "%24.mid=floor")
+        wait_sample(hub, "edgehub_cloud_refused_total", 1, 15, kind="c2d", reason="no_room")
+        assert hub.metric("edgehub_c2d_queued") == 1, "the message refused at the floor was stored"
+        refusal = re.compile(r"WARN .*cloud-to-device message refused topic=devices/child1/messages/devicebound/"
+                             r"\S*mid=floor.* kept free")
+        wait_until(lambda: refusal.search(hub.log_path.read_text(errors="replace")), 10,
+                   "the warning that the message was refused for want of room")
+        wait_until(lambda: acked_upstream(up, "mid=floor"), 10, "the refused message acknowledged to the cloud")
+        assert hub.alive(), "the hub died at the floor"
+
+        # Space returns: a new message from the cloud is stored again.
+        filler.unlink()
+        assert free_bytes(small_disk) > FLOOR + (16 << 20)
+        wait_until(lambda: probe.publish_result(PROBE_TOPIC, b"telemetry after") == 0, 10,
+                   "an upstream-bound publish taken once space returned", interval=0.3)
+        cloud.send("child1", b"c2d after", "%24.mid=after")
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 2, 15, "the message sent once space returned stored")
+
+        # child1 connects and receives, in order, what was stored: never the
+        # message refused at the floor.
+        rc, d1 = try_connect(hub.port, clients, **child1.credentials())
+        assert rc == 0 and d1.subscribe_result([DEVICEBOUND + "#"]) == [1]
+        d1._wait(lambda: b"c2d after" in received(d1, DEVICEBOUND), 15, "the message sent once space returned")
+        assert received(d1, DEVICEBOUND) == [b"c2d before", b"c2d after"]
+        hub.wait_metric("edgehub_c2d_queued", lambda v: v == 0, 15, "both acknowledged by child1")
+        cloud.sub.wait_for(lambda ms: len(cloud.completions("child1")) >= 2, 30, "two completions upstream")
+        assert [c["topic"].rsplit("=", 1)[1] for c in cloud.completions("child1")] == ["before", "after"]
+        assert sample(hub, "edgehub_cloud_refused_total", kind="c2d", reason="no_room") == 1
+        assert hub.alive()
+    finally:
+        cloud.close()
