@@ -382,8 +382,12 @@ mod tests {
     use super::*;
     use base64::Engine;
 
+    /// Auth over a storage folder inside `dir`: its default master key
+    /// goes beside the storage folder, so inside `dir` too.
     fn auth(dir: &std::path::Path, config: AuthConfig) -> Auth {
-        Auth::open("edge", dir, config, Arc::new(Metrics::default())).unwrap()
+        let storage = dir.join("storage");
+        std::fs::create_dir_all(&storage).unwrap();
+        Auth::open("edge", &storage, config, Arc::new(Metrics::default())).unwrap()
     }
 
     fn scope_doc(key: &[u8]) -> Vec<u8> {
