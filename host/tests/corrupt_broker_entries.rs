@@ -134,6 +134,17 @@ async fn publish(
     .await;
 }
 
+/// Publishes to `topic`, which the client is subscribed to, and checks that
+/// this is the next message it gets: nothing (no corrupt `what`) came first.
+async fn sentinel_is_next(client: &AsyncClient, events: &mut EventLoop, topic: &str, what: &str) {
+    client
+        .publish(topic, QoS::AtLeastOnce, false, "s")
+        .await
+        .unwrap();
+    let next = next_publish(events, "the sentinel").await;
+    assert_eq!(next.topic, topic, "the corrupt {what} was delivered");
+}
+
 fn queue_key(client: &str, seq: u64) -> Vec<u8> {
     let mut key = client.as_bytes().to_vec();
     key.push(0xFF);
@@ -197,15 +208,13 @@ async fn corrupt_sessions_queued_messages_and_retained_messages_are_skipped_with
         (queued.topic.as_str(), &queued.payload[..]),
         ("local/q/1", &b"queued"[..])
     );
-    keeper
-        .publish("local/q/sentinel", QoS::AtLeastOnce, false, "s")
-        .await
-        .unwrap();
-    let after = next_publish(&mut keeper_events, "the keeper's sentinel").await;
-    assert_eq!(
-        after.topic, "local/q/sentinel",
-        "the corrupt queued entry was delivered"
-    );
+    sentinel_is_next(
+        &keeper,
+        &mut keeper_events,
+        "local/q/sentinel",
+        "queued entry",
+    )
+    .await;
 
     // The corrupt session is gone.
     let (_garbage, _garbage_events, present) = connect(port, "garbage", false).await;
@@ -220,15 +229,7 @@ async fn corrupt_sessions_queued_messages_and_retained_messages_are_skipped_with
         (kept.topic.as_str(), &kept.payload[..], kept.retain),
         ("local/ret/good", &b"kept"[..], true)
     );
-    reader
-        .publish("local/ret/sentinel", QoS::AtLeastOnce, false, "s")
-        .await
-        .unwrap();
-    let after = next_publish(&mut events, "the reader's sentinel").await;
-    assert_eq!(
-        after.topic, "local/ret/sentinel",
-        "the corrupt retained entry was delivered"
-    );
+    sentinel_is_next(&reader, &mut events, "local/ret/sentinel", "retained entry").await;
 
     stop_hub(hub);
 }
