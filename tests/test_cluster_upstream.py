@@ -243,6 +243,45 @@ def test_a_telemetry_topic_nats_refuses_is_dead_lettered_and_the_messages_after_
     assert "not supported for MQTT topics" in logs, "NATS did not say why it closed the connection"
 
 
+def test_a_backlog_larger_than_the_node_stores_in_a_keepalive_drains_over_one_link_whose_pings_are_answered(
+    nats_cluster, hub_factory, clients
+):
+    """A NATS node reads one client's packets in order and stores each QoS 1
+    publish in JetStream before it reads the next, about a thousand a second
+    here: the hub's PINGREQ waits behind every publish in flight. 15,000
+    messages sent at once would hold a ping for over ten seconds, and with
+    a 2 s keepalive the hub would take the node for dead, drop the link and
+    send it all again. The hub keeps in flight what the node acknowledges
+    in half a keepalive, so the link holds."""
+    n0, n1, n2 = nats_cluster.nodes
+    collector = Collector(n2, client_id="collector-backlog")
+    clients.append(collector)
+    collector.connect(timeout=30)
+    edge = "edge-nats-backlog"
+    hub = hub_factory(n0.url, edge_id=edge, extra_args=["--upstream-keep-alive-secs", "2"])
+    nats_cluster.wait_node_of(edge, lambda n: n is n0, 20, "n0")
+    before = hub.metrics().get("edgehub_upstream_reconnects_total", 0.0)
+
+    n = 15_000
+    pub = Publisher(hub.port, inflight=1000)
+    clients.append(pub.connect())
+    for i in range(n):
+        pub.publish(TOPIC, str(i).encode(), qos=1, key=i)
+    pub.wait_results(n, timeout=60)
+    msgs = collector.wait_distinct_payloads({str(i).encode() for i in range(n)}, timeout=120)
+
+    metrics = hub.metrics()
+    reconnects = metrics.get("edgehub_upstream_reconnects_total", 0.0) - before
+    assert reconnects == 0, (
+        f"the hub dropped its link {reconnects:.0f} times while the node worked through its publishes"
+    )
+    window = metrics["edgehub_upstream_window"]
+    assert window < 16_384, f"the window ({window:.0f}) is more than the node stores in a second"
+    seqs = [int(p) for t, p in msgs if t == TOPIC]
+    assert_strictly_increasing(first_occurrences(seqs), "first-occurrence order")
+    print(f"\nbacklog of {n}: window at the end {window:.0f}, {len(seqs) - n} duplicates")
+
+
 def test_the_hub_fails_back_to_its_first_address_when_that_node_returns(nats_cluster, hub_factory, clients):
     n0, n1, n2 = nats_cluster.nodes
     collector = Collector(n2, client_id="collector-failback")

@@ -42,6 +42,29 @@ const WRITE_BUFFER: usize = 8 * 1024;
 /// Room in one WebSocket message beyond the largest MQTT packet: a client
 /// may send several packets, or a packet and the start of the next, in one.
 const MESSAGE_SLACK: usize = 64 * 1024;
+/// The most bytes one write sends as one WebSocket message (MQTT over
+/// WebSocket does not align packets with messages): the rest of a larger
+/// write goes in the next.
+const MESSAGE_OUT: usize = 64 * 1024;
+/// The most bytes waiting to be written to a peer that does not read: a
+/// message and the write buffer with room to spare. Without it, each ping
+/// from a peer that never reads its pongs left one more pong queued, for
+/// ever (a million pings: 120 MiB); with it, only the latest pong waits,
+/// and a message that finds no room ends the connection.
+const MAX_WRITE_BUFFER: usize = 4 * MESSAGE_OUT;
+
+/// The WebSocket settings of both sides, reading messages of at most
+/// `max_message` bytes (tungstenite's default when `None`).
+pub fn config(max_message: Option<usize>) -> WebSocketConfig {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER);
+    match max_message {
+        Some(max) => config.max_message_size(Some(max)).max_frame_size(Some(max)),
+        None => config,
+    }
+}
 
 /// The web pages allowed to open a WebSocket to the hub, by origin
 /// (`scheme://host[:port]`, compared without regard to case); `*` allows
@@ -91,12 +114,7 @@ pub async fn accept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let max_message = max_packet.saturating_add(MESSAGE_SLACK);
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message));
+    let config = config(Some(max_packet.saturating_add(MESSAGE_SLACK)));
     #[allow(clippy::result_large_err)] // tungstenite's callback type
     let answer = move |request: &Request, response| upgrade(request, response, &origins);
     let ws = tokio_tungstenite::accept_hdr_async_with_config(io, answer, Some(config)).await?;
@@ -185,10 +203,59 @@ where
         })
     }));
     let writer = SinkWriter::new(CopyToBytes::new(
-        sink.with(|bytes: Bytes| ready(Ok::<_, tungstenite::Error>(Message::Binary(bytes))))
-            .sink_map_err(std::io::Error::other),
+        sink.with(|bytes: Bytes| ready(Ok::<_, WsError>(Message::Binary(bytes)))),
     ));
-    Box::pin(tokio::io::join(reader, writer))
+    Box::pin(tokio::io::join(reader, Chunks(writer)))
+}
+
+/// A WebSocket error as the byte stream's I/O error, each time one comes
+/// (futures' `sink_map_err` maps the first only, and panics on the next:
+/// a session's goodbye after a failed write used to).
+#[derive(Debug)]
+struct WsError(tungstenite::Error);
+
+impl From<tungstenite::Error> for WsError {
+    fn from(e: tungstenite::Error) -> Self {
+        WsError(e)
+    }
+}
+
+impl From<WsError> for std::io::Error {
+    fn from(e: WsError) -> Self {
+        match e.0 {
+            tungstenite::Error::Io(e) => e,
+            other => std::io::Error::other(other),
+        }
+    }
+}
+
+/// Writes at most [`MESSAGE_OUT`] bytes at a time, so one write is one
+/// WebSocket message of bounded size whatever the session had to send.
+struct Chunks<W>(W);
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Chunks<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = buf.len().min(MESSAGE_OUT);
+        std::pin::Pin::new(&mut self.0).poll_write(cx, &buf[..n])
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

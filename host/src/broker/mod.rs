@@ -70,8 +70,9 @@ struct ReceiptInner {
     /// `true`: acknowledged; `false`: lost.
     tell: Box<dyn Fn(bool) + Send + Sync>,
     /// QoS 2: told the packet id once the client has the message (its
-    /// PUBREC), before the PUBREL goes.
-    release: Option<Box<dyn Fn(u16) + Send + Sync>>,
+    /// PUBREC), before the PUBREL goes; gives what tells when that is
+    /// durable, for a kept message.
+    release: Option<Box<dyn Fn(u16) -> Option<oneshot::Receiver<()>> + Send + Sync>>,
 }
 
 impl Receipt {
@@ -86,7 +87,7 @@ impl Receipt {
     /// A receipt also told when a QoS 2 delivery is received (PUBREC).
     fn releasing(
         tell: impl Fn(bool) + Send + Sync + 'static,
-        release: impl Fn(u16) + Send + Sync + 'static,
+        release: impl Fn(u16) -> Option<oneshot::Receiver<()>> + Send + Sync + 'static,
     ) -> Self {
         Receipt(Arc::new(ReceiptInner {
             acknowledged: std::sync::atomic::AtomicBool::new(false),
@@ -96,11 +97,12 @@ impl Receipt {
     }
 
     /// QoS 2: the client has the message (PUBREC) under `pkid`; from now
-    /// on only its PUBREL may go again, never the PUBLISH.
-    pub fn released(&self, pkid: u16) {
-        if let Some(release) = &self.0.release {
-            release(pkid)
-        }
+    /// on only its PUBREL may go again, never the PUBLISH. For a message
+    /// kept across restarts, what resolves once the store knows it: the
+    /// PUBREL waits for it, or a restart could send the PUBLISH again to a
+    /// client that has completed it.
+    pub fn released(&self, pkid: u16) -> Option<oneshot::Receiver<()>> {
+        self.0.release.as_ref().and_then(|release| release(pkid))
     }
 
     pub fn acknowledged(&self) {
@@ -1038,6 +1040,7 @@ fn resumed_receipt(
         move |pkid: u16| {
             received.store(u32::from(pkid) + 1, Ordering::Release);
             journal.record(Change::Received(client_id.clone(), seq, pkid));
+            Some(journal.barrier())
         }
     };
     let tell = move |acknowledged| {
@@ -1330,6 +1333,37 @@ mod tests {
         );
         drop(attached);
         drop(broker);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_kept_qos_2_delivery_is_stored_as_received_before_its_pubrel_may_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let limits = Limits::with_offline_queue(16);
+        let (broker, task) = spawn_durable(limits, &store, Arc::default()).unwrap();
+        attach(&broker, "c", 1, 3600).await;
+        broker.subscribe("c", vec![("a/#".into(), 2)]).await;
+        broker.disconnect("c", 1, Vec::new(), Vec::new()).await;
+        let mut kept = delivery("a/1", false);
+        kept.qos = 2;
+        broker.publish(vec![kept]).await;
+        let (attached, _inbox) = attach(&broker, "c", 2, 3600).await;
+        let receipt = attached.queued[0].receipt.clone().unwrap();
+        let stored = receipt
+            .released(7)
+            .expect("a kept delivery says when it is stored");
+        stored.await.unwrap();
+
+        // What a restart right now would find, read while the first broker
+        // still runs: the PUBREL to send again, not the message.
+        let (again, task_again) = spawn_durable(limits, &store, Arc::default()).unwrap();
+        let (after, _inbox) = attach(&again, "c", 1, 3600).await;
+        let released: Vec<u16> = after.released.iter().map(|(pkid, _)| *pkid).collect();
+        assert_eq!(released, [7]);
+        assert!(after.queued.is_empty(), "the message would go again");
+        drop((again, after, broker, attached, receipt));
+        task_again.await.unwrap();
         task.await.unwrap();
     }
 

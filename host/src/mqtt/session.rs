@@ -149,7 +149,7 @@ pub async fn serve<S>(
                     },
                     &mut out,
                 );
-                let _ = send(&mut stream, &out).await;
+                goodbye(&mut stream, &out).await;
             }
             return;
         }
@@ -179,13 +179,32 @@ pub async fn serve<S>(
         }
         _ => tracing::warn!(client = %session.client_id, %peer, reason = %end, "session closed"),
     }
+    let mut out = BytesMut::new();
     if let Some(reason) = disconnect_reason(&end) {
-        let mut out = BytesMut::new();
         session.codec.write(Outbound::Disconnect(reason), &mut out);
-        let _ = send(&mut stream, &out).await;
     }
-    let _ = stream.shutdown().await;
+    goodbye(&mut stream, &out).await;
     Box::pin(session.finish(&end)).await;
+}
+
+/// How long a connection's last bytes (a DISCONNECT, a refusal) and its
+/// close may take: a peer that does not read must not hold up the end of
+/// its session (its will, its deliveries handed back) for ever.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes a connection's last `bytes` (if any) and closes it, within
+/// [`GOODBYE_TIMEOUT`].
+async fn goodbye<S>(stream: &mut S, bytes: &[u8])
+where
+    S: AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+        if !bytes.is_empty() {
+            let _ = send(stream, bytes).await;
+        }
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Writes `bytes` and flushes them: a TLS or WebSocket stream may hold
@@ -226,8 +245,7 @@ where
         },
         &mut out,
     );
-    let _ = send(&mut stream, &out).await;
-    let _ = stream.shutdown().await;
+    goodbye(&mut stream, &out).await;
 }
 
 /// Grows `buf` when the last read (of `last_read` bytes) nearly filled it,
@@ -300,6 +318,9 @@ struct Session {
     /// packet id.
     outgoing: HashMap<u16, Sent>,
     pkids: crate::packet_id::PacketIds,
+    /// QoS 2 deliveries of kept messages the client received (PUBREC),
+    /// whose PUBREL waits until the store knows it, in order.
+    releasing: VecDeque<(u16, tokio::sync::oneshot::Receiver<()>)>,
     out: BytesMut,
     /// Whether the broker resumed a persistent session (its subscriptions).
     resumed: bool,
@@ -430,6 +451,7 @@ impl Session {
             qos2_received: HashSet::new(),
             outgoing: HashMap::new(),
             pkids: Default::default(),
+            releasing: VecDeque::new(),
             out,
             resumed: attached.session_present,
         };
@@ -490,6 +512,15 @@ impl Session {
                     front.durable = None;
                     front.outcome = Some(outcome.unwrap_or(Err(AppendError::Closed)));
                     self.release_acks()
+                }
+                stored = async { (&mut self.releasing.front_mut().unwrap().1).await }, if !self.releasing.is_empty() => {
+                    let (pkid, _) = self.releasing.pop_front().unwrap();
+                    // Not stored (the hub is stopping, or its store broke):
+                    // no PUBREL now; it goes on the client's next connection.
+                    if stored.is_ok() {
+                        self.codec.write(Outbound::PubRel(pkid), &mut self.out);
+                    }
+                    Ok(())
                 }
                 next = self.outbox.next(can_deliver) => {
                     let Some(p) = next else {
@@ -859,18 +890,20 @@ impl Session {
                 }
             }
             Inbound::PubRec(pkid) => {
+                let mut durable = None;
                 if let Some(sent) = self.outgoing.get_mut(&pkid) {
                     if let Sent::Published { publish, receipt } = sent {
                         if publish.qos == 2 {
                             let receipt = receipt.take();
-                            if let Some(r) = &receipt {
-                                r.released(pkid);
-                            }
+                            durable = receipt.as_ref().and_then(|r| r.released(pkid));
                             *sent = Sent::Released { receipt };
                         }
                     }
                 }
-                self.codec.write(Outbound::PubRel(pkid), &mut self.out);
+                match durable {
+                    Some(durable) => self.releasing.push_back((pkid, durable)),
+                    None => self.codec.write(Outbound::PubRel(pkid), &mut self.out),
+                }
             }
             Inbound::PubComp(pkid) => {
                 if let Some(Sent::Released { .. }) = self.outgoing.get(&pkid) {

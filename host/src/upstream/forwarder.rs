@@ -4,9 +4,10 @@
 //! Owns the send windows ([`super::window`]) and the refusal count that
 //! decides when a message the upstream will not take is moved to the
 //! dead-letter area. It fills the window from the first lane (priority 0)
-//! that has messages to send, then the next, keeps at most `max_inflight`
-//! QoS 1 publishes unacknowledged over all lanes (through the link, which
-//! owns the connection and its packet ids), and removes messages from a
+//! that has messages to send, then the next, keeps at most as many QoS 1
+//! publishes unacknowledged over all lanes as the upstream acknowledges in
+//! half a keepalive, within `max_inflight` ([`super::ack_rate`]; through
+//! the link, which owns the connection and its packet ids), and removes messages from a
 //! lane only through the contiguous prefix that is acknowledged (or
 //! expired). After any disconnect it starts again from each lane's lowest
 //! unacknowledged key, so a lost connection can cause duplicates but never
@@ -35,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::ack_rate::AckRate;
 use super::link::{LinkActor, LinkEvent, LinkHandle};
 use super::pace::Pace;
 use super::sleep_until;
@@ -58,6 +60,9 @@ pub struct Forwarder {
     pub link: LinkHandle,
     pub events: mpsc::UnboundedReceiver<LinkEvent>,
     pub max_inflight: usize,
+    /// The upstream keepalive: the window is what the upstream acknowledges
+    /// in half of it.
+    pub keep_alive: Duration,
     /// The hub's default time to live in ms (the hub twin may change it live).
     pub ttl_ms: Arc<AtomicU64>,
     /// Refusals in a row after which a message is dead-lettered.
@@ -203,10 +208,12 @@ struct Online {
     paused_until: Option<Instant>,
     /// What the upstream's CONNACK asked for.
     limits: Limits,
+    /// The window the upstream's acknowledgements allow.
+    acks: AckRate,
 }
 
 impl Online {
-    fn new(generation: u64, windows: Windows, limits: Limits) -> Self {
+    fn new(generation: u64, windows: Windows, limits: Limits, acks: AckRate) -> Self {
         Self {
             generation,
             windows,
@@ -214,14 +221,17 @@ impl Online {
             condemned: BTreeMap::new(),
             paused_until: None,
             limits,
+            acks,
         }
     }
 
-    /// How many messages may be in flight: the configured window, the
-    /// upstream's Receive Maximum, one while a suspect is being tried.
+    /// How many messages may be in flight: what the upstream acknowledges
+    /// in half a keepalive within the configured window, the upstream's
+    /// Receive Maximum, one while a suspect is being tried.
     fn limit(&self, max_inflight: usize, refusals: &Refusals) -> usize {
         refusals
             .window(max_inflight)
+            .min(self.acks.window())
             .min(self.limits.receive_max.map_or(usize::MAX, usize::from))
     }
 
@@ -305,7 +315,9 @@ impl Forwarder {
                     Some(LinkEvent::Connected { generation, limits, .. }) => {
                         tracing::info!(queued = self.store.depth(), "forwarding the queue upstream");
                         let windows = Windows::new(self.store.heads(), self.store.tails(), self.live_share);
-                        online = Some(Online::new(generation, windows, limits));
+                        let acks = AckRate::new(self.max_inflight, self.keep_alive);
+                        self.metrics.upstream_window(acks.window());
+                        online = Some(Online::new(generation, windows, limits, acks));
                         live.want(true);
                     }
                     Some(LinkEvent::Acked(keys)) => {
@@ -318,6 +330,9 @@ impl Forwarder {
                                 }
                             }
                             self.metrics.forwarded(n);
+                            if let Some(w) = on.acks.acked(n as usize, on.windows.idle(), Instant::now()) {
+                                self.metrics.upstream_window(w);
+                            }
                         }
                     }
                     Some(LinkEvent::Refused { tag, reason }) => {
@@ -423,6 +438,7 @@ impl Forwarder {
             }
         }
         if !batch.is_empty() {
+            on.acks.sent(Instant::now());
             self.link.publish(on.generation, batch).await;
         }
         Ok(())
@@ -679,10 +695,16 @@ mod tests {
     #[test]
     fn the_upstreams_receive_maximum_caps_the_window_and_its_packet_size_condemns() {
         let refusals = Refusals::new(3);
+        // A link whose upstream acknowledged a first window at once.
+        let mut acks = AckRate::new(1000, Duration::from_secs(60));
+        let t = Instant::now();
+        acks.sent(t);
+        acks.acked(64, false, t + Duration::from_millis(1));
         let mut on = Online::new(
             1,
             Windows::new([1; LANES], [1; LANES], 0),
             Limits::default(),
+            acks,
         );
         assert_eq!(on.limit(1000, &refusals), 1000);
         assert_eq!(
@@ -1006,6 +1028,7 @@ mod tests {
             link: handle,
             events,
             max_inflight: 8,
+            keep_alive: Duration::from_secs(60),
             ttl_ms: Arc::new(AtomicU64::new(u64::MAX)),
             refusals_before_dead_letter: 3,
             max_bytes_per_sec: 0,

@@ -13,8 +13,9 @@
 //!   (HTTP CONNECT tunnels) and `websocket.rs` (MQTT over WebSocket).
 //! - `forwarder.rs`: drains the store through the link, lane by lane and
 //!   in order, and dead-letters what the upstream refuses; `window.rs`:
-//!   what is in flight and what may leave the store; `pace.rs`: the drain's
-//!   bytes-per-second cap.
+//!   what is in flight and what may leave the store; `ack_rate.rs`: how
+//!   much may be in flight, from the upstream's acknowledgement rate;
+//!   `pace.rs`: the drain's bytes-per-second cap.
 //! - `sync.rs`: the cloud's scope and hub twin documents, applied here.
 //! - `scoped.rs`: a consumer whose filters follow the device scope (one
 //!   subscription per identity), for the three below.
@@ -23,6 +24,7 @@
 //! - `twins.rs`: device and module twins: desired documents in (one
 //!   subscription per identity of the scope), reported documents out.
 
+pub mod ack_rate;
 pub mod c2d;
 pub mod connection;
 pub mod error;

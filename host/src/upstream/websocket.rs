@@ -34,7 +34,8 @@ pub async fn open(
         "Sec-WebSocket-Protocol",
         HeaderValue::from_static(SUBPROTOCOL),
     );
-    let (ws, _response) = tokio_tungstenite::client_async(request, io)
+    let config = crate::websocket::config(None);
+    let (ws, _response) = tokio_tungstenite::client_async_with_config(request, io, Some(config))
         .await
         .map_err(|e| failed(e.to_string()))?;
     Ok(Box::new(byte_stream(ws)))

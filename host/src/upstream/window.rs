@@ -273,6 +273,11 @@ impl Windows {
         }
     }
 
+    /// Nothing sent is waiting for its acknowledgement.
+    pub(super) fn idle(&self) -> bool {
+        self.inflight_bytes() == 0
+    }
+
     pub(super) fn has_room(&self, limit: usize, part: Part) -> bool {
         self.room(limit, part) > 0
     }
