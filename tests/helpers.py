@@ -896,8 +896,13 @@ def publish_packet(topic: str, payload: bytes, qos: int = 0, packet_id: int = 1,
 class RawClient:
     """A bare TCP connection speaking hand-built MQTT packets."""
 
-    def __init__(self, port: int, timeout: float = 10.0):
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, rcvbuf: int | None = None):
+        """``rcvbuf``: a receive buffer this small (set before connecting)."""
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((LOOPBACK, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.closed = False

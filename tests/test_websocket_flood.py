@@ -45,6 +45,7 @@ from authkit import DeviceClient, log_since, log_size, wait_log, wait_tls_listen
 from helpers import (
     CONNACK,
     PUBACK,
+    RawClient,
     LOOPBACK,
     Publisher,
     Subscriber,
@@ -116,22 +117,16 @@ def split_frame(buf: bytes) -> tuple[int, bytes, bytes] | None:
     return buf[0] & 0x0F, masked(payload, key) if key else payload, buf[i + n:]
 
 
-class RawWs:
+class RawWs(RawClient):
     """A bare TCP connection that upgrades to a WebSocket and speaks MQTT in
-    hand-built binary frames; ``stream`` is the MQTT byte stream read back."""
+    hand-built binary frames; ``buf`` holds the bytes read and not yet whole
+    frames, ``stream`` the MQTT byte stream read back."""
 
     def __init__(self, port: int, timeout: float = 10.0, rcvbuf: int | None = None):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        s.settimeout(timeout)
-        s.connect((LOOPBACK, port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock, self.port = s, port
-        self.raw = b""  # bytes read, not yet whole frames
+        super().__init__(port, timeout, rcvbuf)
+        self.port = port
         self.stream = b""  # payloads of binary frames: the MQTT byte stream
         self.close_frame: bytes | None = None
-        self.eof = False
 
     @property
     def local_port(self) -> int:
@@ -140,42 +135,17 @@ class RawWs:
     def upgrade(self, timeout: float = 10.0) -> None:
         self.sock.sendall(upgrade_request(self.port))
         deadline = time.monotonic() + timeout
-        while b"\r\n\r\n" not in self.raw:
-            assert self._fill(deadline), f"the hub closed the connection during the upgrade: {self.raw!r}"
-        head, self.raw = self.raw.split(b"\r\n\r\n", 1)
+        while b"\r\n\r\n" not in self.buf:
+            assert self._fill(deadline), f"the hub closed the connection during the upgrade: {self.buf!r}"
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
         assert head.split(b" ", 2)[1] == b"101", f"the upgrade was not served: {head!r}"
-
-    def send(self, data: bytes) -> bool:
-        """False if the hub had closed the connection."""
-        try:
-            self.sock.sendall(data)
-            return True
-        except (BrokenPipeError, ConnectionResetError):
-            return False
 
     def send_mqtt(self, data: bytes) -> bool:
         return self.send(ws_frame(OP_BINARY, data))
 
-    def _fill(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise WaitTimeout("timed out reading from the hub")
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            raise WaitTimeout("timed out reading from the hub") from None
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            self.eof = True
-            return False
-        self.raw += data
-        return True
-
     def _frames(self) -> None:
-        while (got := split_frame(self.raw)) is not None:
-            opcode, payload, self.raw = got
+        while (got := split_frame(self.buf)) is not None:
+            opcode, payload, self.buf = got
             if opcode in (OP_BINARY, OP_CONT):
                 self.stream += payload
             elif opcode == OP_CLOSE:
@@ -191,15 +161,8 @@ class RawWs:
             if got is not None:
                 header, body, self.stream = got
                 return header >> 4, header & 0x0F, body
-            if self.eof or not self._fill(deadline):
+            if self.closed or not self._fill(deadline):
                 return None
-
-    def read_until_closed(self, timeout: float = 10.0) -> list:
-        packets = []
-        deadline = time.monotonic() + timeout
-        while (p := self.read_packet(max(0.001, deadline - time.monotonic()))) is not None:
-            packets.append(p)
-        return packets
 
     def connect(self, client_id: str, level: int = 4, keepalive: int = 60) -> int:
         """Upgrades, sends CONNECT; returns the CONNACK code."""
@@ -210,12 +173,9 @@ class RawWs:
         assert p[0] == CONNACK, f"expected CONNACK, got packet type {p[0]}"
         return p[2][1]
 
-    def close(self) -> None:
-        try:  # a reset: nothing left lingering in the hub's or our buffers
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        self.sock.close()
+    def close(self, abort: bool = True) -> None:
+        """A reset: nothing left lingering in the hub's or our buffers."""
+        super().close(abort=abort)
 
 
 # --------------------------------------------------------------------------
