@@ -12,7 +12,10 @@
   PUBREL, PUBCOMP) of QoS 2 publishes, min(publish QoS, granted QoS) in
   general; a persistent session keeps a QoS 2 message while it is away and
   delivers it at QoS 2, and a QoS 2 delivery interrupted after PUBREC goes on
-  with PUBREL when the session resumes.
+  with PUBREL when the session resumes;
+- keepalive: a client silent for 1.5 times its keepalive is closed (MQTT 5:
+  DISCONNECT 0x8D) and its will published; one that pings is kept; a hub
+  that shuts down tells MQTT 5 clients so (DISCONNECT 0x8B).
 
 Nothing here sleeps: a will that must not come is checked against a sentinel
 published, on a new connection, once the hub counts the dying connection as
@@ -22,6 +25,7 @@ session, before the sentinel's connection is even opened.
 
 from __future__ import annotations
 
+import signal
 import struct
 import uuid
 
@@ -446,3 +450,68 @@ def test_a_second_connection_with_the_same_client_id_takes_over_and_the_first_is
         flags, body = expect(second, PUBLISH, "the message published after the takeover")
         assert parse_publish(flags, body)[0] == "local/takeover/x"
     assert hub.alive()
+
+
+# --------------------------------------------------------------------------
+# keepalive and shutdown
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("level", [4, 5], ids=["v311", "v5"])
+def test_a_client_silent_past_its_keepalive_is_closed_and_its_will_published_while_one_that_pings_stays(
+    hub, clients, level
+):
+    """MQTT 3.1.1 3.1.2.10: a client that sends nothing for 1.5 times its
+    keepalive is disconnected as if it had dropped (its will goes)."""
+    watcher = sub(hub, clients)
+    watcher.subscribe("local/keepalive/#", qos=1)
+    tag = uuid.uuid4().hex[:6]
+
+    pinger = raw(hub, clients)
+    _, _, body = pinger.connect(client_id=f"pinger-{tag}", level=level, keepalive=1,
+                                will=(f"local/keepalive/pinger-{tag}", b"gone", 1))
+    assert body[1] == 0
+    silent = raw(hub, clients, timeout=15)
+    _, _, body = silent.connect(client_id=f"silent-{tag}", level=level, keepalive=1,
+                                will=(f"local/keepalive/silent-{tag}", b"gone", 1))
+    assert body[1] == 0
+
+    # the pinger pings every half keepalive until the silent one is closed
+    # (after 1.5 s of silence, and within a few checks of the hub's)
+    pings, packets = 0, []
+    while not silent.closed:
+        assert pinger.send(b"\xc0\x00")  # PINGREQ
+        expect(pinger, PINGRESP, "PINGRESP")
+        pings += 1
+        assert pings < 40, "the silent client was not closed within 20 s of a 1 s keepalive"
+        try:
+            while (p := silent.read_packet(0.5)) is not None:
+                packets.append(p)
+        except WaitTimeout:
+            continue
+    if level == 5:
+        reasons = [p[2][:1] for p in packets if p[0] == 14]
+        assert reasons == [b"\x8d"], f"expected DISCONNECT 0x8D (keepalive timeout), got {packets!r}"
+    else:
+        assert not packets, f"packets before the close: {packets!r}"
+    assert pings >= 2, f"closed after {pings} pings of the other client: before its 1.5 s had passed"
+    assert watcher.wait_topic(f"local/keepalive/silent-{tag}", timeout=10).payload == b"gone"
+
+    # the pinger was kept all along, its will not published
+    assert pinger.send(b"\xc0\x00")
+    expect(pinger, PINGRESP, "PINGRESP after the silent client was closed")
+    assert pub(hub, clients).publish_and_wait("local/keepalive/sentinel", b"s") < 0x80
+    watcher.wait_topic("local/keepalive/sentinel")
+    assert f"local/keepalive/pinger-{tag}" not in {t for t, _ in watcher.received()}
+
+
+def test_a_hub_shutting_down_tells_mqtt5_clients_with_disconnect_0x8b_and_exits_cleanly(hub, clients):
+    r = raw(hub, clients)
+    _, _, body = r.connect(client_id=f"stayer-{uuid.uuid4().hex[:6]}", level=5, keepalive=60)
+    assert body[1] == 0
+    hub.wait_metric("edgehub_clients_connected", lambda v: v == 1, 10, "== 1")
+    hub.proc.send_signal(signal.SIGTERM)
+    packets = r.read_until_closed(15)
+    reasons = [p[2][:1] for p in packets if p[0] == 14]
+    assert reasons == [b"\x8b"], f"expected DISCONNECT 0x8B (server shutting down), got {packets!r}"
+    assert hub.proc.wait(15) == 0, "the hub did not exit cleanly on SIGTERM"

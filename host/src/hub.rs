@@ -20,7 +20,7 @@ use crate::inputs::ModuleInputs;
 use crate::methods::Methods;
 use crate::metrics::Metrics;
 use crate::monitor;
-use crate::mqtt::{listener, session::SessionContext, tls};
+use crate::mqtt::{listener, liveness::Liveness, session::SessionContext, tls};
 use crate::plugins::{self, PluginEngine, PluginPool, Registry};
 use crate::routing::{PluginHost, Router, Routes, Sinks};
 use crate::store::{self, Store};
@@ -203,6 +203,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped,
         metrics.clone(),
     )?;
     tasks.spawn(completions.run(shutdown.clone()));
+    let liveness = Arc::new(Liveness::default());
+    tasks.spawn(liveness.clone().run(auth.watch(), shutdown.clone()));
     let ctx = Arc::new(SessionContext {
         auth: auth.clone(),
         router,
@@ -212,6 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped,
         c2d: c2d.clone(),
         inputs,
         metrics: metrics.clone(),
+        liveness,
         max_message_bytes: config.mqtt.max_message_bytes,
         session_expiry_secs: config.mqtt.session_expiry_secs,
         next_conn_id: AtomicU64::new(1),

@@ -126,20 +126,14 @@ pub async fn run(
             },
         };
         let _ = socket.set_nodelay(true);
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        let transport = transport.clone();
-        sessions.spawn(async move {
-            let peer = peer.to_string();
-            let opening = Box::pin(transport.open(socket, ctx.max_message_bytes));
-            let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
-                .await
-                .unwrap_or(Err(OpenError::TimedOut));
-            match opened {
-                Ok((stream, certs)) => permit.serve(stream, certs, peer, ctx, max, shutdown).await,
-                Err(e) => tracing::warn!(%peer, kind = transport.kind(), error = %e, "connection not opened"),
-            }
-        });
+        sessions.spawn(connection(
+            socket,
+            peer,
+            permit,
+            transport.clone(),
+            ctx.clone(),
+            max,
+        ));
     }
     sessions.close();
     sessions.wait().await;
@@ -152,21 +146,44 @@ enum Admission {
     Refuse(OwnedSemaphorePermit),
 }
 
-impl Admission {
-    async fn serve<S>(
-        self,
-        stream: S,
-        certs: Vec<Vec<u8>>,
-        peer: String,
-        ctx: Arc<SessionContext>,
-        limit: usize,
-        shutdown: CancellationToken,
-    ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
-        match self {
-            Admission::Serve(_permit) => session::serve(stream, certs, peer, ctx, shutdown).await,
-            Admission::Refuse(_permit) => session::refuse_busy(stream, peer, limit, ctx).await,
+/// One connection's task. What runs once (the TLS handshake, the WebSocket
+/// upgrade, the CONNECT, a refusal) is one boxed future, freed once the
+/// session is open: while the client is quiet the task holds little more
+/// than its session's wait (10,000 idle clients cost little).
+fn connection(
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+    admission: Admission,
+    transport: Transport,
+    ctx: Arc<SessionContext>,
+    limit: usize,
+) -> impl std::future::Future<Output = ()> + Send {
+    let start = Box::pin(async move {
+        let peer = peer.to_string();
+        let opening = transport.open(socket, ctx.max_message_bytes);
+        let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, opening)
+            .await
+            .unwrap_or(Err(OpenError::TimedOut));
+        let (stream, certs) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(%peer, kind = transport.kind(), error = %e, "connection not opened");
+                return None;
+            }
+        };
+        match admission {
+            Admission::Serve(permit) => session::open(stream, certs, peer, ctx)
+                .await
+                .map(|live| (live, permit)),
+            Admission::Refuse(_permit) => {
+                session::refuse_busy(stream, peer, limit, ctx).await;
+                None
+            }
+        }
+    });
+    async move {
+        if let Some((live, _permit)) = start.await {
+            live.serve().await;
         }
     }
 }

@@ -15,13 +15,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::codec::{
     self, CodecError, ConnAckCode, Connect, DisconnectReason, Inbound, Outbound, Protocol,
     PubReason, Publish, SubRefusal,
 };
-use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal, Scope};
+use super::liveness::{Heartbeat, Liveness, Signal};
+use crate::auth::{authz, Auth, ClientCredentials, Principal, Refusal};
 use crate::broker::{BrokerHandle, Delivery, Receipt, OUTBOX};
 use crate::c2d::CloudToDevice;
 use crate::iothub::{self, Request};
@@ -63,6 +63,9 @@ pub struct SessionContext {
     /// Messages routed to module inputs, waiting for their modules.
     pub inputs: Arc<crate::inputs::ModuleInputs>,
     pub metrics: Arc<Metrics>,
+    /// Watches every connection's keepalive, and tells them of a shutdown
+    /// or a new scope.
+    pub liveness: Arc<Liveness>,
     pub max_message_bytes: usize,
     /// How long an MQTT 3.1.1 persistent session outlives its connection.
     pub session_expiry_secs: u32,
@@ -116,22 +119,33 @@ struct Pending {
     stored_qos0: u64,
 }
 
-/// Serves one connection until it ends; never panics on client input.
-/// `client_certs`: the DER certificate chain a TLS client presented
-/// (end-entity first; empty when none).
-pub async fn serve<S>(
+/// A connection whose session is open: what its task waits on while the
+/// client is quiet, in one allocation. What runs once per connection (the
+/// CONNECT, authentication, the end) runs in futures of its own, boxed and
+/// freed once done, so the task itself holds little more than the wait.
+pub struct Live<S> {
+    session: Session,
+    stream: S,
+    buf: BytesMut,
+    peer: String,
+}
+
+/// Opens a session on a new connection: reads its CONNECT, authenticates
+/// it and answers; `None` when the connection ended instead (refused,
+/// closed, timed out). Never panics on client input. `client_certs`: the
+/// DER certificate chain a TLS client presented (end-entity first; empty
+/// when none).
+pub async fn open<S>(
     mut stream: S,
     client_certs: Vec<Vec<u8>>,
     peer: String,
     ctx: Arc<SessionContext>,
-    shutdown: CancellationToken,
-) where
+) -> Option<Box<Live<S>>>
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_MIN);
-    // What runs once per connection is boxed: the future that waits on an
-    // idle connection holds only the session and its loop.
-    let connect = match Box::pin(read_connect(&mut stream, &mut buf, ctx.max_message_bytes)).await {
+    let connect = match read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "connection refused");
@@ -151,14 +165,10 @@ pub async fn serve<S>(
                 );
                 goodbye(&mut stream, &out).await;
             }
-            return;
+            return None;
         }
     };
-    let accepting = Session::accept(connect, &client_certs, &peer, &ctx, &mut stream);
-    let mut session = match Box::pin(accepting).await {
-        Some(s) => s,
-        None => return,
-    };
+    let session = Session::accept(connect, &client_certs, &peer, &ctx, &mut stream).await?;
     drop(client_certs);
     // The CONNECT's buffer: an idle connection holds none.
     size_read_buffer(&mut buf, 0, false);
@@ -167,24 +177,53 @@ pub async fn serve<S>(
         // A resumed session kept its subscriptions: what waits for it (its
         // device's cloud-to-device messages, module inputs) goes out now.
         if session.device_inbox().is_some() {
-            Box::pin(ctx.c2d.push(&session.client_id)).await;
+            ctx.c2d.push(&session.client_id).await;
         }
-        Box::pin(ctx.inputs.push_all()).await;
+        ctx.inputs.push_all().await;
     }
-    let end = session.run(&mut stream, &mut buf, &shutdown).await;
-    ctx.metrics.client_connected(-1);
-    match &end {
-        SessionEnd::Disconnect | SessionEnd::Closed | SessionEnd::Shutdown => {
-            tracing::debug!(client = %session.client_id, %peer, reason = %end, "session ended")
+    Some(Box::new(Live {
+        session,
+        stream,
+        buf,
+        peer,
+    }))
+}
+
+impl<S> Live<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Serves the session until it ends, then closes the connection and
+    /// hands back what the client did not take.
+    pub async fn serve(mut self: Box<Self>) {
+        let live = &mut *self;
+        let end = live.session.run(&mut live.stream, &mut live.buf).await;
+        Box::pin(self.close(end)).await;
+    }
+
+    async fn close(self: Box<Self>, end: SessionEnd) {
+        let Live {
+            session,
+            mut stream,
+            peer,
+            ..
+        } = *self;
+        session.ctx.metrics.client_connected(-1);
+        match &end {
+            SessionEnd::Disconnect | SessionEnd::Closed | SessionEnd::Shutdown => {
+                tracing::debug!(client = %session.client_id, %peer, reason = %end, "session ended")
+            }
+            _ => {
+                tracing::warn!(client = %session.client_id, %peer, reason = %end, "session closed")
+            }
         }
-        _ => tracing::warn!(client = %session.client_id, %peer, reason = %end, "session closed"),
+        let mut out = BytesMut::new();
+        if let Some(reason) = disconnect_reason(&end) {
+            session.codec.write(Outbound::Disconnect(reason), &mut out);
+        }
+        goodbye(&mut stream, &out).await;
+        session.finish(&end).await;
     }
-    let mut out = BytesMut::new();
-    if let Some(reason) = disconnect_reason(&end) {
-        session.codec.write(Outbound::Disconnect(reason), &mut out);
-    }
-    goodbye(&mut stream, &out).await;
-    Box::pin(session.finish(&end)).await;
 }
 
 /// How long a connection's last bytes (a DISCONNECT, a refusal) and its
@@ -301,10 +340,11 @@ struct Session {
     client_id: Arc<str>,
     /// Who this session acts for; checked again whenever the scope changes.
     principal: Box<Principal>,
-    scope: tokio::sync::watch::Receiver<Option<Arc<Scope>>>,
+    /// Its keepalive, the hub's shutdown, a new scope: told by the hub's
+    /// [`Liveness`](super::liveness::Liveness).
+    heartbeat: Arc<Heartbeat>,
     conn_id: u64,
     codec: codec::Codec,
-    keep_alive: Option<Duration>,
     /// Boxed, as `principal`: a session held by an idle connection stays small.
     will: Option<Box<Publish>>,
     ctx: Arc<SessionContext>,
@@ -383,6 +423,12 @@ impl Session {
             connect.client_id.clone()
         };
         let client_id: Arc<str> = client_id.into();
+        // Registered before the client is authenticated: a scope applied
+        // from here on is checked again.
+        let heartbeat = ctx.liveness.register(
+            (connect.keep_alive > 0)
+                .then(|| Duration::from_millis(connect.keep_alive as u64 * 1500)),
+        );
         let principal = match ctx.auth.authenticate(
             &client_id,
             ClientCredentials {
@@ -429,11 +475,9 @@ impl Session {
             .await?;
         let mut session = Session {
             client_id,
-            scope: ctx.auth.watch(),
+            heartbeat,
             conn_id,
             codec,
-            keep_alive: (connect.keep_alive > 0)
-                .then(|| Duration::from_millis(connect.keep_alive as u64 * 1500)),
             principal: Box::new(principal),
             will: connect.will.map(|w| {
                 Box::new(Publish {
@@ -480,33 +524,28 @@ impl Session {
         Some(session)
     }
 
-    async fn run<S>(
-        &mut self,
-        stream: &mut S,
-        buf: &mut BytesMut,
-        shutdown: &CancellationToken,
-    ) -> SessionEnd
+    async fn run<S>(&mut self, stream: &mut S, buf: &mut BytesMut) -> SessionEnd
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let far = Duration::from_secs(86400 * 365);
         let (mut last_read, mut filled) = (0, false);
-        let mut deadline = Instant::now() + self.keep_alive.unwrap_or(far);
         loop {
             let awaiting_store = self.pending.front().is_some_and(|p| p.durable.is_some());
             let can_deliver = self.outgoing.len() < MAX_OUTGOING_INFLIGHT;
             // (An empty buffer takes a first read of 64 bytes.)
             let room = (buf.capacity() - buf.len()).max(64);
             let step: Result<(), SessionEnd> = tokio::select! {
-                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-                Ok(()) = self.scope.changed() => {
-                    let scope = self.scope.borrow_and_update().clone();
-                    match self.ctx.auth.still_allowed(&self.principal, scope.as_deref()) {
-                        Ok(()) => Ok(()),
-                        Err(why) => Err(SessionEnd::NotAuthorized(why)),
+                signal = self.heartbeat.signal() => match signal {
+                    Signal::Shutdown => return SessionEnd::Shutdown,
+                    Signal::KeepAlive => return SessionEnd::KeepAlive,
+                    Signal::ScopeChanged => {
+                        let scope = self.ctx.auth.watch().borrow().clone();
+                        match self.ctx.auth.still_allowed(&self.principal, scope.as_deref()) {
+                            Ok(()) => Ok(()),
+                            Err(why) => Err(SessionEnd::NotAuthorized(why)),
+                        }
                     }
-                }
-                _ = tokio::time::sleep_until(deadline) => return SessionEnd::KeepAlive,
+                },
                 outcome = async { self.pending.front_mut().unwrap().durable.as_mut().unwrap().await }, if awaiting_store => {
                     let front = self.pending.front_mut().unwrap();
                     front.durable = None;
@@ -539,7 +578,7 @@ impl Session {
                     Ok(0) => return SessionEnd::Closed,
                     Ok(n) => {
                         (last_read, filled) = (n, n >= room);
-                        deadline = Instant::now() + self.keep_alive.unwrap_or(far);
+                        self.heartbeat.heard(&self.ctx.liveness);
                         Box::pin(self.on_bytes(buf)).await
                     }
                     Err(e) => return SessionEnd::Io(e),
