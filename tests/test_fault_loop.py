@@ -275,6 +275,9 @@ def run_loop(rng, target, faults: int, hub, sink: DurableSink, devices: list[Dev
                                       f"messages sent after fault {i} {what} upstream")
         recovery.append(flowing - ended)
         drained.append(time.monotonic() - ended)
+        # progress of a long run (shown with -s)
+        print(f"fault {i}/{faults} {what}: flowing again after {recovery[-1]:.1f}s, "
+              f"sent after it through after {drained[-1]:.1f}s, {time.monotonic() - t0:.0f}s in", flush=True)
         if kind.endswith("_stall") and hub.metric("edgehub_upstream_reconnects_total") > reconnects:
             stalls_noticed += 1
             history[-1] += " [hub reconnected]"

@@ -403,7 +403,7 @@ struct Client {
     away_since_ms: Option<u64>,
     /// Dropped, it tells the session its connection is over (taken over).
     outbox: Option<OutboxSender>,
-    subscriptions: HashMap<String, u8>,
+    subscriptions: BTreeMap<String, u8>,
     /// Messages kept while away, by sequence number (their order).
     offline: BTreeMap<u64, Delivery>,
     /// QoS 2 deliveries waiting for PUBCOMP while away.
@@ -464,7 +464,8 @@ struct Requeue {
 
 struct Broker {
     interest: Arc<Interest>,
-    clients: HashMap<String, Client>,
+    /// Boxed: the table of 10,000 mostly idle clients stays small.
+    clients: HashMap<String, Box<Client>>,
     /// The clients' subscriptions by filter (kept in step with them).
     index: index::Index,
     retained: HashMap<String, Delivery>,
@@ -593,12 +594,12 @@ impl Broker {
         for (filter, &qos) in &client.subscriptions {
             self.index.insert(filter, &client_id, qos);
         }
-        self.clients.insert(client_id, client);
+        self.clients.insert(client_id, Box::new(client));
     }
 
     /// Removes a client and its subscriptions from the index.
     fn remove_client(&mut self, client_id: &str) -> Option<Client> {
-        let client = self.clients.remove(client_id)?;
+        let client = *self.clients.remove(client_id)?;
         for filter in client.subscriptions.keys() {
             self.index.remove(filter, client_id);
         }
@@ -734,7 +735,7 @@ impl Broker {
                 let had_stored = kept.is_some();
                 let (session_present, subscriptions, offline, released) = match kept {
                     Some(old) if resume => (true, old.subscriptions, old.offline, old.released),
-                    _ => (false, HashMap::new(), BTreeMap::new(), Vec::new()),
+                    _ => (false, BTreeMap::new(), BTreeMap::new(), Vec::new()),
                 };
                 if had_stored && !session_present {
                     self.record(Change::Session(client_id.clone(), None));
@@ -1413,12 +1414,12 @@ mod tests {
             connected_ms: 0,
             away_since_ms: Some(1_000),
             outbox: None,
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             offline: BTreeMap::new(),
             released: Vec::new(),
         };
         assert!(!brief.expired(1_999) && brief.expired(2_000));
-        broker_state.clients.insert("brief".into(), brief);
+        broker_state.clients.insert("brief".into(), Box::new(brief));
         broker_state.expire(2_000);
         assert!(
             broker_state.clients.is_empty(),

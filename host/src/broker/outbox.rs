@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use super::Delivery;
 
@@ -91,23 +91,25 @@ impl Outbox {
     /// The next delivery when `take`; `None` once the sender is gone and
     /// nothing more waits (told even when not `take`).
     pub async fn next(&mut self, take: bool) -> Option<Delivery> {
-        poll_fn(|cx| {
-            let mut state = self.0.lock();
-            if take {
-                if let Some(d) = pop(&mut state) {
-                    return Poll::Ready(Some(d));
-                }
+        poll_fn(|cx| self.poll_next(cx, take)).await
+    }
+
+    /// [`next`](Self::next), polled.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>, take: bool) -> Poll<Option<Delivery>> {
+        let mut state = self.0.lock();
+        if take {
+            if let Some(d) = pop(&mut state) {
+                return Poll::Ready(Some(d));
             }
-            if !state.sender && (state.queue.is_empty() || !take) {
-                return Poll::Ready(None);
-            }
-            match &state.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => state.waker = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
-        .await
+        }
+        if !state.sender && (state.queue.is_empty() || !take) {
+            return Poll::Ready(None);
+        }
+        match &state.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => state.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// The next delivery; `None` once the sender is gone and nothing waits.

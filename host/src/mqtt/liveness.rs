@@ -13,7 +13,7 @@
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -171,14 +171,16 @@ impl Heartbeat {
     /// The next signal: a shutdown or an expired keepalive is told every
     /// time it is asked for (the session ends on it), a scope change once.
     pub async fn signal(&self) -> Signal {
-        poll_fn(|cx| {
-            self.waker.register(cx.waker());
-            match self.take() {
-                Some(s) => Poll::Ready(s),
-                None => Poll::Pending,
-            }
-        })
-        .await
+        poll_fn(|cx| self.poll_signal(cx)).await
+    }
+
+    /// [`signal`](Self::signal), polled.
+    pub fn poll_signal(&self, cx: &mut Context<'_>) -> Poll<Signal> {
+        self.waker.register(cx.waker());
+        match self.take() {
+            Some(s) => Poll::Ready(s),
+            None => Poll::Pending,
+        }
     }
 
     fn take(&self) -> Option<Signal> {

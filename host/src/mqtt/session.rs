@@ -7,9 +7,12 @@
 //! (or immediately for local-only topics, still in order). It does not decide
 //! where messages go (the router does) nor store anything.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -98,6 +101,19 @@ enum SessionEnd {
     Protocol(String),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What woke a waiting session.
+enum Event {
+    Signal(Signal),
+    /// The store's word on the oldest batch's acks (`None`: no word, the
+    /// router is gone).
+    Durable(Option<Result<(), AppendError>>),
+    /// Whether the oldest PUBREC waiting for the store was stored.
+    Released(bool),
+    /// A delivery; `None`: the connection was taken over.
+    Delivery(Option<Delivery>),
+    Read(std::io::Result<usize>),
 }
 
 /// Acknowledgement owed for one received publish.
@@ -353,10 +369,10 @@ struct Session {
     /// Acks owed, in the order the publishes arrived.
     pending: VecDeque<Pending>,
     /// QoS 2 packet ids received and not yet released by PUBREL.
-    qos2_received: HashSet<u16>,
+    qos2_received: BTreeSet<u16>,
     /// QoS 1 and 2 deliveries sent to the client and not yet done, by
     /// packet id.
-    outgoing: HashMap<u16, Sent>,
+    outgoing: BTreeMap<u16, Sent>,
     pkids: crate::packet_id::PacketIds,
     /// QoS 2 deliveries of kept messages the client received (PUBREC),
     /// whose PUBREL waits until the store knows it, in order.
@@ -492,8 +508,8 @@ impl Session {
             ctx: ctx.clone(),
             outbox: rx,
             pending: VecDeque::new(),
-            qos2_received: HashSet::new(),
-            outgoing: HashMap::new(),
+            qos2_received: BTreeSet::new(),
+            outgoing: BTreeMap::new(),
             pkids: Default::default(),
             releasing: VecDeque::new(),
             out,
@@ -528,80 +544,142 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let (mut last_read, mut filled) = (0, false);
+        // The last read's length, and whether it filled the buffer.
+        let mut last_read = (0, false);
+        let mut read_first = false;
         loop {
-            let awaiting_store = self.pending.front().is_some_and(|p| p.durable.is_some());
             let can_deliver = self.outgoing.len() < MAX_OUTGOING_INFLIGHT;
+            // The socket and the outbox take turns at being looked at first.
+            read_first = !read_first;
             // (An empty buffer takes a first read of 64 bytes.)
             let room = (buf.capacity() - buf.len()).max(64);
-            let step: Result<(), SessionEnd> = tokio::select! {
-                signal = self.heartbeat.signal() => match signal {
-                    Signal::Shutdown => return SessionEnd::Shutdown,
-                    Signal::KeepAlive => return SessionEnd::KeepAlive,
-                    Signal::ScopeChanged => {
-                        let scope = self.ctx.auth.watch().borrow().clone();
-                        match self.ctx.auth.still_allowed(&self.principal, scope.as_deref()) {
-                            Ok(()) => Ok(()),
-                            Err(why) => Err(SessionEnd::NotAuthorized(why)),
-                        }
-                    }
-                },
-                outcome = async { self.pending.front_mut().unwrap().durable.as_mut().unwrap().await }, if awaiting_store => {
-                    let front = self.pending.front_mut().unwrap();
-                    front.durable = None;
-                    front.outcome = Some(outcome.unwrap_or(Err(AppendError::Closed)));
-                    self.release_acks()
-                }
-                stored = async { (&mut self.releasing.front_mut().unwrap().1).await }, if !self.releasing.is_empty() => {
-                    let (pkid, _) = self.releasing.pop_front().unwrap();
-                    // Not stored (the hub is stopping, or its store broke):
-                    // no PUBREL now; it goes on the client's next connection.
-                    if stored.is_ok() {
-                        self.codec.write(Outbound::PubRel(pkid), &mut self.out);
-                    }
-                    Ok(())
-                }
-                next = self.outbox.next(can_deliver) => {
-                    let Some(p) = next else {
-                        return SessionEnd::TakenOver;
-                    };
-                    self.deliver(p);
-                    while self.outgoing.len() < MAX_OUTGOING_INFLIGHT {
-                        match self.outbox.try_recv() {
-                            Some(p) => self.deliver(p),
-                            None => break,
-                        }
-                    }
-                    Ok(())
-                }
-                read = stream.read_buf(buf) => match read {
-                    Ok(0) => return SessionEnd::Closed,
-                    Ok(n) => {
-                        (last_read, filled) = (n, n >= room);
-                        self.heartbeat.heard(&self.ctx.liveness);
-                        Box::pin(self.on_bytes(buf)).await
-                    }
-                    Err(e) => return SessionEnd::Io(e),
-                },
-            };
-            // Write what is owed even when the step failed (acks before a close).
-            if !self.out.is_empty() {
-                if let Err(e) = send(stream, &self.out).await {
-                    return SessionEnd::Io(e);
-                }
-                // Let go after a small write (an idle connection holds no
-                // write buffer) or a large one; a busy one keeps its own.
-                if self.out.len() < WRITE_SMALL || self.out.capacity() > WRITE_KEEP {
-                    self.out = BytesMut::new();
-                } else {
-                    self.out.clear();
-                }
-            }
-            if let Err(end) = step {
+            let event =
+                poll_fn(|cx| self.poll_event(cx, &mut *stream, &mut *buf, can_deliver, read_first))
+                    .await;
+            // Boxed: the wait above is what an idle connection holds.
+            if let Err(end) = Box::pin(self.step(event, stream, buf, room, &mut last_read)).await {
                 return end;
             }
-            size_read_buffer(buf, last_read, filled);
+            size_read_buffer(buf, last_read.0, last_read.1);
         }
+    }
+
+    /// Handles what woke the session and writes what it owes; `Err`: the
+    /// session ends. `room`: what the buffer had room for before a read.
+    async fn step<S>(
+        &mut self,
+        event: Event,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        room: usize,
+        last_read: &mut (usize, bool),
+    ) -> Result<(), SessionEnd>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let step: Result<(), SessionEnd> = match event {
+            Event::Signal(Signal::Shutdown) => return Err(SessionEnd::Shutdown),
+            Event::Signal(Signal::KeepAlive) => return Err(SessionEnd::KeepAlive),
+            Event::Signal(Signal::ScopeChanged) => {
+                let scope = self.ctx.auth.watch().borrow().clone();
+                match self
+                    .ctx
+                    .auth
+                    .still_allowed(&self.principal, scope.as_deref())
+                {
+                    Ok(()) => Ok(()),
+                    Err(why) => Err(SessionEnd::NotAuthorized(why)),
+                }
+            }
+            Event::Durable(outcome) => {
+                let front = self
+                    .pending
+                    .front_mut()
+                    .expect("polled the front's durable");
+                front.durable = None;
+                front.outcome = Some(outcome.unwrap_or(Err(AppendError::Closed)));
+                self.release_acks()
+            }
+            Event::Released(stored) => {
+                let (pkid, _) = self.releasing.pop_front().expect("polled the front");
+                // Not stored (the hub is stopping, or its store broke):
+                // no PUBREL now; it goes on the client's next connection.
+                if stored {
+                    self.codec.write(Outbound::PubRel(pkid), &mut self.out);
+                }
+                Ok(())
+            }
+            Event::Delivery(None) => return Err(SessionEnd::TakenOver),
+            Event::Delivery(Some(p)) => {
+                self.deliver(p);
+                while self.outgoing.len() < MAX_OUTGOING_INFLIGHT {
+                    match self.outbox.try_recv() {
+                        Some(p) => self.deliver(p),
+                        None => break,
+                    }
+                }
+                Ok(())
+            }
+            Event::Read(Ok(0)) => return Err(SessionEnd::Closed),
+            Event::Read(Ok(n)) => {
+                *last_read = (n, n >= room);
+                self.heartbeat.heard(&self.ctx.liveness);
+                self.on_bytes(buf).await
+            }
+            Event::Read(Err(e)) => return Err(SessionEnd::Io(e)),
+        };
+        // Write what is owed even when the step failed (acks before a close).
+        if !self.out.is_empty() {
+            if let Err(e) = send(stream, &self.out).await {
+                return Err(SessionEnd::Io(e));
+            }
+            // Let go after a small write (an idle connection holds no
+            // write buffer) or a large one; a busy one keeps its own.
+            if self.out.len() < WRITE_SMALL || self.out.capacity() > WRITE_KEEP {
+                self.out = BytesMut::new();
+            } else {
+                self.out.clear();
+            }
+        }
+        step
+    }
+
+    /// What the session waits for, polled in place (no future of its own
+    /// to hold while the connection is idle): the hub's signal first, then
+    /// the store's word on the oldest acks and PUBREL, then the outbox and
+    /// the socket, in the order given.
+    fn poll_event<S: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+        buf: &mut BytesMut,
+        can_deliver: bool,
+        read_first: bool,
+    ) -> Poll<Event> {
+        if let Poll::Ready(s) = self.heartbeat.poll_signal(cx) {
+            return Poll::Ready(Event::Signal(s));
+        }
+        if let Some(durable) = self.pending.front_mut().and_then(|p| p.durable.as_mut()) {
+            if let Poll::Ready(outcome) = Pin::new(durable).poll(cx) {
+                return Poll::Ready(Event::Durable(outcome.ok()));
+            }
+        }
+        if let Some((_, stored)) = self.releasing.front_mut() {
+            if let Poll::Ready(stored) = Pin::new(stored).poll(cx) {
+                return Poll::Ready(Event::Released(stored.is_ok()));
+            }
+        }
+        for read in [read_first, !read_first] {
+            let event = if read {
+                tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf).map(Event::Read)
+            } else {
+                self.outbox.poll_next(cx, can_deliver).map(Event::Delivery)
+            };
+            if event.is_ready() {
+                return event;
+            }
+        }
+        Poll::Pending
     }
 
     /// Handles every whole packet in `buf`.
@@ -1084,10 +1162,9 @@ impl Session {
             };
             router.dispatch(local, upstream).await;
         }
-        // Not done yet: a PUBLISH goes again, a released QoS 2 delivery
-        // gets its PUBREL again.
-        let mut sent: Vec<(u16, Sent)> = self.outgoing.drain().collect();
-        sent.sort_by_key(|(pkid, _)| *pkid);
+        // Not done yet (in packet id order): a PUBLISH goes again, a
+        // released QoS 2 delivery gets its PUBREL again.
+        let sent = std::mem::take(&mut self.outgoing);
         let mut unacked = Vec::new();
         let mut released = Vec::new();
         for (pkid, s) in sent {
