@@ -116,6 +116,18 @@ enum Event {
     Read(std::io::Result<usize>),
 }
 
+/// What a session does after an event.
+enum Next {
+    /// Go on waiting.
+    Done,
+    /// Handle the bytes read.
+    Read,
+    /// End after writing what is owed (acks before a close).
+    Failed(SessionEnd),
+    /// End now.
+    End(SessionEnd),
+}
+
 /// Acknowledgement owed for one received publish.
 #[derive(Clone, Copy)]
 struct Ack {
@@ -556,30 +568,41 @@ impl Session {
             let event =
                 poll_fn(|cx| self.poll_event(cx, &mut *stream, &mut *buf, can_deliver, read_first))
                     .await;
-            // Boxed: the wait above is what an idle connection holds.
-            if let Err(end) = Box::pin(self.step(event, stream, buf, room, &mut last_read)).await {
+            // (Nothing larger than a pointer is held across the awaits
+            // below and the wait above: it is what an idle connection holds.)
+            let step = match self.on_event(event, room, &mut last_read) {
+                Next::End(end) => return end,
+                Next::Failed(end) => Err(end),
+                Next::Done => Ok(()),
+                Next::Read => Box::pin(self.on_bytes(buf)).await,
+            };
+            // Write what is owed even when the step failed (acks before a close).
+            if !self.out.is_empty() {
+                if let Err(e) = send(stream, &self.out).await {
+                    return SessionEnd::Io(e);
+                }
+                // Let go after a small write (an idle connection holds no
+                // write buffer) or a large one; a busy one keeps its own.
+                if self.out.len() < WRITE_SMALL || self.out.capacity() > WRITE_KEEP {
+                    self.out = BytesMut::new();
+                } else {
+                    self.out.clear();
+                }
+            }
+            if let Err(end) = step {
                 return end;
             }
             size_read_buffer(buf, last_read.0, last_read.1);
         }
     }
 
-    /// Handles what woke the session and writes what it owes; `Err`: the
-    /// session ends. `room`: what the buffer had room for before a read.
-    async fn step<S>(
-        &mut self,
-        event: Event,
-        stream: &mut S,
-        buf: &mut BytesMut,
-        room: usize,
-        last_read: &mut (usize, bool),
-    ) -> Result<(), SessionEnd>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        let step: Result<(), SessionEnd> = match event {
-            Event::Signal(Signal::Shutdown) => return Err(SessionEnd::Shutdown),
-            Event::Signal(Signal::KeepAlive) => return Err(SessionEnd::KeepAlive),
+    /// Handles what woke the session, but for the bytes read (the caller
+    /// hands them to [`on_bytes`](Self::on_bytes)). `room`: what the buffer
+    /// had room for before a read.
+    fn on_event(&mut self, event: Event, room: usize, last_read: &mut (usize, bool)) -> Next {
+        match event {
+            Event::Signal(Signal::Shutdown) => Next::End(SessionEnd::Shutdown),
+            Event::Signal(Signal::KeepAlive) => Next::End(SessionEnd::KeepAlive),
             Event::Signal(Signal::ScopeChanged) => {
                 let scope = self.ctx.auth.watch().borrow().clone();
                 match self
@@ -587,8 +610,8 @@ impl Session {
                     .auth
                     .still_allowed(&self.principal, scope.as_deref())
                 {
-                    Ok(()) => Ok(()),
-                    Err(why) => Err(SessionEnd::NotAuthorized(why)),
+                    Ok(()) => Next::Done,
+                    Err(why) => Next::Failed(SessionEnd::NotAuthorized(why)),
                 }
             }
             Event::Durable(outcome) => {
@@ -598,7 +621,10 @@ impl Session {
                     .expect("polled the front's durable");
                 front.durable = None;
                 front.outcome = Some(outcome.unwrap_or(Err(AppendError::Closed)));
-                self.release_acks()
+                match self.release_acks() {
+                    Ok(()) => Next::Done,
+                    Err(end) => Next::Failed(end),
+                }
             }
             Event::Released(stored) => {
                 let (pkid, _) = self.releasing.pop_front().expect("polled the front");
@@ -607,9 +633,9 @@ impl Session {
                 if stored {
                     self.codec.write(Outbound::PubRel(pkid), &mut self.out);
                 }
-                Ok(())
+                Next::Done
             }
-            Event::Delivery(None) => return Err(SessionEnd::TakenOver),
+            Event::Delivery(None) => Next::End(SessionEnd::TakenOver),
             Event::Delivery(Some(p)) => {
                 self.deliver(p);
                 while self.outgoing.len() < MAX_OUTGOING_INFLIGHT {
@@ -618,30 +644,16 @@ impl Session {
                         None => break,
                     }
                 }
-                Ok(())
+                Next::Done
             }
-            Event::Read(Ok(0)) => return Err(SessionEnd::Closed),
+            Event::Read(Ok(0)) => Next::End(SessionEnd::Closed),
             Event::Read(Ok(n)) => {
                 *last_read = (n, n >= room);
                 self.heartbeat.heard(&self.ctx.liveness);
-                self.on_bytes(buf).await
+                Next::Read
             }
-            Event::Read(Err(e)) => return Err(SessionEnd::Io(e)),
-        };
-        // Write what is owed even when the step failed (acks before a close).
-        if !self.out.is_empty() {
-            if let Err(e) = send(stream, &self.out).await {
-                return Err(SessionEnd::Io(e));
-            }
-            // Let go after a small write (an idle connection holds no
-            // write buffer) or a large one; a busy one keeps its own.
-            if self.out.len() < WRITE_SMALL || self.out.capacity() > WRITE_KEEP {
-                self.out = BytesMut::new();
-            } else {
-                self.out.clear();
-            }
+            Event::Read(Err(e)) => Next::End(SessionEnd::Io(e)),
         }
-        step
     }
 
     /// What the session waits for, polled in place (no future of its own
