@@ -250,15 +250,18 @@ def test_a_backlog_larger_than_the_node_stores_in_a_keepalive_drains_over_one_li
     publish in JetStream before it reads the next, about a thousand a second
     here: the hub's PINGREQ waits behind every publish in flight. 15,000
     messages sent at once would hold a ping for over ten seconds, and with
-    a 2 s keepalive the hub would take the node for dead, drop the link and
-    send it all again. The hub keeps in flight what the node acknowledges
-    in half a keepalive, so the link holds."""
+    a 4 s keepalive (a link is dropped after two without a PINGRESP) the
+    hub would take the node for dead, drop the link and send it all again.
+    The hub keeps in flight what the node acknowledges in half a keepalive,
+    so the link holds. (With a 2 s keepalive a NATS node busy setting up
+    the new session's JetStream state, under CI load, held the first
+    PINGRESP over 4 s once, whatever the window.)"""
     n0, n1, n2 = nats_cluster.nodes
     collector = Collector(n2, client_id="collector-backlog")
     clients.append(collector)
     collector.connect(timeout=30)
     edge = "edge-nats-backlog"
-    hub = hub_factory(n0.url, edge_id=edge, extra_args=["--upstream-keep-alive-secs", "2"])
+    hub = hub_factory(n0.url, edge_id=edge, extra_args=["--upstream-keep-alive-secs", "4"])
     nats_cluster.wait_node_of(edge, lambda n: n is n0, 20, "n0")
     before = hub.metrics().get("edgehub_upstream_reconnects_total", 0.0)
 
