@@ -7,7 +7,9 @@
 - at ``mqtt.max_connections`` a new client is refused at once (MQTT 3.1.1
   CONNACK 0x03 server unavailable, MQTT 5 CONNACK 0x97 quota exceeded), the
   connection closed and the refusal logged with the limit; a freed slot serves
-  a new client again;
+  a new client again; a TLS handshake never finished holds its slot only
+  until the handshake deadline (10 s), then the hub closes it, logs it, and
+  the slot serves a client again;
 - a subscriber that asks for QoS 2 gets QoS 2 deliveries (PUBLISH, PUBREC,
   PUBREL, PUBCOMP) of QoS 2 publishes, min(publish QoS, granted QoS) in
   general; a persistent session keeps a QoS 2 message while it is away and
@@ -26,15 +28,18 @@ session, before the sentinel's connection is even opened.
 from __future__ import annotations
 
 import signal
+import socket
 import struct
+import time
 import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
 
-from authkit import log_since, log_size, subscribe_packet, wait_log
+from authkit import client_ssl_context, log_since, log_size, make_certs, subscribe_packet, wait_log, wait_tls_listener
 from helpers import (
     CONNACK,
+    LOOPBACK,
     PUBLISH,
     SUBACK,
     Publisher,
@@ -42,6 +47,7 @@ from helpers import (
     Subscriber,
     WaitTimeout,
     connect_packet,
+    free_port,
     packet,
     publish_packet,
     wait_until,
@@ -229,6 +235,73 @@ def test_a_client_beyond_max_connections_is_refused_at_once_and_served_once_a_sl
     # and the limit still holds with the new client counted
     got = connack_code(hub, clients, level)
     assert got == code, f"connection {MAX_CONNECTIONS + 1} after the slot was reused: CONNACK {got!r}"
+    assert hub.alive()
+
+
+HANDSHAKE_TIMEOUT = 10.0  # mqtt/listener.rs
+HANDSHAKE_EOF_BOUND = 30.0
+
+
+def tls_connack(port: int, ca) -> int:
+    """A TLS client's CONNECT (MQTT 3.1.1): the CONNACK's return code."""
+    with socket.create_connection((LOOPBACK, port), timeout=10) as plain:
+        with client_ssl_context(ca).wrap_socket(plain, server_hostname="localhost") as tls:
+            tls.sendall(connect_packet(f"tls-{uuid.uuid4().hex[:8]}", level=4))
+            got = b""
+            while len(got) < 4:
+                chunk = tls.recv(4 - len(got))
+                assert chunk, f"the hub closed a TLS client without a CONNACK (after {got!r})"
+                got += chunk
+            assert got[0] >> 4 == CONNACK, f"expected CONNACK, got {got!r}"
+            return got[3]
+
+
+def test_a_tls_handshake_never_finished_holds_its_slot_only_until_the_handshake_deadline(
+    hub_factory, clients, tmp_path
+):
+    certs = make_certs(tmp_path / "certs")
+    tls_port = free_port()
+    hub = hub_factory(None, edge_id="edge-limit-tls", extra_args=[
+        "--max-connections", "1", "--tls-listen", f"{LOOPBACK}:{tls_port}",
+        "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])])
+    wait_tls_listener(hub, tls_port)
+    offset = log_size(hub)
+    opened = []
+
+    def held_by_a_silent_handshake():
+        # a TLS client that connects and never sends its ClientHello; the
+        # TLS client after it (accepted after it) must then be refused.
+        # (A slot held a moment longer by the listener probe above, or by a
+        # client served here, makes this try again.)
+        silent = socket.create_connection((LOOPBACK, tls_port), timeout=5)
+        at = time.monotonic()
+        if tls_connack(tls_port, certs["ca"]) == 0x03:
+            opened.append(at)
+            return silent
+        silent.close()
+        return None
+
+    silent = wait_until(held_by_a_silent_handshake, 30, "the only slot held by an unfinished TLS handshake")
+    try:
+        # refused over plain TCP as well, while it holds the slot
+        assert connack_code(hub, clients, 4) == 0x03
+        # until the hub closes it, at the handshake deadline
+        silent.settimeout(HANDSHAKE_EOF_BOUND)
+        try:
+            rest = silent.recv(4096)
+        except socket.timeout:
+            raise AssertionError(f"an unfinished TLS handshake still open after {HANDSHAKE_EOF_BOUND:.0f}s") from None
+        except ConnectionResetError:
+            rest = b""
+        closed = time.monotonic() - opened[0]
+        assert rest == b"", f"the hub sent {rest!r} to a client that never sent a ClientHello"
+        assert closed >= HANDSHAKE_TIMEOUT - 1, f"closed after {closed:.1f}s, before the handshake deadline"
+    finally:
+        silent.close()
+    wait_log(hub, offset, r"connection not opened.*timed out", 10, "a log line for the handshake that timed out")
+
+    # and the slot serves a client again
+    wait_until(lambda: tls_connack(tls_port, certs["ca"]) == 0, 10, "a client served once the handshake's slot is free")
     assert hub.alive()
 
 

@@ -404,13 +404,38 @@ struct Client {
     /// Dropped, it tells the session its connection is over (taken over).
     outbox: Option<OutboxSender>,
     subscriptions: BTreeMap<String, u8>,
+    /// What it keeps for its client; `None` while there is nothing (a
+    /// connected client's usual case: the table entry stays small).
+    kept: Option<Box<Kept>>,
+}
+
+/// What a persistent session keeps for its client beyond its
+/// subscriptions.
+#[derive(Default)]
+struct Kept {
     /// Messages kept while away, by sequence number (their order).
     offline: BTreeMap<u64, Delivery>,
     /// QoS 2 deliveries waiting for PUBCOMP while away.
     released: Vec<Released>,
 }
 
+impl Kept {
+    /// `None` when there is nothing to keep.
+    fn boxed(offline: BTreeMap<u64, Delivery>, released: Vec<Released>) -> Option<Box<Kept>> {
+        (!offline.is_empty() || !released.is_empty()).then(|| Box::new(Kept { offline, released }))
+    }
+}
+
 impl Client {
+    fn kept(&mut self) -> &mut Kept {
+        self.kept.get_or_insert_with(Box::default)
+    }
+
+    /// How many messages wait for its client.
+    fn queued(&self) -> usize {
+        self.kept.as_ref().map_or(0, |k| k.offline.len())
+    }
+
     fn persistent(&self) -> bool {
         self.expiry_secs != SESSION_ENDS
     }
@@ -444,7 +469,12 @@ impl Client {
             subscriptions,
             expiry_secs: self.expiry_secs,
             away_since_ms: self.away_since_ms,
-            released: self.released.iter().map(|(pkid, _)| *pkid).collect(),
+            released: self
+                .kept
+                .iter()
+                .flat_map(|k| &k.released)
+                .map(|(pkid, _)| *pkid)
+                .collect(),
         }
     }
 }
@@ -645,8 +675,7 @@ impl Broker {
                 away_since_ms: Some(session.away_since_ms.unwrap_or(now)),
                 outbox: None,
                 subscriptions: session.subscriptions.into_iter().collect(),
-                offline: queued.into_iter().collect(),
-                released,
+                kept: Kept::boxed(queued.into_iter().collect(), released),
             };
             self.insert_client(client_id, client);
         }
@@ -667,7 +696,7 @@ impl Broker {
             .collect();
         for client_id in expired {
             if let Some(client) = self.remove_client(&client_id) {
-                tracing::info!(client = %client_id, queued = client.offline.len(), "persistent session expired");
+                tracing::info!(client = %client_id, queued = client.queued(), "persistent session expired");
             }
             self.record(Change::Session(client_id, None));
         }
@@ -684,7 +713,7 @@ impl Broker {
             // Received (PUBREC) before it was lost: its PUBREL goes again on
             // the next resumption, never the PUBLISH.
             let receipt = received_receipt(&self.journal, &lost.client_id, lost.seq);
-            client.released.push((pkid, receipt));
+            client.kept().released.push((pkid, receipt));
             return;
         }
         match &client.outbox {
@@ -710,7 +739,7 @@ impl Broker {
             // Away, or lost by the connection it was handed to: it waits
             // for the session's next resumption.
             _ => {
-                client.offline.insert(lost.seq, lost.delivery);
+                client.kept().offline.insert(lost.seq, lost.delivery);
             }
         }
     }
@@ -734,7 +763,10 @@ impl Broker {
                 let kept = previous.filter(|old| old.persistent() && !old.expired(now));
                 let had_stored = kept.is_some();
                 let (session_present, subscriptions, offline, released) = match kept {
-                    Some(old) if resume => (true, old.subscriptions, old.offline, old.released),
+                    Some(old) if resume => {
+                        let kept = old.kept.map(|k| *k).unwrap_or_default();
+                        (true, old.subscriptions, kept.offline, kept.released)
+                    }
                     _ => (false, BTreeMap::new(), BTreeMap::new(), Vec::new()),
                 };
                 if had_stored && !session_present {
@@ -747,8 +779,7 @@ impl Broker {
                     away_since_ms: None,
                     outbox: Some(outbox),
                     subscriptions,
-                    offline: BTreeMap::new(),
-                    released: Vec::new(),
+                    kept: None,
                 };
                 if client.persistent() {
                     self.record(Change::Session(client_id.clone(), Some(client.stored())));
@@ -800,7 +831,9 @@ impl Broker {
                     client.away_since_ms = Some(crate::clock::now_ms());
                     // (What it holds while connected was lost by an older
                     // connection after its PUBREC.)
-                    client.released.extend(released);
+                    if !released.is_empty() {
+                        client.kept().released.extend(released);
+                    }
                     let stored = client.stored();
                     if let Some(journal) = &self.journal {
                         journal.record(Change::Session(client_id.clone(), Some(stored)));
@@ -814,7 +847,7 @@ impl Broker {
                         if let Some(journal) = &self.journal {
                             journal.record(Change::Queued(client_id.clone(), seq, Some(p.clone())));
                         }
-                        client.offline.insert(seq, p);
+                        client.kept().offline.insert(seq, p);
                     }
                 } else {
                     self.remove_client(&client_id);
@@ -931,7 +964,7 @@ impl Broker {
                     since_ms: c.away_since_ms.unwrap_or(c.connected_ms),
                     persistent: c.persistent(),
                     subscriptions: c.subscriptions.len(),
-                    queued: c.offline.len(),
+                    queued: c.queued(),
                 }
             })
             .collect();
@@ -1104,8 +1137,9 @@ fn deliver(
                 metrics.messages_dropped(DropReason::NoRoom, 1);
                 return false;
             }
-            if client.offline.len() >= offline_cap {
-                if let Some((oldest, _)) = client.offline.pop_first() {
+            let offline = &mut client.kept().offline;
+            if offline.len() >= offline_cap {
+                if let Some((oldest, _)) = offline.pop_first() {
                     if let Some(journal) = journal {
                         journal.record(Change::Queued(client_id.to_string(), oldest, None));
                     }
@@ -1121,7 +1155,7 @@ fn deliver(
                     Some(out.clone()),
                 ));
             }
-            client.offline.insert(seq, out);
+            offline.insert(seq, out);
         }
         return false;
     };
@@ -1415,8 +1449,7 @@ mod tests {
             away_since_ms: Some(1_000),
             outbox: None,
             subscriptions: BTreeMap::new(),
-            offline: BTreeMap::new(),
-            released: Vec::new(),
+            kept: None,
         };
         assert!(!brief.expired(1_999) && brief.expired(2_000));
         broker_state.clients.insert("brief".into(), Box::new(brief));

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, LazyLock};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -128,6 +128,29 @@ enum Next {
     End(SessionEnd),
 }
 
+/// What a connection's task does after a turn.
+enum Step {
+    /// Handle the bytes read (a future of its own: the only await that
+    /// holds more than a pointer).
+    Read,
+    /// The session is over (its turn says why).
+    End,
+}
+
+/// Where a connection's turns stand between two polls.
+#[derive(Default)]
+struct Turn {
+    /// The last read's length, and whether it filled the buffer.
+    last_read: usize,
+    filled: bool,
+    read_first: bool,
+    /// Bytes of the session's output already written (then flushed).
+    written: usize,
+    /// Why the session ends: at once, or (when it failed) once what it
+    /// owes is written. Boxed: the turn is held while the client is idle.
+    ending: Option<Box<SessionEnd>>,
+}
+
 /// Acknowledgement owed for one received publish.
 #[derive(Clone, Copy)]
 struct Ack {
@@ -224,9 +247,59 @@ where
     /// Serves the session until it ends, then closes the connection and
     /// hands back what the client did not take.
     pub async fn serve(mut self: Box<Self>) {
-        let live = &mut *self;
-        let end = live.session.run(&mut live.stream, &mut live.buf).await;
+        let mut turn = Turn::default();
+        let end = loop {
+            // (Only pointers are held across these awaits: what an idle
+            // connection's task holds is this loop, its turn and a box.)
+            match poll_fn(|cx| self.poll_turn(cx, &mut turn)).await {
+                Step::End => break turn.ending.take().map_or(SessionEnd::Closed, |end| *end),
+                Step::Read => {
+                    let live = &mut *self;
+                    match Box::pin(live.session.on_bytes(&mut live.buf)).await {
+                        Ok(()) => size_read_buffer(&mut live.buf, turn.last_read, turn.filled),
+                        Err(end) => turn.ending = Some(Box::new(end)),
+                    }
+                }
+            }
+        };
         Box::pin(self.close(end)).await;
+    }
+
+    /// Runs the session's turns in place until it has bytes to handle or
+    /// ends: writes what it owes (acks before a close, even when it
+    /// failed), then waits for its next event and handles it.
+    /// On [`Step::End`], `turn.ending` says why.
+    fn poll_turn(&mut self, cx: &mut Context<'_>, turn: &mut Turn) -> Poll<Step> {
+        let Live {
+            session,
+            stream,
+            buf,
+            ..
+        } = self;
+        loop {
+            if let Err(e) = ready!(session.poll_write_out(cx, stream, turn)) {
+                turn.ending = Some(Box::new(SessionEnd::Io(e)));
+                return Poll::Ready(Step::End);
+            }
+            if turn.ending.is_some() {
+                return Poll::Ready(Step::End);
+            }
+            let can_deliver = session.outgoing.len() < MAX_OUTGOING_INFLIGHT;
+            // (An empty buffer takes a first read of 64 bytes.)
+            let room = (buf.capacity() - buf.len()).max(64);
+            let event = ready!(session.poll_event(cx, stream, buf, can_deliver, turn.read_first));
+            // The socket and the outbox take turns at being looked at first.
+            turn.read_first = !turn.read_first;
+            match session.on_event(event, room, turn) {
+                Next::End(end) => {
+                    turn.ending = Some(Box::new(end));
+                    return Poll::Ready(Step::End);
+                }
+                Next::Failed(end) => turn.ending = Some(Box::new(end)),
+                Next::Done => size_read_buffer(buf, turn.last_read, turn.filled),
+                Next::Read => return Poll::Ready(Step::Read),
+            }
+        }
     }
 
     async fn close(self: Box<Self>, end: SessionEnd) {
@@ -315,6 +388,18 @@ where
     goodbye(&mut stream, &out).await;
 }
 
+/// `principal` behind an `Arc`: open and anonymous clients (the default
+/// hub's, every one of them) share one of each.
+fn shared_principal(principal: Principal) -> Arc<Principal> {
+    static OPEN: LazyLock<Arc<Principal>> = LazyLock::new(|| Arc::new(Principal::Open));
+    static ANONYMOUS: LazyLock<Arc<Principal>> = LazyLock::new(|| Arc::new(Principal::Anonymous));
+    match principal {
+        Principal::Open => OPEN.clone(),
+        Principal::Anonymous => ANONYMOUS.clone(),
+        identity => Arc::new(identity),
+    }
+}
+
 /// Grows `buf` when the last read (of `last_read` bytes) nearly filled it,
 /// and lets it go when the client has gone quiet.
 /// `filled`: the read took all the room there was (more is likely waiting).
@@ -367,7 +452,9 @@ struct Session {
     /// Shared with every message this client publishes (their publisher).
     client_id: Arc<str>,
     /// Who this session acts for; checked again whenever the scope changes.
-    principal: Box<Principal>,
+    /// Shared: open and anonymous clients cost no allocation of their own
+    /// ([`shared_principal`]).
+    principal: Arc<Principal>,
     /// Its keepalive, the hub's shutdown, a new scope: told by the hub's
     /// [`Liveness`](super::liveness::Liveness).
     heartbeat: Arc<Heartbeat>,
@@ -506,7 +593,7 @@ impl Session {
             heartbeat,
             conn_id,
             codec,
-            principal: Box::new(principal),
+            principal: shared_principal(principal),
             will: connect.will.map(|w| {
                 Box::new(Publish {
                     topic: w.topic,
@@ -552,54 +639,40 @@ impl Session {
         Some(session)
     }
 
-    async fn run<S>(&mut self, stream: &mut S, buf: &mut BytesMut) -> SessionEnd
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
-        // The last read's length, and whether it filled the buffer.
-        let mut last_read = (0, false);
-        let mut read_first = false;
-        loop {
-            let can_deliver = self.outgoing.len() < MAX_OUTGOING_INFLIGHT;
-            // The socket and the outbox take turns at being looked at first.
-            read_first = !read_first;
-            // (An empty buffer takes a first read of 64 bytes.)
-            let room = (buf.capacity() - buf.len()).max(64);
-            let event =
-                poll_fn(|cx| self.poll_event(cx, &mut *stream, &mut *buf, can_deliver, read_first))
-                    .await;
-            // (Nothing larger than a pointer is held across the awaits
-            // below and the wait above: it is what an idle connection holds.)
-            let step = match self.on_event(event, room, &mut last_read) {
-                Next::End(end) => return end,
-                Next::Failed(end) => Err(end),
-                Next::Done => Ok(()),
-                Next::Read => Box::pin(self.on_bytes(buf)).await,
-            };
-            // Write what is owed even when the step failed (acks before a close).
-            if !self.out.is_empty() {
-                if let Err(e) = send(stream, &self.out).await {
-                    return SessionEnd::Io(e);
-                }
-                // Let go after a small write (an idle connection holds no
-                // write buffer) or a large one; a busy one keeps its own.
-                if self.out.len() < WRITE_SMALL || self.out.capacity() > WRITE_KEEP {
-                    self.out = BytesMut::new();
-                } else {
-                    self.out.clear();
-                }
+    /// Writes what the session owes the client and flushes it, across
+    /// polls (`turn` keeps how much is out). The write buffer is let go
+    /// after a small write (an idle connection holds none) or a large one;
+    /// a busy connection keeps its own.
+    fn poll_write_out<S: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut S,
+        turn: &mut Turn,
+    ) -> Poll<std::io::Result<()>> {
+        while turn.written < self.out.len() {
+            let n = ready!(Pin::new(&mut *stream).poll_write(cx, &self.out[turn.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
-            if let Err(end) = step {
-                return end;
-            }
-            size_read_buffer(buf, last_read.0, last_read.1);
+            turn.written += n;
         }
+        if turn.written > 0 {
+            // A TLS or WebSocket stream may hold written bytes until it is
+            // flushed (a TCP stream's flush does nothing).
+            ready!(Pin::new(&mut *stream).poll_flush(cx))?;
+            if std::mem::take(&mut turn.written) < WRITE_SMALL || self.out.capacity() > WRITE_KEEP {
+                self.out = BytesMut::new();
+            } else {
+                self.out.clear();
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Handles what woke the session, but for the bytes read (the caller
     /// hands them to [`on_bytes`](Self::on_bytes)). `room`: what the buffer
     /// had room for before a read.
-    fn on_event(&mut self, event: Event, room: usize, last_read: &mut (usize, bool)) -> Next {
+    fn on_event(&mut self, event: Event, room: usize, turn: &mut Turn) -> Next {
         match event {
             Event::Signal(Signal::Shutdown) => Next::End(SessionEnd::Shutdown),
             Event::Signal(Signal::KeepAlive) => Next::End(SessionEnd::KeepAlive),
@@ -648,7 +721,8 @@ impl Session {
             }
             Event::Read(Ok(0)) => Next::End(SessionEnd::Closed),
             Event::Read(Ok(n)) => {
-                *last_read = (n, n >= room);
+                turn.last_read = n;
+                turn.filled = n >= room;
                 self.heartbeat.heard(&self.ctx.liveness);
                 Next::Read
             }
