@@ -145,13 +145,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped,
         default_limits,
         metrics.clone(),
     )?);
-    registry.sync_folder(&plugin_folder);
     let watcher = plugins::watch::spawn(plugin_folder.clone(), registry.clone(), shutdown.clone())
         .map_err(|source| HubError::Watch {
             path: plugin_folder.display().to_string(),
             source,
         })?;
-    tracing::info!(folder = %plugin_folder.display(), loaded = ?registry.names(), "plugins folder watched");
     let default_ttl_ms = Arc::new(AtomicU64::new(config.store.ttl_secs.saturating_mul(1000)));
     let twins = Arc::new(Twins::open(&store, auth.sealer())?);
     let (hub_twin, reported) = HubTwin::open(

@@ -56,10 +56,14 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Each plugin's log (with its rate budget), by name, kept across versions.
     logs: Mutex<HashMap<String, Arc<PluginLog>>>,
-    /// Held while the loaded set changes (a file loaded, a plugin unloaded,
-    /// settings applied), so a load never swaps in settings read before a
-    /// concurrent settings change.
+    /// Held while the loaded set changes (a compiled file swapped in, a
+    /// plugin unloaded, settings applied; never across a compile), so a
+    /// load never swaps in settings read before a concurrent settings
+    /// change.
     changing: Mutex<()>,
+    /// Whether the plugins folder has been read once (until then a plugin
+    /// missing may only not be compiled yet).
+    first_read: tokio::sync::watch::Sender<bool>,
 }
 
 impl Registry {
@@ -82,7 +86,25 @@ impl Registry {
             metrics,
             logs: Mutex::default(),
             changing: Mutex::new(()),
+            first_read: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Marks the plugins folder read once: a plugin missing now is missing.
+    pub fn set_first_read(&self) {
+        self.first_read.send_replace(true);
+    }
+
+    /// Plugin `name`, once the plugins folder has been read: a route that
+    /// names a plugin still compiling at the hub's start waits for it.
+    pub async fn get_when_read(&self, name: &str) -> Option<Arc<Plugin>> {
+        if let Some(plugin) = self.get(name) {
+            return Some(plugin);
+        }
+        let mut read = self.first_read.subscribe();
+        // (An error: the registry is gone, and so is the plugin.)
+        let _ = read.wait_for(|read| *read).await;
+        self.get(name)
     }
 
     /// The version of `name` running now.
@@ -164,10 +186,12 @@ impl Registry {
     /// Loads (or replaces) plugin `name` from `wasm`. On failure the running
     /// version, if any, stays.
     pub fn load(&self, name: &str, wasm: &[u8], path: &Path) -> Result<Arc<Plugin>, PluginError> {
-        let _changing = self.changing.lock().unwrap();
         let started = std::time::Instant::now();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        match Plugin::load(
+        // Compiled outside the lock (seconds for a large plugin), so a
+        // settings change meanwhile (the hub twin's, on the async runtime)
+        // is not held up; one that came is applied before the swap.
+        let loaded = Plugin::load(
             &self.engine,
             &self.linker,
             name,
@@ -175,9 +199,16 @@ impl Registry {
             self.settings_for(name),
             generation,
             self.log_of(name),
-        ) {
+        );
+        let _changing = self.changing.lock().unwrap();
+        match loaded {
             Ok((plugin, cached)) => {
-                let plugin = Arc::new(plugin);
+                let settings = self.settings_for(name);
+                let plugin = Arc::new(if settings == plugin.settings {
+                    plugin
+                } else {
+                    plugin.with_settings(settings, self.generation.fetch_add(1, Ordering::Relaxed))
+                });
                 let replaced = self.swap(name, Some(plugin.clone()));
                 tracing::info!(
                     plugin = name,

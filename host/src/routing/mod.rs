@@ -279,25 +279,35 @@ impl Router {
     }
 
     /// Hands `messages` to plugin `name`; one answer each, in order, with
-    /// the message it answers (fewer when its worker died).
+    /// the message it answers (fewer when its worker died). A plugin not
+    /// loaded while the hub is still reading its plugins folder (compiling
+    /// at start) is waited for; one not loaded after that is not loaded.
     fn submit(
         &self,
         name: &str,
         messages: Vec<Message>,
     ) -> impl std::future::Future<Output = Verdicts> {
-        let plugin = self.plugins.as_ref().and_then(|h| h.registry.get(name));
-        let pending = match (plugin, &self.plugins) {
-            (Some(p), Some(h)) => Ok(boundary::submit(&h.pool, p, messages)),
-            _ => Err(messages),
+        let job = match &self.plugins {
+            Some(h) => match h.registry.get(name) {
+                Some(plugin) => Ok(boundary::submit(&h.pool, plugin, messages)),
+                None => Err((Some((h.clone(), name.to_owned())), messages)),
+            },
+            None => Err((None, messages)),
         };
         async move {
-            match pending {
-                Ok(verdicts) => verdicts.await,
-                Err(messages) => messages
-                    .into_iter()
-                    .map(|m| (m, Err(CallFailure::NotLoaded)))
-                    .collect(),
+            let (waiting, messages) = match job {
+                Ok(verdicts) => return verdicts.await,
+                Err(not_loaded) => not_loaded,
+            };
+            if let Some((h, name)) = waiting {
+                if let Some(plugin) = h.registry.get_when_read(&name).await {
+                    return boundary::submit(&h.pool, plugin, messages).await;
+                }
             }
+            messages
+                .into_iter()
+                .map(|m| (m, Err(CallFailure::NotLoaded)))
+                .collect()
         }
     }
 
