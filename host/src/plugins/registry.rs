@@ -184,7 +184,9 @@ impl Registry {
     }
 
     /// Loads (or replaces) plugin `name` from `wasm`. On failure the running
-    /// version, if any, stays.
+    /// version, if any, stays. Called from one thread (the watcher's, through
+    /// [`sync_folder`](Self::sync_folder)): two compiles of one name, done
+    /// outside the lock, never race to the swap.
     pub fn load(&self, name: &str, wasm: &[u8], path: &Path) -> Result<Arc<Plugin>, PluginError> {
         let started = std::time::Instant::now();
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
