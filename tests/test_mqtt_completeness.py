@@ -238,6 +238,36 @@ def test_a_client_beyond_max_connections_is_refused_at_once_and_served_once_a_sl
     assert hub.alive()
 
 
+SLOTS_HELD = "edgehub_connection_slots_held"
+
+
+def test_a_client_accepted_while_every_slot_is_held_is_served_if_one_frees_before_its_connect(
+    hub_factory, clients
+):
+    """A connection is admitted again when its CONNECT arrives: one whose TCP
+    connection was queued behind a client on its way out is served."""
+    hub = hub_factory(None, edge_id="edge-limit-late", extra_args=["--max-connections", "1"])
+    hub.wait_metric(SLOTS_HELD, lambda v: v == 0, 10, "every slot free once the probes are gone")
+    held = raw(hub, clients)
+    assert held.connect(client_id="held")[2][1] == 0
+    assert hub.metric(SLOTS_HELD) == 1
+
+    # a client connects over TCP while the slot is held, and waits; the one
+    # after it is refused, so the hub has accepted both (in order) by then
+    late = raw(hub, clients)
+    assert connack_code(hub, clients, 4) == 0x03
+    held.send(b"\xe0\x00")  # DISCONNECT
+    held.read_until_closed(10)
+    hub.wait_metric(SLOTS_HELD, lambda v: v == 0, 10, "the slot freed by the client that left")
+
+    _, _, body = late.connect(client_id="late")
+    assert body[1] == 0, f"a client whose CONNECT came after the slot freed was refused: {body[1]:#x}"
+    assert hub.metric(SLOTS_HELD) == 1
+    # and the limit holds with it counted
+    assert connack_code(hub, clients, 4) == 0x03
+    assert hub.alive()
+
+
 HANDSHAKE_TIMEOUT = 10.0  # mqtt/listener.rs
 HANDSHAKE_EOF_BOUND = 30.0
 
@@ -265,24 +295,17 @@ def test_a_tls_handshake_never_finished_holds_its_slot_only_until_the_handshake_
         "--max-connections", "1", "--tls-listen", f"{LOOPBACK}:{tls_port}",
         "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])])
     wait_tls_listener(hub, tls_port)
+    # the readiness probes' connections have ended: no slot is held
+    hub.wait_metric(SLOTS_HELD, lambda v: v == 0, 10, "every slot free once the probes are gone")
     offset = log_size(hub)
-    opened = []
 
-    def held_by_a_silent_handshake():
-        # a TLS client that connects and never sends its ClientHello; the
-        # TLS client after it (accepted after it) must then be refused.
-        # (A slot held a moment longer by the listener probe above, or by a
-        # client served here, makes this try again.)
-        silent = socket.create_connection((LOOPBACK, tls_port), timeout=5)
-        at = time.monotonic()
-        if tls_connack(tls_port, certs["ca"]) == 0x03:
-            opened.append(at)
-            return silent
-        silent.close()
-        return None
-
-    silent = wait_until(held_by_a_silent_handshake, 30, "the only slot held by an unfinished TLS handshake")
+    # a TLS client that connects and never sends its ClientHello
+    silent = socket.create_connection((LOOPBACK, tls_port), timeout=5)
+    opened = [time.monotonic()]
+    hub.wait_metric(SLOTS_HELD, lambda v: v == 1, 10, "the only slot held by the unfinished handshake")
     try:
+        # while it holds the slot, TLS and plain TCP clients are refused
+        assert tls_connack(tls_port, certs["ca"]) == 0x03
         # refused over plain TCP as well, while it holds the slot
         assert connack_code(hub, clients, 4) == 0x03
         # until the hub closes it, at the handshake deadline

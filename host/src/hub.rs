@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -234,7 +233,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped,
             tasks.spawn(api::serve(l, tls.clone(), api.clone(), shutdown.clone()));
         }
     }
-    let limit = Arc::new(Semaphore::new(config.mqtt.max_connections));
+    let slots = listener::Slots::new(config.mqtt.max_connections);
     let origins = Arc::new(AllowedOrigins::new(&config.mqtt.ws_allowed_origins));
     let layers = |tls: &Option<TlsAcceptor>, websocket: bool| listener::Transport {
         tls: tls.clone(),
@@ -259,7 +258,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped,
                 l,
                 transport.clone(),
                 ctx.clone(),
-                limit.clone(),
+                slots.clone(),
                 shutdown.clone(),
             ));
         }
@@ -276,6 +275,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped,
             broker: broker.clone(),
             routes: routes.clone(),
             plugins: Some(registry.clone()),
+            slots: slots.clone(),
         };
         let upstream = addresses.iter().map(ToString::to_string).collect();
         let seen = monitor::Seen::new(sources, config.edge_id.clone(), upstream);

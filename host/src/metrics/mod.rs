@@ -138,6 +138,8 @@ pub struct Metrics {
     scope_synced: Gauge<f64, AtomicU64>,
     auth_refused: Counter,
     connections_refused: Counter,
+    connection_slots_held: Gauge,
+    connection_slots: Gauge,
     authz_refused: Counter,
     plugin_calls: Counter,
     plugin_failures: Family<PluginLabels, Counter>,
@@ -214,6 +216,8 @@ impl Metrics {
             scope_synced: reg_seconds(&mut r, "scope_synced_timestamp", "When the device scope in force came from the cloud, Unix time (0: no scope yet)"),
             auth_refused: reg(&mut r, "auth_refused", "Connections refused by authentication"),
             connections_refused: reg(&mut r, "connections_refused", "Connections refused because the hub served max_connections clients already"),
+            connection_slots_held: reg(&mut r, "connection_slots_held", "Connections holding one of the max_connections slots: clients served and connections still opening (TLS handshake, WebSocket upgrade, CONNECT)"),
+            connection_slots: reg(&mut r, "connection_slots", "The max_connections setting"),
             authz_refused: reg(&mut r, "authz_refused", "Publishes and subscriptions refused by authorization"),
             plugin_calls: reg(&mut r, "plugin_calls", "Messages handed to Wasm plugins"),
             plugin_failures: reg(&mut r, "plugin_failures", "Plugin calls that failed (timeout, memory, trap, bad result, not loaded), by plugin; each instance is replaced"),
@@ -285,6 +289,10 @@ impl Metrics {
     }
     pub fn authz_refused(&self, n: u64) {
         self.authz_refused.inc_by(n);
+    }
+    pub fn set_connection_slots(&self, held: usize, max: usize) {
+        self.connection_slots_held.set(held as i64);
+        self.connection_slots.set(max as i64);
     }
     pub fn connection_refused(&self) {
         self.connections_refused.inc();

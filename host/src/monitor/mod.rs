@@ -93,9 +93,7 @@ async fn respond(mut sock: TcpStream, seen: Arc<Seen>) {
     };
     let (status, content_type, extra, body) = match answer {
         Answer::Metrics => {
-            let Ok(body) =
-                tokio::task::spawn_blocking(move || seen.metrics.render(&seen.store)).await
-            else {
+            let Ok(body) = tokio::task::spawn_blocking(move || seen.metrics_text()).await else {
                 return;
             };
             ("200 OK", CONTENT_TYPE, "", body)
@@ -244,6 +242,7 @@ mod tests {
             broker,
             routes: Default::default(),
             plugins: None,
+            slots: crate::mqtt::listener::Slots::new(4),
         };
         let seen = Arc::new(Seen::new(sources, "edge1".into(), vec![]));
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::broker::{BrokerHandle, Clients};
 use crate::metrics::Metrics;
+use crate::mqtt::listener::Slots;
 use crate::plugins::Registry;
 use crate::routing::Routes;
 use crate::store::Store;
@@ -47,6 +48,8 @@ pub struct Sources {
     pub broker: BrokerHandle,
     pub routes: Routes,
     pub plugins: Option<Arc<Registry>>,
+    /// The listeners' `max_connections` slots.
+    pub slots: Slots,
 }
 
 /// The hub as its operator sees it.
@@ -56,6 +59,7 @@ pub struct Seen {
     pub(super) broker: BrokerHandle,
     routes: Routes,
     plugins: Option<Arc<Registry>>,
+    slots: Slots,
     edge_id: String,
     upstream: Vec<String>,
     history: Mutex<VecDeque<Sample>>,
@@ -70,6 +74,7 @@ impl Seen {
             broker,
             routes,
             plugins,
+            slots,
         } = sources;
         Seen {
             metrics,
@@ -77,11 +82,20 @@ impl Seen {
             broker,
             routes,
             plugins,
+            slots,
             edge_id,
             upstream,
             history: Mutex::new(VecDeque::with_capacity(KEEP)),
             started_ms: crate::clock::wall_ms(),
         }
+    }
+
+    /// The OpenMetrics text, with the gauges read at scrape time read now.
+    /// Reads the store: call it off the async runtime.
+    pub fn metrics_text(&self) -> String {
+        self.metrics
+            .set_connection_slots(self.slots.held(), self.slots.max());
+        self.metrics.render(&self.store)
     }
 
     fn plugin_names(&self) -> Vec<String> {
@@ -171,6 +185,7 @@ mod tests {
             broker,
             routes: Routes::new(Some(table)),
             plugins: None,
+            slots: crate::mqtt::listener::Slots::new(4),
         };
         Seen::new(sources, "edge1".into(), vec!["mqtt://cloud:1883".into()])
     }

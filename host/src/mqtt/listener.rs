@@ -90,19 +90,52 @@ enum OpenError {
     TimedOut,
 }
 
+/// The hub's `max_connections` slots, shared by every listener. A
+/// connection takes one at its TCP accept and holds it until it ends; one
+/// accepted while all are held (it gets one of [`REFUSING`] passes) tries
+/// again when its CONNECT arrives, and only then is it refused: a client
+/// whose TCP connection was queued behind one that was closing is served.
+#[derive(Clone)]
+pub struct Slots {
+    free: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Slots {
+    pub fn new(max: usize) -> Self {
+        Self {
+            free: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Slots held now: connections served, and connections still opening
+    /// (their TLS handshake, WebSocket upgrade or CONNECT to come).
+    pub fn held(&self) -> usize {
+        self.max - self.free.available_permits()
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.free.clone().try_acquire_owned().ok()
+    }
+}
+
 /// Accepts connections on `listener` through `transport`, at most as many
-/// at once as `limit` has permits (shared by all listeners). A client
-/// beyond the limit gets a CONNACK refusal, never a wait.
+/// at once as there are `slots` (shared by all listeners). A client beyond
+/// the limit gets a CONNACK refusal, never a wait.
 pub async fn run(
     listener: TcpListener,
     transport: Transport,
     ctx: Arc<SessionContext>,
-    limit: Arc<Semaphore>,
+    slots: Slots,
     shutdown: CancellationToken,
 ) {
     let sessions = TaskTracker::new();
     let refusing = Arc::new(Semaphore::new(REFUSING));
-    let max = limit.available_permits();
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -115,9 +148,9 @@ pub async fn run(
                 }
             },
         };
-        let permit = match limit.clone().try_acquire_owned() {
-            Ok(p) => Admission::Serve(p),
-            Err(_) => match refusing.clone().try_acquire_owned() {
+        let admission = match slots.take() {
+            Some(p) => Admission::Serve(p),
+            None => match refusing.clone().try_acquire_owned() {
                 Ok(p) => Admission::Refuse(p),
                 Err(_) => {
                     ctx.metrics.connection_refused();
@@ -129,18 +162,19 @@ pub async fn run(
         sessions.spawn(connection(
             socket,
             peer,
-            permit,
+            admission,
             transport.clone(),
             ctx.clone(),
-            max,
+            slots.clone(),
         ));
     }
     sessions.close();
     sessions.wait().await;
 }
 
-/// What a new connection gets: a session, or a refusal (each holding its
-/// permit until the connection ends).
+/// What a new connection got at its accept: a slot, or a pass to be
+/// answered (and a second chance at a slot once its CONNECT arrives); each
+/// held until the connection ends.
 enum Admission {
     Serve(OwnedSemaphorePermit),
     Refuse(OwnedSemaphorePermit),
@@ -156,7 +190,7 @@ fn connection(
     admission: Admission,
     transport: Transport,
     ctx: Arc<SessionContext>,
-    limit: usize,
+    slots: Slots,
 ) -> impl std::future::Future<Output = ()> + Send {
     let start = Box::pin(async move {
         let peer = peer.to_string();
@@ -171,15 +205,21 @@ fn connection(
                 return None;
             }
         };
-        match admission {
-            Admission::Serve(permit) => session::open(stream, certs, peer, ctx)
-                .await
-                .map(|live| (live, permit)),
-            Admission::Refuse(_permit) => {
-                session::refuse_busy(stream, peer, limit, ctx).await;
-                None
-            }
-        }
+        let hello = session::hello(stream, peer, &ctx).await?;
+        let permit = match admission {
+            Admission::Serve(permit) => permit,
+            Admission::Refuse(pass) => match slots.take() {
+                Some(permit) => {
+                    drop(pass);
+                    permit
+                }
+                None => {
+                    hello.refuse_busy(slots.max(), &ctx).await;
+                    return None;
+                }
+            },
+        };
+        hello.open(certs, ctx).await.map(|live| (live, permit))
     });
     async move {
         if let Some((live, _permit)) = start.await {

@@ -181,23 +181,30 @@ pub struct Live<S> {
     peer: String,
 }
 
-/// Opens a session on a new connection: reads its CONNECT, authenticates
-/// it and answers; `None` when the connection ended instead (refused,
-/// closed, timed out). Never panics on client input. `client_certs`: the
-/// DER certificate chain a TLS client presented (end-entity first; empty
-/// when none).
-pub async fn open<S>(
-    mut stream: S,
-    client_certs: Vec<Vec<u8>>,
+/// A new connection whose CONNECT was read, to be opened as a session
+/// ([`Hello::open`]) or refused ([`Hello::refuse_busy`]).
+pub struct Hello<S> {
+    stream: S,
+    buf: BytesMut,
+    connect: Connect,
     peer: String,
-    ctx: Arc<SessionContext>,
-) -> Option<Box<Live<S>>>
+}
+
+/// Reads a new connection's CONNECT; `None` when the connection ended
+/// instead (closed, timed out, not MQTT: logged, and an unsupported
+/// protocol level answered). Never panics on client input.
+pub async fn hello<S>(mut stream: S, peer: String, ctx: &SessionContext) -> Option<Hello<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_MIN);
-    let connect = match read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await {
-        Ok(c) => c,
+    match read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await {
+        Ok(connect) => Some(Hello {
+            stream,
+            buf,
+            connect,
+            peer,
+        }),
         Err(e) => {
             tracing::warn!(%peer, error = %e, "connection refused");
             if let SessionEnd::Codec(CodecError::UnsupportedProtocol { .. }) = e {
@@ -216,28 +223,77 @@ where
                 );
                 goodbye(&mut stream, &out).await;
             }
-            return None;
+            None
         }
-    };
-    let session = Session::accept(connect, &client_certs, &peer, &ctx, &mut stream).await?;
-    drop(client_certs);
-    // The CONNECT's buffer: an idle connection holds none.
-    size_read_buffer(&mut buf, 0, false);
-    ctx.metrics.client_connected(1);
-    if session.resumed {
-        // A resumed session kept its subscriptions: what waits for it (its
-        // device's cloud-to-device messages, module inputs) goes out now.
-        if session.device_inbox().is_some() {
-            ctx.c2d.push(&session.client_id).await;
-        }
-        ctx.inputs.push_all().await;
     }
-    Some(Box::new(Live {
-        session,
-        stream,
-        buf,
-        peer,
-    }))
+}
+
+impl<S> Hello<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Opens the session: authenticates the CONNECT and answers it; `None`
+    /// when it was refused. `client_certs`: the DER certificate chain a TLS
+    /// client presented (end-entity first; empty when none).
+    pub async fn open(
+        self,
+        client_certs: Vec<Vec<u8>>,
+        ctx: Arc<SessionContext>,
+    ) -> Option<Box<Live<S>>> {
+        let Hello {
+            mut stream,
+            mut buf,
+            connect,
+            peer,
+        } = self;
+        let session = Session::accept(connect, &client_certs, &peer, &ctx, &mut stream).await?;
+        drop(client_certs);
+        // The CONNECT's buffer: an idle connection holds none.
+        size_read_buffer(&mut buf, 0, false);
+        ctx.metrics.client_connected(1);
+        if session.resumed {
+            // A resumed session kept its subscriptions: what waits for it (its
+            // device's cloud-to-device messages, module inputs) goes out now.
+            if session.device_inbox().is_some() {
+                ctx.c2d.push(&session.client_id).await;
+            }
+            ctx.inputs.push_all().await;
+        }
+        Some(Box::new(Live {
+            session,
+            stream,
+            buf,
+            peer,
+        }))
+    }
+
+    /// Answers a client beyond the hub's limit: its CONNECT gets a refusal
+    /// (3.1.1: 0x03 server unavailable; 5: 0x97 quota exceeded) at once,
+    /// then the connection is closed.
+    pub async fn refuse_busy(self, limit: usize, ctx: &SessionContext) {
+        let Hello {
+            mut stream,
+            connect,
+            peer,
+            ..
+        } = self;
+        ctx.metrics.connection_refused();
+        tracing::warn!(%peer, client = %connect.client_id, limit, "CONNECT refused: the hub serves max_connections clients already");
+        let codec = codec::Codec {
+            protocol: connect.protocol,
+            max_size: usize::MAX,
+        };
+        let mut out = BytesMut::new();
+        codec.write(
+            Outbound::ConnAck {
+                code: ConnAckCode::Busy,
+                session_present: false,
+                assigned_client_id: None,
+            },
+            &mut out,
+        );
+        goodbye(&mut stream, &out).await;
+    }
 }
 
 impl<S> Live<S>
@@ -355,37 +411,6 @@ where
 {
     stream.write_all(bytes).await?;
     stream.flush().await
-}
-
-/// Answers a connection beyond the hub's limit: its CONNECT gets a refusal
-/// (3.1.1: 0x03 server unavailable; 5: 0x97 quota exceeded) at once, then
-/// the connection is closed.
-pub async fn refuse_busy<S>(mut stream: S, peer: String, limit: usize, ctx: Arc<SessionContext>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(512);
-    let connect = read_connect(&mut stream, &mut buf, ctx.max_message_bytes).await;
-    ctx.metrics.connection_refused();
-    let Ok(connect) = connect else {
-        tracing::warn!(%peer, limit, "connection closed: the hub serves max_connections clients already");
-        return;
-    };
-    tracing::warn!(%peer, client = %connect.client_id, limit, "CONNECT refused: the hub serves max_connections clients already");
-    let codec = codec::Codec {
-        protocol: connect.protocol,
-        max_size: usize::MAX,
-    };
-    let mut out = BytesMut::new();
-    codec.write(
-        Outbound::ConnAck {
-            code: ConnAckCode::Busy,
-            session_present: false,
-            assigned_client_id: None,
-        },
-        &mut out,
-    );
-    goodbye(&mut stream, &out).await;
 }
 
 /// `principal` behind an `Arc`: open and anonymous clients (the default
