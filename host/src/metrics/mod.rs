@@ -210,7 +210,7 @@ impl Metrics {
             upstream_connected: reg(&mut r, "upstream_connected", "1 while connected to the upstream broker"),
             upstream_address: reg(&mut r, "upstream_address", "Each configured upstream address: 1 for the one the hub is connected to, 0 for the others"),
             upstream_reconnects: reg(&mut r, "upstream_reconnects", "Connections to the upstream broker made after the first one"),
-            upstream_window: reg(&mut r, "upstream_window", "Publishes that may be unacknowledged upstream now: what the upstream acknowledged in half a keepalive, within upstream.max_inflight"),
+            upstream_window: reg(&mut r, "upstream_window", "Publishes that may be unacknowledged upstream now: what the upstream acknowledged in a quarter of a keepalive, within upstream.max_inflight"),
             scope_identities: reg(&mut r, "scope_identities", "Identities in the device scope (0: no scope yet)"),
             scope_version: reg(&mut r, "scope_version", "Version of the device scope in force (0: no scope yet)"),
             scope_synced: reg_seconds(&mut r, "scope_synced_timestamp", "When the device scope in force came from the cloud, Unix time (0: no scope yet)"),

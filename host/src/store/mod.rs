@@ -28,6 +28,7 @@ pub mod lane;
 pub mod live;
 pub mod record;
 pub mod recovery;
+mod salvage;
 pub mod status;
 pub mod writer;
 

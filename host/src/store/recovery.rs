@@ -14,7 +14,8 @@
 //!   far as it reads from either end, into a new database that replaces the
 //!   damaged one;
 //! - a database that does not open at all (its version or a table's index
-//!   damaged) is replaced by an empty one.
+//!   damaged) is read file by file into a new one ([`super::salvage`]),
+//!   or, if even that fails, replaced by an empty one.
 //!
 //! Whatever is damaged is first set aside, as it was, under `damaged/` in
 //! the storage folder, for the operator to inspect and delete.
@@ -75,13 +76,33 @@ pub fn open(
         Ok(db) => db,
         Err(e) if is_damage(&e) => {
             let aside = set_aside(dir, false)?;
-            tracing::error!(
-                error = %e,
-                set_aside = %aside.display(),
-                "the store cannot be opened: it is damaged beyond what can be read record by record; it is set aside and the hub starts with an empty store"
-            );
-            recovery.lost += 1;
-            recovery.set_aside.push(aside);
+            recovery.set_aside.push(aside.clone());
+            match super::salvage::salvage(&aside, &rebuild, &open) {
+                Ok(salvaged) => {
+                    std::fs::rename(&rebuild, dir).map_err(|e| io(dir, e))?;
+                    tracing::error!(
+                        error = %e,
+                        recovered = salvaged.kept,
+                        lost = salvaged.lost,
+                        set_aside = %aside.display(),
+                        "the store cannot be opened (its version files or a table's index are damaged); every record its tables and journals still hold was read into a new store"
+                    );
+                    recovery.recovered = salvaged.kept;
+                    recovery.lost += salvaged.lost;
+                }
+                Err(salvaging) => {
+                    if rebuild.exists() {
+                        std::fs::remove_dir_all(&rebuild).map_err(|e| io(&rebuild, e))?;
+                    }
+                    tracing::error!(
+                        error = %e,
+                        salvage_error = %salvaging,
+                        set_aside = %aside.display(),
+                        "the store cannot be opened and its records could not be read out; it is set aside and the hub starts with an empty store"
+                    );
+                    recovery.lost += 1;
+                }
+            }
             return Ok((open(dir)?, recovery));
         }
         Err(e) => return Err(e.into()),
@@ -112,8 +133,14 @@ pub fn open(
 /// opposed to a lock, a permission or a full disk, which are not repaired).
 pub(super) fn is_damage(e: &fjall::Error) -> bool {
     use std::io::ErrorKind;
-    let io_damage =
-        |e: &std::io::Error| matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::InvalidData);
+    // (A damaged offset in a table's table of contents makes a read past
+    // any file: EINVAL.)
+    let io_damage = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::UnexpectedEof | ErrorKind::InvalidData | ErrorKind::InvalidInput
+        )
+    };
     match e {
         fjall::Error::Io(e) => io_damage(e),
         fjall::Error::Storage(fjall::LsmError::Io(e)) => io_damage(e),
@@ -143,7 +170,7 @@ fn readable(db: &Database) -> Result<bool, StoreError> {
     Ok(true)
 }
 
-fn count(db: &Database) -> Result<u64, StoreError> {
+pub(super) fn count(db: &Database) -> Result<u64, StoreError> {
     let mut n = 0;
     for name in db.list_keyspace_names() {
         n += db.keyspace(&name, KeyspaceCreateOptions::default)?.len()? as u64;
@@ -259,7 +286,7 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn io(path: &Path, source: std::io::Error) -> StoreError {
+pub(super) fn io(path: &Path, source: std::io::Error) -> StoreError {
     StoreError::Recovery {
         path: path.display().to_string(),
         source,
@@ -297,14 +324,7 @@ pub(crate) mod journal {
     /// The journals in `dir` that have damage followed by intact batches.
     pub fn find_damage(dir: &Path) -> Result<Vec<(PathBuf, Damage)>, StoreError> {
         let mut found = Vec::new();
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return Ok(found);
-        };
-        for entry in entries {
-            let path = entry.map_err(|e| super::io(dir, e))?.path();
-            if path.extension().is_none_or(|e| e != "jnl") {
-                continue;
-            }
+        for path in files(dir)? {
             let bytes = std::fs::read(&path).map_err(|e| super::io(&path, e))?;
             let damage = scan(&bytes);
             if !damage.ranges.is_empty() {
@@ -312,6 +332,115 @@ pub(crate) mod journal {
             }
         }
         Ok(found)
+    }
+
+    /// The journal files in `dir`, oldest first.
+    pub fn files(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        let mut found = Vec::new();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Ok(found);
+        };
+        for entry in entries {
+            let path = entry.map_err(|e| super::io(dir, e))?.path();
+            if path.extension().is_some_and(|e| e == "jnl") {
+                found.push(path);
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// One write of an intact batch.
+    pub struct Item<'a> {
+        pub keyspace: u64,
+        pub key: &'a [u8],
+        pub value: &'a [u8],
+        /// The batch's sequence number.
+        pub seqno: u64,
+        pub value_type: lsm_tree::ValueType,
+    }
+
+    /// Calls `f` on each item of each intact batch of the journal `bytes`
+    /// (damaged stretches are stepped over, as [`scan`] finds them).
+    /// Returns the items that could not be decoded (an unknown value type,
+    /// an lz4 value that does not decompress). A keyspace's clearing is not
+    /// replayed: the hub never clears one.
+    pub fn for_each_item(bytes: &[u8], mut f: impl FnMut(Item<'_>)) -> u64 {
+        let mut skipped = 0;
+        let mut pos = 0;
+        while pos < bytes.len() {
+            if let Parse::Intact(end) = parse(bytes, pos) {
+                skipped += items(&bytes[pos..end], &mut f);
+                pos = end;
+                continue;
+            }
+            match (pos + 1..bytes.len())
+                .find(|&p| bytes[p] == START && matches!(parse(bytes, p), Parse::Intact(_)))
+            {
+                Some(next) => pos = next,
+                None => break,
+            }
+        }
+        skipped
+    }
+
+    /// The items of one intact batch (`batch`: its bytes, start to end).
+    fn items(batch: &[u8], f: &mut impl FnMut(Item<'_>)) -> u64 {
+        let mut r = Reader {
+            bytes: batch,
+            pos: 1 + 4, // START, count
+            short: false,
+        };
+        let Some(seqno) = r.u64() else { return 0 };
+        let mut skipped = 0;
+        loop {
+            match r.u8() {
+                Some(ITEM) => {
+                    let (Some(kind), Some(compression), Some(keyspace), Some(key_len)) =
+                        (r.u8(), r.u8(), r.u64(), r.u16())
+                    else {
+                        return skipped + 1;
+                    };
+                    let (Some(plain_len), Some(len)) = (r.u32(), r.u32()) else {
+                        return skipped + 1;
+                    };
+                    let (Some(key), Some(value)) =
+                        (r.take(usize::from(key_len)), r.take(len as usize))
+                    else {
+                        return skipped + 1;
+                    };
+                    let value = match compression {
+                        0 => std::borrow::Cow::Borrowed(value),
+                        1 => match lz4_flex::decompress(value, plain_len as usize) {
+                            Ok(v) => std::borrow::Cow::Owned(v),
+                            Err(_) => {
+                                skipped += 1;
+                                continue;
+                            }
+                        },
+                        _ => {
+                            skipped += 1;
+                            continue;
+                        }
+                    };
+                    let Ok(value_type) = lsm_tree::ValueType::try_from(kind) else {
+                        skipped += 1;
+                        continue;
+                    };
+                    f(Item {
+                        keyspace,
+                        key,
+                        value: &value,
+                        seqno,
+                        value_type,
+                    });
+                }
+                Some(CLEAR) => {
+                    let _ = r.skip(8);
+                }
+                _ => return skipped,
+            }
+        }
     }
 
     /// Rewrites the journal at `path` without its damaged ranges.
@@ -633,21 +762,126 @@ mod tests {
         assert_eq!(again, Recovery::default());
     }
 
+    fn version_files(dir: &Path) -> Vec<PathBuf> {
+        files(dir, &|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with('v') && name[1..].parse::<u64>().is_ok()
+        })
+    }
+
+    fn tables(dir: &Path, keyspace: &str) -> Vec<PathBuf> {
+        files(
+            &dir.join("keyspaces").join(keyspace).join("tables"),
+            &|_| true,
+        )
+    }
+
     #[test]
-    fn a_store_that_cannot_open_is_set_aside_and_an_empty_one_starts() {
+    fn a_store_whose_version_files_are_damaged_is_read_from_its_tables_into_a_new_one() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("queue");
         fill(&dir, true);
-        for version in files(&dir, &|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            name.starts_with('v') && name[1..].parse::<u64>().is_ok()
-        }) {
+        for version in version_files(&dir) {
             flip(&version, 0.5);
+        }
+        assert!(open_db(&dir).is_err(), "the damage did not stop fjall");
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert_eq!(keys(&db), (0..RECORDS).collect::<Vec<_>>());
+        assert_eq!(recovery.recovered, RECORDS);
+        assert_eq!(recovery.lost, 0);
+        assert_eq!(recovery.set_aside.len(), 1);
+        assert!(recovery.set_aside[0].join("keyspaces").exists());
+        assert!(!rebuild_dir(&dir).exists());
+        drop(db);
+        let (db, again) = open(&dir, open_db).unwrap();
+        assert_eq!(again, Recovery::default(), "the new store is whole");
+        assert_eq!(
+            db.list_keyspace_names().len(),
+            1,
+            "no keyspace of the salvage's own"
+        );
+    }
+
+    #[test]
+    fn a_store_whose_table_tail_is_damaged_is_read_block_by_block() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, true);
+        let meta = dir.join("keyspaces").join("0");
+        let table = files(&dir.join("keyspaces"), &|p| {
+            p.parent().is_some_and(|t| t.ends_with("tables")) && !p.starts_with(&meta)
+        })
+        .pop()
+        .expect("a table of the queue");
+        // The table's tail (index, meta, table of contents): the first 4
+        // bytes from its end whose flipping stops fjall.
+        let whole = std::fs::read(&table).unwrap();
+        let n = whole.len();
+        let stops = (8..1024).step_by(4).find(|back| {
+            let mut bytes = whole.clone();
+            for b in &mut bytes[n - back..n - back + 4] {
+                *b ^= 0xFF;
+            }
+            std::fs::write(&table, bytes).unwrap();
+            open_db(&dir).is_err()
+        });
+        assert!(stops.is_some(), "no damage to the table's tail stops fjall");
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert_eq!(keys(&db), (0..RECORDS).collect::<Vec<_>>());
+        assert_eq!(recovery.lost, 0);
+    }
+
+    #[test]
+    fn a_store_that_does_not_open_keeps_its_journal_writes_and_deletions_over_its_tables() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, true);
+        {
+            // after the flush, in the journal only: deletions and new records
+            let db = open_db(&dir).unwrap();
+            let ks = db
+                .keyspace("queue", KeyspaceCreateOptions::default)
+                .unwrap();
+            for i in 0..1000u64 {
+                ks.remove(i.to_be_bytes()).unwrap();
+            }
+            for i in RECORDS..RECORDS + 500 {
+                // one value large enough for the journal to compress it
+                let value = if i == RECORDS {
+                    vec![b'y'; 8192]
+                } else {
+                    vec![b'y'; 10]
+                };
+                ks.insert(i.to_be_bytes(), value).unwrap();
+            }
+            db.persist(PersistMode::SyncAll).unwrap();
+        }
+        for version in version_files(&dir) {
+            flip(&version, 0.5);
+        }
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert_eq!(keys(&db), (1000..RECORDS + 500).collect::<Vec<_>>());
+        assert_eq!(recovery.recovered, RECORDS + 500 - 1000);
+        let ks = db
+            .keyspace("queue", KeyspaceCreateOptions::default)
+            .unwrap();
+        assert_eq!(ks.get(RECORDS.to_be_bytes()).unwrap().unwrap().len(), 8192);
+    }
+
+    #[test]
+    fn a_store_whose_keyspace_names_cannot_be_read_starts_empty_and_counts_a_loss() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&dir, true);
+        for version in version_files(&dir) {
+            flip(&version, 0.5);
+        }
+        for table in tables(&dir, "0") {
+            flip(&table, 0.1);
         }
         let (db, recovery) = open(&dir, open_db).unwrap();
         assert!(keys(&db).is_empty());
         assert_eq!(recovery.set_aside.len(), 1);
         assert!(recovery.lost >= 1);
-        assert!(recovery.set_aside[0].join("keyspaces").exists());
     }
 }

@@ -6,7 +6,7 @@
 //! dead-letter area. It fills the window from the first lane (priority 0)
 //! that has messages to send, then the next, keeps at most as many QoS 1
 //! publishes unacknowledged over all lanes as the upstream acknowledges in
-//! half a keepalive, within `max_inflight` ([`super::ack_rate`]; through
+//! a quarter of a keepalive, within `max_inflight` ([`super::ack_rate`]; through
 //! the link, which owns the connection and its packet ids), and removes messages from a
 //! lane only through the contiguous prefix that is acknowledged (or
 //! expired). After any disconnect it starts again from each lane's lowest
@@ -226,7 +226,7 @@ impl Online {
     }
 
     /// How many messages may be in flight: what the upstream acknowledges
-    /// in half a keepalive within the configured window, the upstream's
+    /// in a quarter of a keepalive within the configured window, the upstream's
     /// Receive Maximum, one while a suspect is being tried.
     fn limit(&self, max_inflight: usize, refusals: &Refusals) -> usize {
         refusals
