@@ -52,8 +52,15 @@ pub fn open(
     let mut recovery = Recovery::default();
     let rebuild = rebuild_dir(dir);
     if rebuild.exists() {
-        // A rebuild that was interrupted: the damaged store is still in place.
-        std::fs::remove_dir_all(&rebuild).map_err(|e| io(&rebuild, e))?;
+        if dir.exists() {
+            // A rebuild that was interrupted: the damaged store is still in
+            // place, to be read again.
+            std::fs::remove_dir_all(&rebuild).map_err(|e| io(&rebuild, e))?;
+        } else {
+            // A rebuild that was done (and synced), the damaged store set
+            // aside, and the new one not yet moved in place.
+            std::fs::rename(&rebuild, dir).map_err(|e| io(dir, e))?;
+        }
     }
     let damaged = journal::find_damage(dir)?;
     if !damaged.is_empty() {
@@ -75,10 +82,11 @@ pub fn open(
     let db = match open(dir) {
         Ok(db) => db,
         Err(e) if is_damage(&e) => {
-            let aside = set_aside(dir, false)?;
-            recovery.set_aside.push(aside.clone());
-            match super::salvage::salvage(&aside, &rebuild, &open) {
+            // Read from the store where it is (an interruption leaves it in
+            // place, to be read again), then set it aside.
+            match super::salvage::salvage(dir, &rebuild, &open) {
                 Ok(salvaged) => {
+                    let aside = set_aside(dir, false)?;
                     std::fs::rename(&rebuild, dir).map_err(|e| io(dir, e))?;
                     tracing::error!(
                         error = %e,
@@ -89,11 +97,13 @@ pub fn open(
                     );
                     recovery.recovered = salvaged.kept;
                     recovery.lost += salvaged.lost;
+                    recovery.set_aside.push(aside);
                 }
                 Err(salvaging) => {
                     if rebuild.exists() {
                         std::fs::remove_dir_all(&rebuild).map_err(|e| io(&rebuild, e))?;
                     }
+                    let aside = set_aside(dir, false)?;
                     tracing::error!(
                         error = %e,
                         salvage_error = %salvaging,
@@ -101,6 +111,7 @@ pub fn open(
                         "the store cannot be opened and its records could not be read out; it is set aside and the hub starts with an empty store"
                     );
                     recovery.lost += 1;
+                    recovery.set_aside.push(aside);
                 }
             }
             return Ok((open(dir)?, recovery));
@@ -866,6 +877,17 @@ mod tests {
             .keyspace("queue", KeyspaceCreateOptions::default)
             .unwrap();
         assert_eq!(ks.get(RECORDS.to_be_bytes()).unwrap().unwrap().len(), 8192);
+    }
+
+    #[test]
+    fn a_rebuild_done_but_not_yet_moved_in_place_is_moved_in_at_the_next_start() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("queue");
+        fill(&rebuild_dir(&dir), true);
+        let (db, recovery) = open(&dir, open_db).unwrap();
+        assert_eq!(keys(&db), (0..RECORDS).collect::<Vec<_>>());
+        assert_eq!(recovery, Recovery::default());
+        assert!(!rebuild_dir(&dir).exists());
     }
 
     #[test]

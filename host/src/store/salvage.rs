@@ -19,6 +19,7 @@
 //! at-least-once allows.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
@@ -103,8 +104,8 @@ pub fn salvage(
         if keyspace == META {
             continue;
         }
-        let bytes = std::fs::read(&table).map_err(|e| super::recovery::io(&table, e))?;
-        let whole = for_each_in_table(&bytes, keyspace, &mut keep)?;
+        let file = std::fs::File::open(&table).map_err(|e| super::recovery::io(&table, e))?;
+        let whole = for_each_in_table(file, keyspace, &mut keep)?;
         if !whole {
             tracing::warn!(table = %table.display(), "a table file has a damaged data block; what reads before it is kept");
             table_lost += 1;
@@ -146,11 +147,11 @@ fn keyspace_names(old: &Path, lost: &mut u64) -> HashMap<u64, String> {
         if keyspace != META {
             continue;
         }
-        let Ok(bytes) = std::fs::read(&table) else {
+        let Ok(file) = std::fs::File::open(&table) else {
             *lost += 1;
             continue;
         };
-        let whole = for_each_in_table(&bytes, META, &mut |v: Version<'_>| {
+        let whole = for_each_in_table(file, META, &mut |v: Version<'_>| {
             let value = (v.value_type == ValueType::Value).then(|| v.value.to_vec());
             match newest.get(v.key) {
                 Some((seqno, _)) if *seqno >= v.seqno => {}
@@ -199,21 +200,21 @@ fn table_files(old: &Path) -> Vec<(u64, PathBuf)> {
     found
 }
 
-/// Calls `f` on each record of the table file `bytes`, data block after
-/// data block from its start; `Ok(false)` when a damaged block stopped the
-/// read before the table's first block of another kind.
+/// Calls `f` on each record of a table file, data block after data block
+/// from its start (one block in memory at a time); `Ok(false)` when a
+/// damaged block stopped the read before the table's first block of
+/// another kind.
 fn for_each_in_table<E>(
-    bytes: &[u8],
+    file: impl Read,
     keyspace: u64,
     f: &mut impl FnMut(Version<'_>) -> Result<(), E>,
 ) -> Result<bool, E> {
-    let mut pos = 0;
-    while pos < bytes.len() {
-        let Some(block) = data_block(&bytes[pos..]) else {
-            return Ok(false);
-        };
-        let Some((block, len)) = block else {
-            return Ok(true);
+    let mut reader = std::io::BufReader::new(file);
+    loop {
+        let block = match next_data_block(&mut reader) {
+            Next::Data(block) => block,
+            Next::Done => return Ok(true),
+            Next::Damaged => return Ok(false),
         };
         let data = DataBlock::new(block);
         let slice = data.as_slice().clone();
@@ -236,22 +237,43 @@ fn for_each_in_table<E>(
                 value_type: item.key.value_type,
             })?;
         }
-        pos += len;
     }
-    Ok(true)
 }
 
-/// The data block at the start of `bytes` and its length on disk;
-/// `Some(None)` for a block of another kind (the data blocks are done);
-/// `None` for a block that does not check.
-fn data_block(bytes: &[u8]) -> Option<Option<(Block, usize)>> {
-    let header = Header::decode_from(&mut &bytes[..]).ok()?;
-    if header.block_type != BlockType::Data {
-        return Some(None);
+enum Next {
+    Data(Block),
+    /// The end of the file, or a block of another kind: the data blocks
+    /// are done.
+    Done,
+    /// A block that does not check, or a file that ends inside one.
+    Damaged,
+}
+
+/// A block is at most this long: a few KiB, or one large message's value.
+const MAX_BLOCK: u32 = 64 << 20;
+
+fn next_data_block(reader: &mut impl Read) -> Next {
+    let mut head = vec![0u8; Header::serialized_len()];
+    let mut got = 0;
+    while got < head.len() {
+        match reader.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Next::Done,
+            Ok(0) | Err(_) => return Next::Damaged,
+            Ok(n) => got += n,
+        }
     }
-    let len = Header::serialized_len().checked_add(header.data_length as usize)?;
-    if len > bytes.len() {
-        return None;
+    let Ok(header) = Header::decode_from(&mut &head[..]) else {
+        return Next::Damaged;
+    };
+    if header.block_type != BlockType::Data {
+        return Next::Done;
+    }
+    if header.data_length > MAX_BLOCK || header.uncompressed_length > MAX_BLOCK {
+        return Next::Damaged;
+    }
+    let mut data = vec![0u8; header.data_length as usize];
+    if reader.read_exact(&mut data).is_err() {
+        return Next::Damaged;
     }
     // Compressed blocks (lz4, the deeper levels) are shorter than their
     // data; lz4 never makes a block exactly as long as it was.
@@ -260,6 +282,8 @@ fn data_block(bytes: &[u8]) -> Option<Option<(Block, usize)>> {
     } else {
         CompressionType::Lz4
     };
-    let block = Block::from_reader(&mut &bytes[..len], compression).ok()?;
-    Some(Some((block, len)))
+    match Block::from_reader(&mut head.as_slice().chain(data.as_slice()), compression) {
+        Ok(block) => Next::Data(block),
+        Err(_) => Next::Damaged,
+    }
 }
