@@ -24,6 +24,7 @@
 pub mod dead_letters;
 pub mod disk;
 pub mod documents;
+mod journal;
 pub mod lane;
 pub mod live;
 pub mod record;
@@ -531,6 +532,25 @@ fn key_of(bytes: &[u8]) -> u64 {
     let n = bytes.len().min(8);
     k[8 - n..].copy_from_slice(&bytes[..n]);
     u64::from_be_bytes(k)
+}
+
+/// An I/O error while opening a damaged store, naming the path.
+fn recovery_io(path: &std::path::Path, source: std::io::Error) -> StoreError {
+    StoreError::Recovery {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The records in every keyspace of `db`.
+fn count_records(db: &fjall::Database) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for name in db.list_keyspace_names() {
+        n += db
+            .keyspace(&name, fjall::KeyspaceCreateOptions::default)?
+            .len()? as u64;
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use lsm_tree::table::block::{BlockType, Header};
 use lsm_tree::table::{Block, DataBlock};
 use lsm_tree::{CompressionType, ValueType};
 
-use super::recovery::journal;
+use super::journal;
 use super::StoreError;
 
 /// The meta keyspace's id, and its key prefix for a keyspace's name.
@@ -104,7 +104,7 @@ pub fn salvage(
         if keyspace == META {
             continue;
         }
-        let file = std::fs::File::open(&table).map_err(|e| super::recovery::io(&table, e))?;
+        let file = std::fs::File::open(&table).map_err(|e| super::recovery_io(&table, e))?;
         let whole = for_each_in_table(file, keyspace, &mut keep)?;
         if !whole {
             tracing::warn!(table = %table.display(), "a table file has a damaged data block; what reads before it is kept");
@@ -112,7 +112,7 @@ pub fn salvage(
         }
     }
     for path in journal::files(old)? {
-        let bytes = std::fs::read(&path).map_err(|e| super::recovery::io(&path, e))?;
+        let bytes = std::fs::read(&path).map_err(|e| super::recovery_io(&path, e))?;
         let mut result = Ok(());
         let skipped = journal::for_each_item(&bytes, |item| {
             if result.is_ok() {
@@ -132,7 +132,7 @@ pub fn salvage(
     drop(targets);
     db.delete_keyspace(seen)?;
     db.persist(PersistMode::SyncAll)?;
-    let kept = super::recovery::count(&db)?;
+    let kept = super::count_records(&db)?;
     Ok(Salvaged {
         kept,
         lost: lost + table_lost,
