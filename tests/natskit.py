@@ -22,10 +22,12 @@ module; a test module imports it with the fixture it stands on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -142,6 +144,30 @@ mqtt {{
         except urllib.error.HTTPError as exc:
             doc = json.loads(exc.read())
         return "ok" if doc.get("status") == "ok" else doc.get("error", str(doc))
+
+    def js_request(self, subject: str, body: bytes = b"", timeout: float = 10.0) -> dict:
+        """One JetStream API request over the node's NATS client port (the
+        NATS protocol by hand: CONNECT, SUB to an inbox, PUB with it as the
+        reply subject, the first MSG back)."""
+        inbox = f"_INBOX.{uuid.uuid4().hex}"
+        with socket.create_connection((LOOPBACK, self.client_port), timeout=timeout) as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"INFO "), f"{self.name}: no INFO on the client port"
+            s.sendall(
+                b'CONNECT {"verbose":false,"pedantic":false}\r\n'
+                + f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(body)}\r\n".encode()
+                + body + b"\r\n"
+            )
+            while True:
+                line = f.readline()
+                assert line, f"{self.name} closed the connection before answering {subject}"
+                if line.startswith(b"PING"):
+                    s.sendall(b"PONG\r\n")
+                elif line.startswith(b"-ERR"):
+                    raise AssertionError(f"{self.name} refused {subject}: {line!r}")
+                elif line.startswith(b"MSG "):
+                    size = int(line.split()[-1])
+                    return json.loads(f.read(size + 2)[:size])
 
     def mqtt_clients(self) -> dict[str, list[str]]:
         """MQTT client id -> the NATS subjects it subscribes to, for the
@@ -317,9 +343,53 @@ class NatsCluster:
             raise AssertionError(f"{exc}; it is on {box.get('n')}\n{self.logs()}") from None
         return box["n"]
 
+    def lead_consumers_from(self, node: NatsNode, client_id: str, timeout: float = 60.0) -> list[str]:
+        """Moves the leaders of ``client_id``'s QoS 1 consumers to ``node``
+        (leader step-downs until ``node`` has drawn them all); returns their
+        names. A consumer delivers from its leader: a message in flight from
+        a leader that is killed reaches the subscriber only when JetStream
+        sends it again, after its ack wait, behind newer messages. A
+        subscriber whose consumers lead from a node that stays up sees the
+        stream's order."""
+        prefix = nats_hash(client_id) + "_"
+        last: dict = {}
+
+        def leaders() -> dict[str, str | None]:
+            doc = node.js_request(f"$JS.API.CONSUMER.LIST.{MQTT_MSGS}", b"{}")
+            return {
+                c["name"]: c.get("cluster", {}).get("leader")
+                for c in doc.get("consumers") or []
+                if c["name"].startswith(prefix)
+            }
+
+        def all_on_node() -> bool:
+            last.update(leaders())
+            away = [name for name, leader in last.items() if leader != node.name]
+            for name in away:
+                if last[name] is not None:  # (None: an election under way)
+                    node.js_request(f"$JS.API.CONSUMER.LEADER.STEPDOWN.{MQTT_MSGS}.{name}")
+            return bool(last) and not away
+
+        try:
+            wait_until(all_on_node, timeout, f"{client_id}'s consumers led from {node.name}", interval=0.5)
+        except WaitTimeout as exc:
+            raise AssertionError(f"{exc}: leaders {last}") from None
+        return sorted(last)
+
     def close(self) -> None:
         for n in self.nodes:
             n.close()
+
+
+# The stream NATS keeps QoS 1 messages in for MQTT subscribers.
+MQTT_MSGS = "$MQTT_msgs"
+
+
+def nats_hash(name: str) -> str:
+    """NATS's 8-character hash of a name (``getHash``), which prefixes the
+    names of an MQTT session's consumers."""
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return "".join(digits[b % len(digits)] for b in hashlib.sha256(name.encode()).digest()[:8])
 
 
 @pytest.fixture(scope="module")

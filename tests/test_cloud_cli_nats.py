@@ -20,9 +20,12 @@ from cloudkit import (  # noqa: F401 (_cloud_binary: the autouse fixture)
     scope_list,
     token,
 )
+from helpers import RawClient
 from natskit import _module_nats_cluster, nats_cluster  # noqa: F401
 
 EDGE = "gw-nats"
+# the client id every scope change connects with (cloud::SCOPE_WRITER)
+SCOPE_WRITER = "edgehub-cloud-scope-writer"
 
 
 def test_the_cli_provisions_an_edge_and_tails_its_telemetry_through_a_nats_cluster_one_node_per_command(
@@ -64,3 +67,26 @@ def test_the_cli_provisions_an_edge_and_tails_its_telemetry_through_a_nats_clust
     assert try_connect(hub.port, clients, **creds("sensor-n", old_token))[0] == V3_BAD_CREDENTIALS
     assert try_connect(hub.port, clients, **creds("sensor-n", token(n0, "sensor-n")))[0] == V3_ACCEPTED
     assert hub.alive()
+
+
+def test_a_scope_change_whose_connect_the_broker_closes_is_tried_again_and_lands(nats_cluster, clients):
+    """NATS holds a CONNECT for a client id that was taken over less than a
+    second before, then closes it without a CONNACK; a node that learns late
+    that the session moved to it does the same. Two connections with the
+    writer's client id, the second taking over the first, put the id in that
+    state: the change's first CONNECT is closed, and it lands on the next."""
+    n0 = nats_cluster.nodes[0]
+    first, second = RawClient(n0.port), RawClient(n0.port)
+    clients.extend([first, second])
+    assert first.connect(SCOPE_WRITER)[2][1] == 0
+    assert second.connect(SCOPE_WRITER)[2][1] == 0
+    first.read_until_closed(timeout=10)
+    assert first.closed, "NATS did not close the client whose id was taken over"
+
+    r = cloud(n0, "scope", "add-edge", "gw-nats-jailed")
+    assert "closed the scope writer's session" in r.stderr and "trying again" in r.stderr, (
+        f"the first CONNECT was not closed (the test did not reach the case):\n{r.stderr}"
+    )
+    assert published_version(r, "gw-nats-jailed") == 1
+    listed = scope_list(nats_cluster.nodes[1], "--edge", "gw-nats-jailed")
+    assert [(e["edge"], e["version"]) for e in listed] == [("gw-nats-jailed", 1)], listed

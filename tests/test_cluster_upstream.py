@@ -139,13 +139,19 @@ def test_every_acknowledged_message_arrives_in_order_while_the_hubs_node_is_kill
     nats_cluster, hub_factory, clients
 ):
     """The hub has two of the nodes as its addresses; the collector's
-    persistent session is on the third, which is never killed. Each round
+    persistent session and its consumer's leader are on the third, which is
+    never killed. Each round
     kills -9 the node the hub is connected to while it forwards, waits for
     the hub to deliver through the other one and brings the node back."""
     n0, n1, n2 = nats_cluster.nodes
     collector = Collector(n2, client_id="collector-kill")
     clients.append(collector)
     collector.connect(timeout=30)
+    # Its consumer must lead from n2 too: what a killed leader had in
+    # flight to the collector comes again only after JetStream's ack wait,
+    # behind newer messages, and the order checked below would be the
+    # cluster's redelivery, not the hub's (seen: 303 after 4742).
+    nats_cluster.lead_consumers_from(n2, "collector-kill")
     edge = "edge-nats-kill"
     # While JetStream moves its leaders after a node's death, NATS closes a
     # connection whose publish it could not store within 4 s, without a
@@ -252,8 +258,11 @@ def test_a_backlog_larger_than_the_node_stores_in_a_keepalive_drains_over_one_li
     messages sent at once would hold a ping for over 15 seconds, and with
     a 6 s keepalive (a link is dropped after two without a PINGRESP) the
     hub would take the node for dead, drop the link and send it all again.
-    The hub keeps in flight what the node acknowledges in half a keepalive,
-    so the link holds. The load starts once a first message went through:
+    The hub keeps in flight what the node acknowledges in a quarter of a
+    keepalive, measured across the node's bursts (it answers a read buffer's
+    publishes at once, seconds apart; a measure within one burst opened the
+    whole window once, after the kill test had left the cluster slow), so
+    the link holds. The load starts once a first message went through:
     a NATS node busy setting up a new session's JetStream state under CI
     load held the first PINGRESP over 4 s once (2 s keepalive), and once
     over 8 s (4 s keepalive), whatever the window."""

@@ -476,18 +476,34 @@ async fn edit_scopes(
             let pause = rand::random::<u64>() % (20 << attempt.min(5));
             tokio::time::sleep(Duration::from_millis(10 + pause)).await;
         }
-        let mut cloud = CloudClient::connect(&args).await?;
-        let result = edit_once(&mut cloud, name, &mut edit, &mut wanted).await;
-        match result {
-            Err(e) if session_lost(&e) => last = Some(e),
-            other => {
-                cloud.close().await;
-                return other;
+        // A clustered broker can close the writer's CONNECT as well as its
+        // session: NATS holds a client id that was just taken over for a
+        // second and then closes it, and a node that learns late of the
+        // session on another node closes the newer connection.
+        let result = match CloudClient::connect(&args).await {
+            Ok(mut cloud) => {
+                let result = edit_once(&mut cloud, name, &mut edit, &mut wanted).await;
+                if !result.as_ref().is_err_and(session_lost) {
+                    cloud.close().await;
+                }
+                result
             }
+            // (not a timeout: a broker that does not answer at all gets
+            // one handshake's wait, not one per attempt)
+            Err(e @ CloudError::Upstream(UpstreamError::Closed | UpstreamError::Io(_))) => Err(e),
+            Err(e) => return Err(e),
+        };
+        match result {
+            Err(e) if session_lost(&e) => {
+                eprintln!("the broker closed the scope writer's session ({e}); trying again");
+                last = Some(e);
+            }
+            other => return other,
         }
     }
     Err(CloudError::Refused(format!(
-        "other scope changes kept taking the writer's session ({}); try again",
+        "the broker kept closing the scope writer's session ({}): other scope changes, \
+         or a broker that cannot keep the session; try again",
         last.map_or(String::new(), |e| e.to_string())
     )))
 }

@@ -17,11 +17,14 @@
 //! keepalives.) The pipelining needs only a round trip's worth, far less.
 //!
 //! A new link starts with a small window ([`FIRST_WINDOW`]) and opens it
-//! after one round: a broker that acknowledges as fast as the hub sends
-//! gets the whole of `max_inflight` within a few round trips. The rate is
-//! measured while something is in flight, over a period of at least
-//! [`PERIOD`] or one window's worth of acknowledgements, whichever comes
-//! first; an idle link measures nothing and keeps its window.
+//! after its first measure: a broker that acknowledges as fast as the hub
+//! sends gets the whole of `max_inflight` after [`PERIOD`]. The rate is
+//! measured while something is in flight, over periods of at least
+//! [`PERIOD`]; an idle link measures nothing and keeps its window. Never
+//! over less: a NATS node answers a read buffer's publishes in one burst,
+//! and a measure taken within the burst (a thousand acknowledgements in a
+//! millisecond) opened the whole of `max_inflight` to a node storing a few
+//! hundred a second.
 //!
 //! Pure: the caller passes the time. Owns no connection and no window of
 //! messages (the forwarder's [`super::window`]).
@@ -78,10 +81,8 @@ impl AckRate {
         self.acked += n;
         let elapsed = now.saturating_duration_since(since);
         let mut changed = None;
-        if elapsed >= PERIOD || self.acked >= self.window {
-            // A whole window acknowledged at once still took a while.
-            let secs = elapsed.as_secs_f64().max(1e-4);
-            let rate = self.acked as f64 / secs;
+        if elapsed >= PERIOD {
+            let rate = self.acked as f64 / elapsed.as_secs_f64();
             let window = ((rate * self.horizon) as usize).clamp(FLOOR.min(self.max), self.max);
             if window != self.window {
                 self.window = window;
@@ -119,19 +120,37 @@ mod tests {
     }
 
     #[test]
-    fn a_new_link_starts_small_and_a_fast_broker_opens_the_whole_window_in_a_few_round_trips() {
+    fn a_new_link_starts_small_and_a_fast_broker_opens_the_whole_window_after_one_period() {
         let mut r = AckRate::new(32_768, KEEPALIVE);
         assert_eq!(r.window(), FIRST_WINDOW);
         let mut t = Instant::now();
-        rounds(&mut r, &mut t, 1, 2);
+        rounds(&mut r, &mut t, 1, 249);
+        assert_eq!(r.window(), FIRST_WINDOW, "no measure before a period");
+        rounds(&mut r, &mut t, 1, 1);
         assert_eq!(r.window(), 32_768);
+    }
+
+    #[test]
+    fn a_broker_that_answers_in_bursts_is_measured_across_the_gaps_not_within_a_burst() {
+        let mut r = AckRate::new(32_768, KEEPALIVE);
+        let mut t = Instant::now();
+        r.sent(t);
+        // 1,000 acknowledgements every 3 s, in two reads a millisecond apart.
+        for _ in 0..5 {
+            t = ms(t, 3000);
+            r.acked(200, false, t);
+            t = ms(t, 1);
+            r.acked(800, false, t);
+            assert!(r.window() <= 500, "window {} for 333/s", r.window());
+        }
+        assert!(r.window() >= 400, "window {} for 333/s", r.window());
     }
 
     #[test]
     fn a_broker_that_stores_slowly_gets_what_it_acknowledges_in_a_quarter_of_a_keepalive() {
         let mut r = AckRate::new(32_768, KEEPALIVE);
         let mut t = Instant::now();
-        rounds(&mut r, &mut t, 1, 3);
+        rounds(&mut r, &mut t, 1, 250);
         assert_eq!(r.window(), 32_768);
         // The broker now acknowledges 400 a second, one by one.
         r.sent(t);
@@ -158,7 +177,7 @@ mod tests {
     fn an_idle_link_measures_nothing_so_a_burst_after_a_pause_is_not_taken_for_a_slow_broker() {
         let mut r = AckRate::new(32_768, KEEPALIVE);
         let mut t = Instant::now();
-        rounds(&mut r, &mut t, 1, 2);
+        rounds(&mut r, &mut t, 1, 250);
         // One message, acknowledged, then nothing for a minute.
         r.sent(t);
         t = ms(t, 1);

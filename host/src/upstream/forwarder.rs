@@ -695,11 +695,12 @@ mod tests {
     #[test]
     fn the_upstreams_receive_maximum_caps_the_window_and_its_packet_size_condemns() {
         let refusals = Refusals::new(3);
-        // A link whose upstream acknowledged a first window at once.
+        // A link whose upstream acknowledged its first window at once, in
+        // the first period.
         let mut acks = AckRate::new(1000, Duration::from_secs(60));
         let t = Instant::now();
         acks.sent(t);
-        acks.acked(64, false, t + Duration::from_millis(1));
+        acks.acked(64, false, t + Duration::from_millis(250));
         let mut on = Online::new(
             1,
             Windows::new([1; LANES], [1; LANES], 0),
