@@ -322,3 +322,31 @@ def test_a_bad_input_line_is_reported_with_its_number(edgehub_bin, plugins_dist,
     assert rc == 1, f"exit {rc}\n{out}\n{err}"
     assert "line 4:" in err, f"error does not name line 4 (blank lines count):\n{err}"
     assert lines == [], f"output printed for a file with a bad line: {out}"
+
+
+def test_plugin_compile_writes_the_cache_entry_plugin_test_loads_and_a_corrupt_file_exits_3(
+    edgehub_bin, plugins_dist, tmp_path  # noqa: F811
+):
+    """`edgehub plugin compile` is what the hub runs in a child process for a
+    plugin not yet compiled: its cache entry is the one the engine loads."""
+    cache = tmp_path / "cache"
+    wasm = plugins_dist / "field-filter.wasm"
+    r = subprocess.run([edgehub_bin, "plugin", "compile", str(wasm), "--cache", str(cache)],
+                       capture_output=True, text=True, timeout=120, env=hub_env())
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+    report = json.loads(r.stdout)
+    entry = Path(report["cache"])
+    assert entry.parent == cache and entry.suffix == ".cwasm" and entry.stat().st_size > 0, report
+    assert report["peak_rss_mib"] > 0 and report["ms"] >= 0, report
+
+    rc, lines, out, err = plugin_test(edgehub_bin, wasm, TESTDATA / "messages.jsonl", "--cache", cache)
+    assert rc == 0, f"exit {rc}\n{out}\n{err}"
+    assert "loaded from cache" in err, err
+
+    bad = subprocess.run([edgehub_bin, "plugin", "compile", "-", "--cache", str(cache)],
+                         input=corrupt_bytes(wasm.read_bytes()), capture_output=True, timeout=60, env=hub_env())
+    why = bad.stderr.decode("utf-8", "replace").strip()
+    assert bad.returncode == 3, f"exit {bad.returncode}: {why}"
+    assert why and "\n" not in why, f"the reason is one line: {why!r}"
+    assert bad.stdout == b""
+    assert sorted(cache.glob("*.cwasm")) == [entry], "a plugin that does not compile left a cache entry"

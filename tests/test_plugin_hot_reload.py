@@ -256,6 +256,18 @@ def test_a_plugin_dropped_in_while_running_becomes_usable_by_its_route(
     assert ph.hub.alive()
 
 
+def test_a_new_plugin_is_compiled_in_a_child_process_and_the_hub_loads_the_entry_it_wrote(
+    upstream, plugin_hub, plugins_dist  # noqa: F811
+):
+    ph = plugin_hub(upstream, plugins={"p": plugins_dist / "field-filter.wasm"}, edge_id=EDGE)
+    ph.wait_loaded("p")
+    compiled = [ln for ln in ph.hub.log_path.read_text().splitlines() if "plugin compiled in a child process" in ln]
+    assert len(compiled) == 1, "\n".join(compiled) or "no compile in a child process logged"
+    peak = re.search(r"compiler_peak_rss_mib=([0-9.]+)", compiled[0])
+    assert peak and float(peak.group(1)) > 0, compiled[0]
+    assert len(list((ph.hub.storage / "plugin-cache").glob("*.cwasm"))) == 1
+
+
 def test_compiled_code_of_replaced_and_removed_versions_is_not_kept(
     upstream, plugin_hub, plugins_dist  # noqa: F811
 ):

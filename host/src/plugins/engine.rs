@@ -2,10 +2,20 @@
 //! bounds every call, and compilation with an on-disk cache of compiled
 //! components.
 //!
+//! A plugin missing from the cache is compiled in a child process when the
+//! binary names one ([`compile_with`]: the hub's own `edgehub plugin
+//! compile`), which writes the cache entry and exits; the hub then maps the
+//! compiled code from the file. The compiler's tens of MiB of allocations
+//! and its own code pages never enter the hub's memory, and a compile that
+//! crashes or runs out of memory ends the child, not the hub.
+//!
 //! Owns compiling; it does not instantiate or call plugins (see `instance`).
 
 use std::hash::Hasher;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -55,49 +65,88 @@ impl PluginEngine {
     }
 
     /// Compiles `wasm`, or loads the compiled form cached by an earlier run.
-    /// Returns the component and whether it came from the cache.
-    ///
-    /// Compiling takes tens of MiB of short-lived allocations. They are made
-    /// on the threads of a pool that lives only for this call: on the
-    /// process-wide pool, whose threads then idle forever, the allocator kept
-    /// them as those threads' free pages (about 37 MiB of a hub's resident
-    /// memory after loading one small plugin; see docs/benchmarks.md).
+    /// Returns the component and whether it came from the cache. With a
+    /// cache folder and a [`compile_with`] program, the compile runs in a
+    /// child process; else here, on a pool of its own ([`in_own_pool`]).
     pub fn compile(&self, wasm: &[u8]) -> Result<(Component, bool), PluginError> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|i| format!("plugin-compile-{i}"))
-            .build()
-            .map_err(|e| PluginError::Engine(e.to_string()))?;
-        pool.install(|| self.compile_here(wasm))
-    }
-
-    fn compile_here(&self, wasm: &[u8]) -> Result<(Component, bool), PluginError> {
-        let Some(path) = self.cache_file(wasm) else {
-            return Ok((self.compile_fresh(wasm)?, false));
+        let (Some(dir), Some(path)) = (&self.cache_dir, self.cache_file(wasm)) else {
+            return in_own_pool(|| Ok((self.compile_fresh(wasm)?, false)));
         };
-        if path.exists() {
-            // SAFETY: the file was written by `precompile_component` of an
-            // engine with the same compatibility hash (it is in the name),
-            // into a folder only the hub writes.
-            match unsafe { Component::deserialize_file(&self.engine, &path) } {
-                Ok(c) => return Ok((c, true)),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "compiled plugin cache entry unusable; recompiling");
-                    let _ = std::fs::remove_file(&path);
+        if let Some(component) = self.load_cached(&path) {
+            return Ok((component, true));
+        }
+        if let Some(program) = COMPILER.get() {
+            let started = std::time::Instant::now();
+            match compile_elsewhere(program, wasm, dir) {
+                Ok(peak_rss_mib) => {
+                    if let Some(component) = self.load_cached(&path) {
+                        tracing::info!(
+                            ms = started.elapsed().as_millis() as u64,
+                            compiler_peak_rss_mib = peak_rss_mib,
+                            "plugin compiled in a child process"
+                        );
+                        return Ok((component, false));
+                    }
+                    // (a binary replaced by another version since the hub
+                    // started compiles for another engine)
+                    tracing::warn!(program = %program.display(), "the child process wrote no cache entry this hub can load; compiling the plugin in the hub");
+                }
+                Err(Elsewhere::Refused(e)) => return Err(e),
+                Err(Elsewhere::NotRun(why)) => {
+                    tracing::warn!(program = %program.display(), error = %why, "cannot compile the plugin in a child process; compiling it in the hub")
                 }
             }
         }
+        in_own_pool(|| {
+            let compiled = self.precompile_into(wasm, &path)?;
+            // SAFETY: `compiled` was produced by this engine just now.
+            let component = unsafe { Component::deserialize(&self.engine, &compiled) }
+                .map_err(PluginError::compile)?;
+            Ok((component, false))
+        })
+    }
+
+    /// Compiles `wasm` into its cache entry, here (`edgehub plugin
+    /// compile`, the child process of [`Self::compile`]). Returns the entry.
+    pub fn compile_into_cache(&self, wasm: &[u8]) -> Result<PathBuf, PluginError> {
+        let path = self.cache_file(wasm).ok_or_else(|| {
+            PluginError::Engine("no compiled-plugin cache folder to compile into".into())
+        })?;
+        self.precompile_into(wasm, &path)?;
+        Ok(path)
+    }
+
+    /// The cached compiled form at `path`, if there is a usable one (an
+    /// unusable one is deleted).
+    fn load_cached(&self, path: &Path) -> Option<Component> {
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: the file was written by `precompile_component` of an
+        // engine with the same compatibility hash (it is in the name), into
+        // a folder only the hub writes.
+        match unsafe { Component::deserialize_file(&self.engine, path) } {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "compiled plugin cache entry unusable; recompiling");
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
+    }
+
+    /// Compiles `wasm` here and writes the result to `path` (a failure to
+    /// write is logged: the compiled form is still returned).
+    fn precompile_into(&self, wasm: &[u8], path: &Path) -> Result<Vec<u8>, PluginError> {
         let compiled = self
             .engine
             .precompile_component(wasm)
             .map_err(PluginError::compile)?;
         // Loaded unchecked later: never leave a torn file under this name.
-        if let Err(e) = crate::durable_file::replace(&path, &compiled) {
+        if let Err(e) = crate::durable_file::replace(path, &compiled) {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled plugin");
         }
-        // SAFETY: `compiled` was produced by this engine just now.
-        let component = unsafe { Component::deserialize(&self.engine, &compiled) }
-            .map_err(PluginError::compile)?;
-        Ok((component, false))
+        Ok(compiled)
     }
 
     /// Where the compiled form of `wasm` is cached (`None`: no cache).
@@ -161,6 +210,88 @@ impl Hasher for ShaHasher {
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
     }
+}
+
+/// The program that compiles plugins in a child process: `program plugin
+/// compile - --cache DIR`, the wasm on its stdin. Set once, by the binary
+/// (itself); unset, plugins compile in this process.
+static COMPILER: OnceLock<PathBuf> = OnceLock::new();
+
+/// The exit status of `edgehub plugin compile` for a plugin that does not
+/// compile (the reason is its last line on stderr).
+pub const COMPILE_REFUSED: i32 = 3;
+
+/// Compile plugins with `program` in a child process from now on.
+pub fn compile_with(program: PathBuf) {
+    let _ = COMPILER.set(program);
+}
+
+/// Why a compile in a child process gave no cache entry.
+enum Elsewhere {
+    /// The child did not run or did not finish: compile here instead.
+    NotRun(String),
+    /// The child refused the plugin: its error.
+    Refused(PluginError),
+}
+
+/// Runs `program plugin compile - --cache cache_dir` on `wasm`; returns the
+/// child's peak memory in MiB, as it reported it.
+fn compile_elsewhere(program: &Path, wasm: &[u8], cache_dir: &Path) -> Result<f64, Elsewhere> {
+    let mut child = Command::new(program)
+        .args(["plugin", "compile", "-", "--cache"])
+        .arg(cache_dir)
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Elsewhere::NotRun(e.to_string()))?;
+    // The child reads all of its input before it writes anything.
+    let fed = child.stdin.take().map(|mut stdin| stdin.write_all(wasm));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Elsewhere::NotRun(e.to_string()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let why = stderr.lines().rev().find(|l| !l.trim().is_empty());
+    match (out.status.code(), fed) {
+        (Some(0), _) => {
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            Ok(report["peak_rss_mib"].as_f64().unwrap_or(f64::NAN))
+        }
+        // It ran and said why not: the plugin does not compile.
+        (Some(COMPILE_REFUSED), _) => Err(Elsewhere::Refused(PluginError::Compile(
+            why.unwrap_or("no message").trim().to_string(),
+        ))),
+        (Some(code), fed) => Err(Elsewhere::NotRun(format!(
+            "exit status {code}{}: {}",
+            fed.and_then(Result::err)
+                .map(|e| format!(" (input: {e})"))
+                .unwrap_or_default(),
+            why.unwrap_or("no message")
+        ))),
+        // Killed: a compile that crashes the compiler would crash the hub
+        // too; do not try it here.
+        (None, _) => Err(Elsewhere::Refused(PluginError::Engine(format!(
+            "the compiler's process died ({}){}",
+            out.status,
+            why.map(|w| format!(": {w}")).unwrap_or_default()
+        )))),
+    }
+}
+
+/// Runs `f` on the threads of a pool that lives only for this call.
+/// Compiling takes tens of MiB of short-lived allocations: on the
+/// process-wide pool, whose threads then idle forever, the allocator kept
+/// them as those threads' free pages (about 37 MiB of a hub's resident
+/// memory after loading one small plugin; see docs/benchmarks.md).
+fn in_own_pool<T: Send>(
+    f: impl FnOnce() -> Result<T, PluginError> + Send,
+) -> Result<T, PluginError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("plugin-compile-{i}"))
+        .build()
+        .map_err(|e| PluginError::Engine(e.to_string()))?;
+    pool.install(f)
 }
 
 /// The compiled-component cache folder under the storage folder.
