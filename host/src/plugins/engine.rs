@@ -113,6 +113,12 @@ impl PluginEngine {
             PluginError::Engine("no compiled-plugin cache folder to compile into".into())
         })?;
         self.precompile_into(wasm, &path)?;
+        if !path.exists() {
+            return Err(PluginError::Cache {
+                path,
+                message: "the compiled plugin could not be written".into(),
+            });
+        }
         Ok(path)
     }
 

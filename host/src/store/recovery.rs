@@ -461,14 +461,21 @@ mod tests {
         )
     }
 
-    #[test]
-    fn a_store_whose_version_files_are_damaged_is_read_from_its_tables_into_a_new_one() {
-        let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("queue");
+    /// A store of `RECORDS` records under `root` whose version files are
+    /// all damaged.
+    fn filled_with_damaged_versions(root: &Path) -> PathBuf {
+        let dir = root.join("queue");
         fill(&dir, true);
         for version in version_files(&dir) {
             flip(&version, 0.5);
         }
+        dir
+    }
+
+    #[test]
+    fn a_store_whose_version_files_are_damaged_is_read_from_its_tables_into_a_new_one() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = filled_with_damaged_versions(root.path());
         assert!(open_db(&dir).is_err(), "the damage did not stop fjall");
         let (db, recovery) = open(&dir, open_db).unwrap();
         assert_eq!(keys(&db), (0..RECORDS).collect::<Vec<_>>());
@@ -567,11 +574,7 @@ mod tests {
     #[test]
     fn a_store_whose_keyspace_names_cannot_be_read_starts_empty_and_counts_a_loss() {
         let root = tempfile::tempdir().unwrap();
-        let dir = root.path().join("queue");
-        fill(&dir, true);
-        for version in version_files(&dir) {
-            flip(&version, 0.5);
-        }
+        let dir = filled_with_damaged_versions(root.path());
         for table in tables(&dir, "0") {
             flip(&table, 0.1);
         }
