@@ -87,10 +87,24 @@ def wait_value(get: Callable[[], object], pred: Callable[[object], object], time
     return box["v"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, never one this test run has handed out before.
+
+    The kernel may offer a port it has just offered again once the probing
+    socket is closed; two calls in a row (a hub's listener and its metrics
+    port) then got the same port and the hub failed with "address in use".
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no loopback port left that this run has not handed out already")
 
 
 def port_accepts(port: int, timeout: float = 0.2) -> bool:
