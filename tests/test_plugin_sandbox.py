@@ -5,8 +5,17 @@ keeps serving. Files that are not plugins are refused."""
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
-from pluginkit import corrupt_bytes, dead_letter_props, plugin_hub, plugins_dist, sentinel_hub  # noqa: F401 - fixtures
+from pluginkit import (  # noqa: F401 - fixtures
+    corrupt_bytes,
+    dead_letter_props,
+    field_filter_wasm,
+    plugin_hub,
+    plugins_dist,
+    sentinel_hub,
+)
 
 EDGE = "edge-s"
 
@@ -188,5 +197,54 @@ def test_corrupt_and_wrong_world_files_are_refused_while_other_plugins_load(
     # the good plugin works
     items = [("devices/ff/messages/events/", b'{"temperature": 10}'), ("devices/ff/messages/events/", b'{"temperature": 40}')]
     got = upstream_before_sentinel(ph, items, b"sentinel-ff")
+    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+    assert ph.hub.alive()
+
+
+def compiler_children(hub_pid: int) -> list[str]:
+    """Command lines of the hub's child processes that compile a plugin."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            ppid = int(re.search(r"^PPid:\s*(\d+)", status.read_text(), re.M).group(1))
+            cmdline = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, AttributeError):
+            continue  # the process ended meanwhile
+        if ppid == hub_pid and "plugin compile" in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_a_plugin_whose_compile_outlasts_the_time_limit_is_refused_its_compiler_stopped_and_other_plugins_serve(
+    sentinel_hub, plugins_dist, edgehub_bin, tmp_path  # noqa: F811
+):
+    # The Python field filter takes seconds to compile (a 18 MiB component);
+    # the limit is one second. The Rust field filter is compiled into the
+    # hub's cache beforehand, so it loads without a compile.
+    slow = field_filter_wasm(plugins_dist, "python")
+    storage = tmp_path / "storage"
+    r = subprocess.run(
+        [edgehub_bin, "plugin", "compile", str(plugins_dist / "field-filter.wasm"), "--cache",
+         str(storage / "plugin-cache")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    ph = sentinel_hub(
+        routes=routes_for("ff", None, plugin="field-filter"),
+        edge_id=EDGE,
+        storage=storage,
+        plugins={"field-filter": plugins_dist / "field-filter.wasm", "slow": slow},
+        extra_args=["--plugin-compile-timeout-secs", "1"],
+    )
+    line = ph.wait_refused("slow", 60, "the slow plugin refused")
+    assert "compiling took longer than 1 s" in line, line
+    assert compiler_children(ph.hub.proc.pid) == [], "the compiler's process is still running"
+    ph.wait_loaded("field-filter")
+    assert ph.hub.metric("edgehub_plugin_rejected_total") == 1
+    assert not re.search(r"plugin=slow.*plugin loaded|plugin loaded.*plugin=slow", ph.log.text(False))
+
+    items = [("devices/ff/messages/events/", b'{"temperature": 10}'),
+             ("devices/ff/messages/events/", b'{"temperature": 40}')]
+    got = upstream_before_sentinel(ph, items, b"sentinel-slow")
     assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
     assert ph.hub.alive()

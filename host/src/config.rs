@@ -117,6 +117,10 @@ pub struct PluginsConfig {
     /// Longest plugin log line, bytes; longer ones are cut.
     #[arg(long = "plugin-log-max-line-bytes")]
     pub log_max_line_bytes: usize,
+    /// Time limit of compiling one plugin (in a child process); a plugin
+    /// whose compile takes longer is refused.
+    #[arg(long = "plugin-compile-timeout-secs")]
+    pub compile_timeout_secs: u64,
     /// `[plugins.settings.<name>]`: one plugin's config document, limits
     /// and grants.
     #[arg(skip)]
@@ -155,6 +159,7 @@ impl Default for PluginsConfig {
             log_lines_per_sec: log.lines_per_sec,
             log_burst: log.burst,
             log_max_line_bytes: log.max_line_bytes,
+            compile_timeout_secs: 300,
             settings: Default::default(),
         }
     }
@@ -1059,9 +1064,14 @@ impl Config {
                 ));
             }
         }
-        if self.plugins.workers == 0 || self.plugins.timeout_ms == 0 || self.plugins.memory_mb == 0
+        let plugins = &self.plugins;
+        if [plugins.workers, plugins.memory_mb].contains(&0)
+            || [plugins.timeout_ms, plugins.compile_timeout_secs].contains(&0)
         {
-            return bad("plugins.workers, timeout_ms and memory_mb must be at least 1".into());
+            return bad(
+                "plugins.workers, timeout_ms, memory_mb and compile_timeout_secs must be at least 1"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -1320,6 +1330,22 @@ mod tests {
         assert!(err.to_string().contains("0..=90"), "{err}");
         let ok = layered("", &[("EDGEHUB_UPSTREAM_LIVE_SHARE_PERCENT", "25")], "").unwrap();
         assert_eq!(ok.upstream.live_share_percent, 25);
+    }
+
+    #[test]
+    fn a_plugin_compile_time_limit_comes_from_every_layer_and_zero_is_refused() {
+        assert_eq!(Config::default().plugins.compile_timeout_secs, 300);
+        let file = layered("[plugins]\ncompile_timeout_secs = 60\n", &[], "").unwrap();
+        assert_eq!(file.plugins.compile_timeout_secs, 60);
+        let env = [("EDGEHUB_PLUGIN_COMPILE_TIMEOUT_SECS", "30")];
+        let flag = layered("", &env, "--plugin-compile-timeout-secs 10").unwrap();
+        assert_eq!(flag.plugins.compile_timeout_secs, 10);
+        let err = layered("", &[], "--plugin-compile-timeout-secs 0").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("compile_timeout_secs must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

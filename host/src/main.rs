@@ -284,7 +284,10 @@ fn init_logging() {
 fn run(config: Config) -> Result<()> {
     // Plugins compile in a child process running `edgehub plugin compile`.
     match std::env::current_exe() {
-        Ok(me) => edgehub::plugins::engine::compile_with(me),
+        Ok(me) => edgehub::plugins::engine::compile_with(
+            me,
+            Duration::from_secs(config.plugins.compile_timeout_secs),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "cannot find this program; plugins compile in the hub")
         }

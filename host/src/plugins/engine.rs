@@ -6,13 +6,14 @@
 //! binary names one ([`compile_with`]: the hub's own `edgehub plugin
 //! compile`), which writes the cache entry and exits; the hub then maps the
 //! compiled code from the file. The compiler's tens of MiB of allocations
-//! and its own code pages never enter the hub's memory, and a compile that
-//! crashes or runs out of memory ends the child, not the hub.
+//! and its own code pages never enter the hub's memory, a compile that
+//! crashes or runs out of memory ends the child, not the hub, and one that
+//! runs past the time limit is stopped and the plugin refused.
 //!
 //! Owns compiling; it does not instantiate or call plugins (see `instance`).
 
 use std::hash::Hasher;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -75,9 +76,10 @@ impl PluginEngine {
         if let Some(component) = self.load_cached(&path) {
             return Ok((component, true));
         }
-        if let Some(program) = COMPILER.get() {
+        if let Some(compiler) = COMPILER.get() {
+            let program = &compiler.program;
             let started = std::time::Instant::now();
-            match compile_elsewhere(program, wasm, dir) {
+            match compile_elsewhere(compiler, wasm, dir) {
                 Ok(peak_rss_mib) => {
                     if let Some(component) = self.load_cached(&path) {
                         tracing::info!(
@@ -218,18 +220,28 @@ impl Hasher for ShaHasher {
     }
 }
 
-/// The program that compiles plugins in a child process: `program plugin
-/// compile - --cache DIR`, the wasm on its stdin. Set once, by the binary
-/// (itself); unset, plugins compile in this process.
-static COMPILER: OnceLock<PathBuf> = OnceLock::new();
+/// The program that compiles plugins in a child process (`program plugin
+/// compile - --cache DIR`, the wasm on its stdin), and how long a compile
+/// may take. Set once, by the binary (itself); unset, plugins compile in
+/// this process.
+static COMPILER: OnceLock<Compiler> = OnceLock::new();
+
+struct Compiler {
+    program: PathBuf,
+    time_limit: Duration,
+}
 
 /// The exit status of `edgehub plugin compile` for a plugin that does not
 /// compile (the reason is its last line on stderr).
 pub const COMPILE_REFUSED: i32 = 3;
 
-/// Compile plugins with `program` in a child process from now on.
-pub fn compile_with(program: PathBuf) {
-    let _ = COMPILER.set(program);
+/// Compile plugins with `program` in a child process from now on, each
+/// within `time_limit`.
+pub fn compile_with(program: PathBuf, time_limit: Duration) {
+    let _ = COMPILER.set(Compiler {
+        program,
+        time_limit,
+    });
 }
 
 /// Why a compile in a child process gave no cache entry.
@@ -242,8 +254,8 @@ enum Elsewhere {
 
 /// Runs `program plugin compile - --cache cache_dir` on `wasm`; returns the
 /// child's peak memory in MiB, as it reported it.
-fn compile_elsewhere(program: &Path, wasm: &[u8], cache_dir: &Path) -> Result<f64, Elsewhere> {
-    let mut child = Command::new(program)
+fn compile_elsewhere(compiler: &Compiler, wasm: &[u8], cache_dir: &Path) -> Result<f64, Elsewhere> {
+    let mut child = Command::new(&compiler.program)
         .args(["plugin", "compile", "-", "--cache"])
         .arg(cache_dir)
         .env("RUST_LOG", "error")
@@ -254,14 +266,37 @@ fn compile_elsewhere(program: &Path, wasm: &[u8], cache_dir: &Path) -> Result<f6
         .map_err(|e| Elsewhere::NotRun(e.to_string()))?;
     // The child reads all of its input before it writes anything.
     let fed = child.stdin.take().map(|mut stdin| stdin.write_all(wasm));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Elsewhere::NotRun(e.to_string()))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stdout, stderr, late) = std::thread::scope(|scope| {
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            scope.spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                bytes
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let late = !ends_within(&child, compiler.time_limit);
+        if late {
+            let _ = child.kill();
+        }
+        let status = child.wait();
+        let output = |h: std::thread::ScopedJoinHandle<'_, Vec<u8>>| h.join().unwrap_or_default();
+        (status, output(stdout), output(stderr), late)
+    });
+    if late {
+        return Err(Elsewhere::Refused(PluginError::CompileTimeout(
+            compiler.time_limit,
+        )));
+    }
+    let status = status.map_err(|e| Elsewhere::NotRun(e.to_string()))?;
+    let stderr = String::from_utf8_lossy(&stderr);
     let why = stderr.lines().rev().find(|l| !l.trim().is_empty());
-    match (out.status.code(), fed) {
+    match (status.code(), fed) {
         (Some(0), _) => {
-            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap_or_default();
             Ok(report["peak_rss_mib"].as_f64().unwrap_or(f64::NAN))
         }
         // It ran and said why not: the plugin does not compile.
@@ -279,9 +314,42 @@ fn compile_elsewhere(program: &Path, wasm: &[u8], cache_dir: &Path) -> Result<f6
         // too; do not try it here.
         (None, _) => Err(Elsewhere::Refused(PluginError::Engine(format!(
             "the compiler's process died ({}){}",
-            out.status,
+            status,
             why.map(|w| format!(": {w}")).unwrap_or_default()
         )))),
+    }
+}
+
+/// Whether `child` ends within `limit` (it is not reaped: its status is
+/// left for `wait`). Waits on a pidfd; where the kernel has none (before
+/// Linux 5.3), it waits without a limit.
+fn ends_within(child: &std::process::Child, limit: Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+    let pidfd = match pidfd_open(Pid::from_child(child), PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the compiler's process; its compile has no time limit");
+            return true;
+        }
+    };
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let timeout = Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return false,
+            Ok(_) => return true,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the compiler's process; its compile has no time limit");
+                return true;
+            }
+        }
     }
 }
 

@@ -45,6 +45,8 @@ pub enum PluginError {
     Engine(String),
     #[error("not a valid WebAssembly component: {0}")]
     Compile(String),
+    #[error("compiling took longer than {} s, the limit (plugins.compile_timeout_secs); the compiler's process was stopped", .0.as_secs_f64())]
+    CompileTimeout(std::time::Duration),
     #[error("cannot link: {0}")]
     Link(String),
     #[error("exports none of the worlds filter, batch-filter or router of edgehub:plugin@0.1.0")]
