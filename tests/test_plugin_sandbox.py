@@ -248,3 +248,30 @@ def test_a_plugin_whose_compile_outlasts_the_time_limit_is_refused_its_compiler_
     got = upstream_before_sentinel(ph, items, b"sentinel-slow")
     assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
     assert ph.hub.alive()
+
+
+def test_a_plugin_file_over_the_size_limit_is_refused_unread_and_the_running_version_stays(
+    sentinel_hub, plugins_dist  # noqa: F811
+):
+    over = b"\0asm" + b"\xff" * (2 << 20)  # 2 MiB, against a 1 MiB limit
+    ph = sentinel_hub(
+        routes=routes_for("ff", None, plugin="field-filter"),
+        edge_id=EDGE,
+        plugins={"field-filter": plugins_dist / "field-filter.wasm", "big": over},
+        extra_args=["--plugin-max-file-mb", "1"],
+    )
+    line = ph.wait_refused("big")
+    assert f"the file is {len(over)} bytes, over the limit of 1048576 bytes" in line, line
+    ph.wait_loaded("field-filter")
+
+    # a replacement over the limit leaves the running version in place
+    ph.log.mark()
+    ph.install("field-filter", over)
+    line = ph.wait_refused("field-filter")
+    assert "over the limit" in line and "still_running=" in line and "still_running=none" not in line, line
+    ph.hub.wait_metric("edgehub_plugin_rejected_total", lambda v: v == 2, 10, "== 2")
+    items = [("devices/ff/messages/events/", b'{"temperature": 10}'),
+             ("devices/ff/messages/events/", b'{"temperature": 40}')]
+    got = upstream_before_sentinel(ph, items, b"sentinel-big")
+    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+    assert ph.hub.alive()

@@ -117,6 +117,9 @@ pub struct PluginsConfig {
     /// Longest plugin log line, bytes; longer ones are cut.
     #[arg(long = "plugin-log-max-line-bytes")]
     pub log_max_line_bytes: usize,
+    /// Largest plugin file; a larger one is refused without being read.
+    #[arg(long = "plugin-max-file-mb")]
+    pub max_file_mb: u64,
     /// Time limit of compiling one plugin (in a child process); a plugin
     /// whose compile takes longer is refused.
     #[arg(long = "plugin-compile-timeout-secs")]
@@ -159,6 +162,7 @@ impl Default for PluginsConfig {
             log_lines_per_sec: log.lines_per_sec,
             log_burst: log.burst,
             log_max_line_bytes: log.max_line_bytes,
+            max_file_mb: 256,
             compile_timeout_secs: 300,
             settings: Default::default(),
         }
@@ -1066,10 +1070,15 @@ impl Config {
         }
         let plugins = &self.plugins;
         if [plugins.workers, plugins.memory_mb].contains(&0)
-            || [plugins.timeout_ms, plugins.compile_timeout_secs].contains(&0)
+            || [
+                plugins.timeout_ms,
+                plugins.compile_timeout_secs,
+                plugins.max_file_mb,
+            ]
+            .contains(&0)
         {
             return bad(
-                "plugins.workers, timeout_ms, memory_mb and compile_timeout_secs must be at least 1"
+                "plugins.workers, timeout_ms, memory_mb, max_file_mb and compile_timeout_secs must be at least 1"
                     .into(),
             );
         }
@@ -1333,7 +1342,7 @@ mod tests {
     }
 
     #[test]
-    fn a_plugin_compile_time_limit_comes_from_every_layer_and_zero_is_refused() {
+    fn plugin_file_size_and_compile_time_limits_come_from_every_layer_and_zero_is_refused() {
         assert_eq!(Config::default().plugins.compile_timeout_secs, 300);
         let file = layered("[plugins]\ncompile_timeout_secs = 60\n", &[], "").unwrap();
         assert_eq!(file.plugins.compile_timeout_secs, 60);
@@ -1346,6 +1355,11 @@ mod tests {
                 .contains("compile_timeout_secs must be at least 1"),
             "{err}"
         );
+        assert_eq!(Config::default().plugins.max_file_mb, 256);
+        let env = [("EDGEHUB_PLUGIN_MAX_FILE_MB", "8")];
+        assert_eq!(layered("", &env, "").unwrap().plugins.max_file_mb, 8);
+        let err = layered("[plugins]\nmax_file_mb = 0\n", &[], "").unwrap_err();
+        assert!(err.to_string().contains("max_file_mb"), "{err}");
     }
 
     #[test]

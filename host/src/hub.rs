@@ -142,6 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Stopped,
         PluginEngine::new(Some(plugins::engine::cache_dir(&config.storage)))?,
         plugin_settings,
         default_limits,
+        config.plugins.max_file_mb.saturating_mul(1 << 20),
         metrics.clone(),
     )?);
     let watcher = plugins::watch::spawn(plugin_folder.clone(), registry.clone(), shutdown.clone())

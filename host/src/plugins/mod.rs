@@ -57,6 +57,8 @@ pub enum PluginError {
     Grant(String),
     #[error("cannot read {path}: {message}")]
     Read { path: PathBuf, message: String },
+    #[error("the file is {size} bytes, over the limit of {max} bytes (plugins.max_file_mb)")]
+    FileTooLarge { size: u64, max: u64 },
     #[error("compiled-plugin cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
 }

@@ -50,8 +50,11 @@ pub struct Registry {
     /// `config` documents from the hub twin, by plugin name.
     twin: Mutex<BTreeMap<String, serde_json::Value>>,
     status: Mutex<BTreeMap<String, FileStatus>>,
-    /// Digest of the last file tried per name, loaded or refused.
+    /// Digest of the last file tried per name, loaded or refused (or why
+    /// it was refused unread).
     tried: Mutex<HashMap<String, String>>,
+    /// Largest file read as a plugin.
+    max_file_bytes: u64,
     generation: AtomicU64,
     metrics: Arc<Metrics>,
     /// Each plugin's log (with its rate budget), by name, kept across versions.
@@ -71,6 +74,7 @@ impl Registry {
         engine: PluginEngine,
         local: HashMap<String, LocalSettings>,
         default_limits: Limits,
+        max_file_bytes: u64,
         metrics: Arc<Metrics>,
     ) -> Result<Self, PluginError> {
         Ok(Self {
@@ -82,6 +86,7 @@ impl Registry {
             twin: Mutex::default(),
             status: Mutex::default(),
             tried: Mutex::default(),
+            max_file_bytes,
             generation: AtomicU64::new(1),
             metrics,
             logs: Mutex::default(),
@@ -139,10 +144,17 @@ impl Registry {
                 continue;
             };
             seen.push(name.clone());
-            let wasm = match std::fs::read(&path) {
+            let wasm = match read_file(&path, self.max_file_bytes) {
                 Ok(b) => b,
+                Err(e @ PluginError::Read { .. }) => {
+                    tracing::warn!(error = %e, "cannot read plugin file");
+                    continue;
+                }
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot read plugin file");
+                    let why = e.to_string();
+                    if self.tried.lock().unwrap().insert(name.clone(), why.clone()) != Some(why) {
+                        self.refused(&name, &path, &e);
+                    }
                     continue;
                 }
             };
@@ -234,21 +246,27 @@ impl Registry {
                 Ok(plugin)
             }
             Err(e) => {
-                let running = self.get(name).map(|p| p.digest.clone());
-                tracing::error!(
-                    plugin = name,
-                    file = %path.display(),
-                    error = %e,
-                    still_running = running.as_deref().unwrap_or("none"),
-                    "plugin file refused"
-                );
-                self.metrics.plugin_rejected();
-                let mut status = self.status.lock().unwrap();
-                let s = status.entry(name.to_string()).or_default();
-                s.error = Some(e.to_string());
+                self.refused(name, path, &e);
                 Err(e)
             }
         }
+    }
+
+    /// Logs, counts and reports a file of plugin `name` that was refused;
+    /// the running version, if any, stays.
+    fn refused(&self, name: &str, path: &Path, e: &PluginError) {
+        let running = self.get(name).map(|p| p.digest.clone());
+        tracing::error!(
+            plugin = name,
+            file = %path.display(),
+            error = %e,
+            still_running = running.as_deref().unwrap_or("none"),
+            "plugin file refused"
+        );
+        self.metrics.plugin_rejected();
+        let mut status = self.status.lock().unwrap();
+        let s = status.entry(name.to_string()).or_default();
+        s.error = Some(e.to_string());
     }
 
     /// Stops offering `name` (messages already handed to it finish).
@@ -329,6 +347,31 @@ impl Registry {
 
 /// The plugin name of a file: its stem, when it is a visible `.wasm` file
 /// with a name the route language can refer to.
+/// A plugin file's bytes, if it holds at most `max`: a larger file is
+/// refused before it is read (it may be growing: at most `max` + 1 bytes
+/// are read).
+fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, PluginError> {
+    use std::io::Read;
+    let failed = |e: std::io::Error| PluginError::Read {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let too_large = |size| Err(PluginError::FileTooLarge { size, max });
+    let file = std::fs::File::open(path).map_err(failed)?;
+    let size = file.metadata().map_err(failed)?.len();
+    if size > max {
+        return too_large(size);
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(failed)?;
+    match bytes.len() as u64 {
+        n if n > max => too_large(n),
+        _ => Ok(bytes),
+    }
+}
+
 pub fn plugin_name(path: &Path) -> Option<String> {
     if path.extension()? != "wasm" || !path.is_file() {
         return None;
@@ -340,4 +383,31 @@ pub fn plugin_name(path: &Path) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     ok.then(|| stem.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_file_is_read_up_to_the_limit_and_refused_beyond_it_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.wasm");
+        std::fs::write(&path, vec![7u8; 1000]).unwrap();
+        assert_eq!(read_file(&path, 1000).unwrap().len(), 1000);
+        let e = read_file(&path, 999).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                PluginError::FileTooLarge {
+                    size: 1000,
+                    max: 999
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("plugins.max_file_mb"), "{e}");
+        let e = read_file(&dir.path().join("gone.wasm"), 1000).unwrap_err();
+        assert!(matches!(e, PluginError::Read { .. }), "{e}");
+    }
 }

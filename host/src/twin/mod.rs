@@ -370,8 +370,14 @@ mod tests {
             .sealer();
         let twins = Arc::new(Twins::open(&store, sealer).unwrap());
         let engine = PluginEngine::new(None).unwrap();
-        let registry =
-            Registry::new(engine, HashMap::new(), Limits::default(), Arc::default()).unwrap();
+        let registry = Registry::new(
+            engine,
+            HashMap::new(),
+            Limits::default(),
+            u64::MAX,
+            Arc::default(),
+        )
+        .unwrap();
         let ttl_ms = Arc::new(AtomicU64::new(60_000));
         let baseline = Baseline {
             routes: None,
