@@ -264,9 +264,12 @@ fn compile_elsewhere(compiler: &Compiler, wasm: &[u8], cache_dir: &Path) -> Resu
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| Elsewhere::NotRun(e.to_string()))?;
-    // The child reads all of its input before it writes anything.
-    let fed = child.stdin.take().map(|mut stdin| stdin.write_all(wasm));
-    let (status, stdout, stderr, late) = std::thread::scope(|scope| {
+    // Its input and output go through threads of their own while this one
+    // waits, with the limit, for the child to end: a child that stops
+    // reading or writes much cannot hold the hub past the limit.
+    let (status, fed, stdout, stderr, late) = std::thread::scope(|scope| {
+        let stdin = child.stdin.take();
+        let fed = scope.spawn(move || stdin.map(|mut stdin| stdin.write_all(wasm)));
         let drain = |pipe: Option<Box<dyn Read + Send>>| {
             scope.spawn(move || {
                 let mut bytes = Vec::new();
@@ -284,7 +287,8 @@ fn compile_elsewhere(compiler: &Compiler, wasm: &[u8], cache_dir: &Path) -> Resu
         }
         let status = child.wait();
         let output = |h: std::thread::ScopedJoinHandle<'_, Vec<u8>>| h.join().unwrap_or_default();
-        (status, output(stdout), output(stderr), late)
+        let fed = fed.join().ok().flatten();
+        (status, fed, output(stdout), output(stderr), late)
     });
     if late {
         return Err(Elsewhere::Refused(PluginError::CompileTimeout(
