@@ -84,14 +84,14 @@ def storage_with_cache(storage: Path, cache: Path) -> Path:
     holds (the hub and `plugin test` share the engine, so its entries fit)."""
     target = Path(storage) / "plugin-cache"
     target.mkdir(parents=True)
-    for f in Path(cache).glob("*.cwasm"):
+    for f in Path(cache).glob("*.cwasm*"):  # entries and their checksums
         shutil.copy2(f, target / f.name)
     return Path(storage)
 
 
 def keep_compiled(storage: Path, cache: Path) -> None:
     """Copies what a hub compiled into the shared ``cache``."""
-    for f in (Path(storage) / "plugin-cache").glob("*.cwasm"):
+    for f in (Path(storage) / "plugin-cache").glob("*.cwasm*"):
         if not (Path(cache) / f.name).exists():
             shutil.copy2(f, Path(cache) / f.name)
 

@@ -290,3 +290,8 @@ def test_compiled_code_of_replaced_and_removed_versions_is_not_kept(
                "the replaced version's compiled code removed, the new one kept")
     remove_and_wait_unloaded(ph, "q")
     wait_until(lambda: len(compiled()) == 1, 10, "the removed plugin's compiled code removed")
+    # the kept entry has its checksum beside it, and no other checksum is left
+    # (the prune may still be between an entry and its checksum)
+    kept = compiled()[0]
+    wait_until(lambda: sorted(f.name for f in cache.iterdir()) == [kept, kept + ".sum"], 10,
+               "only the kept entry and its checksum in the cache")

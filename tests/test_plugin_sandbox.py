@@ -275,3 +275,42 @@ def test_a_plugin_file_over_the_size_limit_is_refused_unread_and_the_running_ver
     got = upstream_before_sentinel(ph, items, b"sentinel-big")
     assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
     assert ph.hub.alive()
+
+
+def test_a_damaged_compiled_plugin_in_the_cache_is_compiled_again_not_run(
+    sentinel_hub, plugins_dist, edgehub_bin, tmp_path  # noqa: F811
+):
+    storage = tmp_path / "storage"
+    cache = storage / "plugin-cache"
+    r = subprocess.run(
+        [edgehub_bin, "plugin", "compile", str(plugins_dist / "field-filter.wasm"), "--cache", str(cache)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    [entry] = cache.glob("*.cwasm")
+    assert entry.with_name(entry.name + ".sum").is_file(), sorted(p.name for p in cache.iterdir())
+    # A worn flash card damages the compiled code: the middle half of the
+    # entry, where its machine code is, overwritten with trap instructions
+    # (run as it is, it stops the hub with SIGTRAP as the plugin loads).
+    damaged = bytearray(entry.read_bytes())
+    n = len(damaged)
+    damaged[n // 4:3 * n // 4] = b"\xcc" * (3 * n // 4 - n // 4)
+    entry.write_bytes(bytes(damaged))
+
+    ph = sentinel_hub(
+        routes=routes_for("ff", None, plugin="field-filter"),
+        edge_id=EDGE,
+        storage=storage,
+        plugins={"field-filter": plugins_dist / "field-filter.wasm"},
+    )
+    line = ph.wait_loaded("field-filter", 60)
+    assert "from_cache=false" in line, line
+    log = ph.log.text(False)
+    assert re.search(r"compiled plugin cache entry unusable; recompiling.*checksum does not match", log), log
+    assert entry.read_bytes() != bytes(damaged), "the damaged entry was not replaced"
+
+    items = [("devices/ff/messages/events/", b'{"temperature": 10}'),
+             ("devices/ff/messages/events/", b'{"temperature": 40}')]
+    got = upstream_before_sentinel(ph, items, b"sentinel-cache")
+    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+    assert ph.hub.alive()

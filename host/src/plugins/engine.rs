@@ -8,7 +8,9 @@
 //! compiled code from the file. The compiler's tens of MiB of allocations
 //! and its own code pages never enter the hub's memory, a compile that
 //! crashes or runs out of memory ends the child, not the hub, and one that
-//! runs past the time limit is stopped and the plugin refused.
+//! runs past the time limit is stopped and the plugin refused. Each cache
+//! entry has its checksum beside it (`<entry>.cwasm.sum`); an entry whose
+//! content does not match is deleted and compiled again, never run.
 //!
 //! Owns compiling; it does not instantiate or call plugins (see `instance`).
 
@@ -130,16 +132,25 @@ impl PluginEngine {
         if !path.exists() {
             return None;
         }
+        let forget = |why: &dyn std::fmt::Display| {
+            tracing::warn!(path = %path.display(), error = %why, "compiled plugin cache entry unusable; recompiling");
+            let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(sum_file(path));
+            None
+        };
+        // Compiled code runs unchecked: a flipped bit on a worn SD card must
+        // cost a compile, not a crash.
+        match intact(path) {
+            Ok(true) => {}
+            Ok(false) => return forget(&"damaged: its checksum does not match"),
+            Err(e) => return forget(&format!("no checksum to check it against ({e})")),
+        }
         // SAFETY: the file was written by `precompile_component` of an
         // engine with the same compatibility hash (it is in the name), into
-        // a folder only the hub writes.
+        // a folder only the hub writes, and its content is what was written.
         match unsafe { Component::deserialize_file(&self.engine, path) } {
             Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "compiled plugin cache entry unusable; recompiling");
-                let _ = std::fs::remove_file(path);
-                None
-            }
+            Err(e) => forget(&e),
         }
     }
 
@@ -150,8 +161,13 @@ impl PluginEngine {
             .engine
             .precompile_component(wasm)
             .map_err(PluginError::compile)?;
-        // Loaded unchecked later: never leave a torn file under this name.
-        if let Err(e) = crate::durable_file::replace(path, &compiled) {
+        // Loaded unchecked later: never leave a torn file under this name,
+        // and keep its checksum beside it (written second: an entry without
+        // one is not used).
+        let written = crate::durable_file::replace(path, &compiled).and_then(|()| {
+            crate::durable_file::replace(&sum_file(path), checksum(&compiled[..])?.as_bytes())
+        });
+        if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "cannot cache compiled plugin");
         }
         Ok(compiled)
@@ -171,7 +187,12 @@ impl PluginEngine {
             return;
         };
         for path in entries.flatten().map(|e| e.path()) {
-            if path.extension().is_some_and(|e| e == "cwasm") && !keep.contains(&path) {
+            let entry = match path.extension() {
+                Some(e) if e == "cwasm" => path.clone(),
+                Some(e) if e == "sum" => path.with_extension(""),
+                _ => continue,
+            };
+            if entry.extension().is_some_and(|e| e == "cwasm") && !keep.contains(&entry) {
                 match std::fs::remove_file(&path) {
                     Ok(()) => {
                         tracing::debug!(path = %path.display(), "stale compiled plugin removed")
@@ -197,6 +218,35 @@ impl PluginEngine {
         h.0.update(Sha256::digest(wasm));
         hex(&h.0.finalize())
     }
+}
+
+/// The file beside cache entry `entry` that holds its checksum.
+fn sum_file(entry: &Path) -> PathBuf {
+    entry.with_extension("cwasm.sum")
+}
+
+/// A cache entry's checksum (xxh3-128, hex), read in chunks: a compiled
+/// plugin can be tens of MiB.
+fn checksum(mut content: impl Read) -> std::io::Result<String> {
+    struct Hashing(xxhash_rust::xxh3::Xxh3);
+    impl Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(xxhash_rust::xxh3::Xxh3::new());
+    std::io::copy(&mut content, &mut hashing)?;
+    Ok(format!("{:032x}", hashing.0.digest128()))
+}
+
+/// Whether the cache entry at `path` holds what was written.
+fn intact(path: &Path) -> std::io::Result<bool> {
+    let want = std::fs::read_to_string(sum_file(path))?;
+    Ok(checksum(std::fs::File::open(path)?)? == want.trim())
 }
 
 /// Content digest of a plugin file, as shown in logs and reported properties.
@@ -375,4 +425,48 @@ fn in_own_pool<T: Send>(
 /// The compiled-component cache folder under the storage folder.
 pub fn cache_dir(storage: &Path) -> PathBuf {
     storage.join("plugin-cache")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_entry_is_intact_only_while_its_content_matches_its_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = dir.path().join("k.cwasm");
+        let content = vec![0x5au8; 200_000];
+        std::fs::write(&entry, &content).unwrap();
+        let e = intact(&entry).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "no checksum: {e}");
+        std::fs::write(sum_file(&entry), checksum(&content[..]).unwrap()).unwrap();
+        assert!(intact(&entry).unwrap());
+        let mut flipped = content.clone();
+        flipped[123_456] ^= 1;
+        std::fs::write(&entry, &flipped).unwrap();
+        assert!(!intact(&entry).unwrap(), "one flipped bit goes unnoticed");
+    }
+
+    #[test]
+    fn pruning_the_cache_keeps_the_entries_that_run_with_their_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "a.cwasm",
+            "a.cwasm.sum",
+            "b.cwasm",
+            "b.cwasm.sum",
+            "c.cwasm.sum",
+            "notes.txt",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let engine = PluginEngine::new(Some(dir.path().to_path_buf())).unwrap();
+        engine.prune_cache(&[dir.path().join("a.cwasm")]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a.cwasm", "a.cwasm.sum", "notes.txt"]);
+    }
 }
