@@ -62,6 +62,22 @@ def upstream_before_sentinel(ph, items, tag: bytes):
     return ph.publish_then_sentinel(items, tag, timeout=30, publish_timeout=30)
 
 
+def assert_the_field_filter_serves(ph, tag: bytes) -> None:
+    """Two readings through the field filter's route: only the hot one
+    arrives upstream, marked by the filter."""
+    items = [("devices/ff/messages/events/", b'{"temperature": 10}'),
+             ("devices/ff/messages/events/", b'{"temperature": 40}')]
+    got = upstream_before_sentinel(ph, items, tag)
+    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+
+
+def compile_into_cache(edgehub_bin: str, wasm: Path, cache: Path) -> None:
+    """`edgehub plugin compile`: the cache entry a hub would write."""
+    r = subprocess.run([edgehub_bin, "plugin", "compile", str(wasm), "--cache", str(cache)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def metrics_delta(ph, before: dict, names) -> dict:
     now = ph.hub.metrics()
     return {n: now[n] - before[n] for n in names}
@@ -195,9 +211,7 @@ def test_corrupt_and_wrong_world_files_are_refused_while_other_plugins_load(
     assert not re.search(r"plugin loaded", ph.log.text()), ph.log.text()
 
     # the good plugin works
-    items = [("devices/ff/messages/events/", b'{"temperature": 10}'), ("devices/ff/messages/events/", b'{"temperature": 40}')]
-    got = upstream_before_sentinel(ph, items, b"sentinel-ff")
-    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+    assert_the_field_filter_serves(ph, b"sentinel-ff")
     assert ph.hub.alive()
 
 
@@ -223,12 +237,7 @@ def test_a_plugin_whose_compile_outlasts_the_time_limit_is_refused_its_compiler_
     # hub's cache beforehand, so it loads without a compile.
     slow = field_filter_wasm(plugins_dist, "python")
     storage = tmp_path / "storage"
-    r = subprocess.run(
-        [edgehub_bin, "plugin", "compile", str(plugins_dist / "field-filter.wasm"), "--cache",
-         str(storage / "plugin-cache")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    compile_into_cache(edgehub_bin, plugins_dist / "field-filter.wasm", storage / "plugin-cache")
     ph = sentinel_hub(
         routes=routes_for("ff", None, plugin="field-filter"),
         edge_id=EDGE,
@@ -243,10 +252,7 @@ def test_a_plugin_whose_compile_outlasts_the_time_limit_is_refused_its_compiler_
     assert ph.hub.metric("edgehub_plugin_rejected_total") == 1
     assert not re.search(r"plugin=slow.*plugin loaded|plugin loaded.*plugin=slow", ph.log.text(False))
 
-    items = [("devices/ff/messages/events/", b'{"temperature": 10}'),
-             ("devices/ff/messages/events/", b'{"temperature": 40}')]
-    got = upstream_before_sentinel(ph, items, b"sentinel-slow")
-    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+    assert_the_field_filter_serves(ph, b"sentinel-slow")
     assert ph.hub.alive()
 
 
@@ -270,10 +276,7 @@ def test_a_plugin_file_over_the_size_limit_is_refused_unread_and_the_running_ver
     line = ph.wait_refused("field-filter")
     assert "over the limit" in line and "still_running=" in line and "still_running=none" not in line, line
     ph.hub.wait_metric("edgehub_plugin_rejected_total", lambda v: v == 2, 10, "== 2")
-    items = [("devices/ff/messages/events/", b'{"temperature": 10}'),
-             ("devices/ff/messages/events/", b'{"temperature": 40}')]
-    got = upstream_before_sentinel(ph, items, b"sentinel-big")
-    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+    assert_the_field_filter_serves(ph, b"sentinel-big")
     assert ph.hub.alive()
 
 
@@ -282,11 +285,7 @@ def test_a_damaged_compiled_plugin_in_the_cache_is_compiled_again_not_run(
 ):
     storage = tmp_path / "storage"
     cache = storage / "plugin-cache"
-    r = subprocess.run(
-        [edgehub_bin, "plugin", "compile", str(plugins_dist / "field-filter.wasm"), "--cache", str(cache)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    compile_into_cache(edgehub_bin, plugins_dist / "field-filter.wasm", cache)
     [entry] = cache.glob("*.cwasm")
     assert entry.with_name(entry.name + ".sum").is_file(), sorted(p.name for p in cache.iterdir())
     # A worn flash card damages the compiled code: the middle half of the
@@ -309,8 +308,5 @@ def test_a_damaged_compiled_plugin_in_the_cache_is_compiled_again_not_run(
     assert re.search(r"compiled plugin cache entry unusable; recompiling.*checksum does not match", log), log
     assert entry.read_bytes() != bytes(damaged), "the damaged entry was not replaced"
 
-    items = [("devices/ff/messages/events/", b'{"temperature": 10}'),
-             ("devices/ff/messages/events/", b'{"temperature": 40}')]
-    got = upstream_before_sentinel(ph, items, b"sentinel-cache")
-    assert got == [("devices/ff/messages/events/alert=true", b'{"temperature": 40}')], got
+    assert_the_field_filter_serves(ph, b"sentinel-cache")
     assert ph.hub.alive()
