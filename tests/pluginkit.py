@@ -329,6 +329,14 @@ class PluginHub:
     def wait_metric(self, name, pred, timeout, desc):
         return self.hub.wait_metric(name, pred, timeout, desc)
 
+    def rejected(self, plugin: str, reason: str) -> float:
+        """Refusals of ``plugin``'s files for ``reason`` (0 before the first)."""
+        series = f'edgehub_plugin_rejected_total{{plugin="{plugin}",reason="{reason}"}} '
+        for line in self.hub.metrics_text().splitlines():
+            if line.startswith(series):
+                return float(line[len(series):])
+        return 0.0
+
     def wait_loaded(self, name: str, timeout: float = 10.0, desc: str | None = None) -> str:
         """Waits for the log line (after the mark) saying plugin ``name`` was
         loaded; returns the line."""

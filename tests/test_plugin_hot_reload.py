@@ -175,12 +175,12 @@ def test_a_corrupt_or_wrong_world_file_replacing_a_plugin_leaves_the_old_version
     assert got == [(t + "alert=true", HOT)], got
 
     valid = (plugins_dist / "field-filter.wasm").read_bytes()
-    for i, (what, data, reason) in enumerate([
-        ("corrupt", corrupt_bytes(valid), "not a valid WebAssembly component"),
-        ("wrong world", (plugins_dist / "wrong-world.wasm").read_bytes(), "exports none of the worlds"),
+    for i, (what, data, reason, label) in enumerate([
+        ("corrupt", corrupt_bytes(valid), "not a valid WebAssembly component", "not_a_component"),
+        ("wrong world", (plugins_dist / "wrong-world.wasm").read_bytes(), "exports none of the worlds", "wrong_world"),
     ]):
         ph.log.mark()
-        rejected = ph.hub.metric("edgehub_plugin_rejected_total")
+        rejected = ph.rejected("field-filter", label)
         filtered = ph.hub.metric("edgehub_messages_filtered_total")
         ph.install("field-filter", data)
         line = ph.wait_refused("field-filter", RELOAD_TIMEOUT, f"{what} file refused")
@@ -188,7 +188,8 @@ def test_a_corrupt_or_wrong_world_file_replacing_a_plugin_leaves_the_old_version
         assert f'still_running="{v1}"' in ph.log.text() or f"still_running={v1}" in ph.log.text(), (
             f"{what}: the log does not say the old version keeps running: {line}"
         )
-        ph.hub.wait_metric("edgehub_plugin_rejected_total", lambda v: v == rejected + 1, 10, f"== {rejected + 1}")
+        wait_until(lambda: ph.rejected("field-filter", label) == rejected + 1, 10,
+                   f"edgehub_plugin_rejected_total{{plugin=field-filter,reason={label}}} == {rejected + 1}")
         assert "plugin unloaded" not in ph.log.text() and "plugin loaded" not in ph.log.text(), ph.log.text()
 
         # the old version still filters

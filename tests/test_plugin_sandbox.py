@@ -201,6 +201,7 @@ def test_corrupt_and_wrong_world_files_are_refused_while_other_plugins_load(
     ph.wait_loaded("field-filter")
     ph.wait_loaded("hostile")
     assert ph.hub.metric("edgehub_plugin_rejected_total") == 2
+    assert (ph.rejected("corrupt", "not_a_component"), ph.rejected("wrong-world", "wrong_world")) == (1, 1)
 
     # dropped in while running: refused as well
     ph.log.mark()
@@ -208,6 +209,7 @@ def test_corrupt_and_wrong_world_files_are_refused_while_other_plugins_load(
     line = ph.wait_refused("truncated")
     assert "not a valid WebAssembly component" in line, line
     ph.hub.wait_metric("edgehub_plugin_rejected_total", lambda v: v == 3, 10, "== 3")
+    assert ph.rejected("truncated", "not_a_component") == 1
     assert not re.search(r"plugin loaded", ph.log.text()), ph.log.text()
 
     # the good plugin works
@@ -250,6 +252,7 @@ def test_a_plugin_whose_compile_outlasts_the_time_limit_is_refused_its_compiler_
     assert compiler_children(ph.hub.proc.pid) == [], "the compiler's process is still running"
     ph.wait_loaded("field-filter")
     assert ph.hub.metric("edgehub_plugin_rejected_total") == 1
+    assert ph.rejected("slow", "compile_timeout") == 1
     assert not re.search(r"plugin=slow.*plugin loaded|plugin loaded.*plugin=slow", ph.log.text(False))
 
     assert_the_field_filter_serves(ph, b"sentinel-slow")
@@ -276,6 +279,7 @@ def test_a_plugin_file_over_the_size_limit_is_refused_unread_and_the_running_ver
     line = ph.wait_refused("field-filter")
     assert "over the limit" in line and "still_running=" in line and "still_running=none" not in line, line
     ph.hub.wait_metric("edgehub_plugin_rejected_total", lambda v: v == 2, 10, "== 2")
+    assert (ph.rejected("big", "file_too_large"), ph.rejected("field-filter", "file_too_large")) == (1, 1)
     assert_the_field_filter_serves(ph, b"sentinel-big")
     assert ph.hub.alive()
 

@@ -112,6 +112,12 @@ struct AddressLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginRejectedLabels {
+    plugin: String,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InvalidTopicLabels {
     reason: String,
     route: String,
@@ -144,7 +150,7 @@ pub struct Metrics {
     plugin_calls: Counter,
     plugin_failures: Family<PluginLabels, Counter>,
     plugin_reloads: Counter,
-    plugin_rejected: Counter,
+    plugin_rejected: Family<PluginRejectedLabels, Counter>,
     plugin_log_dropped: Family<PluginLabels, Counter>,
     plugin_seconds: Family<PluginLabels, Latency>,
     route_messages: Family<RouteLabels, Counter>,
@@ -222,7 +228,7 @@ impl Metrics {
             plugin_calls: reg(&mut r, "plugin_calls", "Messages handed to Wasm plugins"),
             plugin_failures: reg(&mut r, "plugin_failures", "Plugin calls that failed (timeout, memory, trap, bad result, not loaded), by plugin; each instance is replaced"),
             plugin_reloads: reg(&mut r, "plugin_reloads", "Plugins loaded, replaced or unloaded while running"),
-            plugin_rejected: reg(&mut r, "plugin_rejected", "Plugin files refused (corrupt, wrong world, cannot start)"),
+            plugin_rejected: reg(&mut r, "plugin_rejected", "Plugin files refused, by plugin and reason (not_a_component, wrong_world, cannot_start, compile_timeout, file_too_large, ...)"),
             plugin_log_dropped: reg(&mut r, "plugin_log_dropped", "Lines a plugin logged beyond its log rate limit, by plugin"),
             plugin_seconds: reg_seconds(&mut r, "plugin", "Time a plugin took per message, by plugin (a batch call's time shared among its messages); its count is the messages it was handed"),
             route_messages: reg(&mut r, "route_messages", "Messages each route matched, by route"),
@@ -317,8 +323,13 @@ impl Metrics {
         let _ = self.plugin_log_dropped.get_or_create(&labels);
         let _ = self.plugin_seconds.get_or_create(&labels);
     }
-    pub fn plugin_rejected(&self) {
-        self.plugin_rejected.inc();
+    pub fn plugin_rejected(&self, plugin: &str, reason: &str) {
+        self.plugin_rejected
+            .get_or_create(&PluginRejectedLabels {
+                plugin: plugin.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
     pub fn plugin_log_dropped(&self, plugin: &str, n: u64) {
         self.plugin_log_dropped
@@ -664,7 +675,13 @@ mod tests {
         m.set_dead_letter_depth(5);
         m.upstream_reconnects();
         m.plugin_log_dropped("noisy", 10);
+        m.plugin_rejected("big", "file_too_large");
+        m.plugin_rejected("big", "file_too_large");
         let s = samples(&m.encode());
+        assert_eq!(
+            s["edgehub_plugin_rejected_total{plugin=\"big\",reason=\"file_too_large\"}"],
+            2.0
+        );
         assert_eq!(s["edgehub_clients_connected"], 1.0);
         assert_eq!(s["edgehub_upstream_connected"], 1.0);
         assert_eq!(

@@ -64,6 +64,22 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// The `reason` label of `edgehub_plugin_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Engine(_) => "engine",
+            Self::Compile(_) => "not_a_component",
+            Self::CompileTimeout(_) => "compile_timeout",
+            Self::Link(_) => "cannot_link",
+            Self::WrongWorld => "wrong_world",
+            Self::Instantiate(_) => "cannot_start",
+            Self::Grant(_) => "grant_refused",
+            Self::Read { .. } => "cannot_read",
+            Self::FileTooLarge { .. } => "file_too_large",
+            Self::Cache { .. } => "cache",
+        }
+    }
+
     fn engine(e: wasmtime::Error) -> Self {
         Self::Engine(format!("{e:#}"))
     }

@@ -263,7 +263,7 @@ impl Registry {
             still_running = running.as_deref().unwrap_or("none"),
             "plugin file refused"
         );
-        self.metrics.plugin_rejected();
+        self.metrics.plugin_rejected(name, e.reason());
         let mut status = self.status.lock().unwrap();
         let s = status.entry(name.to_string()).or_default();
         s.error = Some(e.to_string());
