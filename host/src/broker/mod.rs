@@ -827,7 +827,13 @@ impl Broker {
                     return; // already taken over by a newer connection
                 }
                 if client.persistent() {
-                    client.outbox = None;
+                    // Queued for it as it ended: never sent, kept like the
+                    // unacknowledged ones, after them.
+                    let unsent = client
+                        .outbox
+                        .take()
+                        .map(|o| o.take_back())
+                        .unwrap_or_default();
                     client.away_since_ms = Some(crate::clock::now_ms());
                     // (What it holds while connected was lost by an older
                     // connection after its PUBREC.)
@@ -840,10 +846,10 @@ impl Broker {
                     }
                     // Sent before and not acknowledged (those with a
                     // receipt come back through their owner).
-                    for p in unacked.into_iter().filter(|p| p.receipt.is_none()) {
+                    let unacked = unacked.into_iter().map(|p| Delivery { dup: true, ..p });
+                    for p in unacked.chain(unsent).filter(|p| p.receipt.is_none()) {
                         let seq = self.next_seq;
                         self.next_seq += 1;
-                        let p = Delivery { dup: true, ..p };
                         if let Some(journal) = &self.journal {
                             journal.record(Change::Queued(client_id.clone(), seq, Some(p.clone())));
                         }
@@ -1281,6 +1287,28 @@ mod tests {
             .await
             .unwrap();
         (attached, inbox)
+    }
+
+    #[tokio::test]
+    async fn deliveries_that_cross_a_persistent_session_s_end_are_kept_for_its_return_in_order() {
+        let (broker, _task) = spawn(16, Arc::new(Metrics::default()));
+        let (_, inbox) = attach(&broker, "p", 1, SESSION_NEVER_EXPIRES).await;
+        broker.subscribe("p", vec![("t/#".into(), 1)]).await;
+        // The session has drained its outbox and is ending: one delivery
+        // reaches its outbox unread, one comes after the session's end is
+        // gone, both before the broker hears that the session is over.
+        broker.publish(vec![delivery("t/1", false)]).await;
+        broker.clients(1).await;
+        drop(inbox);
+        broker.publish(vec![delivery("t/2", false)]).await;
+        broker.disconnect("p", 1, Vec::new(), Vec::new()).await;
+        let (attached, _inbox) = attach(&broker, "p", 2, SESSION_NEVER_EXPIRES).await;
+        let topics: Vec<_> = attached.queued.iter().map(|d| d.topic.as_str()).collect();
+        assert_eq!(
+            topics,
+            ["t/1", "t/2"],
+            "the deliveries the session never read"
+        );
     }
 
     #[tokio::test]

@@ -26,7 +26,6 @@ pub fn channel(capacity: usize) -> (OutboxSender, Outbox) {
             queue: VecDeque::new(),
             waker: None,
             sender: true,
-            receiver: true,
         }),
     });
     (OutboxSender(shared.clone()), Outbox(shared))
@@ -41,9 +40,8 @@ struct State {
     queue: VecDeque<Delivery>,
     /// The session waiting for a delivery or for the end.
     waker: Option<Waker>,
-    /// Whether the sender and the receiver are still there.
+    /// Whether the sender is still there.
     sender: bool,
-    receiver: bool,
 }
 
 impl Shared {
@@ -57,11 +55,12 @@ impl Shared {
 pub struct OutboxSender(Arc<Shared>);
 
 impl OutboxSender {
-    /// Queues `delivery`; gives it back when the outbox is full or its
-    /// session is gone.
+    /// Queues `delivery`; gives it back when the outbox is full. A session
+    /// that is gone takes nothing more, but what waits for it stays until
+    /// the broker, told of its end, takes it back ([`Self::take_back`]).
     pub fn try_send(&self, delivery: Delivery) -> Result<(), Delivery> {
         let mut state = self.0.lock();
-        if !state.receiver || state.queue.len() >= self.0.capacity {
+        if state.queue.len() >= self.0.capacity {
             return Err(delivery);
         }
         state.queue.push_back(delivery);
@@ -70,6 +69,15 @@ impl OutboxSender {
             waker.wake();
         }
         Ok(())
+    }
+}
+
+impl OutboxSender {
+    /// What waits undelivered, taken back: once the session has said it is
+    /// over, it reads nothing more, so whatever was queued meanwhile (before
+    /// or after its end dropped) was never sent.
+    pub fn take_back(&self) -> VecDeque<Delivery> {
+        std::mem::take(&mut self.0.lock().queue)
     }
 }
 
@@ -131,18 +139,9 @@ fn pop(state: &mut State) -> Option<Delivery> {
     Some(d)
 }
 
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        let queue = {
-            let mut state = self.0.lock();
-            state.receiver = false;
-            std::mem::take(&mut state.queue)
-        };
-        // Dropped outside the lock: a receipt tells its owner the
-        // delivery is lost.
-        drop(queue);
-    }
-}
+// Dropping the session's end leaves what waits for the broker to take back
+// (a session's end and the broker's last deliveries to it cross); it is
+// dropped, each receipt telling its owner, once both ends are gone.
 
 #[cfg(test)]
 mod tests {
@@ -200,14 +199,23 @@ mod tests {
     }
 
     #[test]
-    fn a_gone_session_refuses_deliveries_and_a_drained_burst_is_given_back() {
+    fn what_was_queued_as_the_session_ended_is_taken_back_not_lost() {
+        let (tx, rx) = channel(4);
+        tx.try_send(delivery("a")).unwrap();
+        drop(rx);
+        tx.try_send(delivery("b")).unwrap();
+        let back: Vec<String> = tx.take_back().into_iter().map(|d| d.topic).collect();
+        assert_eq!(back, ["a", "b"], "in order");
+        assert!(tx.take_back().is_empty());
+    }
+
+    #[test]
+    fn a_drained_burst_is_given_back() {
         let (tx, mut rx) = channel(1000);
         for i in 0..500 {
             tx.try_send(delivery(&i.to_string())).unwrap();
         }
         while rx.try_recv().is_some() {}
         assert_eq!(rx.0.lock().queue.capacity(), 0);
-        drop(rx);
-        assert!(tx.try_send(delivery("x")).is_err());
     }
 }
