@@ -338,7 +338,7 @@ def test_plugin_config_from_the_twin_changes_what_the_filter_passes(
         15, "version 1 and field-filter loaded",
     )
     assert doc["lastDesiredStatus"]["code"] == 200, doc
-    assert doc["plugins"]["field-filter"].get("kind") == "batch-filter", doc
+    assert doc["plugins"]["field-filter"].get("kind") == "view-filter", doc
     assert doc["plugins"]["field-filter"].get("version"), doc
     assert route_texts(doc) == {"ff": route}, doc
     assert "warning" not in doc["routes"]["ff"], doc

@@ -299,6 +299,45 @@ def test_a_plugin_chain_ends_at_a_module_input(sentinel_hub, plugins_dist):  # n
     ph.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered_before + 2, 10, "+2")
 
 
+def test_view_filters_keep_messages_as_published_and_their_drops_and_replacements_take_effect(
+    sentinel_hub, plugins_dist  # noqa: F811
+):
+    """passthrough and field-filter both export the view-filter world:
+    passthrough keeps every message (nothing copied back), field-filter
+    drops cold or non-JSON readings and replaces hot ones with a copy marked
+    alert=true. A kept module message goes upstream byte for byte as
+    published; the device messages come out of the chain as field-filter
+    said, in order."""
+    ph = sentinel_hub(
+        plugins={"passthrough": plugins_dist / "passthrough.wasm", "field-filter": plugins_dist / "field-filter.wasm"},
+        routes={
+            "alerts": 'FROM /messages/devices/* INTO plugin("passthrough") THEN plugin("field-filter") THEN $upstream',
+            "modules": 'FROM /messages/modules/* INTO plugin("passthrough")',
+        },
+        edge_id=EDGE,
+    )
+    for name in ("passthrough", "field-filter"):
+        assert "view-filter" in ph.wait_loaded(name), f"{name} is not loaded as a view filter"
+    device = "devices/d4/messages/events/"
+    module = f"devices/{EDGE}/modules/m1/messages/events/%24.on=out1&k=a%20b&%24.ct=application%2Fjson"
+    items = [
+        (device + "%24.mid=a1&site=north", b'{"temperature": 30}'),
+        (module, b"\x00\xffmodule bytes"),
+        (device + "site=south", b'{"temperature": 5}'),  # cold: dropped
+        (device, b"not json"),  # dropped
+        (device, b'{"temperature": 99.5}'),
+    ]
+    filtered_before = ph.metric("edgehub_messages_filtered_total")
+    got = ph.publish_then_sentinel(items, b"sentinel-view")
+    assert [m for m in got if m[0].startswith(f"devices/{EDGE}/")] == [items[1]], got
+    from_devices = [(split_telemetry(t), p) for t, p in got if t.startswith(device)]
+    assert from_devices == [
+        ((device, [("$.mid", "a1"), ("site", "north"), ("alert", "true")]), b'{"temperature": 30}'),
+        ((device, [("alert", "true")]), b'{"temperature": 99.5}'),
+    ], got
+    ph.wait_metric("edgehub_messages_filtered_total", lambda v: v >= filtered_before + 2, 10, "+2 (cold, not json)")
+
+
 # --------------------------------------------------------------------------
 # config errors and per-route time to live
 # --------------------------------------------------------------------------

@@ -19,6 +19,8 @@ use crate::message::{Headers, Message};
 /// What a plugin said about one message.
 #[derive(Debug, Clone)]
 pub enum Verdict {
+    /// A view filter kept the message as it was.
+    Kept,
     /// A filter's result: the message to send on (changed or not), or none.
     Filtered(Option<Message>),
     /// A router's choice of destinations (none: the message is dropped).
@@ -48,24 +50,14 @@ pub fn submit(
     plugin: Arc<Plugin>,
     messages: Vec<Message>,
 ) -> impl Future<Output = Verdicts> + Send + 'static {
-    let records = messages.iter().map(bindings::Message::from).collect();
-    let pending = pool.submit(plugin, records);
-    async move {
-        // The pool answers every job while it runs; a worker that died
-        // dropped its reply.
-        let answers = pending.await.unwrap_or_default();
-        messages
-            .into_iter()
-            .zip(answers)
-            .map(|(m, (_, answer))| {
-                let verdict = answer.map(|outcome| verdict(outcome, &m));
-                (m, verdict)
-            })
-            .collect()
-    }
+    let pending = pool.submit(plugin, messages);
+    // The pool answers every job while it runs; a worker that died
+    // dropped its reply.
+    async move { pending.await.unwrap_or_default() }
 }
 
-fn verdict(outcome: Outcome, input: &Message) -> Verdict {
+/// A record world's outcome as the hub's verdict on `input`.
+pub(super) fn verdict(outcome: Outcome, input: &Message) -> Verdict {
     match outcome {
         Outcome::Filtered(m) => Verdict::Filtered(m.map(|m| returned(m, input))),
         Outcome::Routed(endpoints) => Verdict::Routed(
@@ -93,6 +85,21 @@ fn returned(m: bindings::Message, input: &Message) -> Message {
         system_properties: m.system_properties,
     };
     input.derived(m.topic, Bytes::from(m.body), m.enqueued_ms, headers)
+}
+
+/// A record as a message of the hub's (for running a view filter on
+/// records, as `edgehub plugin test` does).
+impl From<bindings::Message> for Message {
+    fn from(m: bindings::Message) -> Self {
+        let publisher = Arc::from("");
+        let origin = Message::published(publisher, String::new(), Bytes::new(), 1, false, 0);
+        let headers = Headers {
+            source: m.source,
+            properties: m.properties,
+            system_properties: m.system_properties,
+        };
+        origin.derived(m.topic, Bytes::from(m.body), m.enqueued_ms, headers)
+    }
 }
 
 impl From<&Message> for bindings::Message {
@@ -148,6 +155,20 @@ mod tests {
             (back.qos, back.retain, back.publisher()),
             (1, true, "d1/m1")
         );
+    }
+
+    #[test]
+    fn a_record_lent_to_a_view_filter_reads_back_as_the_same_record() {
+        let record = bindings::Message {
+            source: "/messages/modules/m1/outputs/o1".into(),
+            topic: "devices/d1/modules/m1/messages/events/".into(),
+            properties: vec![("b".into(), "2".into()), ("a".into(), "1".into())],
+            system_properties: vec![("$messageId".into(), "x".into())],
+            body: b"\x00\xff".to_vec(),
+            enqueued_ms: 7,
+        };
+        let back = bindings::Message::from(&Message::from(record.clone()));
+        assert_eq!(format!("{back:?}"), format!("{record:?}"));
     }
 
     #[test]

@@ -15,10 +15,13 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::{batch_filter, filter, host_api, router, Endpoint, Message};
+use super::bindings::{
+    batch_filter, filter, host_api, router, view_api, view_filter, Endpoint, Message, ViewVerdict,
+};
 use super::engine::{PluginEngine, EPOCH_TICK};
 use super::log_limit::{LogLimit, PluginLog};
 use super::{CallFailure, PluginError};
+use crate::message::Message as HubMessage;
 
 /// What a plugin may use, from the hub's config (never from the cloud).
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +72,7 @@ pub struct Settings {
 pub enum Kind {
     Filter,
     BatchFilter,
+    ViewFilter,
     Router,
 }
 
@@ -77,11 +81,12 @@ impl Kind {
         match self {
             Kind::Filter => "filter",
             Kind::BatchFilter => "batch-filter",
+            Kind::ViewFilter => "view-filter",
             Kind::Router => "router",
         }
     }
     pub fn is_filter(self) -> bool {
-        matches!(self, Kind::Filter | Kind::BatchFilter)
+        matches!(self, Kind::Filter | Kind::BatchFilter | Kind::ViewFilter)
     }
 }
 
@@ -89,6 +94,7 @@ impl Kind {
 enum Pre {
     Filter(filter::FilterPre<PluginState>),
     BatchFilter(batch_filter::BatchFilterPre<PluginState>),
+    ViewFilter(view_filter::ViewFilterPre<PluginState>),
     Router(router::RouterPre<PluginState>),
 }
 
@@ -110,11 +116,13 @@ pub struct Plugin {
 }
 
 /// The linker every plugin is linked with: WASI (denied by default through
-/// the context) and the `host` interface.
+/// the context), the `host` interface and the `view` interface.
 pub fn linker(engine: &PluginEngine) -> Result<Linker<PluginState>, PluginError> {
     let mut linker = Linker::new(&engine.engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(PluginError::engine)?;
     host_api::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
+        .map_err(PluginError::engine)?;
+    view_api::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)
         .map_err(PluginError::engine)?;
     Ok(linker)
 }
@@ -138,6 +146,8 @@ impl Plugin {
             .map_err(|e| PluginError::Link(format!("{e:#}")))?;
         let pre = if let Ok(p) = batch_filter::BatchFilterPre::new(instance_pre.clone()) {
             Pre::BatchFilter(p)
+        } else if let Ok(p) = view_filter::ViewFilterPre::new(instance_pre.clone()) {
+            Pre::ViewFilter(p)
         } else if let Ok(p) = filter::FilterPre::new(instance_pre.clone()) {
             Pre::Filter(p)
         } else if let Ok(p) = router::RouterPre::new(instance_pre) {
@@ -148,6 +158,7 @@ impl Plugin {
         let kind = match pre {
             Pre::Filter(_) => Kind::Filter,
             Pre::BatchFilter(_) => Kind::BatchFilter,
+            Pre::ViewFilter(_) => Kind::ViewFilter,
             Pre::Router(_) => Kind::Router,
         };
         let plugin = Plugin {
@@ -209,6 +220,7 @@ impl Plugin {
             log: self.log.clone(),
             log_limit: self.settings.limits.log,
             config_json: self.settings.config_json.clone(),
+            lent: Vec::new(),
         };
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -217,6 +229,7 @@ impl Plugin {
         let exports = match &self.pre {
             Pre::Filter(p) => p.instantiate(&mut store).map(Exports::Filter),
             Pre::BatchFilter(p) => p.instantiate(&mut store).map(Exports::BatchFilter),
+            Pre::ViewFilter(p) => p.instantiate(&mut store).map(Exports::ViewFilter),
             Pre::Router(p) => p.instantiate(&mut store).map(Exports::Router),
         }
         .map_err(|e| PluginError::Instantiate(describe(&store, &e)))?;
@@ -232,6 +245,7 @@ impl Plugin {
 enum Exports {
     Filter(filter::Filter),
     BatchFilter(batch_filter::BatchFilter),
+    ViewFilter(view_filter::ViewFilter),
     Router(router::Router),
 }
 
@@ -250,6 +264,14 @@ impl Instance {
         let out = match &self.exports {
             Exports::Filter(f) => f.call_filter(&mut self.store, m),
             Exports::BatchFilter(f) => f.call_filter(&mut self.store, m),
+            Exports::ViewFilter(_) => {
+                let mut verdicts = self.filter_views(vec![HubMessage::from(m.clone())]).1?;
+                return Ok(match verdicts.pop() {
+                    Some(ViewVerdict::Keep) => Some(m.clone()),
+                    Some(ViewVerdict::Replace(r)) => Some(r),
+                    _ => None,
+                });
+            }
             Exports::Router(_) => return Err(CallFailure::NotA("filter")),
         }
         .map_err(|e| self.failure(e))?;
@@ -276,6 +298,44 @@ impl Instance {
         }
         self.check_size(out.iter().flatten().map(size_of_message).sum())?;
         Ok(out)
+    }
+
+    /// Lends `ms` to a view filter for one call: one verdict per message,
+    /// in order. The messages come back whatever the call did.
+    pub fn filter_views(
+        &mut self,
+        ms: Vec<HubMessage>,
+    ) -> (Vec<HubMessage>, Result<Vec<ViewVerdict>, CallFailure>) {
+        self.arm();
+        let Exports::ViewFilter(f) = &self.exports else {
+            return (ms, Err(CallFailure::NotA("view-filter")));
+        };
+        let n = ms.len();
+        let Ok(count) = u32::try_from(n) else {
+            return (ms, Err(CallFailure::BadOutput("batch too large".into())));
+        };
+        self.store.data_mut().lent = ms;
+        let out = f.call_filter_views(&mut self.store, count);
+        let ms = std::mem::take(&mut self.store.data_mut().lent);
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => return (ms, Err(self.failure(e))),
+        };
+        if out.len() != n {
+            let why = format!(
+                "filter-views returned {} results for {n} messages",
+                out.len()
+            );
+            return (ms, Err(CallFailure::BadOutput(why)));
+        }
+        let size = out
+            .iter()
+            .map(|v| match v {
+                ViewVerdict::Replace(m) => size_of_message(m),
+                _ => 0,
+            })
+            .sum();
+        (ms, self.check_size(size).map(|()| out))
     }
 
     /// Routes one message.
@@ -362,6 +422,8 @@ pub struct PluginState {
     log: Arc<PluginLog>,
     log_limit: LogLimit,
     config_json: Arc<str>,
+    /// The messages lent to a view filter during a call (empty between calls).
+    lent: Vec<HubMessage>,
 }
 
 impl WasiView for PluginState {
@@ -388,6 +450,59 @@ impl host_api::Host for PluginState {
 }
 
 impl super::bindings::filter::edgehub::plugin::types::Host for PluginState {}
+
+/// A view filter's reads of the messages lent to it.
+impl view_api::Host for PluginState {
+    fn source(&mut self, i: u32) -> wasmtime::Result<String> {
+        Ok(self.lent(i)?.source().to_owned())
+    }
+    fn topic(&mut self, i: u32) -> wasmtime::Result<String> {
+        Ok(self.lent(i)?.topic.clone())
+    }
+    fn property(&mut self, i: u32, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(find(self.lent(i)?.properties(), &name))
+    }
+    fn system_property(&mut self, i: u32, name: String) -> wasmtime::Result<Option<String>> {
+        Ok(find(self.lent(i)?.system_properties(), &name))
+    }
+    fn properties(&mut self, i: u32) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.lent(i)?.properties().to_vec())
+    }
+    fn system_properties(&mut self, i: u32) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.lent(i)?.system_properties().to_vec())
+    }
+    fn body_len(&mut self, i: u32) -> wasmtime::Result<u32> {
+        Ok(u32::try_from(self.lent(i)?.body.len()).unwrap_or(u32::MAX))
+    }
+    fn body(&mut self, i: u32) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.lent(i)?.body.to_vec())
+    }
+    fn enqueued_ms(&mut self, i: u32) -> wasmtime::Result<u64> {
+        Ok(self.lent(i)?.enqueued_ms)
+    }
+    fn to_message(&mut self, i: u32) -> wasmtime::Result<Message> {
+        Ok(Message::from(self.lent(i)?))
+    }
+}
+
+impl PluginState {
+    /// Message `i` of the batch lent for this call; past it, the call traps.
+    fn lent(&self, i: u32) -> wasmtime::Result<&HubMessage> {
+        self.lent.get(i as usize).ok_or_else(|| {
+            wasmtime::Error::msg(format!(
+                "view: message {i} is past the {} lent for this call",
+                self.lent.len()
+            ))
+        })
+    }
+}
+
+fn find(pairs: &[(String, String)], name: &str) -> Option<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+}
 
 /// Bounds linear memory and tables; remembers that the bound was hit so the
 /// failure is reported as what it is.

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 /// The WIT records, for the plugin host's own use (the rest of the hub
 /// uses `crate::message::Message`, converted in `boundary`).
-pub use bindings::{Endpoint, Message};
+pub use bindings::{Endpoint, Message, ViewVerdict};
 pub use boundary::{Destination, Verdict};
 pub use engine::PluginEngine;
 pub use instance::{Grants, Instance, Kind, Limits, Plugin, Settings};
@@ -49,7 +49,7 @@ pub enum PluginError {
     CompileTimeout(std::time::Duration),
     #[error("cannot link: {0}")]
     Link(String),
-    #[error("exports none of the worlds filter, batch-filter or router of edgehub:plugin@0.1.0")]
+    #[error("exports none of the worlds filter, batch-filter, view-filter or router of edgehub:plugin@0.1.0")]
     WrongWorld,
     #[error("cannot start: {0}")]
     Instantiate(String),

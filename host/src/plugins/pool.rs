@@ -3,7 +3,10 @@
 //! and await the answer. Every plugin runs on one worker, chosen by its name,
 //! so a stateful plugin (a deduplicator) sees all its messages in one
 //! instance, in order. Each worker keeps one warm instance per plugin and
-//! batches jobs for the same batch filter into one call.
+//! batches jobs for the same batch or view filter into one call. Jobs carry
+//! the hub's messages; a worker converts them (`boundary`) only for the
+//! worlds that take records, so a view filter's messages are never copied
+//! whole.
 //!
 //! Owns the instances; it does not load plugins (see `registry`).
 
@@ -14,30 +17,28 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
-use super::{CallFailure, Endpoint, Instance, Kind, Message, Plugin};
+use super::boundary::{self, Verdict, Verdicts};
+use super::{bindings, CallFailure, Endpoint, Instance, Kind, Plugin, ViewVerdict};
+use crate::message::Message;
 use crate::metrics::Metrics;
 
-/// Most messages one batch-filter call takes.
+/// Most messages one batch-filter or view-filter call takes.
 const MAX_BATCH: usize = 256;
 
-/// What the plugin said about one message.
+/// What a plugin of a record world said about one message, as records.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Filtered(Option<Message>),
+    Filtered(Option<bindings::Message>),
     Routed(Vec<Endpoint>),
 }
 
-/// One answer per message of a job, in order, each with the message it
-/// answers (handed back, so callers need no copy for their failure policy).
-pub type Answers = Vec<(Message, Result<Outcome, CallFailure>)>;
-
-/// The answers to a submitted job (an error when the pool has shut down).
-pub type Pending = oneshot::Receiver<Answers>;
+/// The verdicts on a submitted job (an error when the pool has shut down).
+pub type Pending = oneshot::Receiver<Verdicts>;
 
 struct Job {
     plugin: Arc<Plugin>,
     messages: Vec<Message>,
-    reply: oneshot::Sender<Answers>,
+    reply: oneshot::Sender<Verdicts>,
 }
 
 /// A handle to the workers; cheap to clone. The workers end when the last
@@ -70,16 +71,9 @@ impl PluginPool {
         )
     }
 
-    /// Runs one message through `plugin` on its worker thread.
-    pub async fn call(&self, plugin: Arc<Plugin>, m: Message) -> Result<Outcome, CallFailure> {
-        match self.submit(plugin, vec![m]).await {
-            Ok(mut answers) => answers.pop().map_or(Err(CallFailure::Closed), |(_, r)| r),
-            Err(_) => Err(CallFailure::Closed),
-        }
-    }
-
     /// Queues `messages` for `plugin`'s worker (filtered or routed, as the
-    /// plugin's world says); the answers come on the receiver, in order.
+    /// plugin's world says); the verdicts come on the receiver, in order,
+    /// each with the message it answers.
     pub fn submit(&self, plugin: Arc<Plugin>, messages: Vec<Message>) -> Pending {
         let (reply, rx) = oneshot::channel();
         let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -115,7 +109,7 @@ impl Worker {
             };
             // Jobs waiting for the same batch filter join this one's call.
             let mut group = vec![job];
-            if group[0].plugin.kind == Kind::BatchFilter {
+            if matches!(group[0].plugin.kind, Kind::BatchFilter | Kind::ViewFilter) {
                 let mut size = group[0].messages.len();
                 while size < MAX_BATCH {
                     match rx.try_recv() {
@@ -155,21 +149,28 @@ impl Worker {
         }
     }
 
-    /// One answer per message: a batch filter gets them in one call (and,
-    /// when that call fails, one call each, so only the message at fault
-    /// fails); other plugins get one call per message.
+    /// One verdict per message: a batch or view filter gets them in one
+    /// call (and, when that call fails, one call each, so only the message
+    /// at fault fails); other plugins get one call per message.
     fn answer(
         &mut self,
         plugin: &Arc<Plugin>,
         messages: Vec<Message>,
         metrics: &Metrics,
-    ) -> Answers {
+    ) -> Verdicts {
+        if plugin.kind == Kind::ViewFilter {
+            return self.views(plugin, messages, metrics);
+        }
         if plugin.kind == Kind::BatchFilter && messages.len() > 1 {
-            if let Ok(results) = self.with_instance(plugin, |i| i.filter_batch(&messages)) {
+            let records: Vec<_> = messages.iter().map(bindings::Message::from).collect();
+            if let Ok(results) = self.with_instance(plugin, |i| i.filter_batch(&records)) {
                 return messages
                     .into_iter()
                     .zip(results)
-                    .map(|(m, r)| (m, Ok(Outcome::Filtered(r))))
+                    .map(|(m, r)| {
+                        let v = boundary::verdict(Outcome::Filtered(r), &m);
+                        (m, Ok(v))
+                    })
                     .collect();
             }
         }
@@ -177,9 +178,53 @@ impl Worker {
             .into_iter()
             .map(|m| {
                 let r = self.one(plugin, &m, metrics);
+                let r = r.map(|outcome| boundary::verdict(outcome, &m));
                 (m, r)
             })
             .collect()
+    }
+
+    /// A view filter's verdicts: the whole batch in one call, then, if that
+    /// call failed, one call per message.
+    fn views(
+        &mut self,
+        plugin: &Arc<Plugin>,
+        messages: Vec<Message>,
+        metrics: &Metrics,
+    ) -> Verdicts {
+        let (messages, r) = self.lend(plugin, messages);
+        if let Ok(verdicts) = r {
+            return messages.into_iter().zip(verdicts).map(viewed).collect();
+        }
+        let mut answers = Vec::with_capacity(messages.len());
+        for m in messages {
+            let (mut m, r) = self.lend(plugin, vec![m]);
+            // None: the host panicked with it lent; it goes unanswered.
+            let Some(m) = m.pop() else { continue };
+            match r {
+                Ok(mut v) => answers.push(viewed((m, v.pop().expect("checked: one verdict")))),
+                Err(e) => {
+                    failed(plugin, &e, metrics);
+                    answers.push((m, Err(e)));
+                }
+            }
+        }
+        answers
+    }
+
+    fn lend(
+        &mut self,
+        plugin: &Arc<Plugin>,
+        messages: Vec<Message>,
+    ) -> (Vec<Message>, Result<Vec<ViewVerdict>, CallFailure>) {
+        let mut held = Some(messages);
+        let r = self.with_instance(plugin, |i| {
+            let (ms, r) = i.filter_views(held.take().unwrap_or_default());
+            held = Some(ms);
+            r
+        });
+        // Held unless the host panicked while they were lent.
+        (held.unwrap_or_default(), r)
     }
 
     fn one(
@@ -188,16 +233,16 @@ impl Worker {
         m: &Message,
         metrics: &Metrics,
     ) -> Result<Outcome, CallFailure> {
+        let record = bindings::Message::from(m);
         let r = if plugin.kind.is_filter() {
-            self.with_instance(plugin, |i| i.filter(m))
+            self.with_instance(plugin, |i| i.filter(&record))
                 .map(Outcome::Filtered)
         } else {
-            self.with_instance(plugin, |i| i.route(m))
+            self.with_instance(plugin, |i| i.route(&record))
                 .map(Outcome::Routed)
         };
         if let Err(e) = &r {
-            metrics.plugin_failed(&plugin.name);
-            tracing::warn!(plugin = %plugin.name, version = %plugin.digest, error = %e, "plugin call failed; instance replaced");
+            failed(plugin, e, metrics);
         }
         r
     }
@@ -227,5 +272,65 @@ impl Worker {
             self.instances.remove(&plugin.name);
         }
         r
+    }
+}
+
+fn failed(plugin: &Plugin, e: &CallFailure, metrics: &Metrics) {
+    metrics.plugin_failed(&plugin.name);
+    tracing::warn!(plugin = %plugin.name, version = %plugin.digest, error = %e, "plugin call failed; instance replaced");
+}
+
+/// A view filter's verdict as the hub's: a kept message goes on as it was.
+fn viewed((m, v): (Message, ViewVerdict)) -> (Message, Result<Verdict, CallFailure>) {
+    let v = match v {
+        ViewVerdict::Keep => Verdict::Kept,
+        ViewVerdict::Drop => Verdict::Filtered(None),
+        ViewVerdict::Replace(r) => boundary::verdict(Outcome::Filtered(Some(r)), &m),
+    };
+    (m, Ok(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn a_view_filter_s_verdicts_become_the_hub_s_and_a_kept_message_is_not_rebuilt() {
+        let m = Message::published(
+            Arc::from("d1"),
+            "devices/d1/messages/events/a=1".into(),
+            Bytes::from_static(b"{}"),
+            1,
+            false,
+            5,
+        );
+        assert!(matches!(
+            viewed((m.clone(), ViewVerdict::Keep)).1,
+            Ok(Verdict::Kept)
+        ));
+        assert!(matches!(
+            viewed((m.clone(), ViewVerdict::Drop)).1,
+            Ok(Verdict::Filtered(None))
+        ));
+        let mut record = bindings::Message::from(&m);
+        record.properties.push(("alert".into(), "true".into()));
+        let (input, out) = viewed((m.clone(), ViewVerdict::Replace(record)));
+        let Ok(Verdict::Filtered(Some(out))) = out else {
+            panic!("a replacement passes the new message")
+        };
+        assert_eq!(
+            out.properties(),
+            [("a".into(), "1".into()), ("alert".into(), "true".into())]
+        );
+        assert_eq!(
+            (out.qos, out.publisher()),
+            (1, "d1"),
+            "the input's QoS and publisher stay"
+        );
+        assert_eq!(
+            input.topic, m.topic,
+            "the input comes back for the failure policy"
+        );
     }
 }

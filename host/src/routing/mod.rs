@@ -224,7 +224,8 @@ impl Router {
             let mut sent_upstream = false;
             let mut sent_inputs: Vec<(&str, &str)> = Vec::new();
             let matching = table.routes().iter().zip(matched.iter_mut());
-            for (route, count) in matching.filter(|(r, _)| r.matches(m.source(), &fields)) {
+            for (route, count) in matching.filter(|(r, _)| r.matches_lazily(|| m.source(), &fields))
+            {
                 *count += 1;
                 match &route.sink {
                     // The same message to the same endpoint once, however
@@ -341,6 +342,13 @@ impl Router {
             other => other,
         };
         match result {
+            // Unchanged, so bound upstream it is stored on the topic it was
+            // published on, as by a route straight to $upstream.
+            Ok(Verdict::Kept) if matches!(next, Sink::Upstream) => {
+                let (topic, body) = (&input.topic, input.body.clone());
+                self.store_upstream(out, Some(route), topic, body, input.enqueued_ms);
+            }
+            Ok(Verdict::Kept) => Box::pin(self.deliver(out, route, next, input)).await,
             Ok(Verdict::Filtered(Some(m))) => Box::pin(self.deliver(out, route, next, m)).await,
             Ok(Verdict::Filtered(None)) => self.metrics.filtered_out(1),
             Ok(Verdict::Routed(destinations)) => {

@@ -39,6 +39,11 @@ impl SourcePattern {
         self.prefix.is_some()
     }
 
+    /// Whether every message source matches (`/messages/*` or `/*`).
+    pub fn matches_every_source(&self) -> bool {
+        matches!(self.prefix.as_deref(), Some("/messages" | ""))
+    }
+
     /// Whether a message from `source` (e.g. `/messages/modules/m1/outputs/o1`) is taken.
     pub fn matches(&self, source: &str) -> bool {
         match &self.prefix {
@@ -137,6 +142,24 @@ pub(crate) fn validate(path: &str) -> Result<(), PathError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_the_widest_patterns_match_every_source() {
+        for (text, every) in [
+            ("/messages/*", true),
+            ("/*", true),
+            ("/messages/devices/*", false),
+            ("/messages/modules/m1", false),
+        ] {
+            let p = SourcePattern::parse(text).unwrap();
+            assert_eq!(p.matches_every_source(), every, "{text}");
+            if every {
+                assert!(
+                    p.matches("/messages/devices/d1") && p.matches("/messages/modules/m/outputs/o")
+                );
+            }
+        }
+    }
+
     use super::*;
 
     fn pattern(text: &str) -> SourcePattern {

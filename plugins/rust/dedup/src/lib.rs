@@ -4,6 +4,8 @@
 //! `capacity` keys (default 10000) are remembered, in the instance's memory:
 //! the hub runs each plugin on one worker, so every message of this plugin
 //! meets the same memory until the instance is replaced (a reload, a failure).
+//! It exports the `batch-filter` world: the hub hands it the messages waiting
+//! for it in one call, in order.
 
 use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
@@ -12,7 +14,7 @@ use std::hash::{Hash, Hasher};
 
 use edgehub::plugin::host;
 
-wit_bindgen::generate!({ path: "../../../wit", world: "filter" });
+wit_bindgen::generate!({ path: "../../../wit", world: "batch-filter" });
 
 struct Seen {
     by_body: bool,
@@ -44,6 +46,10 @@ fn key(m: &Message, by_body: bool) -> Option<u64> {
 struct Plugin;
 
 impl Guest for Plugin {
+    fn filter_batch(ms: Vec<Message>) -> Vec<Option<Message>> {
+        ms.into_iter().map(Self::filter).collect()
+    }
+
     fn filter(m: Message) -> Option<Message> {
         SEEN.with(|seen| {
             let mut seen = seen.borrow_mut();

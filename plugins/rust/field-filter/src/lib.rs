@@ -1,14 +1,15 @@
 //! field-filter: passes a message only when a top-level number field of its
 //! JSON body is above a threshold, and marks it with the property
 //! `alert=true`. Settings: `{"field": "temperature", "above": 25}` (defaults).
-//! Exports the `batch-filter` world, so the hub can hand it many messages in
-//! one call.
+//! Exports the `view-filter` world: the hub lends it every waiting message in
+//! one call, it reads only each body, and copies back only the messages it
+//! passes.
 
 use std::cell::OnceCell;
 
-use edgehub::plugin::host;
+use edgehub::plugin::{host, view};
 
-wit_bindgen::generate!({ path: "../../../wit", world: "batch-filter" });
+wit_bindgen::generate!({ path: "../../../wit", world: "view-filter" });
 
 struct Settings {
     field: String,
@@ -31,8 +32,8 @@ fn settings<T>(f: impl FnOnce(&Settings) -> T) -> T {
     })
 }
 
-fn keep(m: &Message, s: &Settings) -> bool {
-    let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(&m.body) else {
+fn keep(body: &[u8], s: &Settings) -> bool {
+    let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(body) else {
         return false;
     };
     match body.get(&s.field) {
@@ -41,23 +42,21 @@ fn keep(m: &Message, s: &Settings) -> bool {
     }
 }
 
-fn apply(mut m: Message, s: &Settings) -> Option<Message> {
-    if !keep(&m, s) {
-        return None;
+/// Message `i`'s verdict: dropped, or passed with `alert=true` added.
+fn apply(i: u32, s: &Settings) -> Verdict {
+    if !keep(&view::body(i), s) {
+        return Verdict::Drop;
     }
+    let mut m = view::to_message(i);
     m.properties.push(("alert".into(), "true".into()));
-    Some(m)
+    Verdict::Replace(m)
 }
 
 struct Plugin;
 
 impl Guest for Plugin {
-    fn filter(m: Message) -> Option<Message> {
-        settings(|s| apply(m, s))
-    }
-
-    fn filter_batch(ms: Vec<Message>) -> Vec<Option<Message>> {
-        settings(|s| ms.into_iter().map(|m| apply(m, s)).collect())
+    fn filter_views(count: u32) -> Vec<Verdict> {
+        settings(|s| (0..count).map(|i| apply(i, s)).collect())
     }
 }
 

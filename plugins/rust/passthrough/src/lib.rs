@@ -1,21 +1,18 @@
-//! passthrough: a filter that returns every message unchanged. It does no
+//! passthrough: a filter that keeps every message unchanged. It does no
 //! work of its own, so a route through it measures what the plugin path
-//! itself costs: copying the messages into the guest and back, the call, and
-//! the host's bookkeeping around it (the `edgehub-passthrough` bench system).
-//! It exports the batch entry point, so the host hands it the messages
-//! waiting for it in one call.
+//! itself costs: the hand-off to the plugin's worker, the call, and the
+//! host's bookkeeping around it (the `edgehub-passthrough` bench system).
+//! It exports the `view-filter` world: the host lends it every message
+//! waiting for it in one call, and since it reads nothing and keeps
+//! everything, nothing of a message is copied into it or back.
 
-wit_bindgen::generate!({ path: "../../../wit", world: "batch-filter" });
+wit_bindgen::generate!({ path: "../../../wit", world: "view-filter" });
 
 struct Plugin;
 
 impl Guest for Plugin {
-    fn filter(m: Message) -> Option<Message> {
-        Some(m)
-    }
-
-    fn filter_batch(ms: Vec<Message>) -> Vec<Option<Message>> {
-        ms.into_iter().map(Some).collect()
+    fn filter_views(count: u32) -> Vec<Verdict> {
+        (0..count).map(|_| Verdict::Keep).collect()
     }
 }
 
