@@ -53,7 +53,7 @@ from helpers import (
     wait_until,
 )
 
-PUBREC, PUBREL, PUBCOMP, PINGRESP = 5, 6, 7, 13
+PUBACK, PUBREC, PUBREL, PUBCOMP, PINGRESP = 4, 5, 6, 7, 13
 PROTOCOLS = [mqtt.MQTTv311, mqtt.MQTTv5]
 PROTOCOL_IDS = ["v311", "v5"]
 
@@ -545,6 +545,38 @@ def test_a_second_connection_with_the_same_client_id_takes_over_and_the_first_is
         assert p.publish_and_wait("local/takeover/x", b"after", qos=1) < 0x80
         flags, body = expect(second, PUBLISH, "the message published after the takeover")
         assert parse_publish(flags, body)[0] == "local/takeover/x"
+    assert hub.alive()
+
+
+def test_a_connection_that_resumes_a_session_it_takes_over_gets_what_the_old_one_had_unacknowledged(hub, clients):
+    """A client's first connection (clean session off, QoS 1 subscription)
+    receives messages and acknowledges none, as a half-open connection would;
+    the client comes back on a second connection with the same client id and
+    resumes the session. Every message reaches the second connection again
+    (DUP set): the takeover loses nothing."""
+    client_id = f"handover-{uuid.uuid4().hex[:6]}"
+    first = raw(hub, clients)
+    first.connect(client_id=client_id, clean=False)
+    raw_subscribe(first, "local/handover/#", 1)
+    p = pub(hub, clients)
+    sent = [f"local/handover/{i}" for i in range(5)]
+    for t in sent:
+        assert p.publish_and_wait(t, t.encode(), qos=1) < 0x80
+    on_first = [parse_publish(*expect(first, PUBLISH, f"{t} on the first connection"))[0] for t in sent]
+    assert on_first == sent
+
+    second = raw(hub, clients)
+    _, _, body = second.connect(client_id=client_id, clean=False)
+    assert body[0] & 0x01, "the second connection did not resume the session"
+    first.read_until_closed(10)
+    assert first.closed, "the first connection is still open 10 s after the takeover"
+    again = []
+    for _ in sent:
+        flags, body = expect(second, PUBLISH, f"the {len(again) + 1}th unacknowledged message again")
+        topic, qos, pid, payload = parse_publish(flags, body)
+        assert second.send(ack(PUBACK, pid))
+        again.append((topic, qos, bool(flags & 0x08), payload))
+    assert sorted(again) == [(t, 1, True, t.encode()) for t in sent], again
     assert hub.alive()
 
 

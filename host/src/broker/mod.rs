@@ -396,6 +396,10 @@ impl BrokerHandle {
 
 struct Client {
     conn_id: u64,
+    /// The connection that started this session (a resumption keeps it; 0:
+    /// restored): an older connection of the same session that was taken
+    /// over hands what it had on to the newer one.
+    session_from: u64,
     expiry_secs: u32,
     /// When its latest connection was made (Unix ms; 0: restored away).
     connected_ms: u64,
@@ -476,6 +480,25 @@ impl Client {
                 .map(|(pkid, _)| *pkid)
                 .collect(),
         }
+    }
+}
+
+/// Keeps `deliveries` (in order) in `client`'s offline queue for its next
+/// resumption, written to the journal as queued.
+fn keep_offline(
+    client: &mut Client,
+    journal: &Option<Journal>,
+    next_seq: &mut u64,
+    client_id: &str,
+    deliveries: impl IntoIterator<Item = Delivery>,
+) {
+    for p in deliveries {
+        let seq = *next_seq;
+        *next_seq += 1;
+        if let Some(journal) = journal {
+            journal.record(Change::Queued(client_id.to_string(), seq, Some(p.clone())));
+        }
+        client.kept().offline.insert(seq, p);
     }
 }
 
@@ -670,6 +693,7 @@ impl Broker {
             }
             let client = Client {
                 conn_id: 0,
+                session_from: 0,
                 expiry_secs: session.expiry_secs,
                 connected_ms: 0,
                 away_since_ms: Some(session.away_since_ms.unwrap_or(now)),
@@ -762,18 +786,25 @@ impl Broker {
                 let now = crate::clock::now_ms();
                 let kept = previous.filter(|old| old.persistent() && !old.expired(now));
                 let had_stored = kept.is_some();
-                let (session_present, subscriptions, offline, released) = match kept {
+                let (session_from, subscriptions, offline, released) = match kept {
                     Some(old) if resume => {
                         let kept = old.kept.map(|k| *k).unwrap_or_default();
-                        (true, old.subscriptions, kept.offline, kept.released)
+                        (
+                            Some(old.session_from),
+                            old.subscriptions,
+                            kept.offline,
+                            kept.released,
+                        )
                     }
-                    _ => (false, BTreeMap::new(), BTreeMap::new(), Vec::new()),
+                    _ => (None, BTreeMap::new(), BTreeMap::new(), Vec::new()),
                 };
+                let session_present = session_from.is_some();
                 if had_stored && !session_present {
                     self.record(Change::Session(client_id.clone(), None));
                 }
                 let client = Client {
                     conn_id,
+                    session_from: session_from.unwrap_or(conn_id),
                     expiry_secs,
                     connected_ms: now,
                     away_since_ms: None,
@@ -824,7 +855,36 @@ impl Broker {
                     return;
                 };
                 if client.conn_id != conn_id {
-                    return; // already taken over by a newer connection
+                    // Taken over by a newer connection. If that one resumed
+                    // this session, what the old one had sent unacknowledged
+                    // or had waiting goes on to it (those with a receipt
+                    // come back through their owner); a clean start
+                    // discarded the session, and with it all of this.
+                    if client.persistent() && conn_id >= client.session_from {
+                        if !released.is_empty() {
+                            client.kept().released.extend(released);
+                        }
+                        let lost = unacked
+                            .into_iter()
+                            .filter(|p| p.receipt.is_none())
+                            .map(|p| Delivery { dup: true, ..p });
+                        let mut left = Vec::new();
+                        for p in lost {
+                            match &client.outbox {
+                                Some(outbox) => {
+                                    if let Err(p) = outbox.try_send(p) {
+                                        left.push(p);
+                                    }
+                                }
+                                None => left.push(p),
+                            }
+                        }
+                        // What its outbox has no room for, or all of it when
+                        // the newer connection has ended too, waits for the
+                        // session's next resumption.
+                        keep_offline(client, &self.journal, &mut self.next_seq, &client_id, left);
+                    }
+                    return;
                 }
                 if client.persistent() {
                     // Queued for it as it ended: never sent, kept like the
@@ -847,14 +907,8 @@ impl Broker {
                     // Sent before and not acknowledged (those with a
                     // receipt come back through their owner).
                     let unacked = unacked.into_iter().map(|p| Delivery { dup: true, ..p });
-                    for p in unacked.chain(unsent).filter(|p| p.receipt.is_none()) {
-                        let seq = self.next_seq;
-                        self.next_seq += 1;
-                        if let Some(journal) = &self.journal {
-                            journal.record(Change::Queued(client_id.clone(), seq, Some(p.clone())));
-                        }
-                        client.kept().offline.insert(seq, p);
-                    }
+                    let lost = unacked.chain(unsent).filter(|p| p.receipt.is_none());
+                    keep_offline(client, &self.journal, &mut self.next_seq, &client_id, lost);
                 } else {
                     self.remove_client(&client_id);
                 }
@@ -1312,6 +1366,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_taken_over_by_a_resumption_hands_its_unacknowledged_and_waiting_deliveries_to_the_new_one(
+    ) {
+        let (broker, _task) = spawn(16, Arc::new(Metrics::default()));
+        let (_, mut old) = attach(&broker, "p", 1, SESSION_NEVER_EXPIRES).await;
+        broker.subscribe("p", vec![("t/#".into(), 1)]).await;
+        broker
+            .publish(vec![delivery("t/1", false), delivery("t/2", false)])
+            .await;
+        broker.clients(1).await;
+        // The old connection has sent t/1 (unacknowledged); t/2 waits.
+        let in_flight = old.try_recv().expect("t/1 handed to the old connection");
+        // The client comes back on a new connection before the old one ends
+        // (a half-open TCP connection): it resumes the session.
+        let (attached, mut new) = attach(&broker, "p", 2, SESSION_NEVER_EXPIRES).await;
+        assert!(attached.session_present);
+        broker.publish(vec![delivery("t/3", false)]).await;
+        // The old session ends as it does: what it sent, then what waited.
+        let mut unacked = vec![in_flight];
+        unacked.extend(std::iter::from_fn(|| old.try_recv()));
+        broker.disconnect("p", 1, unacked, Vec::new()).await;
+        broker.clients(1).await;
+        let got: Vec<(String, bool)> = std::iter::from_fn(|| new.try_recv())
+            .map(|d| (d.topic, d.dup))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("t/3".to_string(), false),
+                ("t/1".to_string(), true),
+                ("t/2".to_string(), true)
+            ],
+            "nothing the old connection had is lost"
+        );
+
+        // A clean start discards the session: a connection it took over
+        // hands nothing on.
+        let (outbox3, mut clean) = outbox(16);
+        let attached = broker
+            .connect("p", 3, SESSION_NEVER_EXPIRES, false, outbox3)
+            .await
+            .unwrap();
+        assert!(!attached.session_present);
+        broker
+            .disconnect("p", 2, vec![delivery("t/4", false)], Vec::new())
+            .await;
+        broker.clients(1).await;
+        assert!(
+            clean.try_recv().is_none(),
+            "the discarded session's delivery came through"
+        );
+    }
+
+    #[tokio::test]
     async fn the_session_list_counts_everyone_and_shows_the_connected_first_up_to_its_limit() {
         let (broker, _task) = spawn(16, Arc::new(Metrics::default()));
         let (_, _b) = attach(&broker, "b", 1, SESSION_ENDS).await;
@@ -1472,6 +1579,7 @@ mod tests {
         };
         let brief = Client {
             conn_id: 0,
+            session_from: 0,
             expiry_secs: 1,
             connected_ms: 0,
             away_since_ms: Some(1_000),
