@@ -13,7 +13,7 @@ langs=("$@")
 build_rust() {
   rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
   cargo build --release --locked --target wasm32-wasip2 --manifest-path Cargo.toml
-  for p in field-filter dedup content-router hostile passthrough; do
+  for p in field-filter dedup content-router hostile hostile-view passthrough; do
     cp "target/wasm32-wasip2/release/${p//-/_}.wasm" "$OUT/$p.wasm"
   done
   cp target/wasm32-wasip2/release/wrong-world.wasm "$OUT/wrong-world.wasm"

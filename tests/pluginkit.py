@@ -26,7 +26,7 @@ from helpers import Collector, Hub, Publisher, Subscriber, Upstream, WaitTimeout
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = REPO / "plugins" / "testdata"
 
-EXAMPLE_PLUGINS = ("field-filter", "dedup", "content-router", "hostile", "wrong-world")
+EXAMPLE_PLUGINS = ("field-filter", "dedup", "content-router", "hostile", "hostile-view", "passthrough", "wrong-world")
 
 # the languages of the field-filter example (Rust is field-filter.wasm)
 LANGS = ("rust", "c", "python", "js")

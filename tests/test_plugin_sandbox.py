@@ -165,6 +165,46 @@ def test_hostile_calls_with_on_error_drop_deliver_nothing_and_the_hub_keeps_pass
     assert ph.hub.alive()
 
 
+# mode of the hostile-view plugin -> what the dead letter's reason must name
+VIEW_MODES = {
+    "past": r"past the 1 lent",
+    "short": r"(?i)bad result: filter-views returned 0 results for 1 messages",
+    "huge": r"(?i)bad result: result of \d+ bytes is over the limit",
+    "topic-nul": r"(?i)topic refused",
+}
+
+
+def test_a_view_filter_that_reads_past_its_batch_or_answers_wrongly_fails_only_the_message_at_fault(
+    sentinel_hub, plugins_dist  # noqa: F811
+):
+    """What a view filter does wrong (reading a message it was not lent, too
+    few verdicts, a replacement over the output limit or on a topic no
+    broker takes) fails the call of the message at fault: it is
+    dead-lettered with the reason, and the messages around it, in the same
+    batch, go upstream as published."""
+    ph = start(sentinel_hub, plugins_dist, routes_for("hv", None, "hostile-view"),
+               plugins={"hostile-view": plugins_dist / "hostile-view.wasm"})
+    items = []
+    for i, mode in enumerate(VIEW_MODES):
+        items.append((f"devices/hv/messages/events/hostile={mode}&seq={i}", f"bad-{mode}".encode()))
+        items.append((f"devices/hv/messages/events/seq={i}", f"good-{mode}".encode()))
+    before = ph.hub.metrics()
+    got = upstream_before_sentinel(ph, items, b"sentinel-hv")
+    d = metrics_delta(ph, before, COUNTERS)
+    assert len(got) == len(items), f"expected {len(items)} messages upstream, got {[(t, p[:40]) for t, p in got]}"
+    for i, mode in enumerate(VIEW_MODES):
+        (dl_topic, dl_payload), good = got[2 * i], got[2 * i + 1]
+        assert dl_payload == f"bad-{mode}".encode(), f"{mode}: {dl_payload[:60]!r}"
+        props = dead_letter_props(dl_topic, EDGE)
+        assert re.search(VIEW_MODES[mode], props.get("deadLetterReason", "")), (
+            f"{mode}: reason {props.get('deadLetterReason')!r} does not name the failure"
+        )
+        assert props.get("originalTopic") == items[2 * i][0], dl_topic
+        assert good == items[2 * i + 1], f"{mode}: the kept message changed: {good}"
+    assert d["edgehub_messages_dead_lettered_total"] == len(VIEW_MODES), d
+    assert ph.hub.alive()
+
+
 def test_a_route_to_a_plugin_that_is_not_loaded_dead_letters(sentinel_hub, plugins_dist):  # noqa: F811
     routes = {**routes_for("nl", None, plugin="absent"), **routes_for("np", "pass", plugin="absent")}
     ph = start(sentinel_hub, plugins_dist, routes)

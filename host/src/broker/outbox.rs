@@ -70,9 +70,7 @@ impl OutboxSender {
         }
         Ok(())
     }
-}
 
-impl OutboxSender {
     /// What waits undelivered, taken back: once the session has said it is
     /// over, it reads nothing more, so whatever was queued meanwhile (before
     /// or after its end dropped) was never sent.
