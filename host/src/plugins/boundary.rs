@@ -4,17 +4,24 @@
 //! copied once on the way in (the guest gets its own bytes) and a filter's
 //! result keeps the bytes the guest returned, without a second copy.
 //!
-//! Owns only the conversion; running the call is the pool's, checking what
-//! the plugin returned is the instance's (sizes) and the router's (topics).
+//! Owns only the conversion (the pool's workers call it); running the call
+//! is the pool's, checking what the plugin returned is the instance's
+//! (sizes) and the router's (topics).
 
-use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::bindings;
-use super::{CallFailure, Outcome, Plugin, PluginPool};
+use super::CallFailure;
 use crate::message::{Headers, Message};
+
+/// What a plugin of a record world said about one message, as records.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Filtered(Option<bindings::Message>),
+    Routed(Vec<bindings::Endpoint>),
+}
 
 /// What a plugin said about one message.
 #[derive(Debug, Clone)]
@@ -41,20 +48,6 @@ pub enum Destination {
 /// One verdict per message answered, in order, each with the message it
 /// answers (so the caller's failure policy has it).
 pub type Verdicts = Vec<(Message, Result<Verdict, CallFailure>)>;
-
-/// Hands `messages` to `plugin` on its worker now; the verdicts come when
-/// the returned future is awaited. Fewer verdicts than messages means the
-/// worker died before answering the rest.
-pub fn submit(
-    pool: &PluginPool,
-    plugin: Arc<Plugin>,
-    messages: Vec<Message>,
-) -> impl Future<Output = Verdicts> + Send + 'static {
-    let pending = pool.submit(plugin, messages);
-    // The pool answers every job while it runs; a worker that died
-    // dropped its reply.
-    async move { pending.await.unwrap_or_default() }
-}
 
 /// A record world's outcome as the hub's verdict on `input`.
 pub(super) fn verdict(outcome: Outcome, input: &Message) -> Verdict {

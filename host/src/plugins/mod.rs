@@ -31,11 +31,11 @@ use std::time::Duration;
 /// The WIT records, for the plugin host's own use (the rest of the hub
 /// uses `crate::message::Message`, converted in `boundary`).
 pub use bindings::{Endpoint, Message, ViewVerdict};
-pub use boundary::{Destination, Verdict};
+pub use boundary::{Destination, Outcome, Verdict};
 pub use engine::PluginEngine;
 pub use instance::{Grants, Instance, Kind, Limits, Plugin, Settings};
 pub use log_limit::{LogLimit, PluginLog};
-pub use pool::{Outcome, PluginPool};
+pub use pool::PluginPool;
 pub use registry::Registry;
 
 /// Why a plugin could not be loaded.

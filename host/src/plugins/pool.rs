@@ -17,23 +17,13 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
-use super::boundary::{self, Verdict, Verdicts};
-use super::{bindings, CallFailure, Endpoint, Instance, Kind, Plugin, ViewVerdict};
+use super::boundary::{self, Outcome, Verdict, Verdicts};
+use super::{bindings, CallFailure, Instance, Kind, Plugin, ViewVerdict};
 use crate::message::Message;
 use crate::metrics::Metrics;
 
 /// Most messages one batch-filter or view-filter call takes.
 const MAX_BATCH: usize = 256;
-
-/// What a plugin of a record world said about one message, as records.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    Filtered(Option<bindings::Message>),
-    Routed(Vec<Endpoint>),
-}
-
-/// The verdicts on a submitted job (an error when the pool has shut down).
-pub type Pending = oneshot::Receiver<Verdicts>;
 
 struct Job {
     plugin: Arc<Plugin>,
@@ -71,10 +61,16 @@ impl PluginPool {
         )
     }
 
-    /// Queues `messages` for `plugin`'s worker (filtered or routed, as the
-    /// plugin's world says); the verdicts come on the receiver, in order,
-    /// each with the message it answers.
-    pub fn submit(&self, plugin: Arc<Plugin>, messages: Vec<Message>) -> Pending {
+    /// Hands `messages` to `plugin`'s worker now (filtered or routed, as
+    /// the plugin's world says); the verdicts come, in order, each with the
+    /// message it answers, when the returned future is awaited. Fewer
+    /// verdicts than messages means the worker died before answering the
+    /// rest.
+    pub fn submit(
+        &self,
+        plugin: Arc<Plugin>,
+        messages: Vec<Message>,
+    ) -> impl std::future::Future<Output = Verdicts> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&plugin.name, &mut h);
@@ -84,9 +80,10 @@ impl PluginPool {
             messages,
             reply,
         };
-        // A send fails only after shutdown; the dropped reply says so.
+        // A send fails only after shutdown; the dropped reply says so, as
+        // it does when a worker dies.
         let _ = self.workers[worker].send(job);
-        rx
+        async move { rx.await.unwrap_or_default() }
     }
 }
 

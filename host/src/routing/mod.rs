@@ -34,7 +34,7 @@ use crate::mailbox::MailboxError;
 use crate::message::dialect::{self, Telemetry};
 use crate::message::{Headers, Message};
 use crate::metrics::Metrics;
-use crate::plugins::boundary::{self, Verdicts};
+use crate::plugins::boundary::Verdicts;
 use crate::plugins::{CallFailure, Destination, PluginPool, Registry, Verdict};
 use crate::store::{AppendError, Appender, Record};
 use crate::topic;
@@ -290,7 +290,7 @@ impl Router {
     ) -> impl std::future::Future<Output = Verdicts> {
         let job = match &self.plugins {
             Some(h) => match h.registry.get(name) {
-                Some(plugin) => Ok(boundary::submit(&h.pool, plugin, messages)),
+                Some(plugin) => Ok(h.pool.submit(plugin, messages)),
                 None => Err((Some((h.clone(), name.to_owned())), messages)),
             },
             None => Err((None, messages)),
@@ -302,7 +302,7 @@ impl Router {
             };
             if let Some((h, name)) = waiting {
                 if let Some(plugin) = h.registry.get_when_read(&name).await {
-                    return boundary::submit(&h.pool, plugin, messages).await;
+                    return h.pool.submit(plugin, messages).await;
                 }
             }
             messages
