@@ -190,8 +190,14 @@ impl Worker {
         metrics: &Metrics,
     ) -> Verdicts {
         let (messages, r) = self.lend(plugin, messages);
-        if let Ok(verdicts) = r {
-            return messages.into_iter().zip(verdicts).map(viewed).collect();
+        match r {
+            Ok(verdicts) => return messages.into_iter().zip(verdicts).map(viewed).collect(),
+            // One message: the failure is its own, with no second call.
+            Err(e) if messages.len() == 1 => {
+                failed(plugin, &e, metrics);
+                return messages.into_iter().map(|m| (m, Err(e.clone()))).collect();
+            }
+            Err(_) => {}
         }
         let mut answers = Vec::with_capacity(messages.len());
         for m in messages {
