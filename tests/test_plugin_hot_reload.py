@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 from helpers import assert_strictly_increasing, wait_until
 from pluginkit import (  # noqa: F401 - fixtures
@@ -296,3 +297,50 @@ def test_compiled_code_of_replaced_and_removed_versions_is_not_kept(
     kept = compiled()[0]
     wait_until(lambda: sorted(f.name for f in cache.iterdir()) == [kept, kept + ".sum"], 10,
                "only the kept entry and its checksum in the cache")
+
+
+# --------------------------------------------------------------------------
+# an idle hub sleeps
+# --------------------------------------------------------------------------
+
+
+def thread_wakeups(pid: int) -> Counter:
+    """Voluntary context switches (times a thread went to sleep and was woken)
+    of each of the process's threads, summed by thread name."""
+    counts: Counter = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        counts[name] += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+    return counts
+
+
+def test_an_idle_hub_neither_rereads_its_plugins_folder_nor_ticks_its_plugin_clock(sentinel_hub, plugins_dist):  # noqa: F811
+    """Reading the plugins folder opens it, and the watcher once took that as
+    a change: it read and hashed every plugin file again, about seven times a
+    second, for ever (18 % of a CPU with the four example field filters in the
+    folder). The epoch ticker that bounds plugin calls woke 100 times a second
+    with no call running. Both now sleep while nothing happens, and a plugin
+    added afterwards is still loaded and called."""
+    ph = sentinel_hub(
+        plugins={"passthrough": plugins_dist / "passthrough.wasm", "field-filter": plugins_dist / "field-filter.wasm"},
+        routes={"hot": 'FROM /messages/devices/* INTO plugin("field-filter") THEN $upstream'},
+    )
+    for name in ("passthrough", "field-filter"):
+        ph.wait_loaded(name)
+    hot = ("devices/d1/messages/events/", b'{"temperature": 40}')
+    assert [p for _, p in upstream_since_last_sentinel(ph, [hot], b"sentinel-before")] == [hot[1]]
+    pid = ph.hub.proc.pid
+    before = thread_wakeups(pid)
+    time.sleep(3)  # the window itself: nothing happens in it to wait for
+    woke = thread_wakeups(pid) - before
+    assert woke["plugin-watch"] == 0, f"the folder watcher woke {woke['plugin-watch']} times in 3 s: {woke}"
+    # (It runs on for 100 ms, 10 ticks, after the last call.)
+    assert woke["plugin-epoch"] <= 12, f"the plugin clock ticked {woke['plugin-epoch']} times in 3 s: {woke}"
+    ph.log.mark()
+    ph.install("dedup", plugins_dist / "dedup.wasm")
+    ph.wait_loaded("dedup", RELOAD_TIMEOUT)
+    assert [p for _, p in upstream_since_last_sentinel(ph, [hot], b"sentinel-after")] == [hot[1]]

@@ -2,6 +2,11 @@
 //! bounds every call, and compilation with an on-disk cache of compiled
 //! components.
 //!
+//! The ticker advances the epoch every [`EPOCH_TICK`] while plugins are
+//! called and sleeps once none has been for [`TICKER_IDLE`], so an idle
+//! gateway is not woken 100 times a second for nothing; the next call
+//! wakes it ([`Ticker::enter`]).
+//!
 //! A plugin missing from the cache is compiled in a child process when the
 //! binary names one ([`compile_with`]: the hub's own `edgehub plugin
 //! compile`), which writes the cache entry and exits; the hub then maps the
@@ -18,7 +23,9 @@ use std::hash::Hasher;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::Thread;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -29,12 +36,111 @@ use super::PluginError;
 
 /// How often the epoch advances: the granularity of call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// How long the ticker runs on with no call in progress before it sleeps.
+pub const TICKER_IDLE: Duration = Duration::from_millis(100);
 
 /// The shared engine plus where compiled components are cached.
 #[derive(Clone)]
 pub struct PluginEngine {
     pub engine: Engine,
+    pub ticker: Arc<Ticker>,
     cache_dir: Option<PathBuf>,
+}
+
+/// The epoch ticker's state, shared by the engine, every instance and the
+/// ticker's thread (which holds it only weakly: the thread ends once the
+/// last engine and instance are gone).
+#[derive(Default)]
+pub struct Ticker {
+    /// Calls in progress.
+    calls: AtomicUsize,
+    /// The thread is asleep, or about to be: a call must wake it.
+    asleep: AtomicBool,
+    thread: OnceLock<Thread>,
+}
+
+/// A call in progress: the epoch advances until it is dropped.
+pub struct Running<'a>(&'a Ticker);
+
+impl Ticker {
+    /// Starts `engine`'s ticker thread.
+    fn start(engine: &Engine) -> std::io::Result<Arc<Ticker>> {
+        let ticker = Arc::new(Ticker::default());
+        let (weak_ticker, weak_engine) = (Arc::downgrade(&ticker), engine.weak());
+        let thread = std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || Self::run(&weak_ticker, &weak_engine))?;
+        let _ = ticker.thread.set(thread.thread().clone());
+        Ok(ticker)
+    }
+
+    /// Marks a guest call as running (before it starts): wakes the ticker
+    /// if it sleeps, so the call's deadline passes.
+    pub fn enter(&self) -> Running<'_> {
+        self.calls.fetch_add(1, SeqCst);
+        // (A ticker going to sleep sets `asleep`, then reads `calls`: one of
+        // the two sees the other's write.)
+        if self.asleep.load(SeqCst) {
+            self.wake();
+        }
+        Running(self)
+    }
+
+    fn wake(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+
+    fn run(ticker: &Weak<Ticker>, engine: &wasmtime::EngineWeak) {
+        let idle_ticks = (TICKER_IDLE.as_millis() / EPOCH_TICK.as_millis()).max(1);
+        let mut quiet = 0;
+        loop {
+            let (Some(t), Some(engine)) = (ticker.upgrade(), engine.upgrade()) else {
+                return;
+            };
+            engine.increment_epoch();
+            drop(engine);
+            quiet = if t.calls.load(SeqCst) == 0 {
+                quiet + 1
+            } else {
+                0
+            };
+            if quiet < idle_ticks {
+                drop(t);
+                std::thread::sleep(EPOCH_TICK);
+                continue;
+            }
+            t.asleep.store(true, SeqCst);
+            let called = t.calls.load(SeqCst) != 0;
+            // Held only weakly while asleep: the last owner's drop wakes it.
+            drop(t);
+            if !called {
+                std::thread::park();
+            }
+            if let Some(t) = ticker.upgrade() {
+                t.asleep.store(false, SeqCst);
+            }
+            quiet = 0;
+        }
+    }
+
+    /// Whether the ticker thread is asleep (for tests).
+    pub fn is_asleep(&self) -> bool {
+        self.asleep.load(SeqCst)
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.wake();
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.calls.fetch_sub(1, SeqCst);
+    }
 }
 
 impl PluginEngine {
@@ -47,24 +153,18 @@ impl PluginEngine {
         // Guest stacks are bounded; deep recursion traps instead of crashing.
         config.max_wasm_stack(512 * 1024);
         let engine = Engine::new(&config).map_err(PluginError::engine)?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("plugin-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
-            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        let ticker = Ticker::start(&engine).map_err(|e| PluginError::Engine(e.to_string()))?;
         if let Some(dir) = &cache_dir {
             std::fs::create_dir_all(dir).map_err(|e| PluginError::Cache {
                 path: dir.clone(),
                 message: e.to_string(),
             })?;
         }
-        Ok(Self { engine, cache_dir })
+        Ok(Self {
+            engine,
+            ticker,
+            cache_dir,
+        })
     }
 
     /// Compiles `wasm`, or loads the compiled form cached by an earlier run.
@@ -430,6 +530,59 @@ pub fn cache_dir(storage: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A core module whose export `spin` loops forever.
+    const SPIN: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+        0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type: () -> ()
+        0x03, 0x02, 0x01, 0x00, // one function of that type
+        0x07, 0x08, 0x01, 0x04, b's', b'p', b'i', b'n', 0x00, 0x00, // export "spin"
+        0x0a, 0x09, 0x01, 0x07, 0x00, 0x03, 0x40, 0x0c, 0x00, 0x0b, 0x0b, // loop { br 0 }
+    ];
+
+    #[test]
+    fn the_ticker_sleeps_while_nothing_runs_and_a_call_still_meets_its_deadline() {
+        let engine = PluginEngine::new(None).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !engine.ticker.is_asleep() {
+            assert!(std::time::Instant::now() < until, "the ticker never slept");
+            std::thread::sleep(EPOCH_TICK);
+        }
+        let module = wasmtime::Module::new(&engine.engine, SPIN).unwrap();
+        let mut store = wasmtime::Store::new(&engine.engine, ());
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(2);
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+        let spin = instance
+            .get_typed_func::<(), ()>(&mut store, "spin")
+            .unwrap();
+        // If the ticker stayed asleep, the watchdog ends the call instead.
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watchdog = {
+            let engine = engine.engine.clone();
+            std::thread::spawn(move || {
+                let stuck = finished.recv_timeout(Duration::from_secs(10)).is_err();
+                if stuck {
+                    (0..10).for_each(|_| engine.increment_epoch());
+                }
+                stuck
+            })
+        };
+        let running = engine.ticker.enter();
+        let result = spin.call(&mut store, ());
+        assert!(!engine.ticker.is_asleep());
+        drop(running);
+        let _ = done.send(());
+        assert!(
+            !watchdog.join().unwrap(),
+            "the call ran on until the watchdog ended it"
+        );
+        let trap = result.unwrap_err();
+        assert_eq!(
+            trap.downcast_ref::<wasmtime::Trap>(),
+            Some(&wasmtime::Trap::Interrupt)
+        );
+    }
 
     #[test]
     fn a_cache_entry_is_intact_only_while_its_content_matches_its_checksum() {

@@ -18,7 +18,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use super::bindings::{
     batch_filter, filter, host_api, router, view_api, view_filter, Endpoint, Message, ViewVerdict,
 };
-use super::engine::{PluginEngine, EPOCH_TICK};
+use super::engine::{PluginEngine, Ticker, EPOCH_TICK};
 use super::log_limit::{LogLimit, PluginLog};
 use super::{CallFailure, PluginError};
 use crate::message::Message as HubMessage;
@@ -226,6 +226,7 @@ impl Plugin {
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(deadline_ticks(self.settings.limits.timeout));
+        let running = self.engine.ticker.enter();
         let exports = match &self.pre {
             Pre::Filter(p) => p.instantiate(&mut store).map(Exports::Filter),
             Pre::BatchFilter(p) => p.instantiate(&mut store).map(Exports::BatchFilter),
@@ -233,9 +234,11 @@ impl Plugin {
             Pre::Router(p) => p.instantiate(&mut store).map(Exports::Router),
         }
         .map_err(|e| PluginError::Instantiate(describe(&store, &e)))?;
+        drop(running);
         Ok(Instance {
             store,
             exports,
+            ticker: self.engine.ticker.clone(),
             limits: self.settings.limits.clone(),
             generation: self.generation,
         })
@@ -252,6 +255,8 @@ enum Exports {
 /// A live guest. Not shared between threads; dropped after a failed call.
 pub struct Instance {
     store: Store<PluginState>,
+    /// Woken for each call, so the call's deadline passes.
+    ticker: Arc<Ticker>,
     exports: Exports,
     limits: Limits,
     pub generation: u64,
@@ -262,8 +267,14 @@ impl Instance {
     pub fn filter(&mut self, m: &Message) -> Result<Option<Message>, CallFailure> {
         self.arm();
         let out = match &self.exports {
-            Exports::Filter(f) => f.call_filter(&mut self.store, m),
-            Exports::BatchFilter(f) => f.call_filter(&mut self.store, m),
+            Exports::Filter(f) => {
+                let _running = self.ticker.enter();
+                f.call_filter(&mut self.store, m)
+            }
+            Exports::BatchFilter(f) => {
+                let _running = self.ticker.enter();
+                f.call_filter(&mut self.store, m)
+            }
             Exports::ViewFilter(_) => {
                 let mut verdicts = self.filter_views(vec![HubMessage::from(m.clone())]).1?;
                 return Ok(match verdicts.pop() {
@@ -284,9 +295,11 @@ impl Instance {
     pub fn filter_batch(&mut self, ms: &[Message]) -> Result<Vec<Option<Message>>, CallFailure> {
         self.arm();
         let out = match &self.exports {
-            Exports::BatchFilter(f) => f
-                .call_filter_batch(&mut self.store, ms)
-                .map_err(|e| self.failure(e))?,
+            Exports::BatchFilter(f) => {
+                let _running = self.ticker.enter();
+                f.call_filter_batch(&mut self.store, ms)
+            }
+            .map_err(|e| self.failure(e))?,
             _ => return ms.iter().map(|m| self.filter(m)).collect(),
         };
         if out.len() != ms.len() {
@@ -315,7 +328,9 @@ impl Instance {
             return (ms, Err(CallFailure::BadOutput("batch too large".into())));
         };
         self.store.data_mut().lent = ms;
+        let running = self.ticker.enter();
         let out = f.call_filter_views(&mut self.store, count);
+        drop(running);
         let ms = std::mem::take(&mut self.store.data_mut().lent);
         let out = match out {
             Ok(out) => out,
@@ -342,7 +357,10 @@ impl Instance {
     pub fn route(&mut self, m: &Message) -> Result<Vec<Endpoint>, CallFailure> {
         self.arm();
         let out = match &self.exports {
-            Exports::Router(r) => r.call_route(&mut self.store, m),
+            Exports::Router(r) => {
+                let _running = self.ticker.enter();
+                r.call_route(&mut self.store, m)
+            }
             _ => return Err(CallFailure::NotA("router")),
         }
         .map_err(|e| self.failure(e))?;
