@@ -16,7 +16,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use super::codec::{
@@ -42,10 +42,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_OUTGOING_INFLIGHT: usize = 256;
 
 /// A connection's read buffer: none while the client is quiet (a read
-/// then takes a few dozen bytes), at least this once it sends more,
-/// doubling on demand up to [`READ_MAX`] bytes per read while it is busy,
-/// and let go once it is quiet again (10,000 idle clients cost little).
+/// then goes through [`QUIET_READ`] bytes on the stack and keeps only what
+/// came), at least this once it sends more, doubling on demand up to
+/// [`READ_MAX`] bytes per read while it is busy, and let go once it is
+/// quiet again (10,000 idle clients cost little).
 const READ_MIN: usize = 512;
+/// What a quiet client's read can take at once: a sensor's publish, with
+/// its properties, in one read.
+const QUIET_READ: usize = 2048;
 const READ_MAX: usize = 64 * 1024;
 /// A write buffer is let go after a write smaller than this, or once it
 /// has grown larger than [`WRITE_KEEP`].
@@ -341,8 +345,10 @@ where
                 return Poll::Ready(Step::End);
             }
             let can_deliver = session.outgoing.len() < MAX_OUTGOING_INFLIGHT;
-            // (An empty buffer takes a first read of 64 bytes.)
-            let room = (buf.capacity() - buf.len()).max(64);
+            let room = match buf.capacity() {
+                0 => QUIET_READ,
+                capacity => (capacity - buf.len()).max(64),
+            };
             let event = ready!(session.poll_event(cx, stream, buf, can_deliver, turn.read_first));
             // The socket and the outbox take turns at being looked at first.
             turn.read_first = !turn.read_first;
@@ -423,6 +429,24 @@ fn shared_principal(principal: Principal) -> Arc<Principal> {
         Principal::Anonymous => ANONYMOUS.clone(),
         identity => Arc::new(identity),
     }
+}
+
+/// Reads what the client sent into `buf`. A quiet client's (no buffer)
+/// goes through the stack, so a small packet takes one read, and `buf`
+/// then holds just its bytes.
+fn poll_read<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    if buf.capacity() > 0 {
+        return tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf);
+    }
+    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); QUIET_READ];
+    let mut read = ReadBuf::uninit(&mut scratch);
+    ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// Grows `buf` when the last read (of `last_read` bytes) nearly filled it,
@@ -782,7 +806,7 @@ impl Session {
         }
         for read in [read_first, !read_first] {
             let event = if read {
-                tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf).map(Event::Read)
+                poll_read(stream, cx, buf).map(Event::Read)
             } else {
                 self.outbox.poll_next(cx, can_deliver).map(Event::Delivery)
             };
