@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 from collections import Counter
@@ -344,3 +345,26 @@ def test_an_idle_hub_neither_rereads_its_plugins_folder_nor_ticks_its_plugin_clo
     ph.install("dedup", plugins_dist / "dedup.wasm")
     ph.wait_loaded("dedup", RELOAD_TIMEOUT)
     assert [p for _, p in upstream_since_last_sentinel(ph, [hot], b"sentinel-after")] == [hot[1]]
+
+
+def test_a_plugins_folder_removed_and_made_again_is_still_watched(sentinel_hub, plugins_dist):  # noqa: F811
+    """A deployment that replaces the plugins folder whole (rm -rf, mkdir,
+    copy) left the hub watching a folder that no longer existed: plugins put
+    in the new one were never loaded. The loaded ones run on while the folder
+    is missing, and those in the new folder replace them."""
+    ph = sentinel_hub(
+        plugins={"field-filter": plugins_dist / "field-filter.wasm"},
+        routes={"hot": 'FROM /messages/devices/* INTO plugin("field-filter") THEN $upstream'},
+    )
+    ph.wait_loaded("field-filter")
+    hot = ("devices/d1/messages/events/", b'{"temperature": 40}')
+    ph.log.mark()
+    shutil.rmtree(ph.folder)
+    ph.log.wait(r"cannot read plugins folder", RELOAD_TIMEOUT, "the hub saw the folder go")
+    assert [p for _, p in upstream_since_last_sentinel(ph, [hot], b"sentinel-gone")] == [hot[1]], \
+        "the loaded filter stopped when its folder went"
+    ph.log.mark()
+    ph.folder.mkdir()
+    ph.install("passthrough", plugins_dist / "passthrough.wasm")
+    ph.wait_loaded("passthrough", RELOAD_TIMEOUT, "a plugin in the folder made again")
+    ph.wait_unloaded("field-filter", RELOAD_TIMEOUT, "field-filter, not in the new folder")

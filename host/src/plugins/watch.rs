@@ -7,9 +7,12 @@
 //! is done. Events are debounced (a copy in progress fires many) and then the
 //! whole folder is compared with what is loaded, so a missed or merged event
 //! cannot leave a stale plugin. The thread sleeps until an event or the
-//! hub's shutdown (no polling). Owns only the watcher thread.
+//! hub's shutdown (no polling). The folder's parent is watched too, for the
+//! folder itself: one removed and made again (a deployment replacing it
+//! whole) is watched again, and the plugins it holds then are loaded; while
+//! it is missing, the loaded plugins run on. Owns only the watcher thread.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +40,15 @@ fn may_change_folder(event: &notify::Result<notify::Event>) -> bool {
     }
 }
 
+/// Whether `event` is about the folder or what is in it, not about the
+/// rest of its parent (the storage folder, for the default folder).
+fn is_about(event: &notify::Result<notify::Event>, folder: &Path) -> bool {
+    match event {
+        Ok(e) => e.paths.iter().any(|p| p.starts_with(folder)),
+        Err(_) => true,
+    }
+}
+
 /// Why the watcher's thread wakes.
 #[derive(PartialEq)]
 enum Wake {
@@ -52,12 +64,18 @@ pub fn spawn(
 ) -> Result<std::thread::JoinHandle<()>, notify::Error> {
     let (tx, rx) = mpsc::channel();
     let stop = tx.clone();
+    // (Events name paths under the watched ones, as watched: canonical.)
+    let watched = std::fs::canonicalize(&dir).map_err(notify::Error::io)?;
+    let ours = watched.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if may_change_folder(&event) {
+        if is_about(&event, &ours) && may_change_folder(&event) {
             let _ = tx.send(Wake::Changed);
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    watcher.watch(&watched, RecursiveMode::NonRecursive)?;
+    if let Some(parent) = watched.parent() {
+        watcher.watch(parent, RecursiveMode::NonRecursive)?;
+    }
     let stopping = shutdown.clone();
     tokio::spawn(async move {
         stopping.cancelled().await;
@@ -66,7 +84,7 @@ pub fn spawn(
     Ok(std::thread::Builder::new()
         .name("plugin-watch".into())
         .spawn(move || {
-            let _watcher = watcher;
+            let mut watcher = watcher;
             // (Changes during the first read are events queued for after it.)
             registry.sync_folder(&dir);
             registry.set_first_read();
@@ -80,6 +98,9 @@ pub fn spawn(
                 if shutdown.is_cancelled() {
                     return;
                 }
+                // A folder made again is a new one to watch (a no-op for the
+                // same folder; an error while it is missing).
+                let _ = watcher.watch(&watched, RecursiveMode::NonRecursive);
                 registry.sync_folder(&dir);
             }
         })
@@ -110,5 +131,19 @@ mod tests {
             assert!(may_change_folder(&event(kind)), "{kind:?}");
         }
         assert!(may_change_folder(&Err(notify::Error::generic("lost"))));
+    }
+
+    #[test]
+    fn of_the_parent_only_events_about_the_folder_itself_count() {
+        let folder = Path::new("/var/lib/edgehub/plugins");
+        let about = |path: &str| {
+            let event =
+                notify::Event::new(EventKind::Create(CreateKind::Any)).add_path(path.into());
+            is_about(&Ok(event), folder)
+        };
+        assert!(about("/var/lib/edgehub/plugins"));
+        assert!(about("/var/lib/edgehub/plugins/filter.wasm"));
+        assert!(!about("/var/lib/edgehub/queue-stats.json"));
+        assert!(!about("/var/lib/edgehub/plugins-old"));
     }
 }
