@@ -74,7 +74,9 @@ pub fn spawn(
     })?;
     watcher.watch(&watched, RecursiveMode::NonRecursive)?;
     if let Some(parent) = watched.parent() {
-        watcher.watch(parent, RecursiveMode::NonRecursive)?;
+        if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+            tracing::warn!(folder = %parent.display(), error = %e, "cannot watch the plugins folder's parent: a plugins folder removed and made again will not be followed");
+        }
     }
     let stopping = shutdown.clone();
     tokio::spawn(async move {
