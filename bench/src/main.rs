@@ -9,6 +9,7 @@
 //!
 //! `cargo run --release -p edgehub-bench -- --help`
 
+mod idle;
 mod latency;
 mod live;
 mod load;
@@ -94,6 +95,13 @@ struct Args {
     /// publisher); without this flag it runs after the throughput comparison.
     #[arg(long)]
     latency: bool,
+    /// Instead of the comparison: each system idle (upstream connected, no
+    /// device) for `--idle-secs`: its CPU time and how often it is woken.
+    #[arg(long)]
+    idle: bool,
+    /// Length of the idle window, per system and run.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
     /// Messages per second of the latency phase's publisher.
     #[arg(long, default_value_t = 1000)]
     latency_rate: u32,
@@ -259,7 +267,7 @@ async fn run(args: Args) -> Result<()> {
         warmup: LATENCY_WARMUP,
         payload: args.payload.max(timing::STAMP_BYTES),
     };
-    let comparison = !(args.plugin_calls || rss_mode || args.local || args.wan);
+    let comparison = !(args.plugin_calls || rss_mode || args.local || args.wan || args.idle);
     if args.local {
         let local = local::LocalSettings {
             connections: args
@@ -281,6 +289,11 @@ async fn run(args: Args) -> Result<()> {
 
     if args.plugin_calls {
         return plugin_calls::run(&edgehub_bin, &settings.plugins, &work);
+    }
+    if args.idle {
+        let window = Duration::from_secs(if args.quick { 3 } else { args.idle_secs.max(1) });
+        idle_phase(&settings, &args.systems, window, args.repeat).await;
+        return Ok(());
     }
     if args.wan {
         let bandwidth = (args.wan_kbit > 0).then_some(args.wan_kbit * 1000 / 8);
@@ -418,6 +431,24 @@ async fn latency_phase(
     }
     report::print_load("at end");
     report::print_latency_table(latency, &groups);
+}
+
+/// Each system idle, runs interleaved.
+async fn idle_phase(settings: &Settings, systems: &[System], window: Duration, repeat: usize) {
+    let suts: Vec<Sut> = systems.iter().filter_map(|s| s.sut()).collect();
+    let mut groups: Vec<Vec<idle::IdleRun>> = vec![Vec::new(); suts.len()];
+    for run in 0..repeat.max(1) {
+        for (&sut, group) in suts.iter().zip(groups.iter_mut()) {
+            let settings = Settings {
+                work: settings.work.join(format!("run{run}")),
+                ..settings.clone()
+            };
+            let result = idle::measure(&settings, sut, window).await;
+            report::print_idle_progress(&result);
+            group.push(result);
+        }
+    }
+    report::print_idle_table(&groups);
 }
 
 /// Deletes the working directory when dropped, or says where it is.

@@ -4,10 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::idle::IdleRun;
 use crate::latency::{self, LatencyRun, LatencySettings};
 use crate::load::SubscriberEnd;
 use crate::rss::{mib, Status};
-use crate::scenario::{RssProfile, Settings, SystemResult};
+use crate::scenario::{RssProfile, Settings, Sut, SystemResult};
 use crate::timing::Percentiles;
 use crate::wan::LinkSpec;
 
@@ -877,6 +878,79 @@ pub fn print_latency_table(l: &LatencySettings, groups: &[Vec<LatencyRun>]) {
         println!("Notes:");
         for n in notes {
             println!("  - {n}");
+        }
+    }
+}
+
+/// One idle run, as it finishes.
+pub fn print_idle_progress(r: &IdleRun) {
+    match &r.error {
+        Some(e) => println!("{} idle: failed: {e}", r.label),
+        None => println!(
+            "{} idle: CPU {:.1} ms and {} wake-ups in {} s ({} threads)",
+            r.label,
+            r.cpu.as_secs_f64() * 1000.0,
+            r.wakeups,
+            r.window.as_secs(),
+            r.threads
+        ),
+    }
+}
+
+/// The idle table (markdown; medians over runs, per second of the window)
+/// and each system's ratios to the bridge's.
+pub fn print_idle_table(groups: &[Vec<IdleRun>]) {
+    let per_sec = |runs: &[IdleRun], f: fn(&IdleRun) -> f64| {
+        median(
+            runs.iter()
+                .filter(|r| r.error.is_none())
+                .map(|r| f(r) / r.window.as_secs_f64())
+                .collect(),
+        )
+    };
+    let cpu = |r: &IdleRun| r.cpu.as_secs_f64() * 1000.0;
+    let wakeups = |r: &IdleRun| r.wakeups as f64;
+    println!("\nIdle: upstream connected, no device (medians of the runs, per second):\n");
+    println!("| system | CPU ms/s | wake-ups/s | threads | runs |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut bridge = None;
+    for runs in groups.iter().filter(|g| !g.is_empty()) {
+        let (c, w) = (per_sec(runs, cpu), per_sec(runs, wakeups));
+        if runs[0].label == Sut::Bridge.label() {
+            bridge = c.zip(w);
+        }
+        let ok = runs.iter().filter(|r| r.error.is_none()).count();
+        println!(
+            "| {} | {} | {} | {} | {ok}/{} |",
+            runs[0].label,
+            c.map_or("-".into(), |v| format!("{v:.2}")),
+            w.map_or("-".into(), |v| format!("{v:.1}")),
+            runs.iter().map(|r| r.threads).max().unwrap_or(0),
+            runs.len()
+        );
+    }
+    let Some((bridge_cpu, bridge_wakeups)) = bridge else {
+        return;
+    };
+    println!();
+    for runs in groups
+        .iter()
+        .filter(|g| !g.is_empty() && g[0].label != Sut::Bridge.label())
+    {
+        if let (Some(c), Some(w)) = (per_sec(runs, cpu), per_sec(runs, wakeups)) {
+            let ratio = |a: f64, b: f64| {
+                if b > 0.0 {
+                    format!("{:.2}x", a / b)
+                } else {
+                    "-".into()
+                }
+            };
+            println!(
+                "  {} / bridge: CPU {}, wake-ups {}",
+                runs[0].label,
+                ratio(c, bridge_cpu),
+                ratio(w, bridge_wakeups)
+            );
         }
     }
 }
