@@ -12,8 +12,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
+use crate::procstat;
 use crate::scenario::{self, Settings, Started, Sut};
 use crate::systems;
 
@@ -32,40 +33,6 @@ pub struct IdleRun {
     pub wakeups: u64,
     pub threads: usize,
     pub error: Option<String>,
-}
-
-/// CPU time and wake-ups of every thread of `pid` so far.
-#[derive(Debug, Default, Clone, Copy)]
-struct Sample {
-    cpu_ns: u64,
-    wakeups: u64,
-    threads: usize,
-}
-
-fn sample(pid: u32) -> Result<Sample> {
-    let mut s = Sample::default();
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).context("reading /proc")?;
-    for task in tasks.flatten() {
-        // A thread that ended meanwhile is left out.
-        let (Ok(sched), Ok(status)) = (
-            std::fs::read_to_string(task.path().join("schedstat")),
-            std::fs::read_to_string(task.path().join("status")),
-        ) else {
-            continue;
-        };
-        s.cpu_ns += sched
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        s.wakeups += status
-            .lines()
-            .filter(|l| l.contains("voluntary_ctxt_switches:"))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum::<u64>();
-        s.threads += 1;
-    }
-    Ok(s)
 }
 
 /// Runs `sut` idle for `window` and measures it.
@@ -97,11 +64,12 @@ async fn measure_into(s: &Settings, sut: Sut, dir: &Path, run: &mut IdleRun) -> 
         let port = systems::free_port()?;
         let system = started.insert(scenario::start_sut(s, sut, dir, port, upstream_port).await?);
         tokio::time::sleep(SETTLE).await;
-        let before = sample(system.proc.pid)?;
+        let before = procstat::sample(system.proc.pid)?;
         tokio::time::sleep(run.window).await;
-        let after = sample(system.proc.pid)?;
-        run.cpu = Duration::from_nanos(after.cpu_ns.saturating_sub(before.cpu_ns));
-        run.wakeups = after.wakeups.saturating_sub(before.wakeups);
+        let after = procstat::sample(system.proc.pid)?;
+        let used = after.since(&before);
+        run.cpu = used.cpu;
+        run.wakeups = used.wakeups;
         run.threads = after.threads;
         anyhow::Ok(())
     }

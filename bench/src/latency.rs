@@ -28,6 +28,7 @@ use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 
 use crate::load::{self, Conn, MAX_PACKET};
+use crate::procstat;
 use crate::scenario::{self, Settings, Started, Sut};
 use crate::systems::{self, Proc};
 use crate::timing::{nanos, parse_stamp, percentiles, stamped_payload, subscribe, Percentiles};
@@ -100,6 +101,10 @@ pub struct LatencyRun {
     pub measured: u64,
     pub expected_measured: u64,
     pub percentiles: Option<Percentiles>,
+    /// What the system under test's process used over the paced run (from
+    /// the publisher's start to its last PUBACK), per message sent; none for
+    /// the upstream alone.
+    pub per_message: Option<procstat::PerMessage>,
     pub warnings: Vec<String>,
     /// Why the run stopped early, if it did.
     pub error: Option<String>,
@@ -117,6 +122,7 @@ impl LatencyRun {
             measured: 0,
             expected_measured: 0,
             percentiles: None,
+            per_message: None,
             warnings: Vec::new(),
             error: None,
         }
@@ -181,6 +187,8 @@ async fn measure_into(
             deadline,
             s.idle_timeout,
         ));
+        let pid = sut.as_ref().map(|p| p.pid);
+        let before = pid.map(procstat::sample).transpose()?;
         let settings = l.clone();
         let paced = std::thread::spawn(move || {
             paced_publisher(publisher, &settings, &forwarding, deadline)
@@ -189,6 +197,10 @@ async fn measure_into(
         let paced = tokio::task::spawn_blocking(move || paced.join())
             .await?
             .map_err(|_| anyhow::anyhow!("publisher thread panicked"))?;
+        if let (Some(pid), Some(before)) = (pid, before) {
+            let used = procstat::sample(pid)?.since(&before);
+            run.per_message = procstat::PerMessage::of(used, paced.sent);
+        }
 
         run.sent = paced.sent;
         run.acked = paced.acked;

@@ -15,6 +15,7 @@ mod live;
 mod load;
 mod local;
 mod plugin_calls;
+mod procstat;
 mod report;
 mod rss;
 mod scenario;

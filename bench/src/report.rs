@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::idle::IdleRun;
 use crate::latency::{self, LatencyRun, LatencySettings};
 use crate::load::SubscriberEnd;
+use crate::procstat::PerMessage;
 use crate::rss::{mib, Status};
 use crate::scenario::{RssProfile, Settings, Sut, SystemResult};
 use crate::timing::Percentiles;
@@ -720,7 +721,7 @@ pub fn print_latency_progress(r: &LatencyRun) {
     };
     println!(
         "{} latency: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; {}/{} measured, \
-         {} of {} sent received, dups {}, publishing at {} msg/s{}",
+         {} of {} sent received, dups {}, publishing at {} msg/s{}{}",
         r.label,
         p(|p| p.p50),
         p(|p| p.p90),
@@ -732,6 +733,12 @@ pub fn print_latency_progress(r: &LatencyRun) {
         r.sent,
         r.duplicates,
         r.publish_rate.map_or("-".into(), thousands),
+        r.per_message
+            .map(|m| format!(
+                "; its CPU {:.1} us and {:.2} wake-ups per message",
+                m.cpu_us, m.wakeups
+            ))
+            .unwrap_or_default(),
         r.error
             .as_ref()
             .map(|e| format!(" -- stopped: {e}"))
@@ -754,6 +761,17 @@ impl LatencyRuns<'_> {
 
     fn median(&self, f: fn(&Percentiles) -> std::time::Duration) -> Option<f64> {
         median(self.values(f))
+    }
+
+    /// The median over complete runs of what the process used per message.
+    fn per_message(&self, f: fn(&PerMessage) -> f64) -> Option<f64> {
+        median(
+            self.0
+                .iter()
+                .filter(|r| r.complete_percentiles().is_some())
+                .filter_map(|r| r.per_message.as_ref().map(f))
+                .collect(),
+        )
     }
 
     fn cell(&self, f: fn(&Percentiles) -> std::time::Duration) -> String {
@@ -793,6 +811,10 @@ impl LatencyRuns<'_> {
                 .map_or("-".into(), |v| v.to_string()),
             median(self.0.iter().filter_map(|r| r.publish_rate).collect())
                 .map_or("-".into(), thousands),
+            self.per_message(|m| m.cpu_us)
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            self.per_message(|m| m.wakeups)
+                .map_or("-".into(), |v| format!("{v:.2}")),
         ]
     }
 }
@@ -809,6 +831,8 @@ pub fn print_latency_table(l: &LatencySettings, groups: &[Vec<LatencyRun>]) {
         "lost",
         "dups",
         "publish msg/s",
+        "CPU us/msg",
+        "wake-ups/msg",
     ];
     let groups: Vec<LatencyRuns> = groups
         .iter()
@@ -862,6 +886,13 @@ pub fn print_latency_table(l: &LatencySettings, groups: &[Vec<LatencyRun>]) {
         "  bridge / upstream floor:    p50 {}, p99 {}",
         ratio(at(bridge, |p| p.p50), at(floor, |p| p.p50)),
         ratio(at(bridge, |p| p.p99), at(floor, |p| p.p99))
+    );
+    let used =
+        |g: Option<&LatencyRuns>, f: fn(&PerMessage) -> f64| g.and_then(|g| g.per_message(f));
+    println!(
+        "  edgehub / bridge, its own process per message: CPU {}, wake-ups {}",
+        ratio(used(edgehub, |m| m.cpu_us), used(bridge, |m| m.cpu_us)),
+        ratio(used(edgehub, |m| m.wakeups), used(bridge, |m| m.wakeups))
     );
 
     let mut notes = Vec::new();
