@@ -3,7 +3,9 @@
 //! check the client against again.
 //!
 //! One task ([`Liveness::run`]) watches every open connection: a tick for
-//! keepalives, the shutdown token, the auth scope. It raises a flag on a
+//! keepalives (only while a connection with a keepalive is open: an idle hub
+//! is not woken four times a second for nothing), the shutdown token, the
+//! auth scope. It raises a flag on a
 //! connection's [`Heartbeat`], which its session waits on beside its socket
 //! and outbox; a waiting connection thus holds no timer, no cancellation
 //! future and no watch future of its own (10,000 idle connections cost
@@ -17,7 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +48,11 @@ pub struct Liveness {
     beats: Mutex<Vec<Weak<Heartbeat>>>,
     shut_down: AtomicBool,
     epoch: Instant,
+    /// Told when a connection with a keepalive opens: the tick starts.
+    opened: Notify,
+    /// Keepalive checks so far.
+    #[cfg(test)]
+    checks: AtomicU64,
 }
 
 impl Default for Liveness {
@@ -54,6 +61,9 @@ impl Default for Liveness {
             beats: Mutex::new(Vec::new()),
             shut_down: AtomicBool::new(false),
             epoch: Instant::now(),
+            opened: Notify::new(),
+            #[cfg(test)]
+            checks: AtomicU64::new(0),
         }
     }
 }
@@ -87,7 +97,17 @@ impl Liveness {
         if self.shut_down.load(Ordering::Acquire) {
             beat.raise(SHUTDOWN);
         }
+        // Without a tick, connections without a keepalive are forgotten
+        // here, whenever the list doubles.
+        if beats.len() >= 64 && beats.len().is_power_of_two() {
+            beats.retain(|w| w.strong_count() > 0);
+        }
         beats.push(Arc::downgrade(&beat));
+        drop(beats);
+        if beat.keep_alive_ms > 0 {
+            // A permit is kept if the task is not waiting: never missed.
+            self.opened.notify_one();
+        }
         beat
     }
 
@@ -108,19 +128,27 @@ impl Liveness {
     }
 
     /// Raises the keepalive flag of every connection not heard from for
-    /// its keepalive (and forgets closed ones).
-    fn check_keepalives(&self) {
+    /// its keepalive (and forgets closed ones). Whether a connection with a
+    /// keepalive is still open (the tick goes on).
+    fn check_keepalives(&self) -> bool {
+        #[cfg(test)]
+        self.checks.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ms();
+        let mut watched = false;
         self.lock().retain(|w| match w.upgrade() {
             Some(beat) => {
                 let heard = beat.last_heard.load(Ordering::Relaxed);
-                if beat.keep_alive_ms > 0 && now.saturating_sub(heard) > beat.keep_alive_ms {
-                    beat.raise(KEEPALIVE);
+                if beat.keep_alive_ms > 0 {
+                    watched = true;
+                    if now.saturating_sub(heard) > beat.keep_alive_ms {
+                        beat.raise(KEEPALIVE);
+                    }
                 }
                 true
             }
             None => false,
         });
+        watched
     }
 
     /// Open connections (for tests and the log).
@@ -136,11 +164,16 @@ impl Liveness {
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticking = false;
         let mut scope_open = true;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => self.check_keepalives(),
+                _ = tick.tick(), if ticking => ticking = self.check_keepalives(),
+                _ = self.opened.notified(), if !ticking => {
+                    ticking = true;
+                    tick.reset();
+                }
                 changed = scope.changed(), if scope_open => match changed {
                     Ok(()) => self.raise_all(SCOPE),
                     Err(_) => scope_open = false,
@@ -271,6 +304,43 @@ mod tests {
         assert_eq!(open.signal().await, Signal::Shutdown, "told every time");
         let late = liveness.register(None);
         assert_eq!(late.signal().await, Signal::Shutdown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tick_sleeps_while_no_connection_has_a_keepalive_and_wakes_for_one() {
+        let (liveness, _scope, _shutdown, _task) = watching();
+        let _without = liveness.register(None);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(liveness.checks.load(Ordering::Relaxed), 0, "an hour idle");
+        let beat = liveness.register(Some(Duration::from_secs(3)));
+        let start = Instant::now();
+        assert_eq!(beat.signal().await, Signal::KeepAlive);
+        assert!(start.elapsed() <= Duration::from_secs(3) + 2 * TICK);
+        drop(beat);
+        tokio::time::sleep(2 * TICK).await;
+        let checks = liveness.checks.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            liveness.checks.load(Ordering::Relaxed),
+            checks,
+            "asleep again once the last connection with a keepalive closed"
+        );
+    }
+
+    #[test]
+    fn connections_without_a_keepalive_are_forgotten_without_a_tick() {
+        let liveness = Liveness::default();
+        for _ in 0..1000 {
+            drop(liveness.register(None));
+        }
+        let kept = liveness.register(None);
+        assert!(
+            liveness.lock().len() <= 128,
+            "{} kept",
+            liveness.lock().len()
+        );
+        assert_eq!(liveness.open(), 1);
+        drop(kept);
     }
 
     #[tokio::test(start_paused = true)]
