@@ -125,6 +125,14 @@ struct GiveBack {
     /// Per lane, the head the last table drop was up to.
     dropped_below: [u64; LANES],
     step: Step,
+    /// The database's write sequence number and the size of its tables when
+    /// the folder was last found with nothing to give back: while both stay
+    /// the same, nothing was written, flushed or compacted, and the folder
+    /// is not read again (an idle hub would otherwise read it every second).
+    settled_at: Option<(u64, u64)>,
+    /// Times the folder was read.
+    #[cfg(test)]
+    reads: u64,
 }
 
 /// Where giving back an empty queue's disk is.
@@ -266,6 +274,9 @@ impl Store {
                     // What an earlier run left below the head goes first.
                     dropped_below: [0; LANES],
                     step: Step::Idle,
+                    settled_at: None,
+                    #[cfg(test)]
+                    reads: 0,
                 }),
             }),
         })
@@ -458,11 +469,29 @@ impl Store {
             }
         }
         state.step = match state.step {
-            Step::Idle if self.depth() == 0 && disk::allocated_tables(&inner.dir) > EMPTY_SLACK => {
-                for keyspace in [&inner.queue, &inner.meta, &inner.dead] {
-                    keyspace.rotate_memtable()?;
+            Step::Idle if self.depth() == 0 => {
+                // fjall's next sequence number (doc-hidden, but what every
+                // write moves) and what its tables take.
+                let mark = inner.db.disk_space().ok().map(|s| (inner.db.seqno(), s));
+                if mark.is_some() && mark == state.settled_at {
+                    Step::Idle
+                } else {
+                    #[cfg(test)]
+                    {
+                        state.reads += 1;
+                    }
+                    if disk::allocated_tables(&inner.dir) > EMPTY_SLACK {
+                        for keyspace in [&inner.queue, &inner.meta, &inner.dead] {
+                            keyspace.rotate_memtable()?;
+                        }
+                        Step::Flushing
+                    } else {
+                        if inner.db.outstanding_flushes() == 0 {
+                            state.settled_at = mark;
+                        }
+                        Step::Idle
+                    }
                 }
-                Step::Flushing
             }
             Step::Flushing if inner.db.outstanding_flushes() == 0 => {
                 for (lane, &head) in heads.iter().enumerate() {
@@ -702,6 +731,28 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(Record::decode(&all[0].value).unwrap(), big(30_000));
         assert_eq!(store.stats().unwrap().depth, 1);
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_with_nothing_written_since_is_not_read_again_every_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (appender, join) = writer::spawn(store.clone(), u64::MAX, 64);
+        let reads = || store.inner.give_back.lock().unwrap().reads;
+        for round in 1..=2 {
+            appender.append(vec![rec(round)]).await.unwrap();
+            assert_eq!(drain(&store), 1);
+            for _ in 0..5 {
+                store.give_back().unwrap();
+            }
+            assert_eq!(
+                reads(),
+                round,
+                "read once after round {round}'s write, then left alone"
+            );
+        }
+        drop(appender);
+        join.join().unwrap();
     }
 
     #[tokio::test]
