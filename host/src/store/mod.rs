@@ -133,6 +133,9 @@ struct GiveBack {
     /// Times the folder was read.
     #[cfg(test)]
     reads: u64,
+    /// Times the memtables were flushed to give an empty queue's disk back.
+    #[cfg(test)]
+    flushes: u64,
 }
 
 /// Where giving back an empty queue's disk is.
@@ -277,6 +280,8 @@ impl Store {
                     settled_at: None,
                     #[cfg(test)]
                     reads: 0,
+                    #[cfg(test)]
+                    flushes: 0,
                 }),
             }),
         })
@@ -480,9 +485,22 @@ impl Store {
                     {
                         state.reads += 1;
                     }
-                    if disk::allocated_tables(&inner.dir) > EMPTY_SLACK {
+                    // Only the queue's own tables: the dead letters and the
+                    // broker's keyspaces in the same database are kept on
+                    // purpose, and counting them made an empty queue flush
+                    // and compact again every few seconds once they passed
+                    // the slack.
+                    let own = [&inner.queue, &inner.meta]
+                        .map(|k| disk::allocated_tables(k.path()))
+                        .iter()
+                        .sum::<u64>();
+                    if own > EMPTY_SLACK {
                         for keyspace in [&inner.queue, &inner.meta, &inner.dead] {
                             keyspace.rotate_memtable()?;
+                        }
+                        #[cfg(test)]
+                        {
+                            state.flushes += 1;
                         }
                         Step::Flushing
                     } else {
@@ -751,6 +769,68 @@ mod tests {
                 "read once after round {round}'s write, then left alone"
             );
         }
+        drop(appender);
+        join.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn dead_letters_and_retained_messages_do_not_make_an_empty_queue_flush_again_and_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (appender, join) = writer::spawn(store.clone(), u64::MAX, 4096);
+        // Incompressible, so that what is kept takes its size on disk.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        // 6 MB of dead letters, and 6 MB of another owner's keyspace in the
+        // same database (the broker's retained messages).
+        for chunk in 0..6u64 {
+            let records = (chunk * 1000..(chunk + 1) * 1000)
+                .map(|i| Record {
+                    payload: Bytes::from(noise(1000)),
+                    ..rec(i)
+                })
+                .collect();
+            appender.append(records).await.unwrap();
+        }
+        for _ in 0..6000 {
+            let key = store.head(0);
+            assert!(store.move_head_to_dead_letters(key, "refused").unwrap());
+        }
+        let retained = store
+            .inner
+            .db
+            .keyspace("retained", KeyspaceCreateOptions::default)
+            .unwrap();
+        for i in 0..6000u32 {
+            retained.insert(i.to_be_bytes(), noise(1000)).unwrap();
+        }
+        retained.rotate_memtable_and_wait().unwrap();
+        store.inner.dead.rotate_memtable_and_wait().unwrap();
+        assert_eq!(store.depth(), 0);
+
+        // Give-back steps, waiting for each flush it starts to end.
+        let flushes = || store.inner.give_back.lock().unwrap().flushes;
+        for _ in 0..12 {
+            store.give_back().unwrap();
+            while store.inner.db.outstanding_flushes() > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        assert!(
+            flushes() <= 1,
+            "an empty queue flushed {} times in 12 give-backs: what others keep is not the queue's to give back",
+            flushes()
+        );
+        assert_eq!(store.dead_letter_count(), 6000, "the dead letters stay");
         drop(appender);
         join.join().unwrap();
     }
