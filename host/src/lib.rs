@@ -10,7 +10,8 @@
 //! it each `$iothub` request, see `iothub`) and `methods` carries direct
 //! method calls to them (from the cloud, or from modules through `api`), `c2d` the cloud's messages to devices. `hub` wires them together and owns start-up and shutdown;
 //! `config` and `metrics` serve them all; `control` is the operator's
-//! socket into a running hub's store (dead letters); `durable_file`
+//! socket into a running hub's store (dead letters); `doorbell` (results
+//! from a plain thread to the runtime through its I/O driver), `durable_file`
 //! (crash-safe file replacement), `iothub` (each connection's own
 //! `$iothub/...` topics), `pem` (certificates and keys), `websocket` (MQTT over WebSocket, both
 //! sides), `topic`
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod control;
+pub mod doorbell;
 pub mod durable_file;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -19,6 +19,7 @@ use fjall::PersistMode;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{lane, Record, Store, CLOCK_KEY, LANES, TAIL};
+use crate::doorbell::Doorbell;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppendError {
@@ -170,14 +171,22 @@ impl Writer {
     /// Runs the writer on its own thread, taking up to `max_batch` records
     /// per fsync.
     pub fn spawn(self, max_batch: usize) -> JoinHandle<()> {
+        // Answers reach the sessions through the runtime's I/O driver.
+        let answers = Doorbell::new(answer);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(self.store, self.rx, max_batch))
+            .spawn(move || run(self.store, self.rx, max_batch, answers))
             .expect("spawn store writer thread")
     }
 }
 
-fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
+/// What the writer tells an appender, and whom.
+type Answer = (
+    oneshot::Sender<Result<(), AppendError>>,
+    Result<(), AppendError>,
+);
+
+fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize, answers: Doorbell<Answer>) {
     let inner = &store.inner;
     let mut failed: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
@@ -196,9 +205,8 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
         let added: u64 = requests.iter().map(|r| r.size).sum();
         if let Some(reason) = &failed {
             inner.pending.fetch_sub(added, Ordering::AcqRel);
-            for r in requests {
-                answer(r.done, Err(AppendError::Storage(reason.clone())));
-            }
+            let refused = |r: Request| (r.done, Err(AppendError::Storage(reason.clone())));
+            answers.ring(requests.into_iter().map(refused));
             continue;
         }
 
@@ -230,9 +238,7 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
                     }
                 }
                 inner.tail_tx.send_modify(|commits| *commits += 1);
-                for r in requests {
-                    answer(r.done, Ok(()));
-                }
+                answers.ring(requests.into_iter().map(|r| (r.done, Ok(()))));
             }
             Err(e) => {
                 // A failed journal write poisons fjall: refuse everything from
@@ -241,16 +247,15 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize) {
                 store.report_broken("store write failed; refusing further messages", &e);
                 inner.pending.fetch_sub(added, Ordering::AcqRel);
                 let reason = e.to_string();
-                for r in requests {
-                    answer(r.done, Err(AppendError::Storage(reason.clone())));
-                }
+                let refused = |r: Request| (r.done, Err(AppendError::Storage(reason.clone())));
+                answers.ring(requests.into_iter().map(refused));
                 failed = Some(reason);
             }
         }
     }
 }
 
-fn answer(done: oneshot::Sender<Result<(), AppendError>>, result: Result<(), AppendError>) {
+fn answer((done, result): Answer) {
     // A requester that stopped waiting (QoS 0, a closed session) is fine.
     let _ = done.send(result);
 }
