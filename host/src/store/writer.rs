@@ -205,8 +205,7 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize, answers:
         let added: u64 = requests.iter().map(|r| r.size).sum();
         if let Some(reason) = &failed {
             inner.pending.fetch_sub(added, Ordering::AcqRel);
-            let refused = |r: Request| (r.done, Err(AppendError::Storage(reason.clone())));
-            answers.ring(requests.into_iter().map(refused));
+            refuse(&answers, requests, reason);
             continue;
         }
 
@@ -247,12 +246,17 @@ fn run(store: Store, mut rx: mpsc::Receiver<Request>, max_batch: usize, answers:
                 store.report_broken("store write failed; refusing further messages", &e);
                 inner.pending.fetch_sub(added, Ordering::AcqRel);
                 let reason = e.to_string();
-                let refused = |r: Request| (r.done, Err(AppendError::Storage(reason.clone())));
-                answers.ring(requests.into_iter().map(refused));
+                refuse(&answers, requests, &reason);
                 failed = Some(reason);
             }
         }
     }
+}
+
+/// Answers every request of a batch that could not be written.
+fn refuse(answers: &Doorbell<Answer>, requests: Vec<Request>, reason: &str) {
+    let refused = |r: Request| (r.done, Err(AppendError::Storage(reason.to_string())));
+    answers.ring(requests.into_iter().map(refused));
 }
 
 fn answer((done, result): Answer) {
